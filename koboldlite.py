@@ -216,7 +216,9 @@ class TextAssembler:
         self.stopped_by: str | None = None
 
     def feed(self, data: bytes) -> str:
-        """Add one token's bytes; return the text now safe to emit."""
+        """Add one token's bytes; return the text now safe to emit (nothing once stopped)."""
+        if self.stopped_by is not None:
+            return ""
         self._pending += self._decoder.decode(data)
         if not self._stops:
             out, self._pending = self._pending, ""
@@ -943,8 +945,9 @@ class Scheduler:
 
     RECENT_KEYED_JOBS = 256
 
-    def __init__(self, engine: Engine, max_waiting: int):
+    def __init__(self, engine: Engine, max_waiting: int, on_finished: Callable[[Job], None] = lambda job: None):
         self.engine = engine
+        self.on_finished = on_finished
         self.max_waiting = max_waiting
         self._cond = threading.Condition()
         self._queue: collections.deque[Job] = collections.deque()
@@ -1070,6 +1073,7 @@ class Scheduler:
         for job in jobs:
             self.total_generations += 1
             self.last_job = job
+            self.on_finished(job)
 
 
 # =============================================================================
@@ -1091,9 +1095,16 @@ class App:
     def attach_model(self, model: LlamaModel):
         self.model = model
         self.engine = Engine(model, self.config.max_length)
-        self.scheduler = Scheduler(self.engine, self.config.multiuser)
+        self.scheduler = Scheduler(self.engine, self.config.multiuser, self._log_finished)
         self.scheduler.start()
         self.ready.set()
+
+    def _log_finished(self, job: Job):
+        s = job.stats
+        rate = s.generated_tokens / s.generation_seconds if s.generation_seconds else 0.0
+        self.log(f"job {job.id} ended: {job.buffer.finish_reason}, {s.prompt_tokens} prompt tokens "
+                 f"({s.cached_tokens} cached) in {s.prompt_seconds:.2f}s, {s.generated_tokens} generated "
+                 f"in {s.generation_seconds:.2f}s ({rate:.1f} tokens/s)")
 
     def log(self, message: str):
         if not self.config.quiet:
@@ -1487,6 +1498,9 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
 
     def setup(self):
         """Handshake here, in the connection's own thread, with a deadline: never on the accepting thread."""
+        # Small writes (headers, then body; one SSE event per token) must leave at once, not wait
+        # for Nagle's algorithm to meet the client's delayed ACK (40 ms a request).
+        self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.request.settimeout(self.server.app.config.handshake_timeout)
         if isinstance(self.request, ssl.SSLSocket):
             self.request.do_handshake()
@@ -1599,12 +1613,14 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
 
     def watch_hangup(self, job: Job):
         self._watched_job = job
+        self.server.generation_started()
         self.server.hangups.watch(self.connection, job.cancel)
 
     def _unwatch_hangup(self):
         if self._watched_job is not None:
             self.server.hangups.unwatch(self.connection)
             self._watched_job = None
+            self.server.generation_answered()
 
     # -- writing -------------------------------------------------------------
 
@@ -1662,6 +1678,8 @@ class KoboldLiteServer(http.server.ThreadingHTTPServer):
         self.tls = tls
         self.hangups = HangupWatcher()
         self._connections = threading.BoundedSemaphore(app.config.max_connections)
+        self._answering = 0                  # generation responses still being written
+        self._answering_cond = threading.Condition()
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, RequestHandler)
@@ -1683,6 +1701,20 @@ class KoboldLiteServer(http.server.ThreadingHTTPServer):
         finally:
             self._connections.release()
 
+    def generation_started(self):
+        with self._answering_cond:
+            self._answering += 1
+
+    def generation_answered(self):
+        with self._answering_cond:
+            self._answering -= 1
+            self._answering_cond.notify_all()
+
+    def wait_answers_written(self, timeout: float) -> bool:
+        """At shutdown: let aborted streams write their last event before the process ends."""
+        with self._answering_cond:
+            return self._answering_cond.wait_for(lambda: self._answering == 0, timeout)
+
     def handle_error(self, request, client_address):
         exc = sys.exc_info()[1]
         if isinstance(exc, (ssl.SSLError, ConnectionError, TimeoutError, socket.timeout)):
@@ -1692,6 +1724,15 @@ class KoboldLiteServer(http.server.ThreadingHTTPServer):
     @property
     def scheme(self) -> str:
         return "https" if self.tls else "http"
+
+
+def is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def served_urls(server: KoboldLiteServer, host: str) -> list[str]:
@@ -1704,7 +1745,7 @@ def served_urls(server: KoboldLiteServer, host: str) -> list[str]:
     if not unspecified:
         shown = f"[{host}]" if ":" in host else host
         return [f"{scheme}://{shown}:{port}"]
-    urls = [f"{scheme}://localhost:{port}"]
+    urls = [f"{scheme}://{'[::1]' if host == '::' else '127.0.0.1'}:{port}"]
     addresses = set()
     try:
         for info in socket.getaddrinfo(socket.gethostname(), None):
@@ -1779,8 +1820,7 @@ def main(argv: list[str] | None = None) -> int:
     app.attach_model(model)
 
     urls = served_urls(server, config.host)
-    lan = any(not u.split("://")[1].startswith(("localhost", "127.", "[::1]")) for u in urls)
-    if lan and not config.password:
+    if not is_loopback_host(config.host) and not config.password:
         print("WARNING: serving the network without --password: anyone who can reach this machine "
               "can use the model.", file=sys.stderr)
     print(f"Model {model.name} ready: context {model.n_ctx}, {config.parallel} slot(s), "
@@ -1794,6 +1834,7 @@ def main(argv: list[str] | None = None) -> int:
     stop.wait()
     print("Stopping: ending running generations.", file=sys.stderr, flush=True)
     app.scheduler.stop()
+    server.wait_answers_written(timeout=5.0)
     server.shutdown()
     server.server_close()
     return 0
