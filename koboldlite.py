@@ -770,6 +770,7 @@ class Slot:
         self.next_token: int | None = None  # sampled, to be decoded in the next step
         self.t_admitted = 0.0
         self.t_first_token = 0.0
+        self.last_used = 0.0
 
     @property
     def busy(self) -> bool:
@@ -836,7 +837,7 @@ class Engine:
         free = [s for s in self.slots if not s.busy]
         if not free:
             return False
-        slot = max(free, key=lambda s: common_prefix_length(s.cached, job.prompt_tokens))
+        slot = self._choose_slot(free, job.prompt_tokens)
         keep = common_prefix_length(slot.cached, job.prompt_tokens)
         if keep == len(job.prompt_tokens):
             keep -= 1                      # one token must be decoded to get logits
@@ -857,9 +858,22 @@ class Engine:
         slot.to_prefill = job.prompt_tokens[keep:]
         slot.next_token = None
         slot.job = job
-        slot.t_admitted = time.monotonic()
+        slot.t_admitted = slot.last_used = time.monotonic()
         job.state = "running"
         return True
+
+    @staticmethod
+    def _choose_slot(free: list[Slot], prompt: list[int]) -> Slot:
+        """The slot whose cache this prompt continues; else the least recently used one.
+
+        A cache counts only if the prompt shares at least half of it: a common
+        opening ("Chapter", a system prompt) must not evict another user's story.
+        """
+        def shared(s: Slot) -> int:
+            n = common_prefix_length(s.cached, prompt)
+            return n if n and 2 * n >= len(s.cached) else 0
+        best = max(free, key=shared)
+        return best if shared(best) else min(free, key=lambda s: s.last_used)
 
     @property
     def active(self) -> int:

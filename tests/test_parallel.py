@@ -1,0 +1,96 @@
+"""--parallel N: several generations decoded in one batch per step (issue 6)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from conftest import ServerProcess, SSEStream, in_thread, kobold_event_json, result_of
+
+ANIMALS = ["cat", "dog", "fox", "owl", "bee", "cow"]
+
+
+@pytest.fixture(scope="module")
+def par(starter_model):
+    s = ServerProcess(["--model", starter_model, "--parallel", "3", "--contextsize", "1024"])
+    yield s
+    s.stop()
+
+
+def body(i: int, n: int = 40, **kw) -> dict:
+    return {"prompt": f"Story {i}: once upon a time, a {ANIMALS[i % 6]}", "max_length": n,
+            "sampler_seed": 50 + i, "temperature": 0.9, "genkey": f"PAR-{i}-{n}", **kw}
+
+
+def timed_stream(server, b) -> list[tuple[float, str, str | None]]:
+    s = SSEStream(server, "/api/extra/generate/stream", b)
+    out = []
+    for e in s.events():
+        ev = kobold_event_json(e)
+        out.append((time.monotonic(), ev["token"], ev["finish_reason"]))
+    return out
+
+
+def text_of(events) -> str:
+    return "".join(t for _, t, _ in events)
+
+
+def test_concurrent_requests_overlap_and_keep_their_own_text(par):
+    bodies = [body(i) for i in range(3)]
+    alone = [par.json("POST", "/api/v1/generate", b)["results"][0]["text"] for b in bodies]
+    runs = [result_of(q) for q in [in_thread(timed_stream, par, b) for b in bodies]]
+    # Each one's tokens arrive between the others' first and last: they were decoded together.
+    for i, a in enumerate(runs):
+        for j, b in enumerate(runs):
+            if i != j:
+                assert a[0][0] < b[-2][0] and b[0][0] < a[-2][0], "the streams did not overlap"
+    # The same seed gives the same text alone and beside others.
+    assert [text_of(r) for r in runs] == alone
+    perf = par.json("GET", "/api/extra/perf")
+    assert perf["slots"] == 3 and perf["active_slots"] == 0 and perf["idle"] == 1
+
+
+def test_abort_and_disconnect_of_one_slot_leave_the_others_streaming(par):
+    long = {"ban_eos_token": True}
+    keep = [in_thread(timed_stream, par, body(i, 120, **long)) for i in (0, 1)]
+    aborted = SSEStream(par, "/api/extra/generate/stream", body(2, 1500, **long))
+    dropped_key = "PAR-drop"
+    dropped = SSEStream(par, "/api/extra/generate/stream", {**body(3, 1500, **long), "genkey": dropped_key})
+    kobold_event_json(aborted.next_event())
+    kobold_event_json(dropped.next_event())
+    assert par.json("POST", "/api/extra/abort", {"genkey": "PAR-2-1500"})["success"] == "true"
+    mark = par.mark()
+    dropped.close()
+    par.wait_for_line(r"ended: abort", start=mark)
+    assert [kobold_event_json(e) for e in aborted.events()][-1]["finish_reason"] == "stop"
+    for q in keep:
+        events = result_of(q)
+        assert events[-1][2] == "length"
+        n = par.json("POST", "/api/extra/tokencount", {"prompt": text_of(events), "special": False})["value"]
+        assert n >= 110       # ran to its full length (give or take merged tokens)
+
+
+def test_queueing_beyond_the_slots(par):
+    bodies = [body(i, 16) for i in range(6)]
+    mark = par.mark()
+    pending = [in_thread(par.json, "POST", "/api/v1/generate", b) for b in bodies]
+    par.wait_for_line(r"queued at", start=mark)
+    texts = [result_of(q)["results"][0]["text"] for q in pending]
+    alone = [par.json("POST", "/api/v1/generate", b)["results"][0]["text"] for b in bodies]
+    assert texts == alone
+
+
+def test_a_new_request_reuses_the_slot_holding_its_prefix(par):
+    stories = [f"Chapter {i}. The {a} walked into the old library and found a map." for i, a in enumerate(ANIMALS[:3])]
+    outputs = [par.json("POST", "/api/v1/generate", {"prompt": s, "max_length": 10, "sampler_seed": 1})
+               ["results"][0]["text"] for s in stories]
+    # Continue the first story: its slot still holds it, though two other stories came after.
+    prompt_tokens = par.json("POST", "/api/extra/tokencount", {"prompt": stories[0]})["value"]
+    par.json("POST", "/api/v1/generate", {"prompt": stories[0] + outputs[0] + " Then", "max_length": 2})
+    assert par.json("GET", "/api/extra/perf")["last_cached_count"] >= prompt_tokens + 8
+
+
+def test_metrics_report_slots(par):
+    text = par.request("GET", "/metrics")[2].decode()
+    assert "koboldlite_slots_total 3" in text and "koboldlite_queue_depth 0" in text
