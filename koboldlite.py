@@ -794,6 +794,9 @@ class Engine:
     prompt for a newly admitted one, in a single batch.
     """
 
+    SHORT_PROMPT = 128                   # new prompts up to this many tokens get a step of their own
+    PREFILL_CHUNK_WHILE_STREAMING = 128  # else, prompt tokens read per step while others generate
+
     def __init__(self, model: LlamaModel, default_max_length: int = 180):
         self.model = model
         self.lib = model.lib
@@ -889,20 +892,29 @@ class Engine:
         n = 0
         due: list[tuple[Slot, int]] = []     # slots whose logits are at batch index i
         added: list[tuple[Slot, list[int]]] = []
-        for slot in self.slots:
-            if slot.busy and slot.next_token is not None:
+        prefilling = [s for s in self.slots if s.busy and s.to_prefill]
+        generating = [s for s in self.slots if s.busy and s.next_token is not None]
+        # A short new prompt gets a step of its own: its first token comes sooner, and the others
+        # lose one short step. A long one is read in chunks beside the others' tokens, so they keep
+        # streaming while it is read.
+        short_prefill = prefilling and sum(len(s.to_prefill) for s in prefilling) <= self.SHORT_PROMPT
+        if not short_prefill:
+            for slot in generating:
                 n = self._put(batch, n, slot, [slot.next_token], logits_last=True)
                 due.append((slot, n - 1))
                 added.append((slot, [slot.next_token]))
-        for slot in self.slots:
-            room = self.model.n_batch - n
-            if slot.busy and slot.to_prefill and room > 0:
-                chunk = slot.to_prefill[:room]
-                done = len(chunk) == len(slot.to_prefill)
-                n = self._put(batch, n, slot, chunk, logits_last=done)
-                if done:
-                    due.append((slot, n - 1))
-                added.append((slot, chunk))
+        budget = self.model.n_batch if short_prefill or not generating else self.PREFILL_CHUNK_WHILE_STREAMING
+        for slot in prefilling:
+            room = min(budget, self.model.n_batch - n)
+            if room <= 0:
+                break
+            chunk = slot.to_prefill[:room]
+            done = len(chunk) == len(slot.to_prefill)
+            n = self._put(batch, n, slot, chunk, logits_last=done)
+            budget -= len(chunk)
+            if done:
+                due.append((slot, n - 1))
+            added.append((slot, chunk))
         if n == 0:
             return finished
         batch.n_tokens = n
