@@ -1,0 +1,322 @@
+#!/usr/bin/env python3
+"""Parallel benchmark: koboldlite --parallel 1 and 4 against the raw batched llama.cpp loop
+and llama-cpp-python's bundled server, each with 1, 4 and 8 concurrent streaming clients.
+
+    python3 -m pip install -r bench/requirements.txt
+    python3 bench/bench_parallel.py [--tokens 200]
+
+Every server is driven by the same client code through the same OpenAI streaming
+endpoint (/v1/completions), with the same prompts and lengths (end of sequence
+banned, so every client gets exactly --tokens tokens). Servers run one at a time.
+Writes bench/results/parallel.md and bench/results/parallel.png and prints the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+sys.path.insert(0, HERE)
+
+import koboldlite  # noqa: E402
+from bench_core import SAMPLING, percentile  # noqa: E402
+from conftest import ServerProcess  # noqa: E402
+
+TOPICS = ["a lighthouse keeper", "a lost robot", "the last dragon", "a city under the sea",
+          "a clockmaker's secret", "two rival chefs", "a haunted library", "a journey to the moon"]
+CLIENT_COUNTS = (1, 4, 8)
+
+
+def prompt_for(i: int) -> str:
+    return f"Write a long story about {TOPICS[i % len(TOPICS)]}."
+
+
+# -- the limit: llama.cpp's batched decode loop, in-process ---------------------------------
+
+def raw_batched_tokens_per_second(model_path: str, batch_size: int, n_tokens: int, threads: int) -> float:
+    model = koboldlite.LlamaModel(model_path, n_ctx=512, n_seq=batch_size, n_threads=threads, n_gpu_layers=0)
+    lib = model.lib
+    settings = koboldlite.SamplerSettings(ban_eos=True, **SAMPLING)
+    samplers = [koboldlite.SamplerChain(model, settings, seed=i + 1) for i in range(batch_size)]
+    prompts = [model.tokenize(prompt_for(i), add_bos=True) for i in range(batch_size)]
+    batch = lib.llama_batch_init(512, 0, batch_size)
+
+    def put(n, token, pos, seq, logits):
+        batch.token[n], batch.pos[n], batch.n_seq_id[n] = token, pos, 1
+        batch.seq_id[n][0] = seq
+        batch.logits[n] = logits
+
+    n = 0
+    out_index = []
+    for seq, p in enumerate(prompts):
+        for i, t in enumerate(p):
+            put(n, t, i, seq, i == len(p) - 1)
+            n += 1
+        out_index.append(n - 1)
+    batch.n_tokens = n
+    assert lib.llama_decode(model.ctx, batch) == 0
+    positions = [len(p) for p in prompts]
+    t0 = time.perf_counter()
+    for _ in range(n_tokens):
+        tokens = [samplers[s].sample(model.ctx, out_index[s]) for s in range(batch_size)]
+        for s, t in enumerate(tokens):
+            model.piece(t)
+            put(s, t, positions[s], s, True)
+            positions[s] += 1
+        out_index = list(range(batch_size))
+        batch.n_tokens = batch_size
+        assert lib.llama_decode(model.ctx, batch) == 0
+    elapsed = time.perf_counter() - t0
+    for s in samplers:
+        s.free()
+    lib.llama_batch_free(batch)
+    lib.llama_free(model.ctx)
+    lib.llama_model_free(model.model)
+    return batch_size * n_tokens / elapsed
+
+
+# -- servers -----------------------------------------------------------------------------
+
+class LlamaCppPythonServer:
+    """`python -m llama_cpp.server` on a free port, waited for on its socket."""
+
+    def __init__(self, model: str, threads: int):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "llama_cpp.server", "--model", model, "--n_ctx", "2048",
+             "--n_threads", str(threads), "--n_threads_batch", str(threads), "--host", "127.0.0.1",
+             "--port", str(self.port), "--verbose", "False",
+             # Its default (True) makes each new request cut off the running stream: three of four
+             # concurrent clients then get one token. Queue them instead, for a fair comparison.
+             "--interrupt_requests", "False"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        # uvicorn logs "Uvicorn running on ..." once it listens.
+        for line in self.proc.stderr:
+            if "Uvicorn running" in line:
+                break
+        else:
+            raise RuntimeError("llama_cpp.server did not start")
+        threading.Thread(target=lambda: [None for _ in self.proc.stderr], daemon=True).start()
+
+    def connection(self):
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=300)
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+def stream_completion(server, i: int, n_tokens: int, eos_bias: dict, genkey: str | None = None) -> dict:
+    """One client: time to first token, token arrival times, via an OpenAI completion stream."""
+    conn = server.connection()
+    body = {"prompt": prompt_for(i), "max_tokens": n_tokens, "stream": True, "logit_bias": eos_bias,
+            "seed": i + 1, **SAMPLING}
+    headers = {"Content-Type": "application/json", **({"genkey": genkey} if genkey else {})}
+    t0 = time.perf_counter()
+    conn.request("POST", "/v1/completions", json.dumps(body), headers)
+    resp = conn.getresponse()
+    stamps = []
+    for line in resp:
+        if line.startswith(b"data: ") and not line.startswith(b"data: [DONE]"):
+            chunk = json.loads(line[6:])
+            if chunk.get("choices") and chunk["choices"][0].get("text"):
+                stamps.append(time.perf_counter())
+    conn.close()
+    return {"start": t0, "ttft": stamps[0] - t0, "stamps": stamps, "tokens": n_tokens}
+
+
+def drive(server, clients: int, n_tokens: int, eos_bias: dict, check_genkeys: bool = False) -> dict:
+    results: list[dict] = [None] * clients
+    checks: list[float] = []
+    done = threading.Event()
+
+    def client(i):
+        results[i] = stream_completion(server, i, n_tokens, eos_bias, genkey=f"bench-{i}")
+
+    def poll_check():   # KoboldAI Lite's polling, against the busy server
+        conn = server.connection()
+        while not done.is_set():
+            t0 = time.perf_counter()
+            conn.request("POST", "/api/extra/generate/check", json.dumps({"genkey": "bench-0"}),
+                         {"Content-Type": "application/json"})
+            conn.getresponse().read()
+            checks.append(time.perf_counter() - t0)
+            done.wait(0.05)   # pacing between polls (Lite polls every 500 ms), not a wait for anything
+        conn.close()
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    poller = threading.Thread(target=poll_check) if check_genkeys else None
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    if poller:
+        poller.start()
+    for t in threads:
+        t.join()
+    done.set()
+    if poller:
+        poller.join()
+    wall = max(r["stamps"][-1] for r in results) - t0
+    received = sum(len(r["stamps"]) for r in results)
+    assert received >= 0.95 * clients * n_tokens, f"clients received only {received} of {clients * n_tokens} tokens"
+    per_client = [(len(r["stamps"]) - 1) / (r["stamps"][-1] - r["stamps"][0]) for r in results]
+    ttfts = [r["ttft"] for r in results]
+    return {"aggregate": received / wall, "per_client": statistics.median(per_client),
+            "ttft_p50": percentile(ttfts, 50), "ttft_p99": percentile(ttfts, 99),
+            "check_p50": percentile(checks, 50) if checks else None,
+            "check_p99": percentile(checks, 99) if checks else None}
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run whose aggregate is the median: machine noise on 2 shared cores is several percent."""
+    return sorted(runs, key=lambda r: r["aggregate"])[len(runs) // 2]
+
+
+def arrival_ttft(server, n_tokens: int, eos_bias: dict, runs: int = 5) -> tuple[float, float]:
+    """Time to first token on an idle server, and for a client arriving while three others stream."""
+    idle = [stream_completion(server, 7, 8, eos_bias)["ttft"] for _ in range(runs)]
+    busy = []
+    for _ in range(runs):
+        first_tokens = threading.Barrier(4)
+        background = []
+        for i in range(3):
+            def run(i=i):
+                conn = server.connection()
+                body = {"prompt": prompt_for(i), "max_tokens": n_tokens, "stream": True, "logit_bias": eos_bias,
+                        **SAMPLING}
+                conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+                resp = conn.getresponse()
+                resp.readline()
+                first_tokens.wait()          # all three are streaming
+                resp.read()
+                conn.close()
+            t = threading.Thread(target=run)
+            t.start()
+            background.append(t)
+        first_tokens.wait()
+        busy.append(stream_completion(server, 7, 8, eos_bias)["ttft"])
+        for t in background:
+            t.join()
+    return statistics.median(idle), statistics.median(busy)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=koboldlite.find_starter_model())
+    ap.add_argument("--tokens", type=int, default=200)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--skip-peer", action="store_true", help="leave out llama_cpp.server")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per measurement; the median is reported")
+    args = ap.parse_args()
+
+    probe = koboldlite.LlamaModel(args.model, n_ctx=64, n_seq=1, n_threads=1, n_gpu_layers=0)
+    eos_bias = {str(t): -100 for t in probe.eog_tokens}
+
+    servers = {}
+    try:
+        for parallel in (1, 4):
+            servers[f"koboldlite --parallel {parallel}"] = ServerProcess(
+                ["--model", args.model, "--contextsize", "2048", "--threads", str(args.threads),
+                 "--parallel", str(parallel), "--multiuser", "16", "--quiet"])
+        if not args.skip_peer:
+            servers["llama-cpp-python server"] = LlamaCppPythonServer(args.model, args.threads)
+        for server in servers.values():
+            drive(server, 1, 16, eos_bias)   # warm-up
+        # Rounds, each measuring everything once: the machine's speed drifts over minutes,
+        # and interleaving makes the drift hit every system alike.
+        raw_runs = {c: [] for c in CLIENT_COUNTS}
+        runs = {name: {c: [] for c in CLIENT_COUNTS} for name in servers}
+        for _ in range(args.repeat):
+            for c in CLIENT_COUNTS:
+                raw_runs[c].append(raw_batched_tokens_per_second(args.model, c, args.tokens, args.threads))
+                for name, server in servers.items():
+                    runs[name][c].append(drive(server, c, args.tokens, eos_bias,
+                                               check_genkeys=name.startswith("koboldlite")))
+        raw = {c: statistics.median(v) for c, v in raw_runs.items()}
+        rows: dict[str, dict[int, dict]] = {
+            "raw llama.cpp batched loop": {c: {"aggregate": v, "per_client": v / c} for c, v in raw.items()}}
+        rows.update({name: {c: median_run(r) for c, r in by_c.items()} for name, by_c in runs.items()})
+        ttft = {name: arrival_ttft(server, args.tokens, eos_bias) for name, server in servers.items()}
+    finally:
+        for server in servers.values():
+            server.stop()
+
+    def fmt(v, scale=1.0, digits=1):
+        return "n/a" if v is None else f"{v * scale:.{digits}f}"
+
+    lines = [f"Model {os.path.basename(args.model)}, {args.tokens} tokens per client, {args.threads} threads, "
+             f"{os.cpu_count()} cores; OpenAI completion streams; median of {args.repeat} runs.", "",
+             "| system | clients | aggregate tok/s | per-client tok/s | TTFT p50 ms | TTFT p99 ms | "
+             "check p50 ms | check p99 ms |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, by_clients in rows.items():
+        for c, r in by_clients.items():
+            lines.append(f"| {name} | {c} | {fmt(r['aggregate'])} | {fmt(r['per_client'])} | "
+                         f"{fmt(r.get('ttft_p50'), 1000)} | {fmt(r.get('ttft_p99'), 1000)} | "
+                         f"{fmt(r.get('check_p50'), 1000, 2)} | {fmt(r.get('check_p99'), 1000, 2)} |")
+    lines += ["", "| system | TTFT idle ms | TTFT while 3 others stream ms | ratio |", "|---|---:|---:|---:|"]
+    for name, (idle, busy) in ttft.items():
+        lines.append(f"| {name} | {idle * 1000:.1f} | {busy * 1000:.1f} | {busy / idle:.2f} |")
+
+    p1, p4 = rows["koboldlite --parallel 1"], rows["koboldlite --parallel 4"]
+    ratios = [
+        ("--parallel 4 / --parallel 1, aggregate at 4 clients (target >= 1.4)",
+         p4[4]["aggregate"] / p1[4]["aggregate"]),
+        ("--parallel 4 at 4 clients / raw batched loop at batch 4 (target >= 0.90)",
+         p4[4]["aggregate"] / raw[4]),
+        ("--parallel 4 / --parallel 1, single client (target >= 0.95)", p4[1]["aggregate"] / p1[1]["aggregate"]),
+        ("--parallel 4: TTFT while 3 stream / idle TTFT (target < 2)",
+         ttft["koboldlite --parallel 4"][1] / ttft["koboldlite --parallel 4"][0]),
+        ("raw batched loop: batch 4 / batch 1", raw[4] / raw[1]),
+        ("raw batched loop: batch 8 / batch 1", raw[8] / raw[1]),
+    ]
+    if "llama-cpp-python server" in rows:
+        peer = rows["llama-cpp-python server"]
+        ratios.append(("--parallel 4 / llama-cpp-python server, aggregate at 4 clients",
+                       p4[4]["aggregate"] / peer[4]["aggregate"]))
+    lines += ["", "| ratio | value |", "|---|---:|"] + [f"| {n} | {v:.2f} |" for n, v in ratios]
+    report = "\n".join(lines)
+    print(report)
+
+    out = os.path.join(HERE, "results")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "parallel.md"), "w") as f:
+        f.write("# Parallel benchmark\n\n" + report + "\n\nReproduce: `python3 -m pip install -r bench/requirements.txt"
+                " && python3 bench/bench_parallel.py`\n\n![aggregate tokens/s](parallel.png)\n")
+    chart(rows, os.path.join(out, "parallel.png"))
+
+
+def chart(rows: dict, path: str):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
+    width = 0.8 / len(rows)
+    for k, (name, by_clients) in enumerate(rows.items()):
+        xs = [i + k * width for i in range(len(CLIENT_COUNTS))]
+        bars = ax.bar(xs, [by_clients[c]["aggregate"] for c in CLIENT_COUNTS], width, label=name)
+        ax.bar_label(bars, fmt="%.0f", fontsize=7)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(CLIENT_COUNTS))],
+                  [f"{c} client{'s' if c > 1 else ''}" for c in CLIENT_COUNTS])
+    ax.set_ylabel("aggregate tokens/s")
+    ax.set_title("Streaming throughput, SmolLM2-135M on 2 CPU cores")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+if __name__ == "__main__":
+    main()
