@@ -25,6 +25,8 @@ import collections
 import ctypes
 import dataclasses
 import errno
+import gzip
+import hashlib
 import hmac
 import http.server
 import importlib.metadata
@@ -1631,7 +1633,6 @@ def ollama_model_entry(app) -> dict:
 
 
 def hashlib_sha256(data: bytes) -> str:
-    import hashlib
     return hashlib.sha256(data).hexdigest()
 
 
@@ -1806,11 +1807,55 @@ class Route:
     needs_model: bool = True
 
 
-class Router:
-    """Exact paths to routes, per method; /api/latest/... is /api/v1/..."""
+class StaticFiles:
+    """The files of embedded_ui/, read once at start. Only these exact paths are ever served,
+    so no request path (`..`, encoded dots, absolute paths) can reach any other file."""
 
-    def __init__(self):
+    TYPES = {".html": "text/html; charset=utf-8", ".css": "text/css; charset=utf-8",
+             ".js": "text/javascript; charset=utf-8", ".json": "application/json", ".svg": "image/svg+xml",
+             ".png": "image/png", ".ico": "image/x-icon", ".webmanifest": "application/manifest+json"}
+    COMPRESSIBLE = (".html", ".css", ".js", ".json", ".svg", ".webmanifest")
+    HEADERS = {"Cache-Control": "no-cache", "Vary": "Accept-Encoding", "X-Content-Type-Options": "nosniff",
+               "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; object-src 'none'; "
+                                          "base-uri 'none'; frame-ancestors 'none'"}
+
+    def __init__(self, directory: str):
+        self.files: dict[str, tuple[bytes, bytes | None, str, str]] = {}
+        for root, _, names in os.walk(directory):
+            for name in sorted(names):
+                full = os.path.join(root, name)
+                url = "/" + os.path.relpath(full, directory).replace(os.sep, "/")
+                with open(full, "rb") as f:
+                    data = f.read()
+                ext = os.path.splitext(name)[1].lower()
+                packed = gzip.compress(data, 9, mtime=0) if ext in self.COMPRESSIBLE else None
+                etag = '"' + hashlib.sha256(data).hexdigest()[:20] + '"'
+                self.files[url] = (data, packed, self.TYPES.get(ext, "application/octet-stream"), etag)
+        if "/index.html" in self.files:
+            self.files["/"] = self.files["/index.html"]
+
+    def route(self, path: str) -> "Route | None":
+        return Route(self.serve, needs_model=False) if path in self.files else None
+
+    def serve(self, app, req) -> Response:
+        data, packed, content_type, etag = self.files[req.path]
+        headers = {**self.HEADERS, "ETag": etag}
+        if req.headers.get("If-None-Match") == etag:
+            return Response(304, b"", content_type, headers)
+        if packed is not None and "gzip" in req.headers.get("Accept-Encoding", ""):
+            return Response(200, packed, content_type, {**headers, "Content-Encoding": "gzip"})
+        return Response(200, data, content_type, headers)
+
+
+UI_DIR = os.path.join(getattr(sys, "_MEIPASS", os.path.dirname(os.path.abspath(__file__))), "embedded_ui")
+
+
+class Router:
+    """Exact paths to routes, per method; /api/latest/... is /api/v1/...; then the static files."""
+
+    def __init__(self, static: StaticFiles | None = None):
         self._routes: dict[tuple[str, str], Route] = {}
+        self.static = static
 
     def add(self, methods: str, paths: str, handler, **kw):
         route = Route(handler, **kw)
@@ -1822,6 +1867,8 @@ class Router:
         if path.startswith("/api/latest/"):
             path = "/api/v1/" + path[len("/api/latest/"):]
         route = self._routes.get((method, path))
+        if route is None and method == "GET" and self.static is not None:
+            route = self.static.route(path)
         if route is None:
             if any(p == path for _, p in self._routes):
                 raise RequestError(f"{method} is not allowed on {path}", status=405, kind="method_not_allowed")
@@ -1829,8 +1876,8 @@ class Router:
         return route
 
 
-def build_router() -> Router:
-    r = Router()
+def build_router(static: StaticFiles | None = None) -> Router:
+    r = Router(static)
     r.add("GET", "/api/v1/model", kobold_model)
     r.add("GET", "/api/v1/info/version", kobold_info_version)
     r.add("GET", "/api/v1/config/max_length", kobold_max_length)
@@ -2314,7 +2361,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     app = App(config)
-    app.router = build_router()
+    app.router = build_router(StaticFiles(UI_DIR) if os.path.isdir(UI_DIR) else None)
     try:
         server = KoboldLiteServer((config.host, config.port), app, tls)
     except OSError as e:
