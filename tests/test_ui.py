@@ -302,3 +302,22 @@ def test_paths_outside_embedded_ui_are_never_served(ui_server, path):
     sock.close()
     assert reply.startswith(b"HTTP/1.1 404"), reply[:100]
     assert b"import" not in reply and b"root:" not in reply
+
+
+def test_queue_position_while_waiting(page, ui_server):
+    from conftest import SSEStream, kobold_event_json
+    settings(page, max_length=8)
+    page.goto(ui_server.base)
+    page.wait_for_selector("#model-name:has-text('SmolLM2')")
+    other = SSEStream(ui_server, "/api/extra/generate/stream",
+                      {"prompt": "Someone else's long story:", "max_length": 1500, "ban_eos_token": True,
+                       "genkey": "OTHER-USER"})
+    kobold_event_json(other.next_event())
+    page.fill("#input", "My turn?")
+    page.press("#input", "Enter")
+    page.wait_for_selector("#status-text:has-text('number 1 in the queue')")
+    shot(page, "queued")
+    ui_server.json("POST", "/api/extra/abort", {"genkey": "OTHER-USER"})
+    wait_reply_done(page)
+    assert page.inner_text(".msg.assistant .text")
+    other.close()
