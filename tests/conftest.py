@@ -59,16 +59,19 @@ def make_self_signed_cert(directory: str) -> tuple[str, str]:
 class ServerProcess:
     """koboldlite.py in a subprocess; its output lines can be waited for."""
 
-    def __init__(self, args: list[str], cert: str | None = None, env: dict | None = None):
+    def __init__(self, args: list[str], cert: str | None = None, env: dict | None = None,
+                 command: list[str] | None = None, cwd: str | None = None):
+        """`command` replaces `python koboldlite.py --port 0` (the executable, say)."""
         self.cert = cert
-        self.proc = subprocess.Popen([sys.executable, SCRIPT, "--port", "0", *args],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env={**os.environ, **(env or {})})
+        command = [sys.executable, SCRIPT, "--port", "0"] if command is None else command
+        self.proc = subprocess.Popen([*command, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, env={**os.environ, **(env or {})}, cwd=cwd)
         self.lines: list[str] = []
         self._cond = threading.Condition()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         m = self.wait_for_line(r"^Serving at (https?)://127\.0\.0\.1:(\d+)", STARTUP_TIMEOUT)
+        self.ready_line = m.string
         self.scheme, self.port = m.group(1), int(m.group(2))
         self.base = f"{self.scheme}://127.0.0.1:{self.port}"
 
