@@ -79,8 +79,10 @@ class Config:
     chat_template: str | None = None   # a built-in name or a Jinja file; default: the model's own
     max_length: int = 180       # default generation length for Kobold requests
     max_body_bytes: int = 32 * 1024 * 1024
-    handshake_timeout: float = 10.0
-    idle_timeout: float = 60.0
+    handshake_timeout: float = 10.0   # a TLS handshake must finish within this
+    request_timeout: float = 30.0     # a request's line, headers and body must all arrive within this
+    idle_timeout: float = 30.0        # a keep-alive connection may wait this long for its next request,
+                                      # and a write to a client that stopped reading may block this long
     max_connections: int = 256
     debug: bool = False
 
@@ -852,6 +854,11 @@ def common_prefix_length(a: list[int], b: list[int]) -> int:
     return i
 
 
+# For the fault tests only: with KOBOLDLITE_FAULT_INJECTION=MARKER set, a generation whose
+# prompt holds MARKER raises inside the generation loop. Unset (always, in use): no effect.
+FAULT_INJECTION_MARKER = os.environ.get("KOBOLDLITE_FAULT_INJECTION") or None
+
+
 class Engine:
     """Prepares requests (on the caller's thread) and runs the one generation loop.
 
@@ -1004,7 +1011,11 @@ class Engine:
             if job.stats.generated_tokens == 0:
                 slot.t_first_token = now
                 job.stats.prompt_seconds = now - slot.t_admitted
-            ended = self._accept(slot, token)
+            try:
+                ended = self._accept(slot, token)
+            except Exception as e:  # one request's failure must not end its batch-mates
+                finished.append(self._finish(slot, "error", f"generation failed: {type(e).__name__}: {e}"))
+                continue
             if ended:
                 finished.append(self._finish(slot, ended))
         return finished
@@ -1027,6 +1038,8 @@ class Engine:
     def _accept(self, slot: Slot, token: int) -> str | None:
         """Take one sampled token: emit its text, or say why generation ends."""
         job = slot.job
+        if FAULT_INJECTION_MARKER and FAULT_INJECTION_MARKER in job.request.prompt:
+            raise RuntimeError("fault injected for a test")
         if self.model.is_end_of_generation(token) or token in job.stop_tokens:
             job.stats.stop_reason = 1
             return "stop"
@@ -1054,6 +1067,8 @@ class Engine:
         if slot.to_prefill:
             # The prompt was not fully read in: the cache holds only what was decoded.
             slot.to_prefill = []
+        if reason == "error":
+            slot.cached = []       # after a failed decode the sequence's state is unknown
         slot.sampler.free()
         slot.sampler = None
         slot.job = None
@@ -1194,7 +1209,11 @@ class Scheduler:
                         job.state = "done"
                         job.buffer.close("abort")
                         continue
-                    engine.admit(job)
+                    try:
+                        engine.admit(job)
+                    except Exception as e:  # e.g. a sampler llama.cpp refuses: this job fails alone
+                        job.state = "done"
+                        job.buffer.close("error", f"could not start the generation: {e}")
                 if self._stopping.is_set():
                     ended = engine.abort_all()
                     self._record(ended)
@@ -2071,6 +2090,53 @@ def _peer_closed(sock: socket.socket) -> bool:
         raw.detach()     # the handle belongs to the connection
 
 
+class DeadlineReaper:
+    """Shuts connections that overstay a deadline.
+
+    Socket timeouts apply to each read, so a client that trickles one byte a
+    second (slowloris) never trips them; a handshake, or a request's line,
+    headers and body, must instead finish by a deadline, or the socket is
+    shut and its thread's blocked read ends at once.
+    """
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._deadlines: dict[int, tuple[float, socket.socket]] = {}
+        self._tokens = iter(range(1, 1 << 62))
+        threading.Thread(target=self._run, name="deadline-reaper", daemon=True).start()
+
+    def arm(self, sock: socket.socket, seconds: float) -> int:
+        with self._cond:
+            token = next(self._tokens)
+            self._deadlines[token] = (time.monotonic() + seconds, sock)
+            self._cond.notify()
+            return token
+
+    def disarm(self, token: int | None):
+        if token is not None:
+            with self._cond:
+                self._deadlines.pop(token, None)
+
+    def _run(self):
+        with self._cond:
+            while True:
+                if not self._deadlines:
+                    self._cond.wait()
+                    continue
+                token, (deadline, sock) = min(self._deadlines.items(), key=lambda item: item[1][0])
+                left = deadline - time.monotonic()
+                if left > 0:
+                    self._cond.wait(left)      # woken early when a nearer deadline is armed
+                    continue
+                del self._deadlines[token]
+                try:
+                    # The plain socket's shutdown: SSLSocket.shutdown would drop its TLS state
+                    # under the feet of the thread still using it.
+                    socket.socket.shutdown(sock, socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
 class Request:
     """What a route sees of one HTTP request."""
 
@@ -2137,12 +2203,49 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         # Small writes (headers, then body; one SSE event per token) must leave at once, not wait
         # for Nagle's algorithm to meet the client's delayed ACK (40 ms a request).
         self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.request.settimeout(self.server.app.config.handshake_timeout)
+        config = self.server.app.config
+        self.request.settimeout(config.handshake_timeout)
         if isinstance(self.request, ssl.SSLSocket):
-            self.request.do_handshake()
-        self.timeout = self.server.app.config.idle_timeout
+            deadline = self.server.reaper.arm(self.request, config.handshake_timeout)
+            try:
+                self.request.do_handshake()
+            finally:
+                self.server.reaper.disarm(deadline)
+        self.timeout = config.idle_timeout
         super().setup()
         self._watched_job: Job | None = None
+        self._request_deadline: int | None = None
+
+    def handle_one_request(self):
+        """Wait idly for a request's first byte; from there the whole request has a deadline."""
+        try:
+            if not self.rfile.peek(1):
+                self.close_connection = True
+                return
+        except (OSError, ValueError):      # idle timeout, reset, or shut by the reaper
+            self.close_connection = True
+            return
+        self._request_deadline = self.server.reaper.arm(self.connection, self.server.app.config.request_timeout)
+        try:
+            super().handle_one_request()
+        finally:
+            self._request_read()
+
+    def _request_read(self):
+        self.server.reaper.disarm(self._request_deadline)
+        self._request_deadline = None
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own errors (a bad request line, oversize headers...) as JSON, like ours."""
+        self.close_connection = True
+        if code == 505:
+            code = 400    # a bogus HTTP version is the client's error, like any other bad input
+        text = message or self.responses.get(code, ("error",))[0]
+        self._send(JSONResponse(error_body("kobold", code, text, "invalid_request" if code < 500 else "server_error"),
+                                code))
+
+    def version_string(self) -> str:
+        return self.server_version
 
     def log_message(self, format, *args):
         self.server.app.log(f"{self.address_string()} {format % args}")
@@ -2152,6 +2255,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             super().log_request(code, size)
 
     def do_OPTIONS(self):
+        self._request_read()
         self._send(Response(204, b"", "text/plain"))
 
     def do_GET(self):
@@ -2182,6 +2286,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             route = app.router.match("GET" if method == "HEAD" else method, path)
             style = route.style
             body = self._read_body()
+            self._request_read()
             authorized = self._authorized()
             if route.protected and not authorized:
                 raise RequestError("a valid password is required (Authorization: Bearer <password>)",
@@ -2313,6 +2418,7 @@ class KoboldLiteServer(http.server.ThreadingHTTPServer):
         self.app = app
         self.tls = tls
         self.hangups = HangupWatcher()
+        self.reaper = DeadlineReaper()
         self._connections = threading.BoundedSemaphore(app.config.max_connections)
         self._answering = 0                  # generation responses still being written
         self._answering_cond = threading.Condition()
