@@ -183,7 +183,8 @@ def load_config(argv: list[str]) -> Config:
     _check_int("gpulayers", cfg.gpulayers, 0, 100000)
     _check_int("multiuser", cfg.multiuser, 0, 100000)
     _check_int("parallel", cfg.parallel, 1, 64)
-    _check_int("max_length", cfg.max_length, 1, cfg.contextsize)
+    _check_int("max_length", cfg.max_length, 1, 1 << 20)
+    cfg.max_length = min(cfg.max_length, cfg.contextsize // 2)   # a small context still leaves room for a prompt
     if cfg.password is not None and not isinstance(cfg.password, str):
         raise ConfigError("password must be a string")
     if cfg.threads == 0:
@@ -2163,6 +2164,8 @@ class Request:
                     self._json = json.loads(self.body)
                 except (ValueError, UnicodeDecodeError) as e:
                     raise RequestError(f"the request body is not valid JSON: {e}") from None
+                except RecursionError:
+                    raise RequestError("the request body is nested too deeply") from None
         if self._json is None and not optional:
             raise RequestError("a JSON request body is required")
         return self._json
@@ -2238,6 +2241,8 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
     def send_error(self, code, message=None, explain=None):
         """http.server's own errors (a bad request line, oversize headers...) as JSON, like ours."""
         self.close_connection = True
+        if self.request_version == "HTTP/0.9":
+            self.request_version = "HTTP/1.0"   # errors found before the version is read still get a status line
         if code == 505:
             code = 400    # a bogus HTTP version is the client's error, like any other bad input
         text = message or self.responses.get(code, ("error",))[0]
