@@ -39,7 +39,6 @@ import secrets
 import select
 import signal
 import socket
-import socketserver
 import ssl
 import sys
 import threading
@@ -878,10 +877,9 @@ class Engine:
     SHORT_PROMPT = 128                   # new prompts up to this many tokens get a step of their own
     PREFILL_CHUNK_WHILE_STREAMING = 128  # else, prompt tokens read per step while others generate
 
-    def __init__(self, model: LlamaModel, default_max_length: int = 180):
+    def __init__(self, model: LlamaModel):
         self.model = model
         self.lib = model.lib
-        self.default_max_length = default_max_length
         self.llama_lock = threading.Lock()
         self.slots = [Slot(i) for i in range(model.n_seq)]
         self._batch = self.lib.llama_batch_init(model.n_batch, 0, model.n_seq)
@@ -1118,7 +1116,6 @@ class Scheduler:
         self.total_generations = 0
         self.totals = collections.Counter()     # for /metrics
         self.last_job: Job | None = None
-        self.started = time.monotonic()
 
     def start(self):
         self._thread.start()
@@ -1129,7 +1126,7 @@ class Scheduler:
         with self._cond:
             if self._stopping.is_set():
                 raise ServerBusy("the server is shutting down")
-            if len(self._queue) >= len(self.engine.slots) - self._running_count() + self.max_waiting:
+            if len(self._queue) >= len(self.engine.slots) - self.engine.active + self.max_waiting:
                 raise ServerBusy()
             self._queue.append(job)
             if job.genkey:
@@ -1174,23 +1171,16 @@ class Scheduler:
         with self._cond:
             return len(self._queue)
 
-    def _running_count(self) -> int:
-        return self.engine.active
-
     @property
     def saturated(self) -> bool:
         """True when one more request would be refused as busy."""
         with self._cond:
-            return len(self._queue) >= len(self.engine.slots) - self._running_count() + self.max_waiting
+            return len(self._queue) >= len(self.engine.slots) - self.engine.active + self.max_waiting
 
     @property
     def idle(self) -> bool:
         with self._cond:
             return not self._queue and self.engine.active == 0
-
-    def wait_idle(self, timeout: float | None = None) -> bool:
-        with self._cond:
-            return self._cond.wait_for(lambda: not self._queue and self.engine.active == 0, timeout)
 
     def stop(self, timeout: float = 5.0):
         """Abort everything, queued and running, and let the loop thread end."""
@@ -1227,7 +1217,6 @@ class Scheduler:
                     self._cond.notify_all()
                     return
                 if engine.active == 0:
-                    self._cond.notify_all()     # wake wait_idle()
                     self._cond.wait()
                     continue
             try:
@@ -1312,7 +1301,7 @@ class App:
         self.chat_template, origin = load_chat_template(model, self.config.chat_template)
         print(origin, file=sys.stderr, flush=True)
         self.model = model
-        self.engine = Engine(model, self.config.max_length)
+        self.engine = Engine(model)
         self.scheduler = Scheduler(self.engine, self.config.multiuser, self._log_finished)
         self.scheduler.start()
         self.ready.set()
@@ -1717,16 +1706,12 @@ def ollama_model_entry(app) -> dict:
         "name": m.name, "model": m.name,
         "modified_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(mtime)),
         "size": m.size_bytes,
-        "digest": hashlib_sha256(f"{m.name}:{m.size_bytes}:{mtime}".encode()),
+        "digest": hashlib.sha256(f"{m.name}:{m.size_bytes}:{mtime}".encode()).hexdigest(),
         "details": {"parent_model": "", "format": "gguf", "family": m.metadata("general.architecture") or "",
                     "families": [m.metadata("general.architecture") or ""],
                     "parameter_size": m.metadata("general.size_label") or "",
                     "quantization_level": m.metadata("general.file_type") or ""},
     }
-
-
-def hashlib_sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def ollama_generation_fields(req, f: FieldReader, app) -> dict:

@@ -10,7 +10,6 @@ import json
 import os
 import random
 import re
-import signal
 import socket
 import ssl
 import subprocess
