@@ -417,6 +417,9 @@ class GenerationRequest:
     render_special: bool = False
     add_bos: bool = True             # the model's BOS, when the model wants one
     stop_token_ids: list[int] = dataclasses.field(default_factory=list)   # e.g. a chat template's end of turn
+    # Old KoboldAI clients poll /api/extra/generate/check without a genkey; only their generations
+    # are shown to such a check, so an unkeyed OpenAI or Ollama reply is never readable by others.
+    checkable_without_genkey: bool = False
 
 
 class FieldReader:
@@ -1134,7 +1137,7 @@ class Scheduler:
                 self._by_genkey[job.genkey] = job
                 while len(self._by_genkey) > self.RECENT_KEYED_JOBS:
                     self._by_genkey.popitem(last=False)
-            else:
+            elif job.request.checkable_without_genkey:
                 self._last_unkeyed = job
             self._cond.notify_all()
         return job
@@ -1145,9 +1148,10 @@ class Scheduler:
             return self._by_genkey.get(genkey) if genkey else self._last_unkeyed
 
     def abort(self, genkey: str) -> Job | None:
-        """Abort the job with this genkey (or the running unkeyed one): dequeue or cancel it."""
+        """Abort the job with this genkey, or without one the latest running job that has none
+        (SillyTavern's stop button): take it out of the queue, or cancel it."""
         with self._cond:
-            job = self._by_genkey.get(genkey) if genkey else self._last_unkeyed
+            job = self._by_genkey.get(genkey) if genkey else self._latest_unkeyed()
             if job is None or job.state == "done":
                 return None
             if job.state == "queued":
@@ -1157,6 +1161,13 @@ class Scheduler:
                 return job
         job.cancel()
         return job
+
+    def _latest_unkeyed(self) -> Job | None:
+        running = [s for s in self.engine.slots if s.job is not None and not s.job.genkey]
+        if running:
+            return max(running, key=lambda s: s.t_admitted).job
+        waiting = [j for j in self._queue if not j.genkey]
+        return waiting[-1] if waiting else None
 
     def queue_position(self, job: Job) -> int:
         """1 for the next to run; 0 when not waiting."""
@@ -1334,6 +1345,7 @@ def parse_kobold_request(body: Any, app: App) -> GenerationRequest:
         sampler=parse_sampler_settings(f),
         genkey=f.string("genkey"),
         render_special=f.boolean("render_special", default=False),
+        checkable_without_genkey=True,
     )
 
 

@@ -388,3 +388,23 @@ def test_sigterm_ends_a_running_stream_cleanly(make_server):
     assert s.proc.wait(30) == 0
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", s.port), timeout=5).close()
+
+
+def test_abort_without_genkey_stops_the_running_one_not_the_queued_one(server):
+    """SillyTavern's stop (abort with no body) must stop what is generating, even with another waiting."""
+    running = SSEStream(server, "/api/extra/generate/stream", {"prompt": "Running:", **LONG})
+    kobold_event_json(running.next_event())
+    mark = server.mark()
+    queued = in_thread(server.json, "POST", "/v1/completions", {"prompt": "Waiting:", "max_tokens": 5})
+    server.wait_for_line(r"queued at 1", start=mark)
+    assert server.json("POST", "/api/extra/abort", None)["success"] == "true"
+    events = [kobold_event_json(e) for e in running.events()]
+    assert events[-1]["finish_reason"] == "stop" and len(events) < 1000
+    assert result_of(queued)["usage"]["completion_tokens"] == 5        # the waiting one then ran
+
+
+def test_check_without_genkey_never_shows_an_openai_reply(server):
+    kobold = server.json("POST", "/api/v1/generate", {"prompt": "Kobold:", "max_length": 6, "sampler_seed": 2})
+    server.json("POST", "/v1/completions", {"prompt": "Private:", "max_tokens": 6})
+    seen = server.json("POST", "/api/extra/generate/check", {})["results"][0]["text"]
+    assert seen == kobold["results"][0]["text"]
