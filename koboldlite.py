@@ -35,6 +35,7 @@ import ipaddress
 import json
 import math
 import os
+import queue
 import secrets
 import select
 import signal
@@ -642,6 +643,11 @@ class Job:
     def cancel(self):
         self.cancelled.set()
 
+    def end(self, reason: str, error: str | None = None):
+        """Done, whatever the reason: readers of its buffer wake and see why."""
+        self.state = "done"
+        self.buffer.close(reason, error)
+
 
 # =============================================================================
 # 5. llama.cpp engine
@@ -1082,8 +1088,7 @@ class Engine:
         slot.job = None
         slot.next_token = None
         slot.t_first_token = 0.0
-        job.state = "done"
-        job.buffer.close(reason, error)
+        job.end(reason, error)
         return job
 
     def abort_all(self) -> list[Job]:
@@ -1156,8 +1161,7 @@ class Scheduler:
                 return None
             if job.state == "queued":
                 self._queue.remove(job)
-                job.state = "done"
-                job.buffer.close("abort")
+                job.end("abort")
                 return job
         job.cancel()
         return job
@@ -1198,8 +1202,7 @@ class Scheduler:
         with self._cond:
             self._stopping.set()
             for job in self._queue:
-                job.state = "done"
-                job.buffer.close("abort")
+                job.end("abort")
             self._queue.clear()
             self._cond.notify_all()
         self._thread.join(timeout)
@@ -1214,14 +1217,12 @@ class Scheduler:
                         engine.active < len(engine.slots):
                     job = self._queue.popleft()
                     if job.cancelled.is_set():
-                        job.state = "done"
-                        job.buffer.close("abort")
+                        job.end("abort")
                         continue
                     try:
                         engine.admit(job)
                     except Exception as e:  # e.g. a sampler llama.cpp refuses: this job fails alone
-                        job.state = "done"
-                        job.buffer.close("error", f"could not start the generation: {e}")
+                        job.end("error", f"could not start the generation: {e}")
                 if self._stopping.is_set():
                     ended = engine.abort_all()
                     self._record(ended)
@@ -1306,7 +1307,11 @@ class App:
         self.ready = threading.Event()
         self.started = time.monotonic()
         self.instance_id = config.instance_id or ""
-        self.log_lock = threading.Lock()
+        # Lines go to stderr from a thread of their own: the generation loop logs each job's end,
+        # and a slow reader of stderr must never hold it up.
+        self._log_lines: "queue.SimpleQueue[str | None]" = queue.SimpleQueue()
+        self._logger = threading.Thread(target=self._write_log, name="log-writer", daemon=True)
+        self._logger.start()
 
     def attach_model(self, model: LlamaModel):
         self.chat_template, origin = load_chat_template(model, self.config.chat_template)
@@ -1326,27 +1331,54 @@ class App:
 
     def log(self, message: str):
         if not self.config.quiet:
-            with self.log_lock:
-                print(message, file=sys.stderr, flush=True)
+            self._log_lines.put(message)
+
+    def _write_log(self):
+        while (line := self._log_lines.get()) is not None:
+            print(line, file=sys.stderr, flush=True)
+
+    def flush_log(self, timeout: float = 5.0):
+        """At exit: write what is still queued."""
+        self._log_lines.put(None)
+        self._logger.join(timeout)
 
 
-def parse_kobold_request(body: Any, app: App) -> GenerationRequest:
-    f = FieldReader(body)
+def parse_kobold_request(req, app: App) -> GenerationRequest:
+    f = FieldReader(req.json())
     if "prompt" not in f.body:
         raise RequestError("'prompt' is required")
     return GenerationRequest(
         prompt=f.string("prompt"),
         memory=f.string("memory"),
         max_length=f.integer("max_length", default=app.config.max_length, lo=1, hi=1 << 20),
-        max_context_length=f.integer("max_context_length", default=app.model.n_ctx, lo=1, hi=1 << 24)
-        if f.has("max_context_length") else None,
+        max_context_length=f.integer("max_context_length", default=app.model.n_ctx, lo=1, hi=1 << 24),
         stop_strings=f.string_list("stop_sequence"),
         trim_stop=f.boolean("trim_stop", default=True),
         sampler=parse_sampler_settings(f),
-        genkey=f.string("genkey"),
+        genkey=genkey_of(req),
         render_special=f.boolean("render_special", default=False),
         checkable_without_genkey=True,
     )
+
+
+def wait_for_text(job: Job) -> str:
+    """The whole text of a non-streamed request; a failed generation is a 500."""
+    job.buffer.wait_done()
+    if job.buffer.finish_reason == "error":
+        raise RequestError(job.buffer.error or "generation failed", status=500, kind="server_error")
+    return job.buffer.text()
+
+
+def genkey_of(req) -> str:
+    """A genkey from the JSON body, the query string, or a `genkey` header: every API takes all
+    three, so check and abort (and a balancer hashing on it) reach any generation."""
+    body = req.json(optional=True)
+    if body is not None and not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object")
+    key = (body or {}).get("genkey") or req.query.get("genkey") or req.headers.get("genkey") or ""
+    if not isinstance(key, str):
+        raise RequestError("'genkey' must be a string")
+    return key
 
 
 def kobold_sse_event(token: str, finish_reason: str | None) -> bytes:
@@ -1381,16 +1413,14 @@ def kobold_max_context_length(app, req):
 
 
 def kobold_generate(app, req):
-    job = req.start_generation(parse_kobold_request(req.json(), app))
-    job.buffer.wait_done()
-    if job.buffer.finish_reason == "error":
-        raise RequestError(job.buffer.error or "generation failed", status=500, kind="server_error")
-    return JSONResponse({"results": [{"text": job.buffer.text(),
+    job = req.start_generation(parse_kobold_request(req, app))
+    text = wait_for_text(job)
+    return JSONResponse({"results": [{"text": text,
                                       "finish_reason": wire_finish_reason(job.buffer.finish_reason)}]})
 
 
 def kobold_generate_stream(app, req):
-    job = req.start_generation(parse_kobold_request(req.json(), app))
+    job = req.start_generation(parse_kobold_request(req, app))
 
     def events():
         for batch in job.buffer.batches():    # one write for all the tokens already waiting
@@ -1406,17 +1436,6 @@ def kobold_extra_version(app, req):
         "txt2img": False, "vision": False, "audio": False, "transcribe": False, "multiplayer": False,
         "websearch": False, "tts": False, "embeddings": False, "savedata": False, "admin": 0,
     })
-
-
-def genkey_of(req) -> str:
-    """A genkey from the JSON body, the query string, or a `genkey` header."""
-    body = req.json(optional=True)
-    if body is not None and not isinstance(body, dict):
-        raise RequestError("the request body must be a JSON object")
-    key = (body or {}).get("genkey") or req.query.get("genkey") or req.headers.get("genkey") or ""
-    if not isinstance(key, str):
-        raise RequestError("'genkey' must be a string")
-    return key
 
 
 def kobold_check(app, req):
@@ -1577,11 +1596,6 @@ def json_grammar(spec: Any, where: str) -> str:
         raise RequestError(f"'{where}' is not a JSON schema this server can enforce: {e}") from None
 
 
-def request_genkey(req, f: FieldReader) -> str:
-    """OpenAI and Ollama requests may carry a genkey too, so check and abort reach them."""
-    return f.string("genkey") or req.headers.get("genkey", "")
-
-
 # -- OpenAI API ---------------------------------------------------------------------
 
 OPENAI_DEFAULTS = SamplerSettings(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, rep_pen_range=64)
@@ -1604,7 +1618,7 @@ def openai_generation_fields(req, f: FieldReader, default_max: int) -> dict:
             raise RequestError("'response_format.type' must be 'text', 'json_object' or 'json_schema'")
     return dict(max_length=f.integer("max_tokens", "max_completion_tokens", "max_length", default=default_max,
                                      lo=1, hi=1 << 20),
-                stop_strings=f.string_list("stop"), sampler=sampler, genkey=request_genkey(req, f))
+                stop_strings=f.string_list("stop"), sampler=sampler, genkey=genkey_of(req))
 
 
 def openai_usage(job: Job) -> dict:
@@ -1617,14 +1631,6 @@ def sse_data(obj: Any) -> bytes:
 
 
 SSE_DONE = b"data: [DONE]\n\n"
-
-
-def wait_for_text(job: Job) -> str:
-    """The whole text of a non-streamed request; a failed generation is a 500."""
-    job.buffer.wait_done()
-    if job.buffer.finish_reason == "error":
-        raise RequestError(job.buffer.error or "generation failed", status=500, kind="server_error")
-    return job.buffer.text()
 
 
 def openai_stream(job: Job, head: dict, choice: Callable[[str], dict], first: dict | None,
@@ -1737,7 +1743,7 @@ def ollama_generation_fields(req, f: FieldReader, app) -> dict:
     num_predict = options.integer("num_predict", default=-1, lo=-2, hi=1 << 20)
     return dict(max_length=app.model.n_ctx if num_predict < 0 else max(1, num_predict),
                 max_context_length=options.integer("num_ctx", default=app.model.n_ctx, lo=16, hi=1 << 24),
-                stop_strings=options.string_list("stop"), sampler=sampler, genkey=request_genkey(req, f))
+                stop_strings=options.string_list("stop"), sampler=sampler, genkey=genkey_of(req))
 
 
 def ollama_final(job: Job, head: dict) -> dict:
@@ -2413,9 +2419,8 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         try:
             for chunk in response.chunks:
                 self.wfile.write(chunk)
-        except (OSError, ValueError):   # the client went away: stop its generation now
-            if response.job is not None:
-                response.job.cancel()
+        except (OSError, ValueError):
+            pass                         # the client went away: its generation is cancelled below
         finally:
             if response.job is not None and not response.job.buffer.done:
                 response.job.cancel()
@@ -2615,6 +2620,7 @@ def serve(arguments: Callable[[], list[str]], double_click: bool = False) -> int
     server.wait_answers_written(timeout=5.0)
     server.shutdown()
     server.server_close()
+    app.flush_log()
     return 0
 
 
