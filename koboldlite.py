@@ -25,6 +25,7 @@ import collections
 import ctypes
 import dataclasses
 import errno
+import functools
 import glob
 import gzip
 import hashlib
@@ -32,10 +33,12 @@ import hmac
 import http.server
 import importlib.metadata
 import ipaddress
+import itertools
 import json
 import math
 import os
 import queue
+import re
 import secrets
 import select
 import signal
@@ -85,6 +88,7 @@ class Config:
     idle_timeout: float = 30.0        # a keep-alive connection may wait this long for its next request,
                                       # and a write to a client that stopped reading may block this long
     max_connections: int = 256
+    noshift: bool = False       # no context shift: no cache reuse past a dropped turn, no shift at a full context
     debug: bool = False
 
 
@@ -138,6 +142,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
                    help="chat template for chat APIs: chatml, gemma, llama3, or a Jinja file (default: the model's own)")
     p.add_argument("--instance-id", dest="instance_id", metavar="NAME",
                    help="this instance's name behind a load balancer (default: host:port)")
+    p.add_argument("--noshift", action="store_true", default=None,
+                   help="turn off context shift (reusing the cache after a client drops old turns, and "
+                        "shifting instead of stopping when a reply fills the context)")
     p.add_argument("--config", help="JSON file with the same keys as these options")
     p.add_argument("--debug", action="store_true", default=None, help="show llama.cpp's own log")
     return p
@@ -311,7 +318,9 @@ class TextAssembler:
 
     Never emits half a UTF-8 character, nor any text that might still turn
     out to be the start of a stop string: that part is held back until the
-    next token settles it.
+    next token settles it. Hidden text (a control token the client does not
+    see, such as a chat template's start of turn) counts for stop strings but
+    is never emitted.
     """
 
     def __init__(self, stop_strings: list[str] = (), trim_stop: bool = True):
@@ -319,34 +328,52 @@ class TextAssembler:
         self._stops = [s for s in stop_strings if s]
         self._trim_stop = trim_stop
         self._pending = ""
+        self._hidden: list[tuple[int, int]] = []   # spans of _pending never to be emitted
         self.stopped_by: str | None = None
 
-    def feed(self, data: bytes) -> str:
+    def feed(self, data: bytes, hidden: bool = False) -> str:
         """Add one token's bytes; return the text now safe to emit (nothing once stopped)."""
         if self.stopped_by is not None:
             return ""
-        self._pending += self._decoder.decode(data)
+        if hidden:
+            if not self._stops:
+                return ""
+            text = data.decode("utf-8", errors="replace")
+            self._hidden.append((len(self._pending), len(self._pending) + len(text)))
+            self._pending += text
+        else:
+            self._pending += self._decoder.decode(data)
         if not self._stops:
-            out, self._pending = self._pending, ""
-            return out
+            return self._take(len(self._pending))
         hit = self._earliest_stop()
         if hit is not None:
             index, stop = hit
             self.stopped_by = stop
-            out = self._pending[:index] if self._trim_stop else self._pending[:index + len(stop)]
-            self._pending = ""
+            out = self._take(index if self._trim_stop else index + len(stop))
+            self._pending, self._hidden = "", []
             return out
-        keep = self._held_back_length()
-        cut = len(self._pending) - keep
-        out, self._pending = self._pending[:cut], self._pending[cut:]
-        return out
+        return self._take(len(self._pending) - self._held_back_length())
 
     def flush(self) -> str:
         """The end of generation: whatever is held back is real text after all."""
         if self.stopped_by is not None:
             return ""
-        out = self._pending + self._decoder.decode(b"", final=True)
-        self._pending = ""
+        self._pending += self._decoder.decode(b"", final=True)
+        return self._take(len(self._pending))
+
+    def _take(self, cut: int) -> str:
+        """Remove and return the first `cut` characters of the pending text, less hidden spans."""
+        out, self._pending = self._pending[:cut], self._pending[cut:]
+        if self._hidden:
+            shown, last = [], 0
+            for start, end in self._hidden:
+                if start >= cut:
+                    break
+                shown.append(out[last:start])
+                last = min(end, cut)
+            shown.append(out[last:])
+            out = "".join(shown)
+            self._hidden = [(max(start - cut, 0), end - cut) for start, end in self._hidden if end > cut]
         return out
 
     def _earliest_stop(self) -> tuple[int, str] | None:
@@ -376,10 +403,22 @@ class TextAssembler:
 class RequestError(Exception):
     """Bad client input: becomes a 4xx JSON answer."""
 
-    def __init__(self, message: str, status: int = 400, kind: str = "invalid_request_error"):
+    def __init__(self, message: str, status: int = 400, kind: str = "invalid_request_error",
+                 code: str | None = None, extra: dict | None = None):
         super().__init__(message)
         self.status = status
         self.kind = kind
+        self.code = code            # OpenAI's error code string, where OpenAI has one
+        self.extra = extra or {}    # more fields for the error object (llama-server's numbers)
+
+
+def context_overflow(n_prompt: int, n_ctx: int) -> RequestError:
+    """A prompt that leaves no room for a reply: llama-server's error type and numbers, OpenAI's code.
+    Clients read the numbers from the fields, and some from the message ("exceeds the available context size")."""
+    return RequestError(f"request ({n_prompt} tokens) exceeds the available context size ({n_ctx} tokens): "
+                        f"shorten the prompt or start the server with a larger --contextsize",
+                        kind="exceed_context_size_error", code="context_length_exceeded",
+                        extra={"n_prompt_tokens": n_prompt, "n_ctx": n_ctx})
 
 
 @dataclasses.dataclass
@@ -402,6 +441,31 @@ class SamplerSettings:
     banned_strings: list[str] = dataclasses.field(default_factory=list)   # each one token, or ignored
     ban_eos: bool = False
     grammar: str = ""
+    # KoboldCpp 1.102's samplers; each default is neutral (the output is as without it).
+    top_a: float = 0.0
+    tfs: float = 1.0
+    rep_pen_slope: float = 1.0
+    dynatemp_range: float = 0.0
+    dynatemp_exponent: float = 1.0
+    smoothing_factor: float = 0.0
+    smoothing_curve: float = 1.0
+    nsigma: float = 0.0
+    xtc_threshold: float = 0.1
+    xtc_probability: float = 0.0
+    dry_multiplier: float = 0.0
+    dry_base: float = 1.75
+    dry_allowed_length: int = 2
+    dry_penalty_last_n: int = 0          # 0: the whole context
+    dry_sequence_breakers: list[str] = dataclasses.field(default_factory=lambda: list(DRY_DEFAULT_BREAKERS))
+    sampler_order: list[int] = dataclasses.field(default_factory=lambda: list(KOBOLD_SAMPLER_ORDER))
+    min_tokens: int = 0                  # no end of sequence before this many tokens
+
+
+# KoboldCpp's sampler ids, as `sampler_order` names them.
+SAMPLER_TOP_K, SAMPLER_TOP_A, SAMPLER_TOP_P, SAMPLER_TFS, SAMPLER_TYPICAL, SAMPLER_TEMP, SAMPLER_REP_PEN = range(7)
+KOBOLD_SAMPLER_ORDER = (SAMPLER_REP_PEN, SAMPLER_TOP_K, SAMPLER_TOP_A, SAMPLER_TFS, SAMPLER_TYPICAL, SAMPLER_TOP_P,
+                        SAMPLER_TEMP)
+DRY_DEFAULT_BREAKERS = ("\n", ":", "\"", "*")
 
 
 @dataclasses.dataclass
@@ -409,8 +473,12 @@ class GenerationRequest:
     """What every API turns a request into, and all the engine needs."""
     prompt: str
     memory: str = ""
-    max_length: int = 180
+    max_length: int | None = 180     # None: until the context is full
     max_context_length: int | None = None
+    # KoboldCpp's rule, for the Kobold API only: a story longer than the context less `max_length`
+    # (at most half the context) loses its oldest text; memory stays. Elsewhere a prompt that does
+    # not fit is a 400.
+    cut_overlong_prompt: bool = False
     stop_strings: list[str] = dataclasses.field(default_factory=list)
     trim_stop: bool = True
     sampler: SamplerSettings = dataclasses.field(default_factory=SamplerSettings)
@@ -421,6 +489,46 @@ class GenerationRequest:
     # Old KoboldAI clients poll /api/extra/generate/check without a genkey; only their generations
     # are shown to such a check, so an unkeyed OpenAI or Ollama reply is never readable by others.
     checkable_without_genkey: bool = False
+    ignored_fields: list[str] = dataclasses.field(default_factory=list)   # sent, known, not acted on
+    keep_prefix: str = ""            # text in front (a chat's system turn) that a context shift keeps, as memory
+
+
+def _asks(value: Any) -> bool:
+    """A value that asks for something (not absent, off, empty or zero)."""
+    return value not in (None, False, 0, "", [], {})
+
+
+def _more_than_one(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 1
+
+
+# Fields each API defines that this server does not act on, each with the test of a value that asks for
+# something: such a field is named in the log and in X-KoboldLite-Ignored, never dropped in silence.
+KOBOLD_IGNORED_FIELDS: dict[str, Callable[[Any], bool]] = {
+    "images": _asks, "audio": _asks,                       # no vision or audio model is served
+    "n": _more_than_one,                                   # one text per request
+    "use_story": _asks, "use_memory": _asks, "use_authors_note": _asks, "use_world_info": _asks,
+    "negative_prompt": _asks, "guidance_scale": lambda v: v not in (None, 0, 1),
+    "grammar_retain_state": _asks, "logprobs": _asks,
+    "adaptive_target": lambda v: isinstance(v, (int, float)) and v > 0,
+}
+OPENAI_IGNORED_FIELDS: dict[str, Callable[[Any], bool]] = {
+    **{k: v for k, v in KOBOLD_IGNORED_FIELDS.items() if k != "n"},   # SillyTavern sends these to /v1 too
+    "logprobs": _asks, "top_logprobs": _asks, "tools": _asks, "tool_choice": lambda v: v not in (None, "none", "auto"),
+    "functions": _asks, "function_call": _asks, "suffix": _asks, "echo": _asks, "best_of": _more_than_one,
+    "reasoning_effort": _asks, "modalities": lambda v: v not in (None, ["text"]), "audio": _asks,
+    "prediction": _asks, "web_search_options": _asks,
+}
+OLLAMA_IGNORED_FIELDS: dict[str, Callable[[Any], bool]] = {
+    "images": _asks, "tools": _asks, "think": _asks, "context": _asks, "template": _asks, "suffix": _asks,
+    "keep_alive": lambda v: v is not None,                 # the model stays loaded while the server runs
+}
+OLLAMA_IGNORED_OPTIONS = ("num_gpu", "main_gpu", "num_thread", "num_batch", "num_keep", "numa", "low_vram",
+                          "use_mmap", "use_mlock", "penalize_newline", "vocab_only")
+
+
+def ignored_fields(body: dict, known: dict[str, Callable[[Any], bool]], prefix: str = "") -> list[str]:
+    return [prefix + name for name, asks in known.items() if name in body and asks(body[name])]
 
 
 class FieldReader:
@@ -486,6 +594,29 @@ class FieldReader:
             raise RequestError(f"'{name}' must be a string or a list of strings")
         return list(v)
 
+    def json_string_list(self, *names: str, default: list[str]) -> list[str]:
+        """A list of strings, or a JSON-encoded one in a string (SillyTavern sends DRY breakers so)."""
+        name, v = self._raw(names)
+        if v is None:
+            return list(default)
+        if isinstance(v, str):
+            try:
+                v = json.loads(v) if v.strip() else []
+            except ValueError:
+                v = [v]          # a lone breaker given as plain text
+        if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
+            raise RequestError(f"'{name}' must be a list of strings, or a JSON-encoded one")
+        return v[:128]
+
+    def sampler_order(self, *names: str, default: list[int]) -> list[int]:
+        name, v = self._raw(names)
+        if v is None:
+            return list(default)
+        if not isinstance(v, list) or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i <= 6
+                                              for i in v):
+            raise RequestError(f"'{name}' must be a list of KoboldCpp sampler ids (0 to 6)")
+        return list(dict.fromkeys(v))     # a repeated id runs once
+
     def token_bias(self, *names: str) -> dict[int, float]:
         """{"token id": bias} as an object, or [[id, bias], ...] as a list."""
         name, v = self._raw(names)
@@ -524,7 +655,8 @@ class FieldReader:
 
 
 def parse_sampler_settings(f: FieldReader, d: SamplerSettings | None = None) -> SamplerSettings:
-    """The Kobold sampler fields, over defaults `d`; the OpenAI and Ollama adapters pass theirs through it too."""
+    """The Kobold sampler fields, over defaults `d`; the OpenAI and Ollama adapters pass theirs through it too.
+    Where llama-server or Ollama name a field otherwise, both names are read."""
     d = d or SamplerSettings()
     return SamplerSettings(
         temperature=f.number("temperature", default=d.temperature, lo=0.0, hi=100.0),
@@ -544,7 +676,24 @@ def parse_sampler_settings(f: FieldReader, d: SamplerSettings | None = None) -> 
         banned_token_ids=f.token_ids("banned_tokens_ids", "custom_token_bans"),
         banned_strings=f.string_list("banned_tokens"),
         ban_eos=f.boolean("ban_eos_token", "use_default_badwordsids", "bypass_eos", default=d.ban_eos),
-        grammar=f.string("grammar"),
+        grammar=f.string("grammar", "grammar_string"),
+        top_a=f.number("top_a", default=d.top_a, lo=0.0, hi=1.0),
+        tfs=f.number("tfs", "tfs_z", default=d.tfs, lo=0.0, hi=1.0),
+        rep_pen_slope=f.number("rep_pen_slope", default=d.rep_pen_slope, lo=0.0, hi=1.0),
+        dynatemp_range=f.number("dynatemp_range", default=d.dynatemp_range, lo=0.0, hi=100.0),
+        dynatemp_exponent=f.number("dynatemp_exponent", default=d.dynatemp_exponent, lo=0.0, hi=100.0),
+        smoothing_factor=f.number("smoothing_factor", default=d.smoothing_factor, lo=0.0, hi=100.0),
+        smoothing_curve=f.number("smoothing_curve", default=d.smoothing_curve, lo=1.0, hi=100.0),
+        nsigma=f.number("nsigma", "top_n_sigma", default=d.nsigma, lo=0.0, hi=100.0),
+        xtc_threshold=f.number("xtc_threshold", default=d.xtc_threshold, lo=0.0, hi=1.0),
+        xtc_probability=f.number("xtc_probability", default=d.xtc_probability, lo=0.0, hi=1.0),
+        dry_multiplier=f.number("dry_multiplier", default=d.dry_multiplier, lo=0.0, hi=100.0),
+        dry_base=f.number("dry_base", default=d.dry_base, lo=1.0, hi=100.0),
+        dry_allowed_length=f.integer("dry_allowed_length", default=d.dry_allowed_length, lo=1, hi=1 << 16),
+        dry_penalty_last_n=f.integer("dry_penalty_last_n", default=d.dry_penalty_last_n, lo=-1, hi=1 << 24),
+        dry_sequence_breakers=f.json_string_list("dry_sequence_breakers", default=d.dry_sequence_breakers),
+        sampler_order=f.sampler_order("sampler_order", default=d.sampler_order),
+        min_tokens=f.integer("min_tokens", default=d.min_tokens, lo=0, hi=1 << 20),
     )
 
 
@@ -620,6 +769,13 @@ class JobStats:
     generation_seconds: float = 0.0
     seed: int = 0
     stop_reason: int = -1    # KoboldCpp's codes: 0 length, 1 end of sequence, 2 stop string
+    truncated_tokens: int = 0   # prompt tokens cut from the front to fit (Kobold API only)
+    shifted_tokens: int = 0     # tokens a context shift dropped while generating
+
+    @property
+    def truncated(self) -> bool:
+        """llama-server's word: some of the text was not in the context when the reply was made."""
+        return bool(self.truncated_tokens or self.shifted_tokens)
 
 
 class Job:
@@ -633,7 +789,11 @@ class Job:
         self.genkey = request.genkey
         self.prompt_tokens = prompt_tokens
         self.max_new_tokens = max_new_tokens
+        self.n_ctx = 0                  # the context this job may fill (its max_context_length)
+        self.n_keep = 0                 # leading tokens a context shift keeps (memory, system turn)
         self.stop_tokens = frozenset(request.stop_token_ids)
+        self.banned_token_ids: list[int] = []   # resolved from the request's bans by the engine
+        self.ignored_fields: list[str] = list(request.ignored_fields)
         self.buffer = TokenBuffer()
         self.cancelled = threading.Event()
         self.state = "queued"           # queued -> running -> done
@@ -707,6 +867,7 @@ class LlamaModel:
             raise ModelLoadError(f"llama.cpp could not create a context of {n_ctx} tokens for {path}")
         self.n_ctx = n_ctx
         self.memory = llama_cpp.llama_get_memory(self.ctx)
+        self.can_shift = bool(llama_cpp.llama_memory_can_shift(self.memory))
         self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
         self.bos = llama_cpp.llama_vocab_bos(self.vocab)
         self.eos = llama_cpp.llama_vocab_eos(self.vocab)
@@ -774,17 +935,164 @@ def _check_gguf_magic(path: str):
         raise ModelLoadError(f"{path} is not a GGUF model file")
 
 
-class SamplerChain:
-    """llama.cpp's native sampler chain for one generation's settings."""
+class CandidateSampler:
+    """A sampler of our own in llama.cpp's chain, through its `llama_sampler_i` interface.
 
-    def __init__(self, model: LlamaModel, s: SamplerSettings, seed: int):
+    `apply` gets the candidate array as one numpy view (id, logit, p) over llama.cpp's own buffer and
+    works on it whole; `accept` sees each token the chain accepts. A filter keeps the best `n` by
+    sorting the view in place and shrinking the array's size, as llama.cpp's own filters do.
+    """
+
+    def __init__(self, lib, name: str, apply: Callable, accept: Callable[[int], None] | None = None):
+        import numpy
+        self._np = numpy
+        self._token_data = lib.llama_token_data
+        self._name = name.encode()
+        self._apply_fn = apply
+        self._accept_fn = accept
+        self._callbacks = [lib.llama_sampler_i_name(lambda smpl: self._name),
+                           lib.llama_sampler_i_apply(self._apply)]
+        iface = lib.llama_sampler_i()
+        iface.name, iface.apply = self._callbacks
+        if accept is not None:
+            self._callbacks.append(lib.llama_sampler_i_accept(lambda smpl, token: accept(token)))
+            iface.accept = self._callbacks[-1]
+        self._iface = iface           # llama.cpp keeps a pointer to it: it lives as long as this object
+        self.sampler = lib.llama_sampler_init(ctypes.byref(iface), None)
+
+    def _apply(self, smpl, cur_p):
+        arr = cur_p.contents
+        if arr.size == 0:
+            return
+        data = (self._token_data * arr.size).from_address(ctypes.cast(arr.data, ctypes.c_void_p).value)
+        keep = self._apply_fn(self._np.ctypeslib.as_array(data), arr.sorted)
+        if keep is not None:          # the view is now sorted by logit, best first: keep the best `keep`
+            arr.size = max(1, keep)
+            arr.sorted = True
+
+    @staticmethod
+    def sort(view) -> None:
+        order = view["logit"].argsort(kind="stable")[::-1]
+        view[:] = view[order]
+
+
+def softmax(logits):
+    import numpy
+    e = numpy.exp(logits - logits.max())
+    return e / e.sum()
+
+
+def top_a_filter(a: float):
+    """KoboldCpp's top-a: drop tokens less likely than a * p_max squared."""
+    def apply(view, sorted_):
+        if not sorted_:
+            CandidateSampler.sort(view)
+        p = softmax(view["logit"])
+        below = p < a * p[0] * p[0]
+        return int(below.argmax()) if below.any() else None
+    return apply
+
+
+def tail_free_filter(z: float):
+    """KoboldCpp's tail-free sampling: cut where the normalised curvature of the sorted
+    probabilities has summed past z."""
+    import numpy
+    def apply(view, sorted_):
+        if len(view) <= 2:
+            return None
+        if not sorted_:
+            CandidateSampler.sort(view)
+        p = softmax(view["logit"])
+        d2 = numpy.abs(numpy.diff(p, 2))
+        total = d2.sum()
+        d2 = d2 / total if total > 1e-6 else numpy.full(len(d2), 1.0 / len(d2))
+        past = numpy.cumsum(d2) > z
+        past[:1] = False                       # keep at least one
+        return int(past.argmax()) if past.any() else None
+    return apply
+
+
+def smoothing_transform(factor: float, curve: float):
+    """KoboldCpp's quadratic (and, with a curve above 1, cubic) smoothing of the logits around the best one."""
+    k, c = (3 - curve) / 2, (curve - 1) / 2
+    def apply(view, sorted_):
+        logits = view["logit"]
+        h = logits.max()
+        d = logits - h
+        view["logit"] = -(k * factor * d * d) + (c * factor * d * d * d) + h
+        return None
+    return apply
+
+
+class SlopedRepetitionPenalty:
+    """KoboldCpp's repetition penalty with `rep_pen_slope`: tokens seen in the older half of the
+    range get 1 + (rep_pen - 1) * slope, the newer half the full rep_pen; presence penalty on all."""
+
+    def __init__(self, n_vocab: int, last_n: int, rep_pen: float, slope: float, presence: float):
+        import numpy
+        self._np = numpy
+        self.history: collections.deque[int] = collections.deque(maxlen=max(1, last_n))
+        self.rep_pen, self.reduced, self.presence = rep_pen, 1 + (rep_pen - 1) * slope, presence
+        self.n_vocab = n_vocab
+
+    def accept(self, token: int):
+        self.history.append(token)
+
+    def apply(self, view, sorted_):
+        np = self._np
+        if not self.history:
+            return None
+        recent = np.fromiter(self.history, dtype=np.int32, count=len(self.history))
+        penalty = np.ones(self.n_vocab, dtype=np.float32)
+        seen = np.zeros(self.n_vocab, dtype=bool)
+        split = len(recent) // 2
+        penalty[recent[:split]] = self.reduced
+        penalty[recent[split:]] = self.rep_pen
+        seen[recent] = True
+        ids = view["id"]
+        logits = view["logit"]
+        p = penalty[ids]
+        view["logit"] = np.where(logits <= 0, logits * p, logits / p) - np.where(seen[ids], self.presence, 0.0)
+        return None
+
+
+def min_tokens_guard(eog_tokens: list[int], count: int):
+    """No end of generation before `count` tokens: end tokens are masked until then."""
+    import numpy
+    eog = numpy.array(eog_tokens, dtype=numpy.int32)
+    state = {"seen": 0}
+    def apply(view, sorted_):
+        if state["seen"] < count:
+            view["logit"] = numpy.where(numpy.isin(view["id"], eog), -numpy.inf, view["logit"])
+        return None
+    def accept(token):
+        state["seen"] += 1
+    return apply, accept
+
+
+class SamplerChain:
+    """llama.cpp's native sampler chain for one generation's settings, in KoboldCpp's order:
+    logit bias and bans, (min_tokens), DRY, grammar, then `sampler_order` (top-k, top-a, top-p with
+    min-p, tail-free, typical, temperature or dynamic temperature with smoothing and n-sigma,
+    repetition penalty), then XTC, then the draw. Our own samplers fill only what llama.cpp lacks."""
+
+    def __init__(self, model: LlamaModel, s: SamplerSettings, seed: int, banned_token_ids: list[int] = ()):
         lib = model.lib
         self.lib = lib
         self.chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
-        self.penalties = None
+        self._own: list[CandidateSampler] = []      # kept alive while the chain uses them
+        self._history_samplers = []                  # samplers that must see the prompt (penalties, DRY)
+        self.rep_pen_range = s.rep_pen_range
+        try:
+            self._build(model, s, seed, banned_token_ids)
+        except Exception:
+            self.free()
+            raise
 
+    def _build(self, model: LlamaModel, s: SamplerSettings, seed: int, banned_token_ids):
+        lib = self.lib
         bias = dict(s.logit_bias)
-        for t in s.banned_token_ids:
+        for t in banned_token_ids:
             bias[t] = -math.inf
         if s.ban_eos:
             for t in model.eog_tokens:
@@ -793,44 +1101,93 @@ class SamplerChain:
         if bias:
             arr = (lib.llama_logit_bias * len(bias))(*[lib.llama_logit_bias(t, b) for t, b in bias.items()])
             self._add(lib.llama_sampler_init_logit_bias(model.n_vocab, len(bias), arr))
-        if s.rep_pen != 1.0 or s.presence_penalty or s.frequency_penalty:
-            self.penalties = lib.llama_sampler_init_penalties(
-                model.n_vocab, s.rep_pen_range, s.rep_pen, s.frequency_penalty, s.presence_penalty)
-            self._add(self.penalties)
+        if s.min_tokens > 0 and not s.ban_eos:
+            self._own_sampler("min_tokens", *min_tokens_guard(model.eog_tokens, s.min_tokens))
+        if s.dry_multiplier > 0:
+            breakers = [b.encode() for b in s.dry_sequence_breakers]
+            array = (ctypes.c_char_p * max(1, len(breakers)))(*breakers)
+            last_n = model.n_ctx if s.dry_penalty_last_n <= 0 else s.dry_penalty_last_n
+            dry = lib.llama_sampler_init_dry(model.vocab, s.dry_multiplier, s.dry_base, s.dry_allowed_length,
+                                             last_n, array, len(breakers))
+            self._add(dry)
+            self._history_samplers.append((dry, last_n))
         if s.grammar:
             grammar = lib.llama_sampler_init_grammar(model.vocab, s.grammar.encode(), b"root")
             if not grammar:
-                lib.llama_sampler_free(self.chain)
                 raise RequestError("the grammar could not be parsed")
             self._add(grammar)
-        if s.temperature <= 0.0:
-            self._add(lib.llama_sampler_init_greedy())
-        elif s.mirostat == 1:
-            self._add(lib.llama_sampler_init_temp(s.temperature))
-            self._add(lib.llama_sampler_init_mirostat(model.n_vocab, seed, s.mirostat_tau, s.mirostat_eta, 100))
-        elif s.mirostat == 2:
-            self._add(lib.llama_sampler_init_temp(s.temperature))
-            self._add(lib.llama_sampler_init_mirostat_v2(seed, s.mirostat_tau, s.mirostat_eta))
-        else:
-            if s.top_k > 0:
+        if s.mirostat:
+            self._add_repetition_penalty(model, s)
+            self._add_temperature(s, dynamic=False)
+            if s.mirostat == 1:
+                self._add(lib.llama_sampler_init_mirostat(model.n_vocab, seed, s.mirostat_tau, s.mirostat_eta, 100))
+            else:
+                self._add(lib.llama_sampler_init_mirostat_v2(seed, s.mirostat_tau, s.mirostat_eta))
+            return
+        for step in s.sampler_order:
+            if step == SAMPLER_TOP_K and s.top_k > 0:
                 self._add(lib.llama_sampler_init_top_k(s.top_k))
-            if s.typical < 1.0:
+            elif step == SAMPLER_TOP_A and s.top_a > 0:
+                self._own_sampler("top-a", top_a_filter(s.top_a))
+            elif step == SAMPLER_TOP_P:
+                if s.top_p < 1.0:
+                    self._add(lib.llama_sampler_init_top_p(s.top_p, 1))
+                if s.min_p > 0.0:
+                    self._add(lib.llama_sampler_init_min_p(s.min_p, 1))
+            elif step == SAMPLER_TFS and s.tfs < 1.0:
+                self._own_sampler("tail-free", tail_free_filter(s.tfs))
+            elif step == SAMPLER_TYPICAL and s.typical < 1.0:
                 self._add(lib.llama_sampler_init_typical(s.typical, 1))
-            if s.top_p < 1.0:
-                self._add(lib.llama_sampler_init_top_p(s.top_p, 1))
-            if s.min_p > 0.0:
-                self._add(lib.llama_sampler_init_min_p(s.min_p, 1))
+            elif step == SAMPLER_TEMP:
+                self._add_temperature(s, dynamic=True)
+            elif step == SAMPLER_REP_PEN:
+                self._add_repetition_penalty(model, s)
+        if s.xtc_probability > 0 and s.xtc_threshold <= 0.5:    # above 0.5 no two tokens can both pass it
+            self._add(lib.llama_sampler_init_xtc(s.xtc_probability, s.xtc_threshold, 1, seed))
+        self._add(lib.llama_sampler_init_dist(seed))
+
+    def _add_temperature(self, s: SamplerSettings, dynamic: bool):
+        lib = self.lib
+        if s.temperature <= 0.0:
+            self._add(lib.llama_sampler_init_top_k(1))       # greedy, at temperature's place in the order
+            return
+        if dynamic and s.dynatemp_range > 0:
+            self._add(lib.llama_sampler_init_temp_ext(s.temperature, s.dynatemp_range, s.dynatemp_exponent))
+        else:
             self._add(lib.llama_sampler_init_temp(s.temperature))
-            self._add(lib.llama_sampler_init_dist(seed))
+        if s.smoothing_factor > 0:
+            self._own_sampler("smoothing", smoothing_transform(s.smoothing_factor, s.smoothing_curve))
+        if dynamic and s.nsigma > 0:
+            self._add(lib.llama_sampler_init_top_n_sigma(s.nsigma))
+
+    def _add_repetition_penalty(self, model: LlamaModel, s: SamplerSettings):
+        if s.rep_pen == 1.0 and not s.presence_penalty and not s.frequency_penalty:
+            return
+        if s.rep_pen_slope < 1.0 and s.rep_pen > 1.0 and not s.frequency_penalty:
+            sloped = SlopedRepetitionPenalty(model.n_vocab, s.rep_pen_range, s.rep_pen, s.rep_pen_slope,
+                                             s.presence_penalty)
+            own = self._own_sampler("rep-pen-slope", sloped.apply, sloped.accept)
+            self._history_samplers.append((own, s.rep_pen_range))
+            return
+        penalties = self.lib.llama_sampler_init_penalties(model.n_vocab, s.rep_pen_range, s.rep_pen,
+                                                          s.frequency_penalty, s.presence_penalty)
+        self._add(penalties)
+        self._history_samplers.append((penalties, s.rep_pen_range))
+
+    def _own_sampler(self, name: str, apply: Callable, accept: Callable[[int], None] | None = None):
+        own = CandidateSampler(self.lib, name, apply, accept)
+        self._own.append(own)
+        self._add(own.sampler)
+        return own.sampler
 
     def _add(self, sampler):
         self.lib.llama_sampler_chain_add(self.chain, sampler)
 
     def remember_prompt(self, tokens: list[int]):
-        """Repetition penalties count the prompt too (as KoboldCpp's do); the grammar must not see it."""
-        if self.penalties is not None:
-            for t in tokens:
-                self.lib.llama_sampler_accept(self.penalties, t)
+        """Repetition penalties and DRY count the prompt too (as KoboldCpp's do); the grammar must not see it."""
+        for sampler, last_n in self._history_samplers:
+            for t in tokens[-last_n:] if last_n > 0 else ():
+                self.lib.llama_sampler_accept(sampler, t)
 
     def sample(self, ctx, index: int) -> int:
         return self.lib.llama_sampler_sample(self.chain, ctx, index)
@@ -885,10 +1242,14 @@ class Engine:
 
     SHORT_PROMPT = 128                   # new prompts up to this many tokens get a step of their own
     PREFILL_CHUNK_WHILE_STREAMING = 128  # else, prompt tokens read per step while others generate
+    CACHE_REUSE_MIN_CHUNK = 64           # cached runs at least this long are moved into place, not re-read
 
-    def __init__(self, model: LlamaModel):
+    def __init__(self, model: LlamaModel, context_shift: bool = True):
         self.model = model
         self.lib = model.lib
+        # Context shift: reuse a cache whose front turns a client dropped, and shift a full context
+        # instead of stopping. Needs a model whose cache positions can move.
+        self.context_shift = context_shift and model.can_shift
         self.llama_lock = threading.Lock()
         self.slots = [Slot(i) for i in range(model.n_seq)]
         self._batch = self.lib.llama_batch_init(model.n_batch, 0, model.n_seq)
@@ -896,55 +1257,75 @@ class Engine:
     # -- on request threads -------------------------------------------------
 
     def prepare(self, request: GenerationRequest) -> Job:
-        """Tokenize, fit the prompt into the context, check the grammar: a job ready to queue."""
+        """Tokenize, fit the prompt into the context, check the grammar: a job ready to queue.
+
+        The reply never takes room from the prompt: it is capped by what the prompt leaves.
+        Only a Kobold request cuts its prompt, and only as KoboldCpp does (see GenerationRequest).
+        """
         m = self.model
         n_ctx = m.n_ctx
         if request.max_context_length is not None:
             n_ctx = max(16, min(n_ctx, request.max_context_length))
-        max_new = max(1, min(request.max_length, n_ctx - 8))
         memory = m.tokenize(request.memory, add_bos=request.add_bos) if request.memory else []
         prompt = m.tokenize(request.prompt, add_bos=request.add_bos and not memory)
-        room = max(1, n_ctx - max_new - len(memory))
-        if len(prompt) > room:
-            prompt = prompt[-room:]        # the oldest text goes first
         tokens = memory + prompt
-        if len(tokens) > n_ctx - max_new:
-            tokens = tokens[-(n_ctx - max_new):]
+        truncated = 0
+        if request.cut_overlong_prompt:
+            # Room for the reply as KoboldCpp keeps it, but an over-large max_length takes at most half.
+            reserve = min(request.max_length or n_ctx, n_ctx // 2)
+            room = n_ctx - reserve
+            if len(tokens) > room:
+                keep_prompt = max(room - len(memory), 1)
+                tokens = (memory + prompt[-keep_prompt:])[-room:]    # the oldest story text goes first
+                truncated = len(memory) + len(prompt) - len(tokens)
+        elif len(tokens) >= n_ctx:
+            raise context_overflow(len(tokens), n_ctx)
         if not tokens:
             tokens = [m.bos if m.bos >= 0 else m.eos]
+        room_left = n_ctx - len(tokens)
+        if request.max_length is None:
+            max_new = room_left            # until the context is full
+        elif self.context_shift:
+            max_new = request.max_length   # past a full context, by shifting it
+        else:
+            max_new = min(request.max_length, room_left)
+        max_new = max(1, max_new)
         if request.sampler.grammar:
             m.check_grammar(request.sampler.grammar)
+        banned = list(request.sampler.banned_token_ids)
+        phrases = False
         for text in request.sampler.banned_strings:
-            for variant in (text, " " + text.lstrip()):
-                ids = m.tokenize(variant, parse_special=False)
-                if len(ids) == 1:
-                    request.sampler.banned_token_ids.append(ids[0])
-        return Job(request, tokens, max_new)
+            single = [ids[0] for ids in (m.tokenize(v, parse_special=False) for v in (text, " " + text.lstrip()))
+                      if len(ids) == 1]
+            banned += single
+            phrases = phrases or not single
+        job = Job(request, tokens, max_new)
+        job.n_ctx = n_ctx
+        keep = memory if not truncated or not memory else []
+        if request.keep_prefix:
+            keep = m.tokenize(request.keep_prefix, add_bos=request.add_bos)
+        job.n_keep = min(common_prefix_length(keep, tokens), n_ctx // 2)
+        job.banned_token_ids = banned
+        job.ignored_fields = request.ignored_fields + (["banned_tokens"] if phrases else [])
+        job.stats.truncated_tokens = truncated
+        return job
 
     # -- on the generation thread ------------------------------------------
 
     def admit(self, job: Job) -> bool:
-        """Place a job in the free slot whose cached prompt shares the longest prefix with it."""
+        """Place a job in the free slot whose cache it reuses most, and make that cache hold what it reuses."""
         free = [s for s in self.slots if not s.busy]
         if not free:
             return False
         slot = self._choose_slot(free, job.prompt_tokens)
-        keep = common_prefix_length(slot.cached, job.prompt_tokens)
-        if keep == len(job.prompt_tokens):
-            keep -= 1                      # one token must be decoded to get logits
-        with self.llama_lock:
-            if not self.lib.llama_memory_seq_rm(self.model.memory, slot.seq_id, keep, -1):
-                self.lib.llama_memory_seq_rm(self.model.memory, slot.seq_id, -1, -1)
-                keep = 0
-        del slot.cached[keep:]
+        keep = self._reuse_cache(slot, job.prompt_tokens)
         seed = job.request.sampler.seed
         if seed < 0:
             seed = secrets.randbelow(1 << 31)
         job.stats.seed = seed
         job.stats.cached_tokens = keep
-        slot.sampler = SamplerChain(self.model, job.request.sampler, seed)
-        slot.sampler.remember_prompt(job.prompt_tokens[-job.request.sampler.rep_pen_range:]
-                                     if job.request.sampler.rep_pen_range else [])
+        slot.sampler = SamplerChain(self.model, job.request.sampler, seed, job.banned_token_ids)
+        slot.sampler.remember_prompt(job.prompt_tokens)
         slot.assembler = TextAssembler(job.request.stop_strings, job.request.trim_stop)
         slot.to_prefill = job.prompt_tokens[keep:]
         slot.next_token = None
@@ -953,18 +1334,77 @@ class Engine:
         job.state = "running"
         return True
 
-    @staticmethod
-    def _choose_slot(free: list[Slot], prompt: list[int]) -> Slot:
-        """The slot whose cache this prompt continues; else the least recently used one.
+    def _choose_slot(self, free: list[Slot], prompt: list[int]) -> Slot:
+        """The slot whose cache this prompt reuses most (a shift's savings count); else the least
+        recently used one.
 
-        A cache counts only if the prompt shares at least half of it: a common
+        A cache counts only if the prompt reuses at least half of it: a common
         opening ("Chapter", a system prompt) must not evict another user's story.
         """
-        def shared(s: Slot) -> int:
-            n = common_prefix_length(s.cached, prompt)
+        def reused(s: Slot) -> int:
+            n = self.plan_reuse(s.cached, prompt)[0] if s.cached else 0
             return n if n and 2 * n >= len(s.cached) else 0
-        best = max(free, key=shared)
-        return best if shared(best) else min(free, key=lambda s: s.last_used)
+        scores = {s.seq_id: reused(s) for s in free}
+        best = max(free, key=lambda s: scores[s.seq_id])
+        return best if scores[best.seq_id] else min(free, key=lambda s: s.last_used)
+
+    def plan_reuse(self, cached: list[int], prompt: list[int]) -> tuple[int, list[tuple[int, int, int]]]:
+        """How much of `prompt` a cache holding `cached` can supply without reading it again.
+
+        First their common prefix; then, with context shift, every later run of at least
+        CACHE_REUSE_MIN_CHUNK tokens that the prompt goes on with and the cache still holds further on
+        (the turns a client kept after dropping older ones), in order. Returns the tokens reused and
+        the moves that bring those runs into place: (start in the cache, length, shift).
+        """
+        head_p = head_c = common_prefix_length(cached, prompt)
+        moves = []
+        if not self.context_shift:
+            return head_p, moves
+        n_cached, n_prompt = len(cached), len(prompt)
+        while head_c < n_cached and head_p < n_prompt:
+            try:
+                head_c = cached.index(prompt[head_p], head_c)
+            except ValueError:
+                break
+            n = 1
+            while head_c + n < n_cached and head_p + n < n_prompt and cached[head_c + n] == prompt[head_p + n]:
+                n += 1
+            if n >= self.CACHE_REUSE_MIN_CHUNK:
+                moves.append((head_c, n, head_p - head_c))
+                head_p += n
+                head_c += n
+            else:
+                head_c += 1
+        return head_p, moves
+
+    def _reuse_cache(self, slot: Slot, prompt: list[int]) -> int:
+        """Make the slot's sequence hold the longest reusable start of `prompt`; return its length."""
+        lib, memory, seq = self.lib, self.model.memory, slot.seq_id
+        keep, moves = self.plan_reuse(slot.cached, prompt)
+        if keep == len(prompt):
+            keep -= 1                      # one token must be decoded to get logits
+        with self.llama_lock:
+            for start, length, shift in moves:
+                if start + shift >= keep:
+                    break
+                lib.llama_memory_seq_rm(memory, seq, start + shift, start)     # what the client dropped
+                lib.llama_memory_seq_add(memory, seq, start, start + length, shift)
+            if not lib.llama_memory_seq_rm(memory, seq, keep, -1):
+                lib.llama_memory_seq_rm(memory, seq, -1, -1)
+                keep = 0
+        slot.cached = list(prompt[:keep])
+        return keep
+
+    def _shift_context(self, slot: Slot):
+        """A full context: drop the older half of what follows the kept front, and move the rest down."""
+        job, lib, memory, seq = slot.job, self.lib, self.model.memory, slot.seq_id
+        n_past = len(slot.cached)
+        n_discard = (n_past - job.n_keep) // 2
+        with self.llama_lock:
+            lib.llama_memory_seq_rm(memory, seq, job.n_keep, job.n_keep + n_discard)
+            lib.llama_memory_seq_add(memory, seq, job.n_keep + n_discard, n_past, -n_discard)
+        del slot.cached[job.n_keep:job.n_keep + n_discard]
+        job.stats.shifted_tokens += n_discard
 
     @property
     def active(self) -> int:
@@ -980,6 +1420,13 @@ class Engine:
         n = 0
         due: list[tuple[Slot, int]] = []     # slots whose logits are at batch index i
         added: list[tuple[Slot, list[int]]] = []
+        for slot in self.slots:
+            if slot.busy and slot.next_token is not None and len(slot.cached) >= slot.job.n_ctx:
+                if self.context_shift:
+                    self._shift_context(slot)
+                else:
+                    slot.job.stats.stop_reason = 0
+                    finished.append(self._finish(slot, "length"))
         prefilling = [s for s in self.slots if s.busy and s.to_prefill]
         generating = [s for s in self.slots if s.busy and s.next_token is not None]
         # A short new prompt gets a step of its own: its first token comes sooner, and the others
@@ -1058,7 +1505,12 @@ class Engine:
             job.stats.stop_reason = 1
             return "stop"
         job.stats.generated_tokens += 1
-        text = slot.assembler.feed(self.model.piece(token, job.request.render_special))
+        data = self.model.piece(token, job.request.render_special)
+        if not data and not job.request.render_special:
+            # A control token shows no text, yet a stop string may name it (a template's start of turn).
+            text = slot.assembler.feed(self.model.piece(token, special=True), hidden=True)
+        else:
+            text = slot.assembler.feed(data)
         if text:
             job.buffer.append(text)
         if slot.assembler.stopped_by is not None:
@@ -1282,13 +1734,22 @@ class StreamResponse(Response):
         self.job = job
 
 
-def error_body(style: str, status: int, message: str, kind: str) -> dict:
+def error_body(style: str, error: RequestError) -> dict:
     """The error shape each family of clients understands."""
     if style == "openai":
-        return {"error": {"message": message, "type": kind, "code": status}}
+        return {"error": {"message": str(error), "type": error.kind, "code": error.code or error.status,
+                          **error.extra}}
     if style == "ollama":
-        return {"error": message}
-    return {"detail": {"msg": message, "type": kind}}
+        return {"error": str(error)}
+    return {"detail": {"msg": str(error), "type": error.kind}}
+
+
+def unauthorized(style: str) -> RequestError:
+    """401, in the words OpenAI-style clients look for (they show 'invalid API key' and stop retrying)."""
+    message = "a valid password is required (Authorization: Bearer <password>, or X-Api-Key)"
+    if style == "openai":
+        return RequestError(message, status=401, kind="authentication_error", code="invalid_api_key")
+    return RequestError(message, status=401, kind="unauthorized")
 
 
 BUSY_MESSAGE = "Server is busy; please try again later."
@@ -1317,7 +1778,7 @@ class App:
         self.chat_template, origin = load_chat_template(model, self.config.chat_template)
         print(origin, file=sys.stderr, flush=True)
         self.model = model
-        self.engine = Engine(model)
+        self.engine = Engine(model, context_shift=not self.config.noshift)
         self.scheduler = Scheduler(self.engine, self.config.multiuser, self._log_finished)
         self.scheduler.start()
         self.ready.set()
@@ -1347,18 +1808,37 @@ def parse_kobold_request(req, app: App) -> GenerationRequest:
     f = FieldReader(req.json())
     if "prompt" not in f.body:
         raise RequestError("'prompt' is required")
-    return GenerationRequest(
-        prompt=f.string("prompt"),
-        memory=f.string("memory"),
+    stops = f.string_list("stop_sequence")
+    if f.boolean("singleline"):
+        stops.append("\n")
+    return instruct_request(app, f, prompt=f.string("prompt"), memory=f.string("memory"), stop_strings=stops,
         max_length=f.integer("max_length", default=app.config.max_length, lo=1, hi=1 << 20),
-        max_context_length=f.integer("max_context_length", default=app.model.n_ctx, lo=1, hi=1 << 24),
-        stop_strings=f.string_list("stop_sequence"),
+        max_context_length=f.integer("max_context_length", "truncation_length", default=app.model.n_ctx,
+                                     lo=1, hi=1 << 24),
         trim_stop=f.boolean("trim_stop", default=True),
         sampler=parse_sampler_settings(f),
         genkey=genkey_of(req),
         render_special=f.boolean("render_special", default=False),
         checkable_without_genkey=True,
+        cut_overlong_prompt=True,
+        ignored_fields=ignored_fields(f.body, KOBOLD_IGNORED_FIELDS),
     )
+
+
+def instruct_request(app: App, f: FieldReader, prompt: str, memory: str = "", stop_strings: list[str] = (),
+                     **fields) -> GenerationRequest:
+    """A text-completion request, its instruct placeholders rendered with the model's chat template
+    (KoboldCpp replaces them unless "replace_instruct_placeholders" is false)."""
+    if not f.boolean("replace_instruct_placeholders", default=True):
+        return GenerationRequest(prompt=prompt, memory=memory, stop_strings=list(stop_strings), **fields)
+    template = app.chat_template
+    stops = template.instruct_stops(stop_strings) if any(INSTRUCT_PLACEHOLDER.search(s) for s in stop_strings) \
+        else list(stop_strings)
+    rendered = template.render_instruct(memory, prompt)
+    if rendered is None:
+        return GenerationRequest(prompt=prompt, memory=memory, stop_strings=stops, **fields)
+    memory, prompt = rendered
+    return template.prompt_request(prompt, memory=memory, stop_strings=stops, **fields)
 
 
 def wait_for_text(job: Job) -> str:
@@ -1396,7 +1876,7 @@ def wire_finish_reason(reason: str | None) -> str:
 
 def kobold_model(app, req):
     if app.config.password and not req.authorized:
-        return JSONResponse({"result": "koboldcpp/protected"})
+        return JSONResponse({"result": "koboldcpp/protected-model"})   # KoboldCpp's words
     return JSONResponse({"result": f"koboldcpp/{app.model.name}"})
 
 
@@ -1463,6 +1943,27 @@ def kobold_tokencount(app, req):
     return JSONResponse({"value": len(ids), "ids": ids})
 
 
+def kobold_detokenize(app, req):
+    f = FieldReader(req.json())
+    ids = f.token_ids("ids", "tokens")
+    bad = [t for t in ids if not app.model.valid_token(t)]
+    if bad:
+        raise RequestError(f"'ids' holds ids outside the vocabulary (0..{app.model.n_vocab - 1}): {bad[0]}")
+    return JSONResponse({"result": app.model.detokenize(ids), "success": True})
+
+
+def kobold_json_to_grammar(app, req):
+    """A JSON schema (the body, or its 'schema' field) as GBNF, for clients that then send it as 'grammar'."""
+    f = FieldReader(req.json())
+    schema = f.body.get("schema", f.body)
+    return JSONResponse({"result": json_grammar(schema, "schema"), "success": True})
+
+
+def sd_models(app, req):
+    """No image model is served: KoboldCpp answers an empty list, and KoboldAI Lite asks on every connect."""
+    return JSONResponse([])
+
+
 def kobold_true_max_context_length(app, req):
     return JSONResponse({"value": app.model.n_ctx})
 
@@ -1477,6 +1978,9 @@ def kobold_perf(app, req):
         "last_token_count": s.generated_tokens,
         "last_input_count": s.prompt_tokens,
         "last_cached_count": s.cached_tokens,
+        "last_truncated_count": s.truncated_tokens,    # oldest prompt tokens cut to fit the context
+        "last_shifted_count": s.shifted_tokens,        # tokens a context shift dropped while generating
+        "truncated": s.truncated,
         "last_seed": s.seed,
         "total_gens": sched.total_generations,
         "stop_reason": s.stop_reason,
@@ -1524,18 +2028,179 @@ class ChatTemplate:
     def _raise(message: str):
         raise RequestError(f"the chat template rejected these messages: {message}")
 
-    def render(self, messages: list[dict]) -> str:
+    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         import jinja2
         try:
-            return self.template.render(messages=messages, add_generation_prompt=True,
+            return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                         bos_token=self.bos_text, eos_token=self.eos_text)
         except jinja2.TemplateError as e:
             raise RequestError(f"the chat template could not render these messages: {e}") from None
 
-    def generation_request(self, messages: list[dict], **fields) -> GenerationRequest:
-        prompt = self.render(messages)
-        return GenerationRequest(prompt=prompt, add_bos=not (self.bos_text and prompt.startswith(self.bos_text)),
+    def generation_request(self, messages: list[dict], stop_strings: list[str] = (), **fields) -> GenerationRequest:
+        """The request for a chat; its leading system turns are what a context shift keeps."""
+        system = list(itertools.takewhile(lambda m: m["role"] == "system", messages))
+        try:
+            keep = self.render(system, add_generation_prompt=False) if system else ""
+        except RequestError:       # a template that wants a user turn after the system one
+            keep = ""
+        return self.prompt_request(self.render(messages), stop_strings=list(stop_strings), keep_prefix=keep,
+                                   **fields)
+
+    def prompt_request(self, prompt: str, memory: str = "", stop_strings: list[str] = (),
+                       **fields) -> GenerationRequest:
+        """A request for text this template rendered: its own BOS (none added on top), and its end of
+        turn ends the reply."""
+        head = memory or prompt
+        return GenerationRequest(prompt=prompt, memory=memory,
+                                 add_bos=not (self.bos_text and head.startswith(self.bos_text)),
+                                 stop_strings=list(stop_strings) + self.stop_strings,
                                  stop_token_ids=list(self.stop_token_ids), **fields)
+
+    # -- KoboldCpp's instruct placeholders --------------------------------------------
+
+    def render_instruct(self, memory: str, prompt: str) -> tuple[str, str] | None:
+        """Memory and prompt written with {{[INPUT]}}-style placeholders, rendered as this template
+        renders the same conversation; None when neither holds one. Text before the first placeholder
+        stays in front as it is, and text after an unclosed last turn starts that turn's text (after
+        {{[OUTPUT]}}: the start of the reply). The memory's whole turns stay in the memory part, so a
+        story cut from the front still keeps them."""
+        if not (INSTRUCT_PLACEHOLDER.search(memory) or INSTRUCT_PLACEHOLDER.search(prompt)):
+            return None
+        convo = InstructConversation.parse(memory + prompt)
+        rendered = self._render_conversation(convo)
+        if not INSTRUCT_PLACEHOLDER.search(memory):
+            kept = memory                               # plain memory: in front, as it is
+        else:
+            in_memory = InstructConversation.parse(memory)
+            whole = in_memory.messages + ([in_memory.open_message()] if in_memory.open_role else [])
+            if INSTRUCT_PLACEHOLDER.match(prompt.lstrip()) is None and in_memory.open_role:
+                whole = in_memory.messages             # the memory's last turn goes on in the prompt
+            kept = in_memory.prefix + self._strip_bos(self.render(whole, add_generation_prompt=False)) \
+                if whole else in_memory.prefix
+        bos = self.bos_text if self.bos_text and rendered.startswith(self.bos_text) else ""
+        body = rendered[len(bos):]
+        if body.startswith(kept):
+            return bos + kept, body[len(kept):]
+        return "", rendered
+
+    def _strip_bos(self, text: str) -> str:
+        return text[len(self.bos_text):] if self.bos_text and text.startswith(self.bos_text) else text
+
+    def _render_conversation(self, convo: "InstructConversation") -> str:
+        messages = convo.messages
+        if convo.open_role == "assistant":
+            text = self.render(messages, add_generation_prompt=True) + convo.tail.lstrip()
+        elif convo.open_role is not None:
+            # An unclosed user or system turn: render up to where its text goes, then the text itself.
+            marker = "\x00open-turn\x00"
+            full = self.render(messages + [{"role": convo.open_role, "content": marker}], add_generation_prompt=False)
+            cut = full.find(marker)
+            text = full[:cut] + convo.tail.lstrip() if cut >= 0 else \
+                self.render(messages + [convo.open_message()], add_generation_prompt=False)
+        else:
+            text = self.render(messages, add_generation_prompt=False)
+        if convo.prefix:
+            bos = self.bos_text if self.bos_text and text.startswith(self.bos_text) else ""
+            text = bos + convo.prefix + text[len(bos):]
+        return text
+
+    def instruct_stops(self, stops: list[str]) -> list[str]:
+        """Placeholders in stop strings become where this template starts (or, for the _END forms,
+        ends) that role's turn; one that maps to nothing is dropped."""
+        markers = self.turn_markers
+        out = []
+        for stop in stops:
+            replaced = INSTRUCT_PLACEHOLDER.sub(
+                lambda m: markers.get((PLACEHOLDER_ROLES[m.group(1)], bool(m.group(2))), ""), stop)
+            if replaced.strip():
+                out.append(replaced.strip() if INSTRUCT_PLACEHOLDER.fullmatch(stop) else replaced)
+        return out
+
+    @functools.cached_property
+    def turn_markers(self) -> dict[tuple[str, bool], str]:
+        """(role, is_end) -> the text this template puts at the start or end of that role's turn,
+        found by rendering a probe conversation and reading what stands between its messages."""
+        words = {k: f"KLPROBE{k}X" for k in ("S", "U1", "A1", "U2", "A2")}
+        probe = [("user", "U1"), ("assistant", "A1"), ("user", "U2"), ("assistant", "A2")]
+        rendered = None
+        for with_system in (True, False):
+            msgs = ([("system", "S")] if with_system else []) + probe
+            try:
+                text = self.render([{"role": r, "content": words[k]} for r, k in msgs], add_generation_prompt=False)
+            except RequestError:
+                continue
+            if all(words[k] in text for _, k in msgs):
+                rendered = text
+                break
+        markers: dict[tuple[str, bool], str] = {}
+        if rendered is None:
+            return markers
+
+        def between(a: str, b: str) -> str:
+            start = rendered.index(words[a]) + len(words[a])
+            return rendered[start:rendered.index(words[b], start)]
+
+        for role, before, after in (("user", "A1", "U2"), ("assistant", "U2", "A2")):
+            gap = between(before, after).strip()
+            previous = "assistant" if role == "user" else "user"
+            for end in self.END_OF_TURN_MARKERS:
+                if gap.startswith(end):
+                    markers[(previous, True)] = end
+                    gap = gap[len(end):].strip()
+                    break
+            markers[(role, False)] = gap
+        if words["S"] in rendered:
+            head = self._strip_bos(rendered[:rendered.index(words["S"])]).strip()
+            if head and not head.startswith(markers.get(("user", False), "\x00")):
+                markers[("system", False)] = head
+            after_system = between("S", "U1").strip()
+            for end in self.END_OF_TURN_MARKERS:
+                if after_system.startswith(end):
+                    markers[("system", True)] = end
+        return markers
+
+
+INSTRUCT_PLACEHOLDER = re.compile(r"\{\{\[(SYSTEM|INPUT|OUTPUT)(_END)?\]\}\}")
+PLACEHOLDER_ROLES = {"SYSTEM": "system", "INPUT": "user", "OUTPUT": "assistant"}
+
+
+@dataclasses.dataclass
+class InstructConversation:
+    """Text with KoboldCpp's instruct placeholders, read as a conversation."""
+    prefix: str                   # text before the first placeholder
+    messages: list[dict]          # closed turns
+    open_role: str | None         # the role of a last turn left open (no _END, nothing after)
+    tail: str                     # that open turn's text so far
+
+    @classmethod
+    def parse(cls, text: str) -> "InstructConversation":
+        parts = INSTRUCT_PLACEHOLDER.split(text)   # text, (kind, end, text)*
+        convo = cls(prefix=parts[0], messages=[], open_role=None, tail="")
+        current: dict | None = None
+        for i in range(1, len(parts), 3):
+            kind, is_end, body = parts[i], parts[i + 1], parts[i + 2]
+            if is_end:
+                if current is not None:
+                    convo.messages.append(current)
+                    current = None
+                if body.strip():          # stray text between turns belongs to the one before it
+                    if convo.messages:
+                        convo.messages[-1]["content"] += "\n" + body.strip()
+                    else:
+                        convo.prefix += body
+                continue
+            if current is not None:
+                convo.messages.append(current)
+            current = {"role": PLACEHOLDER_ROLES[kind], "content": body}
+        if current is not None:
+            convo.open_role, convo.tail = current["role"], current["content"]
+        for m in convo.messages:
+            m["content"] = m["content"].strip()
+        convo.messages = [m for m in convo.messages if m["content"]]
+        return convo
+
+    def open_message(self) -> dict:
+        return {"role": self.open_role, "content": self.tail.strip()}
 
 
 def load_chat_template(model: LlamaModel, choice: str | None) -> tuple[ChatTemplate, str]:
@@ -1601,7 +2266,19 @@ def json_grammar(spec: Any, where: str) -> str:
 OPENAI_DEFAULTS = SamplerSettings(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, rep_pen_range=64)
 
 
-def openai_generation_fields(req, f: FieldReader, default_max: int) -> dict:
+def openai_max_tokens(f: FieldReader, default: int | None) -> int | None:
+    """`max_tokens` (or its newer name): at least 1; -1, as llama.cpp clients send it, means no limit."""
+    names = ("max_tokens", "max_completion_tokens", "max_length")
+    value = f.integer(*names, default=-1 if default is None else default)
+    if value == -1:
+        return None
+    if value < 1:
+        raise RequestError(f"'max_tokens' must be at least 1 (or -1 for no limit), not {value}",
+                           code="invalid_value")
+    return value
+
+
+def openai_generation_fields(req, f: FieldReader, default_max: int | None) -> dict:
     if f.integer("n", default=1) != 1:
         raise RequestError("'n' must be 1: this server returns one choice per request")
     sampler = parse_sampler_settings(f, OPENAI_DEFAULTS)
@@ -1616,14 +2293,16 @@ def openai_generation_fields(req, f: FieldReader, default_max: int) -> dict:
             sampler.grammar = json_grammar(schema, "response_format.json_schema.schema")
         elif kind != "text":
             raise RequestError("'response_format.type' must be 'text', 'json_object' or 'json_schema'")
-    return dict(max_length=f.integer("max_tokens", "max_completion_tokens", "max_length", default=default_max,
-                                     lo=1, hi=1 << 20),
-                stop_strings=f.string_list("stop"), sampler=sampler, genkey=genkey_of(req))
+    return dict(max_length=openai_max_tokens(f, default_max),
+                stop_strings=f.string_list("stop"), sampler=sampler, genkey=genkey_of(req),
+                ignored_fields=ignored_fields(f.body, OPENAI_IGNORED_FIELDS))
 
 
 def openai_usage(job: Job) -> dict:
     p, c = job.stats.prompt_tokens, job.stats.generated_tokens
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
+            "prompt_tokens_details": {"cached_tokens": job.stats.cached_tokens},
+            "truncated": job.stats.truncated}     # llama-server's flag: a context shift dropped text
 
 
 def sse_data(obj: Any) -> bytes:
@@ -1675,7 +2354,8 @@ def openai_completions(app, req):
         prompt = prompt[0]
     if not isinstance(prompt, str):
         raise RequestError("'prompt' must be a string (or a list of one string)")
-    request = GenerationRequest(prompt=prompt, **openai_generation_fields(req, f, default_max=16))
+    fields = openai_generation_fields(req, f, default_max=16)
+    request = instruct_request(app, f, prompt=prompt, stop_strings=fields.pop("stop_strings"), **fields)
     job = req.start_generation(request)
     head = openai_head(app, "text_completion", "cmpl")
     if f.boolean("stream"):
@@ -1690,8 +2370,7 @@ def openai_completions(app, req):
 def openai_chat_completions(app, req):
     f = FieldReader(req.json())
     messages = parse_chat_messages(f.body.get("messages"))
-    fields = openai_generation_fields(req, f, default_max=app.model.n_ctx)
-    fields["stop_strings"] += app.chat_template.stop_strings
+    fields = openai_generation_fields(req, f, default_max=None)
     job = req.start_generation(app.chat_template.generation_request(messages, **fields))
     head = openai_head(app, "chat.completion.chunk", "chatcmpl")
     if f.boolean("stream"):
@@ -1741,9 +2420,11 @@ def ollama_generation_fields(req, f: FieldReader, app) -> dict:
     elif fmt not in (None, ""):
         sampler.grammar = json_grammar(fmt, "format")
     num_predict = options.integer("num_predict", default=-1, lo=-2, hi=1 << 20)
-    return dict(max_length=app.model.n_ctx if num_predict < 0 else max(1, num_predict),
+    return dict(max_length=None if num_predict < 0 else max(1, num_predict),
                 max_context_length=options.integer("num_ctx", default=app.model.n_ctx, lo=16, hi=1 << 24),
-                stop_strings=options.string_list("stop"), sampler=sampler, genkey=genkey_of(req))
+                stop_strings=options.string_list("stop"), sampler=sampler, genkey=genkey_of(req),
+                ignored_fields=ignored_fields(f.body, OLLAMA_IGNORED_FIELDS) + ignored_fields(
+                    options.body, dict.fromkeys(OLLAMA_IGNORED_OPTIONS, lambda v: v is not None), "options."))
 
 
 def ollama_final(job: Job, head: dict) -> dict:
@@ -1785,7 +2466,6 @@ def ollama_generate(app, req):
     else:
         messages = ([{"role": "system", "content": f.string("system")}] if f.string("system") else []) + \
                    [{"role": "user", "content": prompt}]
-        fields["stop_strings"] += app.chat_template.stop_strings
         request = app.chat_template.generation_request(messages, **fields)
     job = req.start_generation(request)
     return ollama_answer(job, app, f, lambda piece: {"response": piece})
@@ -1795,7 +2475,6 @@ def ollama_chat(app, req):
     f = FieldReader(req.json())
     messages = parse_chat_messages(f.body.get("messages"))
     fields = ollama_generation_fields(req, f, app)
-    fields["stop_strings"] += app.chat_template.stop_strings
     job = req.start_generation(app.chat_template.generation_request(messages, **fields))
     return ollama_answer(job, app, f, lambda piece: {"message": {"role": "assistant", "content": piece}})
 
@@ -1861,8 +2540,17 @@ def tokenize(app, req):
     ids = app.model.tokenize(content, add_bos=f.boolean("add_special", default=False),
                              parse_special=f.boolean("parse_special", default=True))
     if f.boolean("with_pieces"):
-        return JSONResponse({"tokens": [{"id": t, "piece": app.model.detokenize([t])} for t in ids]})
+        return JSONResponse({"tokens": [{"id": t, "piece": text_or_bytes(app.model.piece(t, special=True))}
+                                        for t in ids]})
     return JSONResponse({"tokens": ids})
+
+
+def text_or_bytes(data: bytes) -> str | list[int]:
+    """A token's piece as text when it is whole UTF-8, else its bytes (part of a character)."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return list(data)
 
 
 def detokenize(app, req):
@@ -1871,7 +2559,14 @@ def detokenize(app, req):
     bad = [t for t in ids if not app.model.valid_token(t)]
     if bad:
         raise RequestError(f"'tokens' holds ids outside the vocabulary (0..{app.model.n_vocab - 1}): {bad[0]}")
-    return JSONResponse({"content": app.model.detokenize(ids)})
+    # Special tokens are shown as their text, so that /tokenize (which parses them) and this round-trip.
+    return JSONResponse({"content": app.model.detokenize(ids, special=True)})
+
+
+def apply_template(app, req):
+    """The prompt a chat request's messages become (llama-server's /apply-template)."""
+    f = FieldReader(req.json())
+    return JSONResponse({"prompt": app.chat_template.render(parse_chat_messages(f.body.get("messages")))})
 
 
 def metrics(app, req):
@@ -1992,28 +2687,33 @@ def build_router(static: StaticFiles | None = None) -> Router:
     r.add("POST", "/api/extra/generate/stream", kobold_generate_stream, protected=True)
     r.add("GET POST", "/api/extra/generate/check", kobold_check, protected=True)
     r.add("POST", "/api/extra/abort", kobold_abort, protected=True)
-    r.add("POST", "/api/extra/tokencount", kobold_tokencount, protected=True)
-    r.add("GET", "/api/extra/perf", kobold_perf)
-    r.add("GET", "/api/extra/preloadstory", kobold_preloadstory, protected=True)
+    r.add("POST", "/api/extra/tokencount /api/extra/tokenize", kobold_tokencount, protected=True)
+    r.add("POST", "/api/extra/detokenize", kobold_detokenize, protected=True)
+    r.add("POST", "/api/extra/json_to_grammar", kobold_json_to_grammar, protected=True)
+    r.add("GET", "/sdapi/v1/sd-models", sd_models)
+    r.add("GET", "/api/extra/perf", kobold_perf)          # open, as KoboldCpp's: counts and timings, no text
+    # Open, as KoboldCpp's: KoboldAI Lite reads it before it asks for the password.
+    r.add("GET", "/api/extra/preloadstory", kobold_preloadstory)
 
     r.add("GET", "/v1/models /models", openai_models, style="openai")
     r.add("POST", "/v1/completions /completions", openai_completions, protected=True, style="openai")
     r.add("POST", "/v1/chat/completions /chat/completions", openai_chat_completions, protected=True,
           style="openai")
 
-    r.add("GET", "/api/tags", ollama_tags, style="ollama")
-    r.add("GET", "/api/ps", ollama_ps, style="ollama")
+    r.add("GET", "/api/tags", ollama_tags, style="ollama")     # open, as llama-server's: clients list models first
+    r.add("GET", "/api/ps", ollama_ps, protected=True, style="ollama")
     r.add("GET", "/api/version", ollama_version, style="ollama", needs_model=False)
-    r.add("POST", "/api/show", ollama_show, style="ollama")
+    r.add("POST", "/api/show", ollama_show, protected=True, style="ollama")
     r.add("POST", "/api/generate", ollama_generate, protected=True, style="ollama")
     r.add("POST", "/api/chat", ollama_chat, protected=True, style="ollama")
 
     r.add("GET", "/health", health, needs_model=False, style="openai")
     r.add("GET", "/health/live", health_live, needs_model=False, style="openai")
-    r.add("GET", "/props", props, style="openai")
+    r.add("GET", "/props", props, protected=True, style="openai")
     r.add("POST", "/tokenize", tokenize, protected=True, style="openai")
     r.add("POST", "/detokenize", detokenize, protected=True, style="openai")
-    r.add("GET", "/metrics", metrics, style="openai")
+    r.add("POST", "/apply-template", apply_template, protected=True, style="openai")
+    r.add("GET", "/metrics", metrics, protected=True, style="openai")
     return r
 
 
@@ -2172,6 +2872,7 @@ class Request:
         self.body = body
         self.authorized = authorized
         self.job: Job | None = None
+        self.ignored: list[str] = []      # fields named in X-KoboldLite-Ignored
         self._json: Any = None
         self._parsed = False
 
@@ -2199,9 +2900,13 @@ class Request:
         except ServerBusy:
             raise RequestError(BUSY_MESSAGE, status=503, kind="service_unavailable") from None
         self.job = job
+        self.ignored = job.ignored_fields
         self._handler.watch_hangup(job)
         app.log(f"job {job.id}: {len(job.prompt_tokens)} prompt tokens, up to {job.max_new_tokens} new"
+                + (f", {job.stats.truncated_tokens} oldest prompt tokens cut to fit the context"
+                   if job.stats.truncated_tokens else "")
                 + (f", genkey {job.genkey}" if job.genkey else "")
+                + (f", ignored fields: {', '.join(job.ignored_fields)}" if job.ignored_fields else "")
                 + (f", queued at {app.scheduler.queue_position(job)}" if job.state == "queued" else ""))
         return job
 
@@ -2217,7 +2922,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         "Access-Control-Allow-Methods": "GET, POST, PUT, DELETE, OPTIONS",
         "Access-Control-Allow-Headers": "Authorization, Content-Type, genkey, X-Api-Key, Accept",
         "Access-Control-Max-Age": "86400",
-        "Access-Control-Expose-Headers": "X-KoboldLite-Instance",
+        "Access-Control-Expose-Headers": "X-KoboldLite-Instance, X-KoboldLite-Ignored",
     }
 
     server: "KoboldLiteServer"
@@ -2267,7 +2972,8 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         if code == 505:
             code = 400    # a bogus HTTP version is the client's error, like any other bad input
         text = message or self.responses.get(code, ("error",))[0]
-        self._send(JSONResponse(error_body("kobold", code, text, "invalid_request" if code < 500 else "server_error"),
+        error = RequestError(text, code, "invalid_request" if code < 500 else "server_error")
+        self._send(JSONResponse(error_body("kobold", error),
                                 code))
 
     def version_string(self) -> str:
@@ -2315,22 +3021,23 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             self._request_read()
             authorized = self._authorized()
             if route.protected and not authorized:
-                raise RequestError("a valid password is required (Authorization: Bearer <password>)",
-                                   status=401, kind="unauthorized")
+                raise unauthorized(style)
             if route.needs_model and not app.ready.is_set():
                 raise RequestError("the model is still loading", status=503, kind="service_unavailable")
             query = dict(urllib.parse.parse_qsl(url.query))
             request = Request(self, method, path, query, body, authorized)
             response = route.handler(app, request)
+            if request.ignored:
+                response.headers["X-KoboldLite-Ignored"] = ",".join(request.ignored)
         except RequestError as e:
             if request is not None and request.job is not None:
                 request.job.cancel()
-            response = JSONResponse(error_body(style, e.status, str(e), e.kind), e.status)
+            response = JSONResponse(error_body(style, e), e.status)
         except Exception as e:  # a bug must cost one request, never the server
             if request is not None and request.job is not None:
                 request.job.cancel()
             app.log(f"internal error on {method} {path}: {type(e).__name__}: {e}")
-            response = JSONResponse(error_body(style, 500, "internal server error", "server_error"), 500)
+            response = JSONResponse(error_body(style, RequestError("internal server error", 500, "server_error")), 500)
         try:
             if isinstance(response, StreamResponse):
                 self._send_stream(response)
@@ -2601,6 +3308,10 @@ def serve(arguments: Callable[[], list[str]], double_click: bool = False) -> int
         server.server_close()
         return 2
     app.attach_model(model)
+    if not app.engine.context_shift:
+        print("context shift: off (--noshift)" if config.noshift else
+              "context shift: off, this model's cache cannot be shifted: a trimmed chat is read again in "
+              "full, and a reply ends when the context is full", file=sys.stderr, flush=True)
 
     urls = served_urls(server, config.host)
     if not is_loopback_host(config.host) and not config.password:

@@ -252,6 +252,18 @@ def make_server(starter_model, tls_files):
         s.stop()
 
 
+def openai_client_for(server: HTTPClient, api_key: str = "sk-dummy"):
+    """The official openai client, trusting the test certificate; the key is a dummy, as many apps send.
+    (Its HTTP library is httpx, or httpx2 in the newest releases.)"""
+    import openai
+    try:
+        import httpx2 as httpx
+    except ImportError:
+        import httpx
+    return openai.OpenAI(base_url=f"{server.scheme}://127.0.0.1:{server.port}/v1", api_key=api_key,
+                         http_client=httpx.Client(verify=server.ssl_context() or True))
+
+
 def in_thread(fn, *args, **kwargs) -> "queue.Queue":
     """Run fn in a thread; the queue receives its result (or exception) when it ends."""
     q: queue.Queue = queue.Queue()
