@@ -6,15 +6,17 @@ SillyTavern and other KoboldCpp clients, over plain HTTP or TLS.
 
 Layers, top to bottom; each section uses only the ones above it:
   1. CLI and config
-  2. Text assembly (UTF-8 and stop strings; pure functions)
+  2. Text assembly (UTF-8, stop strings, banned phrases; pure)
   3. Generation requests (the one request type every API turns into)
   4. Token buffers and jobs
-  5. llama.cpp engine (model, sampler chains, the generation loop)
-  6. Scheduler (FIFO queue, abort, cancellation)
-  7. Protocol adapters (KoboldAI and KoboldCpp extras)
-  8. HTTP layer (routing table, auth, CORS, errors, hang-up watcher)
-  9. Server and TLS
- 10. main()
+  5. llama.cpp engine (model, sampler chains, the generation loop, context shift)
+  6. Scheduler (fair queue, abort, cancellation, every job's end recorded)
+  7. Chat templates (Jinja, as transformers renders them; instruct placeholders)
+  8. Service (App: starts generations; the Request a route sees; Response types)
+  9. Protocol adapters (KoboldAI and KoboldCpp extras, OpenAI, Ollama, operational)
+ 10. HTTP layer (routing table, auth, CORS, errors, hang-up watcher)
+ 11. Server and TLS
+ 12. main()
 """
 
 from __future__ import annotations
@@ -88,6 +90,7 @@ class Config:
     idle_timeout: float = 30.0        # a keep-alive connection may wait this long for its next request,
                                       # and a write to a client that stopped reading may block this long
     max_connections: int = 256
+    max_connections_per_client: int = 32   # one LAN host cannot hold every connection (raise it behind a balancer)
     noshift: bool = False       # no context shift: no cache reuse past a dropped turn, no shift at a full context
     debug: bool = False
 
@@ -193,6 +196,8 @@ def load_config(argv: list[str]) -> Config:
     _check_int("gpulayers", cfg.gpulayers, 0, 100000)
     _check_int("multiuser", cfg.multiuser, 0, 100000)
     _check_int("parallel", cfg.parallel, 1, 64)
+    _check_int("max_connections", cfg.max_connections, 1, 100000)
+    _check_int("max_connections_per_client", cfg.max_connections_per_client, 1, 100000)
     _check_int("max_length", cfg.max_length, 1, 1 << 20)
     cfg.max_length = min(cfg.max_length, cfg.contextsize // 2)   # a small context still leaves room for a prompt
     if cfg.password is not None and not isinstance(cfg.password, str):
@@ -396,6 +401,59 @@ class TextAssembler:
         return longest
 
 
+class PhraseGuard:
+    """Banned phrases (KoboldCpp's anti-slop): holds back generated tokens whose text may still become
+    one, and says when one is complete, so that the generation can take it back.
+
+    Matching is case-insensitive, on the phrase as given (a leading space counts), as KoboldCpp
+    matches. `push` returns the tokens now safe to show, or how many trailing tokens (the newest
+    included) complete a banned phrase: the fewest whose text contains it, so the phrase begins in
+    the first of them. Those were never released, so no client has seen any part of them.
+    """
+
+    MAX_PHRASES = 768          # KoboldCpp's limit
+
+    def __init__(self, phrases: list[str] = ()):
+        phrases = sorted({p.lower() for p in phrases if p.strip()})[:self.MAX_PHRASES]
+        self._pattern = re.compile("|".join(map(re.escape, phrases))) if phrases else None
+        self._prefixes = {p[:n] for p in phrases for n in range(1, len(p))}
+        self._longest = max(map(len, phrases), default=0)
+        self.pending: list[tuple[int, bytes, Any]] = []     # (token, its text's bytes, what goes with it)
+
+    @property
+    def active(self) -> bool:
+        return self._pattern is not None
+
+    @staticmethod
+    def _text(items) -> str:
+        return b"".join(data for _, data, _ in items).decode("utf-8", errors="ignore").lower()
+
+    def push(self, token: int, data: bytes, payload: Any = None) -> tuple[list[tuple[int, bytes, Any]], int]:
+        """(released tokens, 0), or ([], n) when the last n tokens complete a banned phrase (dropped here)."""
+        if self._pattern is None:
+            return [(token, data, payload)], 0
+        self.pending.append((token, data, payload))
+        text = self._text(self.pending)
+        if self._pattern.search(text):
+            n = 1
+            while not self._pattern.search(self._text(self.pending[-n:])):
+                n += 1
+            del self.pending[-n:]
+            return [], n
+        held = next((n for n in range(min(self._longest - 1, len(text)), 0, -1) if text[-n:] in self._prefixes), 0)
+        keep = 0
+        while keep < len(self.pending) and len(self._text(self.pending[len(self.pending) - keep:])) < held:
+            keep += 1
+        cut = len(self.pending) - keep
+        released, self.pending = self.pending[:cut], self.pending[cut:]
+        return released, 0
+
+    def flush(self) -> list[tuple[int, bytes, Any]]:
+        """The end of generation: what is held back is not a banned phrase after all."""
+        out, self.pending = self.pending, []
+        return out
+
+
 # =============================================================================
 # 3. Generation requests
 # =============================================================================
@@ -438,7 +496,7 @@ class SamplerSettings:
     seed: int = -1                   # -1: a fresh random seed
     logit_bias: dict[int, float] = dataclasses.field(default_factory=dict)
     banned_token_ids: list[int] = dataclasses.field(default_factory=list)
-    banned_strings: list[str] = dataclasses.field(default_factory=list)   # each one token, or ignored
+    banned_strings: list[str] = dataclasses.field(default_factory=list)   # phrases, taken back if written
     ban_eos: bool = False
     grammar: str = ""
     # KoboldCpp 1.102's samplers; each default is neutral (the output is as without it).
@@ -491,6 +549,10 @@ class GenerationRequest:
     checkable_without_genkey: bool = False
     ignored_fields: list[str] = dataclasses.field(default_factory=list)   # sent, known, not acted on
     keep_prefix: str = ""            # text in front (a chat's system turn) that a context shift keeps, as memory
+    client: str = ""                 # the client's address: the queue takes turns between clients
+    logprobs: bool = False           # report each token's log-probability...
+    top_logprobs: int = 0            # ...and this many most likely alternatives
+    logprobs_after_samplers: bool = False   # from the distribution the draw used (KoboldCpp), not the model's
 
 
 def _asks(value: Any) -> bool:
@@ -509,12 +571,12 @@ KOBOLD_IGNORED_FIELDS: dict[str, Callable[[Any], bool]] = {
     "n": _more_than_one,                                   # one text per request
     "use_story": _asks, "use_memory": _asks, "use_authors_note": _asks, "use_world_info": _asks,
     "negative_prompt": _asks, "guidance_scale": lambda v: v not in (None, 0, 1),
-    "grammar_retain_state": _asks, "logprobs": _asks,
+    "grammar_retain_state": _asks,
     "adaptive_target": lambda v: isinstance(v, (int, float)) and v > 0,
 }
 OPENAI_IGNORED_FIELDS: dict[str, Callable[[Any], bool]] = {
     **{k: v for k, v in KOBOLD_IGNORED_FIELDS.items() if k != "n"},   # SillyTavern sends these to /v1 too
-    "logprobs": _asks, "top_logprobs": _asks, "tools": _asks, "tool_choice": lambda v: v not in (None, "none", "auto"),
+    "tools": _asks, "tool_choice": lambda v: v not in (None, "none", "auto"),
     "functions": _asks, "function_call": _asks, "suffix": _asks, "echo": _asks, "best_of": _more_than_one,
     "reasoning_effort": _asks, "modalities": lambda v: v not in (None, ["text"]), "audio": _asks,
     "prediction": _asks, "web_search_options": _asks,
@@ -674,7 +736,7 @@ def parse_sampler_settings(f: FieldReader, d: SamplerSettings | None = None) -> 
         seed=f.integer("sampler_seed", "seed", default=d.seed, lo=-1, hi=(1 << 32) - 2),
         logit_bias=f.token_bias("logit_bias"),
         banned_token_ids=f.token_ids("banned_tokens_ids", "custom_token_bans"),
-        banned_strings=f.string_list("banned_tokens"),
+        banned_strings=f.string_list("banned_tokens") + f.string_list("banned_strings"),
         ban_eos=f.boolean("ban_eos_token", "use_default_badwordsids", "bypass_eos", default=d.ban_eos),
         grammar=f.string("grammar", "grammar_string"),
         top_a=f.number("top_a", default=d.top_a, lo=0.0, hi=1.0),
@@ -761,6 +823,14 @@ class TokenBuffer:
 
 
 @dataclasses.dataclass
+class TokenLogprob:
+    """One generated token's log-probability and its most likely alternatives, as (token, logprob)."""
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclasses.dataclass
 class JobStats:
     prompt_tokens: int = 0
     cached_tokens: int = 0
@@ -787,6 +857,7 @@ class Job:
         self.id = next(Job._ids)
         self.request = request
         self.genkey = request.genkey
+        self.client = request.client        # whose turn it is in the queue
         self.prompt_tokens = prompt_tokens
         self.max_new_tokens = max_new_tokens
         self.n_ctx = 0                  # the context this job may fill (its max_context_length)
@@ -794,9 +865,10 @@ class Job:
         self.stop_tokens = frozenset(request.stop_token_ids)
         self.banned_token_ids: list[int] = []   # resolved from the request's bans by the engine
         self.ignored_fields: list[str] = list(request.ignored_fields)
+        self.logprobs: list[TokenLogprob] = []   # one per token shown, appended before its text
         self.buffer = TokenBuffer()
         self.cancelled = threading.Event()
-        self.state = "queued"           # queued -> running -> done
+        self.state = "queued"           # queued -> starting -> running -> done
         self.stats = JobStats(prompt_tokens=len(prompt_tokens))
         self.created = time.monotonic()
 
@@ -1070,20 +1142,81 @@ def min_tokens_guard(eog_tokens: list[int], count: int):
     return apply, accept
 
 
+class PositionBans:
+    """Tokens banned at one position of a reply only (where a banned phrase began).
+
+    A sampler that counts the tokens the chain accepts, so it knows which position it samples for.
+    If the bans would leave no candidate at all it bans nothing and says `exhausted`: the
+    generation then ends there instead of looping.
+    """
+
+    def __init__(self):
+        self.by_index: dict[int, set[int]] = {}
+        self.index = 0
+        self.exhausted = False
+
+    def ban(self, index: int, token: int) -> int:
+        self.by_index.setdefault(index, set()).add(token)
+        return len(self.by_index[index])
+
+    def apply(self, view, sorted_):
+        import numpy
+        bans = self.by_index.get(self.index)
+        if bans:
+            hit = numpy.isin(view["id"], numpy.fromiter(bans, dtype=numpy.int32, count=len(bans)))
+            if not (~hit & (view["logit"] > -numpy.inf)).any():
+                self.exhausted = True
+            else:
+                view["logit"] = numpy.where(hit, -numpy.inf, view["logit"])
+        return None
+
+    def accept(self, token: int):
+        self.index += 1
+
+
+class DrawSnapshot:
+    """The candidates the final draw chooses from, after every other sampler, as log-probabilities
+    (KoboldCpp reports these): a sampler placed just before the draw, only when asked for."""
+
+    def __init__(self, n_top: int):
+        self.n_top = n_top
+        self.ids = self.logprobs = None
+
+    def apply(self, view, sorted_):
+        import numpy
+        logits = view["logit"]
+        alive = logits > -numpy.inf
+        ids, kept = view["id"][alive], logits[alive].astype(numpy.float64)
+        top = kept.max()
+        self.ids, self.logprobs = ids.copy(), kept - top - numpy.log(numpy.exp(kept - top).sum())
+        return None
+
+    def entry(self, token: int) -> TokenLogprob:
+        import numpy
+        where = numpy.flatnonzero(self.ids == token)
+        order = numpy.argsort(-self.logprobs, kind="stable")[:self.n_top]
+        return TokenLogprob(token, float(self.logprobs[where[0]]) if len(where) else -math.inf,
+                            [(int(self.ids[i]), float(self.logprobs[i])) for i in order])
+
+
 class SamplerChain:
     """llama.cpp's native sampler chain for one generation's settings, in KoboldCpp's order:
     logit bias and bans, (min_tokens), DRY, grammar, then `sampler_order` (top-k, top-a, top-p with
     min-p, tail-free, typical, temperature or dynamic temperature with smoothing and n-sigma,
     repetition penalty), then XTC, then the draw. Our own samplers fill only what llama.cpp lacks."""
 
-    def __init__(self, model: LlamaModel, s: SamplerSettings, seed: int, banned_token_ids: list[int] = ()):
+    def __init__(self, model: LlamaModel, s: SamplerSettings, seed: int, banned_token_ids: list[int] = (),
+                 position_bans: PositionBans | None = None, snapshot: DrawSnapshot | None = None):
         lib = model.lib
         self.lib = lib
         self.chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
         self._own: list[CandidateSampler] = []      # kept alive while the chain uses them
         self._history_samplers = []                  # samplers that must see the prompt (penalties, DRY)
-        self.rep_pen_range = s.rep_pen_range
+        self.snapshot = snapshot
+        self._candidates = self._view = self._ids = None   # the candidate array, reused token to token
         try:
+            if position_bans is not None:
+                self._own_sampler("phrase-bans", position_bans.apply, position_bans.accept)
             self._build(model, s, seed, banned_token_ids)
         except Exception:
             self.free()
@@ -1119,6 +1252,7 @@ class SamplerChain:
         if s.mirostat:
             self._add_repetition_penalty(model, s)
             self._add_temperature(s, dynamic=False)
+            self._add_snapshot()
             if s.mirostat == 1:
                 self._add(lib.llama_sampler_init_mirostat(model.n_vocab, seed, s.mirostat_tau, s.mirostat_eta, 100))
             else:
@@ -1144,7 +1278,12 @@ class SamplerChain:
                 self._add_repetition_penalty(model, s)
         if s.xtc_probability > 0 and s.xtc_threshold <= 0.5:    # above 0.5 no two tokens can both pass it
             self._add(lib.llama_sampler_init_xtc(s.xtc_probability, s.xtc_threshold, 1, seed))
+        self._add_snapshot()
         self._add(lib.llama_sampler_init_dist(seed))
+
+    def _add_snapshot(self):
+        if self.snapshot is not None:
+            self._own_sampler("draw-snapshot", self.snapshot.apply)
 
     def _add_temperature(self, s: SamplerSettings, dynamic: bool):
         lib = self.lib
@@ -1189,8 +1328,35 @@ class SamplerChain:
             for t in tokens[-last_n:] if last_n > 0 else ():
                 self.lib.llama_sampler_accept(sampler, t)
 
-    def sample(self, ctx, index: int) -> int:
-        return self.lib.llama_sampler_sample(self.chain, ctx, index)
+    def replay(self, tokens: list[int]):
+        """Accept tokens already generated (after a rewind, into a new chain): grammar, penalties, DRY."""
+        for t in tokens:
+            self.lib.llama_sampler_accept(self.chain, t)
+
+    def sample(self, ctx, index: int, n_vocab: int) -> int | None:
+        """Draw a token from the logits at batch `index`; None when nothing may be drawn (a grammar,
+        bans and biases that together leave no candidate). llama_sampler_sample would then draw a
+        forbidden token and the grammar would abort the process on accepting it, so the chain is
+        applied here and a token is accepted only if it was allowed."""
+        import numpy
+        lib = self.lib
+        if self._candidates is None or len(self._candidates) != n_vocab:
+            self._candidates = (lib.llama_token_data * n_vocab)()
+            self._view = numpy.ctypeslib.as_array(self._candidates)
+            self._ids = numpy.arange(n_vocab, dtype=numpy.int32)
+        view = self._view
+        view["id"] = self._ids             # anew each time: filters reorder the array in place
+        view["logit"] = numpy.ctypeslib.as_array(lib.llama_get_logits_ith(ctx, index), shape=(n_vocab,))
+        view["p"] = 0.0
+        arr = lib.llama_token_data_array(self._candidates, n_vocab, -1, False)
+        lib.llama_sampler_apply(self.chain, ctypes.byref(arr))
+        if not 0 <= arr.selected < arr.size:
+            return None
+        chosen = arr.data[arr.selected]
+        if not chosen.logit > -math.inf:
+            return None
+        lib.llama_sampler_accept(self.chain, chosen.id)
+        return chosen.id
 
     def free(self):
         if self.chain:
@@ -1209,6 +1375,10 @@ class Slot:
         self.assembler: TextAssembler | None = None
         self.to_prefill: list[int] = []  # prompt tokens still to be decoded
         self.next_token: int | None = None  # sampled, to be decoded in the next step
+        self.generated: list[int] = []   # this job's tokens so far (those a rewind took back excluded)
+        self.guard: PhraseGuard = PhraseGuard()
+        self.bans: PositionBans | None = None
+        self.rewinds = 0
         self.t_admitted = 0.0
         self.t_first_token = 0.0
         self.last_used = 0.0
@@ -1234,8 +1404,10 @@ FAULT_INJECTION_MARKER = os.environ.get("KOBOLDLITE_FAULT_INJECTION") or None
 class Engine:
     """Prepares requests (on the caller's thread) and runs the one generation loop.
 
-    The loop is the only code that touches the llama context, and it holds
-    `llama_lock` for every step: no two threads ever call into the context.
+    Only the generation thread calls into the llama context (admission, steps, rewinds, shifts):
+    that is what keeps two threads from ever calling into it at once. Every such call is also made
+    under `llama_lock`, which therefore never waits today; it is there so that anything added later
+    that must touch the context from another thread (a state save, say) has one lock to take.
     Each step decodes one token for every generating slot, plus a chunk of
     prompt for a newly admitted one, in a single batch.
     """
@@ -1292,13 +1464,7 @@ class Engine:
         max_new = max(1, max_new)
         if request.sampler.grammar:
             m.check_grammar(request.sampler.grammar)
-        banned = list(request.sampler.banned_token_ids)
-        phrases = False
-        for text in request.sampler.banned_strings:
-            single = [ids[0] for ids in (m.tokenize(v, parse_special=False) for v in (text, " " + text.lstrip()))
-                      if len(ids) == 1]
-            banned += single
-            phrases = phrases or not single
+        banned = [t for t in request.sampler.banned_token_ids if m.valid_token(t)]
         job = Job(request, tokens, max_new)
         job.n_ctx = n_ctx
         keep = memory if not truncated or not memory else []
@@ -1306,7 +1472,7 @@ class Engine:
             keep = m.tokenize(request.keep_prefix, add_bos=request.add_bos)
         job.n_keep = min(common_prefix_length(keep, tokens), n_ctx // 2)
         job.banned_token_ids = banned
-        job.ignored_fields = request.ignored_fields + (["banned_tokens"] if phrases else [])
+
         job.stats.truncated_tokens = truncated
         return job
 
@@ -1324,15 +1490,30 @@ class Engine:
             seed = secrets.randbelow(1 << 31)
         job.stats.seed = seed
         job.stats.cached_tokens = keep
-        slot.sampler = SamplerChain(self.model, job.request.sampler, seed, job.banned_token_ids)
-        slot.sampler.remember_prompt(job.prompt_tokens)
+        slot.job = job
+        slot.generated = []
+        slot.guard = PhraseGuard(job.request.sampler.banned_strings)
+        slot.bans = PositionBans() if slot.guard.active else None
+        slot.rewinds = 0
+        slot.sampler = self._sampler_for(slot)
         slot.assembler = TextAssembler(job.request.stop_strings, job.request.trim_stop)
         slot.to_prefill = job.prompt_tokens[keep:]
         slot.next_token = None
-        slot.job = job
         slot.t_admitted = slot.last_used = time.monotonic()
         job.state = "running"
         return True
+
+    def _sampler_for(self, slot: Slot) -> SamplerChain:
+        """The slot's job's sampler chain, having seen its prompt and what it has generated so far."""
+        job = slot.job
+        request = job.request
+        snapshot = DrawSnapshot(request.top_logprobs) if request.logprobs and request.logprobs_after_samplers else None
+        if slot.bans is not None:
+            slot.bans.index = 0
+        chain = SamplerChain(self.model, request.sampler, job.stats.seed, job.banned_token_ids, slot.bans, snapshot)
+        chain.remember_prompt(job.prompt_tokens)
+        chain.replay(slot.generated)
+        return chain
 
     def _choose_slot(self, free: list[Slot], prompt: list[int]) -> Slot:
         """The slot whose cache this prompt reuses most (a shift's savings count); else the least
@@ -1407,8 +1588,8 @@ class Engine:
         job.stats.shifted_tokens += n_discard
 
     @property
-    def active(self) -> int:
-        return sum(1 for s in self.slots if s.busy)
+    def n_slots(self) -> int:
+        return len(self.slots)
 
     def step(self) -> list[Job]:
         """Decode one batch and sample for every slot that is due; return the jobs that ended."""
@@ -1444,6 +1625,11 @@ class Engine:
             if room <= 0:
                 break
             chunk = slot.to_prefill[:room]
+            if len(chunk) == len(slot.to_prefill) > 1:
+                # The prompt's last token is read in a step of its own, as it is when the rest is cached:
+                # a batch of one rounds differently from a long one, and so a seed gives the same text
+                # whether or not the prompt was cached.
+                chunk = chunk[:-1]
             done = len(chunk) == len(slot.to_prefill)
             n = self._put(batch, n, slot, chunk, logits_last=done)
             budget -= len(chunk)
@@ -1465,15 +1651,19 @@ class Engine:
                     del slot.to_prefill[:len(chunk)]
                 else:
                     slot.next_token = None
-            sampled = [(slot, slot.sampler.sample(self.model.ctx, i)) for slot, i in due]
+            sampled = []
+            for slot, i in due:
+                token = slot.sampler.sample(self.model.ctx, i, self.model.n_vocab)
+                entry = self._logprob_entry(slot, i, token) if token is not None else None
+                sampled.append((slot, token, entry))
         now = time.monotonic()
-        for slot, token in sampled:
+        for slot, token, entry in sampled:
             job = slot.job
             if job.stats.generated_tokens == 0:
                 slot.t_first_token = now
                 job.stats.prompt_seconds = now - slot.t_admitted
             try:
-                ended = self._accept(slot, token)
+                ended = self._accept(slot, token, entry)
             except Exception as e:  # one request's failure must not end its batch-mates
                 finished.append(self._finish(slot, "error", f"generation failed: {type(e).__name__}: {e}"))
                 continue
@@ -1496,23 +1686,46 @@ class Engine:
             n += 1
         return n
 
-    def _accept(self, slot: Slot, token: int) -> str | None:
-        """Take one sampled token: emit its text, or say why generation ends."""
+    def _logprob_entry(self, slot: Slot, batch_index: int, token: int) -> TokenLogprob | None:
+        """The sampled token's log-probability and the top alternatives, only when the request asks:
+        from the draw's candidates (KoboldCpp's way), or from the model's own distribution (the
+        logits llama.cpp just computed; OpenAI's and llama-server's way)."""
+        request = slot.job.request
+        if not request.logprobs:
+            return None
+        if request.logprobs_after_samplers:
+            return slot.sampler.snapshot.entry(token)
+        import numpy
+        logits = numpy.ctypeslib.as_array(self.lib.llama_get_logits_ith(self.model.ctx, batch_index),
+                                          shape=(self.model.n_vocab,)).astype(numpy.float64)
+        top = logits.max()
+        norm = top + math.log(numpy.exp(logits - top).sum())
+        n = request.top_logprobs
+        best = numpy.argpartition(-logits, n)[:n] if n else numpy.array([], dtype=numpy.int64)
+        best = best[numpy.argsort(-logits[best], kind="stable")]
+        return TokenLogprob(token, float(logits[token] - norm), [(int(t), float(logits[t] - norm)) for t in best])
+
+    MAX_BANS_AT_ONE_PLACE = 64     # then a phrase ban leaves no way on: the reply ends there
+    MAX_REWINDS = 1024
+
+    def _accept(self, slot: Slot, token: int, entry: TokenLogprob | None = None) -> str | None:
+        """Take one sampled token: emit its text, or take back a banned phrase, or say why generation ends."""
         job = slot.job
         if FAULT_INJECTION_MARKER and FAULT_INJECTION_MARKER in job.request.prompt:
             raise RuntimeError("fault injected for a test")
+        if token is None or (slot.bans is not None and slot.bans.exhausted):
+            job.stats.stop_reason = 1       # nothing may follow: the grammar, bans and biases allow no token
+            return "stop"
         if self.model.is_end_of_generation(token) or token in job.stop_tokens:
             job.stats.stop_reason = 1
             return "stop"
         job.stats.generated_tokens += 1
-        data = self.model.piece(token, job.request.render_special)
-        if not data and not job.request.render_special:
-            # A control token shows no text, yet a stop string may name it (a template's start of turn).
-            text = slot.assembler.feed(self.model.piece(token, special=True), hidden=True)
-        else:
-            text = slot.assembler.feed(data)
-        if text:
-            job.buffer.append(text)
+        slot.generated.append(token)
+        released, rewind = slot.guard.push(token, self.model.piece(token, job.request.render_special), entry)
+        if rewind:
+            return self._rewind(slot, rewind)
+        for released_token, data, released_entry in released:
+            self._emit(slot, released_token, data, released_entry)
         if slot.assembler.stopped_by is not None:
             job.stats.stop_reason = 2
             return "stop"
@@ -1522,9 +1735,47 @@ class Engine:
         slot.next_token = token
         return None
 
+    def _emit(self, slot: Slot, token: int, data: bytes, entry: TokenLogprob | None):
+        """A token's text goes to the stop-string assembler, and what it lets through to the readers."""
+        job = slot.job
+        if entry is not None:
+            job.logprobs.append(entry)
+        if not data and not job.request.render_special:
+            # A control token shows no text, yet a stop string may name it (a template's start of turn).
+            text = slot.assembler.feed(self.model.piece(token, special=True), hidden=True)
+        else:
+            text = slot.assembler.feed(data)
+        if text:
+            job.buffer.append(text)
+
+    def _rewind(self, slot: Slot, n: int) -> str | None:
+        """Take back the last n tokens (a banned phrase begins in the first): the KV cache, the position
+        and the samplers' state go back to where it began, its first token is banned there, and the
+        token before it is decoded again to sample anew."""
+        job = slot.job
+        first = slot.generated[-n]
+        del slot.generated[-n:]
+        job.stats.generated_tokens -= n
+        # The newest token was sampled but not decoded; the n - 1 before it are the cache's last.
+        cut = len(slot.cached) - n
+        with self.llama_lock:
+            self.lib.llama_memory_seq_rm(self.model.memory, slot.seq_id, cut, -1)
+        slot.next_token = slot.cached[cut]
+        del slot.cached[cut:]
+        slot.rewinds += 1
+        banned_here = slot.bans.ban(len(slot.generated), first)
+        if banned_here > self.MAX_BANS_AT_ONE_PLACE or slot.rewinds > self.MAX_REWINDS:
+            job.stats.stop_reason = 1
+            return "stop"
+        slot.sampler.free()
+        slot.sampler = self._sampler_for(slot)
+        return None
+
     def _finish(self, slot: Slot, reason: str, error: str | None = None) -> Job:
         job = slot.job
         if reason in ("stop", "length"):
+            for token, data, entry in slot.guard.flush():
+                self._emit(slot, token, data, entry)
             tail = slot.assembler.flush()
             if tail:
                 job.buffer.append(tail)
@@ -1546,6 +1797,9 @@ class Engine:
     def abort_all(self) -> list[Job]:
         return [self._finish(s, "abort") for s in self.slots if s.busy]
 
+    def fail_all(self, error: str) -> list[Job]:
+        return [self._finish(s, "error", error) for s in self.slots if s.busy]
+
 
 # =============================================================================
 # 6. Scheduler
@@ -1555,22 +1809,72 @@ class ServerBusy(Exception):
     pass
 
 
-class Scheduler:
-    """A FIFO queue in front of the engine, and the thread that runs the generation loop.
+class FairQueue:
+    """Waiting jobs, served round-robin across client addresses: one client's burst of requests
+    waits behind every other client's next request, not in front of it."""
 
-    Also the registry of jobs by genkey, for check and abort.
+    def __init__(self):
+        self._lines: collections.OrderedDict[str, collections.deque[Job]] = collections.OrderedDict()
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __bool__(self) -> bool:
+        return self._count > 0
+
+    def append(self, job: Job):
+        self._lines.setdefault(job.client, collections.deque()).append(job)
+        self._count += 1
+
+    def popleft(self) -> Job:
+        client, line = next(iter(self._lines.items()))
+        job = line.popleft()
+        del self._lines[client]
+        if line:
+            self._lines[client] = line          # that client's next request goes to the back
+        self._count -= 1
+        return job
+
+    def remove(self, job: Job):
+        line = self._lines[job.client]
+        line.remove(job)
+        if not line:
+            del self._lines[job.client]
+        self._count -= 1
+
+    def __iter__(self) -> Iterator[Job]:
+        """In the order they will run."""
+        lines = [list(line) for line in self._lines.values()]
+        for i in range(max(map(len, lines), default=0)):
+            yield from (line[i] for line in lines if i < len(line))
+
+    def clear(self) -> list[Job]:
+        jobs = list(self)
+        self._lines.clear()
+        self._count = 0
+        return jobs
+
+
+class Scheduler:
+    """The queue in front of the engine, and the thread that runs the generation loop.
+
+    Also the registry of jobs by genkey, for check and abort, and the one place every job's end is
+    recorded (totals for /metrics, the log line), whatever ended it. Request threads see jobs only
+    through this object, under its condition; the engine's slots belong to the generation thread.
     """
 
     RECENT_KEYED_JOBS = 256
 
-    def __init__(self, engine: Engine, max_waiting: int, on_finished: Callable[[Job], None] = lambda job: None):
+    def __init__(self, engine: "Engine", max_waiting: int, on_finished: Callable[[Job], None] = lambda job: None):
         self.engine = engine
         self.on_finished = on_finished
         self.max_waiting = max_waiting
         self._cond = threading.Condition()
-        self._queue: collections.deque[Job] = collections.deque()
+        self._queue = FairQueue()
+        self._running: list[Job] = []            # admitted, in order of admission
         self._by_genkey: collections.OrderedDict[str, Job] = collections.OrderedDict()
-        self._last_unkeyed: Job | None = None
+        self._last_unkeyed: Job | None = None    # shown to a check without genkey while it runs
         self._stopping = threading.Event()     # the shared abort signal: ends every job
         self._thread = threading.Thread(target=self._run, name="generation-loop", daemon=True)
         self.total_generations = 0
@@ -1586,7 +1890,7 @@ class Scheduler:
         with self._cond:
             if self._stopping.is_set():
                 raise ServerBusy("the server is shutting down")
-            if len(self._queue) >= len(self.engine.slots) - self.engine.active + self.max_waiting:
+            if self._full():
                 raise ServerBusy()
             self._queue.append(job)
             if job.genkey:
@@ -1599,8 +1903,13 @@ class Scheduler:
             self._cond.notify_all()
         return job
 
+    def _full(self) -> bool:
+        return len(self._queue) >= self.engine.n_slots - len(self._running) + self.max_waiting
+
     def find(self, genkey: str) -> Job | None:
-        """The latest job of this genkey; with no genkey, the latest job that had none."""
+        """The latest job of this genkey; with no genkey, the unkeyed Kobold-API job while it is queued
+        or running (old clients poll so during their own blocking generate; after it, the text is
+        nobody else's business)."""
         with self._cond:
             return self._by_genkey.get(genkey) if genkey else self._last_unkeyed
 
@@ -1613,25 +1922,22 @@ class Scheduler:
                 return None
             if job.state == "queued":
                 self._queue.remove(job)
-                job.end("abort")
+                self._end_unstarted(job, "abort")
                 return job
         job.cancel()
         return job
 
     def _latest_unkeyed(self) -> Job | None:
-        running = [s for s in self.engine.slots if s.job is not None and not s.job.genkey]
+        running = [j for j in self._running if not j.genkey]
         if running:
-            return max(running, key=lambda s: s.t_admitted).job
+            return running[-1]
         waiting = [j for j in self._queue if not j.genkey]
         return waiting[-1] if waiting else None
 
     def queue_position(self, job: Job) -> int:
         """1 for the next to run; 0 when not waiting."""
         with self._cond:
-            try:
-                return self._queue.index(job) + 1
-            except ValueError:
-                return 0
+            return next((i for i, j in enumerate(self._queue, 1) if j is job), 0)
 
     @property
     def waiting(self) -> int:
@@ -1639,61 +1945,44 @@ class Scheduler:
             return len(self._queue)
 
     @property
+    def active(self) -> int:
+        with self._cond:
+            return len(self._running)
+
+    @property
     def saturated(self) -> bool:
         """True when one more request would be refused as busy."""
         with self._cond:
-            return len(self._queue) >= len(self.engine.slots) - self.engine.active + self.max_waiting
+            return self._full()
 
     @property
     def idle(self) -> bool:
         with self._cond:
-            return not self._queue and self.engine.active == 0
+            return not self._queue and not self._running
 
     def stop(self, timeout: float = 5.0):
         """Abort everything, queued and running, and let the loop thread end."""
         with self._cond:
             self._stopping.set()
-            for job in self._queue:
-                job.end("abort")
-            self._queue.clear()
+            for job in self._queue.clear():
+                self._end_unstarted(job, "abort")
             self._cond.notify_all()
         self._thread.join(timeout)
 
-    # -- the generation thread -----------------------------------------------
+    # -- every job's end ------------------------------------------------------
 
-    def _run(self):
-        engine = self.engine
-        while True:
-            with self._cond:
-                while not self._stopping.is_set() and self._queue and \
-                        engine.active < len(engine.slots):
-                    job = self._queue.popleft()
-                    if job.cancelled.is_set():
-                        job.end("abort")
-                        continue
-                    try:
-                        engine.admit(job)
-                    except Exception as e:  # e.g. a sampler llama.cpp refuses: this job fails alone
-                        job.end("error", f"could not start the generation: {e}")
-                if self._stopping.is_set():
-                    ended = engine.abort_all()
-                    self._record(ended)
-                    self._cond.notify_all()
-                    return
-                if engine.active == 0:
-                    self._cond.wait()
-                    continue
-            try:
-                ended = engine.step()
-            except Exception as e:  # a failure fails the running jobs, never the server
-                ended = [engine._finish(s, "error", f"generation failed: {e}") for s in engine.slots if s.busy]
-            if ended:
-                with self._cond:
-                    self._record(ended)
-                    self._cond.notify_all()
+    def _end_unstarted(self, job: Job, reason: str, error: str | None = None):
+        """A job that never reached the engine (aborted in the queue, or refused by it). Holds _cond."""
+        job.end(reason, error)
+        self._record([job])
 
     def _record(self, jobs: list[Job]):
+        """Holds _cond. The jobs have ended: count them, forget them as running, log them."""
         for job in jobs:
+            if job in self._running:
+                self._running.remove(job)
+            if self._last_unkeyed is job:
+                self._last_unkeyed = None
             self.total_generations += 1
             s = job.stats
             self.totals.update(requests=1, prompt_tokens=s.prompt_tokens - s.cached_tokens,
@@ -1702,304 +1991,43 @@ class Scheduler:
             self.totals[f"finished_{job.buffer.finish_reason}"] += 1
             self.last_job = job
             self.on_finished(job)
+        self._cond.notify_all()
+
+    # -- the generation thread -----------------------------------------------
+
+    def _run(self):
+        engine = self.engine
+        while True:
+            with self._cond:
+                while not self._stopping.is_set() and not self._queue and not self._running:
+                    self._cond.wait()
+                if self._stopping.is_set():
+                    self._record(engine.abort_all())
+                    return
+                starting = []
+                while self._queue and len(self._running) < engine.n_slots:
+                    job = self._queue.popleft()
+                    job.state = "starting"
+                    self._running.append(job)
+                    starting.append(job)
+            for job in starting:        # outside the condition: samplers and grammars are built here
+                try:
+                    engine.admit(job)
+                except Exception as e:  # e.g. a sampler llama.cpp refuses: this job fails alone
+                    with self._cond:
+                        self._end_unstarted(job, "error", f"could not start the generation: {e}")
+            try:
+                ended = engine.step()
+            except Exception as e:  # a failure fails the running jobs, never the server
+                ended = engine.fail_all(f"generation failed: {e}")
+            if ended:
+                with self._cond:
+                    self._record(ended)
 
 
 # =============================================================================
-# 7. Protocol adapters: KoboldAI, OpenAI and Ollama APIs
+# 7. Chat templates
 # =============================================================================
-# Each route is a small function (app, request) -> Response that turns JSON into
-# one GenerationRequest and the job's token buffer back into its API's shape.
-
-class Response:
-    def __init__(self, status: int = 200, body: bytes = b"", content_type: str = "application/json",
-                 headers: dict[str, str] | None = None):
-        self.status = status
-        self.body = body
-        self.content_type = content_type
-        self.headers = headers or {}
-
-
-class JSONResponse(Response):
-    def __init__(self, obj: Any, status: int = 200, headers: dict[str, str] | None = None):
-        super().__init__(status, json.dumps(obj).encode(), "application/json", headers)
-
-
-class StreamResponse(Response):
-    """A body written piece by piece as `chunks` yields; the connection closes at its end."""
-
-    def __init__(self, content_type: str, chunks: Iterator[bytes], job: Job | None = None,
-                 headers: dict[str, str] | None = None):
-        super().__init__(200, b"", content_type, headers)
-        self.chunks = chunks
-        self.job = job
-
-
-def error_body(style: str, error: RequestError) -> dict:
-    """The error shape each family of clients understands."""
-    if style == "openai":
-        return {"error": {"message": str(error), "type": error.kind, "code": error.code or error.status,
-                          **error.extra}}
-    if style == "ollama":
-        return {"error": str(error)}
-    return {"detail": {"msg": str(error), "type": error.kind}}
-
-
-def unauthorized(style: str) -> RequestError:
-    """401, in the words OpenAI-style clients look for (they show 'invalid API key' and stop retrying)."""
-    message = "a valid password is required (Authorization: Bearer <password>, or X-Api-Key)"
-    if style == "openai":
-        return RequestError(message, status=401, kind="authentication_error", code="invalid_api_key")
-    return RequestError(message, status=401, kind="unauthorized")
-
-
-BUSY_MESSAGE = "Server is busy; please try again later."
-
-
-
-class App:
-    """Everything a route needs: config, engine, scheduler, and the model's identity."""
-
-    def __init__(self, config: Config):
-        self.config = config
-        self.model: LlamaModel | None = None
-        self.chat_template: ChatTemplate | None = None
-        self.engine: Engine | None = None
-        self.scheduler: Scheduler | None = None
-        self.ready = threading.Event()
-        self.started = time.monotonic()
-        self.instance_id = config.instance_id or ""
-        # Lines go to stderr from a thread of their own: the generation loop logs each job's end,
-        # and a slow reader of stderr must never hold it up.
-        self._log_lines: "queue.SimpleQueue[str | None]" = queue.SimpleQueue()
-        self._logger = threading.Thread(target=self._write_log, name="log-writer", daemon=True)
-        self._logger.start()
-
-    def attach_model(self, model: LlamaModel):
-        self.chat_template, origin = load_chat_template(model, self.config.chat_template)
-        print(origin, file=sys.stderr, flush=True)
-        self.model = model
-        self.engine = Engine(model, context_shift=not self.config.noshift)
-        self.scheduler = Scheduler(self.engine, self.config.multiuser, self._log_finished)
-        self.scheduler.start()
-        self.ready.set()
-
-    def _log_finished(self, job: Job):
-        s = job.stats
-        rate = s.generated_tokens / s.generation_seconds if s.generation_seconds else 0.0
-        self.log(f"job {job.id} ended: {job.buffer.finish_reason}, {s.prompt_tokens} prompt tokens "
-                 f"({s.cached_tokens} cached) in {s.prompt_seconds:.2f}s, {s.generated_tokens} generated "
-                 f"in {s.generation_seconds:.2f}s ({rate:.1f} tokens/s)")
-
-    def log(self, message: str):
-        if not self.config.quiet:
-            self._log_lines.put(message)
-
-    def _write_log(self):
-        while (line := self._log_lines.get()) is not None:
-            print(line, file=sys.stderr, flush=True)
-
-    def flush_log(self, timeout: float = 5.0):
-        """At exit: write what is still queued."""
-        self._log_lines.put(None)
-        self._logger.join(timeout)
-
-
-def parse_kobold_request(req, app: App) -> GenerationRequest:
-    f = FieldReader(req.json())
-    if "prompt" not in f.body:
-        raise RequestError("'prompt' is required")
-    stops = f.string_list("stop_sequence")
-    if f.boolean("singleline"):
-        stops.append("\n")
-    return instruct_request(app, f, prompt=f.string("prompt"), memory=f.string("memory"), stop_strings=stops,
-        max_length=f.integer("max_length", default=app.config.max_length, lo=1, hi=1 << 20),
-        max_context_length=f.integer("max_context_length", "truncation_length", default=app.model.n_ctx,
-                                     lo=1, hi=1 << 24),
-        trim_stop=f.boolean("trim_stop", default=True),
-        sampler=parse_sampler_settings(f),
-        genkey=genkey_of(req),
-        render_special=f.boolean("render_special", default=False),
-        checkable_without_genkey=True,
-        cut_overlong_prompt=True,
-        ignored_fields=ignored_fields(f.body, KOBOLD_IGNORED_FIELDS),
-    )
-
-
-def instruct_request(app: App, f: FieldReader, prompt: str, memory: str = "", stop_strings: list[str] = (),
-                     **fields) -> GenerationRequest:
-    """A text-completion request, its instruct placeholders rendered with the model's chat template
-    (KoboldCpp replaces them unless "replace_instruct_placeholders" is false)."""
-    if not f.boolean("replace_instruct_placeholders", default=True):
-        return GenerationRequest(prompt=prompt, memory=memory, stop_strings=list(stop_strings), **fields)
-    template = app.chat_template
-    stops = template.instruct_stops(stop_strings) if any(INSTRUCT_PLACEHOLDER.search(s) for s in stop_strings) \
-        else list(stop_strings)
-    rendered = template.render_instruct(memory, prompt)
-    if rendered is None:
-        return GenerationRequest(prompt=prompt, memory=memory, stop_strings=stops, **fields)
-    memory, prompt = rendered
-    return template.prompt_request(prompt, memory=memory, stop_strings=stops, **fields)
-
-
-def wait_for_text(job: Job) -> str:
-    """The whole text of a non-streamed request; a failed generation is a 500."""
-    job.buffer.wait_done()
-    if job.buffer.finish_reason == "error":
-        raise RequestError(job.buffer.error or "generation failed", status=500, kind="server_error")
-    return job.buffer.text()
-
-
-def genkey_of(req) -> str:
-    """A genkey from the JSON body, the query string, or a `genkey` header: every API takes all
-    three, so check and abort (and a balancer hashing on it) reach any generation."""
-    body = req.json(optional=True)
-    if body is not None and not isinstance(body, dict):
-        raise RequestError("the request body must be a JSON object")
-    key = (body or {}).get("genkey") or req.query.get("genkey") or req.headers.get("genkey") or ""
-    if not isinstance(key, str):
-        raise RequestError("'genkey' must be a string")
-    return key
-
-
-def kobold_sse_event(token: str, finish_reason: str | None) -> bytes:
-    """One KoboldCpp SSE event; ASCII-only JSON on one line (a raw U+2028 breaks KoboldAI Lite)."""
-    data = json.dumps({"token": token, "finish_reason": finish_reason}, ensure_ascii=True)
-    return f"event: message\ndata: {data}\n\n".encode("ascii")
-
-
-def wire_finish_reason(reason: str | None) -> str:
-    """Clients know 'stop' and 'length'; an aborted or failed generation stopped."""
-    return "length" if reason == "length" else "stop"
-
-
-# Routes get (app, request) and return a Response; see the HTTP layer below.
-
-def kobold_model(app, req):
-    if app.config.password and not req.authorized:
-        return JSONResponse({"result": "koboldcpp/protected-model"})   # KoboldCpp's words
-    return JSONResponse({"result": f"koboldcpp/{app.model.name}"})
-
-
-def kobold_info_version(app, req):
-    return JSONResponse({"result": KOBOLD_API_VERSION})
-
-
-def kobold_max_length(app, req):
-    return JSONResponse({"value": app.config.max_length})
-
-
-def kobold_max_context_length(app, req):
-    return JSONResponse({"value": app.model.n_ctx})
-
-
-def kobold_generate(app, req):
-    job = req.start_generation(parse_kobold_request(req, app))
-    text = wait_for_text(job)
-    return JSONResponse({"results": [{"text": text,
-                                      "finish_reason": wire_finish_reason(job.buffer.finish_reason)}]})
-
-
-def kobold_generate_stream(app, req):
-    job = req.start_generation(parse_kobold_request(req, app))
-
-    def events():
-        for batch in job.buffer.batches():    # one write for all the tokens already waiting
-            yield b"".join(kobold_sse_event(piece, None) for piece in batch)
-        yield kobold_sse_event("", wire_finish_reason(job.buffer.finish_reason))
-    return StreamResponse("text/event-stream", events(), job)
-
-
-def kobold_extra_version(app, req):
-    return JSONResponse({
-        "result": "KoboldCpp", "version": KOBOLDCPP_COMPAT_VERSION, "protected": bool(app.config.password),
-        "server": "KoboldLite", "koboldlite_version": __version__,
-        "txt2img": False, "vision": False, "audio": False, "transcribe": False, "multiplayer": False,
-        "websearch": False, "tts": False, "embeddings": False, "savedata": False, "admin": 0,
-    })
-
-
-def kobold_check(app, req):
-    job = app.scheduler.find(genkey_of(req))
-    text = job.buffer.text() if job is not None else ""
-    result = {"text": text}
-    if job is not None and job.state == "queued":
-        result["queue_position"] = app.scheduler.queue_position(job)
-    return JSONResponse({"results": [result]})
-
-
-def kobold_abort(app, req):
-    job = app.scheduler.abort(genkey_of(req))
-    if job is None:
-        return JSONResponse({"success": "false", "done": "false"})
-    done = job.buffer.wait_done(timeout=2.0)   # the loop stops within one token
-    return JSONResponse({"success": "true", "done": "true" if done else "false"})
-
-
-def kobold_tokencount(app, req):
-    f = FieldReader(req.json())
-    text = f.string("prompt")
-    special = f.boolean("special", default=True)
-    ids = app.model.tokenize(text, add_bos=special, parse_special=special)
-    return JSONResponse({"value": len(ids), "ids": ids})
-
-
-def kobold_detokenize(app, req):
-    f = FieldReader(req.json())
-    ids = f.token_ids("ids", "tokens")
-    bad = [t for t in ids if not app.model.valid_token(t)]
-    if bad:
-        raise RequestError(f"'ids' holds ids outside the vocabulary (0..{app.model.n_vocab - 1}): {bad[0]}")
-    return JSONResponse({"result": app.model.detokenize(ids), "success": True})
-
-
-def kobold_json_to_grammar(app, req):
-    """A JSON schema (the body, or its 'schema' field) as GBNF, for clients that then send it as 'grammar'."""
-    f = FieldReader(req.json())
-    schema = f.body.get("schema", f.body)
-    return JSONResponse({"result": json_grammar(schema, "schema"), "success": True})
-
-
-def sd_models(app, req):
-    """No image model is served: KoboldCpp answers an empty list, and KoboldAI Lite asks on every connect."""
-    return JSONResponse([])
-
-
-def kobold_true_max_context_length(app, req):
-    return JSONResponse({"value": app.model.n_ctx})
-
-
-def kobold_perf(app, req):
-    sched = app.scheduler
-    last = sched.last_job
-    s = last.stats if last else JobStats()
-    return JSONResponse({
-        "last_process": round(s.prompt_seconds, 4),
-        "last_eval": round(s.generation_seconds, 4),
-        "last_token_count": s.generated_tokens,
-        "last_input_count": s.prompt_tokens,
-        "last_cached_count": s.cached_tokens,
-        "last_truncated_count": s.truncated_tokens,    # oldest prompt tokens cut to fit the context
-        "last_shifted_count": s.shifted_tokens,        # tokens a context shift dropped while generating
-        "truncated": s.truncated,
-        "last_seed": s.seed,
-        "total_gens": sched.total_generations,
-        "stop_reason": s.stop_reason,
-        "queue": sched.waiting,
-        "idle": 1 if sched.idle else 0,
-        "active_slots": app.engine.active,
-        "slots": len(app.engine.slots),
-        "uptime": round(time.monotonic() - app.started, 3),
-        "instance": app.instance_id,
-        "hordeexitcounter": -1,
-        "quiet": app.config.quiet,
-    })
-
-
-def kobold_preloadstory(app, req):
-    return JSONResponse({})
-
-
-# -- chat templates -------------------------------------------------------------
 
 class ChatTemplate:
     """A Jinja chat template rendered in a sandbox, as Hugging Face tokenizers render it."""
@@ -2007,8 +2035,14 @@ class ChatTemplate:
     END_OF_TURN_MARKERS = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>", "<|endoftext|>", "</s>")
 
     def __init__(self, source: str, name: str, model: LlamaModel):
+        import jinja2.ext
         import jinja2.sandbox
-        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        # As transformers renders templates: loop controls, a tojson that does not escape HTML, and
+        # the {% generation %} tag (which marks the assistant's text for training; here it just renders).
+        env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols, generation_tag()])
+        env.filters["tojson"] = lambda value, ensure_ascii=False, indent=None, separators=None, sort_keys=False: \
+            json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
         env.globals["raise_exception"] = self._raise
         env.globals["strftime_now"] = lambda fmt: time.strftime(fmt)
         self.source = source
@@ -2160,6 +2194,20 @@ class ChatTemplate:
         return markers
 
 
+@functools.cache
+def generation_tag() -> type:
+    """The Jinja extension for transformers' {% generation %}...{% endgeneration %}: renders its body."""
+    import jinja2.ext
+
+    class GenerationTag(jinja2.ext.Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            next(parser.stream)
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+    return GenerationTag
+
+
 INSTRUCT_PLACEHOLDER = re.compile(r"\{\{\[(SYSTEM|INPUT|OUTPUT)(_END)?\]\}\}")
 PLACEHOLDER_ROLES = {"SYSTEM": "system", "INPUT": "user", "OUTPUT": "assistant"}
 
@@ -2215,6 +2263,426 @@ def load_chat_template(model: LlamaModel, choice: str | None) -> tuple[ChatTempl
         return ChatTemplate(own, "model", model), "chat template: the model's own"
     return (ChatTemplate(BUILTIN_CHAT_TEMPLATES["chatml"], "chatml", model),
             "chat template: the model has none; using ChatML (choose another with --chat-template)")
+
+
+# =============================================================================
+# 8. Service: the application a route talks to
+# =============================================================================
+# Routes get a Request and return a Response; App holds the model, the engine and the scheduler,
+# starts generations and logs their ends. Nothing here knows about HTTP.
+
+class Response:
+    def __init__(self, status: int = 200, body: bytes = b"", content_type: str = "application/json",
+                 headers: dict[str, str] | None = None):
+        self.status = status
+        self.body = body
+        self.content_type = content_type
+        self.headers = headers or {}
+
+
+class JSONResponse(Response):
+    def __init__(self, obj: Any, status: int = 200, headers: dict[str, str] | None = None):
+        super().__init__(status, json.dumps(obj).encode(), "application/json", headers)
+
+
+class StreamResponse(Response):
+    """A body written piece by piece as `chunks` yields; the connection closes at its end."""
+
+    def __init__(self, content_type: str, chunks: Iterator[bytes], job: Job | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(200, b"", content_type, headers)
+        self.chunks = chunks
+        self.job = job
+
+
+BUSY_MESSAGE = "Server is busy; please try again later."
+
+
+class App:
+    """Everything a route needs: config, engine, scheduler, and the model's identity."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.model: LlamaModel | None = None
+        self.chat_template: ChatTemplate | None = None
+        self.engine: Engine | None = None
+        self.scheduler: Scheduler | None = None
+        self.ready = threading.Event()
+        self.started = time.monotonic()
+        self.instance_id = config.instance_id or ""
+        # Lines go to stderr from a thread of their own: the generation loop logs each job's end,
+        # and a slow reader of stderr must never hold it up.
+        self._log_lines: "queue.SimpleQueue[str | None]" = queue.SimpleQueue()
+        self._logger = threading.Thread(target=self._write_log, name="log-writer", daemon=True)
+        self._logger.start()
+
+    def attach_model(self, model: LlamaModel):
+        self.chat_template, origin = load_chat_template(model, self.config.chat_template)
+        print(origin, file=sys.stderr, flush=True)
+        self.model = model
+        self.engine = Engine(model, context_shift=not self.config.noshift)
+        self.scheduler = Scheduler(self.engine, self.config.multiuser, self._log_finished)
+        self.scheduler.start()
+        self.ready.set()
+
+    def start_generation(self, request: GenerationRequest) -> Job:
+        """Prepare and queue a generation; a full queue is the 503 KoboldAI Lite understands."""
+        job = self.engine.prepare(request)
+        try:
+            self.scheduler.submit(job)
+        except ServerBusy:
+            raise RequestError(BUSY_MESSAGE, status=503, kind="service_unavailable") from None
+        position = self.scheduler.queue_position(job)     # 0 once the loop has taken it
+        self.log(f"job {job.id}: {len(job.prompt_tokens)} prompt tokens, up to {job.max_new_tokens} new"
+                + (f", {job.stats.truncated_tokens} oldest prompt tokens cut to fit the context"
+                   if job.stats.truncated_tokens else "")
+                + (f", genkey {job.genkey}" if job.genkey else "")
+                + (f", ignored fields: {', '.join(job.ignored_fields)}" if job.ignored_fields else "")
+                + (f", queued at {position}" if position else ""))
+        return job
+
+    def _log_finished(self, job: Job):
+        s = job.stats
+        rate = s.generated_tokens / s.generation_seconds if s.generation_seconds else 0.0
+        self.log(f"job {job.id} ended: {job.buffer.finish_reason}, {s.prompt_tokens} prompt tokens "
+                 f"({s.cached_tokens} cached) in {s.prompt_seconds:.2f}s, {s.generated_tokens} generated "
+                 f"in {s.generation_seconds:.2f}s ({rate:.1f} tokens/s)")
+
+    def log(self, message: str):
+        if not self.config.quiet:
+            self._log_lines.put(message)
+
+    def _write_log(self):
+        while (line := self._log_lines.get()) is not None:
+            print(line, file=sys.stderr, flush=True)
+
+    def flush_log(self, timeout: float = 5.0):
+        """At exit: write what is still queued."""
+        self._log_lines.put(None)
+        self._logger.join(timeout)
+
+
+class Request:
+    """What a route sees of one request: method, path, query, headers, body, whether it carried the
+    password, and, from whatever carried it, who sent it and how to watch for them hanging up."""
+
+    def __init__(self, app: App, method: str, path: str, query: dict[str, str], headers, body: bytes,
+                 authorized: bool, client: str = "", watch_hangup: Callable[[Job], None] = lambda job: None):
+        self.app = app
+        self.method = method
+        self.path = path
+        self.query = query
+        self.headers = headers
+        self.body = body
+        self.authorized = authorized
+        self.client = client
+        self._watch_hangup = watch_hangup
+        self.job: Job | None = None
+        self.ignored: list[str] = []      # fields named in X-KoboldLite-Ignored
+        self._json: Any = None
+        self._parsed = False
+
+    def json(self, optional: bool = False) -> Any:
+        """The body as JSON; an empty body is None when optional, else a 400."""
+        if not self._parsed:
+            self._parsed = True
+            if self.body.strip():
+                try:
+                    self._json = json.loads(self.body)
+                except (ValueError, UnicodeDecodeError) as e:
+                    raise RequestError(f"the request body is not valid JSON: {e}") from None
+                except RecursionError:
+                    raise RequestError("the request body is nested too deeply") from None
+        if self._json is None and not optional:
+            raise RequestError("a JSON request body is required")
+        return self._json
+
+    def start_generation(self, request: GenerationRequest) -> Job:
+        """Queue a generation for this client; it is cancelled if the client hangs up."""
+        request.client = self.client
+        self.job = self.app.start_generation(request)
+        self.ignored = self.job.ignored_fields
+        self._watch_hangup(self.job)
+        return self.job
+
+
+def wait_for_text(job: Job) -> str:
+    """The whole text of a non-streamed request; a failed generation is a 500."""
+    job.buffer.wait_done()
+    if job.buffer.finish_reason == "error":
+        raise RequestError(job.buffer.error or "generation failed", status=500, kind="server_error")
+    return job.buffer.text()
+
+
+# =============================================================================
+# 9. Protocol adapters: KoboldAI, OpenAI and Ollama APIs
+# =============================================================================
+# Each route is a small function (app, request) -> Response that turns JSON into
+# one GenerationRequest and the job's token buffer back into its API's shape.
+
+def error_body(style: str, error: RequestError) -> dict:
+    """The error shape each family of clients understands."""
+    if style == "openai":
+        return {"error": {"message": str(error), "type": error.kind, "code": error.code or error.status,
+                          **error.extra}}
+    if style == "ollama":
+        return {"error": str(error)}
+    return {"detail": {"msg": str(error), "type": error.kind}}
+
+
+def unauthorized(style: str) -> RequestError:
+    """401, in the words OpenAI-style clients look for (they show 'invalid API key' and stop retrying)."""
+    message = "a valid password is required (Authorization: Bearer <password>, or X-Api-Key)"
+    if style == "openai":
+        return RequestError(message, status=401, kind="authentication_error", code="invalid_api_key")
+    return RequestError(message, status=401, kind="unauthorized")
+
+
+KOBOLD_TOP_LOGPROBS = 5     # KoboldCpp reports the 5 most likely alternatives
+
+
+def parse_kobold_request(req, app: App) -> GenerationRequest:
+    f = FieldReader(req.json())
+    if "prompt" not in f.body:
+        raise RequestError("'prompt' is required")
+    stops = f.string_list("stop_sequence")
+    if f.boolean("singleline"):
+        stops.append("\n")
+    return instruct_request(app, f, prompt=f.string("prompt"), memory=f.string("memory"), stop_strings=stops,
+        max_length=f.integer("max_length", default=app.config.max_length, lo=1, hi=1 << 20),
+        max_context_length=f.integer("max_context_length", "truncation_length", default=app.model.n_ctx,
+                                     lo=1, hi=1 << 24),
+        trim_stop=f.boolean("trim_stop", default=True),
+        sampler=parse_sampler_settings(f),
+        genkey=genkey_of(req),
+        render_special=f.boolean("render_special", default=False),
+        checkable_without_genkey=True,
+        cut_overlong_prompt=True,
+        ignored_fields=ignored_fields(f.body, KOBOLD_IGNORED_FIELDS),
+        logprobs=f.boolean("logprobs"), top_logprobs=KOBOLD_TOP_LOGPROBS, logprobs_after_samplers=True,
+    )
+
+
+def instruct_request(app: App, f: FieldReader, prompt: str, memory: str = "", stop_strings: list[str] = (),
+                     **fields) -> GenerationRequest:
+    """A text-completion request, its instruct placeholders rendered with the model's chat template
+    (KoboldCpp replaces them unless "replace_instruct_placeholders" is false)."""
+    if not f.boolean("replace_instruct_placeholders", default=True):
+        return GenerationRequest(prompt=prompt, memory=memory, stop_strings=list(stop_strings), **fields)
+    template = app.chat_template
+    stops = template.instruct_stops(stop_strings) if any(INSTRUCT_PLACEHOLDER.search(s) for s in stop_strings) \
+        else list(stop_strings)
+    rendered = template.render_instruct(memory, prompt)
+    if rendered is None:
+        return GenerationRequest(prompt=prompt, memory=memory, stop_strings=stops, **fields)
+    memory, prompt = rendered
+    return template.prompt_request(prompt, memory=memory, stop_strings=stops, **fields)
+
+
+def genkey_of(req) -> str:
+    """A genkey from the JSON body, the query string, or a `genkey` header: every API takes all
+    three, so check and abort (and a balancer hashing on it) reach any generation."""
+    body = req.json(optional=True)
+    if body is not None and not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object")
+    key = (body or {}).get("genkey") or req.query.get("genkey") or req.headers.get("genkey") or ""
+    if not isinstance(key, str):
+        raise RequestError("'genkey' must be a string")
+    return key
+
+
+def kobold_sse_event(token: str, finish_reason: str | None) -> bytes:
+    """One KoboldCpp SSE event; ASCII-only JSON on one line (a raw U+2028 breaks KoboldAI Lite)."""
+    data = json.dumps({"token": token, "finish_reason": finish_reason}, ensure_ascii=True)
+    return f"event: message\ndata: {data}\n\n".encode("ascii")
+
+
+def wire_finish_reason(reason: str | None) -> str:
+    """Clients know 'stop' and 'length'; an aborted or failed generation stopped."""
+    return "length" if reason == "length" else "stop"
+
+
+class LogprobShapes:
+    """A job's token log-probabilities in each API's shape. `legacy` keeps the text offset across
+    the chunks of one stream."""
+
+    def __init__(self, model: LlamaModel):
+        self.model = model
+        self.offset = 0
+
+    def _token(self, token: int) -> dict:
+        data = self.model.piece(token)
+        return {"token": data.decode("utf-8", errors="replace"), "bytes": list(data)}
+
+    def chat(self, entries: list[TokenLogprob]) -> list[dict]:
+        """OpenAI chat's `content` list (also Ollama's `logprobs`)."""
+        return [{**self._token(e.token), "logprob": e.logprob,
+                 "top_logprobs": [{**self._token(t), "logprob": lp} for t, lp in e.top]} for e in entries]
+
+    def legacy(self, entries: list[TokenLogprob]) -> dict:
+        """OpenAI completions' shape: tokens, token_logprobs, top_logprobs, text_offset."""
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for e in entries:
+            text = self._token(e.token)["token"]
+            out["tokens"].append(text)
+            out["token_logprobs"].append(e.logprob)
+            out["top_logprobs"].append({self._token(t)["token"]: lp for t, lp in e.top})
+            out["text_offset"].append(self.offset)
+            self.offset += len(text)
+        return out
+
+    def kobold(self, entries: list[TokenLogprob]) -> dict:
+        """KoboldCpp's: the chat `content` list and the legacy lists side by side."""
+        return {"content": self.chat(entries), **self.legacy(entries)}
+
+
+def batches_with_logprobs(job: Job) -> Iterator[tuple[list[str], list[TokenLogprob]]]:
+    """The job's text as it arrives, each batch with the log-probabilities of the tokens shown since the
+    last (they are recorded before their text); a last ([], rest) for tokens whose text never showed."""
+    sent = 0
+    for batch in job.buffer.batches():
+        n = len(job.logprobs)
+        yield batch, job.logprobs[sent:n]
+        sent = n
+    if len(job.logprobs) > sent:
+        yield [], job.logprobs[sent:]
+
+
+# Routes get (app, request) and return a Response; see the HTTP layer below.
+
+def kobold_model(app, req):
+    if app.config.password and not req.authorized:
+        return JSONResponse({"result": "koboldcpp/protected-model"})   # KoboldCpp's words
+    return JSONResponse({"result": f"koboldcpp/{app.model.name}"})
+
+
+def kobold_info_version(app, req):
+    return JSONResponse({"result": KOBOLD_API_VERSION})
+
+
+def kobold_max_length(app, req):
+    return JSONResponse({"value": app.config.max_length})
+
+
+def kobold_max_context_length(app, req):
+    return JSONResponse({"value": app.model.n_ctx})
+
+
+def kobold_generate(app, req):
+    job = req.start_generation(parse_kobold_request(req, app))
+    result = {"text": wait_for_text(job), "finish_reason": wire_finish_reason(job.buffer.finish_reason)}
+    if job.request.logprobs:
+        result["logprobs"] = LogprobShapes(app.model).kobold(job.logprobs)
+    return JSONResponse({"results": [result]})
+
+
+def kobold_last_logprobs(app, req):
+    """The log-probabilities of this genkey's latest generation; never another's, and none without a key."""
+    genkey = genkey_of(req)
+    job = app.scheduler.find(genkey) if genkey else None
+    if job is None or not job.request.logprobs:
+        return JSONResponse({"logprobs": None})
+    return JSONResponse({"logprobs": LogprobShapes(app.model).kobold(list(job.logprobs))})
+
+
+def kobold_generate_stream(app, req):
+    job = req.start_generation(parse_kobold_request(req, app))
+
+    def events():
+        for batch in job.buffer.batches():    # one write for all the tokens already waiting
+            yield b"".join(kobold_sse_event(piece, None) for piece in batch)
+        yield kobold_sse_event("", wire_finish_reason(job.buffer.finish_reason))
+    return StreamResponse("text/event-stream", events(), job)
+
+
+def kobold_extra_version(app, req):
+    return JSONResponse({
+        "result": "KoboldCpp", "version": KOBOLDCPP_COMPAT_VERSION, "protected": bool(app.config.password),
+        "server": "KoboldLite", "koboldlite_version": __version__,
+        "txt2img": False, "vision": False, "audio": False, "transcribe": False, "multiplayer": False,
+        "websearch": False, "tts": False, "embeddings": False, "savedata": False, "admin": 0,
+    })
+
+
+def kobold_check(app, req):
+    job = app.scheduler.find(genkey_of(req))
+    text = job.buffer.text() if job is not None else ""
+    result = {"text": text}
+    if job is not None and job.state == "queued":
+        result["queue_position"] = app.scheduler.queue_position(job)
+    return JSONResponse({"results": [result]})
+
+
+def kobold_abort(app, req):
+    job = app.scheduler.abort(genkey_of(req))
+    if job is None:
+        return JSONResponse({"success": "false", "done": "false"})
+    done = job.buffer.wait_done(timeout=2.0)   # the loop stops within one token
+    return JSONResponse({"success": "true", "done": "true" if done else "false"})
+
+
+def kobold_tokencount(app, req):
+    f = FieldReader(req.json())
+    text = f.string("prompt")
+    special = f.boolean("special", default=True)
+    ids = app.model.tokenize(text, add_bos=special, parse_special=special)
+    return JSONResponse({"value": len(ids), "ids": ids})
+
+
+def kobold_detokenize(app, req):
+    f = FieldReader(req.json())
+    ids = f.token_ids("ids", "tokens")
+    bad = [t for t in ids if not app.model.valid_token(t)]
+    if bad:
+        raise RequestError(f"'ids' holds ids outside the vocabulary (0..{app.model.n_vocab - 1}): {bad[0]}")
+    return JSONResponse({"result": app.model.detokenize(ids), "success": True})
+
+
+def kobold_json_to_grammar(app, req):
+    """A JSON schema (the body, or its 'schema' field) as GBNF, for clients that then send it as 'grammar'."""
+    f = FieldReader(req.json())
+    schema = f.body.get("schema", f.body)
+    return JSONResponse({"result": json_grammar(schema, "schema"), "success": True})
+
+
+def sd_models(app, req):
+    """No image model is served: KoboldCpp answers an empty list, and KoboldAI Lite asks on every connect."""
+    return JSONResponse([])
+
+
+def kobold_true_max_context_length(app, req):
+    return JSONResponse({"value": app.model.n_ctx})
+
+
+def kobold_perf(app, req):
+    sched = app.scheduler
+    last = sched.last_job
+    s = last.stats if last else JobStats()
+    return JSONResponse({
+        "last_process": round(s.prompt_seconds, 4),
+        "last_eval": round(s.generation_seconds, 4),
+        "last_token_count": s.generated_tokens,
+        "last_input_count": s.prompt_tokens,
+        "last_cached_count": s.cached_tokens,
+        "last_truncated_count": s.truncated_tokens,    # oldest prompt tokens cut to fit the context
+        "last_shifted_count": s.shifted_tokens,        # tokens a context shift dropped while generating
+        "truncated": s.truncated,
+        "last_seed": s.seed,
+        "total_gens": sched.total_generations,
+        "stop_reason": s.stop_reason,
+        "queue": sched.waiting,
+        "idle": 1 if sched.idle else 0,
+        "active_slots": app.scheduler.active,
+        "slots": len(app.engine.slots),
+        "uptime": round(time.monotonic() - app.started, 3),
+        "instance": app.instance_id,
+        "hordeexitcounter": -1,
+        "quiet": app.config.quiet,
+    })
+
+
+def kobold_preloadstory(app, req):
+    return JSONResponse({})
 
 
 CHAT_ROLES = ("system", "user", "assistant", "tool", "developer")
@@ -2298,6 +2766,23 @@ def openai_generation_fields(req, f: FieldReader, default_max: int | None) -> di
                 ignored_fields=ignored_fields(f.body, OPENAI_IGNORED_FIELDS))
 
 
+MAX_TOP_LOGPROBS = 20
+
+
+def openai_logprob_fields(f: FieldReader, legacy: bool) -> dict:
+    """Completions: `logprobs` is the number of alternatives; chat: `logprobs` true, `top_logprobs` N.
+    Both from the model's own distribution, as OpenAI and llama-server report them."""
+    if legacy:
+        value = f.body.get("logprobs")
+        if value is None or value is False:
+            return {}
+        top = 1 if value is True else f.integer("logprobs", default=0, lo=0, hi=MAX_TOP_LOGPROBS)
+        return {"logprobs": True, "top_logprobs": top}
+    if not f.boolean("logprobs"):
+        return {}
+    return {"logprobs": True, "top_logprobs": f.integer("top_logprobs", default=0, lo=0, hi=MAX_TOP_LOGPROBS)}
+
+
 def openai_usage(job: Job) -> dict:
     p, c = job.stats.prompt_tokens, job.stats.generated_tokens
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
@@ -2313,19 +2798,27 @@ SSE_DONE = b"data: [DONE]\n\n"
 
 
 def openai_stream(job: Job, head: dict, choice: Callable[[str], dict], first: dict | None,
-                  final: dict, include_usage: bool) -> Iterator[bytes]:
-    """`data:` lines only (no `event:`), exactly one final chunk, optional usage chunk, then [DONE]."""
-    def chunk(choice_fields: dict, finish_reason=None) -> bytes:
-        return sse_data({**head, "choices": [{"index": 0, **choice_fields, "logprobs": None,
+                  final: dict, include_usage: bool,
+                  logprobs: Callable[[list[TokenLogprob]], Any] | None = None) -> Iterator[bytes]:
+    """`data:` lines only (no `event:`), exactly one final chunk, optional usage chunk, then [DONE].
+    With `logprobs`, each write's last chunk carries the log-probabilities of its tokens."""
+    def chunk(choice_fields: dict, finish_reason=None, entries=()) -> bytes:
+        return sse_data({**head, "choices": [{"index": 0, **choice_fields,
+                                              "logprobs": logprobs(entries) if logprobs and entries else None,
                                               "finish_reason": finish_reason}]})
     if first is not None:
         yield chunk(first)
-    for batch in job.buffer.batches():
-        yield b"".join(chunk(choice(piece)) for piece in batch)
+    rest: list[TokenLogprob] = []
+    for batch, entries in batches_with_logprobs(job):
+        if not batch:
+            rest = entries
+            continue
+        yield b"".join(chunk(choice(piece), entries=entries if k == len(batch) - 1 else ())
+                       for k, piece in enumerate(batch))
     if job.buffer.finish_reason == "error":
         yield sse_data({"error": {"message": job.buffer.error or "generation failed", "type": "server_error"}})
     else:
-        yield chunk(final, wire_finish_reason(job.buffer.finish_reason))
+        yield chunk(final, wire_finish_reason(job.buffer.finish_reason), rest)
         if include_usage:
             yield sse_data({**head, "choices": [], "usage": openai_usage(job)})
     yield SSE_DONE
@@ -2355,14 +2848,17 @@ def openai_completions(app, req):
     if not isinstance(prompt, str):
         raise RequestError("'prompt' must be a string (or a list of one string)")
     fields = openai_generation_fields(req, f, default_max=16)
-    request = instruct_request(app, f, prompt=prompt, stop_strings=fields.pop("stop_strings"), **fields)
+    request = instruct_request(app, f, prompt=prompt, stop_strings=fields.pop("stop_strings"), **fields,
+                               **openai_logprob_fields(f, legacy=True))
     job = req.start_generation(request)
     head = openai_head(app, "text_completion", "cmpl")
+    shapes = LogprobShapes(app.model)
     if f.boolean("stream"):
         return StreamResponse("text/event-stream", openai_stream(
-            job, head, lambda piece: {"text": piece}, None, {"text": ""}, include_usage_of(f)), job)
+            job, head, lambda piece: {"text": piece}, None, {"text": ""}, include_usage_of(f), shapes.legacy), job)
     text = wait_for_text(job)
-    return JSONResponse({**head, "choices": [{"text": text, "index": 0, "logprobs": None,
+    return JSONResponse({**head, "choices": [{"text": text, "index": 0,
+                                              "logprobs": shapes.legacy(job.logprobs) if request.logprobs else None,
                                               "finish_reason": wire_finish_reason(job.buffer.finish_reason)}],
                          "usage": openai_usage(job)})
 
@@ -2371,16 +2867,18 @@ def openai_chat_completions(app, req):
     f = FieldReader(req.json())
     messages = parse_chat_messages(f.body.get("messages"))
     fields = openai_generation_fields(req, f, default_max=None)
-    job = req.start_generation(app.chat_template.generation_request(messages, **fields))
+    request = app.chat_template.generation_request(messages, **fields, **openai_logprob_fields(f, legacy=False))
+    job = req.start_generation(request)
     head = openai_head(app, "chat.completion.chunk", "chatcmpl")
+    content = lambda entries: {"content": LogprobShapes(app.model).chat(entries)}    # noqa: E731
     if f.boolean("stream"):
         return StreamResponse("text/event-stream", openai_stream(
             job, head, lambda piece: {"delta": {"content": piece}},
-            {"delta": {"role": "assistant", "content": ""}}, {"delta": {}}, include_usage_of(f)), job)
+            {"delta": {"role": "assistant", "content": ""}}, {"delta": {}}, include_usage_of(f), content), job)
     text = wait_for_text(job)
     return JSONResponse({**head, "object": "chat.completion",
                          "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                      "logprobs": None,
+                                      "logprobs": content(job.logprobs) if request.logprobs else None,
                                       "finish_reason": wire_finish_reason(job.buffer.finish_reason)}],
                          "usage": openai_usage(job)})
 
@@ -2420,7 +2918,11 @@ def ollama_generation_fields(req, f: FieldReader, app) -> dict:
     elif fmt not in (None, ""):
         sampler.grammar = json_grammar(fmt, "format")
     num_predict = options.integer("num_predict", default=-1, lo=-2, hi=1 << 20)
-    return dict(max_length=None if num_predict < 0 else max(1, num_predict),
+    fields = {}
+    if f.boolean("logprobs"):
+        fields["logprobs"] = True
+        fields["top_logprobs"] = f.integer("top_logprobs", default=0, lo=0, hi=MAX_TOP_LOGPROBS)
+    return dict(**fields, max_length=None if num_predict < 0 else max(1, num_predict),
                 max_context_length=options.integer("num_ctx", default=app.model.n_ctx, lo=16, hi=1 << 24),
                 stop_strings=options.string_list("stop"), sampler=sampler, genkey=genkey_of(req),
                 ignored_fields=ignored_fields(f.body, OLLAMA_IGNORED_FIELDS) + ignored_fields(
@@ -2436,21 +2938,30 @@ def ollama_final(job: Job, head: dict) -> dict:
 
 
 def ollama_answer(job: Job, app, f: FieldReader, piece_fields: Callable[[str], dict]) -> Response:
-    """NDJSON, one object per token and a final one with counts; or one object with "stream": false."""
+    """NDJSON, one object per token and a final one with counts; or one object with "stream": false.
+    With "logprobs": true, objects carry their tokens' `logprobs` (Ollama's shape, OpenAI chat's list)."""
     model = app.model.name
+    shapes = LogprobShapes(app.model)
+
+    def obj(fields: dict, entries=()) -> dict:
+        return {"model": model, "created_at": ollama_timestamp(), **fields,
+                **({"logprobs": shapes.chat(entries)} if job.request.logprobs and entries else {})}
     if f.boolean("stream", default=True):
         def lines():
-            for batch in job.buffer.batches():
-                yield b"".join(json.dumps({"model": model, "created_at": ollama_timestamp(), **piece_fields(piece),
-                                           "done": False}).encode() + b"\n" for piece in batch)
+            rest = []
+            for batch, entries in batches_with_logprobs(job):
+                if not batch:
+                    rest = entries
+                    continue
+                yield b"".join(json.dumps({**obj(piece_fields(piece), entries if k == len(batch) - 1 else ()),
+                                           "done": False}).encode() + b"\n" for k, piece in enumerate(batch))
             if job.buffer.finish_reason == "error":
                 yield json.dumps({"error": job.buffer.error or "generation failed"}).encode() + b"\n"
             else:
-                head = {"model": model, "created_at": ollama_timestamp(), **piece_fields("")}
-                yield json.dumps(ollama_final(job, head)).encode() + b"\n"
+                yield json.dumps(ollama_final(job, obj(piece_fields(""), rest))).encode() + b"\n"
         return StreamResponse("application/x-ndjson", lines(), job)
     text = wait_for_text(job)
-    return JSONResponse(ollama_final(job, {"model": model, "created_at": ollama_timestamp(), **piece_fields(text)}))
+    return JSONResponse(ollama_final(job, obj(piece_fields(text), job.logprobs)))
 
 
 def ollama_generate(app, req):
@@ -2582,7 +3093,7 @@ def metrics(app, req):
          totals["finished_abort"]),
         ("requests_failed_total", "counter", "Generations that failed.", totals["finished_error"]),
         ("queue_depth", "gauge", "Requests waiting for a slot.", app.scheduler.waiting),
-        ("slots_busy", "gauge", "Slots generating now.", app.engine.active),
+        ("slots_busy", "gauge", "Slots generating now.", app.scheduler.active),
         ("slots_total", "gauge", "Slots (--parallel).", len(app.engine.slots)),
         ("busy", "gauge", "1 while any generation runs or waits.", 0 if app.scheduler.idle else 1),
         ("uptime_seconds", "gauge", "Seconds since start.", time.monotonic() - app.started),
@@ -2595,7 +3106,7 @@ def metrics(app, req):
 
 
 # =============================================================================
-# 8. HTTP layer
+# 10. HTTP layer
 # =============================================================================
 
 @dataclasses.dataclass
@@ -2632,6 +3143,8 @@ class StaticFiles:
                 self.files[url] = (data, packed, self.TYPES.get(ext, "application/octet-stream"), etag)
         if "/index.html" in self.files:
             self.files["/"] = self.files["/index.html"]
+        if "/favicon.svg" in self.files:
+            self.files["/favicon.ico"] = self.files["/favicon.svg"]   # asked for by browsers and clients anyway
 
     def route(self, path: str) -> "Route | None":
         return Route(self.serve, needs_model=False) if path in self.files else None
@@ -2687,6 +3200,7 @@ def build_router(static: StaticFiles | None = None) -> Router:
     r.add("POST", "/api/extra/generate/stream", kobold_generate_stream, protected=True)
     r.add("GET POST", "/api/extra/generate/check", kobold_check, protected=True)
     r.add("POST", "/api/extra/abort", kobold_abort, protected=True)
+    r.add("POST", "/api/extra/last_logprobs", kobold_last_logprobs, protected=True)
     r.add("POST", "/api/extra/tokencount /api/extra/tokenize", kobold_tokencount, protected=True)
     r.add("POST", "/api/extra/detokenize", kobold_detokenize, protected=True)
     r.add("POST", "/api/extra/json_to_grammar", kobold_json_to_grammar, protected=True)
@@ -2858,59 +3372,6 @@ class DeadlineReaper:
                     pass
 
 
-class Request:
-    """What a route sees of one HTTP request."""
-
-    def __init__(self, handler: "RequestHandler", method: str, path: str, query: dict[str, str],
-                 body: bytes, authorized: bool):
-        self._handler = handler
-        self.app: App = handler.server.app
-        self.method = method
-        self.path = path
-        self.query = query
-        self.headers = handler.headers
-        self.body = body
-        self.authorized = authorized
-        self.job: Job | None = None
-        self.ignored: list[str] = []      # fields named in X-KoboldLite-Ignored
-        self._json: Any = None
-        self._parsed = False
-
-    def json(self, optional: bool = False) -> Any:
-        """The body as JSON; an empty body is None when optional, else a 400."""
-        if not self._parsed:
-            self._parsed = True
-            if self.body.strip():
-                try:
-                    self._json = json.loads(self.body)
-                except (ValueError, UnicodeDecodeError) as e:
-                    raise RequestError(f"the request body is not valid JSON: {e}") from None
-                except RecursionError:
-                    raise RequestError("the request body is nested too deeply") from None
-        if self._json is None and not optional:
-            raise RequestError("a JSON request body is required")
-        return self._json
-
-    def start_generation(self, request: GenerationRequest) -> Job:
-        """Queue a generation for this client; it is cancelled if the client hangs up."""
-        app = self.app
-        job = app.engine.prepare(request)
-        try:
-            app.scheduler.submit(job)
-        except ServerBusy:
-            raise RequestError(BUSY_MESSAGE, status=503, kind="service_unavailable") from None
-        self.job = job
-        self.ignored = job.ignored_fields
-        self._handler.watch_hangup(job)
-        app.log(f"job {job.id}: {len(job.prompt_tokens)} prompt tokens, up to {job.max_new_tokens} new"
-                + (f", {job.stats.truncated_tokens} oldest prompt tokens cut to fit the context"
-                   if job.stats.truncated_tokens else "")
-                + (f", genkey {job.genkey}" if job.genkey else "")
-                + (f", ignored fields: {', '.join(job.ignored_fields)}" if job.ignored_fields else "")
-                + (f", queued at {app.scheduler.queue_position(job)}" if job.state == "queued" else ""))
-        return job
-
-
 class RequestHandler(http.server.BaseHTTPRequestHandler):
     """One instance per connection: TLS handshake, then keep-alive requests."""
 
@@ -3014,8 +3475,9 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         style = "openai" if path.startswith("/v1/") or path in ("/models", "/completions", "/chat/completions") \
             else "kobold"
         request = None
+        self._body_unread = self._declared_length()
         try:
-            route = app.router.match("GET" if method == "HEAD" else method, path)
+            route = self.server.router.match("GET" if method == "HEAD" else method, path)
             style = route.style
             body = self._read_body()
             self._request_read()
@@ -3025,7 +3487,8 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             if route.needs_model and not app.ready.is_set():
                 raise RequestError("the model is still loading", status=503, kind="service_unavailable")
             query = dict(urllib.parse.parse_qsl(url.query))
-            request = Request(self, method, path, query, body, authorized)
+            request = Request(app, method, path, query, self.headers, body, authorized,
+                              client=self.client_address[0], watch_hangup=self.watch_hangup)
             response = route.handler(app, request)
             if request.ignored:
                 response.headers["X-KoboldLite-Ignored"] = ",".join(request.ignored)
@@ -3043,8 +3506,45 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
                 self._send_stream(response)
             else:
                 self._send(response, head_only=method == "HEAD")
+                if self._body_unread:
+                    self._linger()
         finally:
             self._unwatch_hangup()
+
+    LINGER_BYTES = 64 * 1024 * 1024     # at most this much of an unread body is read and thrown away...
+    LINGER_SECONDS = 10.0               # ...within this long
+
+    def _linger(self):
+        """An answer sent before the body was read (413, 411, 404...): read and discard the rest of the
+        body, up to a bound and a deadline, then close. Closing at once would reset the connection under a
+        client still writing its body, and clients that write first (Python's http.client, curl) would
+        never see the answer (nginx calls this a lingering close)."""
+        self.close_connection = True
+        try:
+            self.wfile.flush()
+            # The answer is complete: end our side now, so a client that reads to the end sees it at once.
+            socket.socket.shutdown(self.connection, socket.SHUT_WR)
+        except OSError:
+            return
+        deadline = self.server.reaper.arm(self.connection, self.LINGER_SECONDS)
+        try:
+            left = min(self._body_unread, self.LINGER_BYTES)
+            while left > 0:
+                data = self.rfile.read1(min(left, 1 << 16))
+                if not data:
+                    break
+                left -= len(data)
+        except (OSError, ValueError):
+            pass
+        finally:
+            self.server.reaper.disarm(deadline)
+
+    def _declared_length(self) -> int:
+        """The Content-Length the client announced, as far as it can be believed; 0 if none."""
+        try:
+            return max(0, int(self.headers.get("Content-Length") or 0))
+        except ValueError:
+            return 0
 
     def _read_body(self) -> bytes:
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
@@ -3066,6 +3566,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             raise RequestError(f"the request body is larger than {self.server.app.config.max_body_bytes} bytes",
                                status=413, kind="request_too_large")
         data = self.rfile.read(n)
+        self._body_unread = 0
         if len(data) < n:
             self.close_connection = True
             raise RequestError("the request body ended early")
@@ -3134,7 +3635,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
 
 
 # =============================================================================
-# 9. Server and TLS
+# 11. Server and TLS
 # =============================================================================
 
 class KoboldLiteServer(http.server.ThreadingHTTPServer):
@@ -3147,12 +3648,15 @@ class KoboldLiteServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 128
 
-    def __init__(self, address: tuple[str, int], app: App, tls: ssl.SSLContext | None = None):
+    def __init__(self, address: tuple[str, int], app: App, router: Router, tls: ssl.SSLContext | None = None):
         self.app = app
+        self.router = router
         self.tls = tls
         self.hangups = HangupWatcher()
         self.reaper = DeadlineReaper()
         self._connections = threading.BoundedSemaphore(app.config.max_connections)
+        self._per_client: collections.Counter[str] = collections.Counter()   # open connections per address
+        self._per_client_lock = threading.Lock()
         self._answering = 0                  # generation responses still being written
         self._answering_cond = threading.Condition()
         if ":" in address[0]:
@@ -3165,8 +3669,14 @@ class KoboldLiteServer(http.server.ThreadingHTTPServer):
             self.socket = self.tls.wrap_socket(self.socket, server_side=True, do_handshake_on_connect=False)
 
     def process_request(self, request, client_address):
-        if not self._connections.acquire(blocking=False):
-            self.shutdown_request(request)     # over the cap: refuse rather than queue threads
+        with self._per_client_lock:
+            mine = self._per_client[client_address[0]] < self.app.config.max_connections_per_client
+            if mine:
+                self._per_client[client_address[0]] += 1
+        if not mine or not self._connections.acquire(blocking=False):
+            if mine:
+                self._client_left(client_address[0])
+            self.shutdown_request(request)     # over a cap: refuse rather than queue threads
             return
         super().process_request(request, client_address)
 
@@ -3175,6 +3685,13 @@ class KoboldLiteServer(http.server.ThreadingHTTPServer):
             super().process_request_thread(request, client_address)
         finally:
             self._connections.release()
+            self._client_left(client_address[0])
+
+    def _client_left(self, address: str):
+        with self._per_client_lock:
+            self._per_client[address] -= 1
+            if self._per_client[address] <= 0:
+                del self._per_client[address]
 
     def generation_started(self):
         with self._answering_cond:
@@ -3239,7 +3756,7 @@ def served_urls(server: KoboldLiteServer, host: str) -> list[str]:
 
 
 # =============================================================================
-# 10. main()
+# 12. main()
 # =============================================================================
 
 class ProgressBar:
@@ -3278,9 +3795,9 @@ def serve(arguments: Callable[[], list[str]], double_click: bool = False) -> int
         return 2
 
     app = App(config)
-    app.router = build_router(StaticFiles(UI_DIR) if os.path.isdir(UI_DIR) else None)
+    router = build_router(StaticFiles(UI_DIR) if os.path.isdir(UI_DIR) else None)
     try:
-        server = KoboldLiteServer((config.host, config.port), app, tls)
+        server = KoboldLiteServer((config.host, config.port), app, router, tls)
     except OSError as e:
         if not (double_click and e.errno == errno.EADDRINUSE):
             reason = "the port is already in use" if e.errno == errno.EADDRINUSE else str(e)
@@ -3288,7 +3805,7 @@ def serve(arguments: Callable[[], list[str]], double_click: bool = False) -> int
             return 2
         # A double-click user cannot pick another port: take a free one and say so.
         print(f"Port {config.port} is in use; serving on a free port instead.", file=sys.stderr)
-        server = KoboldLiteServer((config.host, 0), app, tls)
+        server = KoboldLiteServer((config.host, 0), app, router, tls)
     if not app.instance_id:
         app.instance_id = f"{socket.gethostname()}:{server.server_address[1]}"
     # Serve from now on: /api/extra/version answers while the model loads, the rest says 503.

@@ -55,7 +55,7 @@ def raw_loop_tokens_per_second(model_path: str, n_tokens: int, threads: int) -> 
     piece = ctypes.create_string_buffer(256)
     t0 = time.perf_counter()
     for _ in range(n_tokens):
-        t = sampler.sample(model.ctx, -1)
+        t = lib.llama_sampler_sample(sampler.chain, model.ctx, -1)   # llama.cpp's own draw
         lib.llama_token_to_piece(model.vocab, t, piece, 256, 0, False)
         decode([t], pos)
         pos += 1

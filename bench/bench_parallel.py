@@ -70,7 +70,7 @@ def raw_batched_tokens_per_second(model_path: str, batch_size: int, n_tokens: in
     positions = [len(p) for p in prompts]
     t0 = time.perf_counter()
     for _ in range(n_tokens):
-        tokens = [samplers[s].sample(model.ctx, out_index[s]) for s in range(batch_size)]
+        tokens = [lib.llama_sampler_sample(samplers[s].chain, model.ctx, out_index[s]) for s in range(batch_size)]
         for s, t in enumerate(tokens):
             model.piece(t)
             put(s, t, positions[s], s, True)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""What samplers cost: single-stream tokens/s on one server, with sampler sets next to plain sampling.
+"""What samplers, phrase bans and logprobs cost: single-stream tokens/s on one server, next to plain.
 
     python3 bench/bench_samplers.py [--model FILE] [--tokens 200] [--rounds 5]
 
@@ -7,7 +7,8 @@ Every round runs each configuration once, in turn, on the same server (interleav
 machine's drift hits all alike); the figure per configuration is the median over rounds of the
 generation speed the server measured (first token to last, prompt excluded), and the ratio is to
 plain sampling in the same run. Target (issue 11): DRY + XTC + dynamic temperature + n-sigma together
-cost at most 10%. Writes the table to bench/results/samplers.md.
+cost at most 10%. Issue 13 asks for 20 banned phrases and for 5 logprobs next to plain.
+Writes the table to bench/results/samplers.md.
 """
 
 from __future__ import annotations
@@ -23,12 +24,24 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 import koboldlite  # noqa: E402
+from results_file import publish  # noqa: E402
 from conftest import ServerProcess  # noqa: E402
 
 PROMPT = "Write a long story about a lighthouse keeper and the sea."
 PLAIN = {"temperature": 0.75, "top_k": 100, "top_p": 0.92, "rep_pen": 1.07, "rep_pen_range": 360}
+BANNED = [f"{a} {b}" for a, b in zip(["shivers", "barely", "a testament", "ministrations", "maybe, just",
+                                       "a mix of", "eyes sparkling", "couldn't help", "the weight of",
+                                       "in the grand", "dance of", "tapestry of", "whispering", "palpable",
+                                       "sends shivers", "intricate", "a stark", "unbeknownst", "the air",
+                                       "with newfound"],
+                                      ["down", "above", "to", "of", "maybe", "of", "with", "but", "it",
+                                       "scheme", "shadows", "life", "winds", "tension", "through", "web",
+                                       "reminder", "to", "thick", "resolve"])]
 CONFIGS = {
     "plain (KoboldCpp defaults)": {},
+    "20 banned phrases": {"banned_tokens": BANNED},
+    "logprobs, 5 after samplers (Kobold API)": {"logprobs": True},
+    "logprobs, top 5 of the model's (/v1/completions)": {"logprobs": 5, "_path": "/v1/completions"},
     "DRY + XTC + dynatemp + nsigma (native)": {"dry_multiplier": 0.8, "dry_base": 1.75, "dry_allowed_length": 2,
                                                "xtc_probability": 0.5, "xtc_threshold": 0.1,
                                                "dynatemp_range": 0.5, "dynatemp_exponent": 1.0, "nsigma": 1.0},
@@ -38,8 +51,10 @@ CONFIGS = {
 
 
 def tokens_per_second(server: ServerProcess, tokens: int, extra: dict) -> float:
-    server.json("POST", "/api/v1/generate", {"prompt": PROMPT, "max_length": tokens, "ban_eos_token": True,
-                                             "sampler_seed": 1, **PLAIN, **extra})
+    extra = dict(extra)
+    path = extra.pop("_path", "/api/v1/generate")
+    server.json("POST", path, {"prompt": PROMPT, "max_length": tokens, "max_tokens": tokens, "ban_eos_token": True,
+                               "sampler_seed": 1, **PLAIN, **extra})
     perf = server.json("GET", "/api/extra/perf")
     return perf["last_token_count"] / perf["last_eval"]
 
@@ -66,11 +81,7 @@ def main() -> int:
     for name, values in runs.items():
         median = statistics.median(values)
         lines.append(f"| {name} | {median:.1f} | {median / plain:.3f} |")
-    text = "\n".join(lines)
-    print(text)
-    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    with open(os.path.join(HERE, "results", "samplers.md"), "w", encoding="utf-8") as f:
-        f.write(text + "\n")
+    publish("samplers.md", lines)
     return 0
 
 

@@ -206,13 +206,39 @@ def test_check_never_shows_another_genkeys_text(server):
     assert mine
     other = server.json("POST", "/api/extra/generate/check", {"genkey": "KCPP-other"})
     assert other == {"results": [{"text": ""}]}
-    nokey = server.json("POST", "/api/extra/generate/check", {})
-    assert nokey["results"][0]["text"] == unkeyed_text
-    assert server.json("GET", "/api/extra/generate/check")["results"][0]["text"] == unkeyed_text
+    # The unkeyed generation has ended: its text is nobody else's business any more.
+    assert unkeyed_text and server.json("POST", "/api/extra/generate/check", {}) == {"results": [{"text": ""}]}
+    assert server.json("GET", "/api/extra/generate/check") == {"results": [{"text": ""}]}
     assert server.json("POST", "/api/extra/abort", {})["success"] == "false"   # the running one has a genkey
     assert server.json("POST", "/api/extra/abort", {"genkey": "KCPP-other"})["success"] == "false"
     assert server.json("POST", "/api/extra/abort", {"genkey": "KCPP-secret"})["success"] == "true"
     assert [kobold_event_json(e) for e in stream.events()][-1]["finish_reason"] == "stop"
+
+
+def test_check_without_genkey_sees_an_unkeyed_generation_while_it_runs(server):
+    """Old KoboldAI clients poll without a genkey during their own blocking generate."""
+    mark = server.mark()
+    blocking = in_thread(server.json, "POST", "/api/v1/generate", {"prompt": "Old client:", **LONG})
+    server.wait_for_line(r"job \d+: \d+ prompt tokens, up to 1500 new$|up to 1500 new, queued", start=mark)
+    seen = ""
+    for _ in range(2000):            # polls, as the client does, until text shows
+        seen = server.json("POST", "/api/extra/generate/check", {})["results"][0]["text"]
+        if seen:
+            break
+    assert seen
+    assert server.json("POST", "/api/extra/abort", {})["success"] == "true"
+    final = result_of(blocking)["results"][0]["text"]
+    assert final.startswith(seen)
+    assert server.json("POST", "/api/extra/generate/check", {}) == {"results": [{"text": ""}]}
+
+
+def test_a_client_that_writes_a_huge_body_first_reads_the_413(server):
+    """http.client writes the whole body before reading: the answer must still reach it, over TLS."""
+    status, _, body = server.request("POST", "/api/v1/generate", b"x" * (40 * 1024 * 1024))
+    assert status == 413 and "larger" in json.loads(body)["detail"]["msg"]
+    # A body sent to no endpoint is read and dropped too, so the 404 arrives as well.
+    status, _, body = server.request("POST", "/api/v1/nowhere", b'{"prompt": "x"}' * 100_000)
+    assert status == 404 and "no such endpoint" in json.loads(body)["detail"]["msg"]
 
 
 def test_abort_without_genkey_stops_an_unkeyed_generation(server):
@@ -404,7 +430,10 @@ def test_abort_without_genkey_stops_the_running_one_not_the_queued_one(server):
 
 
 def test_check_without_genkey_never_shows_an_openai_reply(server):
-    kobold = server.json("POST", "/api/v1/generate", {"prompt": "Kobold:", "max_length": 6, "sampler_seed": 2})
-    server.json("POST", "/v1/completions", {"prompt": "Private:", "max_tokens": 6})
-    seen = server.json("POST", "/api/extra/generate/check", {})["results"][0]["text"]
-    assert seen == kobold["results"][0]["text"]
+    stream = SSEStream(server, "/v1/completions", {"prompt": "Private:", "max_tokens": 1500, "stream": True,
+                                                   "ban_eos_token": True})
+    for _ in range(3):
+        assert stream.next_event().startswith(b"data: ")
+    # It runs, it has text, and it has no genkey: a check without one still sees nothing of it.
+    assert server.json("POST", "/api/extra/generate/check", {}) == {"results": [{"text": ""}]}
+    stream.close()

@@ -246,8 +246,9 @@ def closed_by_server(sock: socket.socket) -> bool:
 
 def test_slow_and_silent_clients_do_not_hold_the_server(starter_model, tls_files, tmp_path):
     cfg = tmp_path / "k.json"
+    # Every hostile connection comes from 127.0.0.1 here: the per-client cap (tested on its own) is raised.
     cfg.write_text(json.dumps({"handshake_timeout": 3, "request_timeout": 3, "idle_timeout": 5,
-                               "max_connections": 200}))
+                               "max_connections": 200, "max_connections_per_client": 200}))
     s = ServerProcess(["--model", starter_model, "--config", str(cfg), "--ssl", *tls_files, "--parallel", "2",
                        "--multiuser", "32",
                        "--contextsize", "1024"], cert=tls_files[0])

@@ -79,6 +79,24 @@ def test_chat_streams_a_reply(page, ui_server):
     shot(page, "chat-done")
 
 
+def test_a_clean_browser_console(page, ui_server):
+    """No console message and no failed request, from loading the page to a finished reply (the icon too)."""
+    console, failed = [], []
+    page.on("console", lambda m: console.append(f"{m.type}: {m.text}"))
+    page.on("pageerror", lambda e: console.append(f"pageerror: {e}"))
+    page.on("requestfailed", lambda r: failed.append(r.url))
+    page.on("response", lambda r: failed.append(f"{r.status} {r.url}") if r.status >= 400 else None)
+    page.goto(ui_server.base)
+    page.wait_for_selector("#model-name:has-text('SmolLM2-135M-Instruct')")
+    page.fill("#input", "Hi!")
+    page.press("#input", "Enter")
+    wait_reply_done(page)
+    icon = page.evaluate("fetch('/favicon.ico').then(r => [r.status, r.headers.get('content-type')])")
+    assert icon == [200, "image/svg+xml"]
+    assert page.evaluate("document.querySelector('link[rel=icon]').href").endswith("/favicon.svg")
+    assert console == [] and failed == [], (console, failed)
+
+
 def test_shift_enter_is_a_new_line(page, ui_server):
     page.goto(ui_server.base)
     page.fill("#input", "first line")

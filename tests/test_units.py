@@ -6,6 +6,8 @@ import threading
 
 import pytest
 
+import koboldlite
+
 from koboldlite import FieldReader, GenerationRequest, RequestError, TextAssembler, TokenBuffer, \
     parse_sampler_settings
 
@@ -107,3 +109,29 @@ def test_hangup_watcher_sees_a_peer_leave(use_epoll):
     assert gone.wait(10)
     watcher.unwatch(server_side)
     server_side.close()
+
+
+class NoSpecialTokens:
+    """Enough of a model for a chat template that names no end-of-turn marker."""
+    bos = eos = -1
+
+    def tokenize(self, text, parse_special=True):
+        return []
+
+
+@pytest.mark.parametrize("source, messages, expected", [
+    # transformers' loopcontrols extension
+    ("{% for m in messages %}{% if loop.index > 2 %}{% break %}{% endif %}{% if m.role == 'system' %}"
+     "{% continue %}{% endif %}[{{ m.content }}]{% endfor %}",
+     [{"role": "system", "content": "s"}, {"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "[a]"),
+    # a tojson that leaves HTML and non-ASCII alone, with transformers' keyword arguments
+    ("{{ messages[0] | tojson }}|{{ messages[0].content | tojson(indent=2) }}",
+     [{"role": "user", "content": "<b>é & 'q'</b>"}], '{"role": "user", "content": "<b>é & \'q\'</b>"}|"<b>é & \'q\'</b>"'),
+    # the {% generation %} tag renders its body
+    ("{% for m in messages %}{% if m.role == 'assistant' %}{% generation %}<{{ m.content }}>{% endgeneration %}"
+     "{% else %}{{ m.content }}{% endif %}{% endfor %}",
+     [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], "hi<yo>"),
+])
+def test_chat_templates_render_as_transformers_does(source, messages, expected):
+    template = koboldlite.ChatTemplate(source, "test", NoSpecialTokens())
+    assert template.render(messages, add_generation_prompt=False) == expected

@@ -1,0 +1,202 @@
+"""The scheduler on its own, with a fake engine (issue 14), and fairness between clients on the real server."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import threading
+
+import pytest
+
+from conftest import in_thread, result_of
+from koboldlite import GenerationRequest, Job, Scheduler, ServerBusy
+
+
+class FakeEngine:
+    """The engine's interface to the scheduler. A job runs until the test finishes it; admission
+    can be held at a gate to show what it blocks."""
+
+    def __init__(self, n_slots: int = 1):
+        self.n_slots = n_slots
+        self.admitted: list[Job] = []
+        self.running: list[Job] = []
+        self.to_finish: list[Job] = []
+        self.fail_admission: set[int] = set()
+        self.admission_gate = threading.Event()
+        self.admission_gate.set()
+        self.cond = threading.Condition()
+        self.closing = False
+
+    def admit(self, job: Job) -> bool:
+        self.admission_gate.wait()
+        if job.id in self.fail_admission:
+            raise RuntimeError("no such sampler")
+        with self.cond:
+            job.state = "running"
+            self.admitted.append(job)
+            self.running.append(job)
+            self.cond.notify_all()
+        return True
+
+    def step(self) -> list[Job]:
+        with self.cond:
+            self.cond.wait_for(lambda: self.closing or self.to_finish or any(j.cancelled.is_set() for j in self.running))
+            ended = [j for j in self.running if j.cancelled.is_set() or j in self.to_finish]
+            for job in ended:
+                self.running.remove(job)
+                job.end("abort" if job.cancelled.is_set() else "stop")
+            self.to_finish = [j for j in self.to_finish if j not in ended]
+            return ended
+
+    def finish(self, job: Job):
+        with self.cond:
+            self.to_finish.append(job)
+            self.cond.notify_all()
+
+    def wait_admitted(self, n: int):
+        with self.cond:
+            assert self.cond.wait_for(lambda: len(self.admitted) >= n, timeout=10), self.admitted
+
+    def abort_all(self):
+        with self.cond:
+            ended, self.running = self.running, []
+            for job in ended:
+                job.end("abort")
+            self.cond.notify_all()
+            return ended
+
+    def fail_all(self, error):
+        return self.abort_all()
+
+
+def job(client: str = "a", genkey: str = "", kobold: bool = False) -> Job:
+    return Job(GenerationRequest(prompt="x", client=client, genkey=genkey, checkable_without_genkey=kobold), [1], 4)
+
+
+@pytest.fixture
+def sched():
+    engine = FakeEngine()
+    finished: list[Job] = []
+    s = Scheduler(engine, max_waiting=8, on_finished=finished.append)
+    s.finished = finished
+    s.start()
+    yield s, engine
+    with engine.cond:
+        engine.closing = True
+        engine.cond.notify_all()
+    engine.admission_gate.set()
+    s.stop()
+
+
+def test_the_queue_takes_turns_between_clients(sched):
+    s, engine = sched
+    first = s.submit(job("a"))
+    engine.wait_admitted(1)
+    a1, a2, a3, b1 = s.submit(job("a")), s.submit(job("a")), s.submit(job("a")), s.submit(job("b"))
+    assert [s.queue_position(j) for j in (a1, b1, a2, a3)] == [1, 2, 3, 4]
+    for n, running in enumerate((first, a1, b1, a2), start=2):
+        engine.finish(running)
+        engine.wait_admitted(n)
+    assert engine.admitted == [first, a1, b1, a2, a3]
+
+
+def test_every_end_is_recorded_once_whatever_ended_it(sched):
+    s, engine = sched
+    running = s.submit(job(genkey="run"))
+    engine.wait_admitted(1)
+    queued = s.submit(job(genkey="queued"))
+    assert s.abort("queued") is queued and queued.buffer.finish_reason == "abort"
+    engine.fail_admission.add(s.submit(job(genkey="bad")).id)
+    engine.finish(running)
+    with s._cond:
+        assert s._cond.wait_for(lambda: len(s.finished) == 3, timeout=10)
+    assert [j.genkey for j in s.finished] == ["queued", "run", "bad"]
+    assert s.totals["finished_abort"] == 1 and s.totals["finished_stop"] == 1 and s.totals["finished_error"] == 1
+    assert s.total_generations == 3 and s.idle
+
+
+def test_a_check_without_genkey_sees_only_a_queued_or_running_job(sched):
+    s, engine = sched
+    unkeyed = s.submit(job(kobold=True))
+    assert s.find("") is unkeyed
+    engine.wait_admitted(1)
+    assert s.find("") is unkeyed
+    engine.finish(unkeyed)
+    unkeyed.buffer.wait_done(10)
+    with s._cond:
+        assert s._cond.wait_for(lambda: s._last_unkeyed is None, timeout=10)   # the end is recorded
+    assert s.find("") is None
+    assert s.abort("") is None
+
+
+def test_admission_runs_outside_the_schedulers_lock(sched):
+    s, engine = sched
+    engine.admission_gate.clear()                 # the loop is now inside admit(), building samplers
+    held = s.submit(job("a"))
+    # Meanwhile request threads are answered: a submit, the queue length, /health's question.
+    other = result_of(in_thread(s.submit, job("b")), timeout=10)
+    assert result_of(in_thread(lambda: (s.waiting, s.saturated)), timeout=10) == (1, False)
+    engine.admission_gate.set()
+    engine.wait_admitted(1)
+    assert engine.admitted == [held] and s.queue_position(other) == 1
+
+
+def test_a_full_queue_is_busy(sched):
+    s, engine = sched
+    s.submit(job())
+    engine.wait_admitted(1)
+    for _ in range(8):
+        s.submit(job())
+    assert s.saturated
+    with pytest.raises(ServerBusy):
+        s.submit(job())
+
+
+# -- on the real server --------------------------------------------------------------------------
+
+def post_from(server, source: str, path: str, body: dict, timeout: float = 60):
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=timeout, source_address=(source, 0))
+    try:
+        conn.request("POST", path, json.dumps(body).encode(), {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
+
+
+def test_one_address_cannot_hold_every_connection(make_server, tmp_path):
+    cfg = tmp_path / "k.json"
+    cfg.write_text(json.dumps({"max_connections_per_client": 4}))
+    s = make_server("--config", str(cfg), tls=False)
+    held = [socket.create_connection(("127.0.0.1", s.port)) for _ in range(4)]
+    with pytest.raises((ConnectionError, http.client.RemoteDisconnected, OSError)):
+        post_from(s, "127.0.0.1", "/api/extra/tokencount", {"prompt": "x"}, timeout=10)
+    # Another address on the LAN is still served, and the first one again once its connections close.
+    assert post_from(s, "127.0.0.2", "/api/extra/tokencount", {"prompt": "x"})[0] == 200
+    for sock in held:
+        sock.close()
+    s.json("GET", "/health")
+    assert post_from(s, "127.0.0.1", "/api/extra/tokencount", {"prompt": "x"})[0] == 200
+
+
+def test_the_real_queue_takes_turns_between_addresses(make_server):
+    s = make_server(tls=False)
+    long = {"prompt": "A long story:", "max_length": 1500, "ban_eos_token": True, "genkey": "runner"}
+    runner = in_thread(post_from, s, "127.0.0.1", "/api/v1/generate", long, 300)
+    mark = s.mark()
+    s.wait_for_line(r"genkey runner", start=0)
+    waiting = []
+    for key, source in (("a1", "127.0.0.1"), ("a2", "127.0.0.1"), ("a3", "127.0.0.1"), ("b1", "127.0.0.3")):
+        waiting.append(in_thread(post_from, s, source, "/api/v1/generate",
+                                 {"prompt": "Hi", "max_length": 2, "genkey": key}))
+        s.wait_for_line(rf"genkey {key}, queued", start=mark)
+    positions = {key: s.json("POST", "/api/extra/generate/check", {"genkey": key})["results"][0]["queue_position"]
+                 for key in ("a1", "a2", "a3", "b1")}
+    assert positions == {"a1": 1, "b1": 2, "a2": 3, "a3": 4}
+    assert s.json("POST", "/api/extra/abort", {"genkey": "a3"})["success"] == "true"      # out of the queue
+    assert s.json("POST", "/api/extra/abort", {"genkey": "runner"})["success"] == "true"  # while it runs
+    for q in waiting + [runner]:
+        assert result_of(q, 120)[0] == 200
+    metrics = s.request("GET", "/metrics")[2].decode()
+    assert "koboldlite_requests_aborted_total 2" in metrics        # the queued abort is counted too
