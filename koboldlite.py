@@ -76,7 +76,13 @@ class Config:
     password: str | None = None
     contextsize: int = 4096
     threads: int = 0            # 0: one per CPU core
-    gpulayers: int = 0
+    gpulayers: int = 0          # -1: all layers
+    flashattention: bool = False
+    quantkv: int = 0            # KV cache type: 0 f16, 1 q8_0, 2 q4_0 (KoboldCpp's numbers; needs flash attention)
+    batchsize: int = 512        # tokens per llama.cpp batch (prompt reading)
+    nommap: bool = False        # read the model into memory instead of mapping the file
+    usemlock: bool = False      # lock the model in RAM (never swapped out)
+    kvperslot: bool = False     # every --parallel slot gets its own full context (else they share one pool)
     multiuser: int = 16         # requests that may wait in the queue
     parallel: int = 1           # requests that generate at once
     quiet: bool = False
@@ -136,7 +142,15 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--password", help="require 'Authorization: Bearer <password>' for generation endpoints")
     p.add_argument("--contextsize", type=int, help="context size in tokens (default 4096)")
     p.add_argument("--threads", type=int, help="CPU threads for generation (default: all cores)")
-    p.add_argument("--gpulayers", type=int, help="layers to offload to a GPU (default 0)")
+    p.add_argument("--gpulayers", type=int, help="layers to offload to a GPU (default 0; -1 all)")
+    p.add_argument("--flashattention", action="store_true", default=None, help="use flash attention")
+    p.add_argument("--quantkv", type=int, choices=(0, 1, 2),
+                   help="KV cache type: 0 f16 (default), 1 q8_0, 2 q4_0; turns on flash attention")
+    p.add_argument("--batchsize", type=int, help="tokens per batch when reading prompts (default 512)")
+    p.add_argument("--nommap", action="store_true", default=None, help="read the model into memory, do not map it")
+    p.add_argument("--usemlock", action="store_true", default=None, help="lock the model in RAM")
+    p.add_argument("--kvperslot", action="store_true", default=None,
+                   help="give every --parallel slot its own full context (default: one shared pool)")
     p.add_argument("--multiuser", type=int, help="how many requests may wait in the queue; 0 answers 503 when busy (default 16)")
     p.add_argument("--parallel", type=int, help="how many requests generate at once (default 1)")
     p.add_argument("--quiet", action="store_true", default=None, help="do not log requests, prompts or outputs")
@@ -193,7 +207,14 @@ def load_config(argv: list[str]) -> Config:
     _check_int("port", cfg.port, 0, 65535)
     _check_int("contextsize", cfg.contextsize, 64, 1 << 20)
     _check_int("threads", cfg.threads, 0, 1024)
-    _check_int("gpulayers", cfg.gpulayers, 0, 100000)
+    _check_int("gpulayers", cfg.gpulayers, -1, 100000)
+    _check_int("quantkv", cfg.quantkv, 0, 2)
+    _check_int("batchsize", cfg.batchsize, 16, 1 << 16)
+    for flag in ("flashattention", "nommap", "usemlock", "kvperslot", "noshift", "quiet", "launch", "debug"):
+        if not isinstance(getattr(cfg, flag), bool):
+            raise ConfigError(f"{flag} must be true or false")
+    if cfg.quantkv:
+        cfg.flashattention = True      # a quantized V cache needs flash attention in llama.cpp
     _check_int("multiuser", cfg.multiuser, 0, 100000)
     _check_int("parallel", cfg.parallel, 1, 64)
     _check_int("max_connections", cfg.max_connections, 1, 100000)
@@ -896,23 +917,34 @@ class LlamaModel:
     thread; the context belongs to the generation loop alone.
     """
 
+    KV_TYPES = {0: ("f16", 1), 1: ("q8_0", 8), 2: ("q4_0", 2)}      # quantkv -> (name, ggml type)
+
     def __init__(self, path: str, n_ctx: int, n_seq: int, n_threads: int, n_gpu_layers: int,
                  n_batch: int = 512, progress: Callable[[float], None] | None = None,
-                 show_llama_log: bool = False):
+                 show_llama_log: bool = False, shared_kv: bool = False, flash_attention: bool = False,
+                 quantkv: int = 0, use_mmap: bool = True, use_mlock: bool = False):
         import llama_cpp  # loaded here so that --help and bad arguments answer fast
         self.lib = llama_cpp
         self.path = path
         self.name = os.path.splitext(os.path.basename(path))[0]
         self.size_bytes = os.path.getsize(path)
-        if not show_llama_log:
-            # The callback object must outlive the model: llama.cpp keeps the pointer.
-            self._log_callback = llama_cpp.llama_log_callback(lambda level, text, user: None)
-            llama_cpp.llama_log_set(self._log_callback, None)
+        # llama.cpp's own log: kept (what it allocated is read from it), shown only with --debug.
+        # The callback object must outlive the model: llama.cpp keeps the pointer.
+        self.llama_log: collections.deque[str] = collections.deque(maxlen=4000)
+        self._log_callback = llama_cpp.llama_log_callback(
+            lambda level, text, user: self._llama_logged(text, show_llama_log))
+        self._log_partial = ""
+        llama_cpp.llama_log_set(self._log_callback, None)
         _check_gguf_magic(path)
         llama_cpp.llama_backend_init()
 
         mparams = llama_cpp.llama_model_default_params()
-        mparams.n_gpu_layers = n_gpu_layers
+        mparams.n_gpu_layers = n_gpu_layers          # -1: all (llama.cpp's own convention)
+        # llama.cpp's load mode: 1 map the file, 0 read it, 2 read and lock, 3 map and lock; -1 its choice.
+        if use_mlock:
+            mparams.load_mode = llama_cpp.LLAMA_LOAD_MODE_MMAP_MLOCK if use_mmap else llama_cpp.LLAMA_LOAD_MODE_MLOCK
+        elif not use_mmap:
+            mparams.load_mode = llama_cpp.LLAMA_LOAD_MODE_NONE
         if progress is not None:
             self._progress_callback = llama_cpp.llama_progress_callback(lambda p, user: (progress(p), True)[1])
             mparams.progress_callback = self._progress_callback
@@ -925,19 +957,27 @@ class LlamaModel:
 
         self.n_seq = n_seq
         self.n_batch = n_batch
+        self.kv_type = self.KV_TYPES[quantkv][0]
         cparams = llama_cpp.llama_context_default_params()
-        cparams.n_ctx = n_ctx * n_seq       # every slot gets the full context size
+        # Shared: the slots share one pool of n_ctx cells (llama.cpp's unified KV cache), each request
+        # still up to n_ctx tokens; per slot: every slot gets its own n_ctx.
+        cparams.n_ctx = n_ctx if shared_kv else n_ctx * n_seq
+        cparams.kv_unified = shared_kv
         cparams.n_batch = n_batch
         cparams.n_ubatch = n_batch
         cparams.n_seq_max = n_seq
         cparams.n_threads = n_threads
         cparams.n_threads_batch = n_threads
         cparams.no_perf = True
-        cparams.kv_unified = False
+        cparams.flash_attn_type = 1 if flash_attention else -1       # else llama.cpp decides (auto)
+        cparams.type_k = cparams.type_v = self.KV_TYPES[quantkv][1]
         self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
         if not self.ctx:
-            raise ModelLoadError(f"llama.cpp could not create a context of {n_ctx} tokens for {path}")
+            raise ModelLoadError(f"llama.cpp could not create a context of {n_ctx} tokens for {path}"
+                                 + (" (a quantized KV cache needs flash attention)" if quantkv else ""))
         self.n_ctx = n_ctx
+        self.shared_kv = shared_kv
+        self.pool_tokens = llama_cpp.llama_n_ctx(self.ctx)   # KV cells in all: what llama.cpp allocated
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         self.can_shift = bool(llama_cpp.llama_memory_can_shift(self.memory))
         self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
@@ -946,6 +986,27 @@ class LlamaModel:
         self.eog_tokens = [t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self.vocab, t)]
         self._eog = frozenset(self.eog_tokens)
         self._pieces: dict[tuple[int, bool], bytes] = {}
+
+    def _llama_logged(self, text: bytes, show: bool):
+        if show:
+            sys.stderr.write(text.decode("utf-8", errors="replace"))
+        self._log_partial += text.decode("utf-8", errors="replace")
+        *lines, self._log_partial = self._log_partial.split("\n")
+        self.llama_log.extend(lines)
+
+    def memory_report(self) -> dict:
+        """What llama.cpp says it allocated: the KV cache and compute buffers, from its own log."""
+        log = "\n".join(self.llama_log)
+        mib = lambda pattern: sum(float(x) for x in re.findall(pattern, log))     # noqa: E731
+        flash = re.findall(r"flash_attn\s+=\s+(\w+)", log)
+        mode = re.findall(r"load_mode = ([\w+]+)", log)
+        return {"model_mib": round(self.lib.llama_model_size(self.model) / 2**20, 1),
+                "kv_cache_mib": mib(r"KV buffer size =\s+([\d.]+) MiB"),
+                "compute_mib": mib(r"compute buffer size =\s+([\d.]+) MiB"),
+                "kv_cells": self.pool_tokens, "kv_shared": self.shared_kv,
+                "kv_types": sorted(set(re.findall(r"[KV] \((\w+)\):", log))),
+                "flash_attn": flash[-1] if flash else "", "load_mode": mode[-1] if mode else "",
+                "n_batch": self.lib.llama_n_batch(self.ctx), "n_ubatch": self.lib.llama_n_ubatch(self.ctx)}
 
     def is_end_of_generation(self, token: int) -> bool:
         return token in self._eog
@@ -1485,6 +1546,8 @@ class Engine:
             return False
         slot = self._choose_slot(free, job.prompt_tokens)
         keep = self._reuse_cache(slot, job.prompt_tokens)
+        if not self._make_room(len(job.prompt_tokens) - keep + 1, keep=slot):
+            return False                   # a shared pool held by running replies: wait in the queue
         seed = job.request.sampler.seed
         if seed < 0:
             seed = secrets.randbelow(1 << 31)
@@ -1576,6 +1639,23 @@ class Engine:
         slot.cached = list(prompt[:keep])
         return keep
 
+    def _cells_used(self) -> int:
+        """KV cells the slots hold, or have been promised (prompt still to read)."""
+        return sum(len(s.cached) + len(s.to_prefill) for s in self.slots)
+
+    def _make_room(self, n: int, keep: Slot | None = None) -> bool:
+        """Make n cells free in a shared pool: idle slots' caches go, least recently used first (they only
+        save time; a running reply's context is never taken). False if running replies hold too much."""
+        if not self.model.shared_kv:
+            return True                    # every slot has a context of its own
+        idle = sorted((s for s in self.slots if not s.busy and s.cached and s is not keep), key=lambda s: s.last_used)
+        while self.model.pool_tokens - self._cells_used() < n and idle:
+            dropped = idle.pop(0)
+            with self.llama_lock:
+                self.lib.llama_memory_seq_rm(self.model.memory, dropped.seq_id, -1, -1)
+            dropped.cached = []
+        return self.model.pool_tokens - self._cells_used() >= n
+
     def _shift_context(self, slot: Slot):
         """A full context: drop the older half of what follows the kept front, and move the rest down."""
         job, lib, memory, seq = slot.job, self.lib, self.model.memory, slot.seq_id
@@ -1601,13 +1681,19 @@ class Engine:
         n = 0
         due: list[tuple[Slot, int]] = []     # slots whose logits are at batch index i
         added: list[tuple[Slot, list[int]]] = []
+        taking = 0                          # cells the generating slots take in this step
         for slot in self.slots:
-            if slot.busy and slot.next_token is not None and len(slot.cached) >= slot.job.n_ctx:
-                if self.context_shift:
-                    self._shift_context(slot)
-                else:
-                    slot.job.stats.stop_reason = 0
-                    finished.append(self._finish(slot, "length"))
+            if not slot.busy or slot.next_token is None:
+                continue
+            full = len(slot.cached) >= slot.job.n_ctx or not self._make_room(taking + 1)
+            if full and self.context_shift:
+                self._shift_context(slot)      # its own context, or its share of a full pool
+                full = not self._make_room(taking + 1)
+            if full:
+                slot.job.stats.stop_reason = 0
+                finished.append(self._finish(slot, "length"))
+            else:
+                taking += 1
         prefilling = [s for s in self.slots if s.busy and s.to_prefill]
         generating = [s for s in self.slots if s.busy and s.next_token is not None]
         # A short new prompt gets a step of its own: its first token comes sooner, and the others
@@ -1836,6 +1922,12 @@ class FairQueue:
         self._count -= 1
         return job
 
+    def push_front(self, job: Job):
+        """Back to the head of the queue (it could not start yet)."""
+        self._lines.setdefault(job.client, collections.deque()).appendleft(job)
+        self._lines.move_to_end(job.client, last=False)
+        self._count += 1
+
     def remove(self, job: Job):
         line = self._lines[job.client]
         line.remove(job)
@@ -2010,12 +2102,23 @@ class Scheduler:
                     job.state = "starting"
                     self._running.append(job)
                     starting.append(job)
-            for job in starting:        # outside the condition: samplers and grammars are built here
+            for i, job in enumerate(starting):   # outside the condition: samplers and grammars are built here
                 try:
-                    engine.admit(job)
+                    admitted = engine.admit(job)
                 except Exception as e:  # e.g. a sampler llama.cpp refuses: this job fails alone
                     with self._cond:
                         self._end_unstarted(job, "error", f"could not start the generation: {e}")
+                    continue
+                if not admitted:        # no room yet (a shared KV pool held by running replies)
+                    with self._cond:
+                        for waiting in reversed(starting[i:]):
+                            self._running.remove(waiting)
+                            waiting.state = "queued"
+                            self._queue.push_front(waiting)
+                        if not self._running:    # nothing will free room: never wait on nothing
+                            self._queue.remove(job)
+                            self._end_unstarted(job, "error", "the prompt does not fit in the KV cache")
+                    break
             try:
                 ended = engine.step()
             except Exception as e:  # a failure fails the running jobs, never the server
@@ -3038,6 +3141,7 @@ def props(app, req):
             "min_p": d.min_p, "repeat_penalty": d.rep_pen, "repeat_last_n": d.rep_pen_range,
             "n_predict": -1, "seed": -1},
         "total_slots": len(app.engine.slots),
+        "memory": app.model.memory_report(),
         "chat_template": app.chat_template.source,
         "bos_token": app.chat_template.bos_text, "eos_token": app.chat_template.eos_text,
         "model_alias": app.model.name,
@@ -3818,7 +3922,9 @@ def serve(arguments: Callable[[], list[str]], double_click: bool = False) -> int
     print(f"KoboldLite {__version__}: loading {config.model}", file=sys.stderr, flush=True)
     try:
         model = LlamaModel(config.model, n_ctx=config.contextsize, n_seq=config.parallel,
-                           n_threads=config.threads, n_gpu_layers=config.gpulayers,
+                           n_threads=config.threads, n_gpu_layers=config.gpulayers, n_batch=config.batchsize,
+                           shared_kv=not config.kvperslot, flash_attention=config.flashattention,
+                           quantkv=config.quantkv, use_mmap=not config.nommap, use_mlock=config.usemlock,
                            progress=None if config.quiet else ProgressBar(), show_llama_log=config.debug)
     except ModelLoadError as e:
         print(f"koboldlite: error: {e}", file=sys.stderr)
@@ -3836,6 +3942,12 @@ def serve(arguments: Callable[[], list[str]], double_click: bool = False) -> int
               "can use the model.", file=sys.stderr)
     print(f"Model {model.name} ready: context {model.n_ctx}, {config.parallel} slot(s), "
           f"{config.threads} threads", flush=True)
+    mem = model.memory_report()
+    pool = (f"{mem['kv_cells']} tokens shared by {config.parallel} slot(s)" if model.shared_kv
+            else f"{model.n_ctx} tokens for each of {config.parallel} slot(s)")
+    print(f"Memory: model {mem['model_mib']:.0f} MiB, KV cache {mem['kv_cache_mib']:.0f} MiB ({pool}, "
+          f"{'/'.join(mem['kv_types']) or model.kv_type}), compute buffers {mem['compute_mib']:.0f} MiB; "
+          f"flash attention {mem['flash_attn'] or 'auto'}, model {mem['load_mode'] or 'loaded'}", flush=True)
     for url in urls:
         print(f"Serving at {url}", flush=True)
     print(f"KoboldAI API at {urls[0]}/api", flush=True)
