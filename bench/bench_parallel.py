@@ -1,9 +1,14 @@
 #!/usr/bin/env python3
-"""Parallel benchmark: koboldlite --parallel 1 and 4 against the raw batched llama.cpp loop
-and llama-cpp-python's bundled server, each with 1, 4 and 8 concurrent streaming clients.
+"""Parallel benchmark: koboldlite --parallel 1 and 4 against the raw batched llama.cpp loop,
+llama.cpp's own llama-server (-np 1 and -np 4, when bench/build_llama_server.sh has built it) and
+llama-cpp-python's bundled server, each with 1, 4 and 8 concurrent streaming clients.
 
     python3 -m pip install -r bench/requirements.txt
-    python3 bench/bench_parallel.py [--tokens 200]
+    bash bench/build_llama_server.sh        # optional, about 15 minutes: the llama-server peer
+    python3 bench/bench_parallel.py [--tokens 200] [--ctx 8192]
+
+Besides tokens/s and time to first token it reports each server's resident memory, and what a long
+prompt (1500 tokens) arriving while 3 clients stream costs: their longest stall, its first token.
 
 Every server is driven by the same client code through the same OpenAI streaming
 endpoint (/v1/completions), with the same prompts and lengths (end of sequence
@@ -89,27 +94,19 @@ def raw_batched_tokens_per_second(model_path: str, batch_size: int, n_tokens: in
 
 # -- servers -----------------------------------------------------------------------------
 
-class LlamaCppPythonServer:
-    """`python -m llama_cpp.server` on a free port, waited for on its socket."""
+class PeerServer:
+    """A peer server on a free port: started with `command(port)`, ready once its log shows one of `ready`."""
 
-    def __init__(self, model: str, threads: int):
+    def __init__(self, command, ready: tuple[str, ...], name: str):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "llama_cpp.server", "--model", model, "--n_ctx", "2048",
-             "--n_threads", str(threads), "--n_threads_batch", str(threads), "--host", "127.0.0.1",
-             "--port", str(self.port), "--verbose", "False",
-             # Its default (True) makes each new request cut off the running stream: three of four
-             # concurrent clients then get one token. Queue them instead, for a fair comparison.
-             "--interrupt_requests", "False"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        # uvicorn logs "Uvicorn running on ..." once it listens.
+        self.proc = subprocess.Popen(command(self.port), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         for line in self.proc.stderr:
-            if "Uvicorn running" in line:
+            if any(marker in line for marker in ready):
                 break
         else:
-            raise RuntimeError("llama_cpp.server did not start")
+            raise RuntimeError(f"{name} did not start")
         threading.Thread(target=lambda: [None for _ in self.proc.stderr], daemon=True).start()
 
     def connection(self):
@@ -118,6 +115,67 @@ class LlamaCppPythonServer:
     def stop(self):
         self.proc.terminate()
         self.proc.wait(30)
+
+
+def LlamaCppPythonServer(model: str, threads: int) -> PeerServer:
+    """`python -m llama_cpp.server`; uvicorn logs "Uvicorn running on ..." once it listens."""
+    return PeerServer(lambda port: [
+        sys.executable, "-m", "llama_cpp.server", "--model", model, "--n_ctx", "2048",
+        "--n_threads", str(threads), "--n_threads_batch", str(threads), "--host", "127.0.0.1",
+        "--port", str(port), "--verbose", "False",
+        # Its default (True) makes each new request cut off the running stream: three of four
+        # concurrent clients then get one token. Queue them instead, for a fair comparison.
+        "--interrupt_requests", "False"], ("Uvicorn running",), "llama_cpp.server")
+
+
+def LlamaServer(binary: str, model: str, threads: int, ctx: int, slots: int) -> PeerServer:
+    """llama.cpp's own llama-server binary."""
+    return PeerServer(lambda port: [
+        binary, "-m", model, "-c", str(ctx), "-np", str(slots), "-t", str(threads), "-tb", str(threads),
+        "--host", "127.0.0.1", "--port", str(port)], ("server is listening", "main: model loaded"), "llama-server")
+
+
+def resident_mib(server) -> float:
+    with open(f"/proc/{server.proc.pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+def long_prompt_arrival(server, n_tokens: int, eos_bias: dict, long_prompt: str) -> tuple[float, float]:
+    """Three clients stream; a 1500-token prompt arrives. Returns the streams' longest gap between two
+    tokens while it is read, and the newcomer's time to first token."""
+    streaming = threading.Barrier(4)
+    stamps: list[list[float]] = [[], [], []]
+
+    def run(i):
+        conn = server.connection()
+        body = {"prompt": prompt_for(i), "max_tokens": n_tokens, "stream": True, "logit_bias": eos_bias, **SAMPLING}
+        conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        waited = False
+        for line in resp:
+            if line.startswith(b"data: {"):
+                stamps[i].append(time.perf_counter())
+                if not waited and len(stamps[i]) >= 3:
+                    waited = True
+                    streaming.wait()
+        conn.close()
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    streaming.wait()
+    conn = server.connection()
+    body = {"prompt": long_prompt, "max_tokens": 8, "stream": True, "logit_bias": eos_bias, **SAMPLING}
+    t0 = time.perf_counter()
+    conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+    first = None
+    for line in conn.getresponse():
+        if line.startswith(b"data: {") and first is None:
+            first = time.perf_counter()
+    conn.close()
+    for t in threads:
+        t.join()
+    gaps = [b - a for s in stamps for a, b in zip(s, s[1:]) if b >= t0 and a <= first]
+    return max(gaps, default=0.0), first - t0
 
 
 def stream_completion(server, i: int, n_tokens: int, eos_bias: dict, genkey: str | None = None) -> dict:
@@ -220,6 +278,8 @@ def main():
     ap.add_argument("--tokens", type=int, default=200)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--skip-peer", action="store_true", help="leave out llama_cpp.server")
+    ap.add_argument("--ctx", type=int, default=8192, help="context size for every server")
+    ap.add_argument("--llama-server", default=os.path.join(HERE, ".llama-server", "bin", "llama-server"))
     ap.add_argument("--repeat", type=int, default=3, help="runs per measurement; the median is reported")
     args = ap.parse_args()
 
@@ -230,8 +290,14 @@ def main():
     try:
         for parallel in (1, 4):
             servers[f"koboldlite --parallel {parallel}"] = ServerProcess(
-                ["--model", args.model, "--contextsize", "2048", "--threads", str(args.threads),
+                ["--model", args.model, "--contextsize", str(args.ctx), "--threads", str(args.threads),
                  "--parallel", str(parallel), "--multiuser", "16", "--quiet"])
+        if os.access(args.llama_server, os.X_OK):
+            for slots in (1, 4):
+                servers[f"llama-server -np {slots}"] = LlamaServer(args.llama_server, args.model, args.threads,
+                                                                   args.ctx, slots)
+        else:
+            print(f"(no llama-server at {args.llama_server}: run bench/build_llama_server.sh to compare)")
         if not args.skip_peer:
             servers["llama-cpp-python server"] = LlamaCppPythonServer(args.model, args.threads)
         for server in servers.values():
@@ -251,6 +317,10 @@ def main():
             "raw llama.cpp batched loop": {c: {"aggregate": v, "per_client": v / c} for c, v in raw.items()}}
         rows.update({name: {c: median_run(r) for c, r in by_c.items()} for name, by_c in runs.items()})
         ttft = {name: arrival_ttft(server, args.tokens, eos_bias) for name, server in servers.items()}
+        long_prompt = " ".join(f"Line {k}: the harbour town keeps its lamps lit through the night." for k in range(110))
+        arrival = {name: long_prompt_arrival(server, args.tokens, eos_bias, long_prompt)
+                   for name, server in servers.items() if "llama-cpp-python" not in name}
+        memory = {name: resident_mib(server) for name, server in servers.items()}
     finally:
         for server in servers.values():
             server.stop()
@@ -270,6 +340,11 @@ def main():
     lines += ["", "| system | TTFT idle ms | TTFT while 3 others stream ms | ratio |", "|---|---:|---:|---:|"]
     for name, (idle, busy) in ttft.items():
         lines.append(f"| {name} | {idle * 1000:.1f} | {busy * 1000:.1f} | {busy / idle:.2f} |")
+    lines += ["", "| system | resident memory MiB | a 1500-token prompt arrives while 3 stream: their longest "
+              "stall ms | its first token ms |", "|---|---:|---:|---:|"]
+    for name in servers:
+        stall, first = arrival.get(name, (None, None))
+        lines.append(f"| {name} | {memory[name]:.0f} | {fmt(stall, 1000)} | {fmt(first, 1000)} |")
 
     p1, p4 = rows["koboldlite --parallel 1"], rows["koboldlite --parallel 4"]
     ratios = [
@@ -283,6 +358,14 @@ def main():
         ("raw batched loop: batch 4 / batch 1", raw[4] / raw[1]),
         ("raw batched loop: batch 8 / batch 1", raw[8] / raw[1]),
     ]
+    if "llama-server -np 4" in rows:
+        peer = rows["llama-server -np 4"]
+        ratios.append(("--parallel 4 / llama-server -np 4, aggregate at 4 clients (target >= 1)",
+                       p4[4]["aggregate"] / peer[4]["aggregate"]))
+        ratios.append(("--parallel 4 / llama-server -np 4, worst TTFT of 4 clients (target <= 1)",
+                       p4[4]["ttft_p99"] / peer[4]["ttft_p99"]))
+        ratios.append(("--parallel 4 / llama-server -np 4, resident memory", memory["koboldlite --parallel 4"]
+                       / memory["llama-server -np 4"]))
     if "llama-cpp-python server" in rows:
         peer = rows["llama-cpp-python server"]
         ratios.append(("--parallel 4 / llama-cpp-python server, aggregate at 4 clients",

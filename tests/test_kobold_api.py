@@ -31,8 +31,9 @@ def test_info_endpoints(server):
     v = server.json("GET", "/api/extra/version")
     assert v["result"] == "KoboldCpp" and v["protected"] is False
     assert tuple(int(x) for x in v["version"].split(".")[:2]) >= (1, 49)
-    for flag in ("txt2img", "vision", "transcribe", "multiplayer", "websearch", "tts", "embeddings"):
+    for flag in ("txt2img", "vision", "transcribe", "multiplayer", "websearch", "tts"):
         assert v[flag] is False
+    assert v["embeddings"] is True          # served from the loaded model (or --embeddings-model)
     perf = server.json("GET", "/api/extra/perf")
     for key in ("last_process", "last_eval", "last_token_count", "last_seed", "total_gens", "stop_reason",
                 "queue", "idle", "uptime"):
