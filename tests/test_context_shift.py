@@ -103,7 +103,7 @@ def test_a_reply_after_a_shift_against_a_fresh_reading(make_server):
 
 
 def test_two_chats_shift_in_their_own_slots(make_server):
-    s = make_server("--parallel", "2")
+    s = make_server("--parallel", "2", "--contextsize", "2048")     # a pool that holds both chats
     other = SYSTEM.replace("Ava", "Bo").replace("Westmere", "Eastholm")
     a1 = complete(s, chat(0, 16), genkey="chat-a")
     b1 = complete(s, other + chat(0, 16)[len(SYSTEM):], genkey="chat-b")

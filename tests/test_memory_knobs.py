@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -45,6 +46,26 @@ def test_a_full_shared_pool_keeps_every_reply_going(make_server):
     results = [result_of(q, 300) for q in [in_thread(t.json, "POST", "/v1/completions", b) for b in bodies]]
     assert all(r["choices"][0]["finish_reason"] == "length" for r in results)
     assert min(r["usage"]["completion_tokens"] for r in results) < 200      # the full pool ended one early
+
+
+def test_shared_pool_replies_keep_to_their_own_prompts(make_server):
+    """In a shared pool a seed's text may differ beside others (see README), but no reply ever takes
+    another's text: each of these greedy replies goes on with its own prompt's word."""
+    s = make_server("--contextsize", "1024", "--parallel", "3", tls=False)
+    themes = [("red, green, blue", {"red", "green", "blue", "yellow", "orange", "purple", "black", "white"}),
+              ("north, south, east", {"north", "south", "east", "west"}),
+              ("alpha, beta, gamma", {"alpha", "beta", "gamma", "delta", "epsilon"})]
+    bodies = [{"prompt": f"The list: {(items + ', ') * 4}", "max_length": 40, "temperature": 0,
+               "ban_eos_token": True} for items, _ in themes]
+    texts = [result_of(q, 300)["results"][0]["text"]
+             for q in [in_thread(s.json, "POST", "/api/v1/generate", b) for b in bodies]]
+    following = 0
+    for (_, own), text in zip(themes, texts):
+        words = set(re.findall(r"[a-z]+", text.lower()))
+        others = set().union(*(t for _, t in themes if t is not own))
+        assert not words & others, (own, text)          # nothing of another reply's prompt
+        following += bool(words & own)
+    assert following >= 2, texts                         # and the replies do go on with their own lists
 
 
 def test_flash_attention_and_quantized_kv(make_server):

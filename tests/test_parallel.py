@@ -13,7 +13,10 @@ ANIMALS = ["cat", "dog", "fox", "owl", "bee", "cow"]
 
 @pytest.fixture(scope="module")
 def par(starter_model):
-    s = ServerProcess(["--model", starter_model, "--parallel", "3", "--contextsize", "1024"])
+    # Every slot its own context: a fixed seed then gives the same text alone or beside others, which
+    # these tests use to tell each reply is its own. In the default shared pool the slots' cells are
+    # interleaved and the arithmetic rounds differently beside others (test_memory_knobs covers that).
+    s = ServerProcess(["--model", starter_model, "--parallel", "3", "--contextsize", "1024", "--kvperslot"])
     yield s
     s.stop()
 

@@ -189,7 +189,10 @@ KINDS = ["kobold_sse", "kobold_poll", "nonstream", "openai_completion", "openai_
 
 
 def test_mixed_load_soak(starter_model):
-    s = ServerProcess(["--model", starter_model, "--parallel", "4", "--multiuser", "10", "--contextsize", "1024"])
+    # --kvperslot: the soak tells each answer is its own by its fixed-seed reference, which needs the
+    # seed to give the same text beside others (see test_parallel).
+    s = ServerProcess(["--model", starter_model, "--parallel", "4", "--multiuser", "10", "--contextsize", "1024",
+                       "--kvperslot"])
     try:
         references = {p: s.json("POST", "/api/v1/generate", kobold_body(p, "ref"))["results"][0]["text"]
                       for p in range(len(PROMPTS))}

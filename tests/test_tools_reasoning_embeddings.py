@@ -44,7 +44,7 @@ def test_required_always_yields_a_schema_valid_call(client):
 
 
 def test_a_named_tool_and_one_call_only(client):
-    r = client.chat.completions.create(model="x", messages=ASK, tools=[WEATHER, TIME], max_tokens=80,
+    r = client.chat.completions.create(model="x", messages=ASK, tools=[WEATHER, TIME], max_tokens=200,
                                        tool_choice={"type": "function", "function": {"name": "get_time"}},
                                        parallel_tool_calls=False)
     calls = r.choices[0].message.tool_calls
@@ -57,7 +57,7 @@ def test_a_named_tool_and_one_call_only(client):
 
 def test_a_tool_call_round_trip(client):
     first = client.chat.completions.create(model="x", messages=ASK, tools=[WEATHER], tool_choice="required",
-                                           max_tokens=80, temperature=0)
+                                           max_tokens=200, temperature=0, parallel_tool_calls=False)
     call = first.choices[0].message.tool_calls[0]
     messages = ASK + [first.choices[0].message.model_dump(exclude_none=True),
                       {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"forecast": "sunny, 24 C"})}]
@@ -72,7 +72,7 @@ def test_a_tool_call_round_trip(client):
 
 def test_a_streamed_tool_call_the_client_assembles(client):
     stream = client.chat.completions.create(model="x", messages=ASK, tools=[WEATHER], tool_choice="required",
-                                            max_tokens=80, temperature=0, stream=True)
+                                            max_tokens=200, temperature=0, stream=True)
     calls: dict[int, dict] = {}
     finish = None
     for chunk in stream:
@@ -86,7 +86,7 @@ def test_a_streamed_tool_call_the_client_assembles(client):
     assert finish == "tool_calls" and calls
     assert valid_weather_call(calls[0]["name"], json.loads(calls[0]["arguments"]))
     whole = client.chat.completions.create(model="x", messages=ASK, tools=[WEATHER], tool_choice="required",
-                                           max_tokens=80, temperature=0)
+                                           max_tokens=200, temperature=0)
     assert json.loads(whole.choices[0].message.tool_calls[0].function.arguments) == json.loads(calls[0]["arguments"])
 
 
@@ -94,7 +94,7 @@ def test_an_ollama_client_tool_call(server):
     import ollama
     c = ollama.Client(host=server.base, verify=server.ssl_context())
     r = c.chat(model="x", messages=ASK, tools=[WEATHER], stream=False,
-               options={"num_predict": 80, "temperature": 0, "tool_choice": "required"})
+               options={"num_predict": 200, "temperature": 0, "tool_choice": "required"})
     call = r.message.tool_calls[0]
     assert valid_weather_call(call.function.name, dict(call.function.arguments))
     # And the result fed back, Ollama's way.
