@@ -48,7 +48,7 @@ class Peer(HTTPClient):
     def __init__(self, command: list[str], port: int):
         self.port = port
         self.process = WatchedProcess(command)
-        self.process.wait_for_line(r"server is listening|HTTP server listening", 300)
+        self.process.wait_for_line(r"listening on|server is listening|HTTP server listening", 300)
 
     def stop(self):
         self.process.stop()

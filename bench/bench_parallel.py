@@ -132,7 +132,7 @@ def LlamaServer(binary: str, model: str, threads: int, ctx: int, slots: int) -> 
     """llama.cpp's own llama-server binary."""
     return PeerServer(lambda port: [
         binary, "-m", model, "-c", str(ctx), "-np", str(slots), "-t", str(threads), "-tb", str(threads),
-        "--host", "127.0.0.1", "--port", str(port)], ("server is listening", "main: model loaded"), "llama-server")
+        "--host", "127.0.0.1", "--port", str(port)], ("listening on", "server is listening", "main: model loaded"), "llama-server")
 
 
 def resident_mib(server) -> float:
