@@ -3065,6 +3065,13 @@ class ToolUse:
             out.insert(0, {"role": "system", "content": guide})
         return out, {}
 
+    def apply(self, messages: list[dict], sampler: SamplerSettings) -> tuple[list[dict], dict]:
+        """The tools into a chat request: its messages and template variables, and the grammar that
+        forces a call (when one is required) onto its sampler."""
+        messages, template_vars = self.prompt(messages)
+        sampler.grammar = self.grammar() or sampler.grammar
+        return messages, template_vars
+
     def grammar(self) -> str | None:
         """GBNF forcing a call, from the tools' JSON schemas, when one is required or named."""
         if self.choice in ("auto", "none"):
@@ -3360,8 +3367,7 @@ def openai_chat_completions(app, req):
     tools = tool_use_of(app, f)
     template_vars = {}
     if tools is not None:
-        messages, template_vars = tools.prompt(messages)
-        fields["sampler"].grammar = tools.grammar() or fields["sampler"].grammar
+        messages, template_vars = tools.apply(messages, fields["sampler"])
     request = app.chat_template.generation_request(messages, template_vars=template_vars, **fields,
                                                    **openai_logprob_fields(f, legacy=False))
     job = req.start_generation(request)
@@ -3535,9 +3541,8 @@ def ollama_chat(app, req):
     tools = tool_use_of(app, f, f.body.get("tool_choice", options.get("tool_choice")))
     template_vars = ollama_template_vars(f)
     if tools is not None:
-        messages, more = tools.prompt(messages)
+        messages, more = tools.apply(messages, fields["sampler"])
         template_vars.update(more)
-        fields["sampler"].grammar = tools.grammar() or fields["sampler"].grammar
     job = req.start_generation(app.chat_template.generation_request(messages, template_vars=template_vars, **fields))
     return ollama_answer(job, app, f, lambda t: {"message": {"role": "assistant", "content": t.get("content", ""),
                                                              **({"thinking": t["thinking"]} if "thinking" in t
@@ -3577,6 +3582,13 @@ def embedding_inputs(f: FieldReader, *names: str) -> list[str]:
     raise RequestError(f"'{names[0]}' must be a string or a non-empty list of strings")
 
 
+# Embedding fields we know and do not act on: the vector's size is the model's, input longer than the
+# embedding context is always cut, and the model stays loaded.
+OPENAI_EMBEDDING_IGNORED = {"dimensions": _asks}
+OLLAMA_EMBEDDING_IGNORED = {"dimensions": _asks, "truncate": lambda v: v is False,
+                            "keep_alive": lambda v: v is not None, "options": _asks}
+
+
 def embedding_source_name(app) -> str:
     return (app.embeddings_source or app.model).name
 
@@ -3586,6 +3598,7 @@ def openai_embeddings(app, req):
     import base64
     import numpy
     f = FieldReader(req.json())
+    req.ignored = ignored_fields(f.body, OPENAI_EMBEDDING_IGNORED)
     vectors, n_tokens = app.embedder().embed(embedding_inputs(f, "input", "content"))
     as_base64 = f.string("encoding_format", default="float") == "base64"
     data = [{"object": "embedding", "index": i,
@@ -3597,6 +3610,7 @@ def openai_embeddings(app, req):
 
 def ollama_embed(app, req):
     f = FieldReader(req.json())
+    req.ignored = ignored_fields(f.body, OLLAMA_EMBEDDING_IGNORED)
     start = time.monotonic()
     vectors, n_tokens = app.embedder().embed(embedding_inputs(f, "input"))
     return JSONResponse({"model": embedding_source_name(app), "embeddings": vectors,
@@ -3607,6 +3621,7 @@ def ollama_embed(app, req):
 def ollama_embeddings_legacy(app, req):
     """Ollama's older endpoint: one prompt, one vector."""
     f = FieldReader(req.json())
+    req.ignored = ignored_fields(f.body, OLLAMA_EMBEDDING_IGNORED)
     vectors, _ = app.embedder().embed([f.string("prompt")])
     return JSONResponse({"embedding": vectors[0]})
 

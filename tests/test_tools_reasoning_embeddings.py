@@ -169,6 +169,13 @@ def test_embeddings_from_the_openai_and_ollama_clients(client, server):
     kobold = server.json("POST", "/api/extra/embeddings", {"input": SENTENCES[1]})
     assert kobold["data"][0]["embedding"] == pytest.approx(vectors[1], abs=1e-6)
     assert server.json("GET", "/api/extra/version")["embeddings"] is True
+    # What is known but not acted on is named, never dropped in silence.
+    _, headers, _ = server.request("POST", "/v1/embeddings", {"input": "x", "dimensions": 64})
+    assert headers["x-koboldlite-ignored"] == "dimensions"
+    _, headers, _ = server.request("POST", "/api/embed", {"input": "x", "truncate": False, "keep_alive": "5m"})
+    assert headers["x-koboldlite-ignored"] == "truncate,keep_alive"
+    _, headers, _ = server.request("POST", "/api/embed", {"input": "x", "truncate": True})
+    assert "x-koboldlite-ignored" not in headers
     status, _, body = server.request("POST", "/v1/embeddings", {"input": 5})
     assert status == 400 and "input" in json.loads(body)["error"]["message"]
 
