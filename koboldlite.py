@@ -1706,18 +1706,21 @@ class Engine:
         return chain
 
     def _choose_slot(self, free: list[Slot], prompt: list[int]) -> Slot:
-        """The slot whose cache this prompt reuses most (a shift's savings count); else the least
-        recently used one.
+        """The free slot where this prompt costs least: prompt tokens still to read plus cached tokens
+        thrown away (a shift's savings count). Only the least recently used slot and the slots this
+        prompt continues are candidates: those whose cache it reuses at least half of (a chat going
+        on), or that supply at least half of it (the same prompt sent again, to regenerate a reply).
 
-        A cache counts only if the prompt reuses at least half of it: a common
-        opening ("Chapter", a system prompt) must not evict another user's story.
+        Counting what is thrown away keeps a common opening ("Chapter", a system prompt) from
+        evicting another user's long story while a cheaper slot is free.
         """
-        def reused(s: Slot) -> int:
-            n = self.plan_reuse(s.cached, prompt)[0] if s.cached else 0
-            return n if n and 2 * n >= len(s.cached) else 0
-        scores = {s.seq_id: reused(s) for s in free}
-        best = max(free, key=lambda s: scores[s.seq_id])
-        return best if scores[best.seq_id] else min(free, key=lambda s: s.last_used)
+        lru = min(free, key=lambda s: s.last_used)
+        costs = {}
+        for s in free:
+            reused = self.plan_reuse(s.cached, prompt)[0] if s.cached else 0
+            if s is lru or (reused and (2 * reused >= len(s.cached) or 2 * reused >= len(prompt))):
+                costs[s.seq_id] = (len(prompt) - reused) + (len(s.cached) - reused)
+        return min(free, key=lambda s: (costs.get(s.seq_id, math.inf), s is lru))
 
     def plan_reuse(self, cached: list[int], prompt: list[int]) -> tuple[int, list[tuple[int, int, int]]]:
         """How much of `prompt` a cache holding `cached` can supply without reading it again.

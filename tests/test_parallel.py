@@ -94,6 +94,17 @@ def test_a_new_request_reuses_the_slot_holding_its_prefix(par):
     assert par.json("GET", "/api/extra/perf")["last_cached_count"] >= prompt_tokens + 8
 
 
+def test_a_prompt_sent_again_reuses_its_slot_though_its_reply_was_longer(par):
+    # Regenerating a reply sends the same prompt again; its slot holds that prompt and a reply longer
+    # than it. The slot must be found again, not the least recently used one (another story's).
+    prompts = [f"Swipe {i}: the {a} sat by the fire and told a tale." for i, a in enumerate(ANIMALS[3:6])]
+    for p in prompts[1:2] + prompts[0:1] + prompts[2:3]:     # the slot used least recently is not prompt 0's
+        par.json("POST", "/api/v1/generate", {"prompt": p, "max_length": 60, "sampler_seed": 3})
+    prompt_tokens = par.json("POST", "/api/extra/tokencount", {"prompt": prompts[0]})["value"]
+    par.json("POST", "/api/v1/generate", {"prompt": prompts[0], "max_length": 2})
+    assert par.json("GET", "/api/extra/perf")["last_cached_count"] == prompt_tokens - 1
+
+
 def test_metrics_report_slots(par):
     text = par.request("GET", "/metrics")[2].decode()
     assert "koboldlite_slots_total 3" in text and "koboldlite_queue_depth 0" in text
