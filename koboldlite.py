@@ -1841,7 +1841,7 @@ class Engine:
             if room <= 0:
                 break
             chunk = slot.to_prefill[:room]
-            if len(chunk) == len(slot.to_prefill) > 1:
+            if len(chunk) == len(slot.to_prefill) > 1 and self._reproducible(slot):
                 # The prompt's last token is read in a step of its own, as it is when the rest is cached:
                 # a batch of one rounds differently from a long one, and so a seed gives the same text
                 # whether or not the prompt was cached.
@@ -1886,6 +1886,12 @@ class Engine:
             if ended:
                 finished.append(self._finish(slot, ended))
         return finished
+
+    def _reproducible(self, slot: Slot) -> bool:
+        """Whether a fixed seed can give this slot's reply again: always with a context per slot; in a
+        shared pool only when it runs alone (beside others their cells interleave with its own, and the
+        arithmetic rounds differently). Where it cannot, the step that keeps it so is not spent."""
+        return not self.model.shared_kv or not any(s.busy for s in self.slots if s is not slot)
 
     @staticmethod
     def _put(batch, n: int, slot: Slot, tokens: list[int], logits_last: bool) -> int:
