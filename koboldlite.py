@@ -1341,6 +1341,7 @@ class SamplerChain:
         self._history_samplers = []                  # samplers that must see the prompt (penalties, DRY)
         self.snapshot = snapshot
         self._candidates = self._view = self._ids = None   # the candidate array, reused token to token
+        self._may_dead_end = bool(s.grammar)
         try:
             if position_bans is not None:
                 self._own_sampler("phrase-bans", position_bans.apply, position_bans.accept)
@@ -1463,10 +1464,13 @@ class SamplerChain:
     def sample(self, ctx, index: int, n_vocab: int) -> int | None:
         """Draw a token from the logits at batch `index`; None when nothing may be drawn (a grammar,
         bans and biases that together leave no candidate). llama_sampler_sample would then draw a
-        forbidden token and the grammar would abort the process on accepting it, so the chain is
-        applied here and a token is accepted only if it was allowed."""
-        import numpy
+        forbidden token and the grammar would abort the process on accepting it, so with a grammar the
+        chain is applied here and a token is accepted only if it was allowed. Without one, bans and
+        biases never forbid the whole vocabulary, and llama.cpp draws on its own."""
         lib = self.lib
+        if not self._may_dead_end:
+            return lib.llama_sampler_sample(self.chain, ctx, index)     # the whole draw in C
+        import numpy
         if self._candidates is None or len(self._candidates) != n_vocab:
             self._candidates = (lib.llama_token_data * n_vocab)()
             self._view = numpy.ctypeslib.as_array(self._candidates)
