@@ -1567,6 +1567,11 @@ class Slot:
         self.assembler: TextAssembler | None = None
         self.to_prefill: list[int] = []  # prompt tokens still to be decoded
         self.next_token: int | None = None  # sampled, to be decoded in the next step
+        # Positions below this may be cells shared with another slot's sequence (a prompt's start lent
+        # or borrowed in a shared pool). llama.cpp keeps one position per cell, so these are never moved.
+        self.shared_upto = 0
+        self.lender: Slot | None = None  # the slot whose cells this one's first `borrowed` positions are
+        self.borrowed = 0
         self.generated: list[int] = []   # this job's tokens so far (those a rewind took back excluded)
         self.guard: PhraseGuard = PhraseGuard()
         self.bans: PositionBans | None = None
@@ -1677,6 +1682,7 @@ class Engine:
             return False
         slot = self._choose_slot(free, job.prompt_tokens)
         keep = self._reuse_cache(slot, job.prompt_tokens)
+        keep = self._borrow_prefix(slot, job.prompt_tokens, keep)
         if not self._make_room(len(job.prompt_tokens) - keep + 1, keep=slot):
             return False                   # a shared pool held by running replies: wait in the queue
         seed = job.request.sampler.seed
@@ -1763,7 +1769,8 @@ class Engine:
             keep -= 1                      # one token must be decoded to get logits
         with self.llama_lock:
             for start, length, shift in moves:
-                if start + shift >= keep:
+                if start + shift >= keep or start < slot.shared_upto:
+                    keep = min(keep, start + shift)
                     break
                 lib.llama_memory_seq_rm(memory, seq, start + shift, start)     # what the client dropped
                 lib.llama_memory_seq_add(memory, seq, start, start + length, shift)
@@ -1771,11 +1778,46 @@ class Engine:
                 lib.llama_memory_seq_rm(memory, seq, -1, -1)
                 keep = 0
         slot.cached = list(prompt[:keep])
+        self._trimmed(slot)
         return keep
 
+    def _trimmed(self, slot: Slot):
+        """The slot's cache was cut to len(slot.cached): what it shared beyond that is no longer shared,
+        and a slot that borrowed those cells now holds them alone."""
+        n = len(slot.cached)
+        slot.shared_upto = min(slot.shared_upto, n)
+        slot.borrowed = min(slot.borrowed, n)
+        for other in self.slots:
+            if other.lender is slot:
+                other.borrowed = min(other.borrowed, n)
+
+    def _borrow_prefix(self, slot: Slot, prompt: list[int], keep: int) -> int:
+        """In a shared pool, take a longer start of the prompt from another slot's cache than the slot's
+        own holds (a system prompt or character card that several users send): llama.cpp lets the two
+        sequences share those cells, so they are neither read again nor stored twice."""
+        if not self.model.shared_kv:
+            return keep
+        lender, n = None, keep
+        for other in self.slots:
+            common = min(common_prefix_length(other.cached, prompt), len(prompt) - 1)
+            if other is not slot and common > n:
+                lender, n = other, common
+        if lender is None:
+            return keep
+        lib, memory = self.lib, self.model.memory
+        with self.llama_lock:
+            lib.llama_memory_seq_rm(memory, slot.seq_id, -1, -1)
+            lib.llama_memory_seq_cp(memory, lender.seq_id, slot.seq_id, 0, n)
+        slot.cached = []
+        self._trimmed(slot)
+        slot.cached = list(prompt[:n])
+        slot.lender, slot.borrowed, slot.shared_upto = lender, n, n
+        lender.shared_upto = max(lender.shared_upto, n)
+        return n
+
     def _cells_used(self) -> int:
-        """KV cells the slots hold, or have been promised (prompt still to read)."""
-        return sum(len(s.cached) + len(s.to_prefill) for s in self.slots)
+        """KV cells the slots hold, or have been promised (prompt still to read); borrowed cells count once."""
+        return sum(len(s.cached) - s.borrowed + len(s.to_prefill) for s in self.slots)
 
     def _make_room(self, n: int, keep: Slot | None = None) -> bool:
         """Make n cells free in a shared pool: idle slots' caches go, least recently used first (they only
@@ -1788,18 +1830,24 @@ class Engine:
             with self.llama_lock:
                 self.lib.llama_memory_seq_rm(self.model.memory, dropped.seq_id, -1, -1)
             dropped.cached = []
+            self._trimmed(dropped)
         return self.model.pool_tokens - self._cells_used() >= n
 
-    def _shift_context(self, slot: Slot):
-        """A full context: drop the older half of what follows the kept front, and move the rest down."""
+    def _shift_context(self, slot: Slot) -> bool:
+        """A full context: drop the older half of what follows the kept front, and move the rest down.
+        The front kept includes cells shared with another slot (they cannot move). False if nothing can go."""
         job, lib, memory, seq = slot.job, self.lib, self.model.memory, slot.seq_id
         n_past = len(slot.cached)
-        n_discard = (n_past - job.n_keep) // 2
+        n_keep = max(job.n_keep, slot.shared_upto)
+        n_discard = (n_past - n_keep) // 2
+        if n_discard <= 0:
+            return False
         with self.llama_lock:
-            lib.llama_memory_seq_rm(memory, seq, job.n_keep, job.n_keep + n_discard)
-            lib.llama_memory_seq_add(memory, seq, job.n_keep + n_discard, n_past, -n_discard)
-        del slot.cached[job.n_keep:job.n_keep + n_discard]
+            lib.llama_memory_seq_rm(memory, seq, n_keep, n_keep + n_discard)
+            lib.llama_memory_seq_add(memory, seq, n_keep + n_discard, n_past, -n_discard)
+        del slot.cached[n_keep:n_keep + n_discard]
         job.stats.shifted_tokens += n_discard
+        return True
 
     @property
     def n_slots(self) -> int:
@@ -1820,8 +1868,7 @@ class Engine:
             if not slot.busy or slot.next_token is None:
                 continue
             full = len(slot.cached) >= slot.job.n_ctx or not self._make_room(taking + 1)
-            if full and self.context_shift:
-                self._shift_context(slot)      # its own context, or its share of a full pool
+            if full and self.context_shift and self._shift_context(slot):   # its own context, or its share of a full pool
                 full = not self._make_room(taking + 1)
             if full:
                 slot.job.stats.stop_reason = 0
@@ -1988,6 +2035,7 @@ class Engine:
             self.lib.llama_memory_seq_rm(self.model.memory, slot.seq_id, cut, -1)
         slot.next_token = slot.cached[cut]
         del slot.cached[cut:]
+        self._trimmed(slot)
         slot.rewinds += 1
         banned_here = slot.bans.ban(len(slot.generated), first)
         if banned_here > self.MAX_BANS_AT_ONE_PLACE or slot.rewinds > self.MAX_REWINDS:
@@ -2012,6 +2060,7 @@ class Engine:
             slot.to_prefill = []
         if reason == "error":
             slot.cached = []       # after a failed decode the sequence's state is unknown
+            self._trimmed(slot)
         slot.sampler.free()
         slot.sampler = None
         slot.job = None

@@ -7,7 +7,8 @@ import re
 
 import pytest
 
-from conftest import in_thread, result_of
+import koboldlite
+from conftest import SSEStream, in_thread, result_of
 
 
 def memory(server) -> dict:
@@ -100,3 +101,59 @@ def test_batch_size_mmap_mlock_and_gpu_layers(make_server, tmp_path):
     m = memory(make_server("--config", str(cfg), tls=False))
     assert (m["flash_attn"], m["kv_types"], m["n_batch"], m["load_mode"], m["kv_shared"]) == \
         ("enabled", ["q8_0"], 64, "none", False)
+
+
+def test_a_shared_pool_lends_a_common_start_to_another_slot(make_server):
+    """Two users send the same long opening (a character card, a system prompt). In a shared pool the
+    second slot takes it from the first's cells instead of reading it again, even while the first
+    replies and its context shifts (the shared cells stay put); each reply keeps to its own prompt."""
+    s = make_server("--contextsize", "320", "--parallel", "2", tls=False)
+    opening = "Rules of the game. " + " ".join(f"Rule {k}: every answer is a list of words." for k in range(1, 17))
+    colours, directions = {"red", "green", "blue"}, {"north", "south", "east", "west"}
+    n_opening = s.json("POST", "/api/extra/tokencount", {"prompt": opening})["value"]
+    no_end = {str(t): -100 for t in (0, 2)}          # the starter model's end-of-text and end-of-turn
+    first = SSEStream(s, "/v1/completions", {
+        "prompt": opening + " The colours: red, green, blue, red, green, blue, red, green,",
+        "max_tokens": 400, "temperature": 0, "stream": True, "logit_bias": no_end,
+        "stream_options": {"include_usage": True}})
+    events = first.events()
+    for _ in range(20):      # the first reply is under way; its context shifts while the second runs
+        next(events)
+    second = s.json("POST", "/v1/completions", {
+        "prompt": opening + " The directions: north, south, east, north, south, east, north,",
+        "max_tokens": 100, "temperature": 0, "logit_bias": no_end})
+    assert second["usage"]["prompt_tokens_details"]["cached_tokens"] >= n_opening - 1
+    for _ in events:
+        pass
+    chunks = [json.loads(line[6:]) for line in first.raw.split(b"\n") if line.startswith(b"data: {")]
+    first_text = "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
+    usage = chunks[-1]["usage"]
+    assert usage["completion_tokens"] == 400 and usage["truncated"]      # it went on past a full context
+    second_words = set(re.findall(r"[a-z]+", second["choices"][0]["text"].lower()))
+    first_words = set(re.findall(r"[a-z]+", first_text.lower()))
+    assert second_words & directions and not second_words & colours, second["choices"][0]["text"]
+    assert first_words & colours and not first_words & directions, first_text
+
+
+def test_a_lenders_context_shift_leaves_the_shared_cells_in_place(starter_model):
+    """llama.cpp keeps one position per cell, so a slot whose opening another slot borrowed must not move
+    those cells when its own context shifts. Read back from llama.cpp: after the lender's shift, the
+    borrower still has a cell at the opening's last position (a moved cell would sit lower)."""
+    model = koboldlite.LlamaModel(starter_model, n_ctx=256, n_seq=2, n_threads=2, n_gpu_layers=0, shared_kv=True)
+    engine = koboldlite.Engine(model)
+    opening = "Rules of the game. " + " ".join(f"Rule {k}: every answer is a list of words." for k in range(1, 15))
+    greedy = koboldlite.SamplerSettings(temperature=0, ban_eos=True)
+    lender = engine.prepare(koboldlite.GenerationRequest(opening + " Colours: red, green,", max_length=300, sampler=greedy))
+    assert engine.admit(lender)
+    while lender.stats.generated_tokens < 4:
+        engine.step()
+    borrower = engine.prepare(koboldlite.GenerationRequest(opening + " Directions: north,", max_length=60, sampler=greedy))
+    assert engine.admit(borrower)
+    n_shared = len(model.tokenize(opening))
+    assert n_shared > 128 and borrower.stats.cached_tokens >= n_shared - 1     # more than half the context
+    borrowing = next(s for s in engine.slots if s.job is borrower)
+    while lender.stats.shifted_tokens == 0:
+        assert not engine.step(), "both replies go on"
+    lib, seq = model.lib, borrowing.seq_id
+    lib.llama_memory_seq_rm(model.memory, seq, 0, n_shared - 2)
+    assert lib.llama_memory_seq_pos_min(model.memory, seq) == n_shared - 2
