@@ -157,3 +157,24 @@ def test_a_lenders_context_shift_leaves_the_shared_cells_in_place(starter_model)
     lib, seq = model.lib, borrowing.seq_id
     lib.llama_memory_seq_rm(model.memory, seq, 0, n_shared - 2)
     assert lib.llama_memory_seq_pos_min(model.memory, seq) == n_shared - 2
+
+
+@pytest.mark.parametrize("shared, steps", [(True, 1), (False, 2)])
+def test_a_newcomer_beside_a_reply_reads_its_prompt_in_one_step_in_a_shared_pool(starter_model, shared, steps):
+    """A prompt's last token is read apart only where that keeps a seed's text reproducible: with a
+    context per slot, or alone in the pool. Beside another reply in a shared pool it cannot be (their
+    cells interleave), so the newcomer's first token comes one step sooner there."""
+    model = koboldlite.LlamaModel(starter_model, n_ctx=256, n_seq=2, n_threads=2, n_gpu_layers=0, shared_kv=shared)
+    engine = koboldlite.Engine(model)
+    greedy = koboldlite.SamplerSettings(temperature=0, ban_eos=True)
+    running = engine.prepare(koboldlite.GenerationRequest("Once upon a time", max_length=50, sampler=greedy))
+    assert engine.admit(running)
+    while running.stats.generated_tokens < 2:
+        engine.step()
+    newcomer = engine.prepare(koboldlite.GenerationRequest("The list of colours: red, green,", max_length=5,
+                                                           sampler=greedy))
+    assert engine.admit(newcomer)
+    for _ in range(steps):
+        assert newcomer.stats.generated_tokens == 0
+        engine.step()
+    assert newcomer.stats.generated_tokens == 1
