@@ -36,6 +36,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 sys.path.insert(0, HERE)
 
 import koboldlite  # noqa: E402
+import results_file  # noqa: E402
 from bench_core import SAMPLING, percentile  # noqa: E402
 from conftest import ServerProcess  # noqa: E402
 
@@ -281,10 +282,15 @@ def main():
     ap.add_argument("--ctx", type=int, default=8192, help="context size for every server")
     ap.add_argument("--llama-server", default=os.path.join(HERE, ".llama-server", "bin", "llama-server"))
     ap.add_argument("--repeat", type=int, default=3, help="runs per measurement; the median is reported")
+    ap.add_argument("--quick", action="store_true",
+                    help="only issue 15's comparison: 4 clients, --parallel 4 (shared pool and --kvperslot) "
+                         "against llama-server -np 4, every round reported (about 5 minutes)")
     args = ap.parse_args()
 
     probe = koboldlite.LlamaModel(args.model, n_ctx=64, n_seq=1, n_threads=1, n_gpu_layers=0)
     eos_bias = {str(t): -100 for t in probe.eog_tokens}
+    if args.quick:
+        return quick(args, eos_bias)
 
     servers = {}
     try:
@@ -380,6 +386,46 @@ def main():
         f.write("# Parallel benchmark\n\n" + report + "\n\nReproduce: `python3 -m pip install -r bench/requirements.txt"
                 " && python3 bench/bench_parallel.py`\n\n![aggregate tokens/s](parallel.png)\n")
     chart(rows, os.path.join(out, "parallel.png"))
+
+
+def quick(args, eos_bias: dict):
+    """4 clients against KoboldLite --parallel 4 (shared pool, and a context per slot) and llama-server
+    -np 4, interleaved round by round; each round's ratios to llama-server, since "every run" counts."""
+    if not os.access(args.llama_server, os.X_OK):
+        sys.exit("--quick compares with llama-server: run bench/build_llama_server.sh first")
+    base = ["--model", args.model, "--contextsize", str(args.ctx), "--threads", str(args.threads),
+            "--parallel", "4", "--multiuser", "16", "--quiet"]
+    servers = {}
+    try:
+        servers["koboldlite --parallel 4"] = ServerProcess(base)
+        servers["koboldlite --parallel 4 --kvperslot"] = ServerProcess(base + ["--kvperslot"])
+        servers["llama-server -np 4"] = LlamaServer(args.llama_server, args.model, args.threads, args.ctx, 4)
+        for server in servers.values():
+            drive(server, 1, 16, eos_bias)   # warm-up
+        runs = {name: [] for name in servers}
+        for _ in range(args.repeat):
+            for name, server in servers.items():
+                runs[name].append(drive(server, 4, args.tokens, eos_bias))
+        memory = {name: resident_mib(server) for name, server in servers.items()}
+    finally:
+        for server in servers.values():
+            server.stop()
+    peer = runs["llama-server -np 4"]
+    lines = [f"Model {os.path.basename(args.model)}, 4 clients x {args.tokens} tokens, {args.threads} threads, "
+             f"context {args.ctx}; OpenAI completion streams; {args.repeat} interleaved rounds.", "",
+             "| system | round | aggregate tok/s | ratio | worst TTFT ms | ratio | resident MiB |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, by_round in runs.items():
+        for k, (r, p) in enumerate(zip(by_round, peer), 1):
+            lines.append(f"| {name} | {k} | {r['aggregate']:.1f} | {r['aggregate'] / p['aggregate']:.3f} | "
+                         f"{r['ttft_p99'] * 1000:.0f} | {r['ttft_p99'] / p['ttft_p99']:.2f} | {memory[name]:.0f} |")
+    lines += ["", "| system | median aggregate ratio | worst TTFT ratio, worst round |", "|---|---:|---:|"]
+    for name, by_round in runs.items():
+        agg = statistics.median(r["aggregate"] / p["aggregate"] for r, p in zip(by_round, peer))
+        ttft = max(r["ttft_p99"] / p["ttft_p99"] for r, p in zip(by_round, peer))
+        lines.append(f"| {name} | {agg:.3f} | {ttft:.2f} |")
+    results_file.publish("parallel-quick.md", ["# Parallel benchmark, quick (issue 15)", ""] + lines
+                         + ["", "Reproduce: `bash bench/build_llama_server.sh && python3 bench/bench_parallel.py --quick`"])
 
 
 def chart(rows: dict, path: str):
