@@ -4362,11 +4362,16 @@ class KoboldLiteServer(http.server.ThreadingHTTPServer):
         super().process_request(request, client_address)
 
     def process_request_thread(self, request, client_address):
+        # ThreadingMixIn's steps, but the client's place is given back before its socket closes: a
+        # client that has seen its connection end may connect again at once.
         try:
-            super().process_request_thread(request, client_address)
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
         finally:
             self._connections.release()
             self._client_left(client_address[0])
+            self.shutdown_request(request)
 
     def _client_left(self, address: str):
         with self._per_client_lock:

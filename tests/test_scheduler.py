@@ -175,6 +175,8 @@ def test_one_address_cannot_hold_every_connection(make_server, tmp_path):
     # Another address on the LAN is still served, and the first one again once its connections close.
     assert post_from(s, "127.0.0.2", "/api/extra/tokencount", {"prompt": "x"})[0] == 200
     for sock in held:
+        sock.shutdown(socket.SHUT_WR)
+        assert sock.recv(1) == b""       # the server has closed its end, so it has let the connection go
         sock.close()
     s.json("GET", "/health")
     assert post_from(s, "127.0.0.1", "/api/extra/tokencount", {"prompt": "x"})[0] == 200
