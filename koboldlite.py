@@ -83,6 +83,7 @@ class Config:
     nommap: bool = False        # read the model into memory instead of mapping the file
     usemlock: bool = False      # lock the model in RAM (never swapped out)
     kvperslot: bool = False     # every --parallel slot gets its own full context (else they share one pool)
+    kvsplit: bool = False       # every --parallel slot gets its own contextsize/parallel (llama-server -np's layout)
     embeddings_model: str | None = None   # a GGUF for the embedding endpoints; default: the loaded model
     multiuser: int = 16         # requests that may wait in the queue
     parallel: int = 1           # requests that generate at once
@@ -154,6 +155,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
                    help="GGUF model for the embedding endpoints (default: the loaded model's own)")
     p.add_argument("--kvperslot", action="store_true", default=None,
                    help="give every --parallel slot its own full context (default: one shared pool)")
+    p.add_argument("--kvsplit", action="store_true", default=None,
+                   help="split the context into one cache of contextsize/parallel per slot, as llama-server "
+                        "-np does: fastest with every slot busy, but each request is limited to that share")
     p.add_argument("--multiuser", type=int, help="how many requests may wait in the queue; 0 answers 503 when busy (default 16)")
     p.add_argument("--parallel", type=int, help="how many requests generate at once (default 1)")
     p.add_argument("--quiet", action="store_true", default=None, help="do not log requests, prompts or outputs")
@@ -213,9 +217,12 @@ def load_config(argv: list[str]) -> Config:
     _check_int("gpulayers", cfg.gpulayers, -1, 100000)
     _check_int("quantkv", cfg.quantkv, 0, 2)
     _check_int("batchsize", cfg.batchsize, 16, 1 << 16)
-    for flag in ("flashattention", "nommap", "usemlock", "kvperslot", "noshift", "quiet", "launch", "debug"):
+    for flag in ("flashattention", "nommap", "usemlock", "kvperslot", "kvsplit", "noshift", "quiet", "launch",
+                 "debug"):
         if not isinstance(getattr(cfg, flag), bool):
             raise ConfigError(f"{flag} must be true or false")
+    if cfg.kvperslot and cfg.kvsplit:
+        raise ConfigError("kvperslot and kvsplit are two layouts of the KV cache: choose one")
     if cfg.quantkv:
         cfg.flashattention = True      # a quantized V cache needs flash attention in llama.cpp
     _check_int("multiuser", cfg.multiuser, 0, 100000)
@@ -223,7 +230,8 @@ def load_config(argv: list[str]) -> Config:
     _check_int("max_connections", cfg.max_connections, 1, 100000)
     _check_int("max_connections_per_client", cfg.max_connections_per_client, 1, 100000)
     _check_int("max_length", cfg.max_length, 1, 1 << 20)
-    cfg.max_length = min(cfg.max_length, cfg.contextsize // 2)   # a small context still leaves room for a prompt
+    per_request = cfg.contextsize // cfg.parallel if cfg.kvsplit else cfg.contextsize
+    cfg.max_length = min(cfg.max_length, per_request // 2)   # a small context still leaves room for a prompt
     if cfg.password is not None and not isinstance(cfg.password, str):
         raise ConfigError("password must be a string")
     if cfg.threads == 0:
@@ -987,8 +995,8 @@ class LlamaModel:
 
     def __init__(self, path: str, n_ctx: int, n_seq: int, n_threads: int, n_gpu_layers: int,
                  n_batch: int = 512, progress: Callable[[float], None] | None = None,
-                 show_llama_log: bool = False, shared_kv: bool = False, flash_attention: bool = False,
-                 quantkv: int = 0, use_mmap: bool = True, use_mlock: bool = False):
+                 show_llama_log: bool = False, shared_kv: bool = False, split_kv: bool = False,
+                 flash_attention: bool = False, quantkv: int = 0, use_mmap: bool = True, use_mlock: bool = False):
         import llama_cpp  # loaded here so that --help and bad arguments answer fast
         self.lib = llama_cpp
         self.path = path
@@ -1026,8 +1034,10 @@ class LlamaModel:
         self.kv_type = self.KV_TYPES[quantkv][0]
         cparams = llama_cpp.llama_context_default_params()
         # Shared: the slots share one pool of n_ctx cells (llama.cpp's unified KV cache), each request
-        # still up to n_ctx tokens; per slot: every slot gets its own n_ctx.
-        cparams.n_ctx = n_ctx if shared_kv else n_ctx * n_seq
+        # still up to n_ctx tokens; split: every slot gets its own n_ctx / n_seq (llama.cpp rounds it up
+        # to a multiple of 256), which bounds each request; per slot: every slot gets its own n_ctx.
+        assert not (shared_kv and split_kv)
+        cparams.n_ctx = n_ctx if shared_kv or split_kv else n_ctx * n_seq
         cparams.kv_unified = shared_kv
         cparams.n_batch = n_batch
         cparams.n_ubatch = n_batch
@@ -1041,7 +1051,7 @@ class LlamaModel:
         if not self.ctx:
             raise ModelLoadError(f"llama.cpp could not create a context of {n_ctx} tokens for {path}"
                                  + (" (a quantized KV cache needs flash attention)" if quantkv else ""))
-        self.n_ctx = n_ctx
+        self.n_ctx = llama_cpp.llama_n_ctx_seq(self.ctx) if split_kv else n_ctx   # what one request may fill
         self.shared_kv = shared_kv
         self.pool_tokens = llama_cpp.llama_n_ctx(self.ctx)   # KV cells in all: what llama.cpp allocated
         self.memory = llama_cpp.llama_get_memory(self.ctx)
@@ -4505,7 +4515,8 @@ def serve(arguments: Callable[[], list[str]], double_click: bool = False) -> int
     try:
         model = LlamaModel(config.model, n_ctx=config.contextsize, n_seq=config.parallel,
                            n_threads=config.threads, n_gpu_layers=config.gpulayers, n_batch=config.batchsize,
-                           shared_kv=not config.kvperslot, flash_attention=config.flashattention,
+                           shared_kv=not (config.kvperslot or config.kvsplit), split_kv=config.kvsplit,
+                           flash_attention=config.flashattention,
                            quantkv=config.quantkv, use_mmap=not config.nommap, use_mlock=config.usemlock,
                            progress=None if config.quiet else ProgressBar(), show_llama_log=config.debug)
     except ModelLoadError as e:

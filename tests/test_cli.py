@@ -35,6 +35,7 @@ def test_missing_model(tmp_path):
     (["--threads", "-3"], "threads"),
     (["--parallel", "0"], "parallel"),
     (["--bogus"], "unrecognized"),
+    (["--kvperslot", "--kvsplit"], "kvsplit"),
 ])
 def test_bad_values(starter_model, args, words):
     code, _, err = run("--model", starter_model, *args)

@@ -34,6 +34,34 @@ def test_parallel_slots_share_one_pool_by_default(make_server):
     assert shared.json("GET", "/api/extra/true_max_context_length")["value"] == 8192
 
 
+def test_kvsplit_gives_each_slot_its_share_of_the_context(make_server, tmp_path):
+    """llama-server -np's layout: one context's memory, cut into a cache per slot; a request may fill
+    only its share, and the server says so where clients ask for the context size."""
+    shared = memory(make_server("--contextsize", "8192", "--parallel", "4", tls=False))
+    s = make_server("--contextsize", "8192", "--parallel", "4", "--kvsplit", tls=False)
+    m = memory(s)
+    assert m["kv_cells"] == 8192 and m["kv_shared"] is False
+    assert m["kv_cache_mib"] == pytest.approx(shared["kv_cache_mib"], rel=0.02)
+    assert any(line.startswith("Memory: model ") and "2048 tokens for each of 4 slot(s)" in line for line in s.lines)
+    assert s.json("GET", "/api/extra/true_max_context_length")["value"] == 2048
+    assert s.json("GET", "/api/v1/config/max_length")["value"] <= 1024
+    # The share is the limit: a prompt that the shared pool takes is refused here, with both numbers.
+    prompt = "The harbour town keeps its lamps lit. " * 300
+    status, _, body = s.request("POST", "/v1/completions", {"prompt": prompt, "max_tokens": 4})
+    err = json.loads(body)["error"]
+    assert status == 400 and err["n_ctx"] == 2048 and err["n_prompt_tokens"] > 2048
+    # Four replies at once, each in its own cache, each to its length.
+    bodies = [{"prompt": f"Story {i}: once upon a time", "max_tokens": 40, "ban_eos_token": True, "seed": i}
+              for i in range(4)]
+    results = [result_of(q, 300) for q in [in_thread(s.json, "POST", "/v1/completions", b) for b in bodies]]
+    assert [r["usage"]["completion_tokens"] for r in results] == [40] * 4
+    # From --config too.
+    cfg = tmp_path / "k.json"
+    cfg.write_text(json.dumps({"kvsplit": True, "parallel": 2}))
+    c = make_server("--config", str(cfg), tls=False)           # with the fixture's --contextsize 1024
+    assert memory(c)["kv_cells"] == 1024 and c.json("GET", "/api/extra/true_max_context_length")["value"] == 512
+
+
 def test_a_full_shared_pool_keeps_every_reply_going(make_server):
     s = make_server("--contextsize", "512", "--parallel", "4", tls=False)
     bodies = [{"prompt": f"Story {i}: " + "once upon a time " * 30, "max_tokens": 200, "ban_eos_token": True,
