@@ -129,11 +129,13 @@ def LlamaCppPythonServer(model: str, threads: int) -> PeerServer:
         "--interrupt_requests", "False"], ("Uvicorn running",), "llama_cpp.server")
 
 
-def LlamaServer(binary: str, model: str, threads: int, ctx: int, slots: int) -> PeerServer:
-    """llama.cpp's own llama-server binary."""
+def LlamaServer(binary: str, model: str, threads: int, ctx: int, slots: int, unified: bool = False) -> PeerServer:
+    """llama.cpp's own llama-server binary. With -np N it splits -c into N caches of c/N (each request
+    limited to that); unified, its slots share one pool of -c cells as KoboldLite's do by default."""
     return PeerServer(lambda port: [
         binary, "-m", model, "-c", str(ctx), "-np", str(slots), "-t", str(threads), "-tb", str(threads),
-        "--host", "127.0.0.1", "--port", str(port)], ("listening on", "server is listening", "main: model loaded"), "llama-server")
+        "--host", "127.0.0.1", "--port", str(port)] + (["--kv-unified"] if unified else []),
+        ("listening on", "server is listening", "main: model loaded"), "llama-server")
 
 
 def resident_mib(server) -> float:
@@ -283,8 +285,9 @@ def main():
     ap.add_argument("--llama-server", default=os.path.join(HERE, ".llama-server", "bin", "llama-server"))
     ap.add_argument("--repeat", type=int, default=3, help="runs per measurement; the median is reported")
     ap.add_argument("--quick", action="store_true",
-                    help="only issue 15's comparison: 4 clients, --parallel 4 (shared pool and --kvperslot) "
-                         "against llama-server -np 4, every round reported (about 5 minutes)")
+                    help="only issue 15's comparison: 4 clients, --parallel 4 (shared pool, --kvsplit, "
+                         "--kvperslot) against llama-server -np 4 (split and unified), every round reported "
+                         "(about 7 minutes)")
     args = ap.parse_args()
 
     probe = koboldlite.LlamaModel(args.model, n_ctx=64, n_seq=1, n_threads=1, n_gpu_layers=0)
@@ -389,8 +392,9 @@ def main():
 
 
 def quick(args, eos_bias: dict):
-    """4 clients against KoboldLite --parallel 4 (shared pool, and a context per slot) and llama-server
-    -np 4, interleaved round by round; each round's ratios to llama-server, since "every run" counts."""
+    """4 clients against KoboldLite --parallel 4 (shared pool, split pool, a context per slot) and
+    llama-server -np 4 (its default split, and its unified pool: the like-for-like peer of the shared
+    pool), interleaved round by round; each round's ratios to llama-server -np 4, since "every run" counts."""
     if not os.access(args.llama_server, os.X_OK):
         sys.exit("--quick compares with llama-server: run bench/build_llama_server.sh first")
     base = ["--model", args.model, "--contextsize", str(args.ctx), "--threads", str(args.threads),
@@ -398,8 +402,11 @@ def quick(args, eos_bias: dict):
     servers = {}
     try:
         servers["koboldlite --parallel 4"] = ServerProcess(base)
+        servers["koboldlite --parallel 4 --kvsplit"] = ServerProcess(base + ["--kvsplit"])
         servers["koboldlite --parallel 4 --kvperslot"] = ServerProcess(base + ["--kvperslot"])
         servers["llama-server -np 4"] = LlamaServer(args.llama_server, args.model, args.threads, args.ctx, 4)
+        servers["llama-server -np 4 --kv-unified"] = LlamaServer(args.llama_server, args.model, args.threads,
+                                                                 args.ctx, 4, unified=True)
         for server in servers.values():
             drive(server, 1, 16, eos_bias)   # warm-up
         runs = {name: [] for name in servers}
