@@ -1622,6 +1622,11 @@ class Engine:
     SHORT_PROMPT = 128                   # new prompts up to this many tokens get a step of their own
     PREFILL_CHUNK_WHILE_STREAMING = 128  # else, prompt tokens read per step while others generate
     CACHE_REUSE_MIN_CHUNK = 64           # cached runs at least this long are moved into place, not re-read
+    # A shared pool is compacted once concurrent replies have interleaved this many cells, or an eighth
+    # of what the slots hold if that is more (the copy costs in proportion to what it moves), and only
+    # while the copy held in memory stays under the byte limit.
+    COMPACT_AFTER_CELLS = 64
+    COMPACT_MAX_BYTES = 128 << 20
 
     def __init__(self, model: LlamaModel, context_shift: bool = True):
         self.model = model
@@ -1632,6 +1637,8 @@ class Engine:
         self.llama_lock = threading.Lock()
         self.slots = [Slot(i) for i in range(model.n_seq)]
         self._batch = self.lib.llama_batch_init(model.n_batch, 0, model.n_seq)
+        self._interleaved = 0            # cells concurrent replies have put side by side since the last compaction
+        self.compactions = 0
 
     # -- on request threads -------------------------------------------------
 
@@ -1843,6 +1850,62 @@ class Engine:
             self._trimmed(dropped)
         return self.model.pool_tokens - self._cells_used() >= n
 
+    def _compaction_due(self) -> bool:
+        return (self.model.shared_kv and sum(1 for s in self.slots if s.next_token is not None) > 1
+                and self._interleaved >= max(self.COMPACT_AFTER_CELLS, self._cells_used() // 8))
+
+    def _compact_pool(self):
+        """Lay each running reply's cells out as one block again. Replies generating together put their
+        cells side by side in a shared pool, one of each per step, and llama.cpp's CPU attention then
+        reads every sequence's keys strided through memory: at 4 replies 600 tokens deep, a quarter of
+        the speed goes (bench/bench_kv_layout.py). llama.cpp cannot move cells, so each sequence's state
+        is copied out, its cells freed, and the copy restored: it lands in the lowest free cells, each
+        sequence in one piece. A sequence keeps its cells' order, so the arithmetic is the same; shared
+        starts are shared again afterwards."""
+        self._interleaved = 0
+        lib, ctx, memory = self.lib, self.model.ctx, self.model.memory
+        moving = [s for s in self.slots if s.busy and s.cached]
+        # A shared start is restored as a copy before it is shared again: the pool needs room for that.
+        if sum(s.borrowed for s in moving) > self.model.pool_tokens - self._cells_used():
+            return
+        with self.llama_lock:
+            sizes = [lib.llama_state_seq_get_size(ctx, s.seq_id) for s in moving]
+            if sum(sizes) > self.COMPACT_MAX_BYTES:
+                return
+            saved = []
+            for slot, size in zip(moving, sizes):
+                copy = (ctypes.c_uint8 * size)()
+                if lib.llama_state_seq_get_data(ctx, copy, size, slot.seq_id) != size:
+                    return                 # nothing has moved yet
+                saved.append((slot, copy, size))
+            for slot in moving:
+                lib.llama_memory_seq_rm(memory, slot.seq_id, -1, -1)
+            lost = [slot for slot, copy, size in saved
+                    if lib.llama_state_seq_set_data(ctx, copy, size, slot.seq_id) != size]
+            del saved
+            for slot in lost:
+                lib.llama_memory_seq_rm(memory, slot.seq_id, -1, -1)
+                self._read_again(slot)
+            # Share the borrowed starts again; a lender that is itself a borrower goes first.
+            pending = [s for s in moving if s.lender is not None and s.borrowed]
+            while pending:
+                for slot in [s for s in pending if s.lender not in pending] or pending[:1]:
+                    pending.remove(slot)
+                    n = slot.borrowed
+                    if common_prefix_length(slot.lender.cached, slot.cached) >= n:
+                        lib.llama_memory_seq_rm(memory, slot.seq_id, 0, n)
+                        lib.llama_memory_seq_cp(memory, slot.lender.seq_id, slot.seq_id, 0, n)
+                    else:
+                        slot.lender, slot.borrowed = None, 0    # it keeps its own copy
+        self.compactions += 1
+
+    def _read_again(self, slot: Slot):
+        """The slot's cells are gone: all it held, and the token it sampled last, are read again as
+        prompt, after which it goes on as before."""
+        pending = slot.cached + ([slot.next_token] if slot.next_token is not None else []) + slot.to_prefill
+        slot.cached, slot.next_token, slot.to_prefill = [], None, pending
+        self._trimmed(slot)
+
     def _shift_context(self, slot: Slot) -> bool:
         """A full context: drop the older half of what follows the kept front, and move the rest down.
         The front kept includes cells shared with another slot (they cannot move). False if nothing can go."""
@@ -1869,6 +1932,8 @@ class Engine:
         for slot in self.slots:
             if slot.busy and slot.job.cancelled.is_set():
                 finished.append(self._finish(slot, "abort"))
+        if self._compaction_due():
+            self._compact_pool()
         batch = self._batch
         n = 0
         due: list[tuple[Slot, int]] = []     # slots whose logits are at batch index i
@@ -1928,6 +1993,8 @@ class Engine:
                     del slot.to_prefill[:len(chunk)]
                 else:
                     slot.next_token = None
+            if len(generating) > 1 and not short_prefill:
+                self._interleaved += len(generating)
             sampled = []
             for slot, i in due:
                 token = slot.sampler.sample(self.model.ctx, i, self.model.n_vocab)

@@ -206,3 +206,78 @@ def test_a_newcomer_beside_a_reply_reads_its_prompt_in_one_step_in_a_shared_pool
         assert newcomer.stats.generated_tokens == 0
         engine.step()
     assert newcomer.stats.generated_tokens == 1
+
+
+def run_together(model, prompts: list[str], compact_after: int, max_length: int = 70):
+    """The prompts' replies generated side by side in one engine, to the end; their texts."""
+    engine = koboldlite.Engine(model)
+    engine.COMPACT_AFTER_CELLS = compact_after
+    model.lib.llama_memory_clear(model.memory, True)
+    jobs = []
+    for i, prompt in enumerate(prompts):
+        sampler = (koboldlite.SamplerSettings(temperature=0, ban_eos=True) if i % 2 == 0 else
+                   koboldlite.SamplerSettings(temperature=0.9, top_k=40, ban_eos=True, seed=7 + i))
+        job = engine.prepare(koboldlite.GenerationRequest(prompt, max_length=max_length, sampler=sampler))
+        assert engine.admit(job)
+        jobs.append(job)
+        engine.step()                # each newcomer arrives while the others generate
+    while any(job.state != "done" for job in jobs):
+        engine.step()
+    return [job.buffer.text() for job in jobs], engine
+
+
+def test_compacting_the_shared_pool_keeps_every_reply_the_same(starter_model):
+    """Concurrent replies interleave their cells in a shared pool; compacting lays each sequence out in
+    one block again (bench_kv_layout.py has the speed). Each sequence keeps its cells' order, so the
+    replies, greedy and seeded, are the very same with frequent compaction and without."""
+    model = koboldlite.LlamaModel(starter_model, n_ctx=1024, n_seq=3, n_threads=2, n_gpu_layers=0, shared_kv=True)
+    prompts = ["The crew asks the ship's cook about breakfast:", "Write a poem about the sea:",
+               "A list of the planets: Mercury, Venus,"]
+    plain, engine = run_together(model, prompts, compact_after=10 ** 9)
+    assert engine.compactions == 0
+    compacted, engine = run_together(model, prompts, compact_after=4)
+    assert engine.compactions >= 5
+    assert compacted == plain
+    assert len(set(plain)) == 3 and all(len(t) > 100 for t in plain)
+
+
+def test_a_compacted_pool_shares_borrowed_starts_again(starter_model):
+    """Two replies that share a long start (a character card): after compactions the borrower's start is
+    again the lender's cells (the pool holds them once), and each reply keeps to its own prompt."""
+    model = koboldlite.LlamaModel(starter_model, n_ctx=1024, n_seq=2, n_threads=2, n_gpu_layers=0, shared_kv=True)
+    card = "You are a ship's cook who answers in lists. " * 6
+    texts, engine = run_together(model, [card + "The colours of the flags: red, green, blue, red,",
+                                         card + "The winds: north, south, east, west, north,"], compact_after=8)
+    assert engine.compactions >= 3
+    lender, borrower = engine.slots
+    assert borrower.lender is lender and borrower.borrowed >= len(model.tokenize(card)) - 1
+    # Read back from llama.cpp, whose saved state holds a shared cell once: dropping the borrower's
+    # sequence frees only the cells it holds alone, far less than its own state's size.
+    lib = model.lib
+    own = lib.llama_state_seq_get_size(model.ctx, borrower.seq_id)
+    before = lib.llama_state_get_size(model.ctx)
+    lib.llama_memory_seq_rm(model.memory, borrower.seq_id, -1, -1)
+    freed = before - lib.llama_state_get_size(model.ctx)
+    alone = len(borrower.cached) - borrower.borrowed
+    assert freed == pytest.approx(own * alone / len(borrower.cached), rel=0.1)
+    winds, colours = {"north", "south", "east", "west"}, {"red", "green", "blue"}
+    words = [set(re.findall(r"[a-z]+", t.lower())) for t in texts]
+    assert words[0] & colours and not words[0] & winds, texts[0]
+    assert words[1] & winds and not words[1] & colours, texts[1]
+
+
+def test_a_compaction_that_cannot_restore_a_sequence_reads_it_again(starter_model, monkeypatch):
+    """Should llama.cpp refuse to restore a sequence, the reply reads what it held again and goes on."""
+    model = koboldlite.LlamaModel(starter_model, n_ctx=1024, n_seq=2, n_threads=2, n_gpu_layers=0, shared_kv=True)
+    refused = []
+    real = model.lib.llama_state_seq_set_data
+
+    def refuse_the_first(ctx, data, size, seq):
+        if not refused:
+            refused.append(seq)
+            return 0
+        return real(ctx, data, size, seq)
+    monkeypatch.setattr(model.lib, "llama_state_seq_set_data", refuse_the_first)
+    texts, engine = run_together(model, ["Once upon a time", "The list of colours: red, green,"], compact_after=20)
+    assert refused and engine.compactions >= 1
+    assert all(len(t) > 100 for t in texts)
