@@ -3061,6 +3061,7 @@ def kobold_perf(app, req):
         "idle": 1 if sched.idle else 0,
         "active_slots": app.scheduler.active,
         "slots": len(app.engine.slots),
+        "kv_compactions": app.engine.compactions,      # a shared pool laid out in blocks again (see README)
         "uptime": round(time.monotonic() - app.started, 3),
         "instance": app.instance_id,
         "hordeexitcounter": -1,

@@ -95,6 +95,7 @@ def test_shared_pool_replies_keep_to_their_own_prompts(make_server):
         assert not words & others, (own, text)          # nothing of another reply's prompt
         following += bool(words & own)
     assert following >= 2, texts                         # and the replies do go on with their own lists
+    assert s.json("GET", "/api/extra/perf")["kv_compactions"] >= 1   # the pool was compacted meanwhile
 
 
 def test_flash_attention_and_quantized_kv(make_server):
