@@ -1638,6 +1638,9 @@ class Engine:
         self.slots = [Slot(i) for i in range(model.n_seq)]
         self._batch = self.lib.llama_batch_init(model.n_batch, 0, model.n_seq)
         self._interleaved = 0            # cells concurrent replies have put side by side since the last compaction
+        # llama.cpp re-rotates moved keys (seq_add) only at the next decode, and a saved state does not
+        # carry that pending work: no compaction until it is done.
+        self._moved_since_decode = False
         self.compactions = 0
 
     # -- on request threads -------------------------------------------------
@@ -1791,6 +1794,7 @@ class Engine:
                     break
                 lib.llama_memory_seq_rm(memory, seq, start + shift, start)     # what the client dropped
                 lib.llama_memory_seq_add(memory, seq, start, start + length, shift)
+                self._moved_since_decode = True
             if not lib.llama_memory_seq_rm(memory, seq, keep, -1):
                 lib.llama_memory_seq_rm(memory, seq, -1, -1)
                 keep = 0
@@ -1851,7 +1855,8 @@ class Engine:
         return self.model.pool_tokens - self._cells_used() >= n
 
     def _compaction_due(self) -> bool:
-        return (self.model.shared_kv and sum(1 for s in self.slots if s.next_token is not None) > 1
+        return (self.model.shared_kv and not self._moved_since_decode
+                and sum(1 for s in self.slots if s.next_token is not None) > 1
                 and self._interleaved >= max(self.COMPACT_AFTER_CELLS, self._cells_used() // 8))
 
     def _compact_pool(self):
@@ -1918,6 +1923,7 @@ class Engine:
         with self.llama_lock:
             lib.llama_memory_seq_rm(memory, seq, n_keep, n_keep + n_discard)
             lib.llama_memory_seq_add(memory, seq, n_keep + n_discard, n_past, -n_discard)
+            self._moved_since_decode = True
         del slot.cached[n_keep:n_keep + n_discard]
         job.stats.shifted_tokens += n_discard
         return True
@@ -1987,6 +1993,7 @@ class Engine:
                 for slot, _ in added:
                     finished.append(self._finish(slot, "error", f"llama_decode failed ({status})"))
                 return finished
+            self._moved_since_decode = False
             for slot, chunk in added:
                 slot.cached.extend(chunk)
                 if slot.next_token is None:

@@ -282,3 +282,40 @@ def test_a_compaction_that_cannot_restore_a_sequence_reads_it_again(starter_mode
     texts, engine = run_together(model, ["Once upon a time", "The list of colours: red, green,"], compact_after=20)
     assert refused and engine.compactions >= 1
     assert all(len(t) > 100 for t in texts)
+
+
+def test_no_compaction_while_moved_keys_wait_for_the_next_decode(starter_model):
+    """A returning chat whose first turns the client dropped has the rest of its cache moved into place
+    (llama.cpp's seq_add), and llama.cpp re-rotates those keys only at the next decode: a state saved
+    before that would restore keys at the wrong positions. So a compaction due in that very step waits
+    one step."""
+    model = koboldlite.LlamaModel(starter_model, n_ctx=1024, n_seq=3, n_threads=2, n_gpu_layers=0, shared_kv=True)
+    engine = koboldlite.Engine(model)
+    engine.COMPACT_AFTER_CELLS = 1
+    greedy = koboldlite.SamplerSettings(temperature=0, ban_eos=True)
+    intro = "A harbour diary, written by the lamp keeper."
+    days = [f" Day {k}: the boats came home late and the lamps were lit at dusk." for k in range(1, 13)]
+    first = engine.prepare(koboldlite.GenerationRequest(intro + "".join(days), max_length=3, sampler=greedy))
+    assert engine.admit(first)
+    while first.state != "done":
+        engine.step()
+    others = [engine.prepare(koboldlite.GenerationRequest(p, max_length=200, sampler=greedy))
+              for p in ("Write a poem about the sea:", "A list of the planets: Mercury, Venus,")]
+    for job in others:
+        assert engine.admit(job)
+        engine.step()
+    while not engine._compaction_due():
+        engine.step()
+    returning = engine.prepare(koboldlite.GenerationRequest(intro + "".join(days[3:]) + " Day 13:", max_length=20,
+                                                            sampler=greedy))
+    assert engine.admit(returning)
+    assert returning.stats.cached_tokens >= len(model.tokenize(intro + "".join(days[3:]))) - 1   # moved, not re-read
+    assert not engine._compaction_due()
+    n = engine.compactions
+    engine.step()                   # this decode re-rotates the moved keys; no compaction before it
+    assert engine.compactions == n and engine._compaction_due()
+    engine.step()
+    assert engine.compactions == n + 1
+    while returning.state != "done":
+        engine.step()
+    assert "lamp" in returning.buffer.text() or "boat" in returning.buffer.text(), returning.buffer.text()
