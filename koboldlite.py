@@ -1865,8 +1865,8 @@ class Engine:
         reads every sequence's keys strided through memory: at 4 replies 600 tokens deep, a quarter of
         the speed goes (bench/bench_kv_layout.py). llama.cpp cannot move cells, so each sequence's state
         is copied out, its cells freed, and the copy restored: it lands in the lowest free cells, each
-        sequence in one piece. A sequence keeps its cells' order, so the arithmetic is the same; shared
-        starts are shared again afterwards."""
+        sequence in one piece and its cells in the same order, so its arithmetic does not change (a start
+        shared with another slot is shared again, which may leave a hole that later cells fill)."""
         self._interleaved = 0
         lib, ctx, memory = self.lib, self.model.ctx, self.model.memory
         moving = [s for s in self.slots if s.busy and s.cached]
