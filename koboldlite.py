@@ -100,6 +100,8 @@ class Config:
     max_connections: int = 256
     max_connections_per_client: int = 32   # one LAN host cannot hold every connection (raise it behind a balancer)
     noshift: bool = False       # no context shift: no cache reuse past a dropped turn, no shift at a full context
+    hostname: list[str] = dataclasses.field(default_factory=list)     # DNS names the Host header may carry
+    cors_origin: list[str] = dataclasses.field(default_factory=list)  # web origins whose pages may call; "*": any
     debug: bool = False
 
 
@@ -169,6 +171,12 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--noshift", action="store_true", default=None,
                    help="turn off context shift (reusing the cache after a client drops old turns, and "
                         "shifting instead of stopping when a reply fills the context)")
+    p.add_argument("--hostname", action="append", metavar="NAME",
+                   help="a DNS name this server is reached by, besides localhost and this machine's name "
+                        "(repeatable; '*' admits any): other names are refused, against DNS rebinding")
+    p.add_argument("--cors-origin", dest="cors_origin", action="append", metavar="ORIGIN",
+                   help="a web origin (https://host:port) whose pages may call the API, besides the server's "
+                        "own, localhost and KoboldAI Lite's hosted page (repeatable; '*' admits any)")
     p.add_argument("--config", help="JSON file with the same keys as these options")
     p.add_argument("--debug", action="store_true", default=None, help="show llama.cpp's own log")
     return p
@@ -255,10 +263,41 @@ def load_config(argv: list[str]) -> Config:
                 cfg.chat_template in BUILTIN_CHAT_TEMPLATES or os.path.isfile(cfg.chat_template)):
             raise ConfigError(f"chat template must be one of {', '.join(BUILTIN_CHAT_TEMPLATES)} "
                               f"or a Jinja file, not {cfg.chat_template!r}")
+    for key in ("hostname", "cors_origin"):
+        value = getattr(cfg, key)
+        value = [value] if isinstance(value, str) else value
+        if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+            raise ConfigError(f"{key} must be a name or a list of names")
+        setattr(cfg, key, [v.strip() for v in value])
+    for name in cfg.hostname:
+        if name != "*" and not HOSTNAME_SHAPE.fullmatch(name):
+            raise ConfigError(f"hostname {name!r} is not a DNS name")
+    for origin in cfg.cors_origin:
+        if origin != "*" and normalized_origin(origin) is None:
+            raise ConfigError(f"cors-origin {origin!r} is not an origin such as https://example.com:8000")
     if cfg.ssl is not None:
         if not (isinstance(cfg.ssl, list) and len(cfg.ssl) == 2 and all(isinstance(s, str) for s in cfg.ssl)):
             raise ConfigError("ssl must be two paths: CERT KEY")
     return cfg
+
+
+HOSTNAME_SHAPE = re.compile(r"(?=.{1,253}$)[a-z0-9_]([a-z0-9_-]{0,62})(\.[a-z0-9_]([a-z0-9_-]{0,62}))*\.?", re.I)
+
+
+def normalized_origin(origin: str) -> str | None:
+    """scheme://host[:port] in lower case with default ports dropped, or None if it is not one.
+    Browsers send Origin so; "null" (a sandboxed frame or a file) is not an origin anyone can name."""
+    try:
+        url = urllib.parse.urlsplit(origin.strip())
+        port = url.port
+    except ValueError:
+        return None
+    if not url.scheme or not url.hostname or url.path not in ("", "/") or url.query or url.fragment \
+            or url.username is not None:
+        return None
+    host = f"[{url.hostname}]" if ":" in url.hostname else url.hostname
+    default = {"http": 80, "https": 443}.get(url.scheme.lower())
+    return f"{url.scheme.lower()}://{host.lower()}" + (f":{port}" if port is not None and port != default else "")
 
 
 def find_starter_model() -> str | None:
@@ -554,12 +593,13 @@ class RequestError(Exception):
     """Bad client input: becomes a 4xx JSON answer."""
 
     def __init__(self, message: str, status: int = 400, kind: str = "invalid_request_error",
-                 code: str | None = None, extra: dict | None = None):
+                 code: str | None = None, extra: dict | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status = status
         self.kind = kind
         self.code = code            # OpenAI's error code string, where OpenAI has one
         self.extra = extra or {}    # more fields for the error object (llama-server's numbers)
+        self.headers = headers or {}   # e.g. Retry-After
 
 
 def context_overflow(n_prompt: int, n_ctx: int) -> RequestError:
@@ -4141,20 +4181,162 @@ class DeadlineReaper:
                     pass
 
 
+class AccessPolicy:
+    """Which web pages may use the server behind their user's back: none but those the user runs.
+
+    Two checks, as Ollama makes them. The Host check defeats DNS rebinding (a name that first resolves
+    to an attacker's server, then to this machine, makes a page "same-origin" with us): a request naming
+    this server by a DNS name that is not local, nor this machine's, nor given with --hostname, is refused;
+    IP literals always pass, because no rebinding is possible with them. The origin check refuses a
+    request whose `Origin` is not allowed before any work is done, simple requests (which browsers send
+    without a preflight) included. Requests from programs carry no Origin and are not affected. With a
+    password, the password is the gate: a page that has it may call from anywhere.
+    """
+
+    HOSTED_LITE = "https://lite.koboldai.net"       # KoboldCpp's hosted KoboldAI Lite calls local servers
+    LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
+    METHODS = "GET, POST, PUT, DELETE, OPTIONS"
+    ALLOW_HEADERS = ("Authorization, Content-Type, genkey, X-Api-Key, Accept, anthropic-version, "
+                     "anthropic-beta, anthropic-dangerous-direct-browser-access, x-stainless-*")
+    EXPOSE = "X-KoboldLite-Instance, X-KoboldLite-Ignored, Retry-After"
+    ANY_ORIGIN = {"Access-Control-Allow-Origin": "*", "Access-Control-Allow-Methods": METHODS,
+                  "Access-Control-Allow-Headers": ALLOW_HEADERS, "Access-Control-Max-Age": "86400",
+                  "Access-Control-Expose-Headers": EXPOSE}
+
+    def __init__(self, hostnames: list[str], cors_origins: list[str], password_set: bool):
+        own = {socket.gethostname().lower().rstrip(".")}
+        try:
+            own.add(socket.getfqdn().lower().rstrip("."))
+        except OSError:
+            pass
+        own |= {f"{name}.local" for name in list(own) if "." not in name}    # its mDNS name on a LAN
+        self.any_host = "*" in hostnames
+        self.names = own | {h.lower().rstrip(".") for h in hostnames if h != "*"}
+        self.any_origin = "*" in cors_origins
+        self.origins = {self.HOSTED_LITE} | {normalized_origin(o) for o in cors_origins if o != "*"}
+        self.password_set = password_set
+
+    @staticmethod
+    def host_of(value: str) -> str | None:
+        """The host of a Host header in lower case (brackets kept around IPv6), or None if malformed."""
+        value = value.strip().lower()
+        if value.startswith("["):
+            end = value.find("]")
+            host, rest = value[:end + 1], value[end + 1:]
+            return host if end > 0 and (not rest or (rest[0] == ":" and rest[1:].isdigit())) else None
+        host, colon, port = value.partition(":")
+        return host if host and (not colon or port.isdigit()) else None
+
+    @staticmethod
+    def is_ip_literal(host: str) -> bool:
+        try:
+            ipaddress.ip_address(urllib.parse.unquote(host.strip("[]")))
+            return True
+        except ValueError:
+            return False
+
+    def check_host(self, header: str | None):
+        """A 403 for a Host that names this server by a name it does not know (DNS rebinding). No Host at all
+        (HTTP/1.0, health checkers) is not a browser's request and passes."""
+        if header is None or self.any_host:
+            return
+        host = self.host_of(header)
+        if host is not None and (self.is_ip_literal(host) or host.rstrip(".") in self.names
+                                 or host.rstrip(".") == "localhost" or host.rstrip(".").endswith(".localhost")):
+            return
+        raise RequestError(f"this server is not reached by the name {header!r} (a web page may be trying DNS "
+                           f"rebinding); to serve it under that name, start it with --hostname "
+                           f"{(host or header).rstrip('.')}", status=403, kind="forbidden")
+
+    def origin_allowed(self, origin: str, host_header: str | None) -> bool:
+        normal = normalized_origin(origin)
+        if normal is None:
+            return False
+        if normal in self.origins:
+            return True
+        scheme, _, netloc = normal.partition("://")
+        if host_header is not None and netloc == normalized_origin(f"{scheme}://{host_header}").partition("://")[2]:
+            return True          # the server's own page (scheme aside: a TLS-terminating balancer changes it)
+        return scheme in ("http", "https") and self.host_of(netloc) in self.LOOPBACK_NAMES
+
+    def cors_headers(self, origin: str | None, host_header: str | None, key_ok: bool, protected: bool,
+                     preflight: bool = False, private_network: bool = False) -> dict[str, str]:
+        """The CORS headers of an answer to this request; a 403 for a page that may not make it."""
+        if self.any_origin:
+            return dict(self.ANY_ORIGIN)
+        if origin is None:
+            return {"Vary": "Origin"}
+        # A preflight carries no password: with one set, the request that follows is gated by it.
+        if self.origin_allowed(origin, host_header) or (self.password_set and (key_ok or preflight)):
+            headers = {"Access-Control-Allow-Origin": origin, "Vary": "Origin",
+                       "Access-Control-Expose-Headers": self.EXPOSE}
+            if preflight:
+                headers.update({"Access-Control-Allow-Methods": self.METHODS,
+                                "Access-Control-Allow-Headers": self.ALLOW_HEADERS, "Access-Control-Max-Age": "600"})
+                if private_network:      # Chrome's Private Network Access preflight
+                    headers["Access-Control-Allow-Private-Network"] = "true"
+            return headers
+        if self.password_set and protected:
+            return {"Vary": "Origin"}    # the password check answers: 401, as without an Origin
+        raise RequestError(f"web pages from {origin} may not use this server; to allow them, start it with "
+                           f"--cors-origin {normalized_origin(origin) or origin}", status=403, kind="forbidden",
+                           headers={"Vary": "Origin"})
+
+
+class AuthThrottle:
+    """Wrong passwords per client address: after LIMIT within WINDOW seconds, that address is answered 429
+    until the oldest of them is WINDOW old, whatever it offers; other addresses are never slowed."""
+
+    LIMIT = 10
+    WINDOW = 60.0
+    MAX_ADDRESSES = 4096         # bounded memory against a client that cycles addresses
+
+    def __init__(self, log: Callable[[str], None]):
+        self._log = log
+        self._lock = threading.Lock()
+        self._failures: dict[str, collections.deque] = {}
+
+    def _recent(self, address: str, now: float) -> collections.deque | None:
+        times = self._failures.get(address)
+        while times and times[0] <= now - self.WINDOW:
+            times.popleft()
+        if times is not None and not times:
+            del self._failures[address]
+            return None
+        return times
+
+    def retry_after(self, address: str) -> int:
+        """Seconds until this address may try again; 0 if it may now."""
+        now = time.monotonic()
+        with self._lock:
+            times = self._recent(address, now)
+            if times is None or len(times) < self.LIMIT:
+                return 0
+            return max(1, math.ceil(times[0] + self.WINDOW - now))
+
+    def failed(self, address: str):
+        now = time.monotonic()
+        with self._lock:
+            times = self._recent(address, now)
+            if times is None:
+                if len(self._failures) >= self.MAX_ADDRESSES:
+                    del self._failures[next(iter(self._failures))]      # the longest-tracked address
+                times = self._failures[address] = collections.deque()
+            times.append(now)
+            count = len(times)
+        if count >= self.LIMIT:
+            self._log(f"password: {count} wrong passwords from {address} within {self.WINDOW:.0f}s: refusing "
+                      f"its requests for {math.ceil(self.WINDOW)}s at most (429)")
+        else:
+            self._log(f"password: wrong password from {address} ({count} of {self.LIMIT} allowed a minute)")
+
+
 class RequestHandler(http.server.BaseHTTPRequestHandler):
     """One instance per connection: TLS handshake, then keep-alive requests."""
 
     protocol_version = "HTTP/1.1"
     server_version = f"KoboldLite/{__version__}"
     sys_version = ""
-    CORS_HEADERS = {
-        "Access-Control-Allow-Origin": "*",
-        "Access-Control-Allow-Methods": "GET, POST, PUT, DELETE, OPTIONS",
-        "Access-Control-Allow-Headers": "Authorization, Content-Type, genkey, X-Api-Key, Accept",
-        "Access-Control-Max-Age": "86400",
-        "Access-Control-Expose-Headers": "X-KoboldLite-Instance, X-KoboldLite-Ignored",
-    }
-
     server: "KoboldLiteServer"
 
     def setup(self):
@@ -4174,6 +4356,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         super().setup()
         self._watched_job: Job | None = None
         self._request_deadline: int | None = None
+        self._cors: dict[str, str] = {}
 
     def handle_one_request(self):
         """Wait idly for a request's first byte; from there the whole request has a deadline."""
@@ -4185,6 +4368,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             return
         self._request_deadline = self.server.reaper.arm(self.connection, self.server.app.config.request_timeout)
+        self._cors = {}      # each answer's own: never the last request's on a kept-alive connection
         try:
             super().handle_one_request()
         finally:
@@ -4217,8 +4401,22 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             super().log_request(code, size)
 
     def do_OPTIONS(self):
+        """A CORS preflight: answered for pages that may make the request, refused (403) for the others."""
         self._request_read()
-        self._send(Response(204, b"", "text/plain"))
+        self._body_unread = self._declared_length()
+        try:
+            access = self.server.access
+            access.check_host(self.headers.get("Host"))
+            self._cors = access.cors_headers(
+                self.headers.get("Origin"), self.headers.get("Host"), key_ok=False, protected=True,
+                preflight=True, private_network=self.headers.get("Access-Control-Request-Private-Network") == "true")
+            response = Response(204, b"", "text/plain")
+        except RequestError as e:
+            self._cors = e.headers
+            response = JSONResponse(error_body("kobold", e), e.status)
+        self._send(response)
+        if self._body_unread:
+            self._linger()
 
     def do_GET(self):
         self._dispatch("GET")
@@ -4246,11 +4444,14 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         request = None
         self._body_unread = self._declared_length()
         try:
+            self.server.access.check_host(self.headers.get("Host"))
             route = self.server.router.match("GET" if method == "HEAD" else method, path)
             style = route.style
+            authorized, key_ok = self._authorized(route)
+            self._cors = self.server.access.cors_headers(self.headers.get("Origin"), self.headers.get("Host"),
+                                                         key_ok, route.protected)
             body = self._read_body()
             self._request_read()
-            authorized = self._authorized()
             if route.protected and not authorized:
                 raise unauthorized(style)
             if route.needs_model and not app.ready.is_set():
@@ -4341,17 +4542,34 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             raise RequestError("the request body ended early")
         return data
 
-    def _authorized(self) -> bool:
+    def _authorized(self, route: Route) -> tuple[bool, bool]:
+        """(authorized, key_ok): whether the request may use what the password guards, and whether it
+        carried the right password. A wrong one counts against its address (AuthThrottle); an address over
+        the limit is answered 429 for anything that needs or offers a password, whatever it offers."""
         password = self.server.app.config.password
         if not password:
-            return True
+            return True, False
         offered = ""
         auth = self.headers.get("Authorization", "")
         if auth[:7].lower() == "bearer ":
             offered = auth[7:].strip()
         elif self.headers.get("X-Api-Key"):
             offered = self.headers.get("X-Api-Key", "").strip()
-        return hmac.compare_digest(offered.encode(), password.encode())
+        if not offered and not route.protected:
+            return False, False
+        address = self.client_address[0]
+        wait = self.server.auth_throttle.retry_after(address)
+        if wait:      # the page learns the same whatever it offered: its key is not looked at
+            self._cors = self.server.access.cors_headers(self.headers.get("Origin"), self.headers.get("Host"),
+                                                         False, route.protected)
+            raise RequestError(f"too many wrong passwords from this address: try again in {wait} s", status=429,
+                               kind="rate_limit_error", headers={"Retry-After": str(wait)})
+        if not offered:
+            return False, False
+        ok = hmac.compare_digest(offered.encode(), password.encode())
+        if not ok:
+            self.server.auth_throttle.failed(address)
+        return ok, ok
 
     # -- hang-ups ------------------------------------------------------------
 
@@ -4370,7 +4588,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
 
     def _start_response(self, response: Response):
         self.send_response(response.status)
-        for k, v in self.CORS_HEADERS.items():
+        for k, v in self._cors.items():
             self.send_header(k, v)
         self.send_header("X-KoboldLite-Instance", self.server.app.instance_id)
         self.send_header("Content-Type", response.content_type)
@@ -4423,6 +4641,8 @@ class KoboldLiteServer(http.server.ThreadingHTTPServer):
         self.tls = tls
         self.hangups = HangupWatcher()
         self.reaper = DeadlineReaper()
+        self.access = AccessPolicy(app.config.hostname, app.config.cors_origin, bool(app.config.password))
+        self.auth_throttle = AuthThrottle(app.log)
         self._connections = threading.BoundedSemaphore(app.config.max_connections)
         self._per_client: collections.Counter[str] = collections.Counter()   # open connections per address
         self._per_client_lock = threading.Lock()
@@ -4619,6 +4839,9 @@ def serve(arguments: Callable[[], list[str]], double_click: bool = False) -> int
     if not is_loopback_host(config.host) and not config.password:
         print("WARNING: serving the network without --password: anyone who can reach this machine "
               "can use the model.", file=sys.stderr)
+    if not is_loopback_host(config.host) and config.password and not tls:
+        print("WARNING: the password crosses the network in clear text over plain HTTP: anyone on the network "
+              "can read it; add --ssl cert.pem key.pem (README: Using it on your LAN, with TLS).", file=sys.stderr)
     print(f"Model {model.name} ready: context {model.n_ctx}, {config.parallel} slot(s), "
           f"{config.threads} threads", flush=True)
     mem = model.memory_report()

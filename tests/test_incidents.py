@@ -70,7 +70,7 @@ def test_dropped_blocking_generate_frees_the_engine(server):
     sock = server.raw_socket()
     body = json.dumps({"prompt": "Count to a thousand:", "genkey": "KCPP-blockdrop", **LONG}).encode()
     mark = server.mark()
-    sock.sendall(b"POST /api/v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    sock.sendall(b"POST /api/v1/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                  b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
     server.wait_for_line(r"genkey KCPP-blockdrop", start=mark)
     sock.close()

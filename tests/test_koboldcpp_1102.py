@@ -235,5 +235,6 @@ def test_ignored_fields_are_named_in_a_header_and_the_log(server):
     _, headers, _ = server.request("POST", "/api/chat", {"messages": CHAT, "stream": False, "keep_alive": "5m",
                                                          "options": {"num_predict": 2, "num_thread": 4}})
     assert headers["x-koboldlite-ignored"] == "keep_alive,options.num_thread"
-    assert "X-KoboldLite-Ignored" in server.request("OPTIONS", "/api/v1/generate")[1][
+    assert "X-KoboldLite-Ignored" in server.request("OPTIONS", "/api/v1/generate", headers={
+        "Origin": "https://lite.koboldai.net", "Access-Control-Request-Method": "POST"})[1][
         "access-control-expose-headers"]

@@ -266,10 +266,10 @@ def test_slow_and_silent_clients_do_not_hold_the_server(starter_model, tls_files
             raw.connect(("127.0.0.1", s.port))
             sock = s.ssl_context().wrap_socket(raw, server_hostname="localhost")
             body = json.dumps({"prompt": f"stalled {i}", "max_length": 48}).encode()
-            sock.sendall(b"POST /api/extra/generate/stream HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+            sock.sendall(b"POST /api/extra/generate/stream HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n"
                          % len(body) + body)
             stalled.append(sock)
-        request_line = b"GET /api/v1/model HTTP/1.1\r\nHost: x\r\n"
+        request_line = b"GET /api/v1/model HTTP/1.1\r\nHost: 127.0.0.1\r\n"
         stop_trickle = threading.Event()
 
         def trickle():
@@ -383,7 +383,7 @@ def test_hostile_json_bodies(fuzz_server):
 
 
 HOSTILE_REQUESTS = {
-    "bad Content-Length": b"POST /api/v1/generate HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n",
+    "bad Content-Length": b"POST /api/v1/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: -5\r\n\r\n",
     "Content-Length not a number": b"POST /api/v1/generate HTTP/1.1\r\nContent-Length: 1e3\r\n\r\n",
     "huge Content-Length": b"POST /api/v1/generate HTTP/1.1\r\nContent-Length: 99999999999\r\n\r\n",
     "chunked body": b"POST /api/v1/generate HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",

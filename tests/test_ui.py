@@ -315,7 +315,7 @@ def test_static_files_types_compression_and_cache(ui_server):
                                   "/..%5Ckoboldlite.py", "/etc/passwd", "/koboldlite.py"])
 def test_paths_outside_embedded_ui_are_never_served(ui_server, path):
     sock = ui_server.raw_socket()
-    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
     reply = sock.makefile("rb").read()
     sock.close()
     assert reply.startswith(b"HTTP/1.1 404"), reply[:100]
