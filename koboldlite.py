@@ -515,8 +515,12 @@ class ReasoningSplitter:
                 reasoning, self._pending = self._pending[:len(self._pending) - keep], self._pending[len(self._pending) - keep:]
                 return reasoning, ""
             reasoning = self._pending[:end]
-            self._pending = self._pending[end + len(self._close):].lstrip("\n")
-            self._state = "answer"
+            self._pending = self._pending[end + len(self._close):]
+            self._state = "after"
+        if self._state == "after":       # the new lines between the block and the answer, in whatever pieces
+            self._pending = self._pending.lstrip("\n")
+            if self._pending:
+                self._state = "answer"
         if self._state == "answer":
             answer, self._pending = self._pending, ""
         return reasoning, answer
@@ -976,6 +980,7 @@ class JobStats:
     stop_reason: int = -1    # KoboldCpp's codes: 0 length, 1 end of sequence, 2 stop string
     truncated_tokens: int = 0   # prompt tokens cut from the front to fit (Kobold API only)
     shifted_tokens: int = 0     # tokens a context shift dropped while generating
+    stop_string: str | None = None   # the stop string that ended the reply (stop_reason 2)
 
     @property
     def truncated(self) -> bool:
@@ -1688,6 +1693,16 @@ class Engine:
 
     # -- on request threads -------------------------------------------------
 
+    def _tokenize(self, request: GenerationRequest) -> tuple[list[int], list[int]]:
+        m = self.model
+        memory = m.tokenize(request.memory, add_bos=request.add_bos) if request.memory else []
+        return memory, m.tokenize(request.prompt, add_bos=request.add_bos and not memory)
+
+    def count_prompt_tokens(self, request: GenerationRequest) -> int:
+        """The tokens `prepare` would read for this request, before any cut to fit (count_tokens endpoints)."""
+        memory, prompt = self._tokenize(request)
+        return len(memory) + len(prompt)
+
     def prepare(self, request: GenerationRequest) -> Job:
         """Tokenize, fit the prompt into the context, check the grammar: a job ready to queue.
 
@@ -1698,8 +1713,7 @@ class Engine:
         n_ctx = m.n_ctx
         if request.max_context_length is not None:
             n_ctx = max(16, min(n_ctx, request.max_context_length))
-        memory = m.tokenize(request.memory, add_bos=request.add_bos) if request.memory else []
-        prompt = m.tokenize(request.prompt, add_bos=request.add_bos and not memory)
+        memory, prompt = self._tokenize(request)
         tokens = memory + prompt
         truncated = 0
         if request.cut_overlong_prompt:
@@ -2128,6 +2142,7 @@ class Engine:
             self._emit(slot, released_token, data, released_entry)
         if slot.assembler.stopped_by is not None:
             job.stats.stop_reason = 2
+            job.stats.stop_string = slot.assembler.stopped_by
             return "stop"
         if job.stats.generated_tokens >= job.max_new_tokens:
             job.stats.stop_reason = 0
@@ -2719,6 +2734,47 @@ class StreamResponse(Response):
 BUSY_MESSAGE = "Server is busy; please try again later."
 
 
+class ResponseStore:
+    """Responses kept for `previous_response_id`: least recently used out first, at most MAX_ITEMS of them and
+    MAX_BYTES of their conversations' JSON; each readable only with the key (or no key) that made it."""
+
+    MAX_ITEMS = 1024
+    MAX_BYTES = 64 * 1024 * 1024
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._items: collections.OrderedDict[str, tuple[str, dict, list[dict], int]] = collections.OrderedDict()
+        self._bytes = 0
+
+    def put(self, owner: str, response: dict, conversation: list[dict]):
+        size = len(json.dumps([response, conversation]))
+        if size > self.MAX_BYTES:
+            return
+        with self._lock:
+            self._items[response["id"]] = (owner, response, conversation, size)
+            self._bytes += size
+            while len(self._items) > self.MAX_ITEMS or self._bytes > self.MAX_BYTES:
+                _, (_, _, _, dropped) = self._items.popitem(last=False)
+                self._bytes -= dropped
+
+    def get(self, owner: str, response_id: str) -> tuple[dict, list[dict]] | None:
+        with self._lock:
+            item = self._items.get(response_id)
+            if item is None or not hmac.compare_digest(item[0], owner):
+                return None
+            self._items.move_to_end(response_id)
+            return item[1], item[2]
+
+    def delete(self, owner: str, response_id: str) -> bool:
+        with self._lock:
+            item = self._items.get(response_id)
+            if item is None or not hmac.compare_digest(item[0], owner):
+                return False
+            del self._items[response_id]
+            self._bytes -= item[3]
+            return True
+
+
 class App:
     """Everything a route needs: config, engine, scheduler, and the model's identity."""
 
@@ -2731,6 +2787,7 @@ class App:
         self.ready = threading.Event()
         self.started = time.monotonic()
         self.instance_id = config.instance_id or ""
+        self.responses = ResponseStore()                   # the Responses API's stored responses
         self.embeddings_source: LlamaModel | None = None   # --embeddings-model; else the loaded model
         self._embedder: Embedder | None = None
         self._embedder_lock = threading.Lock()
@@ -2864,7 +2921,16 @@ def error_body(style: str, error: RequestError) -> dict:
                           **error.extra}}
     if style == "ollama":
         return {"error": str(error)}
+    if style == "anthropic":
+        kind = ANTHROPIC_ERROR_TYPES.get(error.status, "api_error" if error.status >= 500 else "invalid_request_error")
+        return {"type": "error", "error": {"type": kind, "message": str(error)}}
     return {"detail": {"msg": str(error), "type": error.kind}}
+
+
+def error_response(style: str, error: RequestError) -> Response:
+    """An error in its API's shape; Anthropic's clients know a full queue as 529 (overloaded)."""
+    status = 529 if style == "anthropic" and error.status == 503 else error.status
+    return JSONResponse(error_body(style, error), status, error.headers)
 
 
 def unauthorized(style: str) -> RequestError:
@@ -3761,6 +3827,705 @@ def ollama_show(app, req):
                          "capabilities": ["completion"], "modified_at": entry["modified_at"]})
 
 
+# -- Anthropic Messages and OpenAI Responses: the block-structured chat APIs ------------------------
+# Coding agents (Claude Code, Codex CLI) speak these. Both are adapters onto the same chat request, template,
+# tools and reasoning split as the chat completions above; what differs is how a reply is cut into
+# blocks (Anthropic) or output items (Responses) and how those stream.
+
+class ReplyParts:
+    """A chat reply read as the block APIs show it: ("reasoning", text) and ("text", text) parts as they
+    stream, then the tool calls at the end (a reply that begins like a call is held until it is one)."""
+
+    def __init__(self, job: Job, tools: ToolUse | None):
+        self.splitter = ReasoningSplitter.for_prompt(job.request.prompt)
+        self.watch = CallWatch(tools)
+
+    def feed(self, piece: str) -> list[tuple[str, str]]:
+        reasoning, answer = self.splitter.feed(piece)
+        return self._parts(reasoning, self.watch.feed(answer))
+
+    def finish(self) -> list[tuple[str, str]]:
+        reasoning, answer = self.splitter.flush()
+        return self._parts(reasoning, self.watch.finish(answer))
+
+    @staticmethod
+    def _parts(reasoning: str, answer: str) -> list[tuple[str, str]]:
+        return [(kind, text) for kind, text in (("reasoning", reasoning), ("text", answer)) if text]
+
+    @property
+    def calls(self) -> list[dict]:
+        return self.watch.calls
+
+
+def sse_event(kind: str, data: dict) -> bytes:
+    """`event:` and `data:` with the same type, as both APIs (and their SDKs, which drop events without it) want."""
+    return (f"event: {kind}\ndata: ".encode() + json.dumps({"type": kind, **data}, ensure_ascii=False).encode()
+            + b"\n\n")
+
+
+def api_key_owner(req) -> str:
+    """Whose stored responses a request may see: a digest of the key it offered (none is a key too)."""
+    auth = req.headers.get("Authorization", "")
+    key = auth[7:].strip() if auth[:7].lower() == "bearer " else req.headers.get("X-Api-Key", "").strip()
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def text_only(kind: str, where: str) -> RequestError:
+    return RequestError(f"{where} is a{'n' if kind[0] in 'aeiou' else ''} {kind} block: this server's model reads "
+                        "text only")
+
+
+def tool_result_names(messages: list[dict]) -> dict[str, str]:
+    """call id -> tool name, for templates that show a tool result's name."""
+    return {c["id"]: c["function"]["name"] for m in messages for c in m.get("tool_calls", ())}
+
+
+def block_request_fields(req, f: FieldReader, max_length: int | None, ignored: list[str]) -> dict:
+    return dict(max_length=max_length, sampler=parse_sampler_settings(f, OPENAI_DEFAULTS), genkey=genkey_of(req),
+                ignored_fields=ignored)
+
+
+# -- Anthropic Messages API ------------------------------------------------------------------------------
+
+ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                         404: "not_found_error", 405: "invalid_request_error", 411: "invalid_request_error",
+                         413: "request_too_large", 429: "rate_limit_error", 500: "api_error",
+                         503: "overloaded_error", 529: "overloaded_error"}
+ANTHROPIC_IGNORED_FIELDS: dict[str, Callable[[Any], bool]] = {
+    "metadata": _asks, "service_tier": _asks, "container": _asks, "mcp_servers": _asks,
+    "context_management": _asks,
+}
+ANTHROPIC_PING_SECONDS = 5.0      # a ping while nothing else is sent (a long prompt being read)
+
+
+def anthropic_text(value: Any, where: str) -> str:
+    """A string, or text blocks (others refused); `cache_control` on them needs nothing: prompts are cached anyway."""
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, list):
+        raise RequestError(f"'{where}' must be a string or a list of text blocks")
+    texts = []
+    for j, block in enumerate(value):
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind in ("image", "document", "search_result"):
+            raise text_only(kind, f"{where}[{j}]")
+        if kind != "text" or not isinstance(block.get("text"), str):
+            raise RequestError(f"{where}[{j}] must be a text block ({{\"type\": \"text\", \"text\": ...}})")
+        texts.append(block["text"])
+    return "\n".join(texts)
+
+
+def anthropic_messages(body: dict) -> list[dict]:
+    """Anthropic's system and messages as the chat template reads them: tool_use blocks become the assistant's
+    tool_calls, tool_result blocks tool messages, thinking blocks its reasoning_content."""
+    out = [{"role": "system", "content": anthropic_text(body["system"], "system")}] if body.get("system") else []
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("'messages' must be a non-empty list of messages")
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        role = m.get("role") if isinstance(m, dict) else None
+        if role not in ("user", "assistant", "system"):     # Claude Code sometimes sends a system turn here
+            raise RequestError(f"{where}.role must be 'user' or 'assistant', not {role!r}")
+        content = m.get("content")
+        blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        if not isinstance(blocks, list):
+            raise RequestError(f"{where}.content must be a string or a list of content blocks")
+        texts, calls, results, thinking = [], [], [], []
+        for j, block in enumerate(blocks):
+            at = f"{where}.content[{j}]"
+            kind = block.get("type") if isinstance(block, dict) else None
+            if kind == "text" and isinstance(block.get("text"), str):
+                texts.append(block["text"])
+            elif kind in ("image", "document", "search_result"):
+                raise text_only(kind, at)
+            elif kind == "tool_use" and role == "assistant":
+                if not isinstance(block.get("name"), str) or not isinstance(block.get("input", {}), dict):
+                    raise RequestError(f"{at} must be a tool_use block with a 'name' and an 'input' object")
+                calls.append({"id": str(block.get("id") or f"toolu_{secrets.token_hex(12)}"), "type": "function",
+                              "function": {"name": block["name"], "arguments": block.get("input") or {}}})
+            elif kind == "tool_result" and role == "user":
+                if not isinstance(block.get("tool_use_id"), str):
+                    raise RequestError(f"{at}.tool_use_id must be a string")
+                result = anthropic_text(block.get("content") or "", f"{at}.content")
+                results.append({"role": "tool", "tool_call_id": block["tool_use_id"],
+                                "content": ("Error: " + result) if block.get("is_error") is True else result})
+            elif kind == "thinking" and role == "assistant":
+                thinking.append(str(block.get("thinking") or ""))
+            elif kind == "redacted_thinking" and role == "assistant":
+                continue                       # encrypted by another server: nothing a template could show
+            else:
+                raise RequestError(f"{at} must be a text, tool_use (assistant), tool_result (user) or thinking "
+                                   f"block, not {kind!r}")
+        names = tool_result_names(out)
+        out += [{**r, "name": names[r["tool_call_id"]]} if r["tool_call_id"] in names else r for r in results]
+        if role == "assistant":
+            message = {"role": "assistant", "content": "".join(texts)}
+            if calls:
+                message["tool_calls"] = calls
+            if thinking:
+                message["reasoning_content"] = "".join(thinking)
+            out.append(message)
+        elif texts or not results:
+            out.append({"role": role, "content": "\n".join(texts)})
+    return out
+
+
+def anthropic_tools(app, f: FieldReader, ignored: list[str]) -> ToolUse | None:
+    """Client tools as function tools; server tools (a `type` such as web_search_20250305) are skipped, named."""
+    tools = f.body.get("tools") or []
+    if not isinstance(tools, list):
+        raise RequestError("'tools' must be a list of tools")
+    functions = []
+    for i, t in enumerate(tools):
+        if not isinstance(t, dict) or not isinstance(t.get("name"), str):
+            raise RequestError(f"tools[{i}] must be a tool with a 'name'")
+        if t.get("type") not in (None, "custom"):
+            ignored.append(f"tools[{t['type']}]")
+            continue
+        functions.append({"type": "function", "function": {
+            "name": t["name"], "description": t.get("description", ""),
+            "parameters": t.get("input_schema") or {"type": "object"}}})
+    choice = f.body.get("tool_choice")
+    if choice is not None and not (isinstance(choice, dict) and choice.get("type") in ("auto", "any", "tool", "none")):
+        raise RequestError("'tool_choice' must be {\"type\": \"auto\"}, {\"type\": \"any\"}, {\"type\": \"none\"} "
+                           "or {\"type\": \"tool\", \"name\": ...}")
+    if not functions:
+        return None
+    kind = (choice or {}).get("type", "auto")
+    wanted = {"auto": "auto", "any": "required", "none": "none",
+              "tool": {"type": "function", "function": {"name": (choice or {}).get("name")}}}[kind]
+    return ToolUse(app.chat_template, functions, wanted, not (choice or {}).get("disable_parallel_tool_use"))
+
+
+def anthropic_thinking_vars(f: FieldReader, ignored: list[str]) -> dict:
+    """`thinking` turns a template's thinking on or off (`enable_thinking`); its token budget is not enforced."""
+    thinking = f.body.get("thinking")
+    if thinking is None:
+        return {}
+    kind = thinking.get("type") if isinstance(thinking, dict) else None
+    if kind not in ("enabled", "disabled", "adaptive"):
+        raise RequestError("'thinking' must be {\"type\": \"enabled\", \"budget_tokens\": N} or {\"type\": \"disabled\"}")
+    if kind == "enabled" and thinking.get("budget_tokens") is not None:
+        ignored.append("thinking.budget_tokens")
+    return {"enable_thinking": kind != "disabled"}
+
+
+def anthropic_request(app, req, count_only: bool = False) -> tuple[GenerationRequest, ToolUse | None, list[str]]:
+    """(the generation request, its tools, the client's own stop sequences)."""
+    f = FieldReader(req.json())
+    ignored = ignored_fields(f.body, ANTHROPIC_IGNORED_FIELDS)
+    messages = anthropic_messages(f.body)
+    if count_only:
+        max_tokens = None
+    elif not f.has("max_tokens"):
+        raise RequestError("'max_tokens' is required")
+    else:
+        max_tokens = f.integer("max_tokens", default=1, lo=-(1 << 62), hi=1 << 20)
+        if max_tokens < 1:
+            raise RequestError(f"'max_tokens' must be at least 1, not {max_tokens}")
+    fields = block_request_fields(req, f, max_tokens, ignored)
+    config = f.body.get("output_config") if isinstance(f.body.get("output_config"), dict) else {}
+    fmt = config.get("format") or f.body.get("output_format")
+    if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+        fields["sampler"].grammar = json_grammar(fmt.get("schema"), "output_config.format.schema")
+    if config.get("effort") is not None:
+        ignored.append("output_config.effort")
+    template_vars = anthropic_thinking_vars(f, ignored)
+    tools = anthropic_tools(app, f, ignored)
+    if tools is not None:
+        messages, more = tools.apply(messages, fields["sampler"])
+        template_vars.update(more)
+    stops = f.string_list("stop_sequences")
+    request = app.chat_template.generation_request(messages, stop_strings=stops, template_vars=template_vars,
+                                                   **fields)
+    return request, tools, stops
+
+
+class AnthropicBlocks:
+    """A reply's content blocks, built as its parts arrive, with the stream events that announce them
+    (thrown away when the reply is not streamed: both answers are the same blocks)."""
+
+    def __init__(self):
+        self.content: list[dict] = []
+        self._open: str | None = None
+
+    def part(self, kind: str, text: str) -> bytes:
+        block_type = "thinking" if kind == "reasoning" else "text"
+        out = b""
+        if self._open != block_type:
+            out += self.close()
+            self._open = block_type
+            self.content.append({"type": "thinking", "thinking": "", "signature": ""} if block_type == "thinking"
+                                else {"type": "text", "text": ""})
+            out += sse_event("content_block_start", {"index": len(self.content) - 1, "content_block": dict(
+                self.content[-1])})
+        self.content[-1][block_type] += text
+        delta = {"type": "thinking_delta", "thinking": text} if block_type == "thinking" else \
+            {"type": "text_delta", "text": text}
+        return out + sse_event("content_block_delta", {"index": len(self.content) - 1, "delta": delta})
+
+    def close(self) -> bytes:
+        if self._open is None:
+            return b""
+        index = len(self.content) - 1
+        out = sse_event("content_block_delta", {"index": index, "delta": {"type": "signature_delta", "signature": ""}}) \
+            if self._open == "thinking" else b""
+        self._open = None
+        return out + sse_event("content_block_stop", {"index": index})
+
+    def tool_use(self, call: dict) -> bytes:
+        out = self.close()
+        block = {"type": "tool_use", "id": f"toolu_{secrets.token_hex(12)}", "name": call["name"], "input": {}}
+        self.content.append({**block, "input": call["arguments"]})
+        index = len(self.content) - 1
+        return out + sse_event("content_block_start", {"index": index, "content_block": block}) + sse_event(
+            "content_block_delta", {"index": index, "delta": {
+                "type": "input_json_delta", "partial_json": json.dumps(call["arguments"], ensure_ascii=False)}}) + \
+            sse_event("content_block_stop", {"index": index})
+
+    def finish(self, parts: ReplyParts) -> bytes:
+        out = b"".join(self.part(kind, text) for kind, text in parts.finish()) + self.close()
+        return out + b"".join(self.tool_use(call) for call in parts.calls)
+
+
+def anthropic_stop(job: Job, parts: ReplyParts, stops: list[str]) -> dict:
+    if parts.calls:
+        return {"stop_reason": "tool_use", "stop_sequence": None}
+    if job.buffer.finish_reason == "length":
+        return {"stop_reason": "max_tokens", "stop_sequence": None}
+    if job.stats.stop_string is not None and job.stats.stop_string in stops:
+        return {"stop_reason": "stop_sequence", "stop_sequence": job.stats.stop_string}
+    return {"stop_reason": "end_turn", "stop_sequence": None}
+
+
+def anthropic_usage(job: Job) -> dict:
+    """Anthropic counts prompt tokens the cache held apart: input_tokens + cache_read_input_tokens is the prompt."""
+    s = job.stats
+    return {"input_tokens": s.prompt_tokens - s.cached_tokens, "output_tokens": s.generated_tokens,
+            "cache_creation_input_tokens": 0, "cache_read_input_tokens": s.cached_tokens}
+
+
+def anthropic_start(req, request: GenerationRequest) -> Job:
+    try:
+        return req.start_generation(request)
+    except RequestError as e:
+        if e.kind == "exceed_context_size_error":   # Claude Code reads these words to compact its conversation
+            raise RequestError(f"prompt is too long: {e.extra['n_prompt_tokens']} tokens > {e.extra['n_ctx']} "
+                               f"maximum") from None
+        raise
+
+
+def anthropic_messages_route(app, req):
+    request, tools, stops = anthropic_request(app, req)
+    job = anthropic_start(req, request)
+    head = {"id": f"msg_{secrets.token_hex(12)}", "type": "message", "role": "assistant", "model": app.model.name}
+    parts, blocks = ReplyParts(job, tools), AnthropicBlocks()
+    if FieldReader(req.json()).boolean("stream"):
+        def events() -> Iterator[bytes]:
+            yield sse_event("message_start", {"message": {
+                **head, "content": [], "stop_reason": None, "stop_sequence": None,
+                "usage": {"input_tokens": len(job.prompt_tokens), "output_tokens": 0,
+                          "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}}}) + sse_event("ping", {})
+            index = 0
+            while True:
+                new, done = job.buffer.read(index, timeout=ANTHROPIC_PING_SECONDS)
+                index += len(new)
+                if not new and not done:
+                    yield sse_event("ping", {})
+                    continue
+                out = b"".join(blocks.part(kind, text) for piece in new for kind, text in parts.feed(piece))
+                if out:
+                    yield out
+                if done and not new:
+                    break
+            if job.buffer.finish_reason == "error":
+                yield blocks.close() + sse_event("error", {"error": {
+                    "type": "api_error", "message": job.buffer.error or "generation failed"}})
+                return
+            yield blocks.finish(parts) + sse_event("message_delta", {
+                "delta": anthropic_stop(job, parts, stops), "usage": anthropic_usage(job)}) + sse_event("message_stop", {})
+        return StreamResponse("text/event-stream", events(), job)
+    text = wait_for_text(job)
+    for kind, part in parts.feed(text):
+        blocks.part(kind, part)
+    blocks.finish(parts)
+    return JSONResponse({**head, "content": blocks.content, **anthropic_stop(job, parts, stops),
+                         "usage": anthropic_usage(job)})
+
+
+def anthropic_count_tokens(app, req):
+    request, _, _ = anthropic_request(app, req, count_only=True)
+    req.ignored = request.ignored_fields
+    return JSONResponse({"input_tokens": app.engine.count_prompt_tokens(request)})
+
+
+# -- OpenAI Responses API ----------------------------------------------------------------------------------
+
+RESPONSES_IGNORED_FIELDS: dict[str, Callable[[Any], bool]] = {
+    "include": _asks, "prompt_cache_key": _asks, "client_metadata": _asks, "service_tier": _asks,
+    "safety_identifier": _asks, "user": _asks, "truncation": lambda v: v == "auto", "background": _asks,
+    "top_logprobs": _asks, "prompt": _asks, "max_tool_calls": _asks, "conversation": _asks, "stream_options": _asks,
+}
+
+
+def response_not_found(response_id: str) -> RequestError:
+    return RequestError(f"no response with id {response_id!r} is stored here (it was never stored, was deleted, was "
+                        f"made with another key, or was evicted: at most {ResponseStore.MAX_ITEMS} are kept)",
+                        status=404, kind="invalid_request_error", code="not_found")
+
+
+def responses_text(value: Any, where: str) -> str:
+    """Message content: a string, or parts (input_text, output_text...); images and files refused."""
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, list):
+        raise RequestError(f"'{where}' must be a string or a list of content parts")
+    texts = []
+    for j, part in enumerate(value):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in ("input_text", "output_text", "text", "summary_text", "reasoning_text") \
+                and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind == "refusal" and isinstance(part.get("refusal"), str):
+            texts.append(part["refusal"])
+        elif kind in ("input_image", "input_file", "input_audio"):
+            raise text_only(kind.replace("input_", ""), f"{where}[{j}]")
+        else:
+            raise RequestError(f"{where}[{j}] must be an input_text or output_text part, not {kind!r}")
+    return "".join(texts)
+
+
+def responses_messages(value: Any, ignored: list[str], earlier: list[dict] = ()) -> list[dict]:
+    """`input` (a string or items) as chat messages: function_call items become the assistant's tool_calls,
+    function_call_output items tool messages, reasoning items the next assistant turn's reasoning_content."""
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}]
+    if not isinstance(value, list):
+        raise RequestError("'input' must be a string or a list of input items")
+    out: list[dict] = []
+    reasoning: list[str] = []
+    names = tool_result_names(list(earlier))
+    for i, item in enumerate(value):
+        where = f"input[{i}]"
+        if not isinstance(item, dict):
+            raise RequestError(f"{where} must be an object")
+        kind = item.get("type") or ("message" if "role" in item else None)
+        if kind == "message":
+            role = item.get("role")
+            if role not in ("user", "assistant", "system", "developer"):
+                raise RequestError(f"{where}.role must be user, assistant, system or developer, not {role!r}")
+            message = {"role": "system" if role == "developer" else role,
+                       "content": responses_text(item.get("content"), f"{where}.content")}
+            if role == "assistant" and reasoning:
+                message["reasoning_content"], reasoning = "".join(reasoning), []
+            out.append(message)
+        elif kind == "function_call":
+            if not isinstance(item.get("name"), str) or not isinstance(item.get("call_id"), str):
+                raise RequestError(f"{where} must be a function_call with a 'name' and a 'call_id'")
+            call = tool_call_of({"id": item["call_id"], "function": {"name": item["name"],
+                                                                       "arguments": item.get("arguments") or "{}"}},
+                                where)
+            names[item["call_id"]] = item["name"]
+            if out and out[-1]["role"] == "assistant":     # the calls of one turn follow its text
+                out[-1].setdefault("tool_calls", []).append(call)
+            else:
+                out.append({"role": "assistant", "content": "", "tool_calls": [call]})
+            if reasoning:
+                out[-1]["reasoning_content"], reasoning = "".join(reasoning), []
+        elif kind == "function_call_output":
+            if not isinstance(item.get("call_id"), str):
+                raise RequestError(f"{where}.call_id must be a string")
+            message = {"role": "tool", "tool_call_id": item["call_id"],
+                       "content": responses_text(item.get("output") if item.get("output") is not None else "",
+                                                 f"{where}.output")}
+            if item["call_id"] in names:
+                message["name"] = names[item["call_id"]]
+            out.append(message)
+        elif kind == "reasoning":
+            reasoning.append(responses_text(item.get("content") or item.get("summary") or [], f"{where}.content"))
+        elif kind == "item_reference":
+            raise RequestError(f"{where}: item references are not served; send the items, or previous_response_id")
+        else:
+            ignored.append(f"input[{kind}]")      # another tool's call or output (local_shell_call...): not run here
+    return out
+
+
+def responses_tools(app, f: FieldReader, ignored: list[str]) -> ToolUse | None:
+    """Flat function tools; the kinds this server cannot run (web_search, file_search, local_shell, custom, mcp,
+    a namespace group...) are skipped and named, since Codex sends them on every request."""
+    tools = f.body.get("tools") or []
+    if not isinstance(tools, list):
+        raise RequestError("'tools' must be a list of tools")
+    functions = []
+    for i, t in enumerate(tools):
+        if not isinstance(t, dict):
+            raise RequestError(f"tools[{i}] must be an object")
+        if t.get("type") != "function":
+            ignored.append(f"tools[{t.get('type')}]")
+            continue
+        if not isinstance(t.get("name"), str):
+            raise RequestError(f"tools[{i}].name must be a string")
+        functions.append({"type": "function", "function": {
+            "name": t["name"], "description": t.get("description") or "",
+            "parameters": t.get("parameters") or {"type": "object"}}})
+    choice = f.body.get("tool_choice")
+    if isinstance(choice, dict):
+        if choice.get("type") == "function" and isinstance(choice.get("name"), str):
+            choice = {"type": "function", "function": {"name": choice["name"]}}
+        else:
+            ignored.append("tool_choice")        # allowed_tools, or a tool kind not served: the model chooses
+            choice = "auto"
+    if not functions:
+        return None
+    return ToolUse(app.chat_template, functions, choice, f.body.get("parallel_tool_calls") is not False)
+
+
+class ResponseItems:
+    """A reply's output items (reasoning, message, function calls), built as its parts arrive, with the
+    stream events that announce them, each numbered (thrown away when the reply is not streamed)."""
+
+    def __init__(self):
+        self.output: list[dict] = []
+        self.sequence = 0
+        self._open: str | None = None
+
+    def event(self, kind: str, **data) -> bytes:
+        out = sse_event(kind, {"sequence_number": self.sequence, **data})
+        self.sequence += 1
+        return out
+
+    def _add(self, item: dict, part: dict | None) -> bytes:
+        self.output.append(item)
+        index = len(self.output) - 1
+        out = self.event("response.output_item.added", output_index=index,
+                         item={**item, "status": "in_progress", "content": []} if part else dict(item))
+        if part is not None:
+            item["content"] = [part]
+            out += self.event("response.content_part.added", item_id=item["id"], output_index=index, content_index=0,
+                              part=dict(part))
+        return out
+
+    def part(self, kind: str, text: str) -> bytes:
+        item_type = "reasoning" if kind == "reasoning" else "message"
+        out = b""
+        if self._open != item_type:
+            out += self.close()
+            self._open = item_type
+            if item_type == "reasoning":
+                out += self._add({"type": "reasoning", "id": f"rs_{secrets.token_hex(12)}", "summary": [],
+                                  "status": "in_progress"}, {"type": "reasoning_text", "text": ""})
+            else:
+                out += self._add({"type": "message", "id": f"msg_{secrets.token_hex(12)}", "role": "assistant",
+                                  "status": "in_progress"}, {"type": "output_text", "text": "", "annotations": [],
+                                                             "logprobs": []})
+        item = self.output[-1]
+        item["content"][0]["text"] += text
+        where = dict(item_id=item["id"], output_index=len(self.output) - 1, content_index=0)
+        if item_type == "reasoning":
+            return out + self.event("response.reasoning_text.delta", **where, delta=text)
+        return out + self.event("response.output_text.delta", **where, delta=text, logprobs=[])
+
+    def close(self) -> bytes:
+        if self._open is None:
+            return b""
+        self._open = None
+        item = self.output[-1]
+        item["status"] = "completed"
+        part = item["content"][0]
+        where = dict(item_id=item["id"], output_index=len(self.output) - 1, content_index=0)
+        done = "response.reasoning_text.done" if item["type"] == "reasoning" else "response.output_text.done"
+        return (self.event(done, **where, text=part["text"], **({} if item["type"] == "reasoning" else {"logprobs": []}))
+                + self.event("response.content_part.done", **where, part=dict(part))
+                + self.event("response.output_item.done", output_index=len(self.output) - 1, item=dict(item)))
+
+    def function_call(self, call: dict) -> bytes:
+        out = self.close()
+        arguments = json.dumps(call["arguments"], ensure_ascii=False)
+        item = {"type": "function_call", "id": f"fc_{secrets.token_hex(12)}", "call_id": f"call_{secrets.token_hex(12)}",
+                "name": call["name"], "arguments": "", "status": "in_progress"}
+        out += self._add(item, None)
+        index = len(self.output) - 1
+        out += self.event("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
+                          delta=arguments)
+        item.update(arguments=arguments, status="completed")
+        return out + self.event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
+                                name=item["name"], arguments=arguments) + \
+            self.event("response.output_item.done", output_index=index, item=dict(item))
+
+    def finish(self, parts: ReplyParts) -> bytes:
+        out = b"".join(self.part(kind, text) for kind, text in parts.finish()) + self.close()
+        return out + b"".join(self.function_call(call) for call in parts.calls)
+
+    def as_message(self) -> dict:
+        """The reply as the assistant turn of a stored conversation."""
+        message = {"role": "assistant", "content": "".join(
+            i["content"][0]["text"] for i in self.output if i["type"] == "message")}
+        reasoning = "".join(i["content"][0]["text"] for i in self.output if i["type"] == "reasoning")
+        if reasoning:
+            message["reasoning_content"] = reasoning
+        calls = [{"id": i["call_id"], "type": "function", "function": {"name": i["name"],
+                                                                       "arguments": json.loads(i["arguments"])}}
+                 for i in self.output if i["type"] == "function_call"]
+        if calls:
+            message["tool_calls"] = calls
+        return message
+
+
+class ResponsesCall:
+    """One /v1/responses request: its conversation (the stored one it continues, then its input), the
+    generation request made of it, and the response object it answers with."""
+
+    def __init__(self, app, req, count_only: bool = False):
+        self.app = app
+        f = self.f = FieldReader(req.json())
+        self.ignored = ignored_fields(f.body, RESPONSES_IGNORED_FIELDS)
+        self.owner = api_key_owner(req)
+        self.previous_id = f.string("previous_response_id") or None
+        earlier: list[dict] = []
+        if self.previous_id is not None:
+            stored = app.responses.get(self.owner, self.previous_id)
+            if stored is None:
+                raise response_not_found(self.previous_id)
+            earlier = stored[1]
+        if f.body.get("input") is None and not earlier:
+            raise RequestError("'input' is required")
+        self.conversation = earlier + responses_messages(f.body.get("input") or [], self.ignored, earlier)
+        instructions = f.string("instructions")
+        messages = ([{"role": "system", "content": instructions}] if instructions else []) + self.conversation
+        if not messages:
+            raise RequestError("'input' must hold at least one item")
+        max_output = None if count_only else f.body.get("max_output_tokens")
+        if max_output is not None:
+            max_output = f.integer("max_output_tokens", default=1, lo=-(1 << 62), hi=1 << 20)
+            if max_output < 1:
+                raise RequestError(f"'max_output_tokens' must be at least 1, not {max_output}")
+        fields = block_request_fields(req, f, max_output, self.ignored)
+        self.sampler = fields["sampler"]
+        self.format = self._text_format(f)
+        template_vars = self._reasoning_vars(f)
+        self.tools = responses_tools(app, f, self.ignored)
+        if self.tools is not None:
+            messages, more = self.tools.apply(messages, self.sampler)
+            template_vars.update(more)
+        self.request = app.chat_template.generation_request(messages, template_vars=template_vars, **fields)
+        self.id = f"resp_{secrets.token_hex(16)}"
+        self.created = int(time.time())
+        self.store = f.body.get("store") is not False
+
+    def _text_format(self, f: FieldReader) -> dict:
+        text = f.body.get("text")
+        if text is None:
+            return {"type": "text"}
+        fmt = text.get("format") if isinstance(text, dict) else None
+        kind = fmt.get("type") if isinstance(fmt, dict) else None
+        if isinstance(text, dict) and text.get("verbosity") is not None:
+            self.ignored.append("text.verbosity")
+        if fmt is None:
+            return {"type": "text"}
+        if kind == "json_object":
+            self.sampler.grammar = json_grammar(True, "text.format")
+        elif kind == "json_schema":
+            self.sampler.grammar = json_grammar(fmt.get("schema"), "text.format.schema")
+        elif kind != "text":
+            raise RequestError("'text.format.type' must be 'text', 'json_object' or 'json_schema'")
+        return fmt
+
+    def _reasoning_vars(self, f: FieldReader) -> dict:
+        """`reasoning.effort` "none" turns a template's thinking off (`enable_thinking`), any other on."""
+        reasoning = f.body.get("reasoning")
+        if not isinstance(reasoning, dict):
+            return {}
+        if reasoning.get("summary") is not None:
+            self.ignored.append("reasoning.summary")     # the reasoning itself is given, not a summary
+        effort = reasoning.get("effort")
+        return {} if effort is None else {"enable_thinking": effort != "none"}
+
+    def response(self, status: str, items: ResponseItems, job: Job | None = None, error: dict | None = None) -> dict:
+        usage = None
+        if job is not None and status != "in_progress":
+            s = job.stats
+            reasoning = "".join(i["content"][0]["text"] for i in items.output if i["type"] == "reasoning")
+            usage = {"input_tokens": s.prompt_tokens, "input_tokens_details": {"cached_tokens": s.cached_tokens},
+                     "output_tokens": s.generated_tokens, "output_tokens_details": {
+                         "reasoning_tokens": len(self.app.model.tokenize(reasoning)) if reasoning else 0},
+                     "total_tokens": s.prompt_tokens + s.generated_tokens}
+        f = self.f
+        return {"id": self.id, "object": "response", "created_at": self.created, "status": status,
+                "background": False, "error": error,
+                "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+                "instructions": f.body.get("instructions"), "max_output_tokens": f.body.get("max_output_tokens"),
+                "model": self.app.model.name, "output": [dict(i) for i in items.output] if status != "in_progress"
+                else [], "parallel_tool_calls": f.body.get("parallel_tool_calls") is not False,
+                "previous_response_id": self.previous_id,
+                "reasoning": {"effort": (f.body.get("reasoning") or {}).get("effort"), "summary": None},
+                "store": self.store, "temperature": self.sampler.temperature, "top_p": self.sampler.top_p,
+                "text": {"format": self.format}, "tool_choice": f.body.get("tool_choice") or "auto",
+                "tools": [{"type": "function", **t["function"]} for t in self.tools.tools] if self.tools else [],
+                "truncation": "disabled", "usage": usage, "metadata": f.body.get("metadata") or {}}
+
+    def status_of(self, job: Job) -> str:
+        if job.buffer.finish_reason == "error":
+            return "failed"
+        return "incomplete" if job.buffer.finish_reason == "length" else "completed"
+
+    def keep(self, response: dict, items: ResponseItems):
+        if self.store and response["status"] != "failed":
+            self.app.responses.put(self.owner, response, self.conversation + [items.as_message()])
+
+
+def responses_create(app, req):
+    call = ResponsesCall(app, req)
+    job = req.start_generation(call.request)
+    parts, items = ReplyParts(job, call.tools), ResponseItems()
+    if call.f.boolean("stream"):
+        def events() -> Iterator[bytes]:
+            yield items.event("response.created", response=call.response("in_progress", items)) + \
+                items.event("response.in_progress", response=call.response("in_progress", items))
+            for batch in job.buffer.batches():
+                out = b"".join(items.part(kind, text) for piece in batch for kind, text in parts.feed(piece))
+                if out:
+                    yield out
+            status = call.status_of(job)
+            if status == "failed":
+                response = call.response("failed", items, job, {"code": "server_error",
+                                                                "message": job.buffer.error or "generation failed"})
+                yield items.close() + items.event("response.failed", response=response)
+                return
+            out = items.finish(parts)
+            response = call.response(status, items, job)
+            call.keep(response, items)
+            yield out + items.event(f"response.{status}", response=response)
+        return StreamResponse("text/event-stream", events(), job)
+    text = wait_for_text(job)
+    for kind, part in parts.feed(text):
+        items.part(kind, part)
+    items.finish(parts)
+    response = call.response(call.status_of(job), items, job)
+    call.keep(response, items)
+    return JSONResponse(response)
+
+
+def responses_input_tokens(app, req):
+    call = ResponsesCall(app, req, count_only=True)
+    req.ignored = call.ignored
+    return JSONResponse({"object": "response.input_tokens", "input_tokens": app.engine.count_prompt_tokens(call.request)})
+
+
+def responses_by_id(app, req):
+    """GET or DELETE /v1/responses/{id}: only the key that stored it reaches it."""
+    response_id = req.path.rsplit("/", 1)[1]
+    owner = api_key_owner(req)
+    if req.method == "DELETE":
+        if not app.responses.delete(owner, response_id):
+            raise response_not_found(response_id)
+        return JSONResponse({"id": response_id, "object": "response", "deleted": True})
+    stored = app.responses.get(owner, response_id)
+    if stored is None:
+        raise response_not_found(response_id)
+    return JSONResponse(stored[0])
+
+
 # -- embeddings (all three APIs) ---------------------------------------------------------
 
 def embedding_inputs(f: FieldReader, *names: str) -> list[str]:
@@ -3972,6 +4737,7 @@ class Router:
 
     def __init__(self, static: StaticFiles | None = None):
         self._routes: dict[tuple[str, str], Route] = {}
+        self._prefixes: list[tuple[str, str, Route]] = []     # (method, prefix, route): /v1/responses/{id}
         self.static = static
 
     def add(self, methods: str, paths: str, handler, **kw):
@@ -3980,14 +4746,23 @@ class Router:
             for method in methods.split():
                 self._routes[(method, path)] = route
 
+    def add_prefix(self, methods: str, prefixes: str, handler, **kw):
+        """Paths that are the prefix and one more segment (an id), after the exact paths."""
+        route = Route(handler, **kw)
+        self._prefixes += [(method, prefix, route) for prefix in prefixes.split() for method in methods.split()]
+
     def match(self, method: str, path: str) -> Route:
         if path.startswith("/api/latest/"):
             path = "/api/v1/" + path[len("/api/latest/"):]
         route = self._routes.get((method, path))
+        if route is None:
+            route = next((r for m, prefix, r in self._prefixes if m == method and path.startswith(prefix)
+                          and "/" not in path[len(prefix):] and path[len(prefix):]), None)
         if route is None and method == "GET" and self.static is not None:
             route = self.static.route(path)
         if route is None:
-            if any(p == path for _, p in self._routes):
+            if any(p == path for _, p in self._routes) or any(
+                    path.startswith(prefix) and "/" not in path[len(prefix):] for _, prefix, _ in self._prefixes):
                 raise RequestError(f"{method} is not allowed on {path}", status=405, kind="method_not_allowed")
             raise RequestError(f"no such endpoint: {path}", status=404, kind="not_found")
         return route
@@ -4020,6 +4795,14 @@ def build_router(static: StaticFiles | None = None) -> Router:
     r.add("POST", "/v1/chat/completions /chat/completions", openai_chat_completions, protected=True,
           style="openai")
     r.add("POST", "/v1/embeddings /embeddings", openai_embeddings, protected=True, style="openai")
+    r.add("POST", "/v1/responses /responses", responses_create, protected=True, style="openai")
+    r.add("POST", "/v1/responses/input_tokens /responses/input_tokens", responses_input_tokens, protected=True,
+          style="openai")
+    r.add_prefix("GET DELETE", "/v1/responses/ /responses/", responses_by_id, protected=True, style="openai")
+
+    r.add("POST", "/v1/messages /messages", anthropic_messages_route, protected=True, style="anthropic")
+    r.add("POST", "/v1/messages/count_tokens /messages/count_tokens", anthropic_count_tokens, protected=True,
+          style="anthropic")
 
     r.add("GET", "/api/tags", ollama_tags, style="ollama")     # open, as llama-server's: clients list models first
     r.add("GET", "/api/ps", ollama_ps, protected=True, style="ollama")
@@ -4439,8 +5222,9 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         app = self.server.app
         url = urllib.parse.urlsplit(self.path)
         path = url.path.rstrip("/") or "/"
-        style = "openai" if path.startswith("/v1/") or path in ("/models", "/completions", "/chat/completions") \
-            else "kobold"
+        style = "anthropic" if path.startswith(("/v1/messages", "/messages")) else \
+            "openai" if path.startswith(("/v1/", "/responses")) or path in ("/models", "/completions",
+                                                                           "/chat/completions") else "kobold"
         request = None
         self._body_unread = self._declared_length()
         try:
@@ -4465,12 +5249,12 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         except RequestError as e:
             if request is not None and request.job is not None:
                 request.job.cancel()
-            response = JSONResponse(error_body(style, e), e.status)
+            response = error_response(style, e)
         except Exception as e:  # a bug must cost one request, never the server
             if request is not None and request.job is not None:
                 request.job.cancel()
             app.log(f"internal error on {method} {path}: {type(e).__name__}: {e}")
-            response = JSONResponse(error_body(style, RequestError("internal server error", 500, "server_error")), 500)
+            response = error_response(style, RequestError("internal server error", 500, "server_error"))
         try:
             if isinstance(response, StreamResponse):
                 self._send_stream(response)
