@@ -84,7 +84,8 @@ def test_shared_pool_replies_keep_to_their_own_prompts(make_server):
     themes = [("red, green, blue", {"red", "green", "blue", "yellow", "orange", "purple", "black", "white"}),
               ("north, south, east", {"north", "south", "east", "west"}),
               ("alpha, beta, gamma", {"alpha", "beta", "gamma", "delta", "epsilon"})]
-    bodies = [{"prompt": f"The list: {(items + ', ') * 4}", "max_length": 40, "temperature": 0,
+    # The prompt ends on the comma: after a trailing space this small model leaves the list on some builds.
+    bodies = [{"prompt": f"The list: {', '.join([items] * 4)},", "max_length": 40, "temperature": 0,
                "ban_eos_token": True} for items, _ in themes]
     texts = [result_of(q, 300)["results"][0]["text"]
              for q in [in_thread(s.json, "POST", "/api/v1/generate", b) for b in bodies]]
