@@ -76,7 +76,11 @@ class Config:
     password: str | None = None
     contextsize: int = 4096
     threads: int = 0            # 0: one per CPU core
-    gpulayers: int = 0          # -1: all layers
+    gpulayers: int | None = None   # None: as many as fit on the GPU (0 without one); -1: all layers
+    usevulkan: list[int] | None = None   # KoboldCpp's device choice: the Vulkan backend, these device numbers
+    usecuda: list[str] | None = None     # the CUDA backend: device numbers (and KoboldCpp's words, rowsplit...)
+    tensor_split: list[float] | None = None   # how the layers spread over several GPUs
+    maingpu: int | None = None           # the GPU that holds what is not split
     flashattention: bool = False
     quantkv: int = 0            # KV cache type: 0 f16, 1 q8_0, 2 q4_0 (KoboldCpp's numbers; needs flash attention)
     batchsize: int = 512        # tokens per llama.cpp batch (prompt reading)
@@ -146,7 +150,15 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--password", help="require 'Authorization: Bearer <password>' for generation endpoints")
     p.add_argument("--contextsize", type=int, help="context size in tokens (default 4096)")
     p.add_argument("--threads", type=int, help="CPU threads for generation (default: all cores)")
-    p.add_argument("--gpulayers", type=int, help="layers to offload to a GPU (default 0; -1 all)")
+    p.add_argument("--gpulayers", type=int,
+                   help="layers to offload to the GPU (default: as many as fit in its free memory; 0 none; -1 all)")
+    p.add_argument("--usevulkan", nargs="*", type=int, metavar="ID",
+                   help="use the Vulkan backend (its devices ID..., default all)")
+    p.add_argument("--usecuda", "--usecublas", dest="usecuda", nargs="*", metavar="ID",
+                   help="use the CUDA backend (its devices ID..., default all; KoboldCpp's rowsplit is read too)")
+    p.add_argument("--tensor_split", "--tensor-split", dest="tensor_split", nargs="+", type=float, metavar="RATIO",
+                   help="how much of the model each GPU holds, e.g. 3 1")
+    p.add_argument("--maingpu", type=int, metavar="N", help="the GPU that holds what is not split (default 0)")
     p.add_argument("--flashattention", action="store_true", default=None, help="use flash attention")
     p.add_argument("--quantkv", type=int, choices=(0, 1, 2),
                    help="KV cache type: 0 f16 (default), 1 q8_0, 2 q4_0; turns on flash attention")
@@ -222,7 +234,25 @@ def load_config(argv: list[str]) -> Config:
     _check_int("port", cfg.port, 0, 65535)
     _check_int("contextsize", cfg.contextsize, 64, 1 << 20)
     _check_int("threads", cfg.threads, 0, 1024)
-    _check_int("gpulayers", cfg.gpulayers, -1, 100000)
+    if cfg.gpulayers is not None:
+        _check_int("gpulayers", cfg.gpulayers, -1, 100000)
+    if cfg.usevulkan is not None and cfg.usecuda is not None:
+        raise ConfigError("usevulkan and usecuda choose one backend: give one of them")
+    if cfg.usevulkan is not None:
+        for i in cfg.usevulkan:
+            _check_int("usevulkan", i, 0, 64)
+    if cfg.usecuda is not None:
+        if not isinstance(cfg.usecuda, list):
+            raise ConfigError("usecuda must be a list of device numbers")
+        for word in cfg.usecuda:
+            if not (str(word).isdigit() or str(word) in KOBOLDCPP_CUDA_WORDS):
+                raise ConfigError(f"usecuda takes device numbers and {', '.join(KOBOLDCPP_CUDA_WORDS)}, "
+                                  f"not {word!r}")
+    if cfg.tensor_split is not None and (not isinstance(cfg.tensor_split, list) or not all(
+            isinstance(x, (int, float)) and x >= 0 for x in cfg.tensor_split) or not sum(cfg.tensor_split) > 0):
+        raise ConfigError("tensor_split must be ratios such as 3 1")
+    if cfg.maingpu is not None:
+        _check_int("maingpu", cfg.maingpu, 0, 64)
     _check_int("quantkv", cfg.quantkv, 0, 2)
     _check_int("batchsize", cfg.batchsize, 16, 1 << 16)
     for flag in ("flashattention", "nommap", "usemlock", "kvperslot", "kvsplit", "noshift", "quiet", "launch",
@@ -298,6 +328,10 @@ def normalized_origin(origin: str) -> str | None:
     host = f"[{url.hostname}]" if ":" in url.hostname else url.hostname
     default = {"http": 80, "https": 443}.get(url.scheme.lower())
     return f"{url.scheme.lower()}://{host.lower()}" + (f":{port}" if port is not None and port != default else "")
+
+
+# KoboldCpp's --usecuda words besides device numbers: only rowsplit changes anything here.
+KOBOLDCPP_CUDA_WORDS = ("normal", "lowvram", "mmq", "nommq", "rowsplit")
 
 
 def find_starter_model() -> str | None:
@@ -1041,7 +1075,9 @@ class LlamaModel:
     def __init__(self, path: str, n_ctx: int, n_seq: int, n_threads: int, n_gpu_layers: int,
                  n_batch: int = 512, progress: Callable[[float], None] | None = None,
                  show_llama_log: bool = False, shared_kv: bool = False, split_kv: bool = False,
-                 flash_attention: bool = False, quantkv: int = 0, use_mmap: bool = True, use_mlock: bool = False):
+                 flash_attention: bool = False, quantkv: int = 0, use_mmap: bool = True, use_mlock: bool = False,
+                 devices: list["GPUDevice"] | None = None, main_gpu: int | None = None,
+                 tensor_split: list[float] | None = None, row_split: bool = False):
         import llama_cpp  # loaded here so that --help and bad arguments answer fast
         self.lib = llama_cpp
         self.path = path
@@ -1059,6 +1095,16 @@ class LlamaModel:
 
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = n_gpu_layers          # -1: all (llama.cpp's own convention)
+        if devices:        # NULL-terminated; kept alive with the model, llama.cpp reads it while loading
+            self._devices = (ctypes.c_void_p * (len(devices) + 1))(*[d.handle for d in devices], None)
+            mparams.devices = ctypes.cast(self._devices, ctypes.c_void_p)
+        if main_gpu is not None:
+            mparams.main_gpu = main_gpu
+        if tensor_split:
+            self._tensor_split = (ctypes.c_float * llama_cpp.llama_max_devices())(*tensor_split)
+            mparams.tensor_split = ctypes.cast(self._tensor_split, ctypes.POINTER(ctypes.c_float))
+        if row_split:
+            mparams.split_mode = llama_cpp.LLAMA_SPLIT_MODE_ROW
         # llama.cpp's load mode: 1 map the file, 0 read it, 2 read and lock, 3 map and lock; -1 its choice.
         if use_mlock:
             mparams.load_mode = llama_cpp.LLAMA_LOAD_MODE_MMAP_MLOCK if use_mmap else llama_cpp.LLAMA_LOAD_MODE_MLOCK
@@ -1124,7 +1170,15 @@ class LlamaModel:
         mib = lambda pattern: sum(float(x) for x in re.findall(pattern, log))     # noqa: E731
         flash = re.findall(r"flash_attn\s+=\s+(\w+)", log)
         mode = re.findall(r"load_mode = ([\w+]+)", log)
+        devices: dict[str, dict[str, float]] = {}
+        for device, part, size in re.findall(r"(\S+) (model|KV|compute) buffer size =\s+([\d.]+) MiB", log):
+            row = devices.setdefault(device, {"model": 0.0, "kv": 0.0, "compute": 0.0})
+            row[part.lower()] = round(row[part.lower()] + float(size), 2)
+        offloaded = re.findall(r"offloaded (\d+)/(\d+) layers to GPU", log)
         return {"model_mib": round(self.lib.llama_model_size(self.model) / 2**20, 1),
+                "devices": devices,            # MiB of model, KV cache and compute buffers per llama.cpp buffer
+                "layers_offloaded": int(offloaded[-1][0]) if offloaded else 0,
+                "layers_total": int(offloaded[-1][1]) if offloaded else 0,
                 "kv_cache_mib": mib(r"KV buffer size =\s+([\d.]+) MiB"),
                 "compute_mib": mib(r"compute buffer size =\s+([\d.]+) MiB"),
                 "kv_cells": self.pool_tokens, "kv_shared": self.shared_kv,
@@ -1190,6 +1244,310 @@ def _check_gguf_magic(path: str):
         raise ModelLoadError(f"cannot read model file {path}: {e}") from None
     if magic != b"GGUF":
         raise ModelLoadError(f"{path} is not a GGUF model file")
+
+
+# -- GPUs: the devices llama.cpp's backends found, and how many layers fit on them ------------------------
+
+GPU_BUILD_HELP = ("build llama.cpp with a GPU backend beside the CPU one: bash tools/build_llama_lib.sh vulkan "
+                  "(any GPU) or cuda (NVIDIA); README: GPUs")
+
+
+def use_gpu_build():
+    """Point llama-cpp-python at a GPU build of llama.cpp when one was made beside this script (or ships inside
+    the executable) and LLAMA_CPP_LIB_PATH names none: pip's llama-cpp-python stays the CPU fallback."""
+    if not os.environ.get("LLAMA_CPP_LIB_PATH"):
+        here = getattr(sys, "_MEIPASS", os.path.dirname(os.path.abspath(__file__)))
+        for folder in ("llama_gpu", ".llama-cuda/lib", ".llama-vulkan/lib"):
+            candidate = os.path.join(here, folder)
+            if glob.glob(os.path.join(candidate, "*llama.*")):
+                os.environ["LLAMA_CPP_LIB_PATH"] = candidate
+                break
+    folder = os.environ.get("LLAMA_CPP_LIB_PATH")
+    # ggml's own libraries from that folder first, by path: the dynamic linker then binds libllama's needs to
+    # them by name, never to another build's copies found on a library path (the CPU ones beside them in the
+    # executable, say). A backend module whose driver is missing (libggml-cuda without libcuda) is skipped.
+    for stem in ("ggml-base", "ggml-cpu", "ggml-vulkan", "ggml-blas", "ggml") if folder else ():
+        path = ggml_library(folder, stem)
+        if path is not None:
+            try:
+                ctypes.CDLL(path, mode=getattr(ctypes, "RTLD_GLOBAL", 0))
+            except OSError:
+                pass
+
+
+def ggml_library(folder: str, stem: str) -> str | None:
+    for name in (f"lib{stem}.so", f"lib{stem}.dylib", f"{stem}.dll"):
+        if os.path.exists(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    return None
+
+
+@dataclasses.dataclass
+class GPUDevice:
+    index: int                # among all devices that are GPUs, in llama.cpp's order
+    name: str                 # llama.cpp's: Vulkan0, CUDA0...
+    description: str
+    backend: str              # Vulkan, CUDA, Metal...
+    free: int
+    total: int
+    handle: int               # ggml_backend_dev_t
+
+
+class Devices:
+    """The backends and GPU devices of the llama.cpp build that llama-cpp-python loaded (ggml's registry).
+
+    A build with dynamic backend loading (GGML_BACKEND_DL, the CUDA build) registers none until its backend
+    modules are loaded from its folder; a module whose driver is missing (no NVIDIA driver) is skipped, so
+    the CPU module still runs. ggml's Vulkan backend skips CPU-type devices (lavapipe) unless
+    GGML_VK_VISIBLE_DEVICES names them."""
+
+    GPU_TYPES = (1, 2)        # GGML_BACKEND_DEVICE_TYPE_GPU, _IGPU
+
+    def __init__(self, llama_cpp_module):
+        folder = os.path.dirname(llama_cpp_module.llama_cpp._lib._name)
+        self.folder = folder
+        ggml = self._load(folder, "ggml")
+        base = self._load(folder, "ggml-base")
+        for lib, name, res, args in (
+                (ggml, "ggml_backend_reg_count", ctypes.c_size_t, []),
+                (ggml, "ggml_backend_reg_get", ctypes.c_void_p, [ctypes.c_size_t]),
+                (base, "ggml_backend_reg_name", ctypes.c_char_p, [ctypes.c_void_p]),
+                (ggml, "ggml_backend_dev_count", ctypes.c_size_t, []),
+                (ggml, "ggml_backend_dev_get", ctypes.c_void_p, [ctypes.c_size_t]),
+                (base, "ggml_backend_dev_name", ctypes.c_char_p, [ctypes.c_void_p]),
+                (base, "ggml_backend_dev_description", ctypes.c_char_p, [ctypes.c_void_p]),
+                (base, "ggml_backend_dev_type", ctypes.c_int, [ctypes.c_void_p]),
+                (base, "ggml_backend_dev_backend_reg", ctypes.c_void_p, [ctypes.c_void_p]),
+                (base, "ggml_backend_dev_memory", None,
+                 [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t)]),
+                (ggml, "ggml_backend_load_all_from_path", None, [ctypes.c_char_p])):
+            fn = getattr(lib, name)
+            fn.restype, fn.argtypes = res, args
+        self._ggml, self._base = ggml, base
+        if ggml.ggml_backend_reg_count() == 0:
+            ggml.ggml_backend_load_all_from_path(folder.encode())
+        self.backends = [base.ggml_backend_reg_name(ggml.ggml_backend_reg_get(i)).decode()
+                         for i in range(ggml.ggml_backend_reg_count())]
+        self.gpus: list[GPUDevice] = []
+        for i in range(ggml.ggml_backend_dev_count()):
+            dev = ggml.ggml_backend_dev_get(i)
+            if base.ggml_backend_dev_type(dev) not in self.GPU_TYPES:
+                continue
+            free, total = self.memory(dev)
+            self.gpus.append(GPUDevice(
+                len(self.gpus), base.ggml_backend_dev_name(dev).decode(),
+                (base.ggml_backend_dev_description(dev) or b"").decode(errors="replace"),
+                base.ggml_backend_reg_name(base.ggml_backend_dev_backend_reg(dev)).decode(), free, total, dev))
+
+    @staticmethod
+    def _load(folder: str, stem: str) -> ctypes.CDLL:
+        return ctypes.CDLL(ggml_library(folder, stem) or f"lib{stem}.so", mode=getattr(ctypes, "RTLD_GLOBAL", 0))
+
+    def memory(self, dev: int) -> tuple[int, int]:
+        free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
+        self._base.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+        return free.value, total.value
+
+    BACKEND_FILES = {"vulkan": "Vulkan", "cuda": "CUDA", "metal": "Metal", "hip": "ROCm", "sycl": "SYCL"}
+
+    @property
+    def gpu_backends(self) -> list[str]:
+        """The GPU backends this build carries, whether or not they found a device: a Vulkan backend with no
+        driver at all registers nothing, but its library is there."""
+        found = [b for b in self.backends if b not in ("CPU", "BLAS", "RPC")]
+        for stem, name in self.BACKEND_FILES.items():
+            if name not in found and ggml_library(self.folder, f"ggml-{stem}") is not None:
+                found.append(name)
+        return found
+
+    def choose(self, backend: str | None, ids: list[int] | None) -> list[GPUDevice]:
+        """The devices a request for a backend (and device numbers within it) names; a ConfigError if none."""
+        pool = [d for d in self.gpus if backend is None or d.backend.lower() == backend.lower()]
+        if backend is not None and not any(b.lower() == backend.lower() for b in self.gpu_backends):
+            raise ConfigError(f"this llama.cpp build has no {backend} backend (it has: "
+                              f"{', '.join(self.backends) or 'none'}); {GPU_BUILD_HELP}")
+        if backend is not None and not pool:
+            raise ConfigError(f"the {backend} backend found no usable device (a driver missing, or a CPU-type "
+                              f"device such as lavapipe, which ggml uses only when GGML_VK_VISIBLE_DEVICES names it)")
+        if ids:
+            bad = [i for i in ids if not 0 <= i < len(pool)]
+            if bad:
+                raise ConfigError(f"no {backend or 'GPU'} device {bad[0]}: the devices are "
+                                  + ", ".join(f"{k} {d.name} ({d.description})" for k, d in enumerate(pool)))
+            pool = [pool[i] for i in ids]
+        return pool
+
+
+class GGUFLayout:
+    """A GGUF file's layers as its tensor table says: bytes of each block's weights, the rest apart, and the
+    numbers its KV cache is sized by. Read from the file (a few MB of its head), before llama.cpp loads it."""
+
+    SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+    def __init__(self, path: str):
+        import struct
+        self.metadata: dict[str, Any] = {}
+        self.array_lengths: dict[str, int] = {}
+        with open(path, "rb") as f:
+            def read(fmt: str):
+                size = struct.calcsize("<" + fmt)
+                data = f.read(size)
+                if len(data) < size:
+                    raise ModelLoadError(f"{path}: the GGUF header ends early")
+                return struct.unpack("<" + fmt, data)[0]
+
+            def string() -> str:
+                return f.read(read("Q")).decode("utf-8", errors="replace")
+
+            def value(kind: int, key: str = ""):
+                if kind == 8:
+                    return string()
+                if kind == 9:
+                    item, count = read("I"), read("Q")
+                    self.array_lengths[key] = count
+                    if item == 8:                       # the vocabulary: its length is what is wanted
+                        for _ in range(count):
+                            f.seek(read("Q"), 1)
+                        return None
+                    if item in self.SCALARS and count > 4096:     # scores, merges: skipped in one seek
+                        f.seek(count * struct.calcsize("<" + self.SCALARS[item]), 1)
+                        return None
+                    return [value(item) for _ in range(count)]    # per-layer head counts, for one
+                if kind not in self.SCALARS:
+                    raise ModelLoadError(f"{path}: unknown GGUF value type {kind}")
+                return read(self.SCALARS[kind])
+
+            if f.read(4) != b"GGUF":
+                raise ModelLoadError(f"{path} is not a GGUF model file")
+            read("I")
+            n_tensors, n_kv = read("Q"), read("Q")
+            for _ in range(n_kv):
+                key = string()
+                self.metadata[key] = value(read("I"), key)
+            tensors = []
+            for _ in range(n_tensors):
+                name = string()
+                f.seek(8 * read("I"), 1)
+                read("I")
+                tensors.append((read("Q"), name))
+            align = int(self.metadata.get("general.alignment") or 32)
+            data_start = (f.tell() + align - 1) // align * align
+        end = os.path.getsize(path) - data_start
+        tensors.sort()
+        self.layer_bytes: dict[int, int] = collections.Counter()
+        self.other_bytes = 0
+        for k, (offset, name) in enumerate(tensors):
+            size = (tensors[k + 1][0] if k + 1 < len(tensors) else end) - offset
+            m = re.match(r"blk\.(\d+)\.", name)
+            if m:
+                self.layer_bytes[int(m.group(1))] += size
+            else:
+                self.other_bytes += size
+        arch = self.metadata.get("general.architecture", "")
+        get = lambda key, default=0: self.metadata.get(f"{arch}.{key}", default)    # noqa: E731
+        self.n_layer = int(get("block_count", len(self.layer_bytes)))
+        heads = get("attention.head_count", 1) or 1
+        heads = max(heads) if isinstance(heads, list) else heads
+        kv_heads = get("attention.head_count_kv", heads) or heads
+        kv_heads = max(kv_heads) if isinstance(kv_heads, list) else kv_heads
+        embd = get("embedding_length", 0)
+        self.n_vocab = self.array_lengths.get("tokenizer.ggml.tokens", 0)
+        self.kv_width = kv_heads * (get("attention.key_length", embd // heads) +
+                                    get("attention.value_length", embd // heads))   # K and V values per token
+
+
+KV_BYTES = {0: 2.0, 1: 34 / 32, 2: 18 / 32}     # f16, q8_0, q4_0 bytes per value
+
+
+def fit_gpu_layers(layout: GGUFLayout, free: int, n_cells: int, quantkv: int, n_batch: int,
+                   margin: int = 512 << 20) -> tuple[int, dict]:
+    """How many layers fit in `free` bytes with their share of a KV cache of `n_cells` tokens, after a margin
+    for compute buffers, as llama.cpp places them: the last layers first, the output layer once all fit
+    (n_layer + 1 is everything). Returns (n_gpu_layers, the arithmetic)."""
+    kv_per_layer = int(n_cells * layout.kv_width * KV_BYTES[quantkv])
+    compute = n_batch * (layout.n_vocab or 65536) * 4      # the logits of a batch, the largest compute buffer
+    budget = free - margin - compute
+    used = layers = 0
+    for i in reversed(range(layout.n_layer)):
+        need = layout.layer_bytes.get(i, 0) + kv_per_layer
+        if used + need > budget:
+            break
+        used += need
+        layers += 1
+    if layers == layout.n_layer and used + layout.other_bytes <= budget:
+        used += layout.other_bytes
+        layers += 1
+    return layers, {"free_mib": free >> 20, "budget_mib": max(budget, 0) >> 20, "planned_mib": used >> 20,
+                    "kv_mib_per_layer": kv_per_layer >> 20, "margin_mib": (margin + compute) >> 20,
+                    "budget_bytes": max(budget, 0), "planned_bytes": used, "kv_bytes_per_layer": kv_per_layer}
+
+
+@dataclasses.dataclass
+class GPUPlan:
+    """Where the model goes: the layers to offload, the devices chosen (none: llama.cpp's default, all),
+    and what start-up says about it."""
+    n_gpu_layers: int = 0
+    devices: list[GPUDevice] = dataclasses.field(default_factory=list)
+    chosen: bool = False                 # devices named by --usevulkan/--usecuda (else llama.cpp takes all)
+    backends: list[str] = dataclasses.field(default_factory=list)
+    fit: dict | None = None              # the automatic fit's arithmetic
+    lines: list[str] = dataclasses.field(default_factory=list)
+
+    def report(self, memory: dict) -> dict:
+        """For /props, /api/extra/perf and /api/ps: devices, layers, and MiB per device as llama.cpp allocated."""
+        on_gpu = {name: parts for name, parts in memory["devices"].items()
+                  if not name.startswith("CPU") and not name.endswith("_Host")}
+        return {"backends": self.backends, "auto": self.fit is not None, "fit": self.fit,
+                "devices": [{"name": d.name, "description": d.description, "backend": d.backend,
+                             "free_mib": d.free >> 20, "total_mib": d.total >> 20} for d in self.devices],
+                "layers_offloaded": memory["layers_offloaded"], "layers_total": memory["layers_total"],
+                "vram_mib": round(sum(sum(parts.values()) for parts in on_gpu.values()), 2),
+                "buffers_mib": memory["devices"]}
+
+
+FIT_FREE_CAP_ENV = "KOBOLDLITE_FIT_FREE_MIB"    # tests: cap the free memory the automatic fit sees
+
+
+def plan_gpu(config: Config) -> GPUPlan:
+    """Find the build's GPU devices and decide the offload: --gpulayers if given, else as many layers as fit."""
+    use_gpu_build()
+    import llama_cpp
+    found = Devices(llama_cpp)
+    plan = GPUPlan(backends=found.backends)
+    backend = "Vulkan" if config.usevulkan is not None else "CUDA" if config.usecuda is not None else None
+    if (backend or config.tensor_split or config.maingpu is not None) and not found.gpu_backends:
+        option = ("--usevulkan" if config.usevulkan is not None else "--usecuda" if config.usecuda is not None
+                  else "--tensor_split" if config.tensor_split else "--maingpu")
+        raise ConfigError(f"{option}: this llama.cpp build runs on the CPU only; {GPU_BUILD_HELP}")
+    if not found.gpu_backends:
+        if config.gpulayers not in (None, 0):
+            plan.lines.append(f"GPU: this llama.cpp build runs on the CPU only, so --gpulayers does nothing; "
+                              f"{GPU_BUILD_HELP}")
+        return plan
+    ids = config.usevulkan or [int(w) for w in config.usecuda or () if str(w).isdigit()]
+    plan.devices = found.choose(backend, ids) if backend else list(found.gpus)
+    plan.chosen = backend is not None
+    if not plan.devices:
+        plan.lines.append(f"GPU: the {'/'.join(found.gpu_backends)} backend found no usable device (no driver, or "
+                          f"only CPU-type devices): running on the CPU")
+        return plan
+    for d in plan.devices:
+        plan.lines.append(f"GPU: {d.name} ({d.description}, {d.backend}): {d.free >> 20} MiB free of "
+                          f"{d.total >> 20} MiB")
+    if config.gpulayers is not None:
+        plan.n_gpu_layers = config.gpulayers
+        return plan
+    free = sum(d.free for d in plan.devices)
+    if os.environ.get(FIT_FREE_CAP_ENV, "").isdigit():
+        free = min(free, int(os.environ[FIT_FREE_CAP_ENV]) << 20)
+    layout = GGUFLayout(config.model)
+    cells = config.contextsize * (config.parallel if config.kvperslot else 1)
+    plan.n_gpu_layers, plan.fit = fit_gpu_layers(layout, free, cells, config.quantkv, config.batchsize)
+    plan.fit["layers"] = plan.n_gpu_layers
+    plan.lines.append(f"GPU: {plan.n_gpu_layers} of {layout.n_layer + 1} layers (with the output layer) fit in "
+                      f"{plan.fit['free_mib']} MiB free: {plan.fit['planned_mib']} MiB of weights and KV cache, "
+                      f"{plan.fit['margin_mib']} MiB kept for compute buffers; --gpulayers N chooses")
+    return plan
 
 
 class CandidateSampler:
@@ -2788,6 +3146,7 @@ class App:
         self.started = time.monotonic()
         self.instance_id = config.instance_id or ""
         self.responses = ResponseStore()                   # the Responses API's stored responses
+        self.gpu: GPUPlan | None = None                    # where the model's layers went
         self.embeddings_source: LlamaModel | None = None   # --embeddings-model; else the loaded model
         self._embedder: Embedder | None = None
         self._embedder_lock = threading.Lock()
@@ -3178,11 +3537,16 @@ def kobold_perf(app, req):
         "active_slots": app.scheduler.active,
         "slots": len(app.engine.slots),
         "kv_compactions": app.engine.compactions,      # a shared pool laid out in blocks again (see README)
+        "gpu": gpu_report(app),
         "uptime": round(time.monotonic() - app.started, 3),
         "instance": app.instance_id,
         "hordeexitcounter": -1,
         "quiet": app.config.quiet,
     })
+
+
+def gpu_report(app) -> dict:
+    return (app.gpu or GPUPlan()).report(app.model.memory_report())
 
 
 def kobold_preloadstory(app, req):
@@ -3811,7 +4175,8 @@ def ollama_tags(app, req):
 
 def ollama_ps(app, req):
     entry = ollama_model_entry(app)
-    return JSONResponse({"models": [{**entry, "expires_at": "9999-12-31T23:59:59Z", "size_vram": 0}]})
+    vram = int(gpu_report(app)["vram_mib"] * 2**20)
+    return JSONResponse({"models": [{**entry, "expires_at": "9999-12-31T23:59:59Z", "size_vram": vram}]})
 
 
 def ollama_version(app, req):
@@ -4608,6 +4973,7 @@ def props(app, req):
             "n_predict": -1, "seed": -1},
         "total_slots": len(app.engine.slots),
         "memory": app.model.memory_report(),
+        "gpu": gpu_report(app),
         "chat_template": app.chat_template.source,
         "bos_token": app.chat_template.bos_text, "eos_token": app.chat_template.eos_text,
         "model_alias": app.model.name,
@@ -5229,7 +5595,12 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         self._body_unread = self._declared_length()
         try:
             self.server.access.check_host(self.headers.get("Host"))
-            route = self.server.router.match("GET" if method == "HEAD" else method, path)
+            try:
+                route = self.server.router.match("GET" if method == "HEAD" else method, path)
+            except RequestError:          # a 404 or 405, readable by the pages that may call
+                self._cors = self.server.access.cors_headers(self.headers.get("Origin"), self.headers.get("Host"),
+                                                             False, False)
+                raise
             style = route.style
             authorized, key_ok = self._authorized(route)
             self._cors = self.server.access.cors_headers(self.headers.get("Origin"), self.headers.get("Host"),
@@ -5595,8 +5966,18 @@ def serve(arguments: Callable[[], list[str]], double_click: bool = False) -> int
 
     print(f"KoboldLite {__version__}: loading {config.model}", file=sys.stderr, flush=True)
     try:
+        gpu = plan_gpu(config)
+    except (ConfigError, ModelLoadError) as e:
+        print(f"koboldlite: error: {e}", file=sys.stderr)
+        server.server_close()
+        return 2
+    for line in gpu.lines:
+        print(line, file=sys.stderr, flush=True)
+    try:
         model = LlamaModel(config.model, n_ctx=config.contextsize, n_seq=config.parallel,
-                           n_threads=config.threads, n_gpu_layers=config.gpulayers, n_batch=config.batchsize,
+                           n_threads=config.threads, n_gpu_layers=gpu.n_gpu_layers, n_batch=config.batchsize,
+                           devices=gpu.devices if gpu.chosen else None, main_gpu=config.maingpu,
+                           tensor_split=config.tensor_split, row_split="rowsplit" in (config.usecuda or ()),
                            shared_kv=not (config.kvperslot or config.kvsplit), split_kv=config.kvsplit,
                            flash_attention=config.flashattention,
                            quantkv=config.quantkv, use_mmap=not config.nommap, use_mlock=config.usemlock,
@@ -5608,11 +5989,13 @@ def serve(arguments: Callable[[], list[str]], double_click: bool = False) -> int
     if config.embeddings_model:
         try:
             app.embeddings_source = LlamaModel(config.embeddings_model, n_ctx=64, n_seq=1, n_threads=1,
-                                               n_gpu_layers=config.gpulayers, show_llama_log=config.debug)
+                                               n_gpu_layers=gpu.n_gpu_layers, show_llama_log=config.debug,
+                                               devices=gpu.devices if gpu.chosen else None)
         except ModelLoadError as e:
             print(f"koboldlite: error: embeddings model: {e}", file=sys.stderr)
             server.server_close()
             return 2
+    app.gpu = gpu
     app.attach_model(model)
     if not app.engine.context_shift:
         print("context shift: off (--noshift)" if config.noshift else
@@ -5634,6 +6017,10 @@ def serve(arguments: Callable[[], list[str]], double_click: bool = False) -> int
     print(f"Memory: model {mem['model_mib']:.0f} MiB, KV cache {mem['kv_cache_mib']:.0f} MiB ({pool}, "
           f"{'/'.join(mem['kv_types']) or model.kv_type}), compute buffers {mem['compute_mib']:.0f} MiB; "
           f"flash attention {mem['flash_attn'] or 'auto'}, model {mem['load_mode'] or 'loaded'}", flush=True)
+    if gpu.devices:
+        parts = "; ".join(f"{name}: model {row['model']:.0f} MiB, KV {row['kv']:.0f} MiB, compute {row['compute']:.0f} MiB"
+                          for name, row in mem["devices"].items())
+        print(f"GPU: offloaded {mem['layers_offloaded']}/{mem['layers_total']} layers; {parts}", flush=True)
     for url in urls:
         print(f"Serving at {url}", flush=True)
     print(f"KoboldAI API at {urls[0]}/api", flush=True)

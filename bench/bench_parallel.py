@@ -129,12 +129,13 @@ def LlamaCppPythonServer(model: str, threads: int) -> PeerServer:
         "--interrupt_requests", "False"], ("Uvicorn running",), "llama_cpp.server")
 
 
-def LlamaServer(binary: str, model: str, threads: int, ctx: int, slots: int, unified: bool = False) -> PeerServer:
+def LlamaServer(binary: str, model: str, threads: int, ctx: int, slots: int, unified: bool = False,
+                extra: tuple[str, ...] = ()) -> PeerServer:
     """llama.cpp's own llama-server binary. With -np N it splits -c into N caches of c/N (each request
     limited to that); unified, its slots share one pool of -c cells as KoboldLite's do by default."""
     return PeerServer(lambda port: [
         binary, "-m", model, "-c", str(ctx), "-np", str(slots), "-t", str(threads), "-tb", str(threads),
-        "--host", "127.0.0.1", "--port", str(port)] + (["--kv-unified"] if unified else []),
+        "--host", "127.0.0.1", "--port", str(port)] + (["--kv-unified"] if unified else []) + list(extra),
         ("listening on", "server is listening", "main: model loaded"), "llama-server")
 
 

