@@ -5346,7 +5346,8 @@ class AccessPolicy:
     LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
     METHODS = "GET, POST, PUT, DELETE, OPTIONS"
     ALLOW_HEADERS = ("Authorization, Content-Type, genkey, X-Api-Key, Accept, anthropic-version, "
-                     "anthropic-beta, anthropic-dangerous-direct-browser-access, x-stainless-*")
+                     "anthropic-beta, anthropic-dangerous-direct-browser-access")
+    HEADER_NAME = re.compile(r"[A-Za-z0-9-]{1,64}")
     EXPOSE = "X-KoboldLite-Instance, X-KoboldLite-Ignored, Retry-After"
     ANY_ORIGIN = {"Access-Control-Allow-Origin": "*", "Access-Control-Allow-Methods": METHODS,
                   "Access-Control-Allow-Headers": ALLOW_HEADERS, "Access-Control-Max-Age": "86400",
@@ -5409,7 +5410,8 @@ class AccessPolicy:
         return scheme in ("http", "https") and self.host_of(netloc) in self.LOOPBACK_NAMES
 
     def cors_headers(self, origin: str | None, host_header: str | None, key_ok: bool, protected: bool,
-                     preflight: bool = False, private_network: bool = False) -> dict[str, str]:
+                     preflight: bool = False, private_network: bool = False,
+                     requested_headers: str = "") -> dict[str, str]:
         """The CORS headers of an answer to this request; a 403 for a page that may not make it."""
         if self.any_origin:
             return dict(self.ANY_ORIGIN)
@@ -5420,8 +5422,11 @@ class AccessPolicy:
             headers = {"Access-Control-Allow-Origin": origin, "Vary": "Origin",
                        "Access-Control-Expose-Headers": self.EXPOSE}
             if preflight:
+                # The SDKs add headers of their own (x-stainless-...): a page that may call may send them.
+                extra = [h.strip() for h in requested_headers.split(",") if self.HEADER_NAME.fullmatch(h.strip())]
                 headers.update({"Access-Control-Allow-Methods": self.METHODS,
-                                "Access-Control-Allow-Headers": self.ALLOW_HEADERS, "Access-Control-Max-Age": "600"})
+                                "Access-Control-Allow-Headers": ", ".join([self.ALLOW_HEADERS, *extra[:32]]),
+                                "Access-Control-Max-Age": "600"})
                 if private_network:      # Chrome's Private Network Access preflight
                     headers["Access-Control-Allow-Private-Network"] = "true"
             return headers
@@ -5558,7 +5563,8 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             access.check_host(self.headers.get("Host"))
             self._cors = access.cors_headers(
                 self.headers.get("Origin"), self.headers.get("Host"), key_ok=False, protected=True,
-                preflight=True, private_network=self.headers.get("Access-Control-Request-Private-Network") == "true")
+                preflight=True, private_network=self.headers.get("Access-Control-Request-Private-Network") == "true",
+                requested_headers=self.headers.get("Access-Control-Request-Headers", ""))
             response = Response(204, b"", "text/plain")
         except RequestError as e:
             self._cors = e.headers

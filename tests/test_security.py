@@ -163,6 +163,10 @@ def test_allowed_origins_get_their_own_origin_back(server, origin):
     assert headers["access-control-allow-private-network"] == "true"
     assert {"authorization", "content-type", "genkey"} <= {
         h.strip().lower() for h in headers["access-control-allow-headers"].split(",")}
+    status, headers, _ = origin_request(server, "OPTIONS", "/v1/responses", origin, headers={
+        "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "x-stainless-os, bad header!"})
+    allowed = {h.strip().lower() for h in headers["access-control-allow-headers"].split(",")}
+    assert "x-stainless-os" in allowed and not any("bad" in h for h in allowed)   # what an SDK in a page adds
     assert "POST" in headers["access-control-allow-methods"]
 
 
