@@ -397,3 +397,27 @@ def test_thinking_becomes_its_own_block_and_item():
     names = [n for n, _ in sse_events(raw)]
     assert "response.reasoning_text.delta" in names and "response.reasoning_text.done" in names
     assert [d["sequence_number"] for _, d in sse_events(raw)] == list(range(len(names)))
+
+
+def test_a_failure_mid_stream_is_each_apis_error_event(starter_model):
+    """A generation that fails after its stream began ends with `event: error` (Anthropic) or
+    `response.failed` (Responses), and the server serves the next request."""
+    from conftest import ServerProcess
+    s = ServerProcess(["--model", starter_model, "--contextsize", "512"],
+                      env={"KOBOLDLITE_FAULT_INJECTION": "<<explode>>"})
+    try:
+        stream = SSEStream(s, "/v1/messages", {"model": "m", "max_tokens": 8, "stream": True,
+                                               "messages": [{"role": "user", "content": "<<explode>> now"}]})
+        events = sse_events(b"".join(stream.events()))
+        assert events[0][0] == "message_start" and events[-1][0] == "error"
+        assert events[-1][1]["error"]["type"] == "api_error" and "message_stop" not in [n for n, _ in events]
+        stream = SSEStream(s, "/v1/responses", {"model": "m", "max_output_tokens": 8, "stream": True,
+                                                "input": "<<explode>> now"})
+        events = sse_events(b"".join(stream.events()))
+        assert events[-1][0] == "response.failed"
+        assert events[-1][1]["response"]["status"] == "failed" and events[-1][1]["response"]["error"]["message"]
+        ok = anthropic_client_for(s).messages.create(model="m", max_tokens=2, messages=[
+            {"role": "user", "content": "Hi"}])
+        assert ok.usage.output_tokens >= 1
+    finally:
+        s.stop()

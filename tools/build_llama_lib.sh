@@ -45,11 +45,10 @@ case "$backend" in
 esac
 targets=(llama)
 [ "$backend" = cuda ] && targets+=(ggml-cpu ggml-cuda)
-# BUILD_SERVER=1: llama-server from the same tree too, the peer the GPU benchmark compares with (OUT/../bin).
+# BUILD_SERVER=1: llama-server from the same tree too, the peer the GPU benchmark compares with (into OUT, beside
+# the libraries it loads from its own folder).
 [ "${BUILD_SERVER:-0}" = 1 ] && targets+=(llama-server)
 cmake --build "$work/build" --target "${targets[@]}" -j "$(nproc)" >&2
 cp -a "$work"/build/bin/*.so* "$out"/
-if [ "${BUILD_SERVER:-0}" = 1 ]; then
-  mkdir -p "$out/../bin" && cp "$work/build/bin/llama-server" "$out/../bin/"
-fi
+[ "${BUILD_SERVER:-0}" = 1 ] && cp "$work/build/bin/llama-server" "$out/"
 echo "$out"
