@@ -224,6 +224,24 @@ def test_the_cuda_build_command_names_what_is_missing(tmp_path):
     assert r.returncode == 2 and "nvcc is missing" in r.stderr
 
 
+def test_the_cuda_build_command_names_a_missing_cublas(tmp_path):
+    """nvcc alone is not enough (this machine's CUDA 13 has no cuBLAS): the command says so before any download."""
+    import glob
+    if glob.glob("/usr/local/cuda*/include/cublas_v2.h") + glob.glob("/usr/local/cuda*/targets/*/include/cublas_v2.h") \
+            + glob.glob("/usr/include/cublas_v2.h"):
+        pytest.skip("a CUDA toolkit with cuBLAS is installed here")
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "nvcc").write_text("#!/bin/sh\nexit 0\n")
+    (fake / "nvcc").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_HOME"}
+    env["PATH"] = f"{fake}:{env['PATH']}"
+    r = subprocess.run(["bash", os.path.join(ROOT, "tools", "build_llama_lib.sh"), "cuda", str(tmp_path / "out")],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2 and "cuBLAS is missing" in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")
+
+
 @pytest.mark.skipif(not os.environ.get("KOBOLDLITE_TEST_CUDA_LIB"), reason="set KOBOLDLITE_TEST_CUDA_LIB to a CUDA build")
 def test_cuda_build_runs_on_the_cpu_without_a_driver(starter_model):
     s = ServerProcess(["--model", starter_model, "--contextsize", "256"],

@@ -14,7 +14,14 @@ backend=${1:?usage: build_llama_lib.sh vulkan|cuda [OUT] [CUDA_ARCH]}
 root=$(cd "$(dirname "$0")/.." && pwd)
 case "$backend" in      # prerequisites first: name what is missing before anything is downloaded
   vulkan) ;;            # tools/vulkan_prereqs.sh installs or names them
-  cuda) command -v nvcc >/dev/null || { echo "nvcc is missing: install the CUDA toolkit (https://developer.nvidia.com/cuda-downloads, or Debian's nvidia-cuda-toolkit) and put its bin folder on PATH" >&2; exit 2; } ;;
+  cuda)
+    command -v nvcc >/dev/null || { echo "nvcc is missing: install the CUDA toolkit (https://developer.nvidia.com/cuda-downloads, or Debian's nvidia-cuda-toolkit) and put its bin folder on PATH" >&2; exit 2; }
+    found=""
+    for toolkit in "$(dirname "$(dirname "$(realpath "$(command -v nvcc)")")")" ${CUDA_HOME:+"$CUDA_HOME"} \
+                   /usr/local/cuda /usr/local/cuda-* /usr; do
+      ls "$toolkit"/include/cublas_v2.h "$toolkit"/targets/*/include/cublas_v2.h >/dev/null 2>&1 && found=$toolkit
+    done
+    [ -n "$found" ] || { echo "cuBLAS is missing from the CUDA toolkit (llama.cpp's CUDA backend needs it; nvcc alone is not enough): install the toolkit's cuBLAS (the libcublas-dev / cuda-libraries-dev packages, or the full toolkit), or set CUDA_HOME to a toolkit that has it" >&2; exit 2; } ;;
   *) echo "unknown backend $backend: vulkan or cuda" >&2; exit 2 ;;
 esac
 command -v cmake >/dev/null && command -v ninja >/dev/null || { echo "cmake and ninja are missing: apt-get install cmake ninja-build (or pip install cmake ninja)" >&2; exit 2; }
