@@ -3146,7 +3146,7 @@ class App:
         self.started = time.monotonic()
         self.instance_id = config.instance_id or ""
         self.responses = ResponseStore()                   # the Responses API's stored responses
-        self.gpu: GPUPlan | None = None                    # where the model's layers went
+        self.gpu_info: dict | None = None                  # where the model's layers went, read once after loading
         self.embeddings_source: LlamaModel | None = None   # --embeddings-model; else the loaded model
         self._embedder: Embedder | None = None
         self._embedder_lock = threading.Lock()
@@ -3546,7 +3546,8 @@ def kobold_perf(app, req):
 
 
 def gpu_report(app) -> dict:
-    return (app.gpu or GPUPlan()).report(app.model.memory_report())
+    """Fixed once the model is loaded; read then, not from llama.cpp's log (which scrolls) on every request."""
+    return app.gpu_info if app.gpu_info is not None else GPUPlan().report(app.model.memory_report())
 
 
 def kobold_preloadstory(app, req):
@@ -6001,7 +6002,6 @@ def serve(arguments: Callable[[], list[str]], double_click: bool = False) -> int
             print(f"koboldlite: error: embeddings model: {e}", file=sys.stderr)
             server.server_close()
             return 2
-    app.gpu = gpu
     app.attach_model(model)
     if not app.engine.context_shift:
         print("context shift: off (--noshift)" if config.noshift else
@@ -6018,6 +6018,7 @@ def serve(arguments: Callable[[], list[str]], double_click: bool = False) -> int
     print(f"Model {model.name} ready: context {model.n_ctx}, {config.parallel} slot(s), "
           f"{config.threads} threads", flush=True)
     mem = model.memory_report()
+    app.gpu_info = gpu.report(mem)
     pool = (f"{mem['kv_cells']} tokens shared by {config.parallel} slot(s)" if model.shared_kv
             else f"{model.n_ctx} tokens for each of {config.parallel} slot(s)")
     print(f"Memory: model {mem['model_mib']:.0f} MiB, KV cache {mem['kv_cache_mib']:.0f} MiB ({pool}, "

@@ -7,7 +7,6 @@ from __future__ import annotations
 import http.client
 import http.server
 import json
-import os
 import socket
 import sys
 import threading
@@ -344,14 +343,9 @@ def page_server():
 @pytest.fixture(scope="module")
 def rebinding_browser():
     """Chromium that resolves evil.test to this machine, as a rebound (or any attacker's local) name would."""
-    from playwright.sync_api import sync_playwright
-    from test_ui import CHROMIUM, CHROMIUM_ARGS
-    assert os.path.exists(CHROMIUM), "Chromium is missing: run tests/install.sh"
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM,
-                              args=CHROMIUM_ARGS + ["--host-resolver-rules=MAP evil.test 127.0.0.1"])
+    from test_ui import chromium
+    with chromium("--host-resolver-rules=MAP evil.test 127.0.0.1") as b:
         yield b
-        b.close()
 
 
 @pytest.fixture

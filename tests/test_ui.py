@@ -30,14 +30,25 @@ def ui_server(starter_model):
     s.stop()
 
 
-@pytest.fixture(scope="module")
-def browser():
+def chromium(*extra_args: str):
+    """Debian's headless Chromium under Playwright, for a `with` block."""
+    import contextlib
     from playwright.sync_api import sync_playwright
     assert os.path.exists(CHROMIUM), "Chromium is missing: run tests/install.sh"
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+
+    @contextlib.contextmanager
+    def running():
+        with sync_playwright() as p:
+            b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS + list(extra_args))
+            yield b
+            b.close()
+    return running()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with chromium() as b:
         yield b
-        b.close()
 
 
 @pytest.fixture
