@@ -19,6 +19,7 @@ const state = {
   password: store.get("password", ""),
   conversations: store.get("conversations", []),
   currentId: store.get("current", null),
+  model: store.get("model", ""),   // the model this browser asks for ("": the server's default)
   nCtx: 0,
   running: null,   // {genkey, controller} of the generation in flight
 };
@@ -264,7 +265,7 @@ async function streamReply(conv) {
   const stopWatching = watchQueue(genkey, () => tokens > 0);
   try {
     const response = await api("/v1/chat/completions", {
-      messages, stream: true, stream_options: { include_usage: true }, genkey,
+      ...modelField(), messages, stream: true, stream_options: { include_usage: true }, genkey,
       max_tokens: +state.settings.max_length, stop: stopStrings(), ...samplerFields(),
     }, { signal: controller.signal });
     await readSSE(response, (data) => {
@@ -318,7 +319,7 @@ async function continueStory() {
   try {
     const s = samplerFields();
     const response = await api("/api/extra/generate/stream", {
-      prompt: before, memory: $("memory").value, max_length: +state.settings.max_length, genkey,
+      ...modelField(), prompt: before, memory: $("memory").value, max_length: +state.settings.max_length, genkey,
       stop_sequence: stopStrings(), temperature: s.temperature, top_p: s.top_p, top_k: s.top_k, min_p: s.min_p,
       rep_pen: s.rep_pen, sampler_seed: s.seed === undefined ? -1 : s.seed, ban_eos_token: s.ban_eos_token,
     }, { signal: controller.signal });
@@ -383,11 +384,39 @@ async function connect() {
       catch (e) { if (e.status === 401) { setStatus("bad", "Password needed"); askPassword(!!state.password); return; } }
     }
     $("model-name").textContent = name === "protected" ? "Model: (protected)" : "Model: " + name;
+    await loadModels();
     setStatus("ok", "Ready");
   } catch (e) {
     setStatus("bad", e.status === 0 ? "Unreachable" : "Error");
     notice("notice", explain(e), true);
   }
+}
+
+// -- models --------------------------------------------------------------------------------
+
+function modelField() { return state.model ? { model: state.model } : {}; }
+
+// With several models the footer's name becomes a picker; the pick is this browser's alone and goes with
+// each request, so two people on the LAN can use two models.
+async function loadModels() {
+  const picker = $("model-picker");
+  let list;
+  try { list = (await getJSON("/v1/models")).data; } catch { return; }
+  if (state.model && !list.some((m) => m.id === state.model)) { state.model = ""; store.remove("model"); }
+  picker.hidden = list.length < 2;
+  $("model-name").hidden = !picker.hidden;
+  picker.replaceChildren(...list.map((m, i) => {
+    const option = document.createElement("option");
+    option.value = i === 0 ? "" : m.id;      // the first listed is the default
+    option.textContent = `${m.id} (${m.status ? m.status.value : "loaded"})`;
+    return option;
+  }));
+  picker.value = state.model;
+}
+
+function pickModel() {
+  state.model = $("model-picker").value;
+  if (state.model) store.set("model", state.model); else store.remove("model");
 }
 
 // -- wiring ----------------------------------------------------------------------------------
@@ -432,6 +461,8 @@ function init() {
   $("mode-chat").onclick = () => switchMode("chat");
   $("mode-story").onclick = () => switchMode("story");
   $("open-settings").onclick = () => { loadSettingsForm(); $("settings").showModal(); };
+  $("model-picker").onchange = pickModel;
+  $("model-picker").onfocus = loadModels;     // states change: loaded, unloaded
   $("settings").addEventListener("close", readSettingsForm);
   $("reset-settings").onclick = () => { state.settings = { ...DEFAULTS }; loadSettingsForm(); };
   $("forget-password").onclick = () => { state.password = ""; store.remove("password"); };

@@ -350,3 +350,42 @@ def test_queue_position_while_waiting(page, ui_server):
     wait_reply_done(page)
     assert page.inner_text(".msg.assistant .text")
     other.close()
+
+
+def test_two_users_pick_two_models(browser, starter_model, gemma_model, tmp_path):
+    """With a models folder the footer is a picker; each browser's pick goes with its own requests."""
+    os.symlink(starter_model, tmp_path / "smollm.gguf")
+    os.symlink(gemma_model, tmp_path / "gemma.gguf")
+    s = ServerProcess(["--model", str(tmp_path / "smollm.gguf"), "--modeldir", str(tmp_path), "--maxmodels", "2",
+                       "--contextsize", "1024"])
+    contexts = []
+    try:
+        pages = []
+        for pick in ("gemma", ""):
+            context = browser.new_context(viewport={"width": 1280, "height": 800})
+            contexts.append(context)
+            page = context.new_page()
+            page.set_default_timeout(60_000)
+            settings(page, max_length=6)
+            page.goto(s.base)
+            page.wait_for_selector("#model-picker:visible")
+            assert not page.is_visible("#model-name")
+            options = page.eval_on_selector_all("#model-picker option", "os => os.map(o => o.textContent)")
+            assert options == ["smollm (loaded)", "gemma (unloaded)"]
+            page.select_option("#model-picker", pick)
+            pages.append(page)
+        shot(pages[0], "model-picker")
+        for page, served in zip(pages, ("gemma", "smollm")):
+            mark = s.mark()
+            page.fill("#input", "Hello!")
+            page.press("#input", "Enter")
+            wait_reply_done(page)
+            s.wait_for_line(rf"job \d+ ended: .*model {served}$", start=mark)
+        pages[0].reload()                  # the pick is remembered, and the list shows what is loaded now
+        pages[0].wait_for_selector("#model-picker:visible")
+        assert pages[0].input_value("#model-picker") == "gemma"
+        assert "gemma (loaded)" in pages[0].inner_text("#model-picker")
+    finally:
+        for context in contexts:
+            context.close()
+        s.stop()
