@@ -213,7 +213,7 @@ def test_a_newcomer_beside_a_reply_reads_its_prompt_in_one_step_in_a_shared_pool
 def run_together(model, prompts: list[str], compact_after: int, max_length: int = 70):
     """The prompts' replies generated side by side in one engine, to the end; their texts."""
     engine = koboldlite.Engine(model)
-    engine.COMPACT_AFTER_CELLS = compact_after
+    engine.pool.COMPACT_AFTER_CELLS = compact_after
     model.lib.llama_memory_clear(model.memory, True)
     jobs = []
     for i, prompt in enumerate(prompts):
@@ -295,7 +295,7 @@ def test_no_compaction_while_moved_keys_wait_for_the_next_decode(starter_model):
     one step."""
     model = koboldlite.LlamaModel(starter_model, n_ctx=1024, n_seq=3, n_threads=2, n_gpu_layers=0, shared_kv=True)
     engine = koboldlite.Engine(model)
-    engine.COMPACT_AFTER_CELLS = 1
+    engine.pool.COMPACT_AFTER_CELLS = 1
     greedy = koboldlite.SamplerSettings(temperature=0, ban_eos=True)
     intro = "A harbour diary, written by the lamp keeper."
     days = [f" Day {k}: the boats came home late and the lamps were lit at dusk." for k in range(1, 13)]
@@ -308,16 +308,16 @@ def test_no_compaction_while_moved_keys_wait_for_the_next_decode(starter_model):
     for job in others:
         assert engine.admit(job)
         engine.step()
-    while not engine._compaction_due():
+    while not engine.pool.compaction_due():
         engine.step()
     returning = engine.prepare(koboldlite.GenerationRequest(intro + "".join(days[3:]) + " Day 13:", max_length=20,
                                                             sampler=greedy))
     assert engine.admit(returning)
     assert returning.stats.cached_tokens >= len(model.tokenize(intro + "".join(days[3:]))) - 1   # moved, not re-read
-    assert not engine._compaction_due()
+    assert not engine.pool.compaction_due()
     n = engine.compactions
     engine.step()                   # this decode re-rotates the moved keys; no compaction before it
-    assert engine.compactions == n and engine._compaction_due()
+    assert engine.compactions == n and engine.pool.compaction_due()
     engine.step()
     assert engine.compactions == n + 1
     while returning.state != "done":
