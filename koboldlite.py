@@ -114,6 +114,8 @@ class Config:
     max_connections: int = 256
     max_connections_per_client: int = 32   # one LAN host cannot hold every connection (raise it behind a balancer)
     noshift: bool = False       # no context shift: no cache reuse past a dropped turn, no shift at a full context
+    draftamount: int = 8        # tokens a speculative draft may propose per step (KoboldCpp's --draftamount)
+    nodraft: bool = False       # no speculative drafts
     hostname: list[str] = dataclasses.field(default_factory=list)     # DNS names the Host header may carry
     cors_origin: list[str] = dataclasses.field(default_factory=list)  # web origins whose pages may call; "*": any
     debug: bool = False
@@ -205,6 +207,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--noshift", action="store_true", default=None,
                    help="turn off context shift (reusing the cache after a client drops old turns, and "
                         "shifting instead of stopping when a reply fills the context)")
+    p.add_argument("--draftamount", type=int, metavar="N",
+                   help="tokens a speculative draft proposes at most per step (default 8)")
+    p.add_argument("--nodraft", action="store_true", default=None,
+                   help="no speculative drafts (default: drafts from the context where text repeats)")
     p.add_argument("--hostname", action="append", metavar="NAME",
                    help="a DNS name this server is reached by, besides localhost and this machine's name "
                         "(repeatable; '*' admits any): other names are refused, against DNS rebinding")
@@ -281,8 +287,9 @@ def load_config(argv: list[str]) -> Config:
         _check_int("maingpu", cfg.maingpu, 0, 64)
     _check_int("quantkv", cfg.quantkv, 0, 2)
     _check_int("batchsize", cfg.batchsize, 16, 1 << 16)
+    _check_int("draftamount", cfg.draftamount, 1, 64)
     for flag in ("flashattention", "nommap", "usemlock", "kvperslot", "kvsplit", "noshift", "quiet", "launch",
-                 "debug"):
+                 "debug", "nodraft"):
         if not isinstance(getattr(cfg, flag), bool):
             raise ConfigError(f"{flag} must be true or false")
     if cfg.kvperslot and cfg.kvsplit:
@@ -820,6 +827,7 @@ class SamplerSettings:
     dry_sequence_breakers: list[str] = dataclasses.field(default_factory=lambda: list(DRY_DEFAULT_BREAKERS))
     sampler_order: list[int] = dataclasses.field(default_factory=lambda: list(KOBOLD_SAMPLER_ORDER))
     min_tokens: int = 0                  # no end of sequence before this many tokens
+    draft: bool = True                   # speculative drafts for this request (off: "nodraft": true)
 
 
 # KoboldCpp's sampler ids, as `sampler_order` names them.
@@ -1061,6 +1069,7 @@ def parse_sampler_settings(f: FieldReader, d: SamplerSettings | None = None) -> 
         dry_sequence_breakers=f.json_string_list("dry_sequence_breakers", default=d.dry_sequence_breakers),
         sampler_order=f.sampler_order("sampler_order", default=d.sampler_order),
         min_tokens=f.integer("min_tokens", default=d.min_tokens, lo=0, hi=1 << 20),
+        draft=not f.boolean("nodraft", default=not d.draft),
     )
 
 
@@ -1148,6 +1157,8 @@ class JobStats:
     shifted_tokens: int = 0     # tokens a context shift dropped while generating
     stop_string: str | None = None   # the stop string that ended the reply (stop_reason 2)
     model: str = ""             # the model that served it
+    drafted_tokens: int = 0     # tokens proposed by speculative drafts and checked by the model
+    draft_accepted: int = 0     # of those, the ones the model's own sampling kept
 
     @property
     def truncated(self) -> bool:
@@ -2139,6 +2150,91 @@ class Embedder:
         return vectors, n_tokens
 
 
+class NgramDrafter:
+    """Draft tokens from a slot's own context (prompt lookup): the longest of its last MAX_N..MIN_N tokens that
+    occurred before proposes what followed its latest earlier occurrence. The latest occurrence, because text
+    that repeats (a passage rewritten, code edited, names in a story) repeats what was just read; the longest
+    match, because a 2-token match is as often chance as copy. An index of every n-gram's latest continuation
+    keeps a lookup O(1) whatever the context's length; it follows the context as it grows and is rebuilt when
+    the context changes otherwise (a rewind, a shift).
+
+    Each draft is a point mass (one proposed token per place), so the exact speculative-sampling rule reduces
+    to: draw from the model's own distribution at each place and keep the draft while the draws equal it
+    (see speculative_accept). The text's distribution is unchanged, and a seed draws the same numbers."""
+
+    MIN_N, MAX_N = 3, 6
+
+    def __init__(self):
+        self.tokens: list[int] = []
+        self._next: dict[tuple[int, ...], int] = {}     # n-gram -> the position after its latest occurrence
+
+    def sync(self, tokens: list[int]):
+        """Follow the slot's context: appended tokens are indexed, any other change rebuilds the index."""
+        n = len(self.tokens)
+        if len(tokens) < n or tokens[:n] != self.tokens:
+            self.tokens, self._next, n = [], {}, 0
+        for i in range(n, len(tokens)):
+            self.tokens.append(tokens[i])
+            for k in range(self.MIN_N, self.MAX_N + 1):
+                if i - k >= 0:
+                    self._next[tuple(self.tokens[i - k:i])] = i
+
+    def propose(self, limit: int) -> list[int]:
+        t = self.tokens
+        for k in range(self.MAX_N, self.MIN_N - 1, -1):
+            if len(t) > k:
+                at = self._next.get(tuple(t[-k:]))
+                if at is not None:
+                    return t[at:at + limit]
+        return []
+
+
+def speculative_accept(p, q, draft: int, rng) -> tuple[int, bool]:
+    """The speculative-sampling rule for one place (Leviathan et al. 2023; Chen et al. 2023): keep the draft
+    token d with probability min(1, p(d) / q(d)), else draw from the residual max(0, p - q), normalized. The
+    token that comes out is distributed as p, whatever q was. Returns (token, kept the draft).
+    With a point-mass q (n-gram and greedy drafts) this is: draw x from p, keep the draft iff x == d; the engine
+    does that, drawing with the request's own sampler chain."""
+    import numpy
+    p, q = numpy.asarray(p, dtype=numpy.float64), numpy.asarray(q, dtype=numpy.float64)
+    if q[draft] > 0 and rng.random() < min(1.0, p[draft] / q[draft]):
+        return draft, True
+    residual = numpy.maximum(p - q, 0.0)
+    total = residual.sum()
+    residual = residual / total if total > 0 else p
+    return int(rng.choice(len(p), p=residual)), False
+
+
+class DraftControl:
+    """Whether a slot drafts, and how far: the draft grows while the model keeps all of it and shrinks to what
+    it kept; while the share kept stays too low to pay for the wider batch, drafting pauses, and tries again
+    after a while (the text may begin to repeat)."""
+
+    START = 4
+    PAY_OFF = 0.25            # below this share of drafted tokens kept, drafting costs more than it gains
+    PAUSE_STEPS = 48
+
+    def __init__(self, most: int):
+        self.most = most
+        self.length = min(self.START, most)
+        self.kept_share = 0.5      # moving average of the share of each draft kept
+        self.paused = 0
+
+    def limit(self) -> int:
+        if self.paused:
+            self.paused -= 1
+            return 0
+        return self.length
+
+    def update(self, drafted: int, kept: int):
+        if not drafted:
+            return
+        self.kept_share = 0.8 * self.kept_share + 0.2 * (kept / drafted)
+        self.length = min(self.most, self.length * 2) if kept == drafted else max(1, kept + 1)
+        if self.kept_share < self.PAY_OFF:
+            self.paused, self.kept_share, self.length = self.PAUSE_STEPS, 0.5, min(self.START, self.most)
+
+
 class Slot:
     """One KV-cache sequence and the generation using it, if any."""
 
@@ -2162,6 +2258,8 @@ class Slot:
         self.t_admitted = 0.0
         self.t_first_token = 0.0
         self.last_used = 0.0
+        self.drafter: NgramDrafter | None = None
+        self.draft_control: DraftControl | None = None
 
     @property
     def busy(self) -> bool:
@@ -2409,9 +2507,10 @@ class Engine:
     SHORT_PROMPT = 128                   # new prompts up to this many tokens get a step of their own
     PREFILL_CHUNK_WHILE_STREAMING = 128  # else, prompt tokens read per step while others generate
 
-    def __init__(self, model: LlamaModel, context_shift: bool = True):
+    def __init__(self, model: LlamaModel, context_shift: bool = True, draft_most: int = 0):
         self.model = model
         self.lib = model.lib
+        self.draft_most = draft_most     # tokens a speculative draft may propose per step; 0: no drafts
         # Context shift: reuse a cache whose front turns a client dropped, and shift a full context
         # instead of stopping. Needs a model whose cache positions can move.
         self.context_shift = context_shift and model.can_shift
@@ -2509,6 +2608,9 @@ class Engine:
         slot.assembler = TextAssembler(job.request.stop_strings, job.request.trim_stop)
         slot.to_prefill = job.prompt_tokens[keep:]
         slot.next_token = None
+        drafting = self.draft_most > 0 and job.request.sampler.draft
+        slot.drafter = NgramDrafter() if drafting else None
+        slot.draft_control = DraftControl(self.draft_most) if drafting else None
         slot.t_admitted = slot.last_used = time.monotonic()
         job.state = "running"
         return True
@@ -2556,8 +2658,10 @@ class Engine:
             self.pool.compact()
         batch = self._batch
         n = 0
-        due: list[tuple[Slot, int]] = []     # slots whose logits are at batch index i
+        # (slot, batch index of its first logits, the draft tokens whose logits follow)
+        due: list[tuple[Slot, int, list[int]]] = []
         added: list[tuple[Slot, list[int]]] = []
+        drafts: dict[int, list[int]] = {}
         taking = 0                          # cells the generating slots take in this step
         for slot in self.slots:
             if not slot.busy or slot.next_token is None:
@@ -2569,7 +2673,11 @@ class Engine:
                 slot.job.stats.stop_reason = 0
                 finished.append(self._finish(slot, "length"))
             else:
-                taking += 1
+                draft = self._draft(slot, self.model.n_batch - taking - 1)
+                if draft and not self.pool.make_room(taking + 1 + len(draft)):
+                    draft = []
+                drafts[slot.seq_id] = draft
+                taking += 1 + len(draft)
         prefilling = [s for s in self.slots if s.busy and s.to_prefill]
         generating = [s for s in self.slots if s.busy and s.next_token is not None]
         # A short new prompt gets a step of its own: its first token comes sooner, and the others
@@ -2578,8 +2686,12 @@ class Engine:
         short_prefill = prefilling and sum(len(s.to_prefill) for s in prefilling) <= self.SHORT_PROMPT
         if not short_prefill:
             for slot in generating:
-                n = self._put(batch, n, slot, [slot.next_token], logits_last=True)
-                due.append((slot, n - 1))
+                # The sampled token and its draft, each with logits; only the sampled one is the cache's
+                # for now: the draft's cells are kept or cut once the model has checked it.
+                draft = drafts.get(slot.seq_id, [])
+                first = n
+                n = self._put(batch, n, slot, [slot.next_token, *draft], logits_last=True, logits_all=bool(draft))
+                due.append((slot, first, draft))
                 added.append((slot, [slot.next_token]))
         budget = self.model.n_batch if short_prefill or not generating else self.PREFILL_CHUNK_WHILE_STREAMING
         for slot in prefilling:
@@ -2596,7 +2708,7 @@ class Engine:
             n = self._put(batch, n, slot, chunk, logits_last=done)
             budget -= len(chunk)
             if done:
-                due.append((slot, n - 1))
+                due.append((slot, n - 1, []))
             added.append((slot, chunk))
         if n == 0:
             return finished
@@ -2617,24 +2729,61 @@ class Engine:
             if len(generating) > 1 and not short_prefill:
                 self.pool.interleaved += len(generating)
             sampled = []
-            for slot, i in due:
-                token = slot.sampler.sample(self.model.ctx, i, self.model.n_vocab)
-                entry = self._logprob_entry(slot, i, token) if token is not None else None
-                sampled.append((slot, token, entry))
+            for slot, i, draft in due:
+                # The model's own draw at each place; a draft is checked while the draws equal it.
+                draws = []
+                for j in range(len(draft) + 1):
+                    token = slot.sampler.sample(self.model.ctx, i + j, self.model.n_vocab)
+                    draws.append((token, self._logprob_entry(slot, i + j, token) if token is not None else None))
+                    if j == len(draft) or token != draft[j]:
+                        break
+                sampled.append((slot, draws, draft))
         now = time.monotonic()
-        for slot, token, entry in sampled:
+        for slot, draws, draft in sampled:
             job = slot.job
             if job.stats.generated_tokens == 0:
                 slot.t_first_token = now
                 job.stats.prompt_seconds = now - slot.t_admitted
+            kept = 0
             try:
-                ended = self._accept(slot, token, entry)
+                for j, (token, entry) in enumerate(draws):
+                    rewinds = slot.rewinds
+                    ended = self._accept(slot, token, entry)
+                    if ended or slot.rewinds != rewinds:
+                        break
+                    if j < len(draft) and token == draft[j]:
+                        slot.cached.append(token)      # decoded in this step already
+                        slot.next_token = None
+                        kept += 1
+                    else:
+                        break
             except Exception as e:  # one request's failure must not end its batch-mates
-                finished.append(self._finish(slot, "error", f"generation failed: {type(e).__name__}: {e}"))
-                continue
+                ended = "error"
+                error = f"generation failed: {type(e).__name__}: {e}"
+            else:
+                error = None
+            if draft:
+                job.stats.drafted_tokens += len(draft)
+                job.stats.draft_accepted += kept
+                slot.draft_control.update(len(draft), kept)
+                if kept < len(draft):
+                    self.pool.truncate(slot, len(slot.cached))     # the cells of what was not kept go
             if ended:
-                finished.append(self._finish(slot, ended))
+                finished.append(self._finish(slot, ended, error))
         return finished
+
+    def _draft(self, slot: Slot, room: int) -> list[int]:
+        """Tokens to propose after the slot's sampled token: never past its context, its reply's length, or
+        the batch."""
+        if slot.drafter is None:
+            return []
+        job = slot.job
+        limit = min(slot.draft_control.limit(), room, job.n_ctx - len(slot.cached) - 1,
+                    job.max_new_tokens - job.stats.generated_tokens - 1)
+        if limit <= 0:
+            return []
+        slot.drafter.sync(slot.cached + [slot.next_token])
+        return slot.drafter.propose(limit)
 
     def _reproducible(self, slot: Slot) -> bool:
         """Whether a fixed seed can give this slot's reply again: always with a context per slot; in a
@@ -2643,7 +2792,7 @@ class Engine:
         return not self.model.shared_kv or not any(s.busy for s in self.slots if s is not slot)
 
     @staticmethod
-    def _put(batch, n: int, slot: Slot, tokens: list[int], logits_last: bool) -> int:
+    def _put(batch, n: int, slot: Slot, tokens: list[int], logits_last: bool, logits_all: bool = False) -> int:
         """Append a slot's tokens to the batch, at the positions after what its sequence holds."""
         pos = len(slot.cached)
         seq = slot.seq_id
@@ -2653,7 +2802,7 @@ class Engine:
             batch.pos[n] = pos + i
             batch.n_seq_id[n] = 1
             batch.seq_id[n][0] = seq
-            batch.logits[n] = logits_last and i == last
+            batch.logits[n] = logits_all or (logits_last and i == last)
             n += 1
         return n
 
@@ -3643,7 +3792,8 @@ class ServedModel:
         except Exception:
             self.model.close()
             raise
-        self.engine = Engine(self.model, context_shift=not cfg.noshift)
+        self.engine = Engine(self.model, context_shift=not cfg.noshift,
+                             draft_most=0 if cfg.nodraft else cfg.draftamount)
         self.scheduler = Scheduler(self.engine, cfg.multiuser, lambda job: on_job_end(self, job))
         self.scheduler.start()
         self.gpu = gpu
@@ -3982,12 +4132,15 @@ class App:
         self.last_job = job
         self.totals.update(requests=1, prompt_tokens=s.prompt_tokens - s.cached_tokens,
                            prompt_seconds=s.prompt_seconds, generated_tokens=s.generated_tokens,
-                           generation_seconds=s.generation_seconds)
+                           generation_seconds=s.generation_seconds, drafted_tokens=s.drafted_tokens,
+                           draft_accepted=s.draft_accepted)
         self.totals[f"finished_{job.buffer.finish_reason}"] += 1
         rate = s.generated_tokens / s.generation_seconds if s.generation_seconds else 0.0
         self.log(f"job {job.id} ended: {job.buffer.finish_reason}, {s.prompt_tokens} prompt tokens "
                  f"({s.cached_tokens} cached) in {s.prompt_seconds:.2f}s, {s.generated_tokens} generated "
-                 f"in {s.generation_seconds:.2f}s ({rate:.1f} tokens/s), model {s.model}")
+                 f"in {s.generation_seconds:.2f}s ({rate:.1f} tokens/s)"
+                 + (f", drafts {s.draft_accepted}/{s.drafted_tokens} kept" if s.drafted_tokens else "")
+                 + f", model {s.model}")
 
     def log(self, message: str):
         if not self.config.quiet:
@@ -4376,6 +4529,9 @@ def kobold_perf(app, req):
         "truncated": s.truncated,
         "last_seed": s.seed,
         "last_model": s.model,                         # the model that served the last job
+        "last_draft_count": s.drafted_tokens,          # speculative draft tokens checked, and kept
+        "last_draft_accepted": s.draft_accepted,
+        "total_draft_count": app.totals["drafted_tokens"], "total_draft_accepted": app.totals["draft_accepted"],
         "total_gens": app.totals["requests"],
         "stop_reason": s.stop_reason,
         "queue": sum(m.scheduler.waiting for m in loaded),

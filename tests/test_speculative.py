@@ -1,0 +1,230 @@
+"""Speculative decoding (issue 26): drafts from the context and from a draft model, checked in the same decode as
+every other slot's token, kept only where the model's own sampling agrees, so the text is the text without them.
+The acceptance rule itself is checked on toy distributions against the exact rule, by a statistical test."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy
+import pytest
+
+import koboldlite
+from conftest import SSEStream, ServerProcess, in_thread, kobold_event_json, result_of
+
+PASSAGE = ("The old lighthouse keeper climbed the spiral stairs every evening at dusk. He trimmed the wick, "
+           "polished the great lens, and watched the ships pass safely through the narrow channel. In winter the "
+           "storms came early and the waves broke over the rocks below. ")
+OTHER = ("A small bakery stood at the corner of the market square. Every morning the baker lit the oven before "
+         "sunrise, kneaded the dough, and set out warm loaves for the first customers of the day. ")
+COPY = "{{[INPUT]}}Copy this text exactly.\n\n" + PASSAGE * 2 + "{{[OUTPUT]}}" + PASSAGE[:50]
+PROMPTS = [COPY,                                                                  # repeats what it read
+           "{{[INPUT]}}Write a short story about a dragon who learns to cook.{{[OUTPUT]}}",   # free text
+           "def fib(n):\n    if n < 2:\n        return n\n    return fib(n - 1) + fib(n - 2)\n\n"
+           "def fib_memo(n, memo={}):\n",                                             # code, half repeating
+           "{{[INPUT]}}List the days of the week, twice.{{[OUTPUT]}}"]
+
+
+def generate(server, **body) -> dict:
+    return server.json("POST", "/api/v1/generate", body)["results"][0]
+
+
+def last_drafts(server) -> tuple[int, int]:
+    perf = server.json("GET", "/api/extra/perf")
+    return perf["last_draft_accepted"], perf["last_draft_count"]
+
+
+# -- the rule, on toy distributions ------------------------------------------------------------------------
+
+CHI2_999 = {3: 16.27, 4: 18.47, 5: 20.52}      # the chi-square distribution's 0.999 quantile, by degrees of freedom
+
+
+def chi_square(counts, p) -> float:
+    expected = numpy.asarray(p) * sum(counts)
+    return float(((numpy.asarray(counts) - expected) ** 2 / expected).sum())
+
+
+@pytest.mark.parametrize("p, q", [
+    ([0.5, 0.2, 0.2, 0.1], [0.1, 0.6, 0.2, 0.1]),            # a draft that disagrees with the model
+    ([0.05, 0.05, 0.6, 0.2, 0.1], [0.2, 0.2, 0.2, 0.2, 0.2]),
+    ([0.25, 0.25, 0.25, 0.25], [0.0, 1.0, 0.0, 0.0]),        # a point mass: an n-gram or greedy draft
+])
+def test_acceptance_rule_gives_the_models_distribution(p, q):
+    rng = numpy.random.default_rng(7)
+    # The exact distribution of what comes out: kept drafts plus residual draws, summed over the draft's law.
+    exact = numpy.zeros(len(p))
+    P, Q = numpy.array(p), numpy.array(q)
+    residual = numpy.maximum(P - Q, 0)
+    residual = residual / residual.sum()
+    for d in range(len(p)):
+        keep = min(1.0, P[d] / Q[d]) if Q[d] > 0 else 0.0
+        exact[d] += Q[d] * keep
+        exact += Q[d] * (1 - keep) * residual
+    assert exact == pytest.approx(P, abs=1e-12)
+    counts = numpy.zeros(len(p))
+    kept = 0
+    for _ in range(40000):
+        d = int(rng.choice(len(q), p=q))
+        token, was_kept = koboldlite.speculative_accept(p, q, d, rng)
+        counts[token] += 1
+        kept += was_kept
+    assert chi_square(counts, p) < CHI2_999[len(p) - 1]
+    assert kept / 40000 == pytest.approx(numpy.minimum(P, Q).sum(), abs=0.01)   # the known acceptance rate
+
+
+def test_point_mass_rule_is_draw_and_compare():
+    """What the engine does for a point-mass draft: draw from p, keep the draft iff they agree; the same law."""
+    p = [0.1, 0.4, 0.3, 0.2]
+    rng = random.Random(3)
+    counts, kept = [0] * 4, 0
+    for _ in range(40000):
+        x = rng.choices(range(4), weights=p)[0]
+        counts[x] += 1
+        kept += x == 1
+    assert chi_square(counts, p) < CHI2_999[3] and kept / 40000 == pytest.approx(0.4, abs=0.01)
+
+
+def test_ngram_drafter_proposes_what_followed_the_latest_longest_match():
+    d = koboldlite.NgramDrafter()
+    d.sync([1, 2, 3, 4, 5, 9, 9, 1, 2, 3, 4, 7, 8, 0, 2, 3, 4])
+    assert d.propose(3) == [7, 8, 0]          # 2 3 4 last led to 7 (the latest occurrence, not the first)
+    d.sync(d.tokens + [7])
+    assert d.propose(2) == [8, 0]             # a longer match now: 2 3 4 7
+    d.sync([5, 6, 7, 8, 9])
+    assert d.propose(4) == []                 # nothing repeats; the index was rebuilt, not extended
+    d.sync([5, 6, 7, 8, 9, 5, 6, 7])
+    assert d.propose(10) == [8, 9, 5, 6, 7]   # up to the end of what is known
+    d.sync([1, 2])
+    assert d.propose(4) == []
+
+
+def test_draft_control_pauses_when_drafts_do_not_pay():
+    c = koboldlite.DraftControl(8)
+    assert c.limit() == 4
+    c.update(4, 4)
+    assert c.limit() == 8
+    c.update(8, 2)
+    assert c.limit() == 3
+    for _ in range(10):
+        c.update(3, 0)
+        if c.paused:
+            break
+    assert c.paused and c.limit() == 0
+    for _ in range(c.PAUSE_STEPS):
+        c.limit()
+    assert c.limit() == 4                     # and it tries again
+
+
+# -- on the real server -------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def spec(starter_model):
+    s = ServerProcess(["--model", starter_model, "--contextsize", "2048", "--parallel", "2"])
+    yield s
+    s.stop()
+
+
+def test_greedy_text_is_the_same_with_and_without_drafts(spec):
+    drafted_in_all = 0
+    for prompt in PROMPTS:
+        ask = {"prompt": prompt, "max_length": 120, "temperature": 0, "rep_pen": 1.0}
+        plain = generate(spec, **ask, nodraft=True)["text"]
+        assert last_drafts(spec) == (0, 0)
+        drafted = generate(spec, **ask)["text"]
+        kept, tried = last_drafts(spec)
+        assert drafted == plain, prompt
+        drafted_in_all += tried
+        if prompt is COPY:
+            assert kept >= 20 and kept / tried > 0.5           # the copy is mostly drafted
+    assert drafted_in_all > 0
+
+
+def test_a_seeded_sampled_reply_is_the_same_with_and_without_drafts(spec):
+    """The draws are the model's own, one per token, in the same order: a seed gives the same text."""
+    for seed in (1, 2, 3):
+        ask = {"prompt": COPY, "max_length": 100, "temperature": 0.8, "top_k": 40, "sampler_seed": seed}
+        assert generate(spec, **ask)["text"] == generate(spec, **ask, nodraft=True)["text"]
+        assert last_drafts(spec) == (0, 0)
+
+
+def test_stop_strings_bans_grammar_and_logprobs_with_drafts_in_flight(spec):
+    base = {"prompt": COPY, "max_length": 100, "temperature": 0}
+    for extra in [{"stop_sequence": ["the narrow"]},                       # a stop string inside a draft
+                  {"banned_tokens": ["polished the great lens"]},          # a phrase the copy would write
+                  {"grammar": 'root ::= [A-Za-z ,.]+'},                    # no digits or new lines
+                  {"logprobs": True}]:
+        plain = spec.json("POST", "/api/v1/generate", {**base, **extra, "nodraft": True, "genkey": "P"})["results"][0]
+        drafted = spec.json("POST", "/api/v1/generate", {**base, **extra, "genkey": "D"})["results"][0]
+        assert last_drafts(spec)[1] > 0, extra
+        assert drafted["text"] == plain["text"], extra
+        if "logprobs" in extra:
+            entries = drafted["logprobs"]["content"]
+            assert entries == plain["logprobs"]["content"] and len(entries) > 30
+    assert "the narrow" not in generate(spec, **base, stop_sequence=["the narrow"])["text"]
+    assert "polished the great lens" in generate(spec, **base)["text"]          # the ban had work to do
+    assert "polished the great lens" not in generate(spec, **base, banned_tokens=["polished the great lens"])["text"]
+
+
+def test_each_drafted_token_is_its_own_stream_event_and_abort_is_prompt(spec):
+    s = SSEStream(spec, "/api/extra/generate/stream", {"prompt": COPY, "max_length": 60, "temperature": 0})
+    pieces = [kobold_event_json(e)["token"] for e in s.events()]
+    kept, _ = last_drafts(spec)
+    tokens = spec.json("GET", "/api/extra/perf")["last_token_count"]
+    assert kept >= 20 and len([p for p in pieces if p]) >= 0.9 * tokens    # an event per token, drafted or not
+    # Abort a long drafted stream: it ends within a step.
+    stream = SSEStream(spec, "/api/extra/generate/stream", {"prompt": COPY * 2, "max_length": 1500,
+                                                            "temperature": 0, "genkey": "ABORTME",
+                                                            "ban_eos_token": True})
+    kobold_event_json(stream.next_event())
+    assert spec.json("POST", "/api/extra/abort", {"genkey": "ABORTME"}) == {"success": "true", "done": "true"}
+    events = list(stream.events())
+    assert kobold_event_json(events[-1])["finish_reason"] in ("abort", "stop")
+
+
+def completion(server, prompt: str, **extra) -> tuple[list[str], list[dict]]:
+    """A greedy raw completion's tokens and, at each, the model's two likeliest tokens with their logprobs."""
+    body = {"prompt": prompt, "max_tokens": 80, "temperature": 0, "logprobs": 2, **extra}
+    lp = server.json("POST", "/v1/completions", body)["choices"][0]["logprobs"]
+    return lp["tokens"], lp["top_logprobs"]
+
+
+def test_two_slots_drafting_at_once_match_their_solo_replies(spec):
+    """Two slots decoding together put other tokens in each batch, and in a shared pool their cells side by side:
+    llama.cpp's arithmetic may round differently (README: Determinism), with or without drafts. So each reply
+    must equal its solo reply, or leave it only where the solo reply's two likeliest tokens were a near tie, for
+    the runner-up. Each such parting is printed, with its gap."""
+    prompts = [COPY, "{{[INPUT]}}Copy this text exactly.\n\n" + OTHER * 2 + "{{[OUTPUT]}}" + OTHER[:40]]
+    alone = [completion(spec, p, nodraft=True) for p in prompts]
+    together = [in_thread(completion, spec, p) for p in prompts]
+    mark = spec.mark()
+    for (solo_tokens, solo_top), q in zip(alone, together):
+        tokens, _ = result_of(q)
+        k = next((i for i, (a, b) in enumerate(zip(tokens, solo_tokens)) if a != b), None)
+        if k is None:
+            assert tokens == solo_tokens
+            continue
+        best = sorted(solo_top[k].items(), key=lambda kv: -kv[1])
+        gap = best[0][1] - best[1][1]
+        print(f"parted at token {k}: {tokens[k]!r} for {solo_tokens[k]!r}, a gap of {gap:.4f} nats")
+        assert tokens[k] == best[1][0] and gap < 0.1
+    drafts = [int(m) for m in __import__("re").findall(r"drafts (\d+)/\d+ kept", "\n".join(spec.lines[mark - 4:]))]
+    assert drafts and max(drafts) > 10
+
+
+def test_context_shift_with_drafts(make_server):
+    s = make_server("--contextsize", "256", tls=False)
+    ask = {"prompt": "{{[INPUT]}}Repeat: one two three four five six seven eight nine ten.{{[OUTPUT]}}",
+           "max_length": 400, "temperature": 0, "ban_eos_token": True, "rep_pen": 1.0}
+    drafted = generate(s, **ask)["text"]
+    perf = s.json("GET", "/api/extra/perf")
+    assert perf["last_shifted_count"] > 0 and perf["last_draft_accepted"] > 50
+    assert drafted == generate(s, **ask, nodraft=True)["text"]
+
+
+def test_nodraft_turns_it_off(make_server):
+    s = make_server("--nodraft", tls=False)
+    generate(s, prompt=COPY, max_length=40, temperature=0)
+    assert last_drafts(s) == (0, 0)
+    status, _, body = s.request("POST", "/api/v1/generate", {"prompt": "x", "nodraft": "yes"})
+    assert status == 400
