@@ -116,6 +116,8 @@ class Config:
     noshift: bool = False       # no context shift: no cache reuse past a dropped turn, no shift at a full context
     draftamount: int = 8        # tokens a speculative draft may propose per step (KoboldCpp's --draftamount)
     nodraft: bool = False       # no speculative drafts
+    draftmodel: str | None = None   # a small GGUF with the same vocabulary that drafts (else drafts from n-grams)
+    draftgpulayers: int | None = None   # its layers on the GPU (default: as many as the model's)
     hostname: list[str] = dataclasses.field(default_factory=list)     # DNS names the Host header may carry
     cors_origin: list[str] = dataclasses.field(default_factory=list)  # web origins whose pages may call; "*": any
     debug: bool = False
@@ -209,6 +211,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
                         "shifting instead of stopping when a reply fills the context)")
     p.add_argument("--draftamount", type=int, metavar="N",
                    help="tokens a speculative draft proposes at most per step (default 8)")
+    p.add_argument("--draftmodel", metavar="FILE",
+                   help="a small GGUF with the same vocabulary that drafts tokens (default: drafts from the context)")
+    p.add_argument("--draftgpulayers", type=int, metavar="N", help="the draft model's layers on the GPU")
     p.add_argument("--nodraft", action="store_true", default=None,
                    help="no speculative drafts (default: drafts from the context where text repeats)")
     p.add_argument("--hostname", action="append", metavar="NAME",
@@ -288,6 +293,10 @@ def load_config(argv: list[str]) -> Config:
     _check_int("quantkv", cfg.quantkv, 0, 2)
     _check_int("batchsize", cfg.batchsize, 16, 1 << 16)
     _check_int("draftamount", cfg.draftamount, 1, 64)
+    if cfg.draftgpulayers is not None:
+        _check_int("draftgpulayers", cfg.draftgpulayers, -1, 100000)
+    if cfg.draftmodel is not None and (not isinstance(cfg.draftmodel, str) or not os.path.isfile(cfg.draftmodel)):
+        raise ConfigError(f"draft model file not found: {cfg.draftmodel}")
     for flag in ("flashattention", "nommap", "usemlock", "kvperslot", "kvsplit", "noshift", "quiet", "launch",
                  "debug", "nodraft"):
         if not isinstance(getattr(cfg, flag), bool):
@@ -2205,6 +2214,78 @@ def speculative_accept(p, q, draft: int, rng) -> tuple[int, bool]:
     return int(rng.choice(len(p), p=residual)), False
 
 
+class DraftModel:
+    """A small second model with the target's vocabulary that drafts greedily (a point mass again: the same rule
+    keeps the text the target's). Its own llama context, one sequence per slot, each following its slot's context
+    by common prefix: what the target kept of a draft is already in it, what it did not is cut."""
+
+    def __init__(self, path: str, target: LlamaModel, n_ctx: int, n_threads: int, n_gpu_layers: int,
+                 show_llama_log: bool = False):
+        self.model = LlamaModel(path, n_ctx=n_ctx, n_seq=target.n_seq, n_threads=n_threads,
+                                n_gpu_layers=n_gpu_layers, n_batch=min(512, n_ctx), show_llama_log=show_llama_log)
+        mismatch = self._vocabulary_mismatch(target)
+        if mismatch:
+            self.model.close()
+            raise ModelLoadError(f"the draft model {os.path.basename(path)} cannot draft for "
+                                 f"{os.path.basename(target.path)}: {mismatch}")
+        self.lib = self.model.lib
+        self.cached: list[list[int]] = [[] for _ in range(target.n_seq)]
+        self._batch = self.lib.llama_batch_init(self.model.n_batch, 0, 1)
+
+    def _vocabulary_mismatch(self, target: LlamaModel) -> str | None:
+        a, b = self.model, target
+        if a.n_vocab != b.n_vocab:
+            return f"its vocabulary has {a.n_vocab} tokens, the model's {b.n_vocab}"
+        for t in range(a.n_vocab):
+            if a.piece(t, special=True) != b.piece(t, special=True):
+                return f"token {t} is {a.piece(t, special=True)!r} in one and {b.piece(t, special=True)!r} in the other"
+        return None
+
+    def _decode(self, seq: int, tokens: list[int], start: int) -> bool:
+        lib, batch = self.lib, self._batch
+        for at in range(0, len(tokens), self.model.n_batch):
+            chunk = tokens[at:at + self.model.n_batch]
+            for i, t in enumerate(chunk):
+                batch.token[i], batch.pos[i] = t, start + at + i
+                batch.n_seq_id[i], batch.seq_id[i][0], batch.logits[i] = 1, seq, i == len(chunk) - 1
+            batch.n_tokens = len(chunk)
+            if lib.llama_decode(self.model.ctx, batch) != 0:
+                return False
+        return True
+
+    def propose(self, seq: int, context: list[int], limit: int) -> list[int]:
+        """Up to `limit` tokens the draft model would write after `context` (its argmax each time)."""
+        import numpy
+        if len(context) + limit >= self.model.n_ctx:
+            return []
+        lib, memory = self.lib, self.model.memory
+        cached = self.cached[seq]
+        keep = min(common_prefix_length(cached, context), len(context) - 1)   # the last one gives the logits
+        lib.llama_memory_seq_rm(memory, seq, keep, -1)
+        del cached[keep:]
+        if not self._decode(seq, context[keep:], keep):
+            lib.llama_memory_seq_rm(memory, seq, -1, -1)
+            cached.clear()
+            return []
+        cached.extend(context[keep:])
+        draft = []
+        n_vocab = self.model.n_vocab
+        while True:
+            logits = numpy.ctypeslib.as_array(lib.llama_get_logits_ith(self.model.ctx, -1), shape=(n_vocab,))
+            token = int(logits.argmax())
+            if self.model.is_end_of_generation(token):
+                break
+            draft.append(token)
+            if len(draft) == limit or not self._decode(seq, [token], len(cached)):
+                break
+            cached.append(token)
+        return draft
+
+    def close(self):
+        self.lib.llama_batch_free(self._batch)
+        self.model.close()
+
+
 class DraftControl:
     """Whether a slot drafts, and how far: the draft grows while the model keeps all of it and shrinks to what
     it kept; while the share kept stays too low to pay for the wider batch, drafting pauses, and tries again
@@ -2507,10 +2588,12 @@ class Engine:
     SHORT_PROMPT = 128                   # new prompts up to this many tokens get a step of their own
     PREFILL_CHUNK_WHILE_STREAMING = 128  # else, prompt tokens read per step while others generate
 
-    def __init__(self, model: LlamaModel, context_shift: bool = True, draft_most: int = 0):
+    def __init__(self, model: LlamaModel, context_shift: bool = True, draft_most: int = 0,
+                 draft_model: DraftModel | None = None):
         self.model = model
         self.lib = model.lib
         self.draft_most = draft_most     # tokens a speculative draft may propose per step; 0: no drafts
+        self.draft_model = draft_model   # drafts from a small model; else from the context (n-grams)
         # Context shift: reuse a cache whose front turns a client dropped, and shift a full context
         # instead of stopping. Needs a model whose cache positions can move.
         self.context_shift = context_shift and model.can_shift
@@ -2782,6 +2865,8 @@ class Engine:
                     job.max_new_tokens - job.stats.generated_tokens - 1)
         if limit <= 0:
             return []
+        if self.draft_model is not None:
+            return self.draft_model.propose(slot.seq_id, slot.cached + [slot.next_token], limit)
         slot.drafter.sync(slot.cached + [slot.next_token])
         return slot.drafter.propose(limit)
 
@@ -3792,13 +3877,22 @@ class ServedModel:
         except Exception:
             self.model.close()
             raise
-        self.engine = Engine(self.model, context_shift=not cfg.noshift,
-                             draft_most=0 if cfg.nodraft else cfg.draftamount)
-        self.scheduler = Scheduler(self.engine, cfg.multiuser, lambda job: on_job_end(self, job))
-        self.scheduler.start()
         self.gpu = gpu
         self.memory = self.model.memory_report()
         self.gpu_info = gpu.report(self.memory)
+        self.draft_model: DraftModel | None = None
+        if cfg.draftmodel and not cfg.nodraft:
+            try:
+                self.draft_model = DraftModel(cfg.draftmodel, self.model, cfg.contextsize, cfg.threads,
+                                              gpu.n_gpu_layers if cfg.draftgpulayers is None else cfg.draftgpulayers,
+                                              show_llama_log=cfg.debug)
+            except ModelLoadError:
+                self.model.close()
+                raise
+        self.engine = Engine(self.model, context_shift=not cfg.noshift,
+                             draft_most=0 if cfg.nodraft else cfg.draftamount, draft_model=self.draft_model)
+        self.scheduler = Scheduler(self.engine, cfg.multiuser, lambda job: on_job_end(self, job))
+        self.scheduler.start()
         self.load_seconds = time.monotonic() - started
         self.leases = 0                          # requests using it now (the roster's count, under its lock)
         self.jobs = 0                            # its jobs not yet ended (so the roster never asks the loop)
@@ -3854,6 +3948,8 @@ class ServedModel:
             if self._embedder is not None:
                 self._embedder.close()
                 self._embedder = None
+        if self.draft_model is not None:
+            self.draft_model.close()
         self.model.close()
 
 
