@@ -2809,8 +2809,8 @@ class Engine:
                     del slot.to_prefill[:len(chunk)]
                 else:
                     slot.next_token = None
-            if len(generating) > 1 and not short_prefill:
-                self.pool.interleaved += len(generating)
+            if len(generating) > 1 and not short_prefill:      # cells side by side: a token and its draft each
+                self.pool.interleaved += sum(1 + len(drafts.get(s.seq_id, ())) for s in generating)
             sampled = []
             for slot, i, draft in due:
                 # The model's own draw at each place; a draft is checked while the draws equal it.
