@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import codecs
 import collections
+import contextlib
 import ctypes
 import dataclasses
 import errno
@@ -117,6 +118,10 @@ class Config:
     draftamount: int = 8        # tokens a speculative draft may propose per step (KoboldCpp's --draftamount)
     nodraft: bool = False       # no speculative drafts
     draftmodel: str | None = None   # a small GGUF with the same vocabulary that drafts (else drafts from n-grams)
+    cacheram: int | None = None     # MiB of displaced conversations kept in RAM (default: 4 contexts' KV cache)
+    cachedir: str | None = None     # a folder that keeps them across restarts
+    cachedisk: int = 4096           # MiB the folder may hold
+    slot_save_path: str | None = None   # llama-server's /slots save and restore: files go here
     draftgpulayers: int | None = None   # its layers on the GPU (default: as many as the model's)
     hostname: list[str] = dataclasses.field(default_factory=list)     # DNS names the Host header may carry
     cors_origin: list[str] = dataclasses.field(default_factory=list)  # web origins whose pages may call; "*": any
@@ -214,6 +219,12 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--draftmodel", metavar="FILE",
                    help="a small GGUF with the same vocabulary that drafts tokens (default: drafts from the context)")
     p.add_argument("--draftgpulayers", type=int, metavar="N", help="the draft model's layers on the GPU")
+    p.add_argument("--cacheram", type=int, metavar="MIB",
+                   help="MiB of RAM for conversations displaced from the slots (default: four contexts' KV cache)")
+    p.add_argument("--cachedir", metavar="DIR", help="keep displaced conversations in this folder, across restarts")
+    p.add_argument("--cachedisk", type=int, metavar="MIB", help="MiB the --cachedir folder may hold (default 4096)")
+    p.add_argument("--slot-save-path", dest="slot_save_path", metavar="DIR",
+                   help="the folder of llama-server's POST /slots/N?action=save|restore")
     p.add_argument("--nodraft", action="store_true", default=None,
                    help="no speculative drafts (default: drafts from the context where text repeats)")
     p.add_argument("--hostname", action="append", metavar="NAME",
@@ -293,6 +304,18 @@ def load_config(argv: list[str]) -> Config:
     _check_int("quantkv", cfg.quantkv, 0, 2)
     _check_int("batchsize", cfg.batchsize, 16, 1 << 16)
     _check_int("draftamount", cfg.draftamount, 1, 64)
+    if cfg.cacheram is not None:
+        _check_int("cacheram", cfg.cacheram, 0, 1 << 24)
+    _check_int("cachedisk", cfg.cachedisk, 0, 1 << 28)
+    for key in ("cachedir", "slot_save_path"):
+        folder = getattr(cfg, key)
+        if folder is not None and not isinstance(folder, str):
+            raise ConfigError(f"{key} must be a folder")
+        if folder is not None:
+            try:
+                os.makedirs(folder, exist_ok=True)
+            except OSError as e:
+                raise ConfigError(f"{key}: cannot make {folder}: {e}") from None
     if cfg.draftgpulayers is not None:
         _check_int("draftgpulayers", cfg.draftgpulayers, -1, 100000)
     if cfg.draftmodel is not None and (not isinstance(cfg.draftmodel, str) or not os.path.isfile(cfg.draftmodel)):
@@ -1168,6 +1191,7 @@ class JobStats:
     model: str = ""             # the model that served it
     drafted_tokens: int = 0     # tokens proposed by speculative drafts and checked by the model
     draft_accepted: int = 0     # of those, the ones the model's own sampling kept
+    cache_source: str = "none"  # where the prompt's cached tokens came from: slot, ram, disk or none
 
     @property
     def truncated(self) -> bool:
@@ -2188,6 +2212,10 @@ class NgramDrafter:
                 if i - k >= 0:
                     self._next[tuple(self.tokens[i - k:i])] = i
 
+    def has_match(self) -> bool:
+        t = self.tokens
+        return len(t) > self.MIN_N and tuple(t[-self.MIN_N:]) in self._next
+
     def propose(self, limit: int) -> list[int]:
         t = self.tokens
         for k in range(self.MAX_N, self.MIN_N - 1, -1):
@@ -2286,34 +2314,60 @@ class DraftModel:
         self.model.close()
 
 
-class DraftControl:
-    """Whether a slot drafts, and how far: the draft grows while the model keeps all of it and shrinks to what
-    it kept; while the share kept stays too low to pay for the wider batch, drafting pauses, and tries again
-    after a while (the text may begin to repeat)."""
+class StepCost:
+    """What a decode of n tokens costs here, measured at start-up (a few decodes of each width on this machine's
+    llama.cpp build): drafting pays only where a wider batch costs less than the tokens it is expected to add.
+    On this project's 2-core CPU a 9-token batch costs about five 1-token steps; on a GPU it costs about one."""
 
-    START = 4
-    PAY_OFF = 0.25            # below this share of drafted tokens kept, drafting costs more than it gains
-    PAUSE_STEPS = 48
+    WIDTHS = (1, 2, 4, 8, 16, 32)
+
+    def __init__(self, widths: list[int], seconds: list[float]):
+        self.widths, self.seconds = widths, seconds
+
+    def __call__(self, n: int) -> float:
+        w, t = self.widths, self.seconds
+        if n <= w[0]:
+            return t[0]
+        for i in range(1, len(w)):
+            if n <= w[i]:
+                return t[i - 1] + (t[i] - t[i - 1]) * (n - w[i - 1]) / (w[i] - w[i - 1])
+        return t[-1] + (t[-1] - t[-2]) * (n - w[-1]) / (w[-1] - w[-2])      # on past the widest measured
+
+
+class DraftControl:
+    """How far a slot drafts in a step: as far as the tokens it is expected to gain outweigh what the wider
+    batch costs. The gain of a draft of k tokens is a + a^2 + ... + a^k, a being the share of drafted tokens
+    this slot's model has kept lately (a draft is kept up to its first miss); the cost is the extra decode
+    time, valued at the batch's own tokens per second. Where that is nothing (text that does not repeat) it
+    does not draft, and its estimate drifts back towards the prior, so it tries again later."""
+
+    PRIOR = 0.85              # optimistic: a repeat found in the context is usually copied
+    LEARN = 0.15              # weight of each drafted token's outcome in the estimate
+    DRIFT = 0.02              # per step without drafts, back towards the prior
 
     def __init__(self, most: int):
         self.most = most
-        self.length = min(self.START, most)
-        self.kept_share = 0.5      # moving average of the share of each draft kept
-        self.paused = 0
+        self.rate = self.PRIOR
 
-    def limit(self) -> int:
-        if self.paused:
-            self.paused -= 1
-            return 0
-        return self.length
+    def length(self, width: int, cost: StepCost) -> int:
+        """The best draft length for a slot joining a batch of `width` tokens; 0: no draft."""
+        base = cost(width)
+        value = width / base                      # tokens per second of the batch without this draft
+        best_k, best, gain, p = 0, 0.0, 0.0, 1.0
+        for k in range(1, self.most + 1):
+            p *= self.rate
+            gain += p
+            net = gain - (cost(width + k) - base) * value
+            if net > best:
+                best_k, best = k, net
+        if not best_k:
+            self.rate += self.DRIFT * (self.PRIOR - self.rate)
+        return best_k
 
     def update(self, drafted: int, kept: int):
-        if not drafted:
-            return
-        self.kept_share = 0.8 * self.kept_share + 0.2 * (kept / drafted)
-        self.length = min(self.most, self.length * 2) if kept == drafted else max(1, kept + 1)
-        if self.kept_share < self.PAY_OFF:
-            self.paused, self.kept_share, self.length = self.PAUSE_STEPS, 0.5, min(self.START, self.most)
+        """Tokens are checked in order up to the first one the model did not keep."""
+        for i in range(min(drafted, kept + 1)):
+            self.rate += self.LEARN * ((1.0 if i < kept else 0.0) - self.rate)
 
 
 class Slot:
@@ -2355,6 +2409,233 @@ def common_prefix_length(a: list[int], b: list[int]) -> int:
     return i
 
 
+# -- Prompt caches beyond the slots ----------------------------------------------------------------------------
+
+class SavedState:
+    """One displaced conversation: its tokens and its sequence's state, in RAM (data), on disk (path), or both."""
+
+    def __init__(self, tokens: list[int], data: bytes | None, size: int, path: str | None = None):
+        self.tokens = tokens
+        self.data = data
+        self.size = size
+        self.path = path
+        self.last_used = time.monotonic()
+
+
+STATE_MAGIC = b"KLKVSTATE1\n"
+
+
+class StateFileError(Exception):
+    pass
+
+
+def write_state_file(path: str, identity: dict, tokens: list[int], data: bytes):
+    """A sequence's state after a header naming what made it, its tokens and the state's hash; written whole
+    under a temporary name, then renamed (a crash leaves the old file or none, never half of one)."""
+    header = json.dumps({**identity, "tokens": list(tokens), "state_bytes": len(data),
+                         "state_sha256": hashlib.sha256(data).hexdigest()}).encode()
+    temporary = path + ".tmp"
+    try:
+        with open(temporary, "wb") as f:
+            f.write(STATE_MAGIC + len(header).to_bytes(8, "little") + header)
+            f.write(data)
+        os.replace(temporary, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.remove(temporary)
+        raise
+
+
+def read_state_file(path: str, identity: dict, with_data: bool = True) -> tuple[dict, bytes | None]:
+    """(header, state) of a state file made by this model in this layout; StateFileError says what is wrong."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(len(STATE_MAGIC)) != STATE_MAGIC:
+                raise StateFileError("not a KoboldLite state file")
+            length = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(length)) if 0 < length < 1 << 30 else None
+            if not isinstance(header, dict) or not isinstance(header.get("tokens"), list):
+                raise StateFileError("a damaged header")
+            wrong = next((k for k, v in identity.items() if header.get(k) != v), None)
+            if wrong:
+                raise StateFileError(f"made by another model or layout ({wrong} differs)")
+            if os.path.getsize(path) != len(STATE_MAGIC) + 8 + length + header.get("state_bytes", -1):
+                raise StateFileError("cut short")
+            data = f.read() if with_data else None
+    except (OSError, ValueError, UnicodeDecodeError, TypeError) as e:
+        raise StateFileError(f"unreadable ({e})") from None
+    if data is not None and hashlib.sha256(data).hexdigest() != header.get("state_sha256"):
+        raise StateFileError("damaged (its hash does not match)")
+    return header, data
+
+
+def model_identity(model: "LlamaModel") -> dict:
+    """What a saved state must have been made by: this model file (its size and a hash of its first MiB),
+    this llama.cpp, this KV type, context and layout."""
+    digest = hashlib.sha256()
+    with open(model.path, "rb") as f:
+        digest.update(f.read(1 << 20))
+    return {"model_size": os.path.getsize(model.path), "model_head_sha256": digest.hexdigest(),
+            "llama_cpp": getattr(model.lib, "__version__", ""), "kv_type": model.kv_type,
+            "n_ctx": model.n_ctx, "pool_tokens": model.pool_tokens, "shared_kv": model.shared_kv,
+            "n_seq": model.n_seq}
+
+
+class PromptCache:
+    """Conversations displaced from the slots, kept as their sequences' states (llama_state_seq_get_data): in
+    host memory up to `ram_bytes`, least recently used first out; with a folder, also on disk up to `disk_bytes`,
+    across restarts. A file holds one state after a header that names what made it (the model file's size and a
+    hash of its first MiB, llama.cpp's version, the KV type, the context layout and size) and its tokens, and a
+    hash of the state: a file made by anything else, cut short or damaged is skipped with one log line and
+    removed, never loaded. Files are written whole under a temporary name, then renamed."""
+
+    MIN_TOKENS = 256          # shorter conversations are cheaper to read again than to keep
+
+    def __init__(self, model: "LlamaModel", ram_bytes: int, folder: str | None, disk_bytes: int,
+                 log: Callable[[str], None] = lambda line: None):
+        self.ram_bytes, self.folder, self.disk_bytes, self.log = ram_bytes, folder, disk_bytes, log
+        self.identity = model_identity(model)
+        self.entries: list[SavedState] = []
+        self._lock = threading.Lock()          # request threads read the listing; the loop changes it
+        if folder:
+            os.makedirs(folder, exist_ok=True)
+            self._read_index()
+
+    # -- what it holds --------------------------------------------------------------------------------------
+
+    def best(self, prompt: list[int]) -> tuple[SavedState | None, int]:
+        """The kept state whose tokens start the prompt for longest, and that length."""
+        best, n = None, 0
+        with self._lock:
+            for entry in self.entries:
+                common = common_prefix_length(entry.tokens, prompt)
+                if common > n:
+                    best, n = entry, common
+        return best, n
+
+    def keep(self, tokens: list[int], data: bytes):
+        """A displaced conversation's state. One that a kept state extends, or that extends one, replaces it."""
+        entry = SavedState(list(tokens), data, len(data))
+        with self._lock:
+            for old in [e for e in self.entries if common_prefix_length(e.tokens, tokens) == len(e.tokens)]:
+                self.entries.remove(old)          # this one holds all it held, and more
+                self._forget_file(old)
+            self.entries.append(entry)
+        self._bound()
+
+    def data_of(self, entry: SavedState) -> bytes | None:
+        """Its state, from RAM or read back from its file (checked); None if the file is gone or bad."""
+        entry.last_used = time.monotonic()
+        if entry.data is not None:
+            return entry.data
+        read = self._read_file(entry.path, with_data=True)
+        if read is None:
+            with self._lock:
+                if entry in self.entries:
+                    self.entries.remove(entry)
+            return None
+        return read[1]
+
+    def taken(self, entry: SavedState):
+        """Restored into a slot: the slot holds it now (it comes back here when displaced again)."""
+        with self._lock:
+            if entry in self.entries:
+                self.entries.remove(entry)
+        self._forget_file(entry)
+
+    @property
+    def ram_used(self) -> int:
+        with self._lock:
+            return sum(e.size for e in self.entries if e.data is not None)
+
+    @property
+    def disk_used(self) -> int:
+        with self._lock:
+            return sum(e.size for e in self.entries if e.path is not None)
+
+    def _bound(self):
+        """RAM over its bound: the least recently used go to disk (with a folder) or are dropped; disk likewise."""
+        with self._lock:
+            in_ram = sorted((e for e in self.entries if e.data is not None), key=lambda e: e.last_used)
+            used = sum(e.size for e in in_ram)
+            leaving = []
+            while used > self.ram_bytes and in_ram:
+                e = in_ram.pop(0)
+                used -= e.size
+                leaving.append(e)
+        for e in leaving:
+            if self.folder and e.path is None and e.size <= self.disk_bytes:
+                self._write_file(e)
+            e.data = None
+            if e.path is None:
+                with self._lock:
+                    if e in self.entries:
+                        self.entries.remove(e)
+        with self._lock:
+            on_disk = sorted((e for e in self.entries if e.path is not None and e.data is None),
+                             key=lambda e: e.last_used)
+            used = sum(e.size for e in self.entries if e.path is not None)
+            while used > self.disk_bytes and on_disk:
+                e = on_disk.pop(0)
+                used -= e.size
+                self.entries.remove(e)
+                self._forget_file(e)
+
+    def flush(self):
+        """At a clean shutdown: what is only in RAM goes to disk."""
+        if not self.folder:
+            return
+        with self._lock:
+            pending = [e for e in self.entries if e.path is None and e.data is not None]
+        for e in sorted(pending, key=lambda e: -e.last_used):
+            if self.disk_used + e.size <= self.disk_bytes:
+                self._write_file(e)
+
+    # -- files ---------------------------------------------------------------------------------------------
+
+    def _write_file(self, e: SavedState):
+        path = os.path.join(self.folder, hashlib.sha256(json.dumps(e.tokens).encode()).hexdigest()[:24] + ".klstate")
+        try:
+            write_state_file(path, self.identity, e.tokens, e.data)
+            e.path = path
+        except OSError as error:
+            self.log(f"prompt cache: could not write {path}: {error}")
+
+    def _forget_file(self, e: SavedState):
+        if e.path:
+            with contextlib.suppress(OSError):
+                os.remove(e.path)
+            e.path = None
+
+    def _read_file(self, path: str, with_data: bool) -> tuple[dict, bytes | None] | None:
+        """(header, state) of a file made here, or None (after one log line, the file removed)."""
+        try:
+            return read_state_file(path, self.identity, with_data)
+        except StateFileError as e:
+            self.log(f"prompt cache: skipped {os.path.basename(path)}: {e}; removed")
+            with contextlib.suppress(OSError):
+                os.remove(path)
+            return None
+
+    def _read_index(self):
+        for name in sorted(os.listdir(self.folder)):
+            path = os.path.join(self.folder, name)
+            if name.endswith(".tmp"):
+                with contextlib.suppress(OSError):
+                    os.remove(path)          # a write a crash cut short
+                continue
+            if not name.endswith(".klstate"):
+                continue
+            read = self._read_file(path, with_data=False)
+            if read is not None and isinstance(read[0].get("tokens"), list):
+                entry = SavedState(read[0]["tokens"], None, read[0]["state_bytes"], path)
+                entry.last_used = time.monotonic() - 1e6 + os.path.getmtime(path) / 1e4
+                self.entries.append(entry)
+        if self.entries:
+            self.log(f"prompt cache: {len(self.entries)} conversation(s) on disk in {self.folder}")
+        self._bound()
+
+
 class KVPool:
     """The llama context's KV cache as the slots use it: which tokens each sequence's cells hold, reusing a
     cached start for a new prompt (moving the runs a client kept), lending a start to another sequence in a
@@ -2369,8 +2650,10 @@ class KVPool:
     COMPACT_AFTER_CELLS = 64
     COMPACT_MAX_BYTES = 128 << 20
 
-    def __init__(self, model: LlamaModel, slots: list[Slot], llama_lock: threading.Lock, context_shift: bool):
+    def __init__(self, model: LlamaModel, slots: list[Slot], llama_lock: threading.Lock, context_shift: bool,
+                 cache: PromptCache | None = None):
         self.model = model
+        self.cache = cache               # where displaced conversations go, and come back from
         self.lib = model.lib
         self.slots = slots
         self.llama_lock = llama_lock
@@ -2384,6 +2667,40 @@ class KVPool:
     def decoded(self):
         """A decode ran: moved keys are rotated now."""
         self._moved_since_decode = False
+
+    def state_of(self, slot: Slot) -> bytes | None:
+        """The slot's sequence as llama.cpp saves it (its cells' keys and values, and positions)."""
+        lib, ctx = self.lib, self.model.ctx
+        with self.llama_lock:
+            size = lib.llama_state_seq_get_size(ctx, slot.seq_id)
+            buf = (ctypes.c_uint8 * size)()
+            if not size or lib.llama_state_seq_get_data(ctx, buf, size, slot.seq_id) != size:
+                return None
+        return bytes(buf)
+
+    def restore(self, slot: Slot, tokens: list[int], data: bytes) -> bool:
+        """Put a saved sequence into this (idle) slot in place of what it held."""
+        lib, ctx, memory = self.lib, self.model.ctx, self.model.memory
+        slot.cached = []
+        self.trimmed(slot)
+        slot.lender, slot.borrowed, slot.shared_upto = None, 0, 0
+        with self.llama_lock:
+            lib.llama_memory_seq_rm(memory, slot.seq_id, -1, -1)
+            buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+            if lib.llama_state_seq_set_data(ctx, buf, len(data), slot.seq_id) != len(data):
+                lib.llama_memory_seq_rm(memory, slot.seq_id, -1, -1)
+                return False
+        slot.cached = list(tokens)
+        return True
+
+    def stash(self, slot: Slot, keep: int = 0):
+        """The slot's conversation is about to be dropped (all but its first `keep` tokens): keep its state in
+        the prompt cache first, when it is worth keeping."""
+        if self.cache is None or len(slot.cached) - keep < PromptCache.MIN_TOKENS:
+            return
+        data = self.state_of(slot)
+        if data is not None:
+            self.cache.keep(slot.cached, data)
 
     def truncate(self, slot: Slot, n: int):
         """Cut the slot's sequence back to its first n positions (a rewind, rejected draft tokens)."""
@@ -2488,6 +2805,7 @@ class KVPool:
         idle = sorted((s for s in self.slots if not s.busy and s.cached and s is not keep), key=lambda s: s.last_used)
         while self.model.pool_tokens - self.cells_used() < n and idle:
             dropped = idle.pop(0)
+            self.stash(dropped)
             with self.llama_lock:
                 self.lib.llama_memory_seq_rm(self.model.memory, dropped.seq_id, -1, -1)
             dropped.cached = []
@@ -2589,7 +2907,7 @@ class Engine:
     PREFILL_CHUNK_WHILE_STREAMING = 128  # else, prompt tokens read per step while others generate
 
     def __init__(self, model: LlamaModel, context_shift: bool = True, draft_most: int = 0,
-                 draft_model: DraftModel | None = None):
+                 draft_model: DraftModel | None = None, prompt_cache: PromptCache | None = None):
         self.model = model
         self.lib = model.lib
         self.draft_most = draft_most     # tokens a speculative draft may propose per step; 0: no drafts
@@ -2600,11 +2918,41 @@ class Engine:
         self.llama_lock = threading.Lock()
         self.slots = [Slot(i) for i in range(model.n_seq)]
         self._batch = self.lib.llama_batch_init(model.n_batch, 0, model.n_seq)
-        self.pool = KVPool(model, self.slots, self.llama_lock, self.context_shift)
+        self.pool = KVPool(model, self.slots, self.llama_lock, self.context_shift, prompt_cache)
+        self.step_cost = self._measure_step_cost() if draft_most else None
 
     @property
     def compactions(self) -> int:
         return self.pool.compactions
+
+    def _measure_step_cost(self, reps: int = 2) -> StepCost:
+        """Time decodes of each width after a short prefix, in sequence 0 (then emptied): about half a second."""
+        lib, ctx, memory, batch = self.lib, self.model.ctx, self.model.memory, self._batch
+        most = min(self.model.n_batch - 64, len(self.slots) * (1 + self.draft_most), self.model.n_ctx // 2)
+        widths = [w for w in StepCost.WIDTHS if w <= max(2, most)]
+        filler = max(self.model.bos, 0)
+
+        def decode(n: int, pos: int, logits: bool) -> float:
+            for i in range(n):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i] = filler, pos + i, 1
+                batch.seq_id[i][0], batch.logits[i] = 0, logits
+            batch.n_tokens = n
+            started = time.perf_counter()
+            ok = lib.llama_decode(ctx, batch) == 0
+            return time.perf_counter() - started if ok else math.inf
+        with self.llama_lock:
+            decode(64, 0, False)
+            seconds = []
+            for w in widths:
+                runs = []
+                for _ in range(reps + 1):                  # the first of each width warms it up
+                    runs.append(decode(w, 64, True))
+                    lib.llama_memory_seq_rm(memory, 0, 64, -1)
+                seconds.append(min(runs[1:]))
+            lib.llama_memory_seq_rm(memory, 0, -1, -1)
+        if not all(math.isfinite(t) for t in seconds):
+            return StepCost([1, 2], [1.0, 1e9])           # could not measure: never draft
+        return StepCost(widths, seconds)
 
     # -- on request threads -------------------------------------------------
 
@@ -2673,6 +3021,7 @@ class Engine:
         if not free:
             return False
         slot = self._choose_slot(free, job.prompt_tokens)
+        source = self._bring_back(slot, job.prompt_tokens)
         keep = self.pool.reuse(slot, job.prompt_tokens)
         keep = self.pool.borrow_prefix(slot, job.prompt_tokens, keep)
         if not self.pool.make_room(len(job.prompt_tokens) - keep + 1, keep=slot):
@@ -2682,6 +3031,7 @@ class Engine:
             seed = secrets.randbelow(1 << 31)
         job.stats.seed = seed
         job.stats.cached_tokens = keep
+        job.stats.cache_source = source if keep else "none"
         slot.job = job
         slot.generated = []
         slot.guard = PhraseGuard(job.request.sampler.banned_strings)
@@ -2697,6 +3047,32 @@ class Engine:
         slot.t_admitted = slot.last_used = time.monotonic()
         job.state = "running"
         return True
+
+    RESTORE_MIN_GAIN = 64     # a kept state is restored only if it saves this many more tokens than the slots'
+
+    def _bring_back(self, slot: Slot, prompt: list[int]) -> str:
+        """Where this prompt's cache comes from: "slot" (a slot's, as ever), or "ram" / "disk" when a displaced
+        conversation kept in the prompt cache starts it for longer than any slot's cache: it is restored into
+        the chosen slot (whose own conversation, if worth it, goes to the cache first)."""
+        pool, cache = self.pool, self.pool.cache
+        own = pool.plan_reuse(slot.cached, prompt)[0] if slot.cached else 0
+        if cache is None:
+            return "slot"
+        entry, common = cache.best(prompt)
+        others = max((common_prefix_length(s.cached, prompt) for s in self.slots if s is not slot), default=0)
+        if entry is None or common < max(own, others if self.model.shared_kv else 0) + self.RESTORE_MIN_GAIN:
+            pool.stash(slot, own)             # what of it this prompt will not reuse is about to go
+            return "slot"
+        pool.stash(slot)
+        if not pool.make_room(len(entry.tokens) - len(slot.cached) + len(prompt) - common + 1, keep=slot):
+            return "slot"
+        where = "ram" if entry.data is not None else "disk"
+        data = cache.data_of(entry)
+        if data is None or not pool.restore(slot, entry.tokens, data):
+            return "slot"
+        if common == len(entry.tokens):
+            cache.taken(entry)                # the slot holds it all now
+        return where
 
     def _sampler_for(self, slot: Slot) -> SamplerChain:
         """The slot's job's sampler chain, having seen its prompt and what it has generated so far."""
@@ -2746,6 +3122,7 @@ class Engine:
         added: list[tuple[Slot, list[int]]] = []
         drafts: dict[int, list[int]] = {}
         taking = 0                          # cells the generating slots take in this step
+        width = sum(1 for s in self.slots if s.busy and s.next_token is not None)    # the batch before drafts
         for slot in self.slots:
             if not slot.busy or slot.next_token is None:
                 continue
@@ -2756,11 +3133,12 @@ class Engine:
                 slot.job.stats.stop_reason = 0
                 finished.append(self._finish(slot, "length"))
             else:
-                draft = self._draft(slot, self.model.n_batch - taking - 1)
+                draft = self._draft(slot, self.model.n_batch - taking - 1, width)
                 if draft and not self.pool.make_room(taking + 1 + len(draft)):
                     draft = []
                 drafts[slot.seq_id] = draft
                 taking += 1 + len(draft)
+                width += len(draft)
         prefilling = [s for s in self.slots if s.busy and s.to_prefill]
         generating = [s for s in self.slots if s.busy and s.next_token is not None]
         # A short new prompt gets a step of its own: its first token comes sooner, and the others
@@ -2855,19 +3233,25 @@ class Engine:
                 finished.append(self._finish(slot, ended, error))
         return finished
 
-    def _draft(self, slot: Slot, room: int) -> list[int]:
-        """Tokens to propose after the slot's sampled token: never past its context, its reply's length, or
-        the batch."""
+    def _draft(self, slot: Slot, room: int, width: int) -> list[int]:
+        """Tokens to propose after the slot's sampled token: as many as pay for the wider batch, never past
+        its context, its reply's length, or the batch."""
         if slot.drafter is None:
             return []
         job = slot.job
-        limit = min(slot.draft_control.limit(), room, job.n_ctx - len(slot.cached) - 1,
-                    job.max_new_tokens - job.stats.generated_tokens - 1)
+        limit = min(room, job.n_ctx - len(slot.cached) - 1, job.max_new_tokens - job.stats.generated_tokens - 1)
+        if limit <= 0:
+            return []
+        context = slot.cached + [slot.next_token]
+        if self.draft_model is None:
+            slot.drafter.sync(context)
+            if not slot.drafter.has_match():
+                return []                    # nothing repeats here: no cost, and the estimate stays as it is
+        limit = min(limit, slot.draft_control.length(width, self.step_cost))
         if limit <= 0:
             return []
         if self.draft_model is not None:
-            return self.draft_model.propose(slot.seq_id, slot.cached + [slot.next_token], limit)
-        slot.drafter.sync(slot.cached + [slot.next_token])
+            return self.draft_model.propose(slot.seq_id, context, limit)
         return slot.drafter.propose(limit)
 
     def _reproducible(self, slot: Slot) -> bool:
@@ -3002,6 +3386,51 @@ class Engine:
     def abort_all(self) -> list[Job]:
         return [self._finish(s, "abort") for s in self.slots if s.busy]
 
+    # -- saved states (llama-server's /slots, KoboldCpp's admin states); on the generation thread ---------
+
+    @functools.cached_property
+    def identity(self) -> dict:
+        return model_identity(self.model)
+
+    def idle_slot(self, i: int) -> Slot:
+        if not 0 <= i < len(self.slots):
+            raise RequestError(f"no slot {i}: this server has slots 0 to {len(self.slots) - 1}", status=404,
+                               kind="not_found")
+        if self.slots[i].busy:
+            raise RequestError(f"slot {i} is generating: try again when it is done", status=409, kind="conflict")
+        return self.slots[i]
+
+    def save_slot(self, i: int, path: str) -> tuple[int, int]:
+        """The slot's conversation to a file; (tokens, bytes)."""
+        slot = self.idle_slot(i)
+        data = self.pool.state_of(slot) if slot.cached else None
+        if data is None:
+            raise RequestError(f"slot {i} holds nothing to save")
+        write_state_file(path, self.identity, slot.cached, data)
+        return len(slot.cached), len(data)
+
+    def restore_slot(self, i: int, tokens: list[int], data: bytes) -> int:
+        """A saved conversation into an idle slot, where the next prompt that continues it finds it."""
+        slot = self.idle_slot(i)
+        self.pool.stash(slot)
+        if not self.pool.make_room(len(tokens) - len(slot.cached), keep=slot) \
+                or not self.pool.restore(slot, tokens, data):
+            raise RequestError(f"slot {i}: the saved state does not fit in the KV cache now", status=503,
+                               kind="service_unavailable")
+        slot.last_used = time.monotonic()
+        return len(tokens)
+
+    def erase_slot(self, i: int) -> int:
+        slot = self.idle_slot(i)
+        n = len(slot.cached)
+        self.pool.truncate(slot, 0)
+        return n
+
+    def latest_slot(self) -> Slot | None:
+        """The idle slot used last that holds a conversation (KoboldCpp's one context, as far as a state goes)."""
+        held = [s for s in self.slots if s.cached and not s.busy]
+        return max(held, key=lambda s: s.last_used) if held else None
+
     def fail_all(self, error: str) -> list[Job]:
         return [self._finish(s, "error", error) for s in self.slots if s.busy]
 
@@ -3087,6 +3516,7 @@ class Scheduler:
         self._by_genkey: collections.OrderedDict[str, Job] = collections.OrderedDict()
         self._last_unkeyed: Job | None = None    # shown to a check without genkey while it runs
         self._stopping = threading.Event()     # the shared abort signal: ends every job
+        self._calls: list[tuple[Callable, dict, threading.Event]] = []   # work for the loop thread, between steps
         self._thread = threading.Thread(target=self._run, name="generation-loop", daemon=True)
         self.total_generations = 0
         self.totals = collections.Counter()     # for /metrics
@@ -3113,6 +3543,32 @@ class Scheduler:
                 self._last_unkeyed = job
             self._cond.notify_all()
         return job
+
+    def call(self, fn: Callable[["Engine"], Any], timeout: float = 120.0) -> Any:
+        """Run fn(engine) on the generation thread between two steps (only it may use the llama context), and
+        give back what it returns or raises."""
+        box: dict = {}
+        done = threading.Event()
+        with self._cond:
+            if self._stopping.is_set():
+                raise ServerBusy("the server is shutting down")
+            self._calls.append((fn, box, done))
+            self._cond.notify_all()
+        if not done.wait(timeout):
+            raise RequestError("the generation loop did not answer in time", status=503, kind="service_unavailable")
+        if "error" in box:
+            raise box["error"]
+        return box.get("result")
+
+    def _run_calls(self):
+        with self._cond:
+            calls, self._calls = self._calls, []
+        for fn, box, done in calls:
+            try:
+                box["result"] = fn(self.engine)
+            except Exception as e:   # handed to the caller
+                box["error"] = e
+            done.set()
 
     def _full(self) -> bool:
         return len(self._queue) >= self.engine.n_slots - len(self._running) + self.max_waiting
@@ -3210,11 +3666,17 @@ class Scheduler:
         engine = self.engine
         while True:
             with self._cond:
-                while not self._stopping.is_set() and not self._queue and not self._running:
+                while not self._stopping.is_set() and not self._queue and not self._running and not self._calls:
                     self._cond.wait()
                 if self._stopping.is_set():
                     self._record(engine.abort_all())
+                    for _, box, done in self._calls:
+                        box["error"] = RequestError("the server is shutting down", 503, "service_unavailable")
+                        done.set()
                     return
+            if self._calls:
+                self._run_calls()
+            with self._cond:
                 starting = []
                 while self._queue and len(self._running) < engine.n_slots:
                     job = self._queue.popleft()
@@ -3889,8 +4351,10 @@ class ServedModel:
             except ModelLoadError:
                 self.model.close()
                 raise
+        self.prompt_cache = self._prompt_cache(cfg)
         self.engine = Engine(self.model, context_shift=not cfg.noshift,
-                             draft_most=0 if cfg.nodraft else cfg.draftamount, draft_model=self.draft_model)
+                             draft_most=0 if cfg.nodraft else cfg.draftamount, draft_model=self.draft_model,
+                             prompt_cache=self.prompt_cache)
         self.scheduler = Scheduler(self.engine, cfg.multiuser, lambda job: on_job_end(self, job))
         self.scheduler.start()
         self.load_seconds = time.monotonic() - started
@@ -3901,6 +4365,38 @@ class ServedModel:
         self.unloading = False
         self._embedder: Embedder | None = None
         self._embedder_lock = threading.Lock()
+        self.saved_states: dict[int, tuple[list[int], bytes]] = {}   # KoboldCpp's admin save_state, by number
+
+    CACHE_CONTEXTS = 4       # the default RAM cache: this many full contexts of the model's KV cache...
+    CACHE_RAM_SHARE = 4      # ...but at most a quarter of the memory the system has free
+
+    def _prompt_cache(self, cfg: Config) -> PromptCache | None:
+        """Displaced conversations: by default as many full contexts as a LAN with a few more conversations than
+        slots brings back, from the model's own KV cost per token."""
+        per_token = self.memory["kv_cache_mib"] * 2**20 / max(1, self.model.pool_tokens)
+        if cfg.cacheram is None:
+            ram = int(per_token * self.model.n_ctx * self.CACHE_CONTEXTS)
+            free = available_memory()
+            if free is not None:
+                ram = min(ram, free // self.CACHE_RAM_SHARE)
+        else:
+            ram = cfg.cacheram << 20
+        folder = os.path.join(cfg.cachedir, self.name) if cfg.cachedir else None    # one folder per model
+        if not ram and not folder:
+            return None
+        cache = PromptCache(self.model, ram, folder, cfg.cachedisk << 20, self.app.log)
+        self.app.log(f"prompt cache for {self.name}: up to {ram >> 20} MiB in RAM ({per_token / 1024:.0f} KiB a "
+                     f"token)" + (f", {cfg.cachedisk} MiB on disk in {folder}" if folder else ""))
+        return cache
+
+    def save_conversations(self):
+        """Unloading or stopping: every slot's conversation into the prompt cache, and RAM's onto disk.
+        The loop has ended: this thread may use the context."""
+        if self.prompt_cache is None:
+            return
+        for slot in self.engine.slots:
+            self.engine.pool.stash(slot)
+        self.prompt_cache.flush()
 
     @property
     def resident_mib(self) -> float:
@@ -3944,6 +4440,7 @@ class ServedModel:
     def close(self):
         """End the loop (it has nothing left to run: the roster saw to that) and free the memory."""
         self.scheduler.stop()
+        self.save_conversations()
         with self._embedder_lock:
             if self._embedder is not None:
                 self._embedder.close()
@@ -4075,6 +4572,7 @@ class ModelRoster:
             self._cond.notify_all()
         for served in every:
             served.scheduler.stop()
+            served.save_conversations()
 
     # -- inside --------------------------------------------------------------------------------------
 
@@ -4236,6 +4734,7 @@ class App:
                  f"({s.cached_tokens} cached) in {s.prompt_seconds:.2f}s, {s.generated_tokens} generated "
                  f"in {s.generation_seconds:.2f}s ({rate:.1f} tokens/s)"
                  + (f", drafts {s.draft_accepted}/{s.drafted_tokens} kept" if s.drafted_tokens else "")
+                 + (f", cache from {s.cache_source}" if s.cache_source in ("ram", "disk") else "")
                  + f", model {s.model}")
 
     def log(self, message: str):
@@ -4625,6 +5124,8 @@ def kobold_perf(app, req):
         "truncated": s.truncated,
         "last_seed": s.seed,
         "last_model": s.model,                         # the model that served the last job
+        "last_cache_source": s.cache_source,           # slot, ram, disk or none: where its cached tokens came from
+        "prompt_cache": prompt_cache_report(served) if served else None,
         "last_draft_count": s.drafted_tokens,          # speculative draft tokens checked, and kept
         "last_draft_accepted": s.draft_accepted,
         "total_draft_count": app.totals["drafted_tokens"], "total_draft_accepted": app.totals["draft_accepted"],
@@ -4643,6 +5144,18 @@ def kobold_perf(app, req):
         "hordeexitcounter": -1,
         "quiet": app.config.quiet,
     })
+
+
+def prompt_cache_report(served: ServedModel) -> dict | None:
+    cache = served.prompt_cache
+    if cache is None:
+        return None
+    with cache._lock:
+        entries = list(cache.entries)
+    return {"conversations": len(entries), "in_ram": sum(e.data is not None for e in entries),
+            "on_disk": sum(e.path is not None for e in entries), "ram_mib": round(cache.ram_used / 2**20, 1),
+            "disk_mib": round(cache.disk_used / 2**20, 1), "ram_limit_mib": cache.ram_bytes >> 20,
+            "disk_limit_mib": cache.disk_bytes >> 20 if cache.folder else 0}
 
 
 def gpu_report(served: ServedModel) -> dict:
@@ -5553,6 +6066,119 @@ def ollama_delete(app, req):
     app.catalog.forget(entry.name)
     app.log(f"deleted model {entry.name}: {', '.join(entry.files)}")
     return Response(200, b"", "application/json")
+
+
+# -- Saved conversations: llama-server's /slots, KoboldCpp's admin states ------------------------------------
+
+SLOT_FILE_NAME = re.compile(r"[\w][\w.-]{0,199}")
+
+
+def slots_list(app, req):
+    """llama-server's GET /slots: each slot, whether it generates, how much it holds (no text)."""
+    served = req.use(req.query.get("model"))
+    return JSONResponse([{"id": s.seq_id, "n_ctx": served.model.n_ctx, "is_processing": s.busy,
+                          "n_cached": len(s.cached)} for s in served.engine.slots])
+
+
+def slot_file(app, f: FieldReader) -> tuple[str, str]:
+    folder = app.config.slot_save_path
+    if not folder:
+        raise RequestError("saving slots is off: start with --slot-save-path DIR", status=501,
+                           kind="not_supported_error")
+    name = f.string("filename")
+    if not SLOT_FILE_NAME.fullmatch(name) or ".." in name:
+        raise RequestError("Invalid filename: a file name only, no path")
+    return name, os.path.join(folder, name)
+
+
+def slots_action(app, req):
+    """llama-server's POST /slots/{id}?action=save|restore|erase, run on the generation loop between steps."""
+    try:
+        i = int(req.path.rsplit("/", 1)[1])
+    except ValueError:
+        raise RequestError("the slot id must be a number") from None
+    action = req.query.get("action")
+    served = req.use(req.query.get("model"))
+    f = FieldReader(req.json(optional=True) or {})
+    started = time.monotonic()
+    ms = lambda: round((time.monotonic() - started) * 1000, 3)    # noqa: E731
+    if action == "erase":
+        return JSONResponse({"id_slot": i, "n_erased": served.scheduler.call(lambda e: e.erase_slot(i))})
+    if action == "save":
+        name, path = slot_file(app, f)
+        n, size = served.scheduler.call(lambda e: e.save_slot(i, path))
+        app.log(f"slot {i}: {n} tokens saved to {name}")
+        return JSONResponse({"id_slot": i, "filename": name, "n_saved": n, "n_written": size,
+                             "timings": {"save_ms": ms()}})
+    if action == "restore":
+        name, path = slot_file(app, f)
+        if not os.path.isfile(path):
+            raise RequestError(f"no saved slot file {name!r}", status=404, kind="not_found")
+        try:
+            header, data = read_state_file(path, served.engine.identity)
+        except StateFileError as e:
+            raise RequestError(f"{name} cannot be restored here: {e}") from None
+        n = served.scheduler.call(lambda e: e.restore_slot(i, header["tokens"], data))
+        app.log(f"slot {i}: {n} tokens restored from {name}")
+        return JSONResponse({"id_slot": i, "filename": name, "n_restored": n, "n_read": len(data),
+                             "timings": {"restore_ms": ms()}})
+    raise RequestError("action must be save, restore or erase")
+
+
+KOBOLD_STATE_SLOTS = 3       # KoboldCpp's admin API keeps this many saved states
+
+
+def admin_state_slot(app, req) -> tuple[FieldReader, int, ServedModel]:
+    if not app.config.admin:
+        raise RequestError("the admin API is off: start with --admin", status=403, kind="forbidden")
+    f = FieldReader(req.json(optional=True) or {})
+    return f, f.integer("slot", default=0, lo=0, hi=KOBOLD_STATE_SLOTS - 1), req.use()
+
+
+def admin_save_state(app, req):
+    """The conversation used last (KoboldCpp has one context) into saved state N, in RAM."""
+    f, k, served = admin_state_slot(app, req)
+
+    def save(engine: Engine):
+        slot = engine.latest_slot()
+        data = engine.pool.state_of(slot) if slot else None
+        return (list(slot.cached), data) if data else None
+    saved = served.scheduler.call(save)
+    if saved is None:
+        return JSONResponse({"success": False, "error": "no conversation to save"})
+    served.saved_states[k] = saved
+    return JSONResponse({"success": True, "new_state_size": len(saved[1]), "new_tokens": len(saved[0])})
+
+
+def admin_load_state(app, req):
+    """Saved state N back into the least recently used idle slot: the next prompt that continues it reads
+    only what is new."""
+    f, k, served = admin_state_slot(app, req)
+    saved = served.saved_states.get(k)
+    if saved is None:
+        return JSONResponse({"success": False, "error": f"no saved state {k}"})
+
+    def load(engine: Engine):
+        idle = [s for s in engine.slots if not s.busy]
+        if not idle:
+            raise RequestError("every slot is generating: try again when one is done", status=409, kind="conflict")
+        return engine.restore_slot(min(idle, key=lambda s: s.last_used).seq_id, *saved)
+    n = served.scheduler.call(load)
+    return JSONResponse({"success": True, "new_state_size": len(saved[1]), "new_tokens": n})
+
+
+def admin_check_state(app, req):
+    f, k, served = admin_state_slot(app, req)
+    return JSONResponse({"success": True, "old_states": [len(served.saved_states[i][0]) if i in served.saved_states
+                                                         else 0 for i in range(KOBOLD_STATE_SLOTS)],
+                         "new_state_size": len(served.saved_states[k][1]) if k in served.saved_states else 0,
+                         "new_tokens": len(served.saved_states[k][0]) if k in served.saved_states else 0})
+
+
+def admin_clear_state(app, req):
+    f, k, served = admin_state_slot(app, req)
+    served.saved_states.pop(k, None)
+    return JSONResponse({"success": True})
 
 
 # -- Anthropic Messages and OpenAI Responses: the block-structured chat APIs ------------------------
@@ -6538,7 +7164,11 @@ def build_router(static: StaticFiles | None = None) -> Router:
     r.add("GET", "/sdapi/v1/sd-models", sd_models)
     r.add("GET", "/api/extra/perf", kobold_perf)
     r.add("GET", "/api/admin/list_options", admin_list_options, protected=True, admin=True)
-    r.add("POST", "/api/admin/reload_config", admin_reload_config, protected=True, admin=True, needs_model=False)          # open, as KoboldCpp's: counts and timings, no text
+    r.add("POST", "/api/admin/reload_config", admin_reload_config, protected=True, admin=True, needs_model=False)
+    r.add("POST", "/api/admin/save_state", admin_save_state, protected=True, admin=True)
+    r.add("POST", "/api/admin/load_state", admin_load_state, protected=True, admin=True)
+    r.add("GET POST", "/api/admin/check_state", admin_check_state, protected=True, admin=True)
+    r.add("POST", "/api/admin/clear_state", admin_clear_state, protected=True, admin=True)          # open, as KoboldCpp's: counts and timings, no text
     # Open, as KoboldCpp's: KoboldAI Lite reads it before it asks for the password.
     r.add("GET", "/api/extra/preloadstory", kobold_preloadstory)
 
@@ -6575,6 +7205,8 @@ def build_router(static: StaticFiles | None = None) -> Router:
     r.add("POST", "/apply-template", apply_template, protected=True, style="openai")
     r.add("GET", "/metrics", metrics, protected=True, style="openai")
     r.add("POST", "/models/load", router_load, protected=True, style="openai")
+    r.add("GET", "/slots", slots_list, protected=True, style="openai")
+    r.add_prefix("POST", "/slots/", slots_action, protected=True, style="openai")
     r.add("POST", "/models/unload", router_unload, protected=True, style="openai")
     return r
 
