@@ -6132,7 +6132,10 @@ def admin_state_slot(app, req) -> tuple[FieldReader, int, ServedModel]:
     if not app.config.admin:
         raise RequestError("the admin API is off: start with --admin", status=403, kind="forbidden")
     f = FieldReader(req.json(optional=True) or {})
-    return f, f.integer("slot", default=0, lo=0, hi=KOBOLD_STATE_SLOTS - 1), req.use()
+    k = f.integer("slot", default=0)
+    if not 0 <= k < KOBOLD_STATE_SLOTS:
+        raise RequestError(f"'slot' must be 0 to {KOBOLD_STATE_SLOTS - 1}, not {k}")
+    return f, k, req.use()
 
 
 def admin_save_state(app, req):

@@ -1,0 +1,210 @@
+"""Conversations that survive (issue 27): a prompt cache beyond the slots, in RAM and on disk across restarts,
+llama-server's /slots save and restore, and KoboldCpp's admin states, on the real server."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import random
+import re
+
+import pytest
+
+from conftest import ServerProcess
+
+random.seed(5)
+WORDS = ("lantern harbour meadow cipher ember willow falcon copper orchard beacon thistle glacier saddle quarry "
+         "river stone").split()
+
+
+def notes(n_words: int, tag: str) -> str:
+    rng = random.Random(tag)
+    return f"Notes {tag}: " + " ".join(rng.choice(WORDS) for _ in range(n_words))
+
+
+LONG = [{"role": "system", "content": "You answer briefly.\n" + notes(2900, "long")},
+        {"role": "user", "content": "Which word comes first in the notes?"}]
+
+
+def chat(server, messages, max_tokens=8) -> tuple[str, dict]:
+    """The reply, and its job's numbers from the log line."""
+    mark = server.mark()
+    reply = server.json("POST", "/v1/chat/completions", {"messages": messages, "max_tokens": max_tokens,
+                                                          "temperature": 0})
+    line = server.wait_for_line(r"job \d+ ended: \w+, (\d+) prompt tokens \((\d+) cached\)", start=mark).string
+    m = re.search(r"(\d+) prompt tokens \((\d+) cached\)", line)
+    source = re.search(r"cache from (\w+)", line)
+    return reply["choices"][0]["message"]["content"], {"prompt": int(m.group(1)), "cached": int(m.group(2)),
+                                                       "source": source.group(1) if source else "slot"}
+
+
+def turn_two(first_reply: str) -> list[dict]:
+    return LONG + [{"role": "assistant", "content": first_reply}, {"role": "user", "content": "And the last one?"}]
+
+
+def displace(server, n=5):
+    for i in range(n):
+        chat(server, [{"role": "user", "content": notes(400, f"other {i}")}], max_tokens=2)
+
+
+def state_files(folder) -> list[str]:
+    return sorted(glob.glob(os.path.join(folder, "*", "*.klstate")))
+
+
+def test_a_displaced_conversation_comes_back_from_ram(starter_model):
+    s = ServerProcess(["--model", starter_model, "--contextsize", "4096"])
+    try:
+        first, stats = chat(s, LONG)
+        assert stats["prompt"] > 3000
+        displace(s)                                    # five other conversations take the only slot in turn
+        again, stats = chat(s, turn_two(first))
+        assert stats["source"] == "ram" and stats["cached"] >= 3000
+        assert stats["prompt"] - stats["cached"] < 60          # only the new turn is read
+        perf = s.json("GET", "/api/extra/perf")
+        assert perf["last_cache_source"] == "ram" and perf["prompt_cache"]["conversations"] >= 5
+        # The same request from the slot's own cache gives the same greedy reply.
+        from_slot, stats = chat(s, turn_two(first))
+        assert stats["source"] == "slot" and from_slot == again
+    finally:
+        s.stop()
+
+
+def test_after_a_restart_it_comes_back_from_disk(starter_model, tmp_path):
+    folder = str(tmp_path / "cache")
+    s = ServerProcess(["--model", starter_model, "--contextsize", "4096", "--cachedir", folder])
+    try:
+        first, _ = chat(s, LONG)
+        expected, _ = chat(s, turn_two(first))        # from the slot: the reply to compare with
+    finally:
+        assert s.stop() == 0                          # a clean stop writes what is in RAM
+    assert state_files(folder)
+    s = ServerProcess(["--model", starter_model, "--contextsize", "4096", "--cachedir", folder])
+    try:
+        assert any("conversation(s) on disk" in line for line in s.lines)
+        again, stats = chat(s, turn_two(first))
+        assert stats["source"] == "disk" and stats["cached"] >= 3000 and again == expected
+    finally:
+        s.stop()
+
+
+def test_foreign_damaged_and_other_layout_files_are_skipped(starter_model, gemma_model, tmp_path):
+    folder = str(tmp_path / "cache")
+    smol_dir = os.path.join(folder, "SmolLM2-135M-Instruct.Q4_1")
+    made = {}
+    for name, args in (("other context", ["--model", starter_model, "--contextsize", "2048"]),
+                       ("gemma", ["--model", gemma_model, "--contextsize", "4096"]),
+                       ("good", ["--model", starter_model, "--contextsize", "4096"])):
+        before = set(state_files(folder))
+        s = ServerProcess([*args, "--cachedir", folder])
+        try:
+            chat(s, [{"role": "user", "content": notes(600, name)}], max_tokens=2)
+        finally:
+            s.stop()
+        made[name] = (set(state_files(folder)) - before).pop()
+        os.replace(made[name], str(tmp_path / os.path.basename(made[name])))     # aside: each start reads the folder
+        made[name] = str(tmp_path / os.path.basename(made[name]))
+    os.replace(made["gemma"], os.path.join(smol_dir, "from-gemma.klstate"))        # offered to SmolLM2
+    for name in ("other context", "good"):
+        os.replace(made[name], os.path.join(smol_dir, os.path.basename(made[name])))
+        made[name] = os.path.join(smol_dir, os.path.basename(made[name]))
+    with open(made["good"], "rb") as f:
+        data = f.read()
+    with open(os.path.join(smol_dir, "cut.klstate"), "wb") as f:
+        f.write(data[: len(data) // 2])
+    with open(os.path.join(smol_dir, "random.klstate"), "wb") as f:
+        f.write(os.urandom(5000))
+    s = ServerProcess(["--model", starter_model, "--contextsize", "4096", "--cachedir", folder])
+    try:
+        skipped = [line for line in s.lines if "prompt cache: skipped" in line]
+        assert len(skipped) == 4, skipped
+        assert any("from-gemma.klstate: made by another model or layout (model_size differs)" in l for l in skipped)
+        assert any(os.path.basename(made["other context"]) in l and "n_ctx differs" in l for l in skipped)
+        assert any("cut.klstate: cut short" in l for l in skipped)
+        assert any("random.klstate: not a KoboldLite state file" in l for l in skipped)
+        assert os.listdir(smol_dir) == [os.path.basename(made["good"])]          # the rest removed, never loaded
+        assert any("1 conversation(s) on disk" in line for line in s.lines)
+        _, stats = chat(s, [{"role": "user", "content": notes(600, "good")}, ], max_tokens=2)
+        assert stats["source"] == "disk" and stats["cached"] > 500                # the good one still serves
+    finally:
+        s.stop()
+
+
+def test_ram_and_disk_bounds_hold(starter_model, tmp_path):
+    folder = str(tmp_path / "cache")
+    s = ServerProcess(["--model", starter_model, "--contextsize", "2048", "--cacheram", "20", "--cachedisk", "40",
+                       "--cachedir", folder])
+    try:
+        for i in range(8):        # each about 650 tokens: about 14 MiB of state
+            chat(s, [{"role": "user", "content": notes(600, f"bound {i}")}], max_tokens=2)
+            cache = s.json("GET", "/api/extra/perf")["prompt_cache"]
+            assert cache["ram_mib"] <= 20 and cache["disk_mib"] <= 40, cache
+            assert sum(os.path.getsize(f) for f in state_files(folder)) <= 41 * 2**20
+        assert cache["on_disk"] >= 2 and cache["conversations"] >= 3
+    finally:
+        s.stop()
+    assert sum(os.path.getsize(f) for f in state_files(folder)) <= 41 * 2**20     # after the final flush too
+
+
+def test_slots_save_restore_erase(starter_model, gemma_model, tmp_path):
+    saves = str(tmp_path / "slots")
+    s = ServerProcess(["--model", starter_model, "--contextsize", "4096", "--slot-save-path", saves])
+    try:
+        first, _ = chat(s, LONG)
+        slots = s.json("GET", "/slots")
+        assert slots[0]["id"] == 0 and not slots[0]["is_processing"] and slots[0]["n_cached"] > 3000
+        saved = s.json("POST", "/slots/0?action=save", {"filename": "story.bin"})
+        assert saved["n_saved"] > 3000 and saved["n_written"] > 10**6 and os.path.isfile(os.path.join(saves, "story.bin"))
+        assert s.json("POST", "/slots/0?action=erase")["n_erased"] == saved["n_saved"]
+        assert s.json("GET", "/slots")[0]["n_cached"] == 0
+        assert s.json("POST", "/slots/0?action=restore", {"filename": "story.bin"})["n_restored"] == saved["n_saved"]
+        _, stats = chat(s, turn_two(first))
+        assert stats["cached"] >= 3000
+        for bad in ["../story.bin", "a/b", "/etc/passwd", "..", ".hidden"]:
+            status, _, body = s.request("POST", "/slots/0?action=save", {"filename": bad})
+            assert status == 400 and b"Invalid filename" in body, bad
+        assert s.request("POST", "/slots/7?action=save", {"filename": "x"})[0] == 404
+        assert s.request("POST", "/slots/0?action=restore", {"filename": "none.bin"})[0] == 404
+        assert s.request("POST", "/slots/0?action=fly")[0] == 400
+    finally:
+        s.stop()
+    # A state saved by Gemma is refused by SmolLM2.
+    g = ServerProcess(["--model", gemma_model, "--contextsize", "4096", "--slot-save-path", saves])
+    try:
+        chat(g, [{"role": "user", "content": "Hello there, how are you?"}], max_tokens=2)
+        g.json("POST", "/slots/0?action=save", {"filename": "gemma.bin"})
+    finally:
+        g.stop()
+    s = ServerProcess(["--model", starter_model, "--contextsize", "4096", "--slot-save-path", saves])
+    try:
+        status, _, body = s.request("POST", "/slots/0?action=restore", {"filename": "gemma.bin"})
+        assert status == 400 and b"made by another model" in body
+        plain = ServerProcess(["--model", starter_model, "--contextsize", "1024"])
+        try:
+            assert plain.request("POST", "/slots/0?action=save", {"filename": "x"})[0] == 501
+        finally:
+            plain.stop()
+    finally:
+        s.stop()
+
+
+def test_koboldcpp_admin_states(starter_model):
+    s = ServerProcess(["--model", starter_model, "--contextsize", "4096", "--admin", "--adminpassword", "boss"])
+    admin = {"Authorization": "Bearer boss"}
+    try:
+        first, _ = chat(s, LONG)
+        assert s.request("POST", "/api/admin/save_state", {"slot": 1})[0] == 401
+        saved = s.json("POST", "/api/admin/save_state", {"slot": 1}, headers=admin)
+        assert saved["success"] and saved["new_tokens"] > 3000
+        assert s.json("POST", "/api/admin/check_state", {"slot": 1}, headers=admin)["old_states"][1] == \
+            saved["new_tokens"]
+        displace(s, 1)
+        loaded = s.json("POST", "/api/admin/load_state", {"slot": 1}, headers=admin)
+        assert loaded["success"] and loaded["new_tokens"] == saved["new_tokens"]
+        _, stats = chat(s, turn_two(first))
+        assert stats["cached"] >= 3000
+        assert s.json("POST", "/api/admin/clear_state", {"slot": 1}, headers=admin)["success"]
+        assert s.json("POST", "/api/admin/load_state", {"slot": 1}, headers=admin)["success"] is False
+        assert s.request("POST", "/api/admin/save_state", {"slot": 9}, headers=admin)[0] == 400
+    finally:
+        s.stop()
