@@ -8027,6 +8027,7 @@ def serve(arguments: Callable[[], list[str]], double_click: bool = False) -> int
     try:
         served = app.roster.acquire(app.catalog.find(None))
     except RequestError as e:
+        app.flush_log()                   # its lines first: the error is the last line a user sees
         print(f"koboldlite: error: {getattr(e, 'cause', None) or e}", file=sys.stderr)
         server.server_close()
         return 2

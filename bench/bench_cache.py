@@ -1,0 +1,173 @@
+#!/usr/bin/env python3
+"""Conversations that survive (issue 27): time to first token of a returning 3000-token conversation, after it
+was displaced from the only slot by five others and after a restart of the server, against reading it cold;
+KoboldLite (--cachedir) beside llama-server (--cache-ram for displacement, /slots save and restore around the
+restart, the client's own work there, counted in its time).
+
+    python3 bench/bench_cache.py --llama-server bench/.llama-server/bin/llama-server [--rounds 3]
+
+Every round uses a conversation of its own (its notes differ), so nothing is found from an earlier round.
+One slot, a 4096-token context, CPU, greedy, 4 tokens asked. Writes bench/results/cache.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+sys.path.insert(0, HERE)
+
+import koboldlite  # noqa: E402
+import results_file  # noqa: E402
+from bench_parallel import PeerServer  # noqa: E402
+from conftest import ServerProcess  # noqa: E402
+
+WORDS = ("lantern harbour meadow cipher ember willow falcon copper orchard beacon thistle glacier saddle quarry "
+         "river stone").split()
+
+
+def notes(n: int, tag: str) -> str:
+    rng = random.Random(tag)
+    return f"Notes {tag}: " + " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+def conversation(tag: str, second_turn: bool) -> list[dict]:
+    messages = [{"role": "system", "content": "You answer briefly.\n" + notes(2900, tag)},
+                {"role": "user", "content": "Which word comes first in the notes?"}]
+    if second_turn:
+        messages += [{"role": "assistant", "content": "Lantern."}, {"role": "user", "content": "And the last one?"}]
+    return messages
+
+
+def first_token(server, messages) -> float:
+    conn = server.connection()
+    body = {"messages": messages, "max_tokens": 4, "temperature": 0, "stream": True}
+    t0 = time.perf_counter()
+    conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200, resp.read()
+    elapsed = None
+    for line in resp:
+        if elapsed is None and line.startswith(b"data: {"):
+            elapsed = time.perf_counter() - t0
+    conn.close()
+    return elapsed
+
+
+def post(server, path, body) -> dict:
+    conn = server.connection()
+    conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+    data = json.loads(conn.getresponse().read())
+    conn.close()
+    return data
+
+
+def displace(server, tag):
+    for i in range(5):
+        first_token(server, [{"role": "user", "content": notes(400, f"{tag} other {i}")}])
+
+
+class KoboldLite:
+    name = "KoboldLite"
+
+    def __init__(self, folder: str, threads: int):
+        self.args = ["--contextsize", "4096", "--threads", str(threads), "--cachedir", folder, "--quiet"]
+        self.server = ServerProcess(self.args)
+
+    def restart(self):
+        self.server.stop()
+        self.server = ServerProcess(self.args)
+
+    def after_restart(self, tag) -> float:
+        self.restart()
+        return first_token(self.server, conversation(tag, True))
+
+    def stop(self):
+        self.server.stop()
+
+
+class LlamaServer:
+    name = "llama-server"
+
+    def __init__(self, binary: str, folder: str, threads: int):
+        model = koboldlite.find_starter_model()
+        os.environ["GGML_VK_VISIBLE_DEVICES"] = ""
+        self.command = lambda port: [binary, "-m", model, "-c", "4096", "-np", "1", "-ngl", "0", "-t", str(threads),
+                                     "-tb", str(threads), "--cache-ram", "1024", "--slot-save-path", folder,
+                                     "--host", "127.0.0.1", "--port", str(port)]
+        self.server = self._start()
+
+    def _start(self):
+        return PeerServer(self.command, ("listening on", "server is listening", "main: model loaded"), "llama-server")
+
+    def after_restart(self, tag) -> float:
+        """The client saves the slot before the restart and restores it after: that restore is in the time."""
+        post(self.server, "/slots/0?action=save", {"filename": f"{tag}.bin"})
+        self.server.stop()
+        self.server = self._start()
+        t0 = time.perf_counter()
+        post(self.server, "/slots/0?action=restore", {"filename": f"{tag}.bin"})
+        return time.perf_counter() - t0 + first_token(self.server, conversation(tag, True))
+
+    def stop(self):
+        self.server.stop()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--llama-server", default=os.path.join(HERE, ".llama-server", "bin", "llama-server"))
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    args = ap.parse_args()
+    work = tempfile.mkdtemp(prefix="bench-cache-")
+    systems = [KoboldLite(os.path.join(work, "kl"), args.threads)]
+    if os.path.exists(args.llama_server):
+        os.makedirs(os.path.join(work, "ls"))
+        systems.append(LlamaServer(args.llama_server, os.path.join(work, "ls"), args.threads))
+    times = {(s.name, kind): [] for s in systems for kind in ("cold", "after displacement", "after restart")}
+    try:
+        for r in range(args.rounds):
+            for system in (systems if r % 2 == 0 else list(reversed(systems))):
+                server = system.server
+                tag = f"{system.name} round {r}"
+                times[(system.name, "cold")].append(first_token(server, conversation(tag, False)))
+                displace(server, tag)
+                times[(system.name, "after displacement")].append(first_token(server, conversation(tag, True)))
+                times[(system.name, "after restart")].append(system.after_restart(tag))
+                print(f"round {r + 1} {system.name}: " + ", ".join(
+                    f"{k} {times[(system.name, k)][-1]:.3f}s" for k in ("cold", "after displacement", "after restart")),
+                      flush=True)
+    finally:
+        for system in systems:
+            system.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+    names = [s.name for s in systems]
+    lines = ["# A returning 3000-token conversation: time to first token", "",
+             f"`python3 bench/bench_cache.py --rounds {args.rounds}`, {args.threads} threads, SmolLM2-135M, one slot, "
+             "4096-token context. Medians of the rounds; the share is of the same system's cold read.", "",
+             "| case | " + " | ".join(f"{n} | share" for n in names) + " |",
+             "|---|" + "---|---|" * len(names)]
+    for kind in ("cold", "after displacement", "after restart"):
+        cells = []
+        for n in names:
+            med = statistics.median(times[(n, kind)])
+            share = statistics.median(a / b for a, b in zip(times[(n, kind)], times[(n, "cold")]))
+            cells += [f"{med:.3f} s", f"{share:.0%}"]
+        lines.append(f"| {kind} | " + " | ".join(cells) + " |")
+    results_file.publish("cache.md", lines)
+
+
+if __name__ == "__main__":
+    main()
