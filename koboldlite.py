@@ -55,6 +55,7 @@ import time
 import urllib.error
 import urllib.parse
 import webbrowser
+import zlib
 from typing import Any, Callable, Iterator
 
 __version__ = "0.1.0"
@@ -2433,7 +2434,7 @@ def write_state_file(path: str, identity: dict, tokens: list[int], data: bytes):
     """A sequence's state after a header naming what made it, its tokens and the state's hash; written whole
     under a temporary name, then renamed (a crash leaves the old file or none, never half of one)."""
     header = json.dumps({**identity, "tokens": list(tokens), "state_bytes": len(data),
-                         "state_sha256": hashlib.sha256(data).hexdigest()}).encode()
+                         "state_crc32": zlib.crc32(data)}).encode()
     temporary = path + ".tmp"
     try:
         with open(temporary, "wb") as f:
@@ -2464,8 +2465,9 @@ def read_state_file(path: str, identity: dict, with_data: bool = True) -> tuple[
             data = f.read() if with_data else None
     except (OSError, ValueError, UnicodeDecodeError, TypeError) as e:
         raise StateFileError(f"unreadable ({e})") from None
-    if data is not None and hashlib.sha256(data).hexdigest() != header.get("state_sha256"):
-        raise StateFileError("damaged (its hash does not match)")
+    # A CRC-32 finds damage (it is no guard against forgery: the folder is the user's own) at memory speed.
+    if data is not None and zlib.crc32(data) != header.get("state_crc32"):
+        raise StateFileError("damaged (its checksum does not match)")
     return header, data
 
 
@@ -2486,7 +2488,7 @@ class PromptCache:
     host memory up to `ram_bytes`, least recently used first out; with a folder, also on disk up to `disk_bytes`,
     across restarts. A file holds one state after a header that names what made it (the model file's size and a
     hash of its first MiB, llama.cpp's version, the KV type, the context layout and size) and its tokens, and a
-    hash of the state: a file made by anything else, cut short or damaged is skipped with one log line and
+    checksum of the state: a file made by anything else, cut short or damaged is skipped with one log line and
     removed, never loaded. Files are written whole under a temporary name, then renamed."""
 
     MIN_TOKENS = 256          # shorter conversations are cheaper to read again than to keep
@@ -2676,7 +2678,7 @@ class KVPool:
             buf = (ctypes.c_uint8 * size)()
             if not size or lib.llama_state_seq_get_data(ctx, buf, size, slot.seq_id) != size:
                 return None
-        return bytes(buf)
+        return buf                       # kept as it is: a state is tens of MiB, and copies cost time
 
     def restore(self, slot: Slot, tokens: list[int], data: bytes) -> bool:
         """Put a saved sequence into this (idle) slot in place of what it held."""
@@ -2686,8 +2688,9 @@ class KVPool:
         slot.lender, slot.borrowed, slot.shared_upto = None, 0, 0
         with self.llama_lock:
             lib.llama_memory_seq_rm(memory, slot.seq_id, -1, -1)
-            buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
-            if lib.llama_state_seq_set_data(ctx, buf, len(data), slot.seq_id) != len(data):
+            src = (ctypes.cast(data, ctypes.POINTER(ctypes.c_uint8)) if isinstance(data, ctypes.Array)
+                   else ctypes.cast(ctypes.c_char_p(data), ctypes.POINTER(ctypes.c_uint8)))   # no copy either way
+            if lib.llama_state_seq_set_data(ctx, src, len(data), slot.seq_id) != len(data):
                 lib.llama_memory_seq_rm(memory, slot.seq_id, -1, -1)
                 return False
         slot.cached = list(tokens)

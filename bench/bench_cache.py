@@ -58,9 +58,12 @@ def first_token(server, messages) -> float:
     resp = conn.getresponse()
     assert resp.status == 200, resp.read()
     elapsed = None
-    for line in resp:
+    for line in resp:          # the first chunk with text (a server may send the role alone first)
         if elapsed is None and line.startswith(b"data: {"):
-            elapsed = time.perf_counter() - t0
+            choices = json.loads(line[6:]).get("choices") or [{}]
+            if (choices[0].get("delta") or {}).get("content"):
+                elapsed = time.perf_counter() - t0
+    assert elapsed is not None, "no text came"
     conn.close()
     return elapsed
 
