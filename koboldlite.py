@@ -861,6 +861,7 @@ class SamplerSettings:
     sampler_order: list[int] = dataclasses.field(default_factory=lambda: list(KOBOLD_SAMPLER_ORDER))
     min_tokens: int = 0                  # no end of sequence before this many tokens
     draft: bool = True                   # speculative drafts for this request (off: "nodraft": true)
+    draft_min: int = 0                   # draft at least this many tokens where the context repeats, paying or not
 
 
 # KoboldCpp's sampler ids, as `sampler_order` names them.
@@ -1103,6 +1104,7 @@ def parse_sampler_settings(f: FieldReader, d: SamplerSettings | None = None) -> 
         sampler_order=f.sampler_order("sampler_order", default=d.sampler_order),
         min_tokens=f.integer("min_tokens", default=d.min_tokens, lo=0, hi=1 << 20),
         draft=not f.boolean("nodraft", default=not d.draft),
+        draft_min=f.integer("draft_min", default=d.draft_min, lo=0, hi=64),
     )
 
 
@@ -3250,7 +3252,7 @@ class Engine:
             slot.drafter.sync(context)
             if not slot.drafter.has_match():
                 return []                    # nothing repeats here: no cost, and the estimate stays as it is
-        limit = min(limit, slot.draft_control.length(width, self.step_cost))
+        limit = min(limit, max(slot.draft_control.length(width, self.step_cost), job.request.sampler.draft_min))
         if limit <= 0:
             return []
         if self.draft_model is not None:

@@ -27,6 +27,11 @@ PROMPTS = [COPY,                                                                
            "{{[INPUT]}}List the days of the week, twice.{{[OUTPUT]}}"]
 
 
+# Whether a draft pays depends on what a decode costs, measured at start-up on a machine that may be busy: the
+# tests that need drafts in flight ask for them (llama-server's n_min), so that they are there whatever it found.
+FORCED = {"draft_min": 4}
+
+
 def generate(server, **body) -> dict:
     return server.json("POST", "/api/v1/generate", body)["results"][0]
 
@@ -163,7 +168,7 @@ def parted_at_a_near_tie(tokens: list[str], solo: list[str], top: list[dict]) ->
 def test_greedy_text_is_the_same_with_and_without_drafts(spec):
     drafted_in_all = 0
     for prompt in PROMPTS:
-        ask = {"prompt": prompt, "max_length": 120, "temperature": 0, "rep_pen": 1.0}
+        ask = {"prompt": prompt, "max_length": 120, "temperature": 0, "rep_pen": 1.0, **FORCED}
         plain = generate(spec, **ask, nodraft=True)["text"]
         assert last_drafts(spec) == (0, 0)
         drafted = generate(spec, **ask)["text"]
@@ -178,13 +183,13 @@ def test_greedy_text_is_the_same_with_and_without_drafts(spec):
 def test_a_seeded_sampled_reply_is_the_same_with_and_without_drafts(spec):
     """The draws are the model's own, one per token, in the same order: a seed gives the same text."""
     for seed in (1, 2, 3):
-        ask = {"prompt": COPY, "max_length": 100, "temperature": 0.8, "top_k": 40, "sampler_seed": seed}
+        ask = {"prompt": COPY, "max_length": 100, "temperature": 0.8, "top_k": 40, "sampler_seed": seed, **FORCED}
         assert generate(spec, **ask)["text"] == generate(spec, **ask, nodraft=True)["text"]
         assert last_drafts(spec) == (0, 0)
 
 
 def test_stop_strings_bans_grammar_and_logprobs_with_drafts_in_flight(spec):
-    base = {"prompt": COPY, "max_length": 100, "temperature": 0}
+    base = {"prompt": COPY, "max_length": 100, "temperature": 0, **FORCED}
     for extra in [{"stop_sequence": ["the narrow"]},                       # a stop string inside a draft
                   {"banned_tokens": ["polished the great lens"]},          # a phrase the copy would write
                   {"grammar": 'root ::= [A-Za-z ,.]+'},                    # no digits or new lines
@@ -202,7 +207,7 @@ def test_stop_strings_bans_grammar_and_logprobs_with_drafts_in_flight(spec):
 
 
 def test_each_drafted_token_is_its_own_stream_event_and_abort_is_prompt(spec):
-    s = SSEStream(spec, "/api/extra/generate/stream", {"prompt": COPY, "max_length": 60, "temperature": 0})
+    s = SSEStream(spec, "/api/extra/generate/stream", {"prompt": COPY, "max_length": 60, "temperature": 0, **FORCED})
     pieces = [kobold_event_json(e)["token"] for e in s.events()]
     kept, _ = last_drafts(spec)
     tokens = spec.json("GET", "/api/extra/perf")["last_token_count"]
@@ -210,7 +215,7 @@ def test_each_drafted_token_is_its_own_stream_event_and_abort_is_prompt(spec):
     # Abort a long drafted stream: it ends within a step.
     stream = SSEStream(spec, "/api/extra/generate/stream", {"prompt": COPY * 2, "max_length": 1500,
                                                             "temperature": 0, "genkey": "ABORTME",
-                                                            "ban_eos_token": True})
+                                                            "ban_eos_token": True, **FORCED})
     kobold_event_json(stream.next_event())
     assert spec.json("POST", "/api/extra/abort", {"genkey": "ABORTME"}) == {"success": "true", "done": "true"}
     events = list(stream.events())
@@ -219,7 +224,7 @@ def test_each_drafted_token_is_its_own_stream_event_and_abort_is_prompt(spec):
 
 def completion(server, prompt: str, **extra) -> tuple[list[str], list[dict]]:
     """A greedy raw completion's tokens and, at each, the model's two likeliest tokens with their logprobs."""
-    body = {"prompt": prompt, "max_tokens": 80, "temperature": 0, "logprobs": 2, **extra}
+    body = {"prompt": prompt, "max_tokens": 80, "temperature": 0, "logprobs": 2, **FORCED, **extra}
     lp = server.json("POST", "/v1/completions", body)["choices"][0]["logprobs"]
     return lp["tokens"], lp["top_logprobs"]
 
@@ -240,7 +245,7 @@ def test_two_slots_drafting_at_once_match_their_solo_replies(two_slots):
 def test_context_shift_with_drafts(make_server):
     s = make_server("--contextsize", "256", tls=False)
     ask = {"prompt": "{{[INPUT]}}Repeat: one two three four five six seven eight nine ten.{{[OUTPUT]}}",
-           "max_length": 400, "temperature": 0, "ban_eos_token": True, "rep_pen": 1.0}
+           "max_length": 400, "temperature": 0, "ban_eos_token": True, "rep_pen": 1.0, **FORCED}
     drafted = generate(s, **ask)["text"]
     perf = s.json("GET", "/api/extra/perf")
     assert perf["last_shifted_count"] > 0 and perf["last_draft_accepted"] > 10
