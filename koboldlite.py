@@ -2143,6 +2143,16 @@ class Embedder:
         self.batch = lib.llama_batch_init(self.n_ctx, 0, 1)
         self.lock = threading.Lock()
 
+    MAX_CONTEXT = 4096       # an embedding input is cut to this (or the model's context, if smaller)
+
+    @classmethod
+    def made_for(cls, model: LlamaModel, contextsize: int, threads: int, log: Callable[[str], None]) -> "Embedder":
+        """The embedding context of a model, made on first use (it costs memory chat alone never needs)."""
+        embedder = cls(model, min(contextsize, cls.MAX_CONTEXT), threads)
+        log(f"embeddings: {model.name}, {embedder.pooling} pooling, {embedder.n_embd} dimensions, "
+            f"up to {embedder.n_ctx} tokens an input")
+        return embedder
+
     def close(self):
         with self.lock:
             self.lib.llama_batch_free(self.batch)
@@ -4430,16 +4440,11 @@ class ServedModel:
                      + (f", model {self.name}" if self.app.catalog.several else ""))
         return job
 
-    EMBEDDING_CONTEXT = 4096
-
     def embedder(self) -> Embedder:
-        """The embedding context, made on first use (it costs memory a user of chat alone never needs)."""
         with self._embedder_lock:
             if self._embedder is None:
-                self._embedder = Embedder(self.model, min(self.config.contextsize, self.EMBEDDING_CONTEXT),
-                                          self.config.threads)
-                self.app.log(f"embeddings: {self.name}, {self._embedder.pooling} pooling, "
-                             f"{self._embedder.n_embd} dimensions, up to {self._embedder.n_ctx} tokens an input")
+                self._embedder = Embedder.made_for(self.model, self.config.contextsize, self.config.threads,
+                                                   self.app.log)
             return self._embedder
 
     def close(self):
@@ -4698,11 +4703,8 @@ class App:
             return served.embedder()
         with self._embedder_lock:
             if self._embedder is None:
-                source = self.embeddings_source
-                self._embedder = Embedder(source, min(self.config.contextsize, ServedModel.EMBEDDING_CONTEXT),
-                                          self.config.threads)
-                self.log(f"embeddings: {source.name}, {self._embedder.pooling} pooling, "
-                         f"{self._embedder.n_embd} dimensions, up to {self._embedder.n_ctx} tokens an input")
+                self._embedder = Embedder.made_for(self.embeddings_source, self.config.contextsize,
+                                                   self.config.threads, self.log)
             return self._embedder
 
     def find_job(self, genkey: str) -> tuple[Job, ServedModel] | None:
@@ -4812,6 +4814,12 @@ class Request:
         if self.served is None:
             self.served = self.app.roster.acquire(self.entry(name))
         return self.served
+
+    def ignore_fields_but(self, body: dict, *known: str):
+        """A route that reads only `known` of its body: the rest is named (header and log), never dropped."""
+        self.ignored = [k for k in body if k not in known]
+        if self.ignored:
+            self.app.log(f"{self.method} {self.path}: ignored fields: {', '.join(self.ignored)}")
 
     def use_loaded(self, served: ServedModel) -> ServedModel | None:
         """Hold this model if it is still loaded (never loads it); None if it is gone."""
@@ -5940,7 +5948,7 @@ def admin_reload_config(app, req):
         raise RequestError("the admin API is off: start with --admin (and --admindir or --modeldir)", status=403,
                            kind="forbidden")
     f = FieldReader(req.json())
-    req.ignored = [k for k in f.body if k != "filename"]
+    req.ignore_fields_but(f.body, "filename")
     filename = f.string("filename")
     if filename == "unload_model":
         name = app.catalog.default_name
@@ -5997,6 +6005,7 @@ def ollama_pull(app, req):
     progress objects. A pull of a model already here is a success; a hang-up stops the download and a
     later pull resumes it."""
     f = FieldReader(req.json())
+    req.ignore_fields_but(f.body, "model", "name", "stream")
     source = f.string("model", "name")
     if not is_model_url(source):
         if app.catalog.find(source) is not None:
@@ -6105,6 +6114,7 @@ def slots_action(app, req):
     action = req.query.get("action")
     served = req.use(req.query.get("model"))
     f = FieldReader(req.json(optional=True) or {})
+    req.ignore_fields_but(f.body, "filename")
     started = time.monotonic()
     ms = lambda: round((time.monotonic() - started) * 1000, 3)    # noqa: E731
     if action == "erase":
