@@ -94,6 +94,7 @@ class Config:
     tensor_split: list[float] | None = None   # how the layers spread over several GPUs
     maingpu: int | None = None           # the GPU that holds what is not split
     flashattention: bool = False
+    noflashattention: bool = False     # neither: llama.cpp's choice
     quantkv: int = 0            # KV cache type: 0 f16, 1 q8_0, 2 q4_0 (KoboldCpp's numbers; needs flash attention)
     batchsize: int = 512        # tokens per llama.cpp batch (prompt reading)
     nommap: bool = False        # read the model into memory instead of mapping the file
@@ -191,7 +192,11 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--tensor_split", "--tensor-split", dest="tensor_split", nargs="+", type=float, metavar="RATIO",
                    help="how much of the model each GPU holds, e.g. 3 1")
     p.add_argument("--maingpu", type=int, metavar="N", help="the GPU that holds what is not split (default 0)")
-    p.add_argument("--flashattention", action="store_true", default=None, help="use flash attention")
+    p.add_argument("--flashattention", action="store_true", default=None,
+                   help="use flash attention (default: llama.cpp's choice, which is on where it is supported)")
+    p.add_argument("--noflashattention", action="store_true", default=None,
+                   help="no flash attention: on the CPU, faster for a few tokens over a long context (a new turn, "
+                        "drafts) with one slot; slower for several slots in a shared pool (README)")
     p.add_argument("--quantkv", type=int, choices=(0, 1, 2),
                    help="KV cache type: 0 f16 (default), 1 q8_0, 2 q4_0; turns on flash attention")
     p.add_argument("--batchsize", type=int, help="tokens per batch when reading prompts (default 512)")
@@ -321,12 +326,14 @@ def load_config(argv: list[str]) -> Config:
         _check_int("draftgpulayers", cfg.draftgpulayers, -1, 100000)
     if cfg.draftmodel is not None and (not isinstance(cfg.draftmodel, str) or not os.path.isfile(cfg.draftmodel)):
         raise ConfigError(f"draft model file not found: {cfg.draftmodel}")
-    for flag in ("flashattention", "nommap", "usemlock", "kvperslot", "kvsplit", "noshift", "quiet", "launch",
-                 "debug", "nodraft"):
+    for flag in ("flashattention", "noflashattention", "nommap", "usemlock", "kvperslot", "kvsplit", "noshift",
+                 "quiet", "launch", "debug", "nodraft"):
         if not isinstance(getattr(cfg, flag), bool):
             raise ConfigError(f"{flag} must be true or false")
     if cfg.kvperslot and cfg.kvsplit:
         raise ConfigError("kvperslot and kvsplit are two layouts of the KV cache: choose one")
+    if cfg.noflashattention and (cfg.flashattention or cfg.quantkv):
+        raise ConfigError("noflashattention: not with flashattention or quantkv (a quantized KV cache needs it)")
     if cfg.quantkv:
         cfg.flashattention = True      # a quantized V cache needs flash attention in llama.cpp
     _check_int("multiuser", cfg.multiuser, 0, 100000)
@@ -439,7 +446,7 @@ PRESET_CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "quantkv": lambda k, v: _check_int(k, v, 0, 2),
     "max_length": lambda k, v: _check_int(k, v, 1, 1 << 20),
     **{flag: (lambda k, v: v if isinstance(v, bool) else _bad_preset(k, "true or false"))
-       for flag in ("flashattention", "kvperslot", "kvsplit", "noshift", "nommap")},
+       for flag in ("flashattention", "noflashattention", "kvperslot", "kvsplit", "noshift", "nommap")},
     "chat_template": lambda k, v: v if isinstance(v, str) and v else _bad_preset(k, "a template name or file"),
     "aliases": lambda k, v: v if isinstance(v, list) and all(isinstance(a, str) and a.strip() for a in v)
     else _bad_preset(k, "a list of names"),
@@ -505,6 +512,12 @@ def normalized_origin(origin: str) -> str | None:
 
 # KoboldCpp's --usecuda words besides device numbers: only rowsplit changes anything here.
 KOBOLDCPP_CUDA_WORDS = ("normal", "lowvram", "mmq", "nommq", "rowsplit")
+
+
+def flash_attention_of(cfg: Config) -> bool | None:
+    """--flashattention on, --noflashattention off, else None: llama.cpp's auto, which turns it on wherever it runs
+    (the CPU too). Trade-offs on the CPU in README (--noflashattention) and bench/README.md."""
+    return True if cfg.flashattention else False if cfg.noflashattention else None
 
 
 def find_starter_model() -> str | None:
@@ -1280,7 +1293,7 @@ class LlamaModel:
     def __init__(self, path: str, n_ctx: int, n_seq: int, n_threads: int, n_gpu_layers: int,
                  n_batch: int = 512, progress: Callable[[float], None] | None = None,
                  show_llama_log: bool = False, shared_kv: bool = False, split_kv: bool = False,
-                 flash_attention: bool = False, quantkv: int = 0, use_mmap: bool = True, use_mlock: bool = False,
+                 flash_attention: bool | None = None, quantkv: int = 0, use_mmap: bool = True, use_mlock: bool = False,
                  devices: list["GPUDevice"] | None = None, main_gpu: int | None = None,
                  tensor_split: list[float] | None = None, row_split: bool = False):
         import llama_cpp  # loaded here so that --help and bad arguments answer fast
@@ -1338,7 +1351,8 @@ class LlamaModel:
         cparams.n_threads = n_threads
         cparams.n_threads_batch = n_threads
         cparams.no_perf = True
-        cparams.flash_attn_type = 1 if flash_attention else -1       # else llama.cpp decides (auto)
+        cparams.flash_attn_type = {True: 1, False: 0, None: -1}[flash_attention]     # None: llama.cpp's auto
+        self.flash_attention = flash_attention
         cparams.type_k = cparams.type_v = self.KV_TYPES[quantkv][1]
         self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
         if not self.ctx:
@@ -2828,18 +2842,21 @@ class KVPool:
         return self.model.pool_tokens - self.cells_used() >= n
 
     def compaction_due(self) -> bool:
-        return (self.model.shared_kv and self.model.attention_only and not self._moved_since_decode
+        return (self.model.shared_kv and self.model.attention_only and self.model.flash_attention is not False
+                and not self._moved_since_decode
                 and sum(1 for s in self.slots if s.next_token is not None) > 1
                 and self.interleaved >= max(self.COMPACT_AFTER_CELLS, self.cells_used() // 8))
 
     def compact(self):
         """Lay each running reply's cells out as one block again. Replies generating together put their
-        cells side by side in a shared pool, one of each per step, and llama.cpp's CPU attention then
-        reads every sequence's keys strided through memory: at 4 replies 600 tokens deep, a quarter of
-        the speed goes (bench/bench_kv_layout.py). llama.cpp cannot move cells, so each sequence's state
-        is copied out, its cells freed, and the copy restored: it lands in the lowest free cells, each
-        sequence in one piece and its cells in the same order, so its arithmetic does not change (a start
-        shared with another slot is shared again, which may leave a hole that later cells fill)."""
+        cells side by side in a shared pool, one of each per step, and llama.cpp's flash attention on the
+        CPU then reads every sequence's keys strided through memory: at 4 replies 600 tokens deep, a
+        quarter of the speed goes (bench/bench_kv_layout.py). Without flash attention the scores are one
+        matrix product over all the cells, whatever their order, so it is not done there. llama.cpp
+        cannot move cells, so each sequence's state is copied out, its cells freed, and the copy restored:
+        it lands in the lowest free cells, each sequence in one piece and its cells in the same order, so
+        its arithmetic does not change (a start shared with another slot is shared again, which may leave
+        a hole that later cells fill)."""
         self.interleaved = 0
         lib, ctx, memory = self.lib, self.model.ctx, self.model.memory
         moving = [s for s in self.slots if s.busy and s.cached]
@@ -2934,11 +2951,19 @@ class Engine:
         self.slots = [Slot(i) for i in range(model.n_seq)]
         self._batch = self.lib.llama_batch_init(model.n_batch, 0, model.n_seq)
         self.pool = KVPool(model, self.slots, self.llama_lock, self.context_shift, prompt_cache)
-        self.step_cost = self._measure_step_cost() if draft_most else None
+        self.step_cost: StepCost | None = None      # measured on the thread that decodes: see ready_on_this_thread
 
     @property
     def compactions(self) -> int:
         return self.pool.compactions
+
+    def ready_on_this_thread(self):
+        """What is done before the first job, on the thread that will make every decode (the generation loop's).
+        llama.cpp's CPU backend runs a team of OpenMP threads per calling thread: one decode made on another
+        thread (start-up's) left its team beside the loop's, and every later step took twice as long on this
+        2-core machine. So the step cost is measured here, while every slot is still empty."""
+        if self.draft_most and self.step_cost is None and not any(s.cached for s in self.slots):
+            self.step_cost = self._measure_step_cost()
 
     def _measure_step_cost(self, reps: int = 2) -> StepCost:
         """Time decodes of each width after a short prefix, in sequence 0 (then emptied): about half a second."""
@@ -3035,6 +3060,7 @@ class Engine:
         free = [s for s in self.slots if not s.busy]
         if not free:
             return False
+        self.ready_on_this_thread()         # the Scheduler has done it; an engine driven directly does it here
         slot = self._choose_slot(free, job.prompt_tokens)
         source = self._bring_back(slot, job.prompt_tokens)
         keep = self.pool.reuse(slot, job.prompt_tokens)
@@ -3262,7 +3288,8 @@ class Engine:
             slot.drafter.sync(context)
             if not slot.drafter.has_match():
                 return []                    # nothing repeats here: no cost, and the estimate stays as it is
-        limit = min(limit, max(slot.draft_control.length(width, self.step_cost), job.request.sampler.draft_min))
+        paying = slot.draft_control.length(width, self.step_cost) if self.step_cost else 0   # unmeasured: asked only
+        limit = min(limit, max(paying, job.request.sampler.draft_min))
         if limit <= 0:
             return []
         if self.draft_model is not None:
@@ -3538,7 +3565,10 @@ class Scheduler:
         self.last_job: Job | None = None
 
     def start(self):
+        """Start the loop; return once the engine is ready on it (so a first request finds the loop waiting)."""
+        self._ready = threading.Event()
         self._thread.start()
+        self._ready.wait()
 
     # -- request threads ---------------------------------------------------
 
@@ -3679,6 +3709,10 @@ class Scheduler:
 
     def _run(self):
         engine = self.engine
+        try:
+            engine.ready_on_this_thread()
+        finally:
+            self._ready.set()
         while True:
             with self._cond:
                 while not self._stopping.is_set() and not self._queue and not self._running and not self._calls:
@@ -4224,7 +4258,7 @@ class ModelEntry:
         cfg = dataclasses.replace(base, model=self.path,
                                   **{k: v for k, v in self.options.items() if k != "aliases"})
         if cfg.quantkv:
-            cfg.flashattention = True
+            cfg.flashattention, cfg.noflashattention = True, False
         per_request = cfg.contextsize // cfg.parallel if cfg.kvsplit else cfg.contextsize
         cfg.max_length = min(cfg.max_length, per_request // 2)
         return cfg
@@ -4346,8 +4380,8 @@ class ServedModel:
                                 devices=gpu.devices if gpu.chosen else None, main_gpu=cfg.maingpu,
                                 tensor_split=cfg.tensor_split, row_split="rowsplit" in (cfg.usecuda or ()),
                                 shared_kv=not (cfg.kvperslot or cfg.kvsplit), split_kv=cfg.kvsplit,
-                                flash_attention=cfg.flashattention, quantkv=cfg.quantkv, use_mmap=not cfg.nommap,
-                                use_mlock=cfg.usemlock, progress=None if cfg.quiet else ProgressBar(),
+                                flash_attention=flash_attention_of(cfg), quantkv=cfg.quantkv,
+                                use_mmap=not cfg.nommap, use_mlock=cfg.usemlock, progress=None if cfg.quiet else ProgressBar(),
                                 show_llama_log=cfg.debug)
         try:
             self.chat_template, self.template_origin = load_chat_template(self.model, cfg.chat_template)
@@ -4750,7 +4784,10 @@ class App:
 
     def _write_log(self):
         while (line := self._log_lines.get()) is not None:
-            print(line, file=sys.stderr, flush=True)
+            # One write with its newline: print() writes the two apart, and stdout's lines (the main thread's
+            # "Serving at ...") could land between them on a terminal or pipe that both share.
+            sys.stderr.write(line + "\n")
+            sys.stderr.flush()
 
     def flush_log(self, timeout: float = 5.0):
         """At exit: write what is still queued."""

@@ -28,6 +28,9 @@ class FakeEngine:
         self.cond = threading.Condition()
         self.closing = False
 
+    def ready_on_this_thread(self):
+        pass
+
     def admit(self, job: Job) -> bool:
         self.admission_gate.wait()
         if job.id in self.fail_admission:

@@ -126,6 +126,32 @@ def test_draft_length_weighs_the_expected_gain_against_the_wider_batch():
     assert c.rate > 0.9
 
 
+def test_every_decode_is_made_on_the_generation_thread(starter_model, monkeypatch):
+    """The start-up measurement of what a decode costs too: one decode on another thread left llama.cpp a second
+    team of CPU threads, and every step after it took twice as long."""
+    import threading
+    model = koboldlite.LlamaModel(starter_model, n_ctx=512, n_seq=2, n_threads=2, n_gpu_layers=0, shared_kv=True)
+    threads = []
+    real = model.lib.llama_decode
+
+    def recording(ctx, batch):
+        threads.append(threading.current_thread().name)
+        return real(ctx, batch)
+    monkeypatch.setattr(model.lib, "llama_decode", recording)
+    engine = koboldlite.Engine(model, draft_most=8)
+    scheduler = koboldlite.Scheduler(engine, max_waiting=4)
+    scheduler.start()
+    try:
+        greedy = koboldlite.SamplerSettings(temperature=0, ban_eos=True)
+        job = scheduler.submit(engine.prepare(koboldlite.GenerationRequest(COPY, max_length=30, sampler=greedy)))
+        assert job.buffer.wait_done(120) and job.stats.generated_tokens == 30
+    finally:
+        scheduler.stop()
+        model.close()
+    assert engine.step_cost is not None and len(threads) > 30
+    assert set(threads) == {"generation-loop"}
+
+
 # -- on the real server -------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -240,6 +266,19 @@ def test_two_slots_drafting_at_once_match_their_solo_replies(two_slots):
         parted_at_a_near_tie(tokens, solo, top)
     drafts = [int(m) for m in re.findall(r"drafts (\d+)/\d+ kept", "\n".join(two_slots.lines[mark:]))]
     assert drafts and max(drafts) > 10
+
+
+def test_without_flash_attention_drafts_part_only_at_near_ties(make_server):
+    """--noflashattention: llama.cpp's CPU attention then rounds by the batch's width, so a drafted reply may part
+    from the reply without drafts, even in one slot, but only at a near tie (README: --noflashattention)."""
+    s = make_server("--noflashattention", "--contextsize", "2048", tls=False)
+    drafted_in_all = 0
+    for prompt in PROMPTS:
+        solo, top = completion(s, prompt, nodraft=True)
+        drafted, _ = completion(s, prompt)
+        drafted_in_all += last_drafts(s)[1]
+        parted_at_a_near_tie(drafted, solo, top)
+    assert drafted_in_all > 20
 
 
 def test_context_shift_with_drafts(make_server):
