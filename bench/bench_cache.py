@@ -7,7 +7,7 @@ restart, the client's own work there, counted in its time).
     python3 bench/bench_cache.py --llama-server bench/.llama-server/bin/llama-server [--rounds 3]
 
 Every round uses a conversation of its own (its notes differ), so nothing is found from an earlier round.
-One slot, a 4096-token context, CPU, greedy, 4 tokens asked. Writes bench/results/cache.md.
+One slot, a 4096-token context, CPU, greedy, 4 tokens asked; KoboldLite also with --noflashattention. Writes bench/results/cache.md.
 """
 
 from __future__ import annotations
@@ -58,12 +58,13 @@ def first_token(server, messages) -> float:
     resp = conn.getresponse()
     assert resp.status == 200, resp.read()
     elapsed = None
-    for line in resp:          # the first chunk with text (a server may send the role alone first)
+    # The first chunk with text, or the end if the model stopped at once (a server may send the role alone first).
+    for line in resp:
         if elapsed is None and line.startswith(b"data: {"):
             choices = json.loads(line[6:]).get("choices") or [{}]
-            if (choices[0].get("delta") or {}).get("content"):
+            if (choices[0].get("delta") or {}).get("content") or choices[0].get("finish_reason"):
                 elapsed = time.perf_counter() - t0
-    assert elapsed is not None, "no text came"
+    assert elapsed is not None, "the stream ended without a choice"
     conn.close()
     return elapsed
 
@@ -82,10 +83,9 @@ def displace(server, tag):
 
 
 class KoboldLite:
-    name = "KoboldLite"
-
-    def __init__(self, folder: str, threads: int):
-        self.args = ["--contextsize", "4096", "--threads", str(threads), "--cachedir", folder, "--quiet"]
+    def __init__(self, folder: str, threads: int, extra: tuple[str, ...] = ()):
+        self.name = " ".join(("KoboldLite",) + extra)
+        self.args = ["--contextsize", "4096", "--threads", str(threads), "--cachedir", folder, "--quiet", *extra]
         self.server = ServerProcess(self.args)
 
     def restart(self):
@@ -134,7 +134,9 @@ def main():
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = ap.parse_args()
     work = tempfile.mkdtemp(prefix="bench-cache-")
-    systems = [KoboldLite(os.path.join(work, "kl"), args.threads)]
+    # Also without flash attention, which on this CPU reads a few tokens over a long context faster (bench_flash.py)
+    systems = [KoboldLite(os.path.join(work, "kl"), args.threads),
+               KoboldLite(os.path.join(work, "kl-nofa"), args.threads, ("--noflashattention",))]
     if os.path.exists(args.llama_server):
         os.makedirs(os.path.join(work, "ls"))
         systems.append(LlamaServer(args.llama_server, os.path.join(work, "ls"), args.threads))

@@ -3,12 +3,13 @@
 
     python3 bench/bench_kv_layout.py [--depths 20,110,200,600] [--steps 150]
 
-Four layouts hold the same tokens, each sequence `depth` tokens deep:
+The layouts hold the same tokens, each sequence `depth` tokens deep:
 - shared, interleaved: one unified cache, the 4 sequences generated together from the start (each step
   puts one cell of each sequence next to the others: what a shared pool holds after concurrent replies);
 - shared, in blocks: one unified cache, each sequence read in alone first (its cells contiguous);
 - split: a cache stream per sequence of contextsize/4 (`--kvsplit`; llama-server -np 4's layout);
-- per slot: a cache stream per sequence of the whole context (`--kvperslot`).
+- per slot: a cache stream per sequence of the whole context (`--kvperslot`);
+and three of them again without llama.cpp's flash attention (`--noflashattention`; its auto turns it on).
 The sequences hold real text (this repository's README, from four different places): attention's
 cost depends on the scores, and a repeated token gives an unrealistic pattern. One timed step decodes
 one token for each sequence and then removes it, so the layout stays as built.
@@ -84,7 +85,11 @@ def main():
     contexts = {"shared pool, interleaved": (model(shared_kv=True), False),
                 "shared pool, in blocks": (model(shared_kv=True), True),
                 "split (--kvsplit)": (model(split_kv=True), False),
-                "a cache per slot (--kvperslot)": (model(), False)}
+                "a cache per slot (--kvperslot)": (model(), False),
+                # without llama.cpp's flash attention (--noflashattention; its auto turns it on), the same tokens
+                "no flash attention: shared, interleaved": (model(shared_kv=True, flash_attention=False), False),
+                "no flash attention: shared, in blocks": (model(shared_kv=True, flash_attention=False), True),
+                "no flash attention: per slot": (model(flash_attention=False), False)}
     names = list(contexts)
     with open(os.path.join(os.path.dirname(HERE), "README.md"), encoding="utf-8") as f:
         readme = contexts[names[0]][0].tokenize(f.read(), add_bos=False)
@@ -94,7 +99,8 @@ def main():
     texts = [readme[k * need:(k + 1) * need] for k in range(N_SEQ)]
     lines = ["# KV layout and batched decode speed", "",
              f"{N_SEQ} sequences, one token each per step, {args.steps} steps per layout and depth, paired step "
-             f"by step; {args.threads} threads. Tokens/s, and the speed relative to a cache per slot.", "",
+             f"by step; {args.threads} threads. Tokens/s, and the speed relative to a cache per slot (with flash "
+             "attention, llama.cpp's auto).", "",
              "| depth | " + " | ".join(names) + " |", "|---:|" + "---:|" * len(names)]
     for depth in depths:
         layouts = {name: Layout(m, texts, depth, blocks) for name, (m, blocks) in contexts.items()}
@@ -104,7 +110,7 @@ def main():
                 spent[name] += layouts[name].timed_step()
         for layout in layouts.values():
             layout.close()
-        base = spent[names[-1]]
+        base = spent["a cache per slot (--kvperslot)"]
         lines.append(f"| {depth} | " + " | ".join(
             f"{N_SEQ * args.steps / spent[n]:.1f} ({base / spent[n]:.2f})" for n in names) + " |")
         print(lines[-1], flush=True)

@@ -8,7 +8,8 @@ Workloads (greedy, 300 tokens at most, chat API):
 - code: a code edit, the whole function given back (repeats what it read);
 - free: an open question (repeats little).
 Each single stream (one client) and 4 clients at once. Systems: KoboldLite without drafts ("nodraft": true on
-each request) and with (its default: n-gram drafts from the context), on one server; llama-server without
+each request) and with (its default: n-gram drafts from the context), on one server, and the same on a
+second server with --noflashattention ("no-FA"; its ratio column is over the default server without drafts); llama-server without
 drafts and with each --spec-type ngram-* (their defaults otherwise), one server each; all with 4 slots
 sharing a 4096-token pool. Rounds interleave every system on every workload, the order rotating. The figure is
 generated tokens per second after the first token (per client, median of clients), then the median of the
@@ -121,7 +122,10 @@ def main():
     args = ap.parse_args()
 
     kl = ServerProcess(["--contextsize", "4096", "--parallel", "4", "--threads", str(args.threads), "--quiet"])
-    systems = {"KoboldLite": (kl, {"nodraft": True}), "KoboldLite drafts": (kl, {})}
+    kl_nofa = ServerProcess(["--contextsize", "4096", "--parallel", "4", "--threads", str(args.threads), "--quiet",
+                             "--noflashattention"])
+    systems = {"KoboldLite": (kl, {"nodraft": True}), "KoboldLite drafts": (kl, {}),
+               "KoboldLite no-FA": (kl_nofa, {"nodraft": True}), "KoboldLite no-FA drafts": (kl_nofa, {})}
     peers = []
     if os.path.exists(args.llama_server):
         os.environ["GGML_VK_VISIBLE_DEVICES"] = ""         # a Vulkan build stays on the CPU
@@ -150,6 +154,7 @@ def main():
                         f"{n} {results[(w, c, n)][-1]:.1f}" for n in systems), flush=True)
     finally:
         kl.stop()
+        kl_nofa.stop()
         for peer in peers:
             peer.stop()
 
@@ -157,15 +162,19 @@ def main():
     lines = ["# Speculative decoding: tokens/s after the first token", "",
              f"`python3 bench/bench_speculative.py --rounds {args.rounds}`, {args.threads} threads, SmolLM2-135M, "
              "greedy, up to 300 tokens; per client, medians of the rounds. Ratio columns: KoboldLite with drafts "
-             "over KoboldLite without, and over the best llama-server row of the same workload (per round, then "
+             "over KoboldLite without; KoboldLite --noflashattention with drafts over KoboldLite without; and "
+             "KoboldLite with drafts over the best llama-server row of the same workload (per round, then "
              "the median).", "",
-             "| workload | clients | " + " | ".join(names) + " | drafts / none | drafts / best llama-server |",
-             "|---|---|" + "---|" * (len(names) + 2)]
+             "| workload | clients | " + " | ".join(names) + " | drafts / none | no-FA drafts / none | "
+             "drafts / best llama-server |",
+             "|---|---|" + "---|" * (len(names) + 3)]
     for w in WORKLOADS:
         for c in (1, 4):
             med = {n: statistics.median(results[(w, c, n)]) for n in names}
             own = statistics.median(a / b for a, b in zip(results[(w, c, "KoboldLite drafts")],
                                                           results[(w, c, "KoboldLite")]))
+            nofa = statistics.median(a / b for a, b in zip(results[(w, c, "KoboldLite no-FA drafts")],
+                                                           results[(w, c, "KoboldLite")]))
             peers_here = [n for n in names if n.startswith("llama-server")]
             if peers_here:
                 best = max(peers_here, key=lambda n: med[n])
@@ -174,7 +183,8 @@ def main():
                 versus = f"{vs:.2f} ({best})"
             else:
                 versus = "-"
-            lines.append(f"| {w} | {c} | " + " | ".join(f"{med[n]:.1f}" for n in names) + f" | {own:.2f} | {versus} |")
+            lines.append(f"| {w} | {c} | " + " | ".join(f"{med[n]:.1f}" for n in names)
+                         + f" | {own:.2f} | {nofa:.2f} | {versus} |")
     results_file.publish("speculative.md", lines)
 
 
