@@ -4381,8 +4381,8 @@ class ServedModel:
                                 tensor_split=cfg.tensor_split, row_split="rowsplit" in (cfg.usecuda or ()),
                                 shared_kv=not (cfg.kvperslot or cfg.kvsplit), split_kv=cfg.kvsplit,
                                 flash_attention=flash_attention_of(cfg), quantkv=cfg.quantkv,
-                                use_mmap=not cfg.nommap, use_mlock=cfg.usemlock, progress=None if cfg.quiet else ProgressBar(),
-                                show_llama_log=cfg.debug)
+                                use_mmap=not cfg.nommap, use_mlock=cfg.usemlock,
+                                progress=None if cfg.quiet else ProgressBar(), show_llama_log=cfg.debug)
         try:
             self.chat_template, self.template_origin = load_chat_template(self.model, cfg.chat_template)
         except Exception:

@@ -7,7 +7,8 @@ restart, the client's own work there, counted in its time).
     python3 bench/bench_cache.py --llama-server bench/.llama-server/bin/llama-server [--rounds 3]
 
 Every round uses a conversation of its own (its notes differ), so nothing is found from an earlier round.
-One slot, a 4096-token context, CPU, greedy, 4 tokens asked; KoboldLite also with --noflashattention. Writes bench/results/cache.md.
+One slot, a 4096-token context, CPU, greedy, 4 tokens asked; KoboldLite also with
+--noflashattention. Writes bench/results/cache.md.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ sys.path.insert(0, HERE)
 
 import koboldlite  # noqa: E402
 import results_file  # noqa: E402
-from bench_parallel import PeerServer  # noqa: E402
+from bench_parallel import PeerServer, chat_first_chunk_seconds  # noqa: E402
 from conftest import ServerProcess  # noqa: E402
 
 WORDS = ("lantern harbour meadow cipher ember willow falcon copper orchard beacon thistle glacier saddle quarry "
@@ -51,22 +52,7 @@ def conversation(tag: str, second_turn: bool) -> list[dict]:
 
 
 def first_token(server, messages) -> float:
-    conn = server.connection()
-    body = {"messages": messages, "max_tokens": 4, "temperature": 0, "stream": True}
-    t0 = time.perf_counter()
-    conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
-    resp = conn.getresponse()
-    assert resp.status == 200, resp.read()
-    elapsed = None
-    # The first chunk with text, or the end if the model stopped at once (a server may send the role alone first).
-    for line in resp:
-        if elapsed is None and line.startswith(b"data: {"):
-            choices = json.loads(line[6:]).get("choices") or [{}]
-            if (choices[0].get("delta") or {}).get("content") or choices[0].get("finish_reason"):
-                elapsed = time.perf_counter() - t0
-    assert elapsed is not None, "the stream ended without a choice"
-    conn.close()
-    return elapsed
+    return chat_first_chunk_seconds(server, {"messages": messages, "max_tokens": 4, "temperature": 0}, or_end=True)
 
 
 def post(server, path, body) -> dict:

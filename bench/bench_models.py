@@ -21,7 +21,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -31,28 +30,15 @@ sys.path.insert(0, HERE)
 
 import koboldlite  # noqa: E402
 import results_file  # noqa: E402
-from bench_parallel import PeerServer  # noqa: E402
+from bench_parallel import PeerServer, chat_first_chunk_seconds  # noqa: E402
 from conftest import ServerProcess  # noqa: E402
 
 
 def first_token_seconds(server, model: str) -> float:
     """Seconds from sending a streamed chat request to its first content chunk."""
-    conn = server.connection()
     body = {"model": model, "messages": [{"role": "user", "content": "Say something."}], "max_tokens": 8,
-            "stream": True, "temperature": 0}
-    t0 = time.perf_counter()
-    conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
-    resp = conn.getresponse()
-    assert resp.status == 200, resp.read()
-    elapsed = None
-    for line in resp:
-        if line.startswith(b"data: {") and elapsed is None:
-            delta = json.loads(line[6:])["choices"]
-            if delta and delta[0].get("delta", {}).get("content"):
-                elapsed = time.perf_counter() - t0
-    conn.close()
-    assert elapsed is not None, "no content"
-    return elapsed
+            "temperature": 0}
+    return chat_first_chunk_seconds(server, body)
 
 
 def model_ids(server) -> list[str]:

@@ -142,6 +142,26 @@ def LlamaServer(binary: str, model: str, threads: int, ctx: int, slots: int, uni
         ("listening on", "server is listening", "main: model loaded"), "llama-server")
 
 
+def chat_first_chunk_seconds(server, body: dict, or_end: bool = False) -> float:
+    """Seconds from sending a streamed chat request to its first chunk with text (or, with `or_end`, to its end
+    if the model stopped at once); a server may send the role alone first."""
+    conn = server.connection()
+    t0 = time.perf_counter()
+    conn.request("POST", "/v1/chat/completions", json.dumps({**body, "stream": True}),
+                 {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200, resp.read()
+    elapsed = None
+    for line in resp:
+        if elapsed is None and line.startswith(b"data: {"):
+            choice = (json.loads(line[6:]).get("choices") or [{}])[0]
+            if (choice.get("delta") or {}).get("content") or (or_end and choice.get("finish_reason")):
+                elapsed = time.perf_counter() - t0
+    conn.close()
+    assert elapsed is not None, "no text came"
+    return elapsed
+
+
 def resident_mib(server) -> float:
     with open(f"/proc/{server.proc.pid}/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
