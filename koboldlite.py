@@ -2351,6 +2351,35 @@ class StepCost:
     def __init__(self, widths: list[int], seconds: list[float]):
         self.widths, self.seconds = widths, seconds
 
+    @classmethod
+    def measure(cls, model: "LlamaModel", batch, most: int, reps: int = 2) -> "StepCost":
+        """Time decodes of each width up to `most` after a short prefix, in sequence 0 (then emptied): about half
+        a second. The caller holds the llama lock, on the thread that makes every decode."""
+        lib, ctx, memory = model.lib, model.ctx, model.memory
+        widths = [w for w in cls.WIDTHS if w <= max(2, most)]
+        filler = max(model.bos, 0)
+
+        def decode(n: int, pos: int, logits: bool) -> float:
+            for i in range(n):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i] = filler, pos + i, 1
+                batch.seq_id[i][0], batch.logits[i] = 0, logits
+            batch.n_tokens = n
+            started = time.perf_counter()
+            ok = lib.llama_decode(ctx, batch) == 0
+            return time.perf_counter() - started if ok else math.inf
+        decode(64, 0, False)
+        seconds = []
+        for w in widths:
+            runs = []
+            for _ in range(reps + 1):                  # the first of each width warms it up
+                runs.append(decode(w, 64, True))
+                lib.llama_memory_seq_rm(memory, 0, 64, -1)
+            seconds.append(min(runs[1:]))
+        lib.llama_memory_seq_rm(memory, 0, -1, -1)
+        if not all(math.isfinite(t) for t in seconds):
+            return cls([1, 2], [1.0, 1e9])           # could not measure: never draft
+        return cls(widths, seconds)
+
     def __call__(self, n: int) -> float:
         w, t = self.widths, self.seconds
         if n <= w[0]:
@@ -2963,36 +2992,9 @@ class Engine:
         thread (start-up's) left its team beside the loop's, and every later step took twice as long on this
         2-core machine. So the step cost is measured here, while every slot is still empty."""
         if self.draft_most and self.step_cost is None and not any(s.cached for s in self.slots):
-            self.step_cost = self._measure_step_cost()
-
-    def _measure_step_cost(self, reps: int = 2) -> StepCost:
-        """Time decodes of each width after a short prefix, in sequence 0 (then emptied): about half a second."""
-        lib, ctx, memory, batch = self.lib, self.model.ctx, self.model.memory, self._batch
-        most = min(self.model.n_batch - 64, len(self.slots) * (1 + self.draft_most), self.model.n_ctx // 2)
-        widths = [w for w in StepCost.WIDTHS if w <= max(2, most)]
-        filler = max(self.model.bos, 0)
-
-        def decode(n: int, pos: int, logits: bool) -> float:
-            for i in range(n):
-                batch.token[i], batch.pos[i], batch.n_seq_id[i] = filler, pos + i, 1
-                batch.seq_id[i][0], batch.logits[i] = 0, logits
-            batch.n_tokens = n
-            started = time.perf_counter()
-            ok = lib.llama_decode(ctx, batch) == 0
-            return time.perf_counter() - started if ok else math.inf
-        with self.llama_lock:
-            decode(64, 0, False)
-            seconds = []
-            for w in widths:
-                runs = []
-                for _ in range(reps + 1):                  # the first of each width warms it up
-                    runs.append(decode(w, 64, True))
-                    lib.llama_memory_seq_rm(memory, 0, 64, -1)
-                seconds.append(min(runs[1:]))
-            lib.llama_memory_seq_rm(memory, 0, -1, -1)
-        if not all(math.isfinite(t) for t in seconds):
-            return StepCost([1, 2], [1.0, 1e9])           # could not measure: never draft
-        return StepCost(widths, seconds)
+            most = min(self.model.n_batch - 64, len(self.slots) * (1 + self.draft_most), self.model.n_ctx // 2)
+            with self.llama_lock:
+                self.step_cost = StepCost.measure(self.model, self._batch, most)
 
     # -- on request threads -------------------------------------------------
 
