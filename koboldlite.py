@@ -2981,6 +2981,7 @@ class Engine:
         self._batch = self.lib.llama_batch_init(model.n_batch, 0, model.n_seq)
         self.pool = KVPool(model, self.slots, self.llama_lock, self.context_shift, prompt_cache)
         self.step_cost: StepCost | None = None      # measured on the thread that decodes: see ready_on_this_thread
+        self._drafts_paused = False                 # for one step, after llama.cpp found no room for the drafts
 
     @property
     def compactions(self) -> int:
@@ -3176,7 +3177,7 @@ class Engine:
                 slot.job.stats.stop_reason = 0
                 finished.append(self._finish(slot, "length"))
             else:
-                draft = self._draft(slot, self.model.n_batch - taking - 1, width)
+                draft = [] if self._drafts_paused else self._draft(slot, self.model.n_batch - taking - 1, width)
                 if draft and not self.pool.make_room(taking + 1 + len(draft)):
                     draft = []
                 drafts[slot.seq_id] = draft
@@ -3219,6 +3220,12 @@ class Engine:
         batch.n_tokens = n
         with self.llama_lock:
             status = self.lib.llama_decode(self.model.ctx, batch)
+            self._drafts_paused = False
+            if status == 1 and any(drafts.values()):
+                # No cells for the batch in a nearly full pool (llama.cpp found no room for it, and changed
+                # nothing): nothing of this step was kept, so the next one does the same work without drafts.
+                self._drafts_paused = True
+                return finished
             if status != 0:
                 for slot, _ in added:
                     finished.append(self._finish(slot, "error", f"llama_decode failed ({status})"))

@@ -152,6 +152,38 @@ def test_every_decode_is_made_on_the_generation_thread(starter_model, monkeypatc
     assert set(threads) == {"generation-loop"}
 
 
+def test_a_batch_without_room_for_its_drafts_is_done_again_without_them(starter_model, monkeypatch):
+    """llama.cpp may find no cells for a batch in a nearly full pool (status 1, nothing changed): the reply goes
+    on, the step done again without drafts, and its text is the text without drafts."""
+    import dataclasses
+    model = koboldlite.LlamaModel(starter_model, n_ctx=1024, n_seq=1, n_threads=2, n_gpu_layers=0)
+    engine = koboldlite.Engine(model, draft_most=8)
+    drafting = koboldlite.SamplerSettings(temperature=0, ban_eos=True, draft_min=4)
+
+    def reply(sampler):
+        job = engine.prepare(koboldlite.GenerationRequest(COPY, max_length=40, sampler=sampler))
+        assert engine.admit(job)
+        while job.state != "done":
+            engine.step()
+        return job
+    real = model.lib.llama_decode
+    refused = []
+
+    def no_room_for_the_first_draft(ctx, batch):
+        if not refused and batch.n_tokens > 1 and batch.logits[1]:     # a sampled token and its draft
+            refused.append(batch.n_tokens)
+            return 1
+        return real(ctx, batch)
+    monkeypatch.setattr(model.lib, "llama_decode", no_room_for_the_first_draft)
+    try:
+        drafted = reply(drafting)
+        plain = reply(dataclasses.replace(drafting, draft=False, draft_min=0))
+    finally:
+        model.close()
+    assert refused and drafted.buffer.finish_reason == "length" and drafted.stats.draft_accepted > 0
+    assert drafted.buffer.text() == plain.buffer.text()
+
+
 # -- on the real server -------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
