@@ -2243,14 +2243,31 @@ class NgramDrafter:
         t = self.tokens
         return len(t) > self.MIN_N and tuple(t[-self.MIN_N:]) in self._next
 
-    def propose(self, limit: int) -> list[int]:
+    def source(self) -> int | None:
+        """Where the earlier text that the context's end repeats goes on: the position after the latest earlier
+        occurrence of its longest repeated tail (MAX_N..MIN_N tokens); None if nothing repeats."""
         t = self.tokens
         for k in range(self.MAX_N, self.MIN_N - 1, -1):
             if len(t) > k:
                 at = self._next.get(tuple(t[-k:]))
                 if at is not None:
-                    return t[at:at + limit]
-        return []
+                    return at
+        return None
+
+    def repeat_length(self, most: int = 32) -> int:
+        """For how many tokens (up to `most`) the context's end has been repeating the earlier text: a long
+        repeat (text copied word for word) goes on far more often than a fresh 3-token match."""
+        at = self.source()
+        if at is None:
+            return 0
+        t, end, n = self.tokens, len(self.tokens), 0
+        while n < most and at - 1 - n >= 0 and t[at - 1 - n] == t[end - 1 - n]:
+            n += 1
+        return n
+
+    def propose(self, limit: int) -> list[int]:
+        at = self.source()
+        return [] if at is None else self.tokens[at:at + limit]
 
 
 def speculative_accept(p, q, draft: int, rng) -> tuple[int, bool]:
@@ -2395,35 +2412,55 @@ class DraftControl:
     batch costs. The gain of a draft of k tokens is a + a^2 + ... + a^k, a being the share of drafted tokens
     this slot's model has kept lately (a draft is kept up to its first miss); the cost is the extra decode
     time, valued at the batch's own tokens per second. Where that is nothing (text that does not repeat) it
-    does not draft, and its estimate drifts back towards the prior, so it tries again later."""
+    does not draft, and its estimate drifts back towards the prior, so it tries again later.
 
-    PRIOR = 0.85              # optimistic: a repeat found in the context is usually copied
+    Two estimates: one for a draft that goes on a long repeat (the context's end has been copying the earlier
+    text for LONG_REPEAT tokens or more) and one for a fresh match. Measured on bench_speculative's workloads
+    with SmolLM2, drafts of 8: a long repeat's first token was kept 95% of the time, 7 of 8 tokens on average;
+    a fresh 3-token match's 73%, and 3.6 of 8 (each token checked kept about 80% of the time). One estimate for
+    both learnt the fresh matches' misses and then drafted short, or not at all, through passages copied word
+    for word."""
+
+    LONG_REPEAT = 8
+    PRIORS = {False: 0.8, True: 0.95}    # fresh match, long repeat: the share of checked tokens kept, measured
     LEARN = 0.15              # weight of each drafted token's outcome in the estimate
     DRIFT = 0.02              # per step without drafts, back towards the prior
 
     def __init__(self, most: int):
         self.most = most
-        self.rate = self.PRIOR
+        self.rates = dict(self.PRIORS)
 
-    def length(self, width: int, cost: StepCost) -> int:
+    @property
+    def rate(self) -> float:
+        """The fresh matches' estimate."""
+        return self.rates[False]
+
+    @rate.setter
+    def rate(self, value: float):
+        self.rates[False] = value
+
+    def length(self, width: int, cost: StepCost, long_repeat: bool = False) -> int:
         """The best draft length for a slot joining a batch of `width` tokens; 0: no draft."""
+        rate = self.rates[long_repeat]
         base = cost(width)
         value = width / base                      # tokens per second of the batch without this draft
         best_k, best, gain, p = 0, 0.0, 0.0, 1.0
         for k in range(1, self.most + 1):
-            p *= self.rate
+            p *= rate
             gain += p
             net = gain - (cost(width + k) - base) * value
             if net > best:
                 best_k, best = k, net
         if not best_k:
-            self.rate += self.DRIFT * (self.PRIOR - self.rate)
+            self.rates[long_repeat] = rate + self.DRIFT * (self.PRIORS[long_repeat] - rate)
         return best_k
 
-    def update(self, drafted: int, kept: int):
+    def update(self, drafted: int, kept: int, long_repeat: bool = False):
         """Tokens are checked in order up to the first one the model did not keep."""
+        rate = self.rates[long_repeat]
         for i in range(min(drafted, kept + 1)):
-            self.rate += self.LEARN * ((1.0 if i < kept else 0.0) - self.rate)
+            rate += self.LEARN * ((1.0 if i < kept else 0.0) - rate)
+        self.rates[long_repeat] = rate
 
 
 class Slot:
@@ -2451,6 +2488,7 @@ class Slot:
         self.last_used = 0.0
         self.drafter: NgramDrafter | None = None
         self.draft_control: DraftControl | None = None
+        self.long_repeat = False         # this step's draft goes on a long repeat (DraftControl)
 
     @property
     def busy(self) -> bool:
@@ -3276,7 +3314,7 @@ class Engine:
             if draft:
                 job.stats.drafted_tokens += len(draft)
                 job.stats.draft_accepted += kept
-                slot.draft_control.update(len(draft), kept)
+                slot.draft_control.update(len(draft), kept, slot.long_repeat)
                 if kept < len(draft):
                     self.pool.truncate(slot, len(slot.cached))     # the cells of what was not kept go
             if ended:
@@ -3297,7 +3335,10 @@ class Engine:
             slot.drafter.sync(context)
             if not slot.drafter.has_match():
                 return []                    # nothing repeats here: no cost, and the estimate stays as it is
-        paying = slot.draft_control.length(width, self.step_cost) if self.step_cost else 0   # unmeasured: asked only
+        slot.long_repeat = (self.draft_model is None
+                            and slot.drafter.repeat_length(DraftControl.LONG_REPEAT) >= DraftControl.LONG_REPEAT)
+        cost = self.step_cost        # unmeasured: only what the request asks for
+        paying = slot.draft_control.length(width, cost, slot.long_repeat) if cost else 0
         limit = min(limit, max(paying, job.request.sampler.draft_min))
         if limit <= 0:
             return []

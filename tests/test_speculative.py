@@ -103,6 +103,12 @@ def test_ngram_drafter_proposes_what_followed_the_latest_longest_match():
     assert d.propose(10) == [8, 9, 5, 6, 7]   # up to the end of what is known
     d.sync([1, 2])
     assert d.propose(4) == []
+    d.sync([7, 1, 2, 3, 4, 5, 6, 9, 9, 1, 2, 3, 4, 5])
+    assert d.repeat_length() == 5 and d.propose(2) == [6, 9]    # 1 2 3 4 5 repeats; 7 before it does not
+    d.sync([9, 1, 2, 3, 4, 5, 9, 1, 2, 3, 4, 5])
+    assert d.repeat_length() == 6 and d.repeat_length(most=4) == 4
+    d.sync([1, 2, 3])
+    assert d.repeat_length() == 0
 
 
 def test_draft_length_weighs_the_expected_gain_against_the_wider_batch():
@@ -119,11 +125,15 @@ def test_draft_length_weighs_the_expected_gain_against_the_wider_batch():
     for _ in range(20):
         c.update(8, 0)                               # missed at once: one outcome a draft
     assert c.rate < 0.05 and c.length(1, cpu) == 0 and c.length(1, gpu) <= 1   # a GPU still tries one
-    for _ in range(200):
+    assert c.length(1, cpu, long_repeat=True) >= 4   # a long repeat has its own estimate: still likely
+    for _ in range(400):
         c.length(1, cpu)                             # no drafts: the estimate drifts back towards the prior...
-    assert c.rate > 0.7 and c.length(1, cpu) > 0     # ...until a draft would pay again: it tries again
+    assert c.rate > 0.75 and c.length(1, cpu) > 0    # ...until a draft would pay again: it tries again
     c.update(8, 8)
-    assert c.rate > 0.9
+    assert c.rate > 0.8
+    for _ in range(20):
+        c.update(8, 0, long_repeat=True)             # long repeats that stop at once: their estimate learns it
+    assert c.length(1, cpu, long_repeat=True) == 0 and c.length(1, cpu) > 0
 
 
 def test_every_decode_is_made_on_the_generation_thread(starter_model, monkeypatch):
@@ -188,9 +198,10 @@ def test_a_batch_without_room_for_its_drafts_is_done_again_without_them(starter_
 
 @pytest.fixture(scope="module")
 def spec(starter_model):
-    """One slot: its cells lie in order whatever was drafted and cut before, so llama.cpp's arithmetic is the
-    same with and without drafts (a batch's width does not change a token's logits here: checked bit for bit),
-    and replies must be equal to the byte."""
+    """One slot: its cells lie in order whatever was drafted and cut before. Whether a batch's width changes a
+    token's logits depends on the llama.cpp build and CPU: on the AVX-512 build measured 2026-12-02 it does
+    (by about 0.5 in a logit), on the build before it did not. PROMPTS give equal text on both; longer replies
+    may part at a near tie (test_long_drafted_replies_part_only_at_near_ties)."""
     s = ServerProcess(["--model", starter_model, "--contextsize", "2048"])
     yield s
     s.stop()
@@ -209,13 +220,24 @@ def two_slots(starter_model):
 NEAR_TIE_NATS = 0.3
 
 
-def parted_at_a_near_tie(tokens: list[str], solo: list[str], top: list[dict]) -> float | None:
+def parted_at_a_near_tie(tokens: list[str], solo: list[str], top: list[dict],
+                         own_top: list[dict] | None = None) -> float | None:
     """None if equal; else the gap (nats) of the solo reply's two likeliest tokens where they part, asserting
-    that the other reply took the runner-up there."""
+    that the other reply took the runner-up there. Where one reply ended and the other went on, the end of turn
+    (shown as "") is the runner-up of the one that went on (with `own_top`, the other reply's logprobs, when
+    that is the other reply)."""
     k = next((i for i, (a, b) in enumerate(zip(tokens, solo)) if a != b), None)
-    if k is None:
-        assert tokens == solo
+    if k is None and len(tokens) == len(solo):
         return None
+    if k is None:                                   # one ended where the other went on
+        k = min(len(tokens), len(solo))
+        went_on, its_top = (solo, top) if len(solo) > k else (tokens, own_top)
+        assert its_top is not None, "the reply without drafts ended first: pass the other's logprobs"
+        best = sorted(its_top[k].items(), key=lambda kv: -kv[1])
+        gap = best[0][1] - best[1][1]
+        print(f"parted at token {k}: one reply ended, the other went on with {went_on[k]!r}, a gap of {gap:.4f} nats")
+        assert best[0][0] == went_on[k] and best[1][0] == "" and gap < NEAR_TIE_NATS
+        return gap
     best = sorted(top[k].items(), key=lambda kv: -kv[1])
     gap = best[0][1] - best[1][1]
     print(f"parted at token {k}: {tokens[k]!r} for {solo[k]!r}, a gap of {gap:.4f} nats")
@@ -298,6 +320,36 @@ def test_two_slots_drafting_at_once_match_their_solo_replies(two_slots):
         parted_at_a_near_tie(tokens, solo, top)
     drafts = [int(m) for m in re.findall(r"drafts (\d+)/\d+ kept", "\n".join(two_slots.lines[mark:]))]
     assert drafts and max(drafts) > 10
+
+
+CHAT_WORKLOADS = [
+    "Here is a passage:\n\n" + PASSAGE * 3 + "\n\nWrite the passage out again exactly as it is, word for word, "
+    "but with 'lighthouse' replaced by 'tower'.",
+    "Here is a Python function:\n\ndef total(records):\n    s = 0\n    for r in records:\n        s += r['value']\n"
+    "    return s\n\nRename the variable `s` to `acc` and give back the whole function, changing nothing else.",
+    "What are the main causes of the seasons on Earth? Explain in a few paragraphs."]
+
+
+def test_long_drafted_replies_part_only_at_near_ties(spec):
+    """Greedy chat replies of up to 300 tokens, as bench_speculative asks them, with drafts against without: the
+    same text, or parted where the plain reply's two likeliest tokens nearly tie (a batch's width changes the
+    rounding on some builds: see the spec fixture). On the build of 2026-12-02 these parted at gaps of 0.12
+    nats (the drafted passage ended where the plain one went on) and 0.05 (the code), the free answer not at
+    all; bench_speculative's own prompts at 0.2, 0.08 and 0.0007 (README: Determinism)."""
+    drafted_in_all, parted = 0, []
+    for prompt in CHAT_WORKLOADS:
+        def chat(**extra):
+            body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": 300, "temperature": 0,
+                    "logprobs": True, "top_logprobs": 2, **extra}
+            content = spec.json("POST", "/v1/chat/completions", body)["choices"][0]["logprobs"]["content"]
+            return [e["token"] for e in content], [{t["token"]: t["logprob"] for t in e["top_logprobs"]}
+                                                   for e in content]
+        solo, top = chat(nodraft=True)
+        drafted, own_top = chat()
+        drafted_in_all += last_drafts(spec)[1]
+        parted.append(parted_at_a_near_tie(drafted, solo, top, own_top))
+    print("gaps where replies parted:", parted)
+    assert drafted_in_all > 50
 
 
 def test_without_flash_attention_drafts_part_only_at_near_ties(make_server):
