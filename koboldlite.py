@@ -2591,6 +2591,7 @@ class PromptCache:
         self.ram_bytes, self.folder, self.disk_bytes, self.log = ram_bytes, folder, disk_bytes, log
         self.identity = model_identity(model)
         self.entries: list[SavedState] = []
+        self.saved = collections.Counter()     # states copied in: ahead (idle slots) or when displaced
         self._lock = threading.Lock()          # request threads read the listing; the loop changes it
         if folder:
             os.makedirs(folder, exist_ok=True)
@@ -2608,8 +2609,10 @@ class PromptCache:
                     best, n = entry, common
         return best, n
 
-    def keep(self, tokens: list[int], data: bytes):
-        """A displaced conversation's state. One that a kept state extends, or that extends one, replaces it."""
+    def keep(self, tokens: list[int], data: bytes, ahead: bool = False):
+        """A displaced conversation's state (`ahead`: one still in its idle slot, kept before it is displaced).
+        One that a kept state extends, or that extends one, replaces it."""
+        self.saved["ahead" if ahead else "when_displaced"] += 1
         entry = SavedState(list(tokens), data, len(data))
         with self._lock:
             for old in [e for e in self.entries if common_prefix_length(e.tokens, tokens) == len(e.tokens)]:
@@ -2637,6 +2640,11 @@ class PromptCache:
             if entry in self.entries:
                 self.entries.remove(entry)
         self._forget_file(entry)
+
+    def holds(self, tokens: list[int]) -> bool:
+        """Whether a kept state is exactly this conversation (kept ahead while it still held its slot)."""
+        with self._lock:
+            return any(e.tokens == tokens for e in self.entries)
 
     @property
     def ram_used(self) -> int:
@@ -2789,14 +2797,30 @@ class KVPool:
         slot.cached = list(tokens)
         return True
 
-    def stash(self, slot: Slot, keep: int = 0):
+    def stash(self, slot: Slot, keep: int = 0, ahead: bool = False):
         """The slot's conversation is about to be dropped (all but its first `keep` tokens): keep its state in
-        the prompt cache first, when it is worth keeping."""
-        if self.cache is None or len(slot.cached) - keep < PromptCache.MIN_TOKENS:
+        the prompt cache first, when it is worth keeping and not kept already."""
+        if self.cache is None or len(slot.cached) - keep < PromptCache.MIN_TOKENS or self.cache.holds(slot.cached):
             return
         data = self.state_of(slot)
         if data is not None:
-            self.cache.keep(slot.cached, data)
+            self.cache.keep(slot.cached, data, ahead)
+
+    def keep_ahead(self):
+        """While nothing runs: keep the idle slots' conversations in the prompt cache now, so that a prompt that
+        displaces one later does not wait while it is saved. Only into the RAM bound's free room: a copy of what
+        a slot still holds never pushes out a conversation that has no other copy."""
+        if self.cache is None:
+            return
+        for slot in self.slots:
+            if slot.busy or len(slot.cached) < PromptCache.MIN_TOKENS or self.cache.holds(slot.cached):
+                continue
+            with self.llama_lock:
+                size = self.lib.llama_state_seq_get_size(self.model.ctx, slot.seq_id)
+            if self.cache.ram_used + size <= self.cache.ram_bytes:
+                self.stash(slot, ahead=True)
+                self.cache.log(f"prompt cache: kept slot {slot.seq_id}'s conversation ({len(slot.cached)} tokens) "
+                               "ahead of its displacement")
 
     def truncate(self, slot: Slot, n: int):
         """Cut the slot's sequence back to its first n positions (a rewind, rejected draft tokens)."""
@@ -3095,6 +3119,10 @@ class Engine:
         return job
 
     # -- on the generation thread ------------------------------------------
+
+    def keep_ahead(self):
+        """The loop is idle: the prompt cache takes copies of the idle slots' conversations (KVPool.keep_ahead)."""
+        self.pool.keep_ahead()
 
     def admit(self, job: Job) -> bool:
         """Place a job in the free slot whose cache it reuses most, and make that cache hold what it reuses."""
@@ -3597,6 +3625,7 @@ class Scheduler:
     """
 
     RECENT_KEYED_JOBS = 256
+    KEEP_AHEAD_AFTER = 0.5    # seconds idle before the slots' conversations are kept in the prompt cache
 
     def __init__(self, engine: "Engine", max_waiting: int, on_finished: Callable[[Job], None] = lambda job: None):
         self.engine = engine
@@ -3610,6 +3639,7 @@ class Scheduler:
         self._stopping = threading.Event()     # the shared abort signal: ends every job
         self._calls: list[tuple[Callable, dict, threading.Event]] = []   # work for the loop thread, between steps
         self._thread = threading.Thread(target=self._run, name="generation-loop", daemon=True)
+        self._stepped = False                  # work done since the loop last kept its slots' conversations
         self.total_generations = 0
         self.totals = collections.Counter()     # for /metrics
         self.last_job: Job | None = None
@@ -3765,8 +3795,17 @@ class Scheduler:
             self._ready.set()
         while True:
             with self._cond:
+                keep_ahead = False
                 while not self._stopping.is_set() and not self._queue and not self._running and not self._calls:
-                    self._cond.wait()
+                    if not self._stepped:
+                        self._cond.wait()
+                    elif not self._cond.wait(self.KEEP_AHEAD_AFTER):
+                        keep_ahead = True      # idle for a while (a client's next request at once never waits)
+                        break
+            if keep_ahead:
+                self._stepped = False
+                engine.keep_ahead()
+                continue
                 if self._stopping.is_set():
                     self._record(engine.abort_all())
                     for _, box, done in self._calls:
@@ -3799,6 +3838,7 @@ class Scheduler:
                             self._queue.remove(job)
                             self._end_unstarted(job, "error", "the prompt does not fit in the KV cache")
                     break
+            self._stepped = True
             try:
                 ended = engine.step()
             except Exception as e:  # a failure fails the running jobs, never the server
@@ -5255,7 +5295,8 @@ def prompt_cache_report(served: ServedModel) -> dict | None:
     return {"conversations": len(entries), "in_ram": sum(e.data is not None for e in entries),
             "on_disk": sum(e.path is not None for e in entries), "ram_mib": round(cache.ram_used / 2**20, 1),
             "disk_mib": round(cache.disk_used / 2**20, 1), "ram_limit_mib": cache.ram_bytes >> 20,
-            "disk_limit_mib": cache.disk_bytes >> 20 if cache.folder else 0}
+            "disk_limit_mib": cache.disk_bytes >> 20 if cache.folder else 0,
+            "saved_ahead": cache.saved["ahead"], "saved_when_displaced": cache.saved["when_displaced"]}
 
 
 def gpu_report(served: ServedModel) -> dict:

@@ -70,6 +70,25 @@ def test_a_displaced_conversation_comes_back_from_ram(starter_model):
         s.stop()
 
 
+def test_an_idle_slots_conversation_is_kept_before_it_is_displaced(starter_model):
+    """Once the loop has been idle a moment, the slot's conversation is copied into the prompt cache, so the
+    prompt that displaces it later does not wait while it is saved; the conversation still comes back."""
+    s = ServerProcess(["--model", starter_model, "--contextsize", "4096"])
+    try:
+        mark = s.mark()
+        first, _ = chat(s, LONG)
+        s.wait_for_line(r"kept slot 0's conversation \(\d+ tokens\) ahead", start=mark)
+        cache = s.json("GET", "/api/extra/perf")["prompt_cache"]
+        assert cache["saved_ahead"] == 1 and cache["saved_when_displaced"] == 0 and cache["conversations"] == 1
+        displace(s, n=1)                              # takes the slot: LONG is kept already, not copied again
+        cache = s.json("GET", "/api/extra/perf")["prompt_cache"]
+        assert cache["saved_when_displaced"] == 0 and cache["conversations"] >= 1
+        again, stats = chat(s, turn_two(first))
+        assert stats["source"] == "ram" and stats["cached"] >= 3000
+    finally:
+        s.stop()
+
+
 def test_after_a_restart_it_comes_back_from_disk(starter_model, tmp_path):
     folder = str(tmp_path / "cache")
     s = ServerProcess(["--model", starter_model, "--contextsize", "4096", "--cachedir", folder])

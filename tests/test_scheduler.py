@@ -31,6 +31,9 @@ class FakeEngine:
     def ready_on_this_thread(self):
         pass
 
+    def keep_ahead(self):
+        pass
+
     def admit(self, job: Job) -> bool:
         self.admission_gate.wait()
         if job.id in self.fail_admission:
