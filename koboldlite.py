@@ -3802,16 +3802,16 @@ class Scheduler:
                     elif not self._cond.wait(self.KEEP_AHEAD_AFTER):
                         keep_ahead = True      # idle for a while (a client's next request at once never waits)
                         break
-            if keep_ahead:
-                self._stepped = False
-                engine.keep_ahead()
-                continue
                 if self._stopping.is_set():
                     self._record(engine.abort_all())
                     for _, box, done in self._calls:
                         box["error"] = RequestError("the server is shutting down", 503, "service_unavailable")
                         done.set()
                     return
+            if keep_ahead:
+                self._stepped = False
+                engine.keep_ahead()
+                continue
             if self._calls:
                 self._run_calls()
             with self._cond:

@@ -27,12 +27,13 @@ class FakeEngine:
         self.admission_gate.set()
         self.cond = threading.Condition()
         self.closing = False
+        self.kept_ahead = threading.Event()
 
     def ready_on_this_thread(self):
         pass
 
     def keep_ahead(self):
-        pass
+        self.kept_ahead.set()
 
     def admit(self, job: Job) -> bool:
         self.admission_gate.wait()
@@ -120,6 +121,28 @@ def test_every_end_is_recorded_once_whatever_ended_it(sched):
     assert [j.genkey for j in s.finished] == ["queued", "run", "bad"]
     assert s.totals["finished_abort"] == 1 and s.totals["finished_stop"] == 1 and s.totals["finished_error"] == 1
     assert s.total_generations == 3 and s.idle
+
+
+def test_stopping_ends_a_running_job_and_the_loop(sched):
+    s, engine = sched
+    running = s.submit(job())
+    engine.wait_admitted(1)
+    with engine.cond:
+        engine.closing = True        # its step returns at once from now on, as a real one does after each decode
+        engine.cond.notify_all()
+    s.stop()
+    assert running.buffer.finish_reason == "abort" and not s._thread.is_alive()
+
+
+def test_an_idle_loop_keeps_its_slots_conversations_ahead(sched):
+    """After work, once idle for KEEP_AHEAD_AFTER, the loop has the engine keep its idle slots' conversations."""
+    s, engine = sched
+    s.KEEP_AHEAD_AFTER = 0.01
+    done = s.submit(job())
+    engine.wait_admitted(1)
+    assert not engine.kept_ahead.is_set()          # never while a job runs
+    engine.finish(done)
+    assert engine.kept_ahead.wait(10) and done.buffer.finish_reason == "stop"
 
 
 def test_a_check_without_genkey_sees_only_a_queued_or_running_job(sched):
