@@ -11,6 +11,7 @@ import re
 
 import pytest
 
+import koboldlite
 from conftest import ServerProcess
 
 random.seed(5)
@@ -87,6 +88,74 @@ def test_an_idle_slots_conversation_is_kept_before_it_is_displaced(starter_model
         assert stats["source"] == "ram" and stats["cached"] >= 3000
     finally:
         s.stop()
+
+
+def test_a_chats_next_turn_is_read_ahead_while_idle(starter_model):
+    """Once the loop is idle, the template's close of the reply's turn and open of the user's are read into the
+    slot: the next turn then reads only the user's new words. A client that sends something else back loses
+    nothing but the guess, and its reply is the reply it gets from a cold read."""
+    s = ServerProcess(["--model", starter_model, "--contextsize", "4096"])
+    try:
+        mark = s.mark()
+        first, _ = chat(s, LONG)
+        read = int(s.wait_for_line(r"read slot 0's next turn ahead \((\d+) tokens\)", start=mark).group(1))
+        again, stats = chat(s, turn_two(first))
+        new_words = s.json("POST", "/api/extra/tokencount",
+                           {"prompt": "And the last one?<|im_end|>\n<|im_start|>assistant\n"})["value"] \
+            - s.json("POST", "/api/extra/tokencount", {"prompt": ""})["value"]
+        assert stats["source"] == "slot" and stats["prompt"] - stats["cached"] == new_words
+        assert read >= 5 and s.json("GET", "/api/extra/perf")["read_ahead_tokens"] == read
+        # The guess left the reply as it is: the same turn read cold by a fresh server gives it too.
+        edited = LONG + [{"role": "assistant", "content": "Lantern, I think."}, {"role": "user", "content": "Sure?"}]
+        mark = s.mark()
+        chat(s, turn_two(first))                        # and once more, so the slot ends on this reply...
+        s.wait_for_line(r"read slot 0's next turn ahead", start=mark)
+        edited_reply, stats = chat(s, edited)            # ...which this client does not send back
+        assert stats["cached"] < stats["prompt"] - 10
+    finally:
+        s.stop()
+    cold = ServerProcess(["--model", starter_model, "--contextsize", "4096"])
+    try:
+        assert chat(cold, turn_two(first))[0] == again and chat(cold, edited)[0] == edited_reply
+    finally:
+        cold.stop()
+
+
+def finished_reply(engine, prompt: str, next_turn, max_length=6) -> koboldlite.Job:
+    greedy = koboldlite.SamplerSettings(temperature=0, ban_eos=True)
+    job = engine.prepare(koboldlite.GenerationRequest(prompt, max_length=max_length, sampler=greedy,
+                                                      next_turn=next_turn))
+    assert engine.admit(job)
+    while not job.buffer.done:
+        engine.step()
+    return job
+
+
+def test_a_guess_is_read_only_where_it_continues_the_slot_and_finds_free_room(starter_model):
+    """NextTurnReader's limits, read back from llama.cpp: a guess that goes on from the slot's cache is read
+    and its cells are there; one that does not continue it, one too long, a request with no template's turn
+    and one that would need another slot's cells are not read, and leave the caches as they were."""
+    model = koboldlite.LlamaModel(starter_model, n_ctx=256, n_seq=2, n_threads=2, n_gpu_layers=0, shared_kv=True)
+    engine = koboldlite.Engine(model)
+    reader, slot = engine.next_turns, engine.slots[0]
+    prompt = "The colours of the flag are"
+    job = finished_reply(engine, prompt, lambda reply: prompt + reply + "\nUser: and the sky?")
+    held = len(slot.cached)
+    assert reader.read(slot) > 0 and len(slot.cached) > held
+    assert model.lib.llama_memory_seq_pos_max(model.memory, slot.seq_id) == len(slot.cached) - 1
+    assert reader.read(slot) == 0                                   # once per reply
+    for next_turn in (lambda reply: "Something else entirely." + reply,               # not this conversation
+                      lambda reply: prompt + reply + " and more" * 40,                # past MOST tokens
+                      None):                                                          # no chat template
+        job = finished_reply(engine, prompt, next_turn)
+        before = list(slot.cached)
+        assert reader.read(slot) == 0 and slot.cached == before
+    assert job.buffer.text()
+    # A pool with no cells to spare: the other slot's idle cache is not dropped for a guess.
+    finished_reply(engine, prompt, lambda reply: prompt + reply + " The end.")
+    other = engine.slots[1]
+    other.cached = list(range(1000, 1000 + model.pool_tokens - len(slot.cached)))     # the rest of the pool
+    assert reader.read(slot) == 0 and len(other.cached) == model.pool_tokens - len(slot.cached)
 
 
 def test_after_a_restart_it_comes_back_from_disk(starter_model, tmp_path):
