@@ -3053,8 +3053,8 @@ class NextTurnReader:
         rest = tokens[keep:]
         if not rest or len(rest) > self.MOST or keep < max(len(slot.cached) - self.CUT_MOST, slot.shared_upto, 1):
             return 0                       # not this conversation going on (or the slot's cache has gone)
-        free = self.model.pool_tokens - self.pool.cells_used() if self.model.shared_kv else len(rest)
-        if len(tokens) >= self.model.n_ctx or free < len(rest):
+        pool_full = self.model.shared_kv and self.model.pool_tokens - self.pool.cells_used() < len(rest)
+        if len(tokens) >= self.model.n_ctx or pool_full:
             return 0                       # no room to spare: no other slot's cache goes for a guess
         if keep < len(slot.cached):
             self.pool.truncate(slot, keep)
