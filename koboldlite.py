@@ -72,6 +72,10 @@ class ConfigError(Exception):
     """A bad command line or config file: reported as one line, exit status 2."""
 
 
+class ModelLoadError(Exception):
+    """A model file llama.cpp cannot load (missing, damaged, unsupported) or a context it cannot make."""
+
+
 @dataclasses.dataclass
 class Config:
     model: str | None = None    # the default model: a GGUF file, or an http(s) URL of one to download
@@ -1253,9 +1257,6 @@ class Job:
 # =============================================================================
 # 5. llama.cpp engine
 # =============================================================================
-
-class ModelLoadError(Exception):
-    pass
 
 
 class LlamaLog:
@@ -2498,6 +2499,22 @@ class Slot:
         return self.job is not None
 
 
+def put_tokens(batch, n: int, slot: Slot, tokens: list[int], logits_last: bool, logits_all: bool = False) -> int:
+    """Append a slot's tokens to a llama batch from index n, at the positions after what its sequence holds;
+    the batch's new length."""
+    pos = len(slot.cached)
+    seq = slot.seq_id
+    last = len(tokens) - 1
+    for i, t in enumerate(tokens):
+        batch.token[n] = t
+        batch.pos[n] = pos + i
+        batch.n_seq_id[n] = 1
+        batch.seq_id[n][0] = seq
+        batch.logits[n] = logits_all or (logits_last and i == last)
+        n += 1
+    return n
+
+
 def common_prefix_length(a: list[int], b: list[int]) -> int:
     n = min(len(a), len(b))
     i = 0
@@ -3058,7 +3075,7 @@ class NextTurnReader:
             return 0                       # no room to spare: no other slot's cache goes for a guess
         if keep < len(slot.cached):
             self.pool.truncate(slot, keep)
-        n = Engine._put(self.batch, 0, slot, rest, logits_last=False)
+        n = put_tokens(self.batch, 0, slot, rest, logits_last=False)
         self.batch.n_tokens = n
         with self.llama_lock:
             status = self.model.lib.llama_decode(self.model.ctx, self.batch)
@@ -3326,7 +3343,7 @@ class Engine:
                 # for now: the draft's cells are kept or cut once the model has checked it.
                 draft = drafts.get(slot.seq_id, [])
                 first = n
-                n = self._put(batch, n, slot, [slot.next_token, *draft], logits_last=True, logits_all=bool(draft))
+                n = put_tokens(batch, n, slot, [slot.next_token, *draft], logits_last=True, logits_all=bool(draft))
                 due.append((slot, first, draft))
                 added.append((slot, [slot.next_token]))
         budget = self.model.n_batch if short_prefill or not generating else self.PREFILL_CHUNK_WHILE_STREAMING
@@ -3341,7 +3358,7 @@ class Engine:
                 # whether or not the prompt was cached.
                 chunk = chunk[:-1]
             done = len(chunk) == len(slot.to_prefill)
-            n = self._put(batch, n, slot, chunk, logits_last=done)
+            n = put_tokens(batch, n, slot, chunk, logits_last=done)
             budget -= len(chunk)
             if done:
                 due.append((slot, n - 1, []))
@@ -3444,21 +3461,6 @@ class Engine:
         shared pool only when it runs alone (beside others their cells interleave with its own, and the
         arithmetic rounds differently). Where it cannot, the step that keeps it so is not spent."""
         return not self.model.shared_kv or not any(s.busy for s in self.slots if s is not slot)
-
-    @staticmethod
-    def _put(batch, n: int, slot: Slot, tokens: list[int], logits_last: bool, logits_all: bool = False) -> int:
-        """Append a slot's tokens to the batch, at the positions after what its sequence holds."""
-        pos = len(slot.cached)
-        seq = slot.seq_id
-        last = len(tokens) - 1
-        for i, t in enumerate(tokens):
-            batch.token[n] = t
-            batch.pos[n] = pos + i
-            batch.n_seq_id[n] = 1
-            batch.seq_id[n][0] = seq
-            batch.logits[n] = logits_all or (logits_last and i == last)
-            n += 1
-        return n
 
     def _logprob_entry(self, slot: Slot, batch_index: int, token: int) -> TokenLogprob | None:
         """The sampled token's log-probability and the top alternatives, only when the request asks:
@@ -7337,12 +7339,13 @@ UI_DIR = os.path.join(getattr(sys, "_MEIPASS", os.path.dirname(os.path.abspath(_
 
 
 class Router:
-    """Exact paths to routes, per method; /api/latest/... is /api/v1/...; then the static files."""
+    """Exact paths to routes, per method; /api/latest/... is /api/v1/...; then, for GET, the fallback (the built-in
+    page's files)."""
 
-    def __init__(self, static: StaticFiles | None = None):
+    def __init__(self, fallback: Callable[[str], "Route | None"] | None = None):
         self._routes: dict[tuple[str, str], Route] = {}
         self._prefixes: list[tuple[str, str, Route]] = []     # (method, prefix, route): /v1/responses/{id}
-        self.static = static
+        self.fallback = fallback
 
     def add(self, methods: str, paths: str, handler, **kw):
         route = Route(handler, **kw)
@@ -7362,8 +7365,8 @@ class Router:
         if route is None:
             route = next((r for m, prefix, r in self._prefixes if m == method and path.startswith(prefix)
                           and "/" not in path[len(prefix):] and path[len(prefix):]), None)
-        if route is None and method == "GET" and self.static is not None:
-            route = self.static.route(path)
+        if route is None and method == "GET" and self.fallback is not None:
+            route = self.fallback(path)
         if route is None:
             if any(p == path for _, p in self._routes) or any(
                     path.startswith(prefix) and "/" not in path[len(prefix):] for _, prefix, _ in self._prefixes):
@@ -7373,7 +7376,7 @@ class Router:
 
 
 def build_router(static: StaticFiles | None = None) -> Router:
-    r = Router(static)
+    r = Router(static.route if static is not None else None)
     r.add("GET", "/api/v1/model", kobold_model)
     r.add("GET", "/api/v1/info/version", kobold_info_version)
     r.add("GET", "/api/v1/config/max_length", kobold_max_length)
@@ -8049,7 +8052,9 @@ class KoboldLiteServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 128
 
-    def __init__(self, address: tuple[str, int], app: App, router: Router, tls: ssl.SSLContext | None = None):
+    def __init__(self, address: tuple[str, int], handler_class: type, app: App, router: Router,
+                 tls: ssl.SSLContext | None = None):
+        """`handler_class` is instantiated per connection, as socketserver does (RequestHandler)."""
         self.app = app
         self.router = router
         self.tls = tls
@@ -8064,7 +8069,7 @@ class KoboldLiteServer(http.server.ThreadingHTTPServer):
         self._answering_cond = threading.Condition()
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
-        super().__init__(address, RequestHandler)
+        super().__init__(address, handler_class)
 
     def server_bind(self):
         super().server_bind()
@@ -8225,7 +8230,7 @@ def serve(arguments: Callable[[], list[str]], double_click: bool = False) -> int
         return 2
     router = build_router(StaticFiles(UI_DIR) if os.path.isdir(UI_DIR) else None)
     try:
-        server = KoboldLiteServer((config.host, config.port), app, router, tls)
+        server = KoboldLiteServer((config.host, config.port), RequestHandler, app, router, tls)
     except OSError as e:
         if not (double_click and e.errno == errno.EADDRINUSE):
             reason = "the port is already in use" if e.errno == errno.EADDRINUSE else str(e)
@@ -8233,7 +8238,7 @@ def serve(arguments: Callable[[], list[str]], double_click: bool = False) -> int
             return 2
         # A double-click user cannot pick another port: take a free one and say so.
         print(f"Port {config.port} is in use; serving on a free port instead.", file=sys.stderr)
-        server = KoboldLiteServer((config.host, 0), app, router, tls)
+        server = KoboldLiteServer((config.host, 0), RequestHandler, app, router, tls)
     if not app.instance_id:
         app.instance_id = f"{socket.gethostname()}:{server.server_address[1]}"
     # Serve from now on: /api/extra/version answers while the model loads, the rest says 503.
