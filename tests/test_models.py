@@ -9,6 +9,7 @@ import http.server
 import json
 import os
 import re
+import sys
 import threading
 
 import pytest
@@ -109,7 +110,7 @@ def test_room_is_made_from_idle_models_only(monkeypatch):
     def loaded(name, used, busy=False):
         return NS(name=name, last_used=used, leases=int(busy), jobs=0, unloading=False, entry=NS(size_bytes=gib))
     new = NS(estimated_bytes=lambda config: gib)
-    monkeypatch.setattr(koboldlite, "available_memory", lambda: 8 * gib)
+    monkeypatch.setattr(sys.modules[koboldlite.ModelRoster.__module__], "available_memory", lambda: 8 * gib)
     roster.loaded = {"a": loaded("a", 2.0), "b": loaded("b", 1.0)}
     assert [v.name for v in roster._make_room(new)] == ["b"]          # the seat of the least recently used
     roster.loaded["b"].leases = 1
@@ -119,7 +120,7 @@ def test_room_is_made_from_idle_models_only(monkeypatch):
     app.config.maxmodels = 3
     assert roster._make_room(new) == []                                # a free seat, memory enough
     roster.loaded["a"].jobs = 0
-    monkeypatch.setattr(koboldlite, "available_memory", lambda: gib // 2)
+    monkeypatch.setattr(sys.modules[koboldlite.ModelRoster.__module__], "available_memory", lambda: gib // 2)
     assert [v.name for v in roster._make_room(new)] == ["a"]          # short of memory: idle ones go
     roster.loaded["a"].leases = 1
     assert roster._make_room(new) == []                                # never one in use: try anyway
