@@ -1,0 +1,133 @@
+"""Jobs: one generation each, with the token buffer its readers wait on."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from typing import Iterator
+
+from .generation import GenerationRequest
+
+
+class TokenBuffer:
+    """The text one generation has produced so far.
+
+    The generation loop appends; any number of readers (an SSE writer, the
+    check endpoint, a blocking generate) wait on the condition for more.
+    """
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._pieces: list[str] = []
+        self.finish_reason: str | None = None   # "stop", "length", "abort" or "error"
+        self.error: str | None = None
+
+    def append(self, piece: str):
+        with self._cond:
+            self._pieces.append(piece)
+            self._cond.notify_all()
+
+    def close(self, finish_reason: str, error: str | None = None):
+        with self._cond:
+            if self.finish_reason is None:
+                self.finish_reason = finish_reason
+                self.error = error
+            self._cond.notify_all()
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def text(self) -> str:
+        with self._cond:
+            return "".join(self._pieces)
+
+    def read(self, start: int, timeout: float | None = None) -> tuple[list[str], bool]:
+        """Pieces from index `start` on, waiting until there is one or the buffer is done."""
+        with self._cond:
+            self._cond.wait_for(lambda: len(self._pieces) > start or self.finish_reason is not None, timeout)
+            return self._pieces[start:], self.finish_reason is not None
+
+    def batches(self) -> Iterator[list[str]]:
+        """The pieces as they arrive, all those already waiting at once, until the generation ends."""
+        index = 0
+        while True:
+            new, done = self.read(index)
+            index += len(new)
+            if new:
+                yield new
+            elif done:
+                return
+
+    def pieces(self) -> Iterator[str]:
+        for batch in self.batches():
+            yield from batch
+
+    def wait_done(self, timeout: float | None = None) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: self.finish_reason is not None, timeout)
+
+
+@dataclasses.dataclass
+class TokenLogprob:
+    """One generated token's log-probability and its most likely alternatives, as (token, logprob)."""
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclasses.dataclass
+class JobStats:
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    generated_tokens: int = 0
+    prompt_seconds: float = 0.0
+    generation_seconds: float = 0.0
+    seed: int = 0
+    stop_reason: int = -1    # KoboldCpp's codes: 0 length, 1 end of sequence, 2 stop string
+    truncated_tokens: int = 0   # prompt tokens cut from the front to fit (Kobold API only)
+    shifted_tokens: int = 0     # tokens a context shift dropped while generating
+    stop_string: str | None = None   # the stop string that ended the reply (stop_reason 2)
+    model: str = ""             # the model that served it
+    drafted_tokens: int = 0     # tokens proposed by speculative drafts and checked by the model
+    draft_accepted: int = 0     # of those, the ones the model's own sampling kept
+    cache_source: str = "none"  # where the prompt's cached tokens came from: slot, ram, disk or none
+
+    @property
+    def truncated(self) -> bool:
+        """llama-server's word: some of the text was not in the context when the reply was made."""
+        return bool(self.truncated_tokens or self.shifted_tokens)
+
+
+class Job:
+    """One generation: its request, tokenized prompt, buffer and cancellation."""
+
+    _ids = iter(range(1, 1 << 62))
+
+    def __init__(self, request: GenerationRequest, prompt_tokens: list[int], max_new_tokens: int):
+        self.id = next(Job._ids)
+        self.request = request
+        self.genkey = request.genkey
+        self.client = request.client        # whose turn it is in the queue
+        self.prompt_tokens = prompt_tokens
+        self.max_new_tokens = max_new_tokens
+        self.n_ctx = 0                  # the context this job may fill (its max_context_length)
+        self.n_keep = 0                 # leading tokens a context shift keeps (memory, system turn)
+        self.stop_tokens = frozenset(request.stop_token_ids)
+        self.banned_token_ids: list[int] = []   # resolved from the request's bans by the engine
+        self.ignored_fields: list[str] = list(request.ignored_fields)
+        self.logprobs: list[TokenLogprob] = []   # one per token shown, appended before its text
+        self.buffer = TokenBuffer()
+        self.cancelled = threading.Event()
+        self.state = "queued"           # queued -> starting -> running -> done
+        self.stats = JobStats(prompt_tokens=len(prompt_tokens))
+        self.created = time.monotonic()
+
+    def cancel(self):
+        self.cancelled.set()
+
+    def end(self, reason: str, error: str | None = None):
+        """Done, whatever the reason: readers of its buffer wake and see why."""
+        self.state = "done"
+        self.buffer.close(reason, error)
