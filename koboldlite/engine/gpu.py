@@ -1,0 +1,211 @@
+"""GPUs: the llama.cpp build to load, the devices its backends found, and the offload plan."""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import glob
+import os
+
+from ..paths import program_folder
+from ..errors import ConfigError
+from ..config import Config
+from .gguf_layout import GGUFLayout, fit_gpu_layers
+
+
+GPU_BUILD_HELP = ("build llama.cpp with a GPU backend beside the CPU one: bash tools/build_llama_lib.sh vulkan "
+                  "(any GPU) or cuda (NVIDIA); README: GPUs")
+
+
+def use_gpu_build():
+    """Point llama-cpp-python at a GPU build of llama.cpp when one was made beside this script (or ships inside
+    the executable) and LLAMA_CPP_LIB_PATH names none: pip's llama-cpp-python stays the CPU fallback."""
+    if not os.environ.get("LLAMA_CPP_LIB_PATH"):
+        here = program_folder()
+        for folder in ("llama_gpu", ".llama-cuda/lib", ".llama-vulkan/lib"):
+            candidate = os.path.join(here, folder)
+            if glob.glob(os.path.join(candidate, "*llama.*")):
+                os.environ["LLAMA_CPP_LIB_PATH"] = candidate
+                break
+    folder = os.environ.get("LLAMA_CPP_LIB_PATH")
+    # ggml's own libraries from that folder first, by path: the dynamic linker then binds libllama's needs to
+    # them by name, never to another build's copies found on a library path (the CPU ones beside them in the
+    # executable, say). A backend module whose driver is missing (libggml-cuda without libcuda) is skipped.
+    for stem in ("ggml-base", "ggml-cpu", "ggml-vulkan", "ggml-blas", "ggml") if folder else ():
+        path = ggml_library(folder, stem)
+        if path is not None:
+            try:
+                ctypes.CDLL(path, mode=getattr(ctypes, "RTLD_GLOBAL", 0))
+            except OSError:
+                pass
+
+
+def ggml_library(folder: str, stem: str) -> str | None:
+    for name in (f"lib{stem}.so", f"lib{stem}.dylib", f"{stem}.dll"):
+        if os.path.exists(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    return None
+
+
+@dataclasses.dataclass
+class GPUDevice:
+    index: int                # among all devices that are GPUs, in llama.cpp's order
+    name: str                 # llama.cpp's: Vulkan0, CUDA0...
+    description: str
+    backend: str              # Vulkan, CUDA, Metal...
+    free: int
+    total: int
+    handle: int               # ggml_backend_dev_t
+
+
+class Devices:
+    """The backends and GPU devices of the llama.cpp build that llama-cpp-python loaded (ggml's registry).
+
+    A build with dynamic backend loading (GGML_BACKEND_DL, the CUDA build) registers none until its backend
+    modules are loaded from its folder; a module whose driver is missing (no NVIDIA driver) is skipped, so
+    the CPU module still runs. ggml's Vulkan backend skips CPU-type devices (lavapipe) unless
+    GGML_VK_VISIBLE_DEVICES names them."""
+
+    GPU_TYPES = (1, 2)        # GGML_BACKEND_DEVICE_TYPE_GPU, _IGPU
+
+    def __init__(self, llama_cpp_module):
+        folder = os.path.dirname(llama_cpp_module.llama_cpp._lib._name)
+        self.folder = folder
+        ggml = self._load(folder, "ggml")
+        base = self._load(folder, "ggml-base")
+        for lib, name, res, args in (
+                (ggml, "ggml_backend_reg_count", ctypes.c_size_t, []),
+                (ggml, "ggml_backend_reg_get", ctypes.c_void_p, [ctypes.c_size_t]),
+                (base, "ggml_backend_reg_name", ctypes.c_char_p, [ctypes.c_void_p]),
+                (ggml, "ggml_backend_dev_count", ctypes.c_size_t, []),
+                (ggml, "ggml_backend_dev_get", ctypes.c_void_p, [ctypes.c_size_t]),
+                (base, "ggml_backend_dev_name", ctypes.c_char_p, [ctypes.c_void_p]),
+                (base, "ggml_backend_dev_description", ctypes.c_char_p, [ctypes.c_void_p]),
+                (base, "ggml_backend_dev_type", ctypes.c_int, [ctypes.c_void_p]),
+                (base, "ggml_backend_dev_backend_reg", ctypes.c_void_p, [ctypes.c_void_p]),
+                (base, "ggml_backend_dev_memory", None,
+                 [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t)]),
+                (ggml, "ggml_backend_load_all_from_path", None, [ctypes.c_char_p])):
+            fn = getattr(lib, name)
+            fn.restype, fn.argtypes = res, args
+        self._ggml, self._base = ggml, base
+        if ggml.ggml_backend_reg_count() == 0:
+            ggml.ggml_backend_load_all_from_path(folder.encode())
+        self.backends = [base.ggml_backend_reg_name(ggml.ggml_backend_reg_get(i)).decode()
+                         for i in range(ggml.ggml_backend_reg_count())]
+        self.gpus: list[GPUDevice] = []
+        for i in range(ggml.ggml_backend_dev_count()):
+            dev = ggml.ggml_backend_dev_get(i)
+            if base.ggml_backend_dev_type(dev) not in self.GPU_TYPES:
+                continue
+            free, total = self.memory(dev)
+            self.gpus.append(GPUDevice(
+                len(self.gpus), base.ggml_backend_dev_name(dev).decode(),
+                (base.ggml_backend_dev_description(dev) or b"").decode(errors="replace"),
+                base.ggml_backend_reg_name(base.ggml_backend_dev_backend_reg(dev)).decode(), free, total, dev))
+
+    @staticmethod
+    def _load(folder: str, stem: str) -> ctypes.CDLL:
+        return ctypes.CDLL(ggml_library(folder, stem) or f"lib{stem}.so", mode=getattr(ctypes, "RTLD_GLOBAL", 0))
+
+    def memory(self, dev: int) -> tuple[int, int]:
+        free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
+        self._base.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+        return free.value, total.value
+
+    BACKEND_FILES = {"vulkan": "Vulkan", "cuda": "CUDA", "metal": "Metal", "hip": "ROCm", "sycl": "SYCL"}
+
+    @property
+    def gpu_backends(self) -> list[str]:
+        """The GPU backends this build carries, whether or not they found a device: a Vulkan backend with no
+        driver at all registers nothing, but its library is there."""
+        found = [b for b in self.backends if b not in ("CPU", "BLAS", "RPC")]
+        for stem, name in self.BACKEND_FILES.items():
+            if name not in found and ggml_library(self.folder, f"ggml-{stem}") is not None:
+                found.append(name)
+        return found
+
+    def choose(self, backend: str | None, ids: list[int] | None) -> list[GPUDevice]:
+        """The devices a request for a backend (and device numbers within it) names; a ConfigError if none."""
+        pool = [d for d in self.gpus if backend is None or d.backend.lower() == backend.lower()]
+        if backend is not None and not any(b.lower() == backend.lower() for b in self.gpu_backends):
+            raise ConfigError(f"this llama.cpp build has no {backend} backend (it has: "
+                              f"{', '.join(self.backends) or 'none'}); {GPU_BUILD_HELP}")
+        if backend is not None and not pool:
+            raise ConfigError(f"the {backend} backend found no usable device (a driver missing, or a CPU-type "
+                              f"device such as lavapipe, which ggml uses only when GGML_VK_VISIBLE_DEVICES names it)")
+        if ids:
+            bad = [i for i in ids if not 0 <= i < len(pool)]
+            if bad:
+                raise ConfigError(f"no {backend or 'GPU'} device {bad[0]}: the devices are "
+                                  + ", ".join(f"{k} {d.name} ({d.description})" for k, d in enumerate(pool)))
+            pool = [pool[i] for i in ids]
+        return pool
+
+
+@dataclasses.dataclass
+class GPUPlan:
+    """Where the model goes: the layers to offload, the devices chosen (none: llama.cpp's default, all),
+    and what start-up says about it."""
+    n_gpu_layers: int = 0
+    devices: list[GPUDevice] = dataclasses.field(default_factory=list)
+    chosen: bool = False                 # devices named by --usevulkan/--usecuda (else llama.cpp takes all)
+    backends: list[str] = dataclasses.field(default_factory=list)
+    fit: dict | None = None              # the automatic fit's arithmetic
+    lines: list[str] = dataclasses.field(default_factory=list)
+
+    def report(self, memory: dict) -> dict:
+        """For /props, /api/extra/perf and /api/ps: devices, layers, and MiB per device as llama.cpp allocated."""
+        on_gpu = {name: parts for name, parts in memory["devices"].items()
+                  if not name.startswith("CPU") and not name.endswith("_Host")}
+        return {"backends": self.backends, "auto": self.fit is not None, "fit": self.fit,
+                "devices": [{"name": d.name, "description": d.description, "backend": d.backend,
+                             "free_mib": d.free >> 20, "total_mib": d.total >> 20} for d in self.devices],
+                "layers_offloaded": memory["layers_offloaded"], "layers_total": memory["layers_total"],
+                "vram_mib": round(sum(sum(parts.values()) for parts in on_gpu.values()), 2),
+                "buffers_mib": memory["devices"]}
+
+
+FIT_FREE_CAP_ENV = "KOBOLDLITE_FIT_FREE_MIB"    # tests: cap the free memory the automatic fit sees
+
+
+def plan_gpu(config: Config) -> GPUPlan:
+    """Find the build's GPU devices and decide the offload: --gpulayers if given, else as many layers as fit."""
+    use_gpu_build()
+    import llama_cpp
+    found = Devices(llama_cpp)
+    plan = GPUPlan(backends=found.backends)
+    backend = "Vulkan" if config.usevulkan is not None else "CUDA" if config.usecuda is not None else None
+    if (backend or config.tensor_split or config.maingpu is not None) and not found.gpu_backends:
+        option = ("--usevulkan" if config.usevulkan is not None else "--usecuda" if config.usecuda is not None
+                  else "--tensor_split" if config.tensor_split else "--maingpu")
+        raise ConfigError(f"{option}: this llama.cpp build runs on the CPU only; {GPU_BUILD_HELP}")
+    if not found.gpu_backends:
+        if config.gpulayers not in (None, 0):
+            plan.lines.append(f"GPU: this llama.cpp build runs on the CPU only, so --gpulayers does nothing; "
+                              f"{GPU_BUILD_HELP}")
+        return plan
+    ids = config.usevulkan or [int(w) for w in config.usecuda or () if str(w).isdigit()]
+    plan.devices = found.choose(backend, ids) if backend else list(found.gpus)
+    plan.chosen = backend is not None
+    if not plan.devices:
+        plan.lines.append(f"GPU: the {'/'.join(found.gpu_backends)} backend found no usable device (no driver, or "
+                          f"only CPU-type devices): running on the CPU")
+        return plan
+    for d in plan.devices:
+        plan.lines.append(f"GPU: {d.name} ({d.description}, {d.backend}): {d.free >> 20} MiB free of "
+                          f"{d.total >> 20} MiB")
+    if config.gpulayers is not None:
+        plan.n_gpu_layers = config.gpulayers
+        return plan
+    free = sum(d.free for d in plan.devices)
+    if os.environ.get(FIT_FREE_CAP_ENV, "").isdigit():
+        free = min(free, int(os.environ[FIT_FREE_CAP_ENV]) << 20)
+    layout = GGUFLayout(config.model)
+    cells = config.contextsize * (config.parallel if config.kvperslot else 1)
+    plan.n_gpu_layers, plan.fit = fit_gpu_layers(layout, free, cells, config.quantkv, config.batchsize)
+    plan.fit["layers"] = plan.n_gpu_layers
+    plan.lines.append(f"GPU: {plan.n_gpu_layers} of {layout.n_layer + 1} layers (with the output layer) fit in "
+                      f"{plan.fit['free_mib']} MiB free: {plan.fit['planned_mib']} MiB of weights and KV cache, "
+                      f"{plan.fit['margin_mib']} MiB kept for compute buffers; --gpulayers N chooses")
+    return plan
