@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from ..text import PhraseGuard, TextAssembler
 from ..generation import GenerationRequest
 from ..jobs import Job

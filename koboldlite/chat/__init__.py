@@ -1,0 +1,2 @@
+"""Chat: templates rendered as transformers renders them, chat messages, and tool calls.
+"""

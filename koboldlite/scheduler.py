@@ -1,0 +1,300 @@
+"""The scheduler: the fair queue in front of the engine, and the generation thread."""
+
+from __future__ import annotations
+
+import collections
+import threading
+from typing import Any, Callable, Iterator
+
+from .errors import RequestError
+from .jobs import Job
+from .engine.engine import Engine
+
+
+class ServerBusy(Exception):
+    pass
+
+
+class FairQueue:
+    """Waiting jobs, served round-robin across client addresses: one client's burst of requests
+    waits behind every other client's next request, not in front of it."""
+
+    def __init__(self):
+        self._lines: collections.OrderedDict[str, collections.deque[Job]] = collections.OrderedDict()
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __bool__(self) -> bool:
+        return self._count > 0
+
+    def append(self, job: Job):
+        self._lines.setdefault(job.client, collections.deque()).append(job)
+        self._count += 1
+
+    def popleft(self) -> Job:
+        client, line = next(iter(self._lines.items()))
+        job = line.popleft()
+        del self._lines[client]
+        if line:
+            self._lines[client] = line          # that client's next request goes to the back
+        self._count -= 1
+        return job
+
+    def push_front(self, job: Job):
+        """Back to the head of the queue (it could not start yet)."""
+        self._lines.setdefault(job.client, collections.deque()).appendleft(job)
+        self._lines.move_to_end(job.client, last=False)
+        self._count += 1
+
+    def remove(self, job: Job):
+        line = self._lines[job.client]
+        line.remove(job)
+        if not line:
+            del self._lines[job.client]
+        self._count -= 1
+
+    def __iter__(self) -> Iterator[Job]:
+        """In the order they will run."""
+        lines = [list(line) for line in self._lines.values()]
+        for i in range(max(map(len, lines), default=0)):
+            yield from (line[i] for line in lines if i < len(line))
+
+    def clear(self) -> list[Job]:
+        jobs = list(self)
+        self._lines.clear()
+        self._count = 0
+        return jobs
+
+
+class Scheduler:
+    """The queue in front of the engine, and the thread that runs the generation loop.
+
+    Also the registry of jobs by genkey, for check and abort, and the one place every job's end is
+    recorded (totals for /metrics, the log line), whatever ended it. Request threads see jobs only
+    through this object, under its condition; the engine's slots belong to the generation thread.
+    """
+
+    RECENT_KEYED_JOBS = 256
+    KEEP_AHEAD_AFTER = 0.5    # seconds idle before the slots' conversations are kept in the prompt cache
+
+    def __init__(self, engine: "Engine", max_waiting: int, on_finished: Callable[[Job], None] = lambda job: None):
+        self.engine = engine
+        self.on_finished = on_finished
+        self.max_waiting = max_waiting
+        self._cond = threading.Condition()
+        self._queue = FairQueue()
+        self._running: list[Job] = []            # admitted, in order of admission
+        self._by_genkey: collections.OrderedDict[str, Job] = collections.OrderedDict()
+        self._last_unkeyed: Job | None = None    # shown to a check without genkey while it runs
+        self._stopping = threading.Event()     # the shared abort signal: ends every job
+        self._calls: list[tuple[Callable, dict, threading.Event]] = []   # work for the loop thread, between steps
+        self._thread = threading.Thread(target=self._run, name="generation-loop", daemon=True)
+        self._stepped = False                  # work done since the loop last kept its slots' conversations
+        self.total_generations = 0
+        self.totals = collections.Counter()     # for /metrics
+        self.last_job: Job | None = None
+
+    def start(self):
+        """Start the loop; return once the engine is ready on it (so a first request finds the loop waiting)."""
+        self._ready = threading.Event()
+        self._thread.start()
+        self._ready.wait()
+
+    # -- request threads ---------------------------------------------------
+
+    def submit(self, job: Job) -> Job:
+        with self._cond:
+            if self._stopping.is_set():
+                raise ServerBusy("the server is shutting down")
+            if self._full():
+                raise ServerBusy()
+            self._queue.append(job)
+            if job.genkey:
+                self._by_genkey.pop(job.genkey, None)
+                self._by_genkey[job.genkey] = job
+                while len(self._by_genkey) > self.RECENT_KEYED_JOBS:
+                    self._by_genkey.popitem(last=False)
+            elif job.request.checkable_without_genkey:
+                self._last_unkeyed = job
+            self._cond.notify_all()
+        return job
+
+    def call(self, fn: Callable[["Engine"], Any], timeout: float = 120.0) -> Any:
+        """Run fn(engine) on the generation thread between two steps (only it may use the llama context), and
+        give back what it returns or raises."""
+        box: dict = {}
+        done = threading.Event()
+        with self._cond:
+            if self._stopping.is_set():
+                raise ServerBusy("the server is shutting down")
+            self._calls.append((fn, box, done))
+            self._cond.notify_all()
+        if not done.wait(timeout):
+            raise RequestError("the generation loop did not answer in time", status=503, kind="service_unavailable")
+        if "error" in box:
+            raise box["error"]
+        return box.get("result")
+
+    def _run_calls(self):
+        with self._cond:
+            calls, self._calls = self._calls, []
+        for fn, box, done in calls:
+            try:
+                box["result"] = fn(self.engine)
+            except Exception as e:   # handed to the caller
+                box["error"] = e
+            done.set()
+
+    def _full(self) -> bool:
+        return len(self._queue) >= self.engine.n_slots - len(self._running) + self.max_waiting
+
+    def find(self, genkey: str) -> Job | None:
+        """The latest job of this genkey; with no genkey, the unkeyed Kobold-API job while it is queued
+        or running (old clients poll so during their own blocking generate; after it, the text is
+        nobody else's business)."""
+        with self._cond:
+            return self._by_genkey.get(genkey) if genkey else self._last_unkeyed
+
+    def abort(self, genkey: str) -> Job | None:
+        """Abort the job with this genkey, or without one the latest running job that has none
+        (SillyTavern's stop button): take it out of the queue, or cancel it."""
+        with self._cond:
+            job = self._by_genkey.get(genkey) if genkey else self._latest_unkeyed()
+            if job is None or job.state == "done":
+                return None
+            if job.state == "queued":
+                self._queue.remove(job)
+                self._end_unstarted(job, "abort")
+                return job
+        job.cancel()
+        return job
+
+    def _latest_unkeyed(self) -> Job | None:
+        running = [j for j in self._running if not j.genkey]
+        if running:
+            return running[-1]
+        waiting = [j for j in self._queue if not j.genkey]
+        return waiting[-1] if waiting else None
+
+    def queue_position(self, job: Job) -> int:
+        """1 for the next to run; 0 when not waiting."""
+        with self._cond:
+            return next((i for i, j in enumerate(self._queue, 1) if j is job), 0)
+
+    @property
+    def waiting(self) -> int:
+        with self._cond:
+            return len(self._queue)
+
+    @property
+    def active(self) -> int:
+        with self._cond:
+            return len(self._running)
+
+    @property
+    def saturated(self) -> bool:
+        """True when one more request would be refused as busy."""
+        with self._cond:
+            return self._full()
+
+    @property
+    def idle(self) -> bool:
+        with self._cond:
+            return not self._queue and not self._running
+
+    def stop(self, timeout: float = 5.0):
+        """Abort everything, queued and running, and let the loop thread end."""
+        with self._cond:
+            self._stopping.set()
+            for job in self._queue.clear():
+                self._end_unstarted(job, "abort")
+            self._cond.notify_all()
+        self._thread.join(timeout)
+
+    # -- every job's end ------------------------------------------------------
+
+    def _end_unstarted(self, job: Job, reason: str, error: str | None = None):
+        """A job that never reached the engine (aborted in the queue, or refused by it). Holds _cond."""
+        job.end(reason, error)
+        self._record([job])
+
+    def _record(self, jobs: list[Job]):
+        """Holds _cond. The jobs have ended: count them, forget them as running, log them."""
+        for job in jobs:
+            if job in self._running:
+                self._running.remove(job)
+            if self._last_unkeyed is job:
+                self._last_unkeyed = None
+            self.total_generations += 1
+            s = job.stats
+            self.totals.update(requests=1, prompt_tokens=s.prompt_tokens - s.cached_tokens,
+                               prompt_seconds=s.prompt_seconds, generated_tokens=s.generated_tokens,
+                               generation_seconds=s.generation_seconds)
+            self.totals[f"finished_{job.buffer.finish_reason}"] += 1
+            self.last_job = job
+            self.on_finished(job)
+        self._cond.notify_all()
+
+    # -- the generation thread -----------------------------------------------
+
+    def _run(self):
+        engine = self.engine
+        try:
+            engine.ready_on_this_thread()
+        finally:
+            self._ready.set()
+        while True:
+            with self._cond:
+                keep_ahead = False
+                while not self._stopping.is_set() and not self._queue and not self._running and not self._calls:
+                    if not self._stepped:
+                        self._cond.wait()
+                    elif not self._cond.wait(self.KEEP_AHEAD_AFTER):
+                        keep_ahead = True      # idle for a while (a client's next request at once never waits)
+                        break
+                if self._stopping.is_set():
+                    self._record(engine.abort_all())
+                    for _, box, done in self._calls:
+                        box["error"] = RequestError("the server is shutting down", 503, "service_unavailable")
+                        done.set()
+                    return
+            if keep_ahead:
+                self._stepped = False
+                engine.keep_ahead()
+                continue
+            if self._calls:
+                self._run_calls()
+            with self._cond:
+                starting = []
+                while self._queue and len(self._running) < engine.n_slots:
+                    job = self._queue.popleft()
+                    job.state = "starting"
+                    self._running.append(job)
+                    starting.append(job)
+            for i, job in enumerate(starting):   # outside the condition: samplers and grammars are built here
+                try:
+                    admitted = engine.admit(job)
+                except Exception as e:  # e.g. a sampler llama.cpp refuses: this job fails alone
+                    with self._cond:
+                        self._end_unstarted(job, "error", f"could not start the generation: {e}")
+                    continue
+                if not admitted:        # no room yet (a shared KV pool held by running replies)
+                    with self._cond:
+                        for waiting in reversed(starting[i:]):
+                            self._running.remove(waiting)
+                            waiting.state = "queued"
+                            self._queue.push_front(waiting)
+                        if not self._running:    # nothing will free room: never wait on nothing
+                            self._queue.remove(job)
+                            self._end_unstarted(job, "error", "the prompt does not fit in the KV cache")
+                    break
+            self._stepped = True
+            try:
+                ended = engine.step()
+            except Exception as e:  # a failure fails the running jobs, never the server
+                ended = engine.fail_all(f"generation failed: {e}")
+            if ended:
+                with self._cond:
+                    self._record(ended)
