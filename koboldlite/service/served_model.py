@@ -1,0 +1,190 @@
+"""One loaded model and what serves it."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from typing import Callable, TYPE_CHECKING
+
+from ..errors import ModelLoadError, RequestError
+from ..config import Config, flash_attention_of
+from ..generation import GenerationRequest
+from ..jobs import Job
+from ..engine.gpu import plan_gpu
+from ..engine.llama_model import LlamaModel
+from ..engine.embeddings import Embedder
+from ..engine.drafting import DraftModel
+from ..engine.prompt_cache import PromptCache
+from ..engine.engine import Engine
+from ..scheduler import Scheduler, ServerBusy
+from ..chat.template import load_chat_template
+from .catalog import ModelEntry
+
+if TYPE_CHECKING:
+    from .app import App
+
+
+class ProgressBar:
+    """Model loading progress on stderr, redrawn only when a step of the bar fills."""
+
+    WIDTH = 30
+
+    def __init__(self):
+        self._shown = -1
+
+    def __call__(self, fraction: float):
+        filled = int(fraction * self.WIDTH)
+        if filled == self._shown:
+            return
+        self._shown = filled
+        end = "\n" if filled >= self.WIDTH else ""
+        print(f"\rLoading model [{'#' * filled}{'.' * (self.WIDTH - filled)}] {fraction * 100:3.0f}%",
+              end=end, file=sys.stderr, flush=True)
+
+
+def available_memory() -> int | None:
+    """Bytes of RAM the system could still give (Linux: MemAvailable); None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+BUSY_MESSAGE = "Server is busy; please try again later."
+
+
+class ServedModel:
+    """One loaded model and what serves it: its chat template, engine, generation loop and embedder."""
+
+    def __init__(self, entry: ModelEntry, app: "App", on_job_end: Callable[["ServedModel", Job], None]):
+        self.entry = entry
+        self.name = entry.name
+        self.config = cfg = entry.config(app.config)
+        self.app = app
+        started = time.monotonic()
+        gpu = plan_gpu(cfg)
+        for line in gpu.lines:
+            print(line, file=sys.stderr, flush=True)
+        self.model = LlamaModel(cfg.model, n_ctx=cfg.contextsize, n_seq=cfg.parallel,
+                                n_threads=cfg.threads, n_gpu_layers=gpu.n_gpu_layers, n_batch=cfg.batchsize,
+                                devices=gpu.devices if gpu.chosen else None, main_gpu=cfg.maingpu,
+                                tensor_split=cfg.tensor_split, row_split="rowsplit" in (cfg.usecuda or ()),
+                                shared_kv=not (cfg.kvperslot or cfg.kvsplit), split_kv=cfg.kvsplit,
+                                flash_attention=flash_attention_of(cfg), quantkv=cfg.quantkv,
+                                use_mmap=not cfg.nommap, use_mlock=cfg.usemlock,
+                                progress=None if cfg.quiet else ProgressBar(), show_llama_log=cfg.debug)
+        try:
+            self.chat_template, self.template_origin = load_chat_template(self.model, cfg.chat_template)
+        except Exception:
+            self.model.close()
+            raise
+        self.gpu = gpu
+        self.memory = self.model.memory_report()
+        self.gpu_info = gpu.report(self.memory)
+        self.draft_model: DraftModel | None = None
+        if cfg.draftmodel and not cfg.nodraft:
+            try:
+                self.draft_model = DraftModel(cfg.draftmodel, self.model, cfg.contextsize, cfg.threads,
+                                              gpu.n_gpu_layers if cfg.draftgpulayers is None else cfg.draftgpulayers,
+                                              show_llama_log=cfg.debug)
+            except ModelLoadError:
+                self.model.close()
+                raise
+        self.prompt_cache = self._prompt_cache(cfg)
+        self.engine = Engine(self.model, context_shift=not cfg.noshift,
+                             draft_most=0 if cfg.nodraft else cfg.draftamount, draft_model=self.draft_model,
+                             prompt_cache=self.prompt_cache, log=self.app.log)
+        self.scheduler = Scheduler(self.engine, cfg.multiuser, lambda job: on_job_end(self, job))
+        self.scheduler.start()
+        self.load_seconds = time.monotonic() - started
+        self.leases = 0                          # requests using it now (the roster's count, under its lock)
+        self.jobs = 0                            # its jobs not yet ended (so the roster never asks the loop)
+        self.last_used = time.monotonic()
+        self.keep_alive: float | None = None     # idle seconds before unloading, as the last request asked
+        self.unloading = False
+        self._embedder: Embedder | None = None
+        self._embedder_lock = threading.Lock()
+        self.saved_states: dict[int, tuple[list[int], bytes]] = {}   # KoboldCpp's admin save_state, by number
+
+    CACHE_CONTEXTS = 4       # the default RAM cache: this many full contexts of the model's KV cache...
+    CACHE_RAM_SHARE = 4      # ...but at most a quarter of the memory the system has free
+
+    def _prompt_cache(self, cfg: Config) -> PromptCache | None:
+        """Displaced conversations: by default as many full contexts as a LAN with a few more conversations than
+        slots brings back, from the model's own KV cost per token."""
+        per_token = self.memory["kv_cache_mib"] * 2**20 / max(1, self.model.pool_tokens)
+        if cfg.cacheram is None:
+            ram = int(per_token * self.model.n_ctx * self.CACHE_CONTEXTS)
+            free = available_memory()
+            if free is not None:
+                ram = min(ram, free // self.CACHE_RAM_SHARE)
+        else:
+            ram = cfg.cacheram << 20
+        folder = os.path.join(cfg.cachedir, self.name) if cfg.cachedir else None    # one folder per model
+        if not ram and not folder:
+            return None
+        cache = PromptCache(self.model, ram, folder, cfg.cachedisk << 20, self.app.log)
+        self.app.log(f"prompt cache for {self.name}: up to {ram >> 20} MiB in RAM ({per_token / 1024:.0f} KiB a "
+                     f"token)" + (f", {cfg.cachedisk} MiB on disk in {folder}" if folder else ""))
+        return cache
+
+    def save_conversations(self):
+        """Unloading or stopping: every slot's conversation into the prompt cache, and RAM's onto disk.
+        The loop has ended: this thread may use the context."""
+        if self.prompt_cache is None:
+            return
+        for slot in self.engine.slots:
+            self.engine.pool.stash(slot)
+        self.prompt_cache.flush()
+
+    @property
+    def resident_mib(self) -> float:
+        m = self.memory
+        return round(m["model_mib"] + m["kv_cache_mib"] + m["compute_mib"], 1)
+
+    def start_generation(self, request: GenerationRequest) -> Job:
+        """Prepare and queue a generation; a full queue is the 503 KoboldAI Lite understands."""
+        job = self.engine.prepare(request)
+        job.stats.model = self.name
+        roster = self.app.roster
+        roster.job_started(self)
+        try:
+            self.scheduler.submit(job)
+        except ServerBusy:
+            roster.job_done(self)
+            raise RequestError(BUSY_MESSAGE, status=503, kind="service_unavailable") from None
+        position = self.scheduler.queue_position(job)     # 0 once the loop has taken it
+        self.app.log(f"job {job.id}: {len(job.prompt_tokens)} prompt tokens, up to "
+                     f"{job.max_new_tokens} new"
+                     + (f", {job.stats.truncated_tokens} oldest prompt tokens cut to fit the context"
+                        if job.stats.truncated_tokens else "")
+                     + (f", genkey {job.genkey}" if job.genkey else "")
+                     + (f", ignored fields: {', '.join(job.ignored_fields)}" if job.ignored_fields else "")
+                     + (f", queued at {position}" if position else "")
+                     + (f", model {self.name}" if self.app.catalog.several else ""))
+        return job
+
+    def embedder(self) -> Embedder:
+        with self._embedder_lock:
+            if self._embedder is None:
+                self._embedder = Embedder.made_for(self.model, self.config.contextsize, self.config.threads,
+                                                   self.app.log)
+            return self._embedder
+
+    def close(self):
+        """End the loop (it has nothing left to run: the roster saw to that) and free the memory."""
+        self.scheduler.stop()
+        self.save_conversations()
+        with self._embedder_lock:
+            if self._embedder is not None:
+                self._embedder.close()
+                self._embedder = None
+        if self.draft_model is not None:
+            self.draft_model.close()
+        self.model.close()
