@@ -5,6 +5,6 @@ For the time of the split the package's names are its modules' names, as koboldl
 
 import importlib as _importlib
 
-for _name in ('version', 'errors', 'model_files', 'config', 'desktop', 'text', 'fields', 'generation', 'jobs', 'engine.gguf_layout', 'engine.gpu', 'engine.llama_model', 'engine.samplers', 'engine.embeddings', 'engine.drafting', 'engine.slots', 'engine.prompt_cache', 'engine.kv_pool', 'engine.read_ahead', 'engine.engine', 'scheduler', 'chat.template', 'chat.messages', 'chat.tools', 'service.downloads', 'service.catalog', 'service.served_model', 'service.roster', 'service.app', 'service.exchange', 'monolith'):
+for _name in ('version', 'errors', 'model_files', 'config', 'desktop', 'text', 'fields', 'generation', 'jobs', 'engine.gguf_layout', 'engine.gpu', 'engine.llama_model', 'engine.samplers', 'engine.embeddings', 'engine.drafting', 'engine.slots', 'engine.prompt_cache', 'engine.kv_pool', 'engine.read_ahead', 'engine.engine', 'scheduler', 'chat.template', 'chat.messages', 'chat.tools', 'service.downloads', 'service.catalog', 'service.served_model', 'service.roster', 'service.app', 'service.exchange', 'api.common', 'api.kobold', 'api.openai', 'api.ollama', 'api.anthropic', 'api.responses', 'api.admin', 'api.slots', 'api.ops', 'monolith'):
     globals().update({k: v for k, v in vars(_importlib.import_module('.' + _name, __name__)).items()
                       if not k.startswith('__')})

@@ -1,0 +1,263 @@
+"""What every API family shares: error shapes, keys and genkeys, log-probabilities, replies as events."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Iterator
+
+from ..errors import RequestError
+from ..text import ReasoningSplitter
+from ..fields import FieldReader
+from ..generation import GenerationRequest, SamplerSettings, parse_sampler_settings
+from ..jobs import Job, TokenLogprob
+from ..engine.llama_model import LlamaModel
+from ..engine.embeddings import Embedder
+from ..chat.template import INSTRUCT_PLACEHOLDER
+from ..chat.tools import CallWatch, ToolUse
+from ..service.served_model import ServedModel
+from ..service.exchange import JSONResponse, Response
+
+
+ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                         404: "not_found_error", 405: "invalid_request_error", 411: "invalid_request_error",
+                         413: "request_too_large", 429: "rate_limit_error", 500: "api_error",
+                         503: "overloaded_error", 529: "overloaded_error"}
+
+
+# Each route is a small function (app, request) -> Response that turns JSON into
+# one GenerationRequest and the job's token buffer back into its API's shape.
+def error_body(style: str, error: RequestError) -> dict:
+    """The error shape each family of clients understands."""
+    if style == "openai":
+        return {"error": {"message": str(error), "type": error.kind, "code": error.code or error.status,
+                          **error.extra}}
+    if style == "ollama":
+        return {"error": str(error)}
+    if style == "anthropic":
+        kind = ANTHROPIC_ERROR_TYPES.get(error.status, "api_error" if error.status >= 500 else "invalid_request_error")
+        return {"type": "error", "error": {"type": kind, "message": str(error)}}
+    return {"detail": {"msg": str(error), "type": error.kind}}
+
+
+def error_response(style: str, error: RequestError) -> Response:
+    """An error in its API's shape; Anthropic's clients know a full queue as 529 (overloaded)."""
+    status = 529 if style == "anthropic" and error.status == 503 else error.status
+    return JSONResponse(error_body(style, error), status, error.headers)
+
+
+def unauthorized(style: str) -> RequestError:
+    """401, in the words OpenAI-style clients look for (they show 'invalid API key' and stop retrying)."""
+    message = "a valid password is required (Authorization: Bearer <password>, or X-Api-Key)"
+    if style == "openai":
+        return RequestError(message, status=401, kind="authentication_error", code="invalid_api_key")
+    return RequestError(message, status=401, kind="unauthorized")
+
+
+def instruct_request(served: ServedModel, f: FieldReader, prompt: str, memory: str = "", stop_strings: list[str] = (),
+                     **fields) -> GenerationRequest:
+    """A text-completion request, its instruct placeholders rendered with the model's chat template
+    (KoboldCpp replaces them unless "replace_instruct_placeholders" is false)."""
+    if not f.boolean("replace_instruct_placeholders", default=True):
+        return GenerationRequest(prompt=prompt, memory=memory, stop_strings=list(stop_strings), **fields)
+    template = served.chat_template
+    stops = template.instruct_stops(stop_strings) if any(INSTRUCT_PLACEHOLDER.search(s) for s in stop_strings) \
+        else list(stop_strings)
+    rendered = template.render_instruct(memory, prompt)
+    if rendered is None:
+        return GenerationRequest(prompt=prompt, memory=memory, stop_strings=stops, **fields)
+    memory, prompt = rendered
+    return template.prompt_request(prompt, memory=memory, stop_strings=stops, **fields)
+
+
+def genkey_of(req) -> str:
+    """A genkey from the JSON body, the query string, or a `genkey` header: every API takes all
+    three, so check and abort (and a balancer hashing on it) reach any generation."""
+    body = req.json(optional=True)
+    if body is not None and not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object")
+    key = (body or {}).get("genkey") or req.query.get("genkey") or req.headers.get("genkey") or ""
+    if not isinstance(key, str):
+        raise RequestError("'genkey' must be a string")
+    return key
+
+
+def wire_finish_reason(reason: str | None) -> str:
+    """Clients know 'stop' and 'length'; an aborted or failed generation stopped."""
+    return "length" if reason == "length" else "stop"
+
+
+class LogprobShapes:
+    """A job's token log-probabilities in each API's shape. `legacy` keeps the text offset across
+    the chunks of one stream."""
+
+    def __init__(self, model: LlamaModel):
+        self.model = model
+        self.offset = 0
+
+    def _token(self, token: int) -> dict:
+        data = self.model.piece(token)
+        return {"token": data.decode("utf-8", errors="replace"), "bytes": list(data)}
+
+    def chat(self, entries: list[TokenLogprob]) -> list[dict]:
+        """OpenAI chat's `content` list (also Ollama's `logprobs`)."""
+        return [{**self._token(e.token), "logprob": e.logprob,
+                 "top_logprobs": [{**self._token(t), "logprob": lp} for t, lp in e.top]} for e in entries]
+
+    def legacy(self, entries: list[TokenLogprob]) -> dict:
+        """OpenAI completions' shape: tokens, token_logprobs, top_logprobs, text_offset."""
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for e in entries:
+            text = self._token(e.token)["token"]
+            out["tokens"].append(text)
+            out["token_logprobs"].append(e.logprob)
+            out["top_logprobs"].append({self._token(t)["token"]: lp for t, lp in e.top})
+            out["text_offset"].append(self.offset)
+            self.offset += len(text)
+        return out
+
+    def kobold(self, entries: list[TokenLogprob]) -> dict:
+        """KoboldCpp's: the chat `content` list and the legacy lists side by side."""
+        return {"content": self.chat(entries), **self.legacy(entries)}
+
+
+def batches_with_logprobs(job: Job) -> Iterator[tuple[list[str], list[TokenLogprob]]]:
+    """The job's text as it arrives, each batch with the log-probabilities of the tokens shown since the
+    last (they are recorded before their text); a last ([], rest) for tokens whose text never showed."""
+    sent = 0
+    for batch in job.buffer.batches():
+        n = len(job.logprobs)
+        yield batch, job.logprobs[sent:n]
+        sent = n
+    if len(job.logprobs) > sent:
+        yield [], job.logprobs[sent:]
+
+
+def prompt_cache_report(served: ServedModel) -> dict | None:
+    cache = served.prompt_cache
+    if cache is None:
+        return None
+    with cache._lock:
+        entries = list(cache.entries)
+    return {"conversations": len(entries), "in_ram": sum(e.data is not None for e in entries),
+            "on_disk": sum(e.path is not None for e in entries), "ram_mib": round(cache.ram_used / 2**20, 1),
+            "disk_mib": round(cache.disk_used / 2**20, 1), "ram_limit_mib": cache.ram_bytes >> 20,
+            "disk_limit_mib": cache.disk_bytes >> 20 if cache.folder else 0,
+            "saved_ahead": cache.saved["ahead"], "saved_when_displaced": cache.saved["when_displaced"]}
+
+
+def gpu_report(served: ServedModel) -> dict:
+    """Fixed once the model is loaded; read then, not from llama.cpp's log (which scrolls) on every request."""
+    return served.gpu_info
+
+
+def model_states(app) -> list[dict]:
+    """Every model a request may name, with its state, size and context (as loaded, or as it would be)."""
+    out = []
+    for entry in app.catalog.entries():
+        served = app.roster.current(entry.name)
+        out.append({"name": entry.name, "aliases": entry.aliases, "state": app.roster.state_of(entry.name),
+                    "default": entry.name == app.catalog.default_name, "size": entry.size_bytes,
+                    "context": served.model.n_ctx if served else entry.config(app.config).contextsize,
+                    **({"error": app.roster.failures[entry.name]} if entry.name in app.roster.failures else {})})
+    return out
+
+
+def tool_use_of(served: ServedModel, f: FieldReader, choice: Any = None) -> ToolUse | None:
+    tools = f.body.get("tools")
+    if not tools:
+        return None
+    return ToolUse(served.chat_template, tools, choice if choice is not None else f.body.get("tool_choice"),
+                   f.body.get("parallel_tool_calls") is not False)
+
+
+OPENAI_DEFAULTS = SamplerSettings(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, rep_pen_range=64)
+
+
+MAX_TOP_LOGPROBS = 20
+
+
+def sse_data(obj: Any) -> bytes:
+    return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+def reasoning_fields(splitter: ReasoningSplitter | None, reasoning: str, answer: str,
+                     names: tuple[str, str] = ("reasoning_content", "content")) -> dict:
+    """The text as an API shows it: a thinking block apart (llama-server's `reasoning_content`,
+    Ollama's `thinking`), or all inline."""
+    if splitter is None:
+        return {names[1]: reasoning + answer}
+    return {**({names[0]: reasoning} if reasoning else {}), **({names[1]: answer} if answer else {})}
+
+
+# Coding agents (Claude Code, Codex CLI) speak these. Both are adapters onto the same chat request, template,
+# tools and reasoning split as the chat completions above; what differs is how a reply is cut into
+# blocks (Anthropic) or output items (Responses) and how those stream.
+class ReplyParts:
+    """A chat reply read as the block APIs show it: ("reasoning", text) and ("text", text) parts as they
+    stream, then the tool calls at the end (a reply that begins like a call is held until it is one)."""
+
+    def __init__(self, job: Job, tools: ToolUse | None):
+        self.splitter = ReasoningSplitter.for_prompt(job.request.prompt)
+        self.watch = CallWatch(tools)
+
+    def feed(self, piece: str) -> list[tuple[str, str]]:
+        reasoning, answer = self.splitter.feed(piece)
+        return self._parts(reasoning, self.watch.feed(answer))
+
+    def finish(self) -> list[tuple[str, str]]:
+        reasoning, answer = self.splitter.flush()
+        return self._parts(reasoning, self.watch.finish(answer))
+
+    @staticmethod
+    def _parts(reasoning: str, answer: str) -> list[tuple[str, str]]:
+        return [(kind, text) for kind, text in (("reasoning", reasoning), ("text", answer)) if text]
+
+    @property
+    def calls(self) -> list[dict]:
+        return self.watch.calls
+
+
+def sse_event(kind: str, data: dict) -> bytes:
+    """`event:` and `data:` with the same type, as both APIs (and their SDKs, which drop events without it) want."""
+    return (f"event: {kind}\ndata: ".encode() + json.dumps({"type": kind, **data}, ensure_ascii=False).encode()
+            + b"\n\n")
+
+
+def api_key_owner(req) -> str:
+    """Whose stored responses a request may see: a digest of the key it offered (none is a key too)."""
+    auth = req.headers.get("Authorization", "")
+    key = auth[7:].strip() if auth[:7].lower() == "bearer " else req.headers.get("X-Api-Key", "").strip()
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def text_only(kind: str, where: str) -> RequestError:
+    return RequestError(f"{where} is a{'n' if kind[0] in 'aeiou' else ''} {kind} block: this server's model reads "
+                        "text only")
+
+
+def block_request_fields(req, f: FieldReader, max_length: int | None, ignored: list[str]) -> dict:
+    return dict(max_length=max_length, sampler=parse_sampler_settings(f, OPENAI_DEFAULTS), genkey=genkey_of(req),
+                ignored_fields=ignored)
+
+
+def embedding_inputs(f: FieldReader, *names: str) -> list[str]:
+    value = f.value(*names)
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value) and len(value) <= 2048:
+        return value
+    raise RequestError(f"'{names[0]}' must be a string or a non-empty list of strings")
+
+
+def embedder_for(req, f: FieldReader) -> tuple[Embedder, str]:
+    """The embedding context a request uses, and the name its answer gives: --embeddings-model's whatever
+    the request names, else the named model's own."""
+    app = req.app
+    if app.embeddings_source is not None:
+        return app.embedder(None), app.embeddings_source.name
+    served = req.use(f.body.get("model"))
+    return app.embedder(served), served.name

@@ -1,0 +1,224 @@
+"""The KoboldAI API and KoboldCpp's extras."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Callable
+
+from ..version import KOBOLDCPP_COMPAT_VERSION, KOBOLD_API_VERSION, __version__
+from ..errors import RequestError
+from ..fields import FieldReader, _asks, _more_than_one, ignored_fields
+from ..generation import GenerationRequest, parse_sampler_settings
+from ..jobs import JobStats
+from ..chat.tools import json_grammar
+from ..service.app import App
+from ..service.exchange import JSONResponse, StreamResponse, wait_for_text
+from .common import (
+    LogprobShapes, genkey_of, gpu_report, instruct_request, model_states, prompt_cache_report, wire_finish_reason
+)
+
+
+# Fields each API defines that this server does not act on, each with the test of a value that asks for
+# something: such a field is named in the log and in X-KoboldLite-Ignored, never dropped in silence.
+KOBOLD_IGNORED_FIELDS: dict[str, Callable[[Any], bool]] = {
+    "images": _asks, "audio": _asks,                       # no vision or audio model is served
+    "n": _more_than_one,                                   # one text per request
+    "use_story": _asks, "use_memory": _asks, "use_authors_note": _asks, "use_world_info": _asks,
+    "negative_prompt": _asks, "guidance_scale": lambda v: v not in (None, 0, 1),
+    "grammar_retain_state": _asks,
+    "adaptive_target": lambda v: isinstance(v, (int, float)) and v > 0,
+}
+
+
+KOBOLD_TOP_LOGPROBS = 5     # KoboldCpp reports the 5 most likely alternatives
+
+
+def parse_kobold_request(req, app: App) -> GenerationRequest:
+    f = FieldReader(req.json())
+    if "prompt" not in f.body:
+        raise RequestError("'prompt' is required")
+    stops = f.string_list("stop_sequence")
+    if f.boolean("singleline"):
+        stops.append("\n")
+    served = req.use(f.body.get("model"))      # KoboldAI Lite sends none: the default model
+    return instruct_request(served, f, prompt=f.string("prompt"), memory=f.string("memory"), stop_strings=stops,
+        max_length=f.integer("max_length", default=served.config.max_length, lo=1, hi=1 << 20),
+        max_context_length=f.integer("max_context_length", "truncation_length", default=served.model.n_ctx,
+                                     lo=1, hi=1 << 24),
+        trim_stop=f.boolean("trim_stop", default=True),
+        sampler=parse_sampler_settings(f),
+        genkey=genkey_of(req),
+        render_special=f.boolean("render_special", default=False),
+        checkable_without_genkey=True,
+        cut_overlong_prompt=True,
+        ignored_fields=ignored_fields(f.body, KOBOLD_IGNORED_FIELDS),
+        logprobs=f.boolean("logprobs"), top_logprobs=KOBOLD_TOP_LOGPROBS, logprobs_after_samplers=True,
+    )
+
+
+def kobold_sse_event(token: str, finish_reason: str | None) -> bytes:
+    """One KoboldCpp SSE event; ASCII-only JSON on one line (a raw U+2028 breaks KoboldAI Lite)."""
+    data = json.dumps({"token": token, "finish_reason": finish_reason}, ensure_ascii=True)
+    return f"event: message\ndata: {data}\n\n".encode("ascii")
+
+
+# Routes get (app, request) and return a Response; see the HTTP layer below.
+def kobold_model(app, req):
+    if app.config.password and not req.authorized:
+        return JSONResponse({"result": "koboldcpp/protected-model"})   # KoboldCpp's words
+    return JSONResponse({"result": f"koboldcpp/{app.catalog.default_name}"})   # even while it (re)loads
+
+
+def kobold_info_version(app, req):
+    return JSONResponse({"result": KOBOLD_API_VERSION})
+
+
+def kobold_max_length(app, req):
+    return JSONResponse({"value": app.config.max_length})
+
+
+def default_context_size(app) -> int:
+    """The default model's context: as loaded, or (unloaded, loading) as it will be. Never waits for a load."""
+    served = app.roster.current()
+    if served is not None:
+        return served.model.n_ctx
+    entry = app.catalog.find(None)
+    return entry.config(app.config).contextsize if entry else app.config.contextsize
+
+
+def kobold_max_context_length(app, req):
+    return JSONResponse({"value": default_context_size(app)})
+
+
+def kobold_generate(app, req):
+    job = req.start_generation(parse_kobold_request(req, app))
+    result = {"text": wait_for_text(job), "finish_reason": wire_finish_reason(job.buffer.finish_reason)}
+    if job.request.logprobs:
+        result["logprobs"] = LogprobShapes(req.use().model).kobold(job.logprobs)
+    return JSONResponse({"results": [result]})
+
+
+def kobold_last_logprobs(app, req):
+    """The log-probabilities of this genkey's latest generation; never another's, and none without a key."""
+    genkey = genkey_of(req)
+    found = app.find_job(genkey) if genkey else None
+    served = req.use_loaded(found[1]) if found else None      # its model, unless unloaded since
+    if served is None or not found[0].request.logprobs:
+        return JSONResponse({"logprobs": None})
+    return JSONResponse({"logprobs": LogprobShapes(served.model).kobold(list(found[0].logprobs))})
+
+
+def kobold_generate_stream(app, req):
+    job = req.start_generation(parse_kobold_request(req, app))
+
+    def events():
+        for batch in job.buffer.batches():    # one write for all the tokens already waiting
+            yield b"".join(kobold_sse_event(piece, None) for piece in batch)
+        yield kobold_sse_event("", wire_finish_reason(job.buffer.finish_reason))
+    return StreamResponse("text/event-stream", events(), job)
+
+
+def kobold_extra_version(app, req):
+    return JSONResponse({
+        "result": "KoboldCpp", "version": KOBOLDCPP_COMPAT_VERSION, "protected": bool(app.config.password),
+        "server": "KoboldLite", "koboldlite_version": __version__,
+        "txt2img": False, "vision": False, "audio": False, "transcribe": False, "multiplayer": False,
+        "websearch": False, "tts": False, "embeddings": True, "savedata": False,
+        "admin": 1 if app.config.admin else 0, "router": app.catalog.several,
+    })
+
+
+def kobold_check(app, req):
+    job, served = app.find_job(genkey_of(req)) or (None, None)
+    text = job.buffer.text() if job is not None else ""
+    result = {"text": text}
+    if job is not None and job.state == "queued":
+        result["queue_position"] = served.scheduler.queue_position(job)
+    return JSONResponse({"results": [result]})
+
+
+def kobold_abort(app, req):
+    job = app.abort(genkey_of(req))
+    if job is None:
+        return JSONResponse({"success": "false", "done": "false"})
+    done = job.buffer.wait_done(timeout=2.0)   # the loop stops within one token
+    return JSONResponse({"success": "true", "done": "true" if done else "false"})
+
+
+def kobold_tokencount(app, req):
+    f = FieldReader(req.json())
+    text = f.string("prompt")
+    special = f.boolean("special", default=True)
+    ids = req.use().model.tokenize(text, add_bos=special, parse_special=special)
+    return JSONResponse({"value": len(ids), "ids": ids})
+
+
+def kobold_detokenize(app, req):
+    f = FieldReader(req.json())
+    ids = f.token_ids("ids", "tokens")
+    model = req.use().model
+    bad = [t for t in ids if not model.valid_token(t)]
+    if bad:
+        raise RequestError(f"'ids' holds ids outside the vocabulary (0..{model.n_vocab - 1}): {bad[0]}")
+    return JSONResponse({"result": model.detokenize(ids), "success": True})
+
+
+def kobold_json_to_grammar(app, req):
+    """A JSON schema (the body, or its 'schema' field) as GBNF, for clients that then send it as 'grammar'."""
+    f = FieldReader(req.json())
+    schema = f.body.get("schema", f.body)
+    return JSONResponse({"result": json_grammar(schema, "schema"), "success": True})
+
+
+def sd_models(app, req):
+    """No image model is served: KoboldCpp answers an empty list, and KoboldAI Lite asks on every connect."""
+    return JSONResponse([])
+
+
+def kobold_true_max_context_length(app, req):
+    return JSONResponse({"value": default_context_size(app)})
+
+
+def kobold_perf(app, req):
+    """Counts and timings, no text; of the default model's loop when it is loaded (it never loads one)."""
+    last = app.last_job
+    s = last.stats if last else JobStats()
+    loaded = app.roster.any_loaded()
+    served = app.roster.current() or (loaded[0] if loaded else None)
+    return JSONResponse({
+        "last_process": round(s.prompt_seconds, 4),
+        "last_eval": round(s.generation_seconds, 4),
+        "last_token_count": s.generated_tokens,
+        "last_input_count": s.prompt_tokens,
+        "last_cached_count": s.cached_tokens,
+        "last_truncated_count": s.truncated_tokens,    # oldest prompt tokens cut to fit the context
+        "last_shifted_count": s.shifted_tokens,        # tokens a context shift dropped while generating
+        "truncated": s.truncated,
+        "last_seed": s.seed,
+        "last_model": s.model,                         # the model that served the last job
+        "last_cache_source": s.cache_source,           # slot, ram, disk or none: where its cached tokens came from
+        "prompt_cache": prompt_cache_report(served) if served else None,
+        "last_draft_count": s.drafted_tokens,          # speculative draft tokens checked, and kept
+        "last_draft_accepted": s.draft_accepted,
+        "total_draft_count": app.totals["drafted_tokens"], "total_draft_accepted": app.totals["draft_accepted"],
+        "total_gens": app.totals["requests"],
+        "stop_reason": s.stop_reason,
+        "queue": sum(m.scheduler.waiting for m in loaded),
+        "idle": 0 if any(not m.scheduler.idle for m in loaded) else 1,
+        "active_slots": sum(m.scheduler.active for m in loaded),
+        "slots": len(served.engine.slots) if served else 0,
+        "kv_compactions": served.engine.compactions if served else 0,   # a shared pool laid out anew (README)
+        "read_ahead_tokens": served.engine.next_turns.tokens_read if served else 0,   # chats' next turns (README)
+        "gpu": gpu_report(served) if served else None,
+        "models": model_states(app),
+        "model_events": list(app.roster.events),       # loads and unloads: when, why, seconds, MiB
+        "uptime": round(time.monotonic() - app.started, 3),
+        "instance": app.instance_id,
+        "hordeexitcounter": -1,
+        "quiet": app.config.quiet,
+    })
+
+
+def kobold_preloadstory(app, req):
+    return JSONResponse({})

@@ -1,0 +1,290 @@
+"""The Ollama API."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+from typing import Any, Callable
+
+from ..errors import RequestError
+from ..config import BUILTIN_CHAT_TEMPLATES
+from ..text import ReasoningSplitter
+from ..fields import FieldReader, _asks, ignored_fields
+from ..generation import GenerationRequest, SamplerSettings, parse_sampler_settings
+from ..jobs import Job
+from ..chat.messages import parse_chat_messages
+from ..chat.tools import CallWatch, ToolUse, json_grammar
+from ..service.catalog import ModelEntry
+from ..service.served_model import ServedModel
+from ..service.exchange import JSONResponse, Response, StreamResponse, wait_for_text
+from .common import (
+    LogprobShapes, MAX_TOP_LOGPROBS, batches_with_logprobs, embedder_for, embedding_inputs, genkey_of, gpu_report,
+    reasoning_fields, tool_use_of
+)
+
+
+OLLAMA_IGNORED_FIELDS: dict[str, Callable[[Any], bool]] = {
+    "images": _asks, "context": _asks, "template": _asks, "suffix": _asks,
+}
+
+
+OLLAMA_IGNORED_OPTIONS = ("num_gpu", "main_gpu", "num_thread", "num_batch", "num_keep", "numa", "low_vram",
+                          "use_mmap", "use_mlock", "penalize_newline", "vocab_only")
+
+
+OLLAMA_DEFAULTS = SamplerSettings(temperature=0.8, top_k=40, top_p=0.9, min_p=0.0, rep_pen=1.1, rep_pen_range=64)
+
+
+OLLAMA_VERSION = "0.12.0"
+
+
+def ollama_timestamp() -> str:
+    now = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1e9):09d}Z"
+
+
+def ollama_model_entry(app, entry: ModelEntry) -> dict:
+    """Ollama's listing of a model, from its file's header: it need not be loaded."""
+    mtime = os.path.getmtime(entry.path)
+    meta = entry.layout.metadata if entry.layout else {}
+    family = str(meta.get("general.architecture") or "")
+    return {
+        "name": entry.name, "model": entry.name,
+        "modified_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(mtime)),
+        "size": entry.size_bytes,
+        "digest": hashlib.sha256(f"{entry.name}:{entry.size_bytes}:{mtime}".encode()).hexdigest(),
+        "details": {"parent_model": "", "format": "gguf", "family": family, "families": [family],
+                    "parameter_size": str(meta.get("general.size_label") or ""),
+                    "quantization_level": str(meta.get("general.file_type") or "")},
+    }
+
+
+DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+
+
+DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600}
+
+
+def keep_alive_of(f: FieldReader) -> float | None:
+    """Ollama's keep_alive: seconds as a number, or a Go duration ("5m", "1h30m", "-1m"); negative: for ever.
+    None when the request does not say."""
+    value = f.body.get("keep_alive")
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            return float(text)
+        except ValueError:
+            pass
+        sign = -1 if text.startswith("-") else 1
+        body = text.lstrip("+-")
+        parts = DURATION_PART.findall(body)
+        if parts and "".join(n + u for n, u in parts) == body:
+            return sign * sum(float(n) * DURATION_UNITS[u] for n, u in parts)
+    raise RequestError("'keep_alive' must be seconds or a duration such as \"5m\" (negative: keep loaded)")
+
+
+def ollama_use(req, f: FieldReader) -> ServedModel:
+    """The model an Ollama request names (`model`, or the old `name`), and how long it stays loaded after."""
+    req.keep_alive = keep_alive_of(f)
+    return req.use(f.body.get("model", f.body.get("name")))
+
+
+def ollama_generation_fields(req, f: FieldReader, app) -> dict:
+    options = FieldReader(f.body.get("options") or {}, "options")
+    sampler = parse_sampler_settings(options, OLLAMA_DEFAULTS)
+    fmt = f.body.get("format")
+    if fmt == "json":
+        sampler.grammar = json_grammar(True, "format")
+    elif fmt not in (None, ""):
+        sampler.grammar = json_grammar(fmt, "format")
+    num_predict = options.integer("num_predict", default=-1, lo=-2, hi=1 << 20)
+    fields = {}
+    if f.boolean("logprobs"):
+        fields["logprobs"] = True
+        fields["top_logprobs"] = f.integer("top_logprobs", default=0, lo=0, hi=MAX_TOP_LOGPROBS)
+    return dict(**fields, max_length=None if num_predict < 0 else max(1, num_predict),
+                max_context_length=options.integer("num_ctx", default=req.use().model.n_ctx, lo=16, hi=1 << 24),
+                stop_strings=options.string_list("stop"), sampler=sampler, genkey=genkey_of(req),
+                ignored_fields=ignored_fields(f.body, OLLAMA_IGNORED_FIELDS) + ignored_fields(
+                    options.body, dict.fromkeys(OLLAMA_IGNORED_OPTIONS, lambda v: v is not None), "options."))
+
+
+def ollama_final(job: Job, head: dict) -> dict:
+    s = job.stats
+    return {**head, "done": True, "done_reason": "length" if job.buffer.finish_reason == "length" else "stop",
+            "total_duration": int((time.monotonic() - job.created) * 1e9), "load_duration": 0,
+            "prompt_eval_count": s.prompt_tokens, "prompt_eval_duration": int(s.prompt_seconds * 1e9),
+            "eval_count": s.generated_tokens, "eval_duration": int(s.generation_seconds * 1e9)}
+
+
+def ollama_answer(job: Job, served: ServedModel, f: FieldReader, text_fields: Callable[[dict], dict],
+                  tools: ToolUse | None = None) -> Response:
+    """NDJSON, one object per token and a final one with counts; or one object with "stream": false.
+    With "logprobs": true, objects carry their tokens' `logprobs` (Ollama's shape, OpenAI chat's list).
+    A thinking block goes to `thinking`, unless "think": false asks for none (then it stays inline)."""
+    model = served.name
+    shapes = LogprobShapes(served.model)
+    splitter = None if f.body.get("think") is False else ReasoningSplitter.for_prompt(job.request.prompt)
+    watch = CallWatch(tools)
+
+    def fields_of(reasoning: str, answer: str, last: bool = False) -> dict:
+        answer = watch.finish(answer) if last else watch.feed(answer)
+        out = text_fields(reasoning_fields(splitter, reasoning, answer, ("thinking", "content")))
+        if watch.calls:   # Ollama's shape: arguments as an object
+            out["message"]["tool_calls"] = [{"function": {"name": c["name"], "arguments": c["arguments"]}}
+                                            for c in watch.calls]
+        return out
+
+    def obj(fields: dict, entries=()) -> dict:
+        return {"model": model, "created_at": ollama_timestamp(), **fields,
+                **({"logprobs": shapes.chat(entries)} if job.request.logprobs and entries else {})}
+    if f.boolean("stream", default=True):
+        def lines():
+            rest = []
+            for batch, entries in batches_with_logprobs(job):
+                rest += entries
+                parts = [splitter.feed(piece) if splitter else ("", piece) for piece in batch]
+                parts = [(r, watch.feed(a)) for r, a in parts]
+                parts = [p for p in parts if any(p)]
+                if parts:
+                    yield b"".join(json.dumps({**obj(text_fields(reasoning_fields(splitter, *p, ("thinking", "content"))),
+                                                     rest if k == len(parts) - 1 else ()),
+                                               "done": False}).encode() + b"\n" for k, p in enumerate(parts))
+                    rest = []
+            if job.buffer.finish_reason == "error":
+                yield json.dumps({"error": job.buffer.error or "generation failed"}).encode() + b"\n"
+            else:
+                last = splitter.flush() if splitter else ("", "")
+                yield json.dumps(ollama_final(job, obj(fields_of(*last, last=True), rest))).encode() + b"\n"
+        return StreamResponse("application/x-ndjson", lines(), job)
+    text = wait_for_text(job)
+    return JSONResponse(ollama_final(job, obj(fields_of(*(splitter.split(text) if splitter else ("", text)), last=True),
+                                              job.logprobs)))
+
+
+def ollama_template_vars(f: FieldReader) -> dict:
+    """`think`, for templates that read `enable_thinking` (Qwen3 and others) to think or not."""
+    think = f.body.get("think")
+    return {"enable_thinking": think} if isinstance(think, bool) else {}
+
+
+def ollama_generate(app, req):
+    f = FieldReader(req.json())
+    prompt = f.string("prompt")
+    if not prompt and not f.has("suffix"):
+        # Ollama's way to load a model (an empty prompt), or with keep_alive 0 to unload it.
+        if keep_alive_of(f) == 0:
+            entry = req.entry(f.body.get("model"))
+            served = app.roster.current(entry.name)
+            if served is not None and not app.roster.unload(entry.name, "keep_alive 0"):
+                served.keep_alive = 0.0          # in use: unloaded as soon as its work ends
+                app.roster.touch()
+            return JSONResponse({"model": entry.name, "created_at": ollama_timestamp(), "response": "",
+                                 "done": True, "done_reason": "unload"})
+        served = ollama_use(req, f)
+        return JSONResponse({"model": served.name, "created_at": ollama_timestamp(), "response": "",
+                             "done": True, "done_reason": "load"})
+    served = ollama_use(req, f)
+    fields = ollama_generation_fields(req, f, app)
+    if f.boolean("raw"):
+        request = GenerationRequest(prompt=prompt, **fields)
+    else:
+        messages = ([{"role": "system", "content": f.string("system")}] if f.string("system") else []) + \
+                   [{"role": "user", "content": prompt}]
+        request = served.chat_template.generation_request(messages, template_vars=ollama_template_vars(f), **fields)
+    job = req.start_generation(request)
+    return ollama_answer(job, served, f, lambda t: {"response": t.get("content", ""),
+                                                 **({"thinking": t["thinking"]} if "thinking" in t else {})})
+
+
+def ollama_chat(app, req):
+    f = FieldReader(req.json())
+    served = ollama_use(req, f)
+    messages = parse_chat_messages(f.body.get("messages"))
+    fields = ollama_generation_fields(req, f, app)
+    # Ollama has no tool_choice; we take one beside the tools or in `options` (which its clients pass on).
+    options = f.body.get("options") if isinstance(f.body.get("options"), dict) else {}
+    tools = tool_use_of(served, f, f.body.get("tool_choice", options.get("tool_choice")))
+    template_vars = ollama_template_vars(f)
+    if tools is not None:
+        messages, more = tools.apply(messages, fields["sampler"])
+        template_vars.update(more)
+    job = req.start_generation(served.chat_template.generation_request(messages, template_vars=template_vars,
+                                                                       **fields))
+    return ollama_answer(job, served, f, lambda t: {"message": {"role": "assistant", "content": t.get("content", ""),
+                                                             **({"thinking": t["thinking"]} if "thinking" in t
+                                                                else {})}}, tools)
+
+
+def ollama_tags(app, req):
+    return JSONResponse({"models": [ollama_model_entry(app, entry) for entry in app.catalog.entries()]})
+
+
+def iso_time(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def ollama_ps(app, req):
+    """The loaded models, with when each will be unloaded (Ollama's far future: never)."""
+    out = []
+    for served in app.roster.any_loaded():
+        expires = app.roster.expires_at(served)
+        out.append({**ollama_model_entry(app, served.entry), "size_vram": int(gpu_report(served)["vram_mib"] * 2**20),
+                    "expires_at": iso_time(expires) if expires is not None else "9999-12-31T23:59:59Z",
+                    "context_length": served.model.n_ctx})
+    return JSONResponse({"models": out})
+
+
+def ollama_version(app, req):
+    return JSONResponse({"version": OLLAMA_VERSION})
+
+
+def ollama_show(app, req):
+    """What a model is, from its file's header (it need not be loaded)."""
+    f = FieldReader(req.json())
+    entry = req.entry(f.body.get("model", f.body.get("name")))
+    listing = ollama_model_entry(app, entry)
+    meta = entry.layout.metadata if entry.layout else {}
+    family = listing["details"]["family"]
+    template = entry.config(app.config).chat_template
+    if template in BUILTIN_CHAT_TEMPLATES:
+        template = BUILTIN_CHAT_TEMPLATES[template]
+    elif template:
+        with open(template, encoding="utf-8") as file:
+            template = file.read()
+    return JSONResponse({"modelfile": "", "parameters": "",
+                         "template": template or str(meta.get("tokenizer.chat_template") or ""),
+                         "details": listing["details"], "model_info": {
+                             "general.architecture": family,
+                             f"{family}.context_length": meta.get(f"{family}.context_length", 0)},
+                         "capabilities": ["completion"], "modified_at": listing["modified_at"]})
+
+
+OLLAMA_EMBEDDING_IGNORED = {"dimensions": _asks, "truncate": lambda v: v is False, "options": _asks}
+
+
+def ollama_embed(app, req):
+    f = FieldReader(req.json())
+    req.ignored = ignored_fields(f.body, OLLAMA_EMBEDDING_IGNORED)
+    req.keep_alive = keep_alive_of(f)
+    start = time.monotonic()
+    embedder, name = embedder_for(req, f)
+    vectors, n_tokens = embedder.embed(embedding_inputs(f, "input"))
+    return JSONResponse({"model": name, "embeddings": vectors,
+                         "total_duration": int((time.monotonic() - start) * 1e9), "load_duration": 0,
+                         "prompt_eval_count": n_tokens})
+
+
+def ollama_embeddings_legacy(app, req):
+    """Ollama's older endpoint: one prompt, one vector."""
+    f = FieldReader(req.json())
+    req.ignored = ignored_fields(f.body, OLLAMA_EMBEDDING_IGNORED)
+    vectors, _ = embedder_for(req, f)[0].embed([f.string("prompt")])
+    return JSONResponse({"embedding": vectors[0]})
