@@ -2,4 +2,147 @@
 
 from __future__ import annotations
 
-from .monolith import main  # noqa: F401  (the package is being split; main moves here)
+import errno
+import os
+import signal
+import socket
+import sys
+import threading
+import webbrowser
+from typing import Callable
+
+from .version import __version__
+from .errors import ConfigError, ModelLoadError, RequestError
+from .model_files import is_model_url
+from .config import Config, load_config, make_tls_context
+from .desktop import double_click_arguments, is_double_click_start, keep_window_open
+from .engine.llama_model import LlamaModel
+from .service.downloads import ConsoleProgress, DownloadError, ModelDownload
+from .service.app import App
+from .web.static import StaticFiles, UI_DIR
+from .web.routes import build_router
+from .web.server import KoboldLiteServer, is_loopback_host, served_urls
+from .web.handler import RequestHandler
+
+
+def fetch_model_urls(config: Config):
+    """--model URL: download each (with a bar on the console) before anything loads; the file stays."""
+    folder = config.modeldir or os.getcwd()
+    fetched = []
+    for source in [config.model, *config.models]:
+        if is_model_url(source):
+            download = ModelDownload(source, folder)
+            download.progress = ConsoleProgress(download.name)
+            if not os.path.isfile(download.path):
+                print(f"Downloading {source} into {folder}", file=sys.stderr, flush=True)
+            source = download.run()
+        fetched.append(source)
+    config.model, config.models = fetched[0], fetched[1:]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    double_click = is_double_click_start(argv)
+    status = serve(double_click_arguments if double_click else lambda: argv, double_click)
+    if status != 0 and double_click:
+        keep_window_open()
+    return status
+
+
+def serve(arguments: Callable[[], list[str]], double_click: bool = False) -> int:
+    try:
+        config = load_config(arguments())
+        tls = make_tls_context(*config.ssl) if config.ssl else None
+    except ConfigError as e:
+        print(f"koboldlite: error: {e}", file=sys.stderr)
+        return 2
+
+    try:
+        fetch_model_urls(config)
+        app = App(config)
+    except (ConfigError, DownloadError) as e:
+        print(f"koboldlite: error: {e}", file=sys.stderr)
+        return 2
+    router = build_router(StaticFiles(UI_DIR) if os.path.isdir(UI_DIR) else None)
+    try:
+        server = KoboldLiteServer((config.host, config.port), RequestHandler, app, router, tls)
+    except OSError as e:
+        if not (double_click and e.errno == errno.EADDRINUSE):
+            reason = "the port is already in use" if e.errno == errno.EADDRINUSE else str(e)
+            print(f"koboldlite: error: cannot listen on {config.host}:{config.port}: {reason}", file=sys.stderr)
+            return 2
+        # A double-click user cannot pick another port: take a free one and say so.
+        print(f"Port {config.port} is in use; serving on a free port instead.", file=sys.stderr)
+        server = KoboldLiteServer((config.host, 0), RequestHandler, app, router, tls)
+    if not app.instance_id:
+        app.instance_id = f"{socket.gethostname()}:{server.server_address[1]}"
+    # Serve from now on: /api/extra/version answers while the model loads, the rest says 503.
+    threading.Thread(target=server.serve_forever, name="http-accept", daemon=True).start()
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+
+    entries = app.catalog.entries()
+    if app.catalog.several:
+        print(f"Models: {', '.join(e.name for e in entries)} ({len(entries)}; up to {config.maxmodels} loaded at "
+              f"once{f', unloaded after {config.idleunload:g} s idle' if config.idleunload else ''})",
+              file=sys.stderr, flush=True)
+    print(f"KoboldLite {__version__}: loading {config.model}", file=sys.stderr, flush=True)
+    try:
+        served = app.roster.acquire(app.catalog.find(None))
+    except RequestError as e:
+        app.flush_log()                   # its lines first: the error is the last line a user sees
+        print(f"koboldlite: error: {getattr(e, 'cause', None) or e}", file=sys.stderr)
+        server.server_close()
+        return 2
+    if config.embeddings_model:
+        try:
+            app.embeddings_source = LlamaModel(config.embeddings_model, n_ctx=64, n_seq=1, n_threads=1,
+                                               n_gpu_layers=served.gpu.n_gpu_layers, show_llama_log=config.debug,
+                                               devices=served.gpu.devices if served.gpu.chosen else None)
+        except ModelLoadError as e:
+            print(f"koboldlite: error: embeddings model: {e}", file=sys.stderr)
+            server.server_close()
+            return 2
+    print(served.template_origin, file=sys.stderr, flush=True)
+    if not served.engine.context_shift:
+        print("context shift: off (--noshift)" if config.noshift else
+              "context shift: off, this model's cache cannot be shifted: a trimmed chat is read again in "
+              "full, and a reply ends when the context is full", file=sys.stderr, flush=True)
+    model, cfg = served.model, served.config
+    urls = served_urls(server, config.host)
+    if not is_loopback_host(config.host) and not config.password:
+        print("WARNING: serving the network without --password: anyone who can reach this machine "
+              "can use the model.", file=sys.stderr)
+    if not is_loopback_host(config.host) and config.password and not tls:
+        print("WARNING: the password crosses the network in clear text over plain HTTP: anyone on the network "
+              "can read it; add --ssl cert.pem key.pem (README: Using it on your LAN, with TLS).", file=sys.stderr)
+    print(f"Model {model.name} ready: context {model.n_ctx}, {cfg.parallel} slot(s), "
+          f"{cfg.threads} threads", flush=True)
+    mem = served.memory
+    pool = (f"{mem['kv_cells']} tokens shared by {cfg.parallel} slot(s)" if model.shared_kv
+            else f"{model.n_ctx} tokens for each of {cfg.parallel} slot(s)")
+    print(f"Memory: model {mem['model_mib']:.0f} MiB, KV cache {mem['kv_cache_mib']:.0f} MiB ({pool}, "
+          f"{'/'.join(mem['kv_types']) or model.kv_type}), compute buffers {mem['compute_mib']:.0f} MiB; "
+          f"flash attention {mem['flash_attn'] or 'auto'}, model {mem['load_mode'] or 'loaded'}", flush=True)
+    if served.gpu.devices:
+        parts = "; ".join(f"{name}: model {row['model']:.0f} MiB, KV {row['kv']:.0f} MiB, compute {row['compute']:.0f} MiB"
+                          for name, row in mem["devices"].items())
+        print(f"GPU: offloaded {mem['layers_offloaded']}/{mem['layers_total']} layers; {parts}", flush=True)
+    app.ready.set()
+    app.roster.release(served)
+    for url in urls:
+        print(f"Serving at {url}", flush=True)
+    print(f"KoboldAI API at {urls[0]}/api", flush=True)
+    if config.launch:
+        webbrowser.open(urls[0])
+
+    stop.wait()
+    print("Stopping: ending running generations.", file=sys.stderr, flush=True)
+    app.roster.stop()
+    server.wait_answers_written(timeout=5.0)
+    server.shutdown()
+    server.server_close()
+    app.flush_log()
+    return 0
