@@ -27,13 +27,12 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tests"))
 sys.path.insert(0, HERE)
 
-import koboldlite  # noqa: E402
+from koboldlite.model_files import find_starter_model  # noqa: E402
 import results_file  # noqa: E402
 from bench_parallel import PeerServer  # noqa: E402
-from conftest import ServerProcess  # noqa: E402
+from tests.harness import ServerProcess  # noqa: E402
 
 WORDS = ("lantern harbour meadow cipher ember willow falcon copper orchard beacon thistle glacier saddle quarry "
          "river stone").split()
@@ -115,7 +114,7 @@ class LlamaServer:
     name = "llama-server"
 
     def __init__(self, binary: str, folder: str, threads: int):
-        model = koboldlite.find_starter_model()
+        model = find_starter_model()
         os.environ["GGML_VK_VISIBLE_DEVICES"] = ""
         self.command = lambda port: [binary, "-m", model, "-c", "4096", "-np", "1", "-ngl", "0", "-t", str(threads),
                                      "-tb", str(threads), "--cache-ram", "1024", "--slot-save-path", folder,

@@ -22,10 +22,12 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-import koboldlite  # noqa: E402
-from conftest import ServerProcess, SSEStream, kobold_event_json, make_self_signed_cert  # noqa: E402
+from koboldlite.model_files import find_starter_model  # noqa: E402
+from koboldlite.generation import SamplerSettings  # noqa: E402
+from koboldlite.engine.llama_model import LlamaModel  # noqa: E402
+from koboldlite.engine.samplers import SamplerChain  # noqa: E402
+from tests.harness import ServerProcess, SSEStream, kobold_event_json, make_self_signed_cert  # noqa: E402
 
 PROMPT = "Write a long story about a lighthouse keeper and the sea."
 SAMPLING = {"temperature": 0.75, "top_k": 100, "top_p": 0.92}
@@ -33,10 +35,10 @@ SAMPLING = {"temperature": 0.75, "top_k": 100, "top_p": 0.92}
 
 def raw_loop_tokens_per_second(model_path: str, n_tokens: int, threads: int) -> float:
     """llama.cpp's own decode loop, in-process: decode one token, sample, repeat. The limit."""
-    model = koboldlite.LlamaModel(model_path, n_ctx=2048, n_seq=1, n_threads=threads, n_gpu_layers=0)
+    model = LlamaModel(model_path, n_ctx=2048, n_seq=1, n_threads=threads, n_gpu_layers=0)
     lib = model.lib
-    settings = koboldlite.SamplerSettings(ban_eos=True, **SAMPLING)
-    sampler = koboldlite.SamplerChain(model, settings, seed=1)
+    settings = SamplerSettings(ban_eos=True, **SAMPLING)
+    sampler = SamplerChain(model, settings, seed=1)
     tokens = model.tokenize(PROMPT, add_bos=True)
     batch = lib.llama_batch_init(512, 0, 1)
 
@@ -141,7 +143,7 @@ def check_and_abort_latency(server: ServerProcess, n_checks: int, n_aborts: int)
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=koboldlite.find_starter_model())
+    ap.add_argument("--model", default=find_starter_model())
     ap.add_argument("--tokens", type=int, default=400)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count())

@@ -21,11 +21,10 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-import koboldlite  # noqa: E402
+from koboldlite.model_files import find_starter_model  # noqa: E402
 from results_file import publish  # noqa: E402
-from conftest import ServerProcess  # noqa: E402
+from tests.harness import ServerProcess  # noqa: E402
 
 TOPICS = ["a lighthouse", "a clockmaker", "a dragon", "a baker", "a lost cat", "a mountain village", "a river",
           "a space station", "a library", "a storm", "a gardener", "a violin", "a train", "a fox", "a castle"]
@@ -41,7 +40,7 @@ def first_difference(server, a: str, b: str) -> int | None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=koboldlite.find_starter_model())
+    ap.add_argument("--model", default=find_starter_model())
     ap.add_argument("--prompts", type=int, default=30)
     ap.add_argument("--tokens", type=int, default=60)
     args = ap.parse_args()

@@ -23,11 +23,12 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-import koboldlite  # noqa: E402
+from koboldlite.model_files import find_starter_model  # noqa: E402
+from koboldlite.engine.llama_model import LlamaModel  # noqa: E402
 from results_file import publish  # noqa: E402
 
 
-def decode(model: koboldlite.LlamaModel, batch, tokens: list[int], pos: int) -> float:
+def decode(model: LlamaModel, batch, tokens: list[int], pos: int) -> float:
     lib = model.lib
     for at in range(0, len(tokens), model.n_batch):
         chunk = tokens[at:at + model.n_batch]
@@ -49,10 +50,10 @@ def main():
     args = ap.parse_args()
     depths = [int(d) for d in args.depths.split(",")]
     widths = [int(w) for w in args.widths.split(",")]
-    path = koboldlite.find_starter_model()
+    path = find_starter_model()
     rng = random.Random(1)
     tokens = [rng.randrange(1000, 40000) for _ in range(max(depths) + max(widths))]   # real ids, varied scores
-    models = {flash: koboldlite.LlamaModel(path, n_ctx=4096, n_seq=1, n_threads=args.threads, n_gpu_layers=0,
+    models = {flash: LlamaModel(path, n_ctx=4096, n_seq=1, n_threads=args.threads, n_gpu_layers=0,
                                            flash_attention=flash) for flash in (True, False)}
     batches = {flash: m.lib.llama_batch_init(m.n_batch, 0, 1) for flash, m in models.items()}
     ms = {}

@@ -31,13 +31,13 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tests"))
 sys.path.insert(0, HERE)
 
-import koboldlite  # noqa: E402
+from koboldlite.model_files import find_starter_model  # noqa: E402
+from koboldlite.engine.llama_model import LlamaModel  # noqa: E402
 import results_file  # noqa: E402
 from bench_parallel import LlamaServer, drive  # noqa: E402
-from conftest import ServerProcess  # noqa: E402
+from tests.harness import ServerProcess  # noqa: E402
 
 WORDS = ("river stone lantern harbour meadow cipher ember willow falcon copper orchard beacon thistle glacier "
          "saddle quarry").split()
@@ -66,7 +66,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lib", required=True, help="the GPU build of libllama KoboldLite loads (LLAMA_CPP_LIB_PATH)")
     ap.add_argument("--llama-server", help="llama-server built from the same source with the same backend")
-    ap.add_argument("--model", default=koboldlite.find_starter_model())
+    ap.add_argument("--model", default=find_starter_model())
     ap.add_argument("--tokens", type=int, default=200)
     ap.add_argument("--prompt-words", type=int, default=3000, help="about 4000 tokens with the starter model")
     ap.add_argument("--rounds", type=int, default=3)
@@ -82,7 +82,7 @@ def main() -> int:
                                             "--contextsize", str(args.ctx)], env=env)}
     offloaded = systems["koboldlite"].wait_for_line(r"^GPU: offloaded (\d+)/(\d+) layers", 60)
     print(f"koboldlite: {offloaded.group(0)}")
-    probe = koboldlite.LlamaModel(args.model, n_ctx=64, n_seq=1, n_threads=1, n_gpu_layers=0)
+    probe = LlamaModel(args.model, n_ctx=64, n_seq=1, n_threads=1, n_gpu_layers=0)
     eos_bias = {str(t): -100 for t in probe.eog_tokens}      # every client gets exactly --tokens tokens
     if args.llama_server:
         systems["llama-server"] = LlamaServer(args.llama_server, args.model, os.cpu_count() or 1, args.ctx, 4,

@@ -27,7 +27,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-import koboldlite  # noqa: E402
+from koboldlite.model_files import find_starter_model  # noqa: E402
+from koboldlite.engine.llama_model import LlamaModel  # noqa: E402
 from results_file import publish  # noqa: E402
 
 N_SEQ, CTX = 4, 8192
@@ -36,7 +37,7 @@ N_SEQ, CTX = 4, 8192
 class Layout:
     """One llama context whose cache holds the 4 sequences `depth` deep, laid out one way."""
 
-    def __init__(self, model: koboldlite.LlamaModel, texts: list[list[int]], depth: int, blocks: bool):
+    def __init__(self, model: LlamaModel, texts: list[list[int]], depth: int, blocks: bool):
         self.model, self.depth, self.texts = model, depth, texts
         self.lib = model.lib
         self.batch = self.lib.llama_batch_init(512, 0, N_SEQ)
@@ -71,7 +72,7 @@ class Layout:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=koboldlite.find_starter_model())
+    ap.add_argument("--model", default=find_starter_model())
     ap.add_argument("--depths", default="20,110,200,600", help="tokens per sequence, comma-separated")
     ap.add_argument("--steps", type=int, default=150, help="timed steps per layout and depth")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
@@ -79,7 +80,7 @@ def main():
     depths = [int(d) for d in args.depths.split(",")]
 
     def model(**layout):
-        return koboldlite.LlamaModel(args.model, n_ctx=CTX, n_seq=N_SEQ, n_threads=args.threads, n_gpu_layers=0,
+        return LlamaModel(args.model, n_ctx=CTX, n_seq=N_SEQ, n_threads=args.threads, n_gpu_layers=0,
                                      **layout)
     # A context each: one unified cache can hold only one layout at a time.
     contexts = {"shared pool, interleaved": (model(shared_kv=True), False),

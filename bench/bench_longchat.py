@@ -27,11 +27,10 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-import koboldlite  # noqa: E402
+from koboldlite.model_files import find_starter_model  # noqa: E402
 from results_file import publish  # noqa: E402
-from conftest import HTTPClient, ServerProcess, WatchedProcess  # noqa: E402
+from tests.harness import HTTPClient, ServerProcess, WatchedProcess  # noqa: E402
 
 SYSTEM = ("You are Ava, a friendly guide who knows every corner of the old harbour town of Westmere. "
           "Answer in two or three sentences.\n")
@@ -120,7 +119,7 @@ def summarize(chat: Chat) -> tuple[float, float, float, float]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=koboldlite.find_starter_model())
+    ap.add_argument("--model", default=find_starter_model())
     ap.add_argument("--turns", type=int, default=30)
     ap.add_argument("--ctx", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)

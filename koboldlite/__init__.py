@@ -1,10 +1,44 @@
-"""KoboldLite: a local LLM server for GGUF models, as a package of modules (being split out of monolith.py).
+"""KoboldLite: a local LLM server for GGUF models.
 
-For the time of the split the package's names are its modules' names, as koboldlite.py's were.
+Serves a model through llama-cpp-python's low-level bindings to KoboldAI Lite, SillyTavern and other KoboldCpp
+clients, to anything that speaks the OpenAI, Ollama or Anthropic API, and to its own browser page, over plain HTTP
+or TLS. `koboldlite.py` beside this package is the command users type; `python3 tools/build_single.py` joins the
+modules below, in this order, into the one file that ships (dist/koboldlite.py), as SQLite ships sqlite3.c.
+
+Layers, bottom to top. A module uses only the modules listed before it (tests/test_layers.py checks it, and the
+joined file relies on it); nothing here imports a module, so importing one module loads only what it needs.
+
+  base        version numbers; the errors every layer raises; where the program's own files are
+  config      model files and their names; the configuration (command line, config file, presets); the
+              double-click start of the executable
+  requests    text assembly (UTF-8, stop strings, thinking blocks, banned phrases); typed body fields; the one
+              generation request every API turns into; jobs and the token buffer their readers wait on
+  engine      llama.cpp: a GGUF's layout and its GPU fit, the loaded model, samplers, embeddings, speculative
+              drafting, slots, the prompt cache, the KV pool, the next turn read ahead, and the engine's steps
+  scheduler   the fair queue in front of an engine and the thread that runs its loop
+  chat        chat templates, chat messages, tool calls
+  service     downloads, the model catalog, a served model, the roster of loaded models, the App, and what a
+              route sees of a request (Request) and returns (Response); no HTTP
+  api         one module per API family over api/common.py; each route is a function (app, request) -> Response
+  web         the HTTP layer: router and route table, the page's files, connection watchers, access policy,
+              the server with TLS around its listening socket, the request handler
+  main        start-up and shutdown
 """
 
-import importlib as _importlib
-
-for _name in ('version', 'errors', 'model_files', 'config', 'desktop', 'text', 'fields', 'generation', 'jobs', 'engine.gguf_layout', 'engine.gpu', 'engine.llama_model', 'engine.samplers', 'engine.embeddings', 'engine.drafting', 'engine.slots', 'engine.prompt_cache', 'engine.kv_pool', 'engine.read_ahead', 'engine.engine', 'scheduler', 'chat.template', 'chat.messages', 'chat.tools', 'service.downloads', 'service.catalog', 'service.served_model', 'service.roster', 'service.app', 'service.exchange', 'api.common', 'api.kobold', 'api.openai', 'api.ollama', 'api.anthropic', 'api.responses', 'api.admin', 'api.slots', 'api.ops', 'web.router', 'web.static', 'web.routes', 'web.connections', 'web.access', 'web.server', 'web.handler', 'main'):
-    globals().update({k: v for k, v in vars(_importlib.import_module('.' + _name, __name__)).items()
-                      if not k.startswith('__')})
+LAYERS = {
+    "base": ("version", "errors", "paths"),
+    "config": ("model_files", "config", "desktop"),
+    "requests": ("text", "fields", "generation", "jobs"),
+    "engine": ("engine.gguf_layout", "engine.gpu", "engine.llama_model", "engine.samplers", "engine.embeddings",
+               "engine.drafting", "engine.slots", "engine.prompt_cache", "engine.kv_pool", "engine.read_ahead",
+               "engine.engine"),
+    "scheduler": ("scheduler",),
+    "chat": ("chat.template", "chat.messages", "chat.tools"),
+    "service": ("service.downloads", "service.catalog", "service.served_model", "service.roster", "service.app",
+                "service.exchange"),
+    "api": ("api.common", "api.kobold", "api.openai", "api.ollama", "api.anthropic", "api.responses", "api.admin",
+            "api.slots", "api.ops"),
+    "web": ("web.ui_files", "web.router", "web.static", "web.routes", "web.connections", "web.access", "web.server",
+            "web.handler"),
+    "main": ("main",),
+}

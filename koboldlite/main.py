@@ -19,7 +19,8 @@ from .desktop import double_click_arguments, is_double_click_start, keep_window_
 from .engine.llama_model import LlamaModel
 from .service.downloads import ConsoleProgress, DownloadError, ModelDownload
 from .service.app import App
-from .web.static import StaticFiles, UI_DIR
+from .web.ui_files import ui_files
+from .web.static import StaticFiles
 from .web.routes import build_router
 from .web.server import KoboldLiteServer, is_loopback_host, served_urls
 from .web.handler import RequestHandler
@@ -63,7 +64,8 @@ def serve(arguments: Callable[[], list[str]], double_click: bool = False) -> int
     except (ConfigError, DownloadError) as e:
         print(f"koboldlite: error: {e}", file=sys.stderr)
         return 2
-    router = build_router(StaticFiles(UI_DIR) if os.path.isdir(UI_DIR) else None)
+    page = ui_files()
+    router = build_router(StaticFiles(page) if page else None)
     try:
         server = KoboldLiteServer((config.host, config.port), RequestHandler, app, router, tls)
     except OSError as e:

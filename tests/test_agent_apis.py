@@ -8,8 +8,10 @@ import re
 
 import pytest
 
-import koboldlite
-from conftest import SSEStream, openai_client_for
+from koboldlite.api.common import ReplyParts
+from koboldlite.api.anthropic import AnthropicBlocks, anthropic_messages
+from koboldlite.api.responses import ResponseItems
+from tests.harness import SSEStream, openai_client_for
 
 SEEDED = {"seed": 11, "top_k": 1}          # greedy: the same text cold or cached (README: Determinism)
 WEATHER = {"name": "get_weather", "description": "The weather in a city now.",
@@ -149,7 +151,7 @@ def test_anthropic_messages_as_the_template_reads_them():
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "is_error": True,
                                       "content": [{"type": "text", "text": "boom"}]},
                                      {"type": "text", "text": "Try again."}]}]}
-    assert koboldlite.anthropic_messages(body) == [
+    assert anthropic_messages(body) == [
         {"role": "system", "content": "S1\nS2"},
         {"role": "user", "content": "Hi"},
         {"role": "assistant", "content": "Let me look.", "reasoning_content": "hmm",
@@ -380,8 +382,8 @@ def test_thinking_becomes_its_own_block_and_item():
         class request:
             prompt = "<|im_start|>assistant\n"
     pieces = ["<thi", "nk>Two", " plus two.</think>", "\nIt is ", "four."]
-    parts = koboldlite.ReplyParts(FakeJob, None)
-    blocks = koboldlite.AnthropicBlocks()
+    parts = ReplyParts(FakeJob, None)
+    blocks = AnthropicBlocks()
     raw = b"".join(blocks.part(k, t) for p in pieces for k, t in parts.feed(p)) + blocks.finish(parts)
     assert blocks.content == [{"type": "thinking", "thinking": "Two plus two.", "signature": ""},
                               {"type": "text", "text": "It is four."}]
@@ -390,8 +392,8 @@ def test_thinking_becomes_its_own_block_and_item():
                      "content_block_stop", "content_block_start", "content_block_delta", "content_block_delta",
                      "content_block_stop"]
     assert sse_events(raw)[3][1]["delta"] == {"type": "signature_delta", "signature": ""}
-    parts = koboldlite.ReplyParts(FakeJob, None)
-    items = koboldlite.ResponseItems()
+    parts = ReplyParts(FakeJob, None)
+    items = ResponseItems()
     raw = b"".join(items.part(k, t) for p in pieces for k, t in parts.feed(p)) + items.finish(parts)
     assert [i["type"] for i in items.output] == ["reasoning", "message"]
     assert items.output[0]["content"] == [{"type": "reasoning_text", "text": "Two plus two."}]
@@ -404,7 +406,7 @@ def test_thinking_becomes_its_own_block_and_item():
 def test_a_failure_mid_stream_is_each_apis_error_event(starter_model):
     """A generation that fails after its stream began ends with `event: error` (Anthropic) or
     `response.failed` (Responses), and the server serves the next request."""
-    from conftest import ServerProcess
+    from tests.harness import ServerProcess
     s = ServerProcess(["--model", starter_model, "--contextsize", "512"],
                       env={"KOBOLDLITE_FAULT_INJECTION": "<<explode>>"})
     try:

@@ -4,15 +4,15 @@ llama-server's /slots save and restore, and KoboldCpp's admin states, on the rea
 from __future__ import annotations
 
 import glob
-import json
 import os
 import random
 import re
 
-import pytest
-
-import koboldlite
-from conftest import ServerProcess
+from koboldlite.generation import GenerationRequest, SamplerSettings
+from koboldlite.jobs import Job
+from koboldlite.engine.llama_model import LlamaModel
+from koboldlite.engine.engine import Engine
+from tests.harness import ServerProcess
 
 random.seed(5)
 WORDS = ("lantern harbour meadow cipher ember willow falcon copper orchard beacon thistle glacier saddle quarry "
@@ -121,9 +121,9 @@ def test_a_chats_next_turn_is_read_ahead_while_idle(starter_model):
         cold.stop()
 
 
-def finished_reply(engine, prompt: str, next_turn, max_length=6) -> koboldlite.Job:
-    greedy = koboldlite.SamplerSettings(temperature=0, ban_eos=True)
-    job = engine.prepare(koboldlite.GenerationRequest(prompt, max_length=max_length, sampler=greedy,
+def finished_reply(engine, prompt: str, next_turn, max_length=6) -> Job:
+    greedy = SamplerSettings(temperature=0, ban_eos=True)
+    job = engine.prepare(GenerationRequest(prompt, max_length=max_length, sampler=greedy,
                                                       next_turn=next_turn))
     assert engine.admit(job)
     while not job.buffer.done:
@@ -135,8 +135,8 @@ def test_a_guess_is_read_only_where_it_continues_the_slot_and_finds_free_room(st
     """NextTurnReader's limits, read back from llama.cpp: a guess that goes on from the slot's cache is read
     and its cells are there; one that does not continue it, one too long, a request with no template's turn
     and one that would need another slot's cells are not read, and leave the caches as they were."""
-    model = koboldlite.LlamaModel(starter_model, n_ctx=256, n_seq=2, n_threads=2, n_gpu_layers=0, shared_kv=True)
-    engine = koboldlite.Engine(model)
+    model = LlamaModel(starter_model, n_ctx=256, n_seq=2, n_threads=2, n_gpu_layers=0, shared_kv=True)
+    engine = Engine(model)
     reader, slot = engine.next_turns, engine.slots[0]
     prompt = "The colours of the flag are"
     job = finished_reply(engine, prompt, lambda reply: prompt + reply + "\nUser: and the sky?")

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import SCRIPT
+from tests.harness import SCRIPT
 
 
 def run(*args, timeout=60):
@@ -77,7 +77,7 @@ def test_config_file(starter_model, tmp_path):
 
 
 def test_config_file_serves(starter_model, tmp_path):
-    from conftest import ServerProcess
+    from tests.harness import ServerProcess
     cfg = tmp_path / "k.json"
     cfg.write_text(json.dumps({"model": starter_model, "contextsize": 512, "password": "pw"}))
     s = ServerProcess(["--config", str(cfg)])
@@ -89,7 +89,7 @@ def test_config_file_serves(starter_model, tmp_path):
 
 
 def test_lan_bind_prints_urls_and_warns(starter_model):
-    from conftest import ServerProcess
+    from tests.harness import ServerProcess
     s = ServerProcess(["--model", starter_model, "--host", "0.0.0.0"])
     try:
         text = "\n".join(s.lines)
@@ -100,7 +100,7 @@ def test_lan_bind_prints_urls_and_warns(starter_model):
 
 
 def test_starter_model_is_the_default():
-    from conftest import ServerProcess
+    from tests.harness import ServerProcess
     s = ServerProcess([])
     try:
         assert "SmolLM2-135M-Instruct" in s.json("GET", "/api/v1/model")["result"]

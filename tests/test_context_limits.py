@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import ServerProcess, openai_client_for
+from tests.harness import ServerProcess, openai_client_for
 
 CTX = 512
 CHAT = [{"role": "system", "content": "You are a helpful assistant who answers in one short sentence."},

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from conftest import ROOT
+from tests.harness import ROOT
 
 SYSTEM = "You are Ava, a friendly guide who knows every corner of the old harbour town of Westmere.\n"
 PLACES = ["bakery", "lighthouse", "market", "chapel", "library", "smithy", "tavern", "bridge", "mill", "garden",

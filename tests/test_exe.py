@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, ServerProcess, SSEStream, kobold_event_json
+from tests.harness import ROOT, ServerProcess, SSEStream, kobold_event_json
 
 NO_BROWSER = {"KOBOLDLITE_NO_BROWSER": "1"}
 

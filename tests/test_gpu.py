@@ -16,8 +16,10 @@ import sys
 
 import pytest
 
-import koboldlite
-from conftest import PIP_LLAMA_LIB, ROOT, SCRIPT, ServerProcess, WatchedProcess, in_thread, result_of
+from koboldlite.engine.gguf_layout import GGUFLayout
+from koboldlite.engine.gpu import FIT_FREE_CAP_ENV
+from tests.harness import (PIP_LLAMA_LIB, ROOT, SCRIPT, ServerProcess, WatchedProcess, copy_of_program, in_thread,
+                           result_of)
 
 VULKAN_LIB = os.path.join(ROOT, ".llama-vulkan", "lib")
 GPU_LIB = os.environ.get("KOBOLDLITE_TEST_GPU_LIB") or VULKAN_LIB
@@ -105,8 +107,8 @@ def test_automatic_offload_fits_the_free_memory(starter_model):
     finally:
         s.stop()
     # The fit sees less free memory: fewer layers, as many as that much holds, and llama.cpp puts them there.
-    layout = koboldlite.GGUFLayout(starter_model)
-    capped = vulkan_server(starter_model, env={koboldlite.FIT_FREE_CAP_ENV: "680"})
+    layout = GGUFLayout(starter_model)
+    capped = vulkan_server(starter_model, env={FIT_FREE_CAP_ENV: "680"})
     try:
         gpu = gpu_of(capped)
         fit = gpu["fit"]
@@ -163,10 +165,13 @@ def test_device_options(starter_model):
 @lavapipe_only
 def test_the_gpu_build_beside_the_script_is_found(starter_model, tmp_path):
     """What the GPU install command leaves (.llama-vulkan/lib beside koboldlite.py) is used with no variable set,
-    whatever pip's cache gave back as llama-cpp-python: the GPU command never goes through pip's wheel cache."""
+    whatever pip's cache gave back as llama-cpp-python: the GPU command never goes through pip's wheel cache.
+    The program under test is placed in a folder of its own, the GPU build beside it, as a user's would be."""
     env = {k: v for k, v in os.environ.items() if k != "LLAMA_CPP_LIB_PATH"}
     env["GGML_VK_VISIBLE_DEVICES"] = "0"
-    p = WatchedProcess([sys.executable, SCRIPT, "--model", starter_model, "--port", "0", "--contextsize", "256",
+    script = copy_of_program(str(tmp_path / "program"))
+    os.symlink(os.path.join(ROOT, ".llama-vulkan"), tmp_path / "program" / ".llama-vulkan")
+    p = WatchedProcess([sys.executable, script, "--model", starter_model, "--port", "0", "--contextsize", "256",
                         "--gpulayers", "-1"], env=env)
     try:
         p.wait_for_line(r"^GPU: offloaded 31/31 layers", timeout=120)
@@ -193,7 +198,7 @@ def test_parallel_slots_and_context_shift_on_the_device(starter_model):
 
 
 def test_gguf_layout_matches_what_llama_cpp_loads(starter_model, full):
-    layout = koboldlite.GGUFLayout(starter_model)
+    layout = GGUFLayout(starter_model)
     assert layout.n_layer == 30 and sorted(layout.layer_bytes) == list(range(30)) and layout.n_vocab == 49152
     vk = gpu_of(full)["buffers_mib"][DEVICE]["model"]
     on_file = (sum(layout.layer_bytes.values()) + layout.other_bytes) / 2**20

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, SCRIPT, HTTPClient, ServerProcess, SSEStream, WatchedProcess, in_thread, \
+from tests.harness import ROOT, SCRIPT, HTTPClient, ServerProcess, SSEStream, WatchedProcess, in_thread, \
     kobold_event_json, result_of
 
 CONFIG = os.path.join(ROOT, "deploy", "haproxy", "haproxy.cfg")

@@ -9,7 +9,7 @@ import ssl
 
 import pytest
 
-from conftest import KOBOLD_EVENT, SSEStream, in_thread, kobold_event_json, result_of
+from tests.harness import KOBOLD_EVENT, SSEStream, in_thread, kobold_event_json, result_of
 
 LONG = {"max_length": 1500, "ban_eos_token": True, "temperature": 0.8}
 
@@ -405,8 +405,8 @@ def test_silent_and_plain_http_clients_do_not_block_tls(server):
 
 
 def test_tls_1_2_minimum(server, tls_files):
-    import koboldlite
-    assert koboldlite.make_tls_context(*tls_files).minimum_version == ssl.TLSVersion.TLSv1_2
+    from koboldlite.config import make_tls_context
+    assert make_tls_context(*tls_files).minimum_version == ssl.TLSVersion.TLSv1_2
     ctx = server.ssl_context()
     ctx.maximum_version = ssl.TLSVersion.TLSv1_2
     with socket.create_connection(("127.0.0.1", server.port)) as raw:

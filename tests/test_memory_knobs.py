@@ -7,8 +7,10 @@ import re
 
 import pytest
 
-import koboldlite
-from conftest import SSEStream, in_thread, result_of
+from koboldlite.generation import GenerationRequest, SamplerSettings
+from koboldlite.engine.llama_model import LlamaModel
+from koboldlite.engine.engine import Engine
+from tests.harness import SSEStream, in_thread, result_of
 
 
 def memory(server) -> dict:
@@ -175,15 +177,15 @@ def test_a_lenders_context_shift_leaves_the_shared_cells_in_place(starter_model)
     """llama.cpp keeps one position per cell, so a slot whose opening another slot borrowed must not move
     those cells when its own context shifts. Read back from llama.cpp: after the lender's shift, the
     borrower still has a cell at the opening's last position (a moved cell would sit lower)."""
-    model = koboldlite.LlamaModel(starter_model, n_ctx=256, n_seq=2, n_threads=2, n_gpu_layers=0, shared_kv=True)
-    engine = koboldlite.Engine(model)
+    model = LlamaModel(starter_model, n_ctx=256, n_seq=2, n_threads=2, n_gpu_layers=0, shared_kv=True)
+    engine = Engine(model)
     opening = "Rules of the game. " + " ".join(f"Rule {k}: every answer is a list of words." for k in range(1, 15))
-    greedy = koboldlite.SamplerSettings(temperature=0, ban_eos=True)
-    lender = engine.prepare(koboldlite.GenerationRequest(opening + " Colours: red, green,", max_length=300, sampler=greedy))
+    greedy = SamplerSettings(temperature=0, ban_eos=True)
+    lender = engine.prepare(GenerationRequest(opening + " Colours: red, green,", max_length=300, sampler=greedy))
     assert engine.admit(lender)
     while lender.stats.generated_tokens < 4:
         engine.step()
-    borrower = engine.prepare(koboldlite.GenerationRequest(opening + " Directions: north,", max_length=60, sampler=greedy))
+    borrower = engine.prepare(GenerationRequest(opening + " Directions: north,", max_length=60, sampler=greedy))
     assert engine.admit(borrower)
     n_shared = len(model.tokenize(opening))
     assert n_shared > 128 and borrower.stats.cached_tokens >= n_shared - 1     # more than half the context
@@ -200,14 +202,14 @@ def test_a_newcomer_beside_a_reply_reads_its_prompt_in_one_step_in_a_shared_pool
     """A prompt's last token is read apart only where that keeps a seed's text reproducible: with a
     context per slot, or alone in the pool. Beside another reply in a shared pool it cannot be (their
     cells interleave), so the newcomer's first token comes one step sooner there."""
-    model = koboldlite.LlamaModel(starter_model, n_ctx=256, n_seq=2, n_threads=2, n_gpu_layers=0, shared_kv=shared)
-    engine = koboldlite.Engine(model)
-    greedy = koboldlite.SamplerSettings(temperature=0, ban_eos=True)
-    running = engine.prepare(koboldlite.GenerationRequest("Once upon a time", max_length=50, sampler=greedy))
+    model = LlamaModel(starter_model, n_ctx=256, n_seq=2, n_threads=2, n_gpu_layers=0, shared_kv=shared)
+    engine = Engine(model)
+    greedy = SamplerSettings(temperature=0, ban_eos=True)
+    running = engine.prepare(GenerationRequest("Once upon a time", max_length=50, sampler=greedy))
     assert engine.admit(running)
     while running.stats.generated_tokens < 2:
         engine.step()
-    newcomer = engine.prepare(koboldlite.GenerationRequest("The list of colours: red, green,", max_length=5,
+    newcomer = engine.prepare(GenerationRequest("The list of colours: red, green,", max_length=5,
                                                            sampler=greedy))
     assert engine.admit(newcomer)
     for _ in range(steps):
@@ -218,14 +220,14 @@ def test_a_newcomer_beside_a_reply_reads_its_prompt_in_one_step_in_a_shared_pool
 
 def run_together(model, prompts: list[str], compact_after: int, max_length: int = 70):
     """The prompts' replies generated side by side in one engine, to the end; their texts."""
-    engine = koboldlite.Engine(model)
+    engine = Engine(model)
     engine.pool.COMPACT_AFTER_CELLS = compact_after
     model.lib.llama_memory_clear(model.memory, True)
     jobs = []
     for i, prompt in enumerate(prompts):
-        sampler = (koboldlite.SamplerSettings(temperature=0, ban_eos=True) if i % 2 == 0 else
-                   koboldlite.SamplerSettings(temperature=0.9, top_k=40, ban_eos=True, seed=7 + i))
-        job = engine.prepare(koboldlite.GenerationRequest(prompt, max_length=max_length, sampler=sampler))
+        sampler = (SamplerSettings(temperature=0, ban_eos=True) if i % 2 == 0 else
+                   SamplerSettings(temperature=0.9, top_k=40, ban_eos=True, seed=7 + i))
+        job = engine.prepare(GenerationRequest(prompt, max_length=max_length, sampler=sampler))
         assert engine.admit(job)
         jobs.append(job)
         engine.step()                # each newcomer arrives while the others generate
@@ -241,7 +243,7 @@ def test_compacting_the_shared_pool_keeps_every_reply_the_same(which, request):
     replies, greedy and seeded, are the very same with frequent compaction and without; also in Gemma 3's
     sliding-window cache."""
     path = request.getfixturevalue("starter_model" if which == "starter" else "gemma_model")
-    model = koboldlite.LlamaModel(path, n_ctx=1024, n_seq=3, n_threads=2, n_gpu_layers=0, shared_kv=True)
+    model = LlamaModel(path, n_ctx=1024, n_seq=3, n_threads=2, n_gpu_layers=0, shared_kv=True)
     prompts = ["The crew asks the ship's cook about breakfast:", "Write a poem about the sea:",
                "A list of the planets: Mercury, Venus,"]
     plain, engine = run_together(model, prompts, compact_after=10 ** 9)
@@ -255,7 +257,7 @@ def test_compacting_the_shared_pool_keeps_every_reply_the_same(which, request):
 def test_a_compacted_pool_shares_borrowed_starts_again(starter_model):
     """Two replies that share a long start (a character card): after compactions the borrower's start is
     again the lender's cells (the pool holds them once), and each reply keeps to its own prompt."""
-    model = koboldlite.LlamaModel(starter_model, n_ctx=1024, n_seq=2, n_threads=2, n_gpu_layers=0, shared_kv=True)
+    model = LlamaModel(starter_model, n_ctx=1024, n_seq=2, n_threads=2, n_gpu_layers=0, shared_kv=True)
     card = "You are a ship's cook who answers in lists. " * 6
     texts, engine = run_together(model, [card + "The colours of the flags: red, green, blue, red,",
                                          card + "The winds: north, south, east, west, north,"], compact_after=8)
@@ -279,7 +281,7 @@ def test_a_compacted_pool_shares_borrowed_starts_again(starter_model):
 
 def test_a_compaction_that_cannot_restore_a_sequence_reads_it_again(starter_model, monkeypatch):
     """Should llama.cpp refuse to restore a sequence, the reply reads what it held again and goes on."""
-    model = koboldlite.LlamaModel(starter_model, n_ctx=1024, n_seq=2, n_threads=2, n_gpu_layers=0, shared_kv=True)
+    model = LlamaModel(starter_model, n_ctx=1024, n_seq=2, n_threads=2, n_gpu_layers=0, shared_kv=True)
     refused = []
     real = model.lib.llama_state_seq_set_data
 
@@ -299,24 +301,24 @@ def test_no_compaction_while_moved_keys_wait_for_the_next_decode(starter_model):
     (llama.cpp's seq_add), and llama.cpp re-rotates those keys only at the next decode: a state saved
     before that would restore keys at the wrong positions. So a compaction due in that very step waits
     one step."""
-    model = koboldlite.LlamaModel(starter_model, n_ctx=1024, n_seq=3, n_threads=2, n_gpu_layers=0, shared_kv=True)
-    engine = koboldlite.Engine(model)
+    model = LlamaModel(starter_model, n_ctx=1024, n_seq=3, n_threads=2, n_gpu_layers=0, shared_kv=True)
+    engine = Engine(model)
     engine.pool.COMPACT_AFTER_CELLS = 1
-    greedy = koboldlite.SamplerSettings(temperature=0, ban_eos=True)
+    greedy = SamplerSettings(temperature=0, ban_eos=True)
     intro = "A harbour diary, written by the lamp keeper."
     days = [f" Day {k}: the boats came home late and the lamps were lit at dusk." for k in range(1, 13)]
-    first = engine.prepare(koboldlite.GenerationRequest(intro + "".join(days), max_length=3, sampler=greedy))
+    first = engine.prepare(GenerationRequest(intro + "".join(days), max_length=3, sampler=greedy))
     assert engine.admit(first)
     while first.state != "done":
         engine.step()
-    others = [engine.prepare(koboldlite.GenerationRequest(p, max_length=200, sampler=greedy))
+    others = [engine.prepare(GenerationRequest(p, max_length=200, sampler=greedy))
               for p in ("Write a poem about the sea:", "A list of the planets: Mercury, Venus,")]
     for job in others:
         assert engine.admit(job)
         engine.step()
     while not engine.pool.compaction_due():
         engine.step()
-    returning = engine.prepare(koboldlite.GenerationRequest(intro + "".join(days[3:]) + " Day 13:", max_length=20,
+    returning = engine.prepare(GenerationRequest(intro + "".join(days[3:]) + " Day 13:", max_length=20,
                                                             sampler=greedy))
     assert engine.admit(returning)
     assert returning.stats.cached_tokens >= len(model.tokenize(intro + "".join(days[3:]))) - 1   # moved, not re-read

@@ -14,8 +14,14 @@ import threading
 
 import pytest
 
-import koboldlite
-from conftest import SSEStream, ServerProcess, in_thread, openai_client_for, result_of
+from koboldlite.errors import ConfigError, RequestError
+from koboldlite.model_files import scan_model_folder
+from koboldlite.config import Config, PRESETS_FILE, load_config, read_presets
+from koboldlite.fields import FieldReader
+from koboldlite.service.catalog import ModelCatalog
+from koboldlite.service.roster import ModelRoster
+from koboldlite.api.ollama import keep_alive_of
+from tests.harness import SSEStream, ServerProcess, in_thread, openai_client_for, result_of
 
 GREEDY = {"seed": 3, "top_k": 1}
 HI = [{"role": "user", "content": "Say hello."}]
@@ -30,7 +36,7 @@ def folder(tmp_path_factory, starter_model, gemma_model) -> str:
     os.symlink(gemma_model, d / "gemma.gguf")
     (d / "mmproj-smollm-f16.gguf").write_bytes(b"GGUF" + bytes(60))
     (d / "other.gguf.part").write_bytes(b"GGUF")
-    (d / koboldlite.PRESETS_FILE).write_text(json.dumps({
+    (d / PRESETS_FILE).write_text(json.dumps({
         "gemma": {"contextsize": 1024, "aliases": ["small-gemma"], "chat_template": "gemma"},
         "smollm": {"contextsize": 1024, "parallel": 2}}))
     return str(d)
@@ -56,11 +62,11 @@ def test_folder_names_split_models_and_what_is_not_a_model(tmp_path):
                  "mmproj-big.gguf", "Tiny.Q4_K_M.gguf", "half.gguf.part", "notes.txt"]:
         (tmp_path / name).write_bytes(b"GGUF")
     (tmp_path / "sub.gguf").mkdir()
-    found = koboldlite.scan_model_folder(str(tmp_path))
+    found = scan_model_folder(str(tmp_path))
     assert sorted(found) == ["Tiny.Q4_K_M", "big"]
     assert [os.path.basename(p) for p in found["big"]] == ["big-00001-of-00002.gguf", "big-00002-of-00002.gguf"]
-    config = koboldlite.load_config(["--modeldir", str(tmp_path), "--model", str(tmp_path / "Tiny.Q4_K_M.gguf")])
-    catalog = koboldlite.ModelCatalog(config)
+    config = load_config(["--modeldir", str(tmp_path), "--model", str(tmp_path / "Tiny.Q4_K_M.gguf")])
+    catalog = ModelCatalog(config)
     assert [e.name for e in catalog.entries()] == ["Tiny.Q4_K_M", "big"]      # the default first
     assert catalog.find("big").path.endswith("big-00001-of-00002.gguf") and catalog.find("big").size_bytes == 8
     for same in ["big", "BIG", "big.gguf", "big:latest", "koboldcpp/big"]:
@@ -74,53 +80,53 @@ def test_folder_names_split_models_and_what_is_not_a_model(tmp_path):
 
 def test_presets_are_checked_as_options_are(tmp_path):
     (tmp_path / "m.gguf").write_bytes(b"GGUF")
-    presets = tmp_path / koboldlite.PRESETS_FILE
+    presets = tmp_path / PRESETS_FILE
     for bad, words in [({"m": {"contextsize": 3}}, "contextsize must be between"),
                        ({"m": {"gpulayer": 1}}, "unknown option 'gpulayer'"),
                        ({"m": {"aliases": "x"}}, "aliases must be a list"),
                        ({"m": {"chat_template": "nope.jinja"}}, "neither"),
                        (["m"], "must map model names")]:
         presets.write_text(json.dumps(bad))
-        with pytest.raises(koboldlite.ConfigError, match=words):
-            koboldlite.read_presets(str(tmp_path))
+        with pytest.raises(ConfigError, match=words):
+            read_presets(str(tmp_path))
     presets.write_text(json.dumps({"m": {"contextsize": 512, "aliases": ["fast"], "quantkv": 1}}))
-    config = koboldlite.load_config(["--modeldir", str(tmp_path)])
-    entry = koboldlite.ModelCatalog(config).find("fast")
+    config = load_config(["--modeldir", str(tmp_path)])
+    entry = ModelCatalog(config).find("fast")
     assert entry.name == "m" and entry.config(config).contextsize == 512 and entry.config(config).flashattention
     assert config.model == str(tmp_path / "m.gguf")      # a folder alone: its first model is the default
 
 
 def test_keep_alive_durations():
-    read = lambda v: koboldlite.keep_alive_of(koboldlite.FieldReader({"keep_alive": v}))  # noqa: E731
+    read = lambda v: keep_alive_of(FieldReader({"keep_alive": v}))  # noqa: E731
     assert [read(v) for v in (0, "0", 30, "5m", "1h30m", "-1", "-1m", "1.5s", "250ms")] == \
         [0, 0, 30, 300, 5400, -1, -60, 1.5, 0.25]
-    assert koboldlite.keep_alive_of(koboldlite.FieldReader({})) is None
+    assert keep_alive_of(FieldReader({})) is None
     for bad in ("soon", "5 m", [], True):
-        with pytest.raises(koboldlite.RequestError):
+        with pytest.raises(RequestError):
             read(bad)
 
 
 def test_room_is_made_from_idle_models_only(monkeypatch):
     """Which loaded models go for a new one: the least recently used idle ones, for a seat or for memory."""
     from types import SimpleNamespace as NS
-    app = NS(config=koboldlite.Config(maxmodels=2), catalog=None, log=lambda line: None)
-    roster = koboldlite.ModelRoster(app)
+    config = Config(maxmodels=2)
+    roster = ModelRoster(None, config, lambda line: None, lambda job: None)
     gib = 1 << 30
 
     def loaded(name, used, busy=False):
         return NS(name=name, last_used=used, leases=int(busy), jobs=0, unloading=False, entry=NS(size_bytes=gib))
     new = NS(estimated_bytes=lambda config: gib)
-    monkeypatch.setattr(sys.modules[koboldlite.ModelRoster.__module__], "available_memory", lambda: 8 * gib)
+    monkeypatch.setattr(sys.modules[ModelRoster.__module__], "available_memory", lambda: 8 * gib)
     roster.loaded = {"a": loaded("a", 2.0), "b": loaded("b", 1.0)}
     assert [v.name for v in roster._make_room(new)] == ["b"]          # the seat of the least recently used
     roster.loaded["b"].leases = 1
     assert [v.name for v in roster._make_room(new)] == ["a"]
     roster.loaded["a"].jobs = 1                                        # a job running without its request
     assert roster._make_room(new) is None                              # every seat in use: wait
-    app.config.maxmodels = 3
+    config.maxmodels = 3
     assert roster._make_room(new) == []                                # a free seat, memory enough
     roster.loaded["a"].jobs = 0
-    monkeypatch.setattr(sys.modules[koboldlite.ModelRoster.__module__], "available_memory", lambda: gib // 2)
+    monkeypatch.setattr(sys.modules[ModelRoster.__module__], "available_memory", lambda: gib // 2)
     assert [v.name for v in roster._make_room(new)] == ["a"]          # short of memory: idle ones go
     roster.loaded["a"].leases = 1
     assert roster._make_room(new) == []                                # never one in use: try anyway

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from conftest import ServerProcess, SSEStream, kobold_event_json, openai_client_for
+from tests.harness import ServerProcess, SSEStream, kobold_event_json, openai_client_for
 
 CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name three colours."}]
 
@@ -154,9 +154,9 @@ def test_openai_stream_bytes(server, path, body):
 
 def test_chat_prompt_is_the_models_own_template(server, starter_model):
     """The prompt the server builds equals what the model's template renders (by llama-cpp-python's formatter)."""
-    import koboldlite
+    from koboldlite.engine.llama_model import LlamaModel
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-    model = koboldlite.LlamaModel(starter_model, n_ctx=256, n_seq=1, n_threads=1, n_gpu_layers=0)
+    model = LlamaModel(starter_model, n_ctx=256, n_seq=1, n_threads=1, n_gpu_layers=0)
     source = model.metadata("tokenizer.chat_template")
     assert "<|im_start|>" in source
     reference = Jinja2ChatFormatter(source, eos_token="<|im_end|>", bos_token="<|im_start|>")(messages=CHAT).prompt

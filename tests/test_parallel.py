@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from conftest import ServerProcess, SSEStream, in_thread, kobold_event_json, result_of
+from tests.harness import ServerProcess, SSEStream, in_thread, kobold_event_json, result_of
 
 ANIMALS = ["cat", "dog", "fox", "owl", "bee", "cow"]
 

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from conftest import SSEStream, in_thread, kobold_event_json, openai_client_for, result_of
+from tests.harness import SSEStream, in_thread, kobold_event_json, openai_client_for, result_of
 
 SEA = "{{[INPUT]}}Write one sentence about the sea.{{[OUTPUT]}}"
 GREEDY = {"prompt": SEA, "max_length": 40, "temperature": 0}

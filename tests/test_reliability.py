@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, SCRIPT, ServerProcess, SSEStream, in_thread, kobold_event_json, result_of
+from tests.harness import ROOT, SCRIPT, ServerProcess, SSEStream, in_thread, kobold_event_json, result_of
 
 ARTIFACTS = os.path.join(ROOT, "tests", "artifacts")
 FIGURES: dict = {}

@@ -9,8 +9,10 @@ import threading
 
 import pytest
 
-from conftest import in_thread, result_of
-from koboldlite import GenerationRequest, Job, Scheduler, ServerBusy
+from tests.harness import in_thread, result_of
+from koboldlite.generation import GenerationRequest
+from koboldlite.jobs import Job
+from koboldlite.scheduler import Scheduler, ServerBusy
 
 
 class FakeEngine:

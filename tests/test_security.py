@@ -13,8 +13,10 @@ import threading
 
 import pytest
 
-import koboldlite
-from conftest import SCRIPT, ServerProcess, WatchedProcess
+from koboldlite.errors import ConfigError
+from koboldlite.config import load_config
+from koboldlite.web.access import AuthThrottle
+from tests.harness import SCRIPT, ServerProcess, WatchedProcess
 
 PROMPT = {"prompt": "Say hello.", "max_length": 3}
 
@@ -97,12 +99,12 @@ def test_hostname_option_admits_a_name(make_server, tmp_path, starter_model):
     config = tmp_path / "c.json"
     config.write_text(json.dumps({"model": starter_model, "hostname": ["a.example", "b.example"],
                                   "cors_origin": "https://ui.example"}))
-    cfg = koboldlite.load_config(["--config", str(config), "--hostname", "c.example"])
+    cfg = load_config(["--config", str(config), "--hostname", "c.example"])
     assert cfg.hostname == ["c.example"] and cfg.cors_origin == ["https://ui.example"]
-    assert koboldlite.load_config(["--config", str(config)]).hostname == ["a.example", "b.example"]
+    assert load_config(["--config", str(config)]).hostname == ["a.example", "b.example"]
     for bad in (["--hostname", "not a name"], ["--cors-origin", "ui.example"], ["--cors-origin", "null"]):
-        with pytest.raises(koboldlite.ConfigError):
-            koboldlite.load_config(["--model", starter_model, *bad])
+        with pytest.raises(ConfigError):
+            load_config(["--model", starter_model, *bad])
 
 
 def test_ipv6_loopback_server(starter_model):
@@ -256,7 +258,7 @@ def test_wrong_passwords_are_limited_per_address(make_server):
 
 def test_throttle_window_unit():
     lines = []
-    throttle = koboldlite.AuthThrottle(lines.append)
+    throttle = AuthThrottle(lines.append)
     for _ in range(throttle.LIMIT - 1):
         throttle.failed("10.0.0.1")
     assert throttle.retry_after("10.0.0.1") == 0

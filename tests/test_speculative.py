@@ -4,15 +4,18 @@ The acceptance rule itself is checked on toy distributions against the exact rul
 
 from __future__ import annotations
 
-import json
 import random
 import re
 
 import numpy
 import pytest
 
-import koboldlite
-from conftest import SSEStream, ServerProcess, in_thread, kobold_event_json, result_of
+from koboldlite.generation import GenerationRequest, SamplerSettings
+from koboldlite.engine.llama_model import LlamaModel
+from koboldlite.engine.drafting import DraftControl, NgramDrafter, StepCost, speculative_accept
+from koboldlite.engine.engine import Engine
+from koboldlite.scheduler import Scheduler
+from tests.harness import SSEStream, ServerProcess, in_thread, kobold_event_json, result_of
 
 PASSAGE = ("The old lighthouse keeper climbed the spiral stairs every evening at dusk. He trimmed the wick, "
            "polished the great lens, and watched the ships pass safely through the narrow channel. In winter the "
@@ -72,7 +75,7 @@ def test_acceptance_rule_gives_the_models_distribution(p, q):
     kept = 0
     for _ in range(40000):
         d = int(rng.choice(len(q), p=q))
-        token, was_kept = koboldlite.speculative_accept(p, q, d, rng)
+        token, was_kept = speculative_accept(p, q, d, rng)
         counts[token] += 1
         kept += was_kept
     assert chi_square(counts, p) < CHI2_999[len(p) - 1]
@@ -92,7 +95,7 @@ def test_point_mass_rule_is_draw_and_compare():
 
 
 def test_ngram_drafter_proposes_what_followed_the_latest_longest_match():
-    d = koboldlite.NgramDrafter()
+    d = NgramDrafter()
     d.sync([1, 2, 3, 4, 5, 9, 9, 1, 2, 3, 4, 7, 8, 0, 2, 3, 4])
     assert d.propose(3) == [7, 8, 0]          # 2 3 4 last led to 7 (the latest occurrence, not the first)
     d.sync(d.tokens + [7])
@@ -112,10 +115,10 @@ def test_ngram_drafter_proposes_what_followed_the_latest_longest_match():
 
 
 def test_draft_length_weighs_the_expected_gain_against_the_wider_batch():
-    cpu = koboldlite.StepCost([1, 2, 4, 8, 16], [7.5, 15.3, 21.7, 35.0, 61.0])    # ms, as measured here
-    gpu = koboldlite.StepCost([1, 2, 4, 8, 16], [10.0, 10.1, 10.2, 10.4, 10.8])
+    cpu = StepCost([1, 2, 4, 8, 16], [7.5, 15.3, 21.7, 35.0, 61.0])    # ms, as measured here
+    gpu = StepCost([1, 2, 4, 8, 16], [10.0, 10.1, 10.2, 10.4, 10.8])
     assert cpu(3) == pytest.approx(18.5) and cpu(32) == pytest.approx(113.0)      # between and past the widths
-    c = koboldlite.DraftControl(8)
+    c = DraftControl(8)
     c.rate = 0.95
     assert c.length(1, gpu) == 8                     # nearly free: the longest draft
     assert 4 <= c.length(1, cpu) <= 8                # a likely copy pays even here
@@ -140,7 +143,7 @@ def test_every_decode_is_made_on_the_generation_thread(starter_model, monkeypatc
     """The start-up measurement of what a decode costs too: one decode on another thread left llama.cpp a second
     team of CPU threads, and every step after it took twice as long."""
     import threading
-    model = koboldlite.LlamaModel(starter_model, n_ctx=512, n_seq=2, n_threads=2, n_gpu_layers=0, shared_kv=True)
+    model = LlamaModel(starter_model, n_ctx=512, n_seq=2, n_threads=2, n_gpu_layers=0, shared_kv=True)
     threads = []
     real = model.lib.llama_decode
 
@@ -148,12 +151,12 @@ def test_every_decode_is_made_on_the_generation_thread(starter_model, monkeypatc
         threads.append(threading.current_thread().name)
         return real(ctx, batch)
     monkeypatch.setattr(model.lib, "llama_decode", recording)
-    engine = koboldlite.Engine(model, draft_most=8)
-    scheduler = koboldlite.Scheduler(engine, max_waiting=4)
+    engine = Engine(model, draft_most=8)
+    scheduler = Scheduler(engine, max_waiting=4)
     scheduler.start()
     try:
-        greedy = koboldlite.SamplerSettings(temperature=0, ban_eos=True)
-        job = scheduler.submit(engine.prepare(koboldlite.GenerationRequest(COPY, max_length=30, sampler=greedy)))
+        greedy = SamplerSettings(temperature=0, ban_eos=True)
+        job = scheduler.submit(engine.prepare(GenerationRequest(COPY, max_length=30, sampler=greedy)))
         assert job.buffer.wait_done(120) and job.stats.generated_tokens == 30
     finally:
         scheduler.stop()
@@ -166,12 +169,12 @@ def test_a_batch_without_room_for_its_drafts_is_done_again_without_them(starter_
     """llama.cpp may find no cells for a batch in a nearly full pool (status 1, nothing changed): the reply goes
     on, the step done again without drafts, and its text is the text without drafts."""
     import dataclasses
-    model = koboldlite.LlamaModel(starter_model, n_ctx=1024, n_seq=1, n_threads=2, n_gpu_layers=0)
-    engine = koboldlite.Engine(model, draft_most=8)
-    drafting = koboldlite.SamplerSettings(temperature=0, ban_eos=True, draft_min=4)
+    model = LlamaModel(starter_model, n_ctx=1024, n_seq=1, n_threads=2, n_gpu_layers=0)
+    engine = Engine(model, draft_most=8)
+    drafting = SamplerSettings(temperature=0, ban_eos=True, draft_min=4)
 
     def reply(sampler):
-        job = engine.prepare(koboldlite.GenerationRequest(COPY, max_length=40, sampler=sampler))
+        job = engine.prepare(GenerationRequest(COPY, max_length=40, sampler=sampler))
         assert engine.admit(job)
         while job.state != "done":
             engine.step()
@@ -407,7 +410,7 @@ def test_a_draft_model_under_two_slots(starter_model):
 
 
 def test_a_draft_model_with_another_vocabulary_is_refused(starter_model, gemma_model):
-    from conftest import SCRIPT, WatchedProcess, PIP_LLAMA_LIB
+    from tests.harness import SCRIPT, WatchedProcess, PIP_LLAMA_LIB
     import sys
     p = WatchedProcess([sys.executable, SCRIPT, "--model", starter_model, "--draftmodel", gemma_model, "--port", "0",
                         "--contextsize", "512"], env={"LLAMA_CPP_LIB_PATH": PIP_LLAMA_LIB})

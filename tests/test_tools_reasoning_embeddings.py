@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from conftest import SSEStream, openai_client_for
+from tests.harness import SSEStream, openai_client_for
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city",

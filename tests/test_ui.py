@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from conftest import ROOT, ServerProcess
+from tests.harness import ROOT, ServerProcess
 
 ARTIFACTS = os.path.join(ROOT, "tests", "artifacts")
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -285,7 +285,7 @@ def test_page_over_tls_and_busy_message(browser, make_server):
     try:
         page.goto(s.base)
         page.wait_for_selector("#model-name:has-text('SmolLM2')")
-        from conftest import SSEStream, kobold_event_json
+        from tests.harness import SSEStream, kobold_event_json
         stream = SSEStream(s, "/api/extra/generate/stream", {"prompt": "x", "max_length": 1500, "ban_eos_token": True})
         kobold_event_json(stream.next_event())
         page.fill("#input", "Anyone there?")
@@ -334,7 +334,7 @@ def test_paths_outside_embedded_ui_are_never_served(ui_server, path):
 
 
 def test_queue_position_while_waiting(page, ui_server):
-    from conftest import SSEStream, kobold_event_json
+    from tests.harness import SSEStream, kobold_event_json
     settings(page, max_length=8)
     page.goto(ui_server.base)
     page.wait_for_selector("#model-name:has-text('SmolLM2')")

@@ -7,10 +7,13 @@ import threading
 
 import pytest
 
-import koboldlite
-
-from koboldlite import FieldReader, GenerationRequest, RequestError, TextAssembler, TokenBuffer, \
-    parse_sampler_settings
+from koboldlite.errors import RequestError
+from koboldlite.text import TextAssembler
+from koboldlite.fields import FieldReader
+from koboldlite.generation import GenerationRequest, parse_sampler_settings
+from koboldlite.jobs import TokenBuffer
+from koboldlite.engine.gguf_layout import GGUFLayout, fit_gpu_layers
+from koboldlite.chat.template import ChatTemplate
 
 
 def feed_all(asm: TextAssembler, chunks: list[bytes]) -> list[str]:
@@ -134,24 +137,24 @@ class NoSpecialTokens:
      [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], "hi<yo>"),
 ])
 def test_chat_templates_render_as_transformers_does(source, messages, expected):
-    template = koboldlite.ChatTemplate(source, "test", NoSpecialTokens())
+    template = ChatTemplate(source, "test", NoSpecialTokens())
     assert template.render(messages, add_generation_prompt=False) == expected
 
 
 # -- GPU offload arithmetic (issue 23) ---------------------------------------------------------------------
 
 def test_gguf_layout_and_the_layer_fit(starter_model):
-    layout = koboldlite.GGUFLayout(starter_model)
+    layout = GGUFLayout(starter_model)
     assert layout.n_layer == 30 and sorted(layout.layer_bytes) == list(range(30)) and layout.n_vocab == 49152
     on_file = sum(layout.layer_bytes.values()) + layout.other_bytes
     assert 0.9 < on_file / os.path.getsize(starter_model) <= 1.0
     assert layout.kv_width == 3 * 64 * 2         # SmolLM2-135M: 3 KV heads of 64, keys and values
-    assert koboldlite.fit_gpu_layers(layout, 8 << 30, 4096, 0, 512)[0] == 31        # all, and the output layer
-    assert koboldlite.fit_gpu_layers(layout, 100 << 20, 4096, 0, 512)[0] == 0       # not even the margin
-    counts = [koboldlite.fit_gpu_layers(layout, mib << 20, 4096, 0, 512)[0] for mib in range(600, 760, 8)]
+    assert fit_gpu_layers(layout, 8 << 30, 4096, 0, 512)[0] == 31        # all, and the output layer
+    assert fit_gpu_layers(layout, 100 << 20, 4096, 0, 512)[0] == 0       # not even the margin
+    counts = [fit_gpu_layers(layout, mib << 20, 4096, 0, 512)[0] for mib in range(600, 760, 8)]
     assert counts == sorted(counts) and 0 < counts[len(counts) // 2] < 31          # more memory, more layers
-    n, fit = koboldlite.fit_gpu_layers(layout, 680 << 20, 4096, 0, 512)
+    n, fit = fit_gpu_layers(layout, 680 << 20, 4096, 0, 512)
     kv = 4096 * layout.kv_width * 2
     assert fit["planned_mib"] == (sum(layout.layer_bytes[i] for i in range(30 - n, 30)) + n * kv) >> 20
-    smaller_kv = koboldlite.fit_gpu_layers(layout, 680 << 20, 4096, 2, 512)[0]       # q4_0 cache: more fit
+    smaller_kv = fit_gpu_layers(layout, 680 << 20, 4096, 2, 512)[0]       # q4_0 cache: more fit
     assert smaller_kv >= n

@@ -38,10 +38,10 @@ class BuildError(Exception):
 class Module:
     """One module of the package, read and taken apart."""
 
-    def __init__(self, name: str, path: str):
+    def __init__(self, name: str, path: str, root: str = ROOT):
         self.name = name                        # "engine.kv_pool"; "" for the package's own __init__
         self.path = path
-        self.rel = os.path.relpath(path, ROOT)
+        self.rel = os.path.relpath(path, root)
         with open(path, encoding="utf-8") as f:
             self.source = f.read()
         self.tree = ast.parse(self.source, path)
@@ -150,10 +150,10 @@ def declared_order(init: Module) -> list[str]:
     return []
 
 
-def read_package() -> list[Module]:
+def read_package(root: str = ROOT) -> list[Module]:
     """Every module in the declared order, the package's __init__ first; every file listed once."""
-    folder = os.path.join(ROOT, PACKAGE)
-    init = Module("", os.path.join(folder, "__init__.py"))
+    folder = os.path.join(root, PACKAGE)
+    init = Module("", os.path.join(folder, "__init__.py"), root)
     order = declared_order(init)
     found = {}
     for dirpath, dirnames, filenames in os.walk(folder):
@@ -165,7 +165,7 @@ def read_package() -> list[Module]:
             if rel == "__init__":
                 continue
             if rel.endswith(".__init__"):
-                sub = Module(rel[:-len(".__init__")], os.path.join(dirpath, file))
+                sub = Module(rel[:-len(".__init__")], os.path.join(dirpath, file), root)
                 if sub.body or sub.stdlib or sub.internal:
                     sub.fail(sub.body[0] if sub.body else None, "a subpackage's __init__.py may hold only a docstring")
                 continue
@@ -178,11 +178,11 @@ def read_package() -> list[Module]:
             part for part in (missing and f"no such module: {', '.join(missing)}",
                               unlisted and f"not listed: {', '.join(unlisted)}",
                               twice and f"listed twice: {', '.join(twice)}") if part))
-    return [init] + [Module(name, found[name]) for name in order]
+    return [init] + [Module(name, found[name], root) for name in order]
 
 
-def check(modules: list[Module]) -> dict[str, str]:
-    """Fail on anything that would make the joined file differ from the package; the other-package imports."""
+def check(modules: list[Module]):
+    """Fail on anything that would make the joined file differ from the package."""
     position = {m.name: i for i, m in enumerate(modules)}
     defined = {m.name: m.defined() for m in modules}
     owner: dict[str, str] = {}
@@ -220,12 +220,11 @@ def check(modules: list[Module]) -> dict[str, str]:
             m.fail(None, f"uses {', '.join(unknown)} without defining or importing it")
         if m.name != "paths" and any(isinstance(n, ast.Name) and n.id == "__file__" for n in ast.walk(m.tree)):
             m.fail(None, "uses __file__: ask koboldlite.paths where the program's files are")
-    return imports
 
 
-def embedded_ui_module() -> str:
+def embedded_ui_module(root: str = ROOT) -> str:
     """The replacement of web/ui_files.py: embedded_ui/'s files inside the joined file."""
-    folder = os.path.join(ROOT, "embedded_ui")
+    folder = os.path.join(root, "embedded_ui")
     lines = ["EMBEDDED_UI_FILES = {"]
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames.sort()
@@ -245,7 +244,7 @@ def embedded_ui_module() -> str:
     return "\n".join(lines)
 
 
-def join(modules: list[Module], imports: dict[str, str]) -> str:
+def join(modules: list[Module], root: str = ROOT) -> str:
     init = modules[0]
     statements = set()
     for m in modules:
@@ -270,7 +269,7 @@ def join(modules: list[Module], imports: dict[str, str]) -> str:
         out += ["", "", "# " + "=" * 110, f"# {m.rel}" + (f": {m.docstring.strip().splitlines()[0]}" if m.docstring and m.name else ""),
                 "# " + "=" * 110]
         if m.name == UI_MODULE:
-            out += ["", "", embedded_ui_module()]
+            out += ["", "", embedded_ui_module(root)]
             continue
         lines = lines_of[m.name]
         previous_end = 0
@@ -292,21 +291,22 @@ def join(modules: list[Module], imports: dict[str, str]) -> str:
     return "\n".join(out)
 
 
-def verify_ui_module(modules: list[Module]):
+def verify_ui_module(modules: list[Module], root: str = ROOT):
     """The replacement must define what the package's module defines."""
     package_ui = next(m for m in modules if m.name == UI_MODULE)
-    replacement = ast.parse(embedded_ui_module())
+    replacement = ast.parse(embedded_ui_module(root))
     names = {n for node in replacement.body for n in bound_names(node)}
     missing = sorted(n for n in package_ui.defined() if n not in names)
     if missing:
         package_ui.fail(None, f"defines {', '.join(missing)}, which the joined file's copy of it lacks")
 
 
-def build(out_path: str) -> str:
-    modules = read_package()
-    imports = check(modules)
-    verify_ui_module(modules)
-    text = join(modules, imports)
+def build(out_path: str, root: str = ROOT) -> str:
+    """Check the package under `root`, write the joined file to `out_path`, and return its text."""
+    modules = read_package(root)
+    check(modules)
+    verify_ui_module(modules, root)
+    text = join(modules, root)
     compile(text, out_path, "exec")
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     temporary = out_path + ".tmp"

@@ -80,7 +80,7 @@ class App:
         self._log_lines: "queue.SimpleQueue[str | None]" = queue.SimpleQueue()
         self._logger = threading.Thread(target=self._write_log, name="log-writer", daemon=True)
         self._logger.start()
-        self.roster = ModelRoster(self)
+        self.roster = ModelRoster(self.catalog, config, self.log, self.log_finished)
 
     def embedder(self, served: ServedModel) -> Embedder:
         """--embeddings-model's context for every request, else the named model's own."""
@@ -106,12 +106,6 @@ class App:
             if job is not None:
                 return job
         return None
-
-    @staticmethod
-    def describe_gpu(served: ServedModel) -> str:
-        m = served.memory
-        return (f"{m['layers_offloaded']}/{m['layers_total']} layers on the GPU" if served.gpu.devices
-                else "on the CPU")
 
     def log_finished(self, job: Job):
         s = job.stats

@@ -5,15 +5,13 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import Callable
 
 from ..errors import ConfigError, ModelLoadError, RequestError
+from ..config import Config
 from ..jobs import Job
-from .catalog import ModelEntry
+from .catalog import ModelCatalog, ModelEntry
 from .served_model import ServedModel, available_memory
-
-if TYPE_CHECKING:
-    from .app import App
 
 
 class ModelRoster:
@@ -21,9 +19,14 @@ class ModelRoster:
     keep-alive. Loads happen one at a time (llama.cpp's log has one callback) on the requesting thread;
     requests for a model that is loading wait on the condition, others go on being served."""
 
-    def __init__(self, app: "App"):
-        self.app = app
-        self.catalog = app.catalog
+    def __init__(self, catalog: ModelCatalog, config: Config, log: Callable[[str], None],
+                 on_job_finished: Callable[[Job], None]):
+        """`config`: the server's options (each model's preset goes over them); `on_job_finished` is told of every
+        job's end, on its model's generation thread."""
+        self.catalog = catalog
+        self.config = config
+        self.log = log
+        self.on_job_finished = on_job_finished
         self._cond = threading.Condition()
         self.loaded: dict[str, ServedModel] = {}
         self.loading: set[str] = set()
@@ -75,20 +78,21 @@ class ModelRoster:
             self._unload(victim, f"to make room for {entry.name}")
         try:
             with self._load_lock:
-                served = ServedModel(entry, self.app, self._job_ended)
+                served = ServedModel(entry, self.config, self.log, self.job_started, self._job_ended,
+                                     named=self.catalog.several)
         except (ModelLoadError, ConfigError, OSError) as e:
             with self._cond:
                 self.loading.discard(entry.name)
                 self.failures[entry.name] = str(e)
                 self._cond.notify_all()
-            self.app.log(f"model {entry.name}: could not load: {e}")
+            self.log(f"model {entry.name}: could not load: {e}")
             error = RequestError(f"could not load model {entry.name}: {e}", status=500, kind="server_error")
             error.cause = e                      # start-up reports the cause in its own words
             raise error from None
-        self.app.log(f"model {entry.name} loaded in {served.load_seconds:.1f} s: {served.resident_mib:.0f} MiB "
+        self.log(f"model {entry.name} loaded in {served.load_seconds:.1f} s: {served.resident_mib:.0f} MiB "
                      f"(model {served.memory['model_mib']:.0f}, KV cache {served.memory['kv_cache_mib']:.0f}, "
                      f"compute {served.memory['compute_mib']:.0f}), context {served.model.n_ctx}, "
-                     f"{self.app.describe_gpu(served)}")
+                     f"{served.placement}")
         with self._cond:
             self.loading.discard(entry.name)
             self.failures.pop(entry.name, None)
@@ -151,13 +155,13 @@ class ModelRoster:
         seat is held by a model in use. Memory is best effort: idle models go first while it looks short."""
         seated = [s for s in self.loaded.values() if not s.unloading]
         idle = sorted((s for s in seated if self._idle(s)), key=lambda s: s.last_used)
-        short = len(seated) + len(self.loading) + 1 - self.app.config.maxmodels
+        short = len(seated) + len(self.loading) + 1 - self.config.maxmodels
         if short > len(idle):
             return None
         victims = idle[:max(short, 0)]
         free = available_memory()
         if free is not None:
-            need = entry.estimated_bytes(self.app.config)
+            need = entry.estimated_bytes(self.config)
             spare = idle[len(victims):]
             freed = sum(v.entry.size_bytes for v in victims)
             while spare and need > free + freed:
@@ -176,17 +180,16 @@ class ModelRoster:
             self.events.append({"event": "unload", "model": served.name, "at": time.time(), "reason": reason,
                                 "seconds": round(seconds, 3), "mib": mib})
             self._cond.notify_all()
-        self.app.log(f"model {served.name} unloaded ({reason}) in {seconds:.2f} s: {mib:.0f} MiB freed")
+        self.log(f"model {served.name} unloaded ({reason}) in {seconds:.2f} s: {mib:.0f} MiB freed")
 
     def job_started(self, served: ServedModel):
         with self._cond:
             served.jobs += 1
 
-    def _job_ended(self, served: ServedModel, job: Job):
-        self.app.log_finished(job)
-        self.job_done(served)
-
-    def job_done(self, served: ServedModel):
+    def _job_ended(self, served: ServedModel, job: Job | None):
+        """A job of this model has ended (None: the queue refused it, it never ran)."""
+        if job is not None:
+            self.on_job_finished(job)
         with self._cond:
             served.jobs -= 1
             served.last_used = time.monotonic()
@@ -194,7 +197,7 @@ class ModelRoster:
 
     def keep_alive_of(self, served: ServedModel) -> float | None:
         """Seconds it may sit idle; None: for ever."""
-        seconds = served.keep_alive if served.keep_alive is not None else (self.app.config.idleunload or None)
+        seconds = served.keep_alive if served.keep_alive is not None else (self.config.idleunload or None)
         return None if seconds is None or seconds < 0 else seconds
 
     def expires_at(self, served: ServedModel) -> float | None:

@@ -6,7 +6,7 @@ import os
 import sys
 import threading
 import time
-from typing import Callable, TYPE_CHECKING
+from typing import Callable
 
 from ..errors import ModelLoadError, RequestError
 from ..config import Config, flash_attention_of
@@ -21,9 +21,6 @@ from ..engine.engine import Engine
 from ..scheduler import Scheduler, ServerBusy
 from ..chat.template import load_chat_template
 from .catalog import ModelEntry
-
-if TYPE_CHECKING:
-    from .app import App
 
 
 class ProgressBar:
@@ -62,11 +59,18 @@ BUSY_MESSAGE = "Server is busy; please try again later."
 class ServedModel:
     """One loaded model and what serves it: its chat template, engine, generation loop and embedder."""
 
-    def __init__(self, entry: ModelEntry, app: "App", on_job_end: Callable[["ServedModel", Job], None]):
+    def __init__(self, entry: ModelEntry, base: Config, log: Callable[[str], None],
+                 job_started: Callable[["ServedModel"], None],
+                 job_ended: Callable[["ServedModel", Job | None], None], named: bool = False):
+        """Load it with its preset over the server's options (`base`). Its owner counts its jobs: `job_started` as
+        one is queued, `job_ended` as it ends (with None for one the queue refused). `named`: requests choose
+        among several models, so its log lines name it."""
         self.entry = entry
         self.name = entry.name
-        self.config = cfg = entry.config(app.config)
-        self.app = app
+        self.config = cfg = entry.config(base)
+        self.log = log
+        self._job_started, self._job_ended = job_started, job_ended
+        self.named = named
         started = time.monotonic()
         gpu = plan_gpu(cfg)
         for line in gpu.lines:
@@ -99,8 +103,8 @@ class ServedModel:
         self.prompt_cache = self._prompt_cache(cfg)
         self.engine = Engine(self.model, context_shift=not cfg.noshift,
                              draft_most=0 if cfg.nodraft else cfg.draftamount, draft_model=self.draft_model,
-                             prompt_cache=self.prompt_cache, log=self.app.log)
-        self.scheduler = Scheduler(self.engine, cfg.multiuser, lambda job: on_job_end(self, job))
+                             prompt_cache=self.prompt_cache, log=log)
+        self.scheduler = Scheduler(self.engine, cfg.multiuser, lambda job: job_ended(self, job))
         self.scheduler.start()
         self.load_seconds = time.monotonic() - started
         self.leases = 0                          # requests using it now (the roster's count, under its lock)
@@ -129,8 +133,8 @@ class ServedModel:
         folder = os.path.join(cfg.cachedir, self.name) if cfg.cachedir else None    # one folder per model
         if not ram and not folder:
             return None
-        cache = PromptCache(self.model, ram, folder, cfg.cachedisk << 20, self.app.log)
-        self.app.log(f"prompt cache for {self.name}: up to {ram >> 20} MiB in RAM ({per_token / 1024:.0f} KiB a "
+        cache = PromptCache(self.model, ram, folder, cfg.cachedisk << 20, self.log)
+        self.log(f"prompt cache for {self.name}: up to {ram >> 20} MiB in RAM ({per_token / 1024:.0f} KiB a "
                      f"token)" + (f", {cfg.cachedisk} MiB on disk in {folder}" if folder else ""))
         return cache
 
@@ -144,6 +148,12 @@ class ServedModel:
         self.prompt_cache.flush()
 
     @property
+    def placement(self) -> str:
+        """Where it runs, for the log."""
+        m = self.memory
+        return f"{m['layers_offloaded']}/{m['layers_total']} layers on the GPU" if self.gpu.devices else "on the CPU"
+
+    @property
     def resident_mib(self) -> float:
         m = self.memory
         return round(m["model_mib"] + m["kv_cache_mib"] + m["compute_mib"], 1)
@@ -152,29 +162,27 @@ class ServedModel:
         """Prepare and queue a generation; a full queue is the 503 KoboldAI Lite understands."""
         job = self.engine.prepare(request)
         job.stats.model = self.name
-        roster = self.app.roster
-        roster.job_started(self)
+        self._job_started(self)
         try:
             self.scheduler.submit(job)
         except ServerBusy:
-            roster.job_done(self)
+            self._job_ended(self, None)
             raise RequestError(BUSY_MESSAGE, status=503, kind="service_unavailable") from None
         position = self.scheduler.queue_position(job)     # 0 once the loop has taken it
-        self.app.log(f"job {job.id}: {len(job.prompt_tokens)} prompt tokens, up to "
-                     f"{job.max_new_tokens} new"
-                     + (f", {job.stats.truncated_tokens} oldest prompt tokens cut to fit the context"
-                        if job.stats.truncated_tokens else "")
-                     + (f", genkey {job.genkey}" if job.genkey else "")
-                     + (f", ignored fields: {', '.join(job.ignored_fields)}" if job.ignored_fields else "")
-                     + (f", queued at {position}" if position else "")
-                     + (f", model {self.name}" if self.app.catalog.several else ""))
+        self.log(f"job {job.id}: {len(job.prompt_tokens)} prompt tokens, up to "
+                 f"{job.max_new_tokens} new"
+                 + (f", {job.stats.truncated_tokens} oldest prompt tokens cut to fit the context"
+                    if job.stats.truncated_tokens else "")
+                 + (f", genkey {job.genkey}" if job.genkey else "")
+                 + (f", ignored fields: {', '.join(job.ignored_fields)}" if job.ignored_fields else "")
+                 + (f", queued at {position}" if position else "")
+                 + (f", model {self.name}" if self.named else ""))
         return job
 
     def embedder(self) -> Embedder:
         with self._embedder_lock:
             if self._embedder is None:
-                self._embedder = Embedder.made_for(self.model, self.config.contextsize, self.config.threads,
-                                                   self.app.log)
+                self._embedder = Embedder.made_for(self.model, self.config.contextsize, self.config.threads, self.log)
             return self._embedder
 
     def close(self):

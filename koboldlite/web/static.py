@@ -6,13 +6,12 @@ import gzip
 import hashlib
 import os
 
-from ..paths import program_folder
 from ..service.exchange import Response
 from .router import Route
 
 
 class StaticFiles:
-    """The files of embedded_ui/, read once at start. Only these exact paths are ever served,
+    """The page's files (web/ui_files.py), held from the start. Only these exact paths are ever served,
     so no request path (`..`, encoded dots, absolute paths) can reach any other file."""
 
     TYPES = {".html": "text/html; charset=utf-8", ".css": "text/css; charset=utf-8",
@@ -23,18 +22,15 @@ class StaticFiles:
                "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; object-src 'none'; "
                                           "base-uri 'none'; frame-ancestors 'none'"}
 
-    def __init__(self, directory: str):
+    def __init__(self, files: dict[str, bytes]):
+        """`files`: each file's content by its path under the page's root ("index.html")."""
         self.files: dict[str, tuple[bytes, bytes | None, str, str]] = {}
-        for root, _, names in os.walk(directory):
-            for name in sorted(names):
-                full = os.path.join(root, name)
-                url = "/" + os.path.relpath(full, directory).replace(os.sep, "/")
-                with open(full, "rb") as f:
-                    data = f.read()
-                ext = os.path.splitext(name)[1].lower()
-                packed = gzip.compress(data, 9, mtime=0) if ext in self.COMPRESSIBLE else None
-                etag = '"' + hashlib.sha256(data).hexdigest()[:20] + '"'
-                self.files[url] = (data, packed, self.TYPES.get(ext, "application/octet-stream"), etag)
+        for name, data in sorted(files.items()):
+            url = "/" + name
+            ext = os.path.splitext(name)[1].lower()
+            packed = gzip.compress(data, 9, mtime=0) if ext in self.COMPRESSIBLE else None
+            etag = '"' + hashlib.sha256(data).hexdigest()[:20] + '"'
+            self.files[url] = (data, packed, self.TYPES.get(ext, "application/octet-stream"), etag)
         if "/index.html" in self.files:
             self.files["/"] = self.files["/index.html"]
         if "/favicon.svg" in self.files:
@@ -51,6 +47,3 @@ class StaticFiles:
         if packed is not None and "gzip" in req.headers.get("Accept-Encoding", ""):
             return Response(200, packed, content_type, {**headers, "Content-Encoding": "gzip"})
         return Response(200, data, content_type, headers)
-
-
-UI_DIR = os.path.join(program_folder(), "embedded_ui")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import SSEStream, in_thread, kobold_event_json, result_of
+from tests.harness import SSEStream, in_thread, kobold_event_json, result_of
 
 LONG = {"max_length": 1500, "ban_eos_token": True, "temperature": 0.8}
 
