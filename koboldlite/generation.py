@@ -5,17 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-from .errors import RequestError
 from .fields import FieldReader
-
-
-def context_overflow(n_prompt: int, n_ctx: int) -> RequestError:
-    """A prompt that leaves no room for a reply: llama-server's error type and numbers, OpenAI's code.
-    Clients read the numbers from the fields, and some from the message ("exceeds the available context size")."""
-    return RequestError(f"request ({n_prompt} tokens) exceeds the available context size ({n_ctx} tokens): "
-                        f"shorten the prompt or start the server with a larger --contextsize",
-                        kind="exceed_context_size_error", code="context_length_exceeded",
-                        extra={"n_prompt_tokens": n_prompt, "n_ctx": n_ctx})
 
 
 @dataclasses.dataclass

@@ -1,13 +1,36 @@
-"""Jobs: one generation each, with the token buffer its readers wait on."""
+"""Jobs: one generation each, with the token buffer its readers wait on; why a reply stops; a job's states."""
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import threading
 import time
 from typing import Iterator
 
 from .generation import GenerationRequest
+
+
+class StopReason(enum.Enum):
+    """Why a reply ended. The engine (or the scheduler, for a job it never started) says it once; each API translates
+    it: KoboldCpp's stop_reason codes, OpenAI's finish_reason, Ollama's done_reason, Anthropic's stop_reason, the
+    Responses API's status."""
+
+    END = "stop"                # the model ended its turn (an end-of-generation or stop token), or no token may follow
+    STOP_STRING = "stop string"  # a stop string (JobStats.stop_string says which)
+    LENGTH = "length"           # its length limit, or a full context that could not shift
+    ABORTED = "abort"           # the client asked or hung up, or the server is stopping
+    FAILED = "error"            # the generation failed (TokenBuffer.error says why)
+
+    @property
+    def wire(self) -> str:
+        """The word most clients know, and the log's: stop, length, abort or error."""
+        return "stop" if self is StopReason.STOP_STRING else self.value
+
+    @property
+    def finished(self) -> bool:
+        """The reply came to its own end (as opposed to aborted or failed): held-back text is real text."""
+        return self in (StopReason.END, StopReason.STOP_STRING, StopReason.LENGTH)
 
 
 class TokenBuffer:
@@ -20,7 +43,7 @@ class TokenBuffer:
     def __init__(self):
         self._cond = threading.Condition()
         self._pieces: list[str] = []
-        self.finish_reason: str | None = None   # "stop", "length", "abort" or "error"
+        self.stop_reason: StopReason | None = None   # set once, when the generation ends
         self.error: str | None = None
 
     def append(self, piece: str):
@@ -28,16 +51,16 @@ class TokenBuffer:
             self._pieces.append(piece)
             self._cond.notify_all()
 
-    def close(self, finish_reason: str, error: str | None = None):
+    def close(self, reason: StopReason, error: str | None = None):
         with self._cond:
-            if self.finish_reason is None:
-                self.finish_reason = finish_reason
+            if self.stop_reason is None:
+                self.stop_reason = reason
                 self.error = error
             self._cond.notify_all()
 
     @property
     def done(self) -> bool:
-        return self.finish_reason is not None
+        return self.stop_reason is not None
 
     def text(self) -> str:
         with self._cond:
@@ -46,8 +69,8 @@ class TokenBuffer:
     def read(self, start: int, timeout: float | None = None) -> tuple[list[str], bool]:
         """Pieces from index `start` on, waiting until there is one or the buffer is done."""
         with self._cond:
-            self._cond.wait_for(lambda: len(self._pieces) > start or self.finish_reason is not None, timeout)
-            return self._pieces[start:], self.finish_reason is not None
+            self._cond.wait_for(lambda: len(self._pieces) > start or self.stop_reason is not None, timeout)
+            return self._pieces[start:], self.stop_reason is not None
 
     def batches(self) -> Iterator[list[str]]:
         """The pieces as they arrive, all those already waiting at once, until the generation ends."""
@@ -66,7 +89,7 @@ class TokenBuffer:
 
     def wait_done(self, timeout: float | None = None) -> bool:
         with self._cond:
-            return self._cond.wait_for(lambda: self.finish_reason is not None, timeout)
+            return self._cond.wait_for(lambda: self.stop_reason is not None, timeout)
 
 
 @dataclasses.dataclass
@@ -85,10 +108,9 @@ class JobStats:
     prompt_seconds: float = 0.0
     generation_seconds: float = 0.0
     seed: int = 0
-    stop_reason: int = -1    # KoboldCpp's codes: 0 length, 1 end of sequence, 2 stop string
     truncated_tokens: int = 0   # prompt tokens cut from the front to fit (Kobold API only)
     shifted_tokens: int = 0     # tokens a context shift dropped while generating
-    stop_string: str | None = None   # the stop string that ended the reply (stop_reason 2)
+    stop_string: str | None = None   # the stop string that ended the reply (StopReason.STOP_STRING)
     model: str = ""             # the model that served it
     drafted_tokens: int = 0     # tokens proposed by speculative drafts and checked by the model
     draft_accepted: int = 0     # of those, the ones the model's own sampling kept
@@ -98,6 +120,21 @@ class JobStats:
     def truncated(self) -> bool:
         """llama-server's word: some of the text was not in the context when the reply was made."""
         return bool(self.truncated_tokens or self.shifted_tokens)
+
+
+class JobState(enum.Enum):
+    """Where a job is. QUEUED -> STARTING (taken by the generation thread) -> RUNNING (admitted to a slot);
+    STARTING -> QUEUED when no slot has room yet; any -> DONE when it ends, whatever ended it. The scheduler moves a
+    job between the first three; Job.end alone makes it DONE."""
+
+    QUEUED = "queued"
+    STARTING = "starting"
+    RUNNING = "running"
+    DONE = "done"
+
+
+JOB_MOVES = {JobState.QUEUED: {JobState.STARTING}, JobState.STARTING: {JobState.RUNNING, JobState.QUEUED},
+             JobState.RUNNING: set(), JobState.DONE: set()}
 
 
 class Job:
@@ -120,14 +157,20 @@ class Job:
         self.logprobs: list[TokenLogprob] = []   # one per token shown, appended before its text
         self.buffer = TokenBuffer()
         self.cancelled = threading.Event()
-        self.state = "queued"           # queued -> starting -> running -> done
+        self.state = JobState.QUEUED
         self.stats = JobStats(prompt_tokens=len(prompt_tokens))
         self.created = time.monotonic()
 
     def cancel(self):
         self.cancelled.set()
 
-    def end(self, reason: str, error: str | None = None):
+    def move(self, state: JobState):
+        """The scheduler moves it along (JobState says which moves there are)."""
+        if state not in JOB_MOVES[self.state]:
+            raise RuntimeError(f"job {self.id} cannot go from {self.state.value} to {state.value}")
+        self.state = state
+
+    def end(self, reason: StopReason, error: str | None = None):
         """Done, whatever the reason: readers of its buffer wake and see why."""
-        self.state = "done"
+        self.state = JobState.DONE
         self.buffer.close(reason, error)

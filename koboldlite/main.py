@@ -12,7 +12,7 @@ import webbrowser
 from typing import Callable
 
 from .version import __version__
-from .errors import ConfigError, ModelLoadError, RequestError
+from .errors import ConfigError, ModelLoadError, ModelLoadFailed, ServiceError
 from .model_files import is_model_url
 from .config import Config, load_config, make_tls_context
 from .desktop import double_click_arguments, is_double_click_start, keep_window_open
@@ -93,9 +93,9 @@ def serve(arguments: Callable[[], list[str]], double_click: bool = False) -> int
     print(f"KoboldLite {__version__}: loading {config.model}", file=sys.stderr, flush=True)
     try:
         served = app.roster.acquire(app.catalog.find(None))
-    except RequestError as e:
+    except ServiceError as e:
         app.flush_log()                   # its lines first: the error is the last line a user sees
-        print(f"koboldlite: error: {getattr(e, 'cause', None) or e}", file=sys.stderr)
+        print(f"koboldlite: error: {e.cause if isinstance(e, ModelLoadFailed) else e}", file=sys.stderr)
         server.server_close()
         return 2
     if config.embeddings_model:

@@ -1,18 +1,39 @@
-"""The scheduler: the fair queue in front of the engine, and the generation thread."""
+"""The scheduler: the fair queue in front of an engine, and the generation thread that runs it. It knows an engine
+only by the protocol below, and nothing of slots or llama.cpp."""
 
 from __future__ import annotations
 
 import collections
 import threading
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Protocol
 
-from .errors import RequestError
-from .jobs import Job
-from .engine.engine import Engine
+from .errors import QueueFull, Unavailable
+from .jobs import Job, JobState, StopReason
 
 
-class ServerBusy(Exception):
-    pass
+class GenerationEngine(Protocol):
+    """What the scheduler asks of an engine (engine/engine.py's Engine is the one; tests/test_scheduler.py fakes it).
+    `n_slots` is read on any thread; every method is called on the generation thread alone."""
+
+    n_slots: int
+
+    def ready_on_this_thread(self) -> None:
+        """Once, before the first job, on the thread that will run every step."""
+
+    def admit(self, job: Job) -> bool:
+        """Give the job a slot; False when none has room yet (it goes back to the head of the queue)."""
+
+    def step(self) -> list[Job]:
+        """One step of every admitted job; the jobs that ended in it (each ended with Job.end)."""
+
+    def keep_ahead(self) -> None:
+        """The loop has been idle a while: get ahead of the next requests."""
+
+    def abort_all(self) -> list[Job]:
+        """End every admitted job as aborted (the server is stopping)."""
+
+    def fail_all(self, error: str) -> list[Job]:
+        """End every admitted job as failed (a step raised)."""
 
 
 class FairQueue:
@@ -72,14 +93,15 @@ class Scheduler:
     """The queue in front of the engine, and the thread that runs the generation loop.
 
     Also the registry of jobs by genkey, for check and abort, and the one place every job's end is
-    recorded (totals for /metrics, the log line), whatever ended it. Request threads see jobs only
-    through this object, under its condition; the engine's slots belong to the generation thread.
+    reported (`on_finished`: the log line, the counts of /metrics), whatever ended it. Request threads see jobs
+    only through this object, under its condition; the engine belongs to the generation thread.
     """
 
     RECENT_KEYED_JOBS = 256
     KEEP_AHEAD_AFTER = 0.5    # seconds idle before the slots' conversations are kept in the prompt cache
 
-    def __init__(self, engine: "Engine", max_waiting: int, on_finished: Callable[[Job], None] = lambda job: None):
+    def __init__(self, engine: GenerationEngine, max_waiting: int,
+                 on_finished: Callable[[Job], None] = lambda job: None):
         self.engine = engine
         self.on_finished = on_finished
         self.max_waiting = max_waiting
@@ -92,9 +114,6 @@ class Scheduler:
         self._calls: list[tuple[Callable, dict, threading.Event]] = []   # work for the loop thread, between steps
         self._thread = threading.Thread(target=self._run, name="generation-loop", daemon=True)
         self._stepped = False                  # work done since the loop last kept its slots' conversations
-        self.total_generations = 0
-        self.totals = collections.Counter()     # for /metrics
-        self.last_job: Job | None = None
 
     def start(self):
         """Start the loop; return once the engine is ready on it (so a first request finds the loop waiting)."""
@@ -107,9 +126,9 @@ class Scheduler:
     def submit(self, job: Job) -> Job:
         with self._cond:
             if self._stopping.is_set():
-                raise ServerBusy("the server is shutting down")
+                raise Unavailable("the server is shutting down")
             if self._full():
-                raise ServerBusy()
+                raise QueueFull()
             self._queue.append(job)
             if job.genkey:
                 self._by_genkey.pop(job.genkey, None)
@@ -121,18 +140,18 @@ class Scheduler:
             self._cond.notify_all()
         return job
 
-    def call(self, fn: Callable[["Engine"], Any], timeout: float = 120.0) -> Any:
+    def call(self, fn: Callable[[GenerationEngine], Any], timeout: float = 120.0) -> Any:
         """Run fn(engine) on the generation thread between two steps (only it may use the llama context), and
         give back what it returns or raises."""
         box: dict = {}
         done = threading.Event()
         with self._cond:
             if self._stopping.is_set():
-                raise ServerBusy("the server is shutting down")
+                raise Unavailable("the server is shutting down")
             self._calls.append((fn, box, done))
             self._cond.notify_all()
         if not done.wait(timeout):
-            raise RequestError("the generation loop did not answer in time", status=503, kind="service_unavailable")
+            raise Unavailable("the generation loop did not answer in time")
         if "error" in box:
             raise box["error"]
         return box.get("result")
@@ -162,11 +181,11 @@ class Scheduler:
         (SillyTavern's stop button): take it out of the queue, or cancel it."""
         with self._cond:
             job = self._by_genkey.get(genkey) if genkey else self._latest_unkeyed()
-            if job is None or job.state == "done":
+            if job is None or job.state is JobState.DONE:
                 return None
-            if job.state == "queued":
+            if job.state is JobState.QUEUED:
                 self._queue.remove(job)
-                self._end_unstarted(job, "abort")
+                self._end_unstarted(job, StopReason.ABORTED)
                 return job
         job.cancel()
         return job
@@ -209,31 +228,24 @@ class Scheduler:
         with self._cond:
             self._stopping.set()
             for job in self._queue.clear():
-                self._end_unstarted(job, "abort")
+                self._end_unstarted(job, StopReason.ABORTED)
             self._cond.notify_all()
         self._thread.join(timeout)
 
     # -- every job's end ------------------------------------------------------
 
-    def _end_unstarted(self, job: Job, reason: str, error: str | None = None):
+    def _end_unstarted(self, job: Job, reason: StopReason, error: str | None = None):
         """A job that never reached the engine (aborted in the queue, or refused by it). Holds _cond."""
         job.end(reason, error)
         self._record([job])
 
     def _record(self, jobs: list[Job]):
-        """Holds _cond. The jobs have ended: count them, forget them as running, log them."""
+        """Holds _cond. The jobs have ended: forget them as running, and report them."""
         for job in jobs:
             if job in self._running:
                 self._running.remove(job)
             if self._last_unkeyed is job:
                 self._last_unkeyed = None
-            self.total_generations += 1
-            s = job.stats
-            self.totals.update(requests=1, prompt_tokens=s.prompt_tokens - s.cached_tokens,
-                               prompt_seconds=s.prompt_seconds, generated_tokens=s.generated_tokens,
-                               generation_seconds=s.generation_seconds)
-            self.totals[f"finished_{job.buffer.finish_reason}"] += 1
-            self.last_job = job
             self.on_finished(job)
         self._cond.notify_all()
 
@@ -257,7 +269,7 @@ class Scheduler:
                 if self._stopping.is_set():
                     self._record(engine.abort_all())
                     for _, box, done in self._calls:
-                        box["error"] = RequestError("the server is shutting down", 503, "service_unavailable")
+                        box["error"] = Unavailable("the server is shutting down")
                         done.set()
                     return
             if keep_ahead:
@@ -270,7 +282,7 @@ class Scheduler:
                 starting = []
                 while self._queue and len(self._running) < engine.n_slots:
                     job = self._queue.popleft()
-                    job.state = "starting"
+                    job.move(JobState.STARTING)
                     self._running.append(job)
                     starting.append(job)
             for i, job in enumerate(starting):   # outside the condition: samplers and grammars are built here
@@ -278,18 +290,20 @@ class Scheduler:
                     admitted = engine.admit(job)
                 except Exception as e:  # e.g. a sampler llama.cpp refuses: this job fails alone
                     with self._cond:
-                        self._end_unstarted(job, "error", f"could not start the generation: {e}")
+                        self._end_unstarted(job, StopReason.FAILED, f"could not start the generation: {e}")
                     continue
-                if not admitted:        # no room yet (a shared KV pool held by running replies)
-                    with self._cond:
-                        for waiting in reversed(starting[i:]):
-                            self._running.remove(waiting)
-                            waiting.state = "queued"
-                            self._queue.push_front(waiting)
-                        if not self._running:    # nothing will free room: never wait on nothing
-                            self._queue.remove(job)
-                            self._end_unstarted(job, "error", "the prompt does not fit in the KV cache")
-                    break
+                if admitted:
+                    job.move(JobState.RUNNING)
+                    continue
+                with self._cond:        # no room yet (a shared KV pool held by running replies)
+                    for waiting in reversed(starting[i:]):
+                        self._running.remove(waiting)
+                        waiting.move(JobState.QUEUED)
+                        self._queue.push_front(waiting)
+                    if not self._running:    # nothing will free room: never wait on nothing
+                        self._queue.remove(job)
+                        self._end_unstarted(job, StopReason.FAILED, "the prompt does not fit in the KV cache")
+                break
             self._stepped = True
             try:
                 ended = engine.step()

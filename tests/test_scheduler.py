@@ -11,8 +11,9 @@ import pytest
 
 from tests.harness import in_thread, result_of
 from koboldlite.generation import GenerationRequest
-from koboldlite.jobs import Job
-from koboldlite.scheduler import Scheduler, ServerBusy
+from koboldlite.errors import QueueFull
+from koboldlite.jobs import Job, StopReason
+from koboldlite.scheduler import Scheduler
 
 
 class FakeEngine:
@@ -42,7 +43,6 @@ class FakeEngine:
         if job.id in self.fail_admission:
             raise RuntimeError("no such sampler")
         with self.cond:
-            job.state = "running"
             self.admitted.append(job)
             self.running.append(job)
             self.cond.notify_all()
@@ -54,7 +54,7 @@ class FakeEngine:
             ended = [j for j in self.running if j.cancelled.is_set() or j in self.to_finish]
             for job in ended:
                 self.running.remove(job)
-                job.end("abort" if job.cancelled.is_set() else "stop")
+                job.end(StopReason.ABORTED if job.cancelled.is_set() else StopReason.END)
             self.to_finish = [j for j in self.to_finish if j not in ended]
             return ended
 
@@ -71,7 +71,7 @@ class FakeEngine:
         with self.cond:
             ended, self.running = self.running, []
             for job in ended:
-                job.end("abort")
+                job.end(StopReason.ABORTED)
             self.cond.notify_all()
             return ended
 
@@ -115,14 +115,14 @@ def test_every_end_is_recorded_once_whatever_ended_it(sched):
     running = s.submit(job(genkey="run"))
     engine.wait_admitted(1)
     queued = s.submit(job(genkey="queued"))
-    assert s.abort("queued") is queued and queued.buffer.finish_reason == "abort"
+    assert s.abort("queued") is queued and queued.buffer.stop_reason is StopReason.ABORTED
     engine.fail_admission.add(s.submit(job(genkey="bad")).id)
     engine.finish(running)
     with s._cond:
         assert s._cond.wait_for(lambda: len(s.finished) == 3, timeout=10)
     assert [j.genkey for j in s.finished] == ["queued", "run", "bad"]
-    assert s.totals["finished_abort"] == 1 and s.totals["finished_stop"] == 1 and s.totals["finished_error"] == 1
-    assert s.total_generations == 3 and s.idle
+    assert [j.buffer.stop_reason for j in s.finished] == [StopReason.ABORTED, StopReason.END, StopReason.FAILED]
+    assert s.idle
 
 
 def test_stopping_ends_a_running_job_and_the_loop(sched):
@@ -133,7 +133,7 @@ def test_stopping_ends_a_running_job_and_the_loop(sched):
         engine.closing = True        # its step returns at once from now on, as a real one does after each decode
         engine.cond.notify_all()
     s.stop()
-    assert running.buffer.finish_reason == "abort" and not s._thread.is_alive()
+    assert running.buffer.stop_reason is StopReason.ABORTED and not s._thread.is_alive()
 
 
 def test_an_idle_loop_keeps_its_slots_conversations_ahead(sched):
@@ -144,7 +144,7 @@ def test_an_idle_loop_keeps_its_slots_conversations_ahead(sched):
     engine.wait_admitted(1)
     assert not engine.kept_ahead.is_set()          # never while a job runs
     engine.finish(done)
-    assert engine.kept_ahead.wait(10) and done.buffer.finish_reason == "stop"
+    assert engine.kept_ahead.wait(10) and done.buffer.stop_reason is StopReason.END
 
 
 def test_a_check_without_genkey_sees_only_a_queued_or_running_job(sched):
@@ -180,7 +180,7 @@ def test_a_full_queue_is_busy(sched):
     for _ in range(8):
         s.submit(job())
     assert s.saturated
-    with pytest.raises(ServerBusy):
+    with pytest.raises(QueueFull):
         s.submit(job())
 
 

@@ -11,6 +11,7 @@ import numpy
 import pytest
 
 from koboldlite.generation import GenerationRequest, SamplerSettings
+from koboldlite.jobs import StopReason
 from koboldlite.engine.llama_model import LlamaModel
 from koboldlite.engine.drafting import DraftControl, NgramDrafter, StepCost, speculative_accept
 from koboldlite.engine.engine import Engine
@@ -193,7 +194,7 @@ def test_a_batch_without_room_for_its_drafts_is_done_again_without_them(starter_
         plain = reply(dataclasses.replace(drafting, draft=False, draft_min=0))
     finally:
         model.close()
-    assert refused and drafted.buffer.finish_reason == "length" and drafted.stats.draft_accepted > 0
+    assert refused and drafted.buffer.stop_reason is StopReason.LENGTH and drafted.stats.draft_accepted > 0
     assert drafted.buffer.text() == plain.buffer.text()
 
 

@@ -11,7 +11,7 @@ from koboldlite.errors import RequestError
 from koboldlite.text import TextAssembler
 from koboldlite.fields import FieldReader
 from koboldlite.generation import GenerationRequest, parse_sampler_settings
-from koboldlite.jobs import TokenBuffer
+from koboldlite.jobs import StopReason, TokenBuffer
 from koboldlite.engine.gguf_layout import GGUFLayout, fit_gpu_layers
 from koboldlite.chat.template import ChatTemplate
 
@@ -67,11 +67,11 @@ def test_token_buffer_readers_wait_for_pieces():
     t.start()
     for p in ("a", "b", "c"):
         buf.append(p)
-    buf.close("stop")
+    buf.close(StopReason.END)
     t.join(10)
-    assert got == ["a", "b", "c"] and buf.text() == "abc" and buf.finish_reason == "stop"
-    buf.close("length")                       # the first reason stands
-    assert buf.finish_reason == "stop"
+    assert got == ["a", "b", "c"] and buf.text() == "abc" and buf.stop_reason is StopReason.END
+    buf.close(StopReason.LENGTH)              # the first reason stands
+    assert buf.stop_reason is StopReason.END
 
 
 def test_field_reader_types():

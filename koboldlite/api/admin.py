@@ -7,7 +7,7 @@ import os
 import queue
 import threading
 
-from ..errors import ConfigError, RequestError
+from ..errors import ConfigError, RequestError, ServiceError
 from ..model_files import is_model_url, model_name_of, scan_model_folder
 from ..fields import FieldReader
 from ..service.downloads import DownloadError, ModelDownload
@@ -32,7 +32,7 @@ def load_in_background(app, entry: ModelEntry):
     def run():
         try:
             app.roster.release(app.roster.acquire(entry))
-        except RequestError:
+        except ServiceError:
             pass                         # logged by the roster; listings show the error
     threading.Thread(target=run, name=f"load-{entry.name}", daemon=True).start()
 

@@ -6,10 +6,10 @@ import json
 import secrets
 from typing import Any, Callable, Iterator
 
-from ..errors import RequestError
+from ..errors import ContextOverflow, RequestError
 from ..fields import FieldReader, _asks, ignored_fields
 from ..generation import GenerationRequest
-from ..jobs import Job
+from ..jobs import Job, StopReason
 from ..chat.messages import tool_result_names
 from ..chat.tools import ToolUse, json_grammar
 from ..service.served_model import ServedModel
@@ -221,7 +221,7 @@ class AnthropicBlocks:
 def anthropic_stop(job: Job, parts: ReplyParts, stops: list[str]) -> dict:
     if parts.calls:
         return {"stop_reason": "tool_use", "stop_sequence": None}
-    if job.buffer.finish_reason == "length":
+    if job.buffer.stop_reason is StopReason.LENGTH:
         return {"stop_reason": "max_tokens", "stop_sequence": None}
     if job.stats.stop_string is not None and job.stats.stop_string in stops:
         return {"stop_reason": "stop_sequence", "stop_sequence": job.stats.stop_string}
@@ -238,11 +238,8 @@ def anthropic_usage(job: Job) -> dict:
 def anthropic_start(req, request: GenerationRequest) -> Job:
     try:
         return req.start_generation(request)
-    except RequestError as e:
-        if e.kind == "exceed_context_size_error":   # Claude Code reads these words to compact its conversation
-            raise RequestError(f"prompt is too long: {e.extra['n_prompt_tokens']} tokens > {e.extra['n_ctx']} "
-                               f"maximum") from None
-        raise
+    except ContextOverflow as e:   # Claude Code reads these words to compact its conversation
+        raise RequestError(f"prompt is too long: {e.n_prompt} tokens > {e.n_ctx} maximum") from None
 
 
 def anthropic_messages_route(app, req):
@@ -268,7 +265,7 @@ def anthropic_messages_route(app, req):
                     yield out
                 if done and not new:
                     break
-            if job.buffer.finish_reason == "error":
+            if job.buffer.stop_reason is StopReason.FAILED:
                 yield blocks.close() + sse_event("error", {"error": {
                     "type": "api_error", "message": job.buffer.error or "generation failed"}})
                 return

@@ -6,11 +6,12 @@ import hashlib
 import json
 from typing import Any, Iterator
 
-from ..errors import RequestError
+from ..errors import (ContextOverflow, Conflict, Failed, Invalid, ModelNotFound, NotFound, RequestError, ServiceError,
+                      Unavailable)
 from ..text import ReasoningSplitter
 from ..fields import FieldReader
 from ..generation import GenerationRequest, SamplerSettings, parse_sampler_settings
-from ..jobs import Job, TokenLogprob
+from ..jobs import Job, StopReason, TokenLogprob
 from ..engine.llama_model import LlamaModel
 from ..engine.embeddings import Embedder
 from ..chat.template import INSTRUCT_PLACEHOLDER
@@ -25,8 +26,33 @@ ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_erro
                          503: "overloaded_error", 529: "overloaded_error"}
 
 
-# Each route is a small function (app, request) -> Response that turns JSON into
-# one GenerationRequest and the job's token buffer back into its API's shape.
+# What the service could not do (errors.ServiceError), as HTTP statuses and error kinds.
+SERVICE_ERRORS = ((Invalid, 400, "invalid_request_error"), (NotFound, 404, "not_found"), (Conflict, 409, "conflict"),
+                  (Unavailable, 503, "service_unavailable"), (Failed, 500, "server_error"))
+
+
+def model_not_found(style: str, name: Any) -> RequestError:
+    """A model name nobody serves, in the words each family's clients know (Ollama's tells them to pull it)."""
+    if style == "ollama":
+        return RequestError(f'model "{name}" not found, try pulling it first', status=404, kind="not_found")
+    return RequestError(f"model '{name}' not found: GET /v1/models lists the models of this server", status=404,
+                        kind="not_found_error" if style == "anthropic" else "invalid_request_error",
+                        code="model_not_found")
+
+
+def as_request_error(style: str, error: ServiceError) -> RequestError:
+    """A service error as the answer to a request: its status and kind, and the fields clients read."""
+    if isinstance(error, ModelNotFound):
+        return model_not_found(style, error.name)
+    if isinstance(error, ContextOverflow):
+        # llama-server's error type and numbers, OpenAI's code; clients read the numbers from the fields, and
+        # some from the message ("exceeds the available context size").
+        return RequestError(str(error), kind="exceed_context_size_error", code="context_length_exceeded",
+                            extra={"n_prompt_tokens": error.n_prompt, "n_ctx": error.n_ctx})
+    status, kind = next((s, k) for cls, s, k in SERVICE_ERRORS if isinstance(error, cls))
+    return RequestError(str(error), status=status, kind=kind)
+
+
 def error_body(style: str, error: RequestError) -> dict:
     """The error shape each family of clients understands."""
     if style == "openai":
@@ -40,8 +66,10 @@ def error_body(style: str, error: RequestError) -> dict:
     return {"detail": {"msg": str(error), "type": error.kind}}
 
 
-def error_response(style: str, error: RequestError) -> Response:
+def error_response(style: str, error: RequestError | ServiceError) -> Response:
     """An error in its API's shape; Anthropic's clients know a full queue as 529 (overloaded)."""
+    if isinstance(error, ServiceError):
+        error = as_request_error(style, error)
     status = 529 if style == "anthropic" and error.status == 503 else error.status
     return JSONResponse(error_body(style, error), status, error.headers)
 
@@ -82,9 +110,9 @@ def genkey_of(req) -> str:
     return key
 
 
-def wire_finish_reason(reason: str | None) -> str:
+def wire_finish_reason(reason: StopReason | None) -> str:
     """Clients know 'stop' and 'length'; an aborted or failed generation stopped."""
-    return "length" if reason == "length" else "stop"
+    return "length" if reason is StopReason.LENGTH else "stop"
 
 
 class LogprobShapes:

@@ -10,7 +10,7 @@ from ..version import KOBOLDCPP_COMPAT_VERSION, KOBOLD_API_VERSION, __version__
 from ..errors import RequestError
 from ..fields import FieldReader, _asks, _more_than_one, ignored_fields
 from ..generation import GenerationRequest, parse_sampler_settings
-from ..jobs import JobStats
+from ..jobs import JobState, JobStats, StopReason
 from ..chat.tools import json_grammar
 from ..service.app import App
 from ..service.exchange import JSONResponse, StreamResponse, wait_for_text
@@ -31,6 +31,8 @@ KOBOLD_IGNORED_FIELDS: dict[str, Callable[[Any], bool]] = {
 }
 
 
+# KoboldCpp's stop_reason codes in /api/extra/perf; an aborted or failed reply has none (-1).
+KOBOLD_STOP_CODES = {StopReason.LENGTH: 0, StopReason.END: 1, StopReason.STOP_STRING: 2}
 KOBOLD_TOP_LOGPROBS = 5     # KoboldCpp reports the 5 most likely alternatives
 
 
@@ -93,7 +95,7 @@ def kobold_max_context_length(app, req):
 
 def kobold_generate(app, req):
     job = req.start_generation(parse_kobold_request(req, app))
-    result = {"text": wait_for_text(job), "finish_reason": wire_finish_reason(job.buffer.finish_reason)}
+    result = {"text": wait_for_text(job), "finish_reason": wire_finish_reason(job.buffer.stop_reason)}
     if job.request.logprobs:
         result["logprobs"] = LogprobShapes(req.use().model).kobold(job.logprobs)
     return JSONResponse({"results": [result]})
@@ -115,7 +117,7 @@ def kobold_generate_stream(app, req):
     def events():
         for batch in job.buffer.batches():    # one write for all the tokens already waiting
             yield b"".join(kobold_sse_event(piece, None) for piece in batch)
-        yield kobold_sse_event("", wire_finish_reason(job.buffer.finish_reason))
+        yield kobold_sse_event("", wire_finish_reason(job.buffer.stop_reason))
     return StreamResponse("text/event-stream", events(), job)
 
 
@@ -133,7 +135,7 @@ def kobold_check(app, req):
     job, served = app.find_job(genkey_of(req)) or (None, None)
     text = job.buffer.text() if job is not None else ""
     result = {"text": text}
-    if job is not None and job.state == "queued":
+    if job is not None and job.state is JobState.QUEUED:
         result["queue_position"] = served.scheduler.queue_position(job)
     return JSONResponse({"results": [result]})
 
@@ -203,7 +205,7 @@ def kobold_perf(app, req):
         "last_draft_accepted": s.draft_accepted,
         "total_draft_count": app.totals["drafted_tokens"], "total_draft_accepted": app.totals["draft_accepted"],
         "total_gens": app.totals["requests"],
-        "stop_reason": s.stop_reason,
+        "stop_reason": KOBOLD_STOP_CODES.get(last.buffer.stop_reason, -1) if last else -1,
         "queue": sum(m.scheduler.waiting for m in loaded),
         "idle": 0 if any(not m.scheduler.idle for m in loaded) else 1,
         "active_slots": sum(m.scheduler.active for m in loaded),

@@ -14,7 +14,7 @@ from ..config import BUILTIN_CHAT_TEMPLATES
 from ..text import ReasoningSplitter
 from ..fields import FieldReader, _asks, ignored_fields
 from ..generation import GenerationRequest, SamplerSettings, parse_sampler_settings
-from ..jobs import Job
+from ..jobs import Job, StopReason
 from ..chat.messages import parse_chat_messages
 from ..chat.tools import CallWatch, ToolUse, json_grammar
 from ..service.catalog import ModelEntry
@@ -118,7 +118,7 @@ def ollama_generation_fields(req, f: FieldReader, app) -> dict:
 
 def ollama_final(job: Job, head: dict) -> dict:
     s = job.stats
-    return {**head, "done": True, "done_reason": "length" if job.buffer.finish_reason == "length" else "stop",
+    return {**head, "done": True, "done_reason": "length" if job.buffer.stop_reason is StopReason.LENGTH else "stop",
             "total_duration": int((time.monotonic() - job.created) * 1e9), "load_duration": 0,
             "prompt_eval_count": s.prompt_tokens, "prompt_eval_duration": int(s.prompt_seconds * 1e9),
             "eval_count": s.generated_tokens, "eval_duration": int(s.generation_seconds * 1e9)}
@@ -158,7 +158,7 @@ def ollama_answer(job: Job, served: ServedModel, f: FieldReader, text_fields: Ca
                                                      rest if k == len(parts) - 1 else ()),
                                                "done": False}).encode() + b"\n" for k, p in enumerate(parts))
                     rest = []
-            if job.buffer.finish_reason == "error":
+            if job.buffer.stop_reason is StopReason.FAILED:
                 yield json.dumps({"error": job.buffer.error or "generation failed"}).encode() + b"\n"
             else:
                 last = splitter.flush() if splitter else ("", "")

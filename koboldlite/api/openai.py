@@ -11,7 +11,7 @@ from ..errors import RequestError
 from ..text import ReasoningSplitter
 from ..fields import FieldReader, _asks, _more_than_one, ignored_fields
 from ..generation import parse_sampler_settings
-from ..jobs import Job, TokenLogprob
+from ..jobs import Job, StopReason, TokenLogprob
 from ..chat.messages import parse_chat_messages
 from ..chat.tools import CallWatch, json_grammar
 from ..service.served_model import ServedModel
@@ -110,10 +110,10 @@ def openai_stream(job: Job, head: dict, choice: Callable[[str], dict | None], fi
     if last is not None:
         yield chunk(last, entries=rest)
         rest = []
-    if job.buffer.finish_reason == "error":
+    if job.buffer.stop_reason is StopReason.FAILED:
         yield sse_data({"error": {"message": job.buffer.error or "generation failed", "type": "server_error"}})
     else:
-        yield chunk(final, finish_reason() if finish_reason else wire_finish_reason(job.buffer.finish_reason), rest)
+        yield chunk(final, finish_reason() if finish_reason else wire_finish_reason(job.buffer.stop_reason), rest)
         if include_usage:
             yield sse_data({**head, "choices": [], "usage": openai_usage(job)})
     yield SSE_DONE
@@ -157,7 +157,7 @@ def openai_completions(app, req):
     text = wait_for_text(job)
     return JSONResponse({**head, "choices": [{"text": text, "index": 0,
                                               "logprobs": shapes.legacy(job.logprobs) if request.logprobs else None,
-                                              "finish_reason": wire_finish_reason(job.buffer.finish_reason)}],
+                                              "finish_reason": wire_finish_reason(job.buffer.stop_reason)}],
                          "usage": openai_usage(job)})
 
 
@@ -181,7 +181,7 @@ def openai_chat_completions(app, req):
     watch = CallWatch(tools)
 
     def finish_reason() -> str:
-        return "tool_calls" if watch.calls else wire_finish_reason(job.buffer.finish_reason)
+        return "tool_calls" if watch.calls else wire_finish_reason(job.buffer.stop_reason)
     if f.boolean("stream"):
         def delta(piece: str) -> dict | None:
             reasoning, answer = splitter.feed(piece) if splitter else ("", piece)

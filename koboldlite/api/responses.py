@@ -9,7 +9,7 @@ from typing import Any, Callable, Iterator
 
 from ..errors import RequestError
 from ..fields import FieldReader, _asks, ignored_fields
-from ..jobs import Job
+from ..jobs import Job, StopReason
 from ..chat.messages import tool_call_of, tool_result_names
 from ..chat.tools import ToolUse, json_grammar
 from ..service.served_model import ServedModel
@@ -322,9 +322,9 @@ class ResponsesCall:
                 "truncation": "disabled", "usage": usage, "metadata": f.body.get("metadata") or {}}
 
     def status_of(self, job: Job) -> str:
-        if job.buffer.finish_reason == "error":
+        if job.buffer.stop_reason is StopReason.FAILED:
             return "failed"
-        return "incomplete" if job.buffer.finish_reason == "length" else "completed"
+        return "incomplete" if job.buffer.stop_reason is StopReason.LENGTH else "completed"
 
     def keep(self, response: dict, items: ResponseItems):
         if self.store and response["status"] != "failed":

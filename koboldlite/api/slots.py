@@ -9,7 +9,7 @@ import time
 from ..errors import RequestError
 from ..fields import FieldReader
 from ..engine.prompt_cache import StateFileError, read_state_file
-from ..engine.engine import Engine
+from ..engine.saved_slots import erase_slot, restore_latest, restore_slot, save_latest, save_slot
 from ..service.served_model import ServedModel
 from ..service.exchange import JSONResponse
 
@@ -48,10 +48,10 @@ def slots_action(app, req):
     started = time.monotonic()
     ms = lambda: round((time.monotonic() - started) * 1000, 3)    # noqa: E731
     if action == "erase":
-        return JSONResponse({"id_slot": i, "n_erased": served.scheduler.call(lambda e: e.erase_slot(i))})
+        return JSONResponse({"id_slot": i, "n_erased": served.scheduler.call(lambda e: erase_slot(e, i))})
     if action == "save":
         name, path = slot_file(app, f)
-        n, size = served.scheduler.call(lambda e: e.save_slot(i, path))
+        n, size = served.scheduler.call(lambda e: save_slot(e, i, path))
         app.log(f"slot {i}: {n} tokens saved to {name}")
         return JSONResponse({"id_slot": i, "filename": name, "n_saved": n, "n_written": size,
                              "timings": {"save_ms": ms()}})
@@ -63,7 +63,7 @@ def slots_action(app, req):
             header, data = read_state_file(path, served.engine.identity)
         except StateFileError as e:
             raise RequestError(f"{name} cannot be restored here: {e}") from None
-        n = served.scheduler.call(lambda e: e.restore_slot(i, header["tokens"], data))
+        n = served.scheduler.call(lambda e: restore_slot(e, i, header["tokens"], data))
         app.log(f"slot {i}: {n} tokens restored from {name}")
         return JSONResponse({"id_slot": i, "filename": name, "n_restored": n, "n_read": len(data),
                              "timings": {"restore_ms": ms()}})
@@ -87,11 +87,7 @@ def admin_save_state(app, req):
     """The conversation used last (KoboldCpp has one context) into saved state N, in RAM."""
     f, k, served = admin_state_slot(app, req)
 
-    def save(engine: Engine):
-        slot = engine.latest_slot()
-        data = engine.pool.state_of(slot) if slot else None
-        return (list(slot.cached), data) if data else None
-    saved = served.scheduler.call(save)
+    saved = served.scheduler.call(save_latest)
     if saved is None:
         return JSONResponse({"success": False, "error": "no conversation to save"})
     served.saved_states[k] = saved
@@ -105,13 +101,7 @@ def admin_load_state(app, req):
     saved = served.saved_states.get(k)
     if saved is None:
         return JSONResponse({"success": False, "error": f"no saved state {k}"})
-
-    def load(engine: Engine):
-        idle = [s for s in engine.slots if not s.busy]
-        if not idle:
-            raise RequestError("every slot is generating: try again when one is done", status=409, kind="conflict")
-        return engine.restore_slot(min(idle, key=lambda s: s.last_used).seq_id, *saved)
-    n = served.scheduler.call(load)
+    n = served.scheduler.call(lambda engine: restore_latest(engine, *saved))
     return JSONResponse({"success": True, "new_state_size": len(saved[1]), "new_tokens": n})
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from typing import Callable
 
-from ..errors import ModelLoadError, RequestError
+from ..errors import Failed, ModelLoadError
 from .llama_model import LlamaModel
 
 
@@ -75,8 +75,7 @@ class Embedder:
                 self.batch.n_tokens = len(tokens)
                 status = (lib.llama_encode if self.encoder else lib.llama_decode)(self.ctx, self.batch)
                 if status != 0:
-                    raise RequestError(f"llama.cpp could not embed this input ({status})", status=500,
-                                       kind="server_error")
+                    raise Failed(f"llama.cpp could not embed this input ({status})")
                 v = numpy.ctypeslib.as_array(lib.llama_get_embeddings_seq(self.ctx, 0), shape=(self.n_embd,))
                 v = v.astype(numpy.float64)
                 norm = numpy.linalg.norm(v)

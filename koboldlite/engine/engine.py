@@ -10,15 +10,15 @@ import threading
 import time
 from typing import Callable
 
-from ..errors import RequestError
+from ..errors import ContextOverflow
 from ..text import PhraseGuard, TextAssembler
-from ..generation import GenerationRequest, context_overflow
-from ..jobs import Job, TokenLogprob
+from ..generation import GenerationRequest
+from ..jobs import Job, StopReason, TokenLogprob
 from .llama_model import LlamaModel, common_prefix_length
 from .samplers import DrawSnapshot, PositionBans, SamplerChain
 from .drafting import DraftControl, DraftModel, NgramDrafter, StepCost
 from .slots import Slot, put_tokens
-from .prompt_cache import PromptCache, model_identity, write_state_file
+from .prompt_cache import PromptCache, model_identity
 from .kv_pool import KVPool
 from .read_ahead import NextTurnReader
 
@@ -108,7 +108,7 @@ class Engine:
                 tokens = (memory + prompt[-keep_prompt:])[-room:]    # the oldest story text goes first
                 truncated = len(memory) + len(prompt) - len(tokens)
         elif len(tokens) >= n_ctx:
-            raise context_overflow(len(tokens), n_ctx)
+            raise ContextOverflow(len(tokens), n_ctx)
         if not tokens:
             tokens = [m.bos if m.bos >= 0 else m.eos]
         room_left = n_ctx - len(tokens)
@@ -174,7 +174,6 @@ class Engine:
         slot.drafter = NgramDrafter() if drafting else None
         slot.draft_control = DraftControl(self.draft_most) if drafting else None
         slot.t_admitted = slot.last_used = time.monotonic()
-        job.state = "running"
         return True
 
     RESTORE_MIN_GAIN = 64     # a kept state is restored only if it saves this many more tokens than the slots'
@@ -241,7 +240,7 @@ class Engine:
         finished: list[Job] = []
         for slot in self.slots:
             if slot.busy and slot.job.cancelled.is_set():
-                finished.append(self._finish(slot, "abort"))
+                finished.append(self._finish(slot, StopReason.ABORTED))
         if self.pool.compaction_due():
             self.pool.compact()
         batch = self._batch
@@ -259,8 +258,7 @@ class Engine:
             if full and self.context_shift and self.pool.shift(slot):   # its own context, or its share of a full pool
                 full = not self.pool.make_room(taking + 1)
             if full:
-                slot.job.stats.stop_reason = 0
-                finished.append(self._finish(slot, "length"))
+                finished.append(self._finish(slot, StopReason.LENGTH))
             else:
                 draft = [] if self._drafts_paused else self._draft(slot, self.model.n_batch - taking - 1, width)
                 if draft and not self.pool.make_room(taking + 1 + len(draft)):
@@ -313,7 +311,7 @@ class Engine:
                 return finished
             if status != 0:
                 for slot, _ in added:
-                    finished.append(self._finish(slot, "error", f"llama_decode failed ({status})"))
+                    finished.append(self._finish(slot, StopReason.FAILED, f"llama_decode failed ({status})"))
                 return finished
             self.pool.decoded()
             for slot, chunk in added:
@@ -354,7 +352,7 @@ class Engine:
                     else:
                         break
             except Exception as e:  # one request's failure must not end its batch-mates
-                ended = "error"
+                ended = StopReason.FAILED
                 error = f"generation failed: {type(e).__name__}: {e}"
             else:
                 error = None
@@ -421,17 +419,15 @@ class Engine:
     MAX_BANS_AT_ONE_PLACE = 64     # then a phrase ban leaves no way on: the reply ends there
     MAX_REWINDS = 1024
 
-    def _accept(self, slot: Slot, token: int, entry: TokenLogprob | None = None) -> str | None:
+    def _accept(self, slot: Slot, token: int, entry: TokenLogprob | None = None) -> StopReason | None:
         """Take one sampled token: emit its text, or take back a banned phrase, or say why generation ends."""
         job = slot.job
         if FAULT_INJECTION_MARKER and FAULT_INJECTION_MARKER in job.request.prompt:
             raise RuntimeError("fault injected for a test")
         if token is None or (slot.bans is not None and slot.bans.exhausted):
-            job.stats.stop_reason = 1       # nothing may follow: the grammar, bans and biases allow no token
-            return "stop"
+            return StopReason.END           # nothing may follow: the grammar, bans and biases allow no token
         if self.model.is_end_of_generation(token) or token in job.stop_tokens:
-            job.stats.stop_reason = 1
-            return "stop"
+            return StopReason.END
         job.stats.generated_tokens += 1
         slot.generated.append(token)
         released, rewind = slot.guard.push(token, self.model.piece(token, job.request.render_special), entry)
@@ -440,12 +436,10 @@ class Engine:
         for released_token, data, released_entry in released:
             self._emit(slot, released_token, data, released_entry)
         if slot.assembler.stopped_by is not None:
-            job.stats.stop_reason = 2
             job.stats.stop_string = slot.assembler.stopped_by
-            return "stop"
+            return StopReason.STOP_STRING
         if job.stats.generated_tokens >= job.max_new_tokens:
-            job.stats.stop_reason = 0
-            return "length"
+            return StopReason.LENGTH
         slot.next_token = token
         return None
 
@@ -462,7 +456,7 @@ class Engine:
         if text:
             job.buffer.append(text)
 
-    def _rewind(self, slot: Slot, n: int) -> str | None:
+    def _rewind(self, slot: Slot, n: int) -> StopReason | None:
         """Take back the last n tokens (a banned phrase begins in the first): the KV cache, the position
         and the samplers' state go back to where it began, its first token is banned there, and the
         token before it is decoded again to sample anew."""
@@ -477,15 +471,14 @@ class Engine:
         slot.rewinds += 1
         banned_here = slot.bans.ban(len(slot.generated), first)
         if banned_here > self.MAX_BANS_AT_ONE_PLACE or slot.rewinds > self.MAX_REWINDS:
-            job.stats.stop_reason = 1
-            return "stop"
+            return StopReason.END
         slot.sampler.free()
         slot.sampler = self._sampler_for(slot)
         return None
 
-    def _finish(self, slot: Slot, reason: str, error: str | None = None) -> Job:
+    def _finish(self, slot: Slot, reason: StopReason, error: str | None = None) -> Job:
         job = slot.job
-        if reason in ("stop", "length"):
+        if reason.finished:
             for token, data, entry in slot.guard.flush():
                 self._emit(slot, token, data, entry)
             tail = slot.assembler.flush()
@@ -497,7 +490,7 @@ class Engine:
         if slot.to_prefill:
             # The prompt was not fully read in: the cache holds only what was decoded.
             slot.to_prefill = []
-        if reason == "error":
+        if reason is StopReason.FAILED:
             slot.cached = []       # after a failed decode the sequence's state is unknown
             self.pool.trimmed(slot)
         slot.sampler.free()
@@ -509,52 +502,12 @@ class Engine:
         return job
 
     def abort_all(self) -> list[Job]:
-        return [self._finish(s, "abort") for s in self.slots if s.busy]
-
-    # -- saved states (llama-server's /slots, KoboldCpp's admin states); on the generation thread ---------
+        return [self._finish(s, StopReason.ABORTED) for s in self.slots if s.busy]
 
     @functools.cached_property
     def identity(self) -> dict:
+        """What a saved state of this engine's model and layout must have been made by (engine/saved_slots.py)."""
         return model_identity(self.model)
 
-    def idle_slot(self, i: int) -> Slot:
-        if not 0 <= i < len(self.slots):
-            raise RequestError(f"no slot {i}: this server has slots 0 to {len(self.slots) - 1}", status=404,
-                               kind="not_found")
-        if self.slots[i].busy:
-            raise RequestError(f"slot {i} is generating: try again when it is done", status=409, kind="conflict")
-        return self.slots[i]
-
-    def save_slot(self, i: int, path: str) -> tuple[int, int]:
-        """The slot's conversation to a file; (tokens, bytes)."""
-        slot = self.idle_slot(i)
-        data = self.pool.state_of(slot) if slot.cached else None
-        if data is None:
-            raise RequestError(f"slot {i} holds nothing to save")
-        write_state_file(path, self.identity, slot.cached, data)
-        return len(slot.cached), len(data)
-
-    def restore_slot(self, i: int, tokens: list[int], data: bytes) -> int:
-        """A saved conversation into an idle slot, where the next prompt that continues it finds it."""
-        slot = self.idle_slot(i)
-        self.pool.stash(slot)
-        if not self.pool.make_room(len(tokens) - len(slot.cached), keep=slot) \
-                or not self.pool.restore(slot, tokens, data):
-            raise RequestError(f"slot {i}: the saved state does not fit in the KV cache now", status=503,
-                               kind="service_unavailable")
-        slot.last_used = time.monotonic()
-        return len(tokens)
-
-    def erase_slot(self, i: int) -> int:
-        slot = self.idle_slot(i)
-        n = len(slot.cached)
-        self.pool.truncate(slot, 0)
-        return n
-
-    def latest_slot(self) -> Slot | None:
-        """The idle slot used last that holds a conversation (KoboldCpp's one context, as far as a state goes)."""
-        held = [s for s in self.slots if s.cached and not s.busy]
-        return max(held, key=lambda s: s.last_used) if held else None
-
     def fail_all(self, error: str) -> list[Job]:
-        return [self._finish(s, "error", error) for s in self.slots if s.busy]
+        return [self._finish(s, StopReason.FAILED, error) for s in self.slots if s.busy]

@@ -9,7 +9,7 @@ import re
 import sys
 from typing import Callable
 
-from ..errors import ModelLoadError, RequestError
+from ..errors import Invalid, ModelLoadError
 from ..model_files import model_name_of
 from .gpu import GPUDevice
 
@@ -210,7 +210,7 @@ class LlamaModel:
         """Parse a GBNF grammar once, so that a bad one is a 400 and not a failed generation."""
         sampler = self.lib.llama_sampler_init_grammar(self.vocab, grammar.encode(), b"root")
         if not sampler:
-            raise RequestError("the grammar could not be parsed (GBNF with a 'root' rule expected)")
+            raise Invalid("the grammar could not be parsed (GBNF with a 'root' rule expected)")
         self.lib.llama_sampler_free(sampler)
 
     def valid_token(self, token: int) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from typing import Callable
 
-from ..jobs import Job
+from ..jobs import Job, StopReason
 from .llama_model import LlamaModel, common_prefix_length
 from .slots import Slot, put_tokens
 from .kv_pool import KVPool
@@ -26,10 +26,10 @@ class NextTurnReader:
         self.model, self.pool, self.batch, self.llama_lock, self.log = model, pool, batch, llama_lock, log
         self.tokens_read = 0
 
-    def expect(self, slot: Slot, job: Job, reason: str):
+    def expect(self, slot: Slot, job: Job, reason: StopReason):
         """A reply ended: what the slot holds may go on as the next prompt (a chat's, ended by itself or its length)."""
         request = job.request
-        usable = reason in ("stop", "length") and request.next_turn is not None and self.model.attention_only
+        usable = reason.finished and request.next_turn is not None and self.model.attention_only
         slot.expected = (request, job.buffer.text()) if usable else None
 
     def read(self, slot: Slot) -> int:

@@ -7,7 +7,7 @@ import ctypes
 import math
 from typing import Callable
 
-from ..errors import RequestError
+from ..errors import Invalid
 from ..generation import (
     SAMPLER_REP_PEN, SAMPLER_TEMP, SAMPLER_TFS, SAMPLER_TOP_A, SAMPLER_TOP_K, SAMPLER_TOP_P, SAMPLER_TYPICAL,
     SamplerSettings
@@ -257,7 +257,7 @@ class SamplerChain:
         if s.grammar:
             grammar = lib.llama_sampler_init_grammar(model.vocab, s.grammar.encode(), b"root")
             if not grammar:
-                raise RequestError("the grammar could not be parsed")
+                raise Invalid("the grammar could not be parsed")
             self._add(grammar)
         if s.mirostat:
             self._add_repetition_penalty(model, s)

@@ -114,9 +114,9 @@ class App:
                            prompt_seconds=s.prompt_seconds, generated_tokens=s.generated_tokens,
                            generation_seconds=s.generation_seconds, drafted_tokens=s.drafted_tokens,
                            draft_accepted=s.draft_accepted)
-        self.totals[f"finished_{job.buffer.finish_reason}"] += 1
+        self.totals[f"finished_{job.buffer.stop_reason.wire}"] += 1
         rate = s.generated_tokens / s.generation_seconds if s.generation_seconds else 0.0
-        self.log(f"job {job.id} ended: {job.buffer.finish_reason}, {s.prompt_tokens} prompt tokens "
+        self.log(f"job {job.id} ended: {job.buffer.stop_reason.wire}, {s.prompt_tokens} prompt tokens "
                  f"({s.cached_tokens} cached) in {s.prompt_seconds:.2f}s, {s.generated_tokens} generated "
                  f"in {s.generation_seconds:.2f}s ({rate:.1f} tokens/s)"
                  + (f", drafts {s.draft_accepted}/{s.drafted_tokens} kept" if s.drafted_tokens else "")

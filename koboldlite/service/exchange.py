@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from typing import Any, Callable, Iterator
 
-from ..errors import RequestError
+from ..errors import Failed, ModelNotFound, RequestError
 from ..generation import GenerationRequest
-from ..jobs import Job
+from ..jobs import Job, StopReason
 from .catalog import ModelEntry
 from .served_model import ServedModel
 from .app import App
@@ -87,7 +87,7 @@ class Request:
             raise RequestError("'model' must be a string")
         entry = catalog.find(name)
         if entry is None:
-            raise model_not_found(self.style, name)
+            raise ModelNotFound(name)
         return entry
 
     def use(self, name: Any = None) -> ServedModel:
@@ -123,17 +123,9 @@ class Request:
         return self.job
 
 
-def model_not_found(style: str, name: Any) -> RequestError:
-    if style == "ollama":
-        return RequestError(f'model "{name}" not found, try pulling it first', status=404, kind="not_found")
-    return RequestError(f"model '{name}' not found: GET /v1/models lists the models of this server", status=404,
-                        kind="not_found_error" if style == "anthropic" else "invalid_request_error",
-                        code="model_not_found")
-
-
 def wait_for_text(job: Job) -> str:
-    """The whole text of a non-streamed request; a failed generation is a 500."""
+    """The whole text of a non-streamed request; a failed generation fails the request."""
     job.buffer.wait_done()
-    if job.buffer.finish_reason == "error":
-        raise RequestError(job.buffer.error or "generation failed", status=500, kind="server_error")
+    if job.buffer.stop_reason is StopReason.FAILED:
+        raise Failed(job.buffer.error or "generation failed")
     return job.buffer.text()

@@ -7,7 +7,7 @@ import threading
 import time
 from typing import Callable
 
-from ..errors import ConfigError, ModelLoadError, RequestError
+from ..errors import ConfigError, ModelLoadError, ModelLoadFailed, Unavailable
 from ..config import Config
 from ..jobs import Job
 from .catalog import ModelCatalog, ModelEntry
@@ -60,7 +60,7 @@ class ModelRoster:
         with self._cond:
             while True:
                 if self._stopping:
-                    raise RequestError("the server is shutting down", status=503, kind="service_unavailable")
+                    raise Unavailable("the server is shutting down")
                 served = self.loaded.get(entry.name)
                 if served and not served.unloading:
                     served.leases += 1
@@ -86,9 +86,7 @@ class ModelRoster:
                 self.failures[entry.name] = str(e)
                 self._cond.notify_all()
             self.log(f"model {entry.name}: could not load: {e}")
-            error = RequestError(f"could not load model {entry.name}: {e}", status=500, kind="server_error")
-            error.cause = e                      # start-up reports the cause in its own words
-            raise error from None
+            raise ModelLoadFailed(entry.name, e) from None
         self.log(f"model {entry.name} loaded in {served.load_seconds:.1f} s: {served.resident_mib:.0f} MiB "
                      f"(model {served.memory['model_mib']:.0f}, KV cache {served.memory['kv_cache_mib']:.0f}, "
                      f"compute {served.memory['compute_mib']:.0f}), context {served.model.n_ctx}, "

@@ -8,7 +8,7 @@ import threading
 import time
 from typing import Callable
 
-from ..errors import ModelLoadError, RequestError
+from ..errors import ModelLoadError
 from ..config import Config, flash_attention_of
 from ..generation import GenerationRequest
 from ..jobs import Job
@@ -18,7 +18,7 @@ from ..engine.embeddings import Embedder
 from ..engine.drafting import DraftModel
 from ..engine.prompt_cache import PromptCache
 from ..engine.engine import Engine
-from ..scheduler import Scheduler, ServerBusy
+from ..scheduler import Scheduler
 from ..chat.template import load_chat_template
 from .catalog import ModelEntry
 
@@ -51,9 +51,6 @@ def available_memory() -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
-
-
-BUSY_MESSAGE = "Server is busy; please try again later."
 
 
 class ServedModel:
@@ -159,15 +156,15 @@ class ServedModel:
         return round(m["model_mib"] + m["kv_cache_mib"] + m["compute_mib"], 1)
 
     def start_generation(self, request: GenerationRequest) -> Job:
-        """Prepare and queue a generation; a full queue is the 503 KoboldAI Lite understands."""
+        """Prepare and queue a generation (QueueFull when the queue is full: the 503 KoboldAI Lite understands)."""
         job = self.engine.prepare(request)
         job.stats.model = self.name
         self._job_started(self)
         try:
             self.scheduler.submit(job)
-        except ServerBusy:
+        except Exception:
             self._job_ended(self, None)
-            raise RequestError(BUSY_MESSAGE, status=503, kind="service_unavailable") from None
+            raise
         position = self.scheduler.queue_position(job)     # 0 once the loop has taken it
         self.log(f"job {job.id}: {len(job.prompt_tokens)} prompt tokens, up to "
                  f"{job.max_new_tokens} new"

@@ -9,7 +9,7 @@ import ssl
 import urllib.parse
 
 from ..version import __version__
-from ..errors import RequestError
+from ..errors import RequestError, ServiceError
 from ..jobs import Job
 from ..service.exchange import JSONResponse, Request, Response, StreamResponse
 from ..api.common import error_body, error_response, unauthorized
@@ -155,7 +155,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             response = route.handler(app, request)
             if request.ignored:
                 response.headers["X-KoboldLite-Ignored"] = ",".join(request.ignored)
-        except RequestError as e:
+        except (RequestError, ServiceError) as e:
             if request is not None and request.job is not None:
                 request.job.cancel()
             response = error_response(style, e)
