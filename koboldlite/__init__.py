@@ -33,7 +33,7 @@ LAYERS = {
     "scheduler": ("scheduler",),
     "engine": ("engine.gguf_layout", "engine.gpu", "engine.llama_model", "engine.samplers", "engine.embeddings",
                "engine.drafting", "engine.slots", "engine.prompt_cache", "engine.kv_pool", "engine.read_ahead",
-               "engine.engine", "engine.saved_slots"),
+               "engine.preparation", "engine.replies", "engine.admission", "engine.engine", "engine.saved_slots"),
     "chat": ("chat.template", "chat.messages", "chat.tools"),
     "service": ("service.downloads", "service.catalog", "service.served_model", "service.roster", "service.app",
                 "service.exchange"),

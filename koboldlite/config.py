@@ -108,6 +108,17 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p = _OneLineArgumentParser(
         prog="koboldlite",
         description="Serve a GGUF model to KoboldAI Lite, SillyTavern and OpenAI/Ollama clients.")
+    _add_model_options(p)
+    _add_server_options(p)
+    _add_engine_options(p)
+    _add_serving_options(p)
+    p.add_argument("--config", help="JSON file with the same keys as these options")
+    p.add_argument("--debug", action="store_true", default=None, help="show llama.cpp's own log")
+    return p
+
+
+def _add_model_options(p: argparse.ArgumentParser):
+    """The model files, the models folder and KoboldCpp's admin API."""
     p.add_argument("model_path", nargs="?", help="GGUF model file (same as --model)")
     p.add_argument("--model", action="append",
                    help="GGUF model file or http(s) URL of one (downloaded into --modeldir); repeatable: the "
@@ -122,10 +133,18 @@ def build_arg_parser() -> argparse.ArgumentParser:
                    help="KoboldCpp's admin API: /api/admin/reload_config switches the model")
     p.add_argument("--admindir", metavar="DIR", help="the models the admin API may load (default: --modeldir)")
     p.add_argument("--adminpassword", help="password of the admin API (default: --password)")
+
+
+def _add_server_options(p: argparse.ArgumentParser):
+    """Where it listens, TLS, the password."""
     p.add_argument("--host", help="address to bind (default 127.0.0.1; 0.0.0.0 serves the LAN)")
     p.add_argument("--port", type=int, help="port (default 5001; 0 picks a free one)")
     p.add_argument("--ssl", nargs=2, metavar=("CERT", "KEY"), help="serve HTTPS with this PEM certificate and key")
     p.add_argument("--password", help="require 'Authorization: Bearer <password>' for generation endpoints")
+
+
+def _add_engine_options(p: argparse.ArgumentParser):
+    """The context, threads, GPUs and the KV cache."""
     p.add_argument("--contextsize", type=int, help="context size in tokens (default 4096)")
     p.add_argument("--threads", type=int, help="CPU threads for generation (default: all cores)")
     p.add_argument("--gpulayers", type=int,
@@ -154,6 +173,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--kvsplit", action="store_true", default=None,
                    help="split the context into one cache of contextsize/parallel per slot, as llama-server "
                         "-np does: fastest with every slot busy, but each request is limited to that share")
+
+
+def _add_serving_options(p: argparse.ArgumentParser):
+    """Queue and slots, templates, context shift, drafts, the prompt cache, names and origins."""
     p.add_argument("--multiuser", type=int, help="how many requests may wait in the queue; 0 answers 503 when busy (default 16)")
     p.add_argument("--parallel", type=int, help="how many requests generate at once (default 1)")
     p.add_argument("--quiet", action="store_true", default=None, help="do not log requests, prompts or outputs")
@@ -184,9 +207,6 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--cors-origin", dest="cors_origin", action="append", metavar="ORIGIN",
                    help="a web origin (https://host:port) whose pages may call the API, besides the server's "
                         "own, localhost and KoboldAI Lite's hosted page (repeatable; '*' admits any)")
-    p.add_argument("--config", help="JSON file with the same keys as these options")
-    p.add_argument("--debug", action="store_true", default=None, help="show llama.cpp's own log")
-    return p
 
 
 def _check_int(name: str, value: Any, lo: int, hi: int | None = None) -> int:
@@ -201,6 +221,15 @@ def _check_int(name: str, value: Any, lo: int, hi: int | None = None) -> int:
 def load_config(argv: list[str]) -> Config:
     """Command line over config file over defaults; every value checked before any model loads."""
     args = build_arg_parser().parse_args(argv)
+    cfg = _read_sources(args)
+    for check in (_check_engine_options, _check_cache_and_drafts, _check_flags_and_limits, _check_models,
+                  _check_access):
+        check(cfg)
+    return cfg
+
+
+def _read_sources(args: argparse.Namespace) -> Config:
+    """The config file's values, then the command line's over them; the model list made one."""
     cfg = Config()
     fields = {f.name for f in dataclasses.fields(Config)}
     if args.config:
@@ -227,7 +256,11 @@ def load_config(argv: list[str]) -> Config:
         if not cfg.model or not all(isinstance(m, str) for m in cfg.model):
             raise ConfigError("model must be a file name or a list of them")
         cfg.model, cfg.models = cfg.model[0], cfg.model[1:] + list(cfg.models)
+    return cfg
 
+
+def _check_engine_options(cfg: Config):
+    """The address, the context, threads and the GPU options."""
     if not isinstance(cfg.host, str) or not cfg.host:
         raise ConfigError("host must be an address such as 127.0.0.1 or 0.0.0.0")
     _check_int("port", cfg.port, 0, 65535)
@@ -254,6 +287,10 @@ def load_config(argv: list[str]) -> Config:
         _check_int("maingpu", cfg.maingpu, 0, 64)
     _check_int("quantkv", cfg.quantkv, 0, 2)
     _check_int("batchsize", cfg.batchsize, 16, 1 << 16)
+
+
+def _check_cache_and_drafts(cfg: Config):
+    """Speculative drafts and the prompt cache's folders (made here, so that a bad one fails at start)."""
     _check_int("draftamount", cfg.draftamount, 1, 64)
     if cfg.cacheram is not None:
         _check_int("cacheram", cfg.cacheram, 0, 1 << 24)
@@ -271,6 +308,10 @@ def load_config(argv: list[str]) -> Config:
         _check_int("draftgpulayers", cfg.draftgpulayers, -1, 100000)
     if cfg.draftmodel is not None and (not isinstance(cfg.draftmodel, str) or not os.path.isfile(cfg.draftmodel)):
         raise ConfigError(f"draft model file not found: {cfg.draftmodel}")
+
+
+def _check_flags_and_limits(cfg: Config):
+    """Switches, the KV layout, and the limits on requests and connections."""
     for flag in ("flashattention", "noflashattention", "nommap", "usemlock", "kvperslot", "kvsplit", "noshift",
                  "quiet", "launch", "debug", "nodraft"):
         if not isinstance(getattr(cfg, flag), bool):
@@ -293,6 +334,9 @@ def load_config(argv: list[str]) -> Config:
     if cfg.threads == 0:
         cfg.threads = os.cpu_count() or 1
 
+
+def _check_models(cfg: Config):
+    """Models: the default one (the models folder's first, else the starter model), the others, their folders."""
     _check_int("maxmodels", cfg.maxmodels, 1, 64)
     if isinstance(cfg.idleunload, bool) or not isinstance(cfg.idleunload, (int, float)) or cfg.idleunload < 0:
         raise ConfigError(f"idleunload must be a number of seconds, 0 or more, not {cfg.idleunload!r}")
@@ -320,6 +364,10 @@ def load_config(argv: list[str]) -> Config:
     if cfg.embeddings_model is not None and (not isinstance(cfg.embeddings_model, str)
                                              or not os.path.isfile(cfg.embeddings_model)):
         raise ConfigError(f"embeddings model file not found: {cfg.embeddings_model}")
+
+
+def _check_access(cfg: Config):
+    """Names and origins the server answers, its instance name, its chat template, TLS."""
     if cfg.instance_id is not None and (not isinstance(cfg.instance_id, str) or not cfg.instance_id.isprintable()
                                         or not 0 < len(cfg.instance_id) <= 64):
         raise ConfigError("instance id must be 1 to 64 printable characters")
@@ -343,7 +391,6 @@ def load_config(argv: list[str]) -> Config:
     if cfg.ssl is not None:
         if not (isinstance(cfg.ssl, list) and len(cfg.ssl) == 2 and all(isinstance(s, str) for s in cfg.ssl)):
             raise ConfigError("ssl must be two paths: CERT KEY")
-    return cfg
 
 
 PRESETS_FILE = "koboldlite-models.json"

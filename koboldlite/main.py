@@ -6,6 +6,7 @@ import errno
 import os
 import signal
 import socket
+import ssl
 import sys
 import threading
 import webbrowser
@@ -18,6 +19,7 @@ from .config import Config, load_config, make_tls_context
 from .desktop import double_click_arguments, is_double_click_start, keep_window_open
 from .engine.llama_model import LlamaModel
 from .service.downloads import ConsoleProgress, DownloadError, ModelDownload
+from .service.served_model import ServedModel
 from .service.app import App
 from .web.ui_files import ui_files
 from .web.static import StaticFiles
@@ -50,20 +52,52 @@ def main(argv: list[str] | None = None) -> int:
     return status
 
 
+class StartupError(Exception):
+    """Start-up cannot go on: one line on stderr, exit status 2."""
+
+
 def serve(arguments: Callable[[], list[str]], double_click: bool = False) -> int:
+    """Each step of a run, in order: the configuration, the App, the listening socket (serving at once: the version
+    endpoint answers while the model loads), the default model, the start-up report, then serving until a signal,
+    and a clean stop."""
+    server = None
+    try:
+        config, tls = configuration(arguments)
+        app = make_app(config)
+        server = listen(app, tls, double_click)
+        stop = stop_on_signals()
+        served = load_default_model(app)
+        report_ready(app, server, served, tls)
+    except StartupError as e:
+        print(f"koboldlite: error: {e}", file=sys.stderr)
+        if server is not None:
+            server.server_close()
+        return 2
+    stop.wait()
+    shut_down(app, server)
+    return 0
+
+
+def configuration(arguments: Callable[[], list[str]]) -> tuple[Config, ssl.SSLContext | None]:
     try:
         config = load_config(arguments())
-        tls = make_tls_context(*config.ssl) if config.ssl else None
+        return config, make_tls_context(*config.ssl) if config.ssl else None
     except ConfigError as e:
-        print(f"koboldlite: error: {e}", file=sys.stderr)
-        return 2
+        raise StartupError(e) from None
 
+
+def make_app(config: Config) -> App:
+    """The App, once the models given as URLs are downloaded."""
     try:
         fetch_model_urls(config)
-        app = App(config)
+        return App(config)
     except (ConfigError, DownloadError) as e:
-        print(f"koboldlite: error: {e}", file=sys.stderr)
-        return 2
+        raise StartupError(e) from None
+
+
+def listen(app: App, tls: ssl.SSLContext | None, double_click: bool) -> KoboldLiteServer:
+    """The server on its port (a double-click start takes a free port when that one is taken), serving already."""
+    config = app.config
     page = ui_files()
     router = build_router(StaticFiles(page) if page else None)
     try:
@@ -71,8 +105,7 @@ def serve(arguments: Callable[[], list[str]], double_click: bool = False) -> int
     except OSError as e:
         if not (double_click and e.errno == errno.EADDRINUSE):
             reason = "the port is already in use" if e.errno == errno.EADDRINUSE else str(e)
-            print(f"koboldlite: error: cannot listen on {config.host}:{config.port}: {reason}", file=sys.stderr)
-            return 2
+            raise StartupError(f"cannot listen on {config.host}:{config.port}: {reason}") from None
         # A double-click user cannot pick another port: take a free one and say so.
         print(f"Port {config.port} is in use; serving on a free port instead.", file=sys.stderr)
         server = KoboldLiteServer((config.host, 0), RequestHandler, app, router, tls)
@@ -80,49 +113,69 @@ def serve(arguments: Callable[[], list[str]], double_click: bool = False) -> int
         app.instance_id = f"{socket.gethostname()}:{server.server_address[1]}"
     # Serve from now on: /api/extra/version answers while the model loads, the rest says 503.
     threading.Thread(target=server.serve_forever, name="http-accept", daemon=True).start()
+    return server
 
+
+def stop_on_signals() -> threading.Event:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    return stop
 
-    entries = app.catalog.entries()
-    if app.catalog.several:
+
+def load_default_model(app: App) -> ServedModel:
+    """The default model loaded (held: the caller releases it), and the embeddings model if one is given."""
+    config, catalog = app.config, app.catalog
+    entries = catalog.entries()
+    if catalog.several:
         print(f"Models: {', '.join(e.name for e in entries)} ({len(entries)}; up to {config.maxmodels} loaded at "
               f"once{f', unloaded after {config.idleunload:g} s idle' if config.idleunload else ''})",
               file=sys.stderr, flush=True)
     print(f"KoboldLite {__version__}: loading {config.model}", file=sys.stderr, flush=True)
     try:
-        served = app.roster.acquire(app.catalog.find(None))
+        served = app.roster.acquire(catalog.find(None))
     except ServiceError as e:
         app.flush_log()                   # its lines first: the error is the last line a user sees
-        print(f"koboldlite: error: {e.cause if isinstance(e, ModelLoadFailed) else e}", file=sys.stderr)
-        server.server_close()
-        return 2
+        raise StartupError(e.cause if isinstance(e, ModelLoadFailed) else e) from None
     if config.embeddings_model:
         try:
             app.embeddings_source = LlamaModel(config.embeddings_model, n_ctx=64, n_seq=1, n_threads=1,
                                                n_gpu_layers=served.gpu.n_gpu_layers, show_llama_log=config.debug,
                                                devices=served.gpu.devices if served.gpu.chosen else None)
         except ModelLoadError as e:
-            print(f"koboldlite: error: embeddings model: {e}", file=sys.stderr)
-            server.server_close()
-            return 2
+            raise StartupError(f"embeddings model: {e}") from None
+    return served
+
+
+def report_ready(app: App, server: KoboldLiteServer, served: ServedModel, tls: ssl.SSLContext | None):
+    """What was loaded and how, the warnings a LAN setup deserves, then ready: the URLs served."""
+    config = app.config
     print(served.template_origin, file=sys.stderr, flush=True)
     if not served.engine.context_shift:
         print("context shift: off (--noshift)" if config.noshift else
               "context shift: off, this model's cache cannot be shifted: a trimmed chat is read again in "
               "full, and a reply ends when the context is full", file=sys.stderr, flush=True)
-    model, cfg = served.model, served.config
-    urls = served_urls(server, config.host)
     if not is_loopback_host(config.host) and not config.password:
         print("WARNING: serving the network without --password: anyone who can reach this machine "
               "can use the model.", file=sys.stderr)
     if not is_loopback_host(config.host) and config.password and not tls:
         print("WARNING: the password crosses the network in clear text over plain HTTP: anyone on the network "
               "can read it; add --ssl cert.pem key.pem (README: Using it on your LAN, with TLS).", file=sys.stderr)
+    report_memory(served)
+    app.ready.set()
+    app.roster.release(served)
+    urls = served_urls(server, config.host)
+    for url in urls:
+        print(f"Serving at {url}", flush=True)
+    print(f"KoboldAI API at {urls[0]}/api", flush=True)
+    if config.launch:
+        webbrowser.open(urls[0])
+
+
+def report_memory(served: ServedModel):
+    model, cfg, mem = served.model, served.config, served.memory
     print(f"Model {model.name} ready: context {model.n_ctx}, {cfg.parallel} slot(s), "
           f"{cfg.threads} threads", flush=True)
-    mem = served.memory
     pool = (f"{mem['kv_cells']} tokens shared by {cfg.parallel} slot(s)" if model.shared_kv
             else f"{model.n_ctx} tokens for each of {cfg.parallel} slot(s)")
     print(f"Memory: model {mem['model_mib']:.0f} MiB, KV cache {mem['kv_cache_mib']:.0f} MiB ({pool}, "
@@ -132,19 +185,13 @@ def serve(arguments: Callable[[], list[str]], double_click: bool = False) -> int
         parts = "; ".join(f"{name}: model {row['model']:.0f} MiB, KV {row['kv']:.0f} MiB, compute {row['compute']:.0f} MiB"
                           for name, row in mem["devices"].items())
         print(f"GPU: offloaded {mem['layers_offloaded']}/{mem['layers_total']} layers; {parts}", flush=True)
-    app.ready.set()
-    app.roster.release(served)
-    for url in urls:
-        print(f"Serving at {url}", flush=True)
-    print(f"KoboldAI API at {urls[0]}/api", flush=True)
-    if config.launch:
-        webbrowser.open(urls[0])
 
-    stop.wait()
+
+def shut_down(app: App, server: KoboldLiteServer):
+    """A signal came: running replies end (their streams write their last event), then the port is released."""
     print("Stopping: ending running generations.", file=sys.stderr, flush=True)
     app.roster.stop()
     server.wait_answers_written(timeout=5.0)
     server.shutdown()
     server.server_close()
     app.flush_log()
-    return 0

@@ -44,6 +44,14 @@ def build_single_file(out: str = SINGLE_FILE) -> str:
     return out
 
 
+def load_builder():
+    """tools/build_single.py as a module (its checks and its join)."""
+    spec = importlib.util.spec_from_file_location("build_single", os.path.join(ROOT, "tools", "build_single.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def is_joined_file(path: str) -> bool:
     with open(path, encoding="utf-8") as f:
         return "\nJOINED_MODULES = " in f.read()

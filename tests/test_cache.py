@@ -137,25 +137,25 @@ def test_a_guess_is_read_only_where_it_continues_the_slot_and_finds_free_room(st
     and one that would need another slot's cells are not read, and leave the caches as they were."""
     model = LlamaModel(starter_model, n_ctx=256, n_seq=2, n_threads=2, n_gpu_layers=0, shared_kv=True)
     engine = Engine(model)
-    reader, slot = engine.next_turns, engine.slots[0]
+    slot = engine.slots[0]
     prompt = "The colours of the flag are"
     job = finished_reply(engine, prompt, lambda reply: prompt + reply + "\nUser: and the sky?")
     held = len(slot.cached)
-    assert reader.read(slot) > 0 and len(slot.cached) > held
+    assert engine.read_ahead(slot) > 0 and len(slot.cached) > held
     assert model.lib.llama_memory_seq_pos_max(model.memory, slot.seq_id) == len(slot.cached) - 1
-    assert reader.read(slot) == 0                                   # once per reply
+    assert engine.read_ahead(slot) == 0                                   # once per reply
     for next_turn in (lambda reply: "Something else entirely." + reply,               # not this conversation
                       lambda reply: prompt + reply + " and more" * 40,                # past MOST tokens
                       None):                                                          # no chat template
         job = finished_reply(engine, prompt, next_turn)
         before = list(slot.cached)
-        assert reader.read(slot) == 0 and slot.cached == before
+        assert engine.read_ahead(slot) == 0 and slot.cached == before
     assert job.buffer.text()
     # A pool with no cells to spare: the other slot's idle cache is not dropped for a guess.
     finished_reply(engine, prompt, lambda reply: prompt + reply + " The end.")
     other = engine.slots[1]
     other.cached = list(range(1000, 1000 + model.pool_tokens - len(slot.cached)))     # the rest of the pool
-    assert reader.read(slot) == 0 and len(other.cached) == model.pool_tokens - len(slot.cached)
+    assert engine.read_ahead(slot) == 0 and len(other.cached) == model.pool_tokens - len(slot.cached)
 
 
 def test_after_a_restart_it_comes_back_from_disk(starter_model, tmp_path):

@@ -3,21 +3,13 @@ would make the joined file differ from the package, and the file copied alone se
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import sys
 
 import pytest
 
-from tests.harness import PIP_LLAMA_LIB, ROOT, ServerProcess
-
-
-def load_builder():
-    spec = importlib.util.spec_from_file_location("build_single", os.path.join(ROOT, "tools", "build_single.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.harness import PIP_LLAMA_LIB, ROOT, ServerProcess, load_builder
 
 
 build_single = load_builder()

@@ -261,3 +261,57 @@ class DraftControl:
         for i in range(min(drafted, kept + 1)):
             rate += self.LEARN * ((1.0 if i < kept else 0.0) - rate)
         self.rates[long_repeat] = rate
+
+
+class SlotDrafts:
+    """One reply's drafting: the index of its context's n-grams (none when a draft model drafts) and its acceptance
+    estimates; `long_repeat` says whether this step's draft goes on a long repeat."""
+
+    def __init__(self, most: int, from_context: bool):
+        self.ngrams = NgramDrafter() if from_context else None
+        self.control = DraftControl(most)
+        self.long_repeat = False
+
+
+class Speculation:
+    """The engine's part of speculative decoding: which replies draft, how far each drafts in a step (as far as the
+    tokens it is expected to gain pay for the wider batch, on this machine's measured step costs), and what their
+    drafts were worth. Drafts come from each reply's own context, or from a draft model."""
+
+    def __init__(self, most: int, draft_model: DraftModel | None = None):
+        self.most = most                  # tokens a draft may propose per step; 0: no drafts
+        self.draft_model = draft_model
+        self.step_cost: StepCost | None = None   # measured on the thread that decodes (Engine.ready_on_this_thread)
+        self.paused = False               # for one step, after llama.cpp found no room for a batch with drafts
+
+    def measure(self, model: LlamaModel, batch, n_slots: int):
+        """The step costs, once, while every slot is empty; the caller holds the llama lock on the decoding thread."""
+        if self.most and self.step_cost is None:
+            widest = min(model.n_batch - 64, n_slots * (1 + self.most), model.n_ctx // 2)
+            self.step_cost = StepCost.measure(model, batch, widest)
+
+    def for_reply(self, draft: bool) -> SlotDrafts | None:
+        """A new reply's drafting, when drafts are on and its request did not turn them off."""
+        return SlotDrafts(self.most, self.draft_model is None) if self.most and draft else None
+
+    def propose(self, drafts: SlotDrafts, seq_id: int, context: list[int], limit: int, draft_min: int,
+                width: int) -> list[int]:
+        """Tokens to propose after `context` (the slot's cache and its drawn token): as many as pay for the wider
+        batch (a batch of `width` tokens before this draft), at least `draft_min` where the context repeats, at most
+        `limit` (its context, its reply's length, the batch)."""
+        if limit <= 0:
+            return []
+        if self.draft_model is None:
+            drafts.ngrams.sync(context)
+            if not drafts.ngrams.has_match():
+                return []                    # nothing repeats here: no cost, and the estimate stays as it is
+            drafts.long_repeat = drafts.ngrams.repeat_length(DraftControl.LONG_REPEAT) >= DraftControl.LONG_REPEAT
+        else:
+            drafts.long_repeat = False
+        paying = drafts.control.length(width, self.step_cost, drafts.long_repeat) if self.step_cost else 0
+        limit = min(limit, max(paying, draft_min))   # unmeasured: only what the request asks for
+        if limit <= 0:
+            return []
+        if self.draft_model is not None:
+            return self.draft_model.propose(seq_id, context, limit)
+        return drafts.ngrams.propose(limit)

@@ -6,8 +6,40 @@ import ctypes
 import threading
 
 from .llama_model import LlamaModel, common_prefix_length
-from .slots import Slot
+from .slots import Slot, SlotState
 from .prompt_cache import PromptCache
+
+CACHE_REUSE_MIN_CHUNK = 64           # cached runs at least this long are moved into place, not read again
+
+
+def plan_reuse(cached: list[int], prompt: list[int], context_shift: bool) -> tuple[int, list[tuple[int, int, int]]]:
+    """How much of `prompt` a cache holding `cached` can supply without reading it again.
+
+    First their common prefix; then, with context shift, every later run of at least CACHE_REUSE_MIN_CHUNK tokens
+    that the prompt goes on with and the cache still holds further on (the turns a client kept after dropping
+    older ones), in order. Returns the tokens reused and the moves that bring those runs into place: (start in the
+    cache, length, shift).
+    """
+    head_p = head_c = common_prefix_length(cached, prompt)
+    moves = []
+    if not context_shift:
+        return head_p, moves
+    n_cached, n_prompt = len(cached), len(prompt)
+    while head_c < n_cached and head_p < n_prompt:
+        try:
+            head_c = cached.index(prompt[head_p], head_c)
+        except ValueError:
+            break
+        n = 1
+        while head_c + n < n_cached and head_p + n < n_prompt and cached[head_c + n] == prompt[head_p + n]:
+            n += 1
+        if n >= CACHE_REUSE_MIN_CHUNK:
+            moves.append((head_c, n, head_p - head_c))
+            head_p += n
+            head_c += n
+        else:
+            head_c += 1
+    return head_p, moves
 
 
 class KVPool:
@@ -17,7 +49,6 @@ class KVPool:
     and cutting a sequence back. It runs on the generation thread; every call into llama.cpp is made under
     the engine's `llama_lock`."""
 
-    CACHE_REUSE_MIN_CHUNK = 64           # cached runs at least this long are moved into place, not re-read
     # A shared pool is compacted once concurrent replies have interleaved this many cells, or an eighth
     # of what the slots hold if that is more (the copy costs in proportion to what it moves), and only
     # while the copy held in memory stays under the byte limit.
@@ -101,33 +132,8 @@ class KVPool:
         self.trimmed(slot)
 
     def plan_reuse(self, cached: list[int], prompt: list[int]) -> tuple[int, list[tuple[int, int, int]]]:
-        """How much of `prompt` a cache holding `cached` can supply without reading it again.
-
-        First their common prefix; then, with context shift, every later run of at least
-        CACHE_REUSE_MIN_CHUNK tokens that the prompt goes on with and the cache still holds further on
-        (the turns a client kept after dropping older ones), in order. Returns the tokens reused and
-        the moves that bring those runs into place: (start in the cache, length, shift).
-        """
-        head_p = head_c = common_prefix_length(cached, prompt)
-        moves = []
-        if not self.context_shift:
-            return head_p, moves
-        n_cached, n_prompt = len(cached), len(prompt)
-        while head_c < n_cached and head_p < n_prompt:
-            try:
-                head_c = cached.index(prompt[head_p], head_c)
-            except ValueError:
-                break
-            n = 1
-            while head_c + n < n_cached and head_p + n < n_prompt and cached[head_c + n] == prompt[head_p + n]:
-                n += 1
-            if n >= self.CACHE_REUSE_MIN_CHUNK:
-                moves.append((head_c, n, head_p - head_c))
-                head_p += n
-                head_c += n
-            else:
-                head_c += 1
-        return head_p, moves
+        """plan_reuse with this pool's context shift."""
+        return plan_reuse(cached, prompt, self.context_shift)
 
     def reuse(self, slot: Slot, prompt: list[int]) -> int:
         """Make the slot's sequence hold the longest reusable start of `prompt`; return its length."""
@@ -206,7 +212,7 @@ class KVPool:
     def compaction_due(self) -> bool:
         return (self.model.shared_kv and self.model.attention_only and self.model.flash_attention is not False
                 and not self._moved_since_decode
-                and sum(1 for s in self.slots if s.next_token is not None) > 1
+                and sum(1 for s in self.slots if s.state is SlotState.GENERATING) > 1
                 and self.interleaved >= max(self.COMPACT_AFTER_CELLS, self.cells_used() // 8))
 
     def compact(self):
@@ -257,25 +263,24 @@ class KVPool:
         self.compactions += 1
 
     def read_again(self, slot: Slot):
-        """The slot's cells are gone: all it held, and the token it sampled last, are read again as
-        prompt, after which it goes on as before."""
-        pending = slot.cached + ([slot.next_token] if slot.next_token is not None else []) + slot.to_prefill
-        slot.cached, slot.next_token, slot.to_prefill = [], None, pending
+        """The slot's cells are gone: all it held, and the token it drew last, are read again as prompt, after
+        which it goes on as before."""
+        slot.read_again()
         self.trimmed(slot)
 
-    def shift(self, slot: Slot) -> bool:
+    def shift(self, slot: Slot) -> int:
         """A full context: drop the older half of what follows the kept front, and move the rest down.
-        The front kept includes cells shared with another slot (they cannot move). False if nothing can go."""
+        The front kept includes cells shared with another slot (they cannot move). The tokens dropped (0: none
+        could go)."""
         job, lib, memory, seq = slot.job, self.lib, self.model.memory, slot.seq_id
         n_past = len(slot.cached)
         n_keep = max(job.n_keep, slot.shared_upto)
         n_discard = (n_past - n_keep) // 2
         if n_discard <= 0:
-            return False
+            return 0
         with self.llama_lock:
             lib.llama_memory_seq_rm(memory, seq, n_keep, n_keep + n_discard)
             lib.llama_memory_seq_add(memory, seq, n_keep + n_discard, n_past, -n_discard)
             self._moved_since_decode = True
         del slot.cached[n_keep:n_keep + n_discard]
-        job.stats.shifted_tokens += n_discard
-        return True
+        return n_discard

@@ -65,7 +65,14 @@ class LlamaModel:
         LlamaLog.route_to(llama_cpp, self, show_llama_log)
         _check_gguf_magic(path)
         llama_cpp.llama_backend_init()
+        self._load_weights(n_gpu_layers, devices, main_gpu, tensor_split, row_split, use_mmap, use_mlock, progress)
+        self._make_context(n_ctx, n_seq, n_threads, n_batch, shared_kv, split_kv, flash_attention, quantkv)
+        self._read_vocabulary()
 
+    def _load_weights(self, n_gpu_layers: int, devices: list["GPUDevice"] | None, main_gpu: int | None,
+                      tensor_split: list[float] | None, row_split: bool, use_mmap: bool, use_mlock: bool,
+                      progress: Callable[[float], None] | None):
+        llama_cpp, path = self.lib, self.path
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = n_gpu_layers          # -1: all (llama.cpp's own convention)
         if devices:        # NULL-terminated; kept alive with the model, llama.cpp reads it while loading
@@ -93,6 +100,9 @@ class LlamaModel:
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self.model)
 
+    def _make_context(self, n_ctx: int, n_seq: int, n_threads: int, n_batch: int, shared_kv: bool, split_kv: bool,
+                      flash_attention: bool | None, quantkv: int):
+        llama_cpp, path = self.lib, self.path
         self.n_seq = n_seq
         self.n_batch = n_batch
         self.kv_type = self.KV_TYPES[quantkv][0]
@@ -124,6 +134,9 @@ class LlamaModel:
         # A plain attention KV cache, whose cells a shared pool can lay out anew (recurrent state is not cells).
         self.attention_only = not (llama_cpp.llama_model_is_recurrent(self.model)
                                    or llama_cpp.llama_model_is_hybrid(self.model))
+
+    def _read_vocabulary(self):
+        llama_cpp = self.lib
         self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
         self.bos = llama_cpp.llama_vocab_bos(self.vocab)
         self.eos = llama_cpp.llama_vocab_eos(self.vocab)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import threading
 from typing import Callable
 
 from ..jobs import Job, StopReason
 from .llama_model import LlamaModel, common_prefix_length
-from .slots import Slot, put_tokens
+from .slots import Slot
 from .kv_pool import KVPool
 
 
@@ -16,14 +15,15 @@ class NextTurnReader:
     reply in it, and the template closes the reply's turn and opens the user's before the user's new words.
     While the loop is idle, those tokens are read into the reply's slot, so that the next turn's first token
     waits only on the new words (at 3000 tokens of context, 12 ms a token on a CPU). A guess the next prompt
-    does not share is cut back by the usual reuse; a recurrent model's state cannot be cut, so none is made."""
+    does not share is cut back by the usual reuse; a recurrent model's state cannot be cut, so none is made.
+
+    It decides what to read; the engine reads it (Engine.read_ahead), in its one place that decodes."""
 
     MOST = 64          # tokens read ahead at most (a template's turn markers, a reply's last token)
     CUT_MOST = 8       # of the slot's last tokens a guess may replace (a stop string's tokens, not shown)
 
-    def __init__(self, model: LlamaModel, pool: KVPool, batch, llama_lock: threading.Lock,
-                 log: Callable[[str], None]):
-        self.model, self.pool, self.batch, self.llama_lock, self.log = model, pool, batch, llama_lock, log
+    def __init__(self, model: LlamaModel, pool: KVPool, log: Callable[[str], None]):
+        self.model, self.pool, self.log = model, pool, log
         self.tokens_read = 0
 
     def expect(self, slot: Slot, job: Job, reason: StopReason):
@@ -32,36 +32,28 @@ class NextTurnReader:
         usable = reason.finished and request.next_turn is not None and self.model.attention_only
         slot.expected = (request, job.buffer.text()) if usable else None
 
-    def read(self, slot: Slot) -> int:
-        """On the generation thread, while nothing runs: read the slot's expected next turn; the tokens read."""
+    def guess(self, slot: Slot) -> list[int]:
+        """The tokens to read into this idle slot now, its cache first cut back to where the guess goes on from it;
+        none where no guess is worth reading. Once per reply."""
         if slot.busy or slot.expected is None:
-            return 0
+            return []
         request, reply = slot.expected
         slot.expected = None
         text = request.next_turn(reply)
         if not text:
-            return 0
+            return []
         tokens = self.model.tokenize(text, add_bos=request.add_bos)
         keep = common_prefix_length(slot.cached, tokens)
         rest = tokens[keep:]
         if not rest or len(rest) > self.MOST or keep < max(len(slot.cached) - self.CUT_MOST, slot.shared_upto, 1):
-            return 0                       # not this conversation going on (or the slot's cache has gone)
+            return []                      # not this conversation going on (or the slot's cache has gone)
         pool_full = self.model.shared_kv and self.model.pool_tokens - self.pool.cells_used() < len(rest)
         if len(tokens) >= self.model.n_ctx or pool_full:
-            return 0                       # no room to spare: no other slot's cache goes for a guess
+            return []                      # no room to spare: no other slot's cache goes for a guess
         if keep < len(slot.cached):
             self.pool.truncate(slot, keep)
-        n = put_tokens(self.batch, 0, slot, rest, logits_last=False)
-        self.batch.n_tokens = n
-        with self.llama_lock:
-            status = self.model.lib.llama_decode(self.model.ctx, self.batch)
-            if status == 0:
-                self.pool.decoded()
-        if status != 0:
-            if status != 1:                # 1: no room found, nothing changed; else the sequence is unknown
-                self.pool.truncate(slot, 0)
-            return 0
-        slot.cached.extend(rest)
-        self.tokens_read += len(rest)
-        self.log(f"read slot {slot.seq_id}'s next turn ahead ({len(rest)} tokens)")
-        return len(rest)
+        return rest
+
+    def was_read(self, slot: Slot, n: int):
+        self.tokens_read += n
+        self.log(f"read slot {slot.seq_id}'s next turn ahead ({n} tokens)")

@@ -60,7 +60,14 @@ class KoboldLiteServer(http.server.ThreadingHTTPServer):
                 self._client_left(client_address[0])
             self.shutdown_request(request)     # over a cap: refuse rather than queue threads
             return
-        super().process_request(request, client_address)
+        try:
+            super().process_request(request, client_address)     # starts the connection's thread
+        except BaseException:
+            # No thread will end this connection (the system has none to give): its place is given back here,
+            # and socketserver's caller closes the socket.
+            self._connections.release()
+            self._client_left(client_address[0])
+            raise
 
     def process_request_thread(self, request, client_address):
         # ThreadingMixIn's steps, but the client's place is given back before its socket closes: a

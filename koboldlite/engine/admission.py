@@ -1,0 +1,57 @@
+"""Where an admitted prompt goes: the free slot where it costs least, and a conversation brought back from the prompt
+cache when one starts it for longer than any slot does."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+from .llama_model import common_prefix_length
+from .slots import Slot
+from .kv_pool import KVPool
+
+RESTORE_MIN_GAIN = 64     # a kept state is restored only if it saves this many more tokens than the slots'
+
+
+def choose_slot(free: list[Slot], prompt: list[int], reused: Callable[[list[int], list[int]], int]) -> Slot:
+    """The free slot where this prompt costs least: prompt tokens still to read plus cached tokens thrown away
+    (`reused(cached, prompt)` says how much of it a cache supplies, a shift's savings counted). Only the least
+    recently used slot and the slots this prompt continues are candidates: those whose cache it reuses at least
+    half of (a chat going on), or that supply at least half of it (the same prompt sent again, to regenerate a
+    reply).
+
+    Counting what is thrown away keeps a common opening ("Chapter", a system prompt) from evicting another user's
+    long story while a cheaper slot is free.
+    """
+    lru = min(free, key=lambda s: s.last_used)
+    costs = {}
+    for s in free:
+        n = reused(s.cached, prompt) if s.cached else 0
+        if s is lru or (n and (2 * n >= len(s.cached) or 2 * n >= len(prompt))):
+            costs[s.seq_id] = (len(prompt) - n) + (len(s.cached) - n)
+    return min(free, key=lambda s: (costs.get(s.seq_id, math.inf), s is lru))
+
+
+def bring_back(pool: KVPool, slots: list[Slot], slot: Slot, prompt: list[int]) -> str:
+    """Where this prompt's cache comes from: "slot" (a slot's, as ever), or "ram" / "disk" when a displaced
+    conversation kept in the prompt cache starts it for longer than any slot's cache: it is restored into the
+    chosen slot (whose own conversation, if worth it, goes to the cache first)."""
+    cache = pool.cache
+    own = pool.plan_reuse(slot.cached, prompt)[0] if slot.cached else 0
+    if cache is None:
+        return "slot"
+    entry, common = cache.best(prompt)
+    others = max((common_prefix_length(s.cached, prompt) for s in slots if s is not slot), default=0)
+    if entry is None or common < max(own, others if pool.model.shared_kv else 0) + RESTORE_MIN_GAIN:
+        pool.stash(slot, own)             # what of it this prompt will not reuse is about to go
+        return "slot"
+    pool.stash(slot)
+    if not pool.make_room(len(entry.tokens) - len(slot.cached) + len(prompt) - common + 1, keep=slot):
+        return "slot"
+    where = "ram" if entry.data is not None else "disk"
+    data = cache.data_of(entry)
+    if data is None or not pool.restore(slot, entry.tokens, data):
+        return "slot"
+    if common == len(entry.tokens):
+        cache.taken(entry)                # the slot holds it all now
+    return where

@@ -1,0 +1,66 @@
+"""A request made ready for the queue, on the request's own thread: its prompt tokenized and fitted into the context,
+its reply's length decided, its grammar checked. Only the vocabulary is read here, never a llama context."""
+
+from __future__ import annotations
+
+from ..errors import ContextOverflow
+from ..generation import GenerationRequest
+from ..jobs import Job
+from .llama_model import LlamaModel, common_prefix_length
+
+
+def tokenize_request(model: LlamaModel, request: GenerationRequest) -> tuple[list[int], list[int]]:
+    """(memory, prompt) as tokens; the BOS, when the model wants one, in front of whichever comes first."""
+    memory = model.tokenize(request.memory, add_bos=request.add_bos) if request.memory else []
+    return memory, model.tokenize(request.prompt, add_bos=request.add_bos and not memory)
+
+
+def count_prompt_tokens(model: LlamaModel, request: GenerationRequest) -> int:
+    """The tokens prepare_job would read for this request, before any cut to fit (count_tokens endpoints)."""
+    memory, prompt = tokenize_request(model, request)
+    return len(memory) + len(prompt)
+
+
+def prepare_job(model: LlamaModel, request: GenerationRequest, context_shift: bool) -> Job:
+    """Tokenize, fit the prompt into the context, check the grammar: a job ready to queue.
+
+    The reply never takes room from the prompt: it is capped by what the prompt leaves, unless a context shift
+    lets it go past a full context. Only a Kobold request cuts its prompt, and only as KoboldCpp does (see
+    GenerationRequest.cut_overlong_prompt); elsewhere a prompt that does not fit is ContextOverflow.
+    """
+    n_ctx = model.n_ctx
+    if request.max_context_length is not None:
+        n_ctx = max(16, min(n_ctx, request.max_context_length))
+    memory, prompt = tokenize_request(model, request)
+    tokens = memory + prompt
+    truncated = 0
+    if request.cut_overlong_prompt:
+        # Room for the reply as KoboldCpp keeps it, but an over-large max_length takes at most half.
+        reserve = min(request.max_length or n_ctx, n_ctx // 2)
+        room = n_ctx - reserve
+        if len(tokens) > room:
+            keep_prompt = max(room - len(memory), 1)
+            tokens = (memory + prompt[-keep_prompt:])[-room:]    # the oldest story text goes first
+            truncated = len(memory) + len(prompt) - len(tokens)
+    elif len(tokens) >= n_ctx:
+        raise ContextOverflow(len(tokens), n_ctx)
+    if not tokens:
+        tokens = [model.bos if model.bos >= 0 else model.eos]
+    room_left = n_ctx - len(tokens)
+    if request.max_length is None:
+        max_new = room_left            # until the context is full
+    elif context_shift:
+        max_new = request.max_length   # past a full context, by shifting it
+    else:
+        max_new = min(request.max_length, room_left)
+    if request.sampler.grammar:
+        model.check_grammar(request.sampler.grammar)
+    job = Job(request, tokens, max(1, max_new))
+    job.n_ctx = n_ctx
+    keep = memory if not truncated or not memory else []
+    if request.keep_prefix:
+        keep = model.tokenize(request.keep_prefix, add_bos=request.add_bos)
+    job.n_keep = min(common_prefix_length(keep, tokens), n_ctx // 2)
+    job.banned_token_ids = [t for t in request.sampler.banned_token_ids if model.valid_token(t)]
+    job.stats.truncated_tokens = truncated
+    return job
