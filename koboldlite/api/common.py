@@ -257,9 +257,7 @@ def sse_event(kind: str, data: dict) -> bytes:
 
 def api_key_owner(req) -> str:
     """Whose stored responses a request may see: a digest of the key it offered (none is a key too)."""
-    auth = req.headers.get("Authorization", "")
-    key = auth[7:].strip() if auth[:7].lower() == "bearer " else req.headers.get("X-Api-Key", "").strip()
-    return hashlib.sha256(key.encode()).hexdigest()
+    return hashlib.sha256(req.api_key.encode()).hexdigest()
 
 
 def text_only(kind: str, where: str) -> RequestError:

@@ -1,4 +1,6 @@
-"""The route table: every endpoint, its handler, whether the password guards it, its API's style."""
+"""The route table: every endpoint, its handler, whether the password guards it, its API's style (the one place
+that says it: the handler answers errors in that style, and the router works out from the table the style of a
+path no route has)."""
 
 from __future__ import annotations
 
@@ -41,13 +43,13 @@ def build_router(static: StaticFiles | None = None) -> Router:
     r.add("POST", "/api/extra/detokenize", kobold_detokenize, protected=True)
     r.add("POST", "/api/extra/json_to_grammar", kobold_json_to_grammar, protected=True)
     r.add("GET", "/sdapi/v1/sd-models", sd_models)
-    r.add("GET", "/api/extra/perf", kobold_perf)
+    r.add("GET", "/api/extra/perf", kobold_perf)         # open, as KoboldCpp's: counts and timings, no text
     r.add("GET", "/api/admin/list_options", admin_list_options, protected=True, admin=True)
     r.add("POST", "/api/admin/reload_config", admin_reload_config, protected=True, admin=True, needs_model=False)
     r.add("POST", "/api/admin/save_state", admin_save_state, protected=True, admin=True)
     r.add("POST", "/api/admin/load_state", admin_load_state, protected=True, admin=True)
     r.add("GET POST", "/api/admin/check_state", admin_check_state, protected=True, admin=True)
-    r.add("POST", "/api/admin/clear_state", admin_clear_state, protected=True, admin=True)          # open, as KoboldCpp's: counts and timings, no text
+    r.add("POST", "/api/admin/clear_state", admin_clear_state, protected=True, admin=True)
     # Open, as KoboldCpp's: KoboldAI Lite reads it before it asks for the password.
     r.add("GET", "/api/extra/preloadstory", kobold_preloadstory)
 
