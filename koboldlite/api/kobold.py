@@ -90,6 +90,7 @@ def default_context_size(app) -> int:
 
 
 def kobold_max_context_length(app, req):
+    """/api/v1/config/max_context_length and /api/extra/true_max_context_length: the same number."""
     return JSONResponse({"value": default_context_size(app)})
 
 
@@ -176,10 +177,6 @@ def kobold_json_to_grammar(app, req):
 def sd_models(app, req):
     """No image model is served: KoboldCpp answers an empty list, and KoboldAI Lite asks on every connect."""
     return JSONResponse([])
-
-
-def kobold_true_max_context_length(app, req):
-    return JSONResponse({"value": default_context_size(app)})
 
 
 def kobold_perf(app, req):

@@ -7,7 +7,7 @@ from __future__ import annotations
 from ..api.kobold import (
     kobold_abort, kobold_check, kobold_detokenize, kobold_extra_version, kobold_generate, kobold_generate_stream,
     kobold_info_version, kobold_json_to_grammar, kobold_last_logprobs, kobold_max_context_length, kobold_max_length,
-    kobold_model, kobold_perf, kobold_preloadstory, kobold_tokencount, kobold_true_max_context_length, sd_models
+    kobold_model, kobold_perf, kobold_preloadstory, kobold_tokencount, sd_models
 )
 from ..api.openai import openai_chat_completions, openai_completions, openai_embeddings, openai_models
 from ..api.ollama import (
@@ -33,7 +33,7 @@ def build_router(static: StaticFiles | None = None) -> Router:
     r.add("GET", "/api/v1/config/max_context_length", kobold_max_context_length)
     r.add("POST", "/api/v1/generate", kobold_generate, protected=True)
     r.add("GET", "/api/extra/version", kobold_extra_version, needs_model=False)
-    r.add("GET", "/api/extra/true_max_context_length", kobold_true_max_context_length)
+    r.add("GET", "/api/extra/true_max_context_length", kobold_max_context_length)
     r.add("POST", "/api/extra/generate/stream", kobold_generate_stream, protected=True)
     r.add("GET POST", "/api/extra/generate/check", kobold_check, protected=True)
     r.add("POST", "/api/extra/abort", kobold_abort, protected=True)
