@@ -11,10 +11,12 @@ from ..fields import FieldReader, _asks, ignored_fields
 from ..generation import GenerationRequest
 from ..jobs import Job, StopReason
 from ..chat.messages import tool_result_names
-from ..chat.tools import ToolUse, json_grammar
+from ..chat.tools import ToolUse
 from ..service.served_model import ServedModel
 from ..service.exchange import JSONResponse, StreamResponse, wait_for_text
-from .common import ReplyParts, block_request_fields, sse_event, text_only
+from .common import (
+    ReplyParts, apply_output_format, block_request_fields, chat_request, max_reply_tokens, sse_event, text_only
+)
 
 
 ANTHROPIC_IGNORED_FIELDS: dict[str, Callable[[Any], bool]] = {
@@ -145,29 +147,19 @@ def anthropic_request(app, req, count_only: bool = False) -> tuple[GenerationReq
     served = req.use(f.body.get("model"))
     ignored = ignored_fields(f.body, ANTHROPIC_IGNORED_FIELDS)
     messages = anthropic_messages(f.body)
-    if count_only:
-        max_tokens = None
-    elif not f.has("max_tokens"):
-        raise RequestError("'max_tokens' is required")
-    else:
-        max_tokens = f.integer("max_tokens", default=1, lo=-(1 << 62), hi=1 << 20)
-        if max_tokens < 1:
-            raise RequestError(f"'max_tokens' must be at least 1, not {max_tokens}")
+    max_tokens = None if count_only else max_reply_tokens(f, "max_tokens", required=True)
     fields = block_request_fields(req, f, max_tokens, ignored)
     config = f.body.get("output_config") if isinstance(f.body.get("output_config"), dict) else {}
     fmt = config.get("format") or f.body.get("output_format")
     if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
-        fields["sampler"].grammar = json_grammar(fmt.get("schema"), "output_config.format.schema")
+        apply_output_format(fields["sampler"], "json_schema", fmt.get("schema"), "output_config.format",
+                            "output_config.format.schema")
     if config.get("effort") is not None:
         ignored.append("output_config.effort")
     template_vars = anthropic_thinking_vars(f, ignored)
     tools = anthropic_tools(served, f, ignored)
-    if tools is not None:
-        messages, more = tools.apply(messages, fields["sampler"])
-        template_vars.update(more)
     stops = f.string_list("stop_sequences")
-    request = served.chat_template.generation_request(messages, stop_strings=stops, template_vars=template_vars,
-                                                      **fields)
+    request = chat_request(served, messages, {**fields, "stop_strings": stops}, tools, template_vars)
     return request, tools, stops
 
 

@@ -8,27 +8,21 @@ from typing import Any, Callable
 
 from ..version import KOBOLDCPP_COMPAT_VERSION, KOBOLD_API_VERSION, __version__
 from ..errors import RequestError
-from ..fields import FieldReader, _asks, _more_than_one, ignored_fields
+from ..fields import FieldReader, _more_than_one, ignored_fields
 from ..generation import GenerationRequest, parse_sampler_settings
 from ..jobs import JobState, JobStats, StopReason
 from ..chat.tools import json_grammar
 from ..service.app import App
 from ..service.exchange import JSONResponse, StreamResponse, wait_for_text
 from .common import (
-    LogprobShapes, genkey_of, gpu_report, instruct_request, model_states, prompt_cache_report, wire_finish_reason
+    KOBOLD_CLIENT_FIELDS, MEDIA_FIELDS, LogprobShapes, genkey_of, gpu_report, instruct_request, model_states,
+    prompt_cache_report, wire_finish_reason
 )
 
 
-# Fields each API defines that this server does not act on, each with the test of a value that asks for
-# something: such a field is named in the log and in X-KoboldLite-Ignored, never dropped in silence.
+# Fields of the Kobold API this server does not act on (api/common.py says how they are named).
 KOBOLD_IGNORED_FIELDS: dict[str, Callable[[Any], bool]] = {
-    "images": _asks, "audio": _asks,                       # no vision or audio model is served
-    "n": _more_than_one,                                   # one text per request
-    "use_story": _asks, "use_memory": _asks, "use_authors_note": _asks, "use_world_info": _asks,
-    "negative_prompt": _asks, "guidance_scale": lambda v: v not in (None, 0, 1),
-    "grammar_retain_state": _asks,
-    "adaptive_target": lambda v: isinstance(v, (int, float)) and v > 0,
-}
+    **MEDIA_FIELDS, "n": _more_than_one, **KOBOLD_CLIENT_FIELDS}   # "n": one text per request
 
 
 # KoboldCpp's stop_reason codes in /api/extra/perf; an aborted or failed reply has none (-1).
@@ -50,7 +44,7 @@ def parse_kobold_request(req, app: App) -> GenerationRequest:
                                      lo=1, hi=1 << 24),
         trim_stop=f.boolean("trim_stop", default=True),
         sampler=parse_sampler_settings(f),
-        genkey=genkey_of(req),
+        genkey=genkey_of(req, f.body),
         render_special=f.boolean("render_special", default=False),
         checkable_without_genkey=True,
         cut_overlong_prompt=True,

@@ -16,13 +16,13 @@ from ..fields import FieldReader, _asks, ignored_fields
 from ..generation import GenerationRequest, SamplerSettings, parse_sampler_settings
 from ..jobs import Job, StopReason
 from ..chat.messages import parse_chat_messages
-from ..chat.tools import CallWatch, ToolUse, json_grammar
+from ..chat.tools import CallWatch, ToolUse
 from ..service.catalog import ModelEntry
 from ..service.served_model import ServedModel
 from ..service.exchange import JSONResponse, Response, StreamResponse, wait_for_text
 from .common import (
-    LogprobShapes, MAX_TOP_LOGPROBS, batches_with_logprobs, embedder_for, embedding_inputs, genkey_of, gpu_report,
-    reasoning_fields, tool_use_of
+    MAX_TOP_LOGPROBS, LogprobShapes, apply_output_format, batches_with_logprobs, chat_request, embedder_for,
+    embedding_inputs, genkey_of, gpu_report, reasoning_fields, tool_use_of
 )
 
 
@@ -100,10 +100,8 @@ def ollama_generation_fields(req, f: FieldReader, app) -> dict:
     options = FieldReader(f.body.get("options") or {}, "options")
     sampler = parse_sampler_settings(options, OLLAMA_DEFAULTS)
     fmt = f.body.get("format")
-    if fmt == "json":
-        sampler.grammar = json_grammar(True, "format")
-    elif fmt not in (None, ""):
-        sampler.grammar = json_grammar(fmt, "format")
+    if fmt not in (None, ""):         # "json", or a JSON schema
+        apply_output_format(sampler, "json_object" if fmt == "json" else "json_schema", fmt, "format", "format")
     num_predict = options.integer("num_predict", default=-1, lo=-2, hi=1 << 20)
     fields = {}
     if f.boolean("logprobs"):
@@ -111,7 +109,7 @@ def ollama_generation_fields(req, f: FieldReader, app) -> dict:
         fields["top_logprobs"] = f.integer("top_logprobs", default=0, lo=0, hi=MAX_TOP_LOGPROBS)
     return dict(**fields, max_length=None if num_predict < 0 else max(1, num_predict),
                 max_context_length=options.integer("num_ctx", default=req.use().model.n_ctx, lo=16, hi=1 << 24),
-                stop_strings=options.string_list("stop"), sampler=sampler, genkey=genkey_of(req),
+                stop_strings=options.string_list("stop"), sampler=sampler, genkey=genkey_of(req, f.body),
                 ignored_fields=ignored_fields(f.body, OLLAMA_IGNORED_FIELDS) + ignored_fields(
                     options.body, dict.fromkeys(OLLAMA_IGNORED_OPTIONS, lambda v: v is not None), "options."))
 
@@ -198,7 +196,7 @@ def ollama_generate(app, req):
     else:
         messages = ([{"role": "system", "content": f.string("system")}] if f.string("system") else []) + \
                    [{"role": "user", "content": prompt}]
-        request = served.chat_template.generation_request(messages, template_vars=ollama_template_vars(f), **fields)
+        request = chat_request(served, messages, fields, template_vars=ollama_template_vars(f))
     job = req.start_generation(request)
     return ollama_answer(job, served, f, lambda t: {"response": t.get("content", ""),
                                                  **({"thinking": t["thinking"]} if "thinking" in t else {})})
@@ -212,12 +210,7 @@ def ollama_chat(app, req):
     # Ollama has no tool_choice; we take one beside the tools or in `options` (which its clients pass on).
     options = f.body.get("options") if isinstance(f.body.get("options"), dict) else {}
     tools = tool_use_of(served, f, f.body.get("tool_choice", options.get("tool_choice")))
-    template_vars = ollama_template_vars(f)
-    if tools is not None:
-        messages, more = tools.apply(messages, fields["sampler"])
-        template_vars.update(more)
-    job = req.start_generation(served.chat_template.generation_request(messages, template_vars=template_vars,
-                                                                       **fields))
+    job = req.start_generation(chat_request(served, messages, fields, tools, ollama_template_vars(f)))
     return ollama_answer(job, served, f, lambda t: {"message": {"role": "assistant", "content": t.get("content", ""),
                                                              **({"thinking": t["thinking"]} if "thinking" in t
                                                                 else {})}}, tools)

@@ -13,54 +13,38 @@ from ..fields import FieldReader, _asks, _more_than_one, ignored_fields
 from ..generation import parse_sampler_settings
 from ..jobs import Job, StopReason, TokenLogprob
 from ..chat.messages import parse_chat_messages
-from ..chat.tools import CallWatch, json_grammar
+from ..chat.tools import CallWatch
 from ..service.served_model import ServedModel
 from ..service.exchange import JSONResponse, StreamResponse, wait_for_text
 from .common import (
-    LogprobShapes, MAX_TOP_LOGPROBS, OPENAI_DEFAULTS, SSE_DONE, batches_with_logprobs, embedder_for,
-    embedding_inputs, genkey_of, instruct_request, model_states, reasoning_fields, sse_data, tool_use_of,
-    wire_finish_reason
+    KOBOLD_CLIENT_FIELDS, MAX_TOP_LOGPROBS, MEDIA_FIELDS, OPENAI_DEFAULTS, SSE_DONE, LogprobShapes,
+    apply_output_format, batches_with_logprobs, chat_request, embedder_for, embedding_inputs, genkey_of,
+    instruct_request, max_reply_tokens, model_states, reasoning_fields, sse_data, tool_use_of, wire_finish_reason
 )
-from .kobold import KOBOLD_IGNORED_FIELDS
 
 
 OPENAI_IGNORED_FIELDS: dict[str, Callable[[Any], bool]] = {
-    **{k: v for k, v in KOBOLD_IGNORED_FIELDS.items() if k != "n"},   # SillyTavern sends these to /v1 too
+    **MEDIA_FIELDS, **KOBOLD_CLIENT_FIELDS,          # SillyTavern sends KoboldCpp's fields to /v1 too
     "functions": _asks, "function_call": _asks, "suffix": _asks, "echo": _asks, "best_of": _more_than_one,
     "reasoning_effort": _asks, "modalities": lambda v: v not in (None, ["text"]), "audio": _asks,
     "prediction": _asks, "web_search_options": _asks,
 }
 
 
-def openai_max_tokens(f: FieldReader, default: int | None) -> int | None:
-    """`max_tokens` (or its newer name): at least 1; -1, as llama.cpp clients send it, means no limit."""
-    names = ("max_tokens", "max_completion_tokens", "max_length")
-    value = f.integer(*names, default=-1 if default is None else default)
-    if value == -1:
-        return None
-    if value < 1:
-        raise RequestError(f"'max_tokens' must be at least 1 (or -1 for no limit), not {value}",
-                           code="invalid_value")
-    return value
-
-
 def openai_generation_fields(req, f: FieldReader, default_max: int | None) -> dict:
+    """The fields completions and chat completions share: length, stops, sampler, response_format, genkey."""
     if f.integer("n", default=1) != 1:
         raise RequestError("'n' must be 1: this server returns one choice per request")
     sampler = parse_sampler_settings(f, OPENAI_DEFAULTS)
     fmt = f.body.get("response_format")
     if fmt is not None:
         kind = fmt.get("type") if isinstance(fmt, dict) else None
-        if kind == "json_object":
-            sampler.grammar = json_grammar(True, "response_format")
-        elif kind == "json_schema":
-            schema = fmt.get("json_schema")
-            schema = schema.get("schema") if isinstance(schema, dict) else None
-            sampler.grammar = json_grammar(schema, "response_format.json_schema.schema")
-        elif kind != "text":
-            raise RequestError("'response_format.type' must be 'text', 'json_object' or 'json_schema'")
-    return dict(max_length=openai_max_tokens(f, default_max),
-                stop_strings=f.string_list("stop"), sampler=sampler, genkey=genkey_of(req),
+        schema = fmt.get("json_schema") if kind == "json_schema" else None
+        apply_output_format(sampler, kind, schema.get("schema") if isinstance(schema, dict) else None,
+                            "response_format", "response_format.json_schema.schema")
+    return dict(max_length=max_reply_tokens(f, "max_tokens", "max_completion_tokens", "max_length",
+                                            default=default_max, minus_one_is_none=True),
+                stop_strings=f.string_list("stop"), sampler=sampler, genkey=genkey_of(req, f.body),
                 ignored_fields=ignored_fields(f.body, OPENAI_IGNORED_FIELDS))
 
 
@@ -167,11 +151,7 @@ def openai_chat_completions(app, req):
     messages = parse_chat_messages(f.body.get("messages"))
     fields = openai_generation_fields(req, f, default_max=None)
     tools = tool_use_of(served, f)
-    template_vars = {}
-    if tools is not None:
-        messages, template_vars = tools.apply(messages, fields["sampler"])
-    request = served.chat_template.generation_request(messages, template_vars=template_vars, **fields,
-                                                      **openai_logprob_fields(f, legacy=False))
+    request = chat_request(served, messages, {**fields, **openai_logprob_fields(f, legacy=False)}, tools)
     job = req.start_generation(request)
     head = openai_head(served, "chat.completion.chunk", "chatcmpl")
     content = lambda entries: {"content": LogprobShapes(served.model).chat(entries)}    # noqa: E731

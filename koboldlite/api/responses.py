@@ -11,11 +11,14 @@ from ..errors import RequestError
 from ..fields import FieldReader, _asks, ignored_fields
 from ..jobs import Job, StopReason
 from ..chat.messages import tool_call_of, tool_result_names
-from ..chat.tools import ToolUse, json_grammar
+from ..chat.tools import ToolUse
 from ..service.served_model import ServedModel
 from ..service.app import ResponseStore
 from ..service.exchange import JSONResponse, StreamResponse, wait_for_text
-from .common import ReplyParts, api_key_owner, block_request_fields, sse_event, text_only
+from .common import (
+    ReplyParts, api_key_owner, apply_output_format, block_request_fields, chat_request, max_reply_tokens, sse_event,
+    text_only
+)
 
 
 RESPONSES_IGNORED_FIELDS: dict[str, Callable[[Any], bool]] = {
@@ -251,21 +254,14 @@ class ResponsesCall:
         messages = ([{"role": "system", "content": instructions}] if instructions else []) + self.conversation
         if not messages:
             raise RequestError("'input' must hold at least one item")
-        max_output = None if count_only else f.body.get("max_output_tokens")
-        if max_output is not None:
-            max_output = f.integer("max_output_tokens", default=1, lo=-(1 << 62), hi=1 << 20)
-            if max_output < 1:
-                raise RequestError(f"'max_output_tokens' must be at least 1, not {max_output}")
+        max_output = None if count_only else max_reply_tokens(f, "max_output_tokens")
         fields = block_request_fields(req, f, max_output, self.ignored)
         self.sampler = fields["sampler"]
         self.format = self._text_format(f)
         template_vars = self._reasoning_vars(f)
         self.served = served = req.use(f.body.get("model"))
         self.tools = responses_tools(served, f, self.ignored)
-        if self.tools is not None:
-            messages, more = self.tools.apply(messages, self.sampler)
-            template_vars.update(more)
-        self.request = served.chat_template.generation_request(messages, template_vars=template_vars, **fields)
+        self.request = chat_request(served, messages, fields, self.tools, template_vars)
         self.id = f"resp_{secrets.token_hex(16)}"
         self.created = int(time.time())
         self.store = f.body.get("store") is not False
@@ -275,17 +271,12 @@ class ResponsesCall:
         if text is None:
             return {"type": "text"}
         fmt = text.get("format") if isinstance(text, dict) else None
-        kind = fmt.get("type") if isinstance(fmt, dict) else None
         if isinstance(text, dict) and text.get("verbosity") is not None:
             self.ignored.append("text.verbosity")
         if fmt is None:
             return {"type": "text"}
-        if kind == "json_object":
-            self.sampler.grammar = json_grammar(True, "text.format")
-        elif kind == "json_schema":
-            self.sampler.grammar = json_grammar(fmt.get("schema"), "text.format.schema")
-        elif kind != "text":
-            raise RequestError("'text.format.type' must be 'text', 'json_object' or 'json_schema'")
+        apply_output_format(self.sampler, fmt.get("type") if isinstance(fmt, dict) else None,
+                            fmt.get("schema") if isinstance(fmt, dict) else None, "text.format", "text.format.schema")
         return fmt
 
     def _reasoning_vars(self, f: FieldReader) -> dict:
