@@ -1,21 +1,20 @@
-"""What every API family shares: error shapes, keys and genkeys, log-probabilities, replies as events."""
+"""What every API family shares: error shapes, the fields a request is read with (its key and genkey, its length,
+its structured output, its tools), log-probabilities, what the model reports."""
 
 from __future__ import annotations
 
 import hashlib
-import json
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from ..errors import (ContextOverflow, Conflict, Failed, Invalid, ModelNotFound, NotFound, RequestError, ServiceError,
                       Unavailable)
-from ..text import ReasoningSplitter
 from ..fields import FieldReader, _asks
 from ..generation import GenerationRequest, SamplerSettings, parse_sampler_settings
-from ..jobs import Job, StopReason, TokenLogprob
+from ..jobs import StopReason, TokenLogprob
 from ..engine.llama_model import LlamaModel
 from ..engine.embeddings import Embedder
 from ..chat.template import INSTRUCT_PLACEHOLDER
-from ..chat.tools import CallWatch, ToolUse, json_grammar
+from ..chat.tools import ToolUse, json_grammar
 from ..service.served_model import ServedModel
 from ..service.exchange import JSONResponse, Response
 
@@ -150,18 +149,6 @@ class LogprobShapes:
         return {"content": self.chat(entries), **self.legacy(entries)}
 
 
-def batches_with_logprobs(job: Job) -> Iterator[tuple[list[str], list[TokenLogprob]]]:
-    """The job's text as it arrives, each batch with the log-probabilities of the tokens shown since the
-    last (they are recorded before their text); a last ([], rest) for tokens whose text never showed."""
-    sent = 0
-    for batch in job.buffer.batches():
-        n = len(job.logprobs)
-        yield batch, job.logprobs[sent:n]
-        sent = n
-    if len(job.logprobs) > sent:
-        yield [], job.logprobs[sent:]
-
-
 def prompt_cache_report(served: ServedModel) -> dict | None:
     cache = served.prompt_cache
     if cache is None:
@@ -262,56 +249,6 @@ KOBOLD_CLIENT_FIELDS: dict[str, Callable[[Any], bool]] = {
     "grammar_retain_state": _asks,
     "adaptive_target": lambda v: isinstance(v, (int, float)) and v > 0,
 }
-
-
-def sse_data(obj: Any) -> bytes:
-    return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
-
-
-SSE_DONE = b"data: [DONE]\n\n"
-
-
-def reasoning_fields(splitter: ReasoningSplitter | None, reasoning: str, answer: str,
-                     names: tuple[str, str] = ("reasoning_content", "content")) -> dict:
-    """The text as an API shows it: a thinking block apart (llama-server's `reasoning_content`,
-    Ollama's `thinking`), or all inline."""
-    if splitter is None:
-        return {names[1]: reasoning + answer}
-    return {**({names[0]: reasoning} if reasoning else {}), **({names[1]: answer} if answer else {})}
-
-
-# Coding agents (Claude Code, Codex CLI) speak these. Both are adapters onto the same chat request, template,
-# tools and reasoning split as the chat completions above; what differs is how a reply is cut into
-# blocks (Anthropic) or output items (Responses) and how those stream.
-class ReplyParts:
-    """A chat reply read as the block APIs show it: ("reasoning", text) and ("text", text) parts as they
-    stream, then the tool calls at the end (a reply that begins like a call is held until it is one)."""
-
-    def __init__(self, job: Job, tools: ToolUse | None):
-        self.splitter = ReasoningSplitter.for_prompt(job.request.prompt)
-        self.watch = CallWatch(tools)
-
-    def feed(self, piece: str) -> list[tuple[str, str]]:
-        reasoning, answer = self.splitter.feed(piece)
-        return self._parts(reasoning, self.watch.feed(answer))
-
-    def finish(self) -> list[tuple[str, str]]:
-        reasoning, answer = self.splitter.flush()
-        return self._parts(reasoning, self.watch.finish(answer))
-
-    @staticmethod
-    def _parts(reasoning: str, answer: str) -> list[tuple[str, str]]:
-        return [(kind, text) for kind, text in (("reasoning", reasoning), ("text", answer)) if text]
-
-    @property
-    def calls(self) -> list[dict]:
-        return self.watch.calls
-
-
-def sse_event(kind: str, data: dict) -> bytes:
-    """`event:` and `data:` with the same type, as both APIs (and their SDKs, which drop events without it) want."""
-    return (f"event: {kind}\ndata: ".encode() + json.dumps({"type": kind, **data}, ensure_ascii=False).encode()
-            + b"\n\n")
 
 
 def api_key_owner(req) -> str:

@@ -10,13 +10,17 @@ from ..version import KOBOLDCPP_COMPAT_VERSION, KOBOLD_API_VERSION, __version__
 from ..errors import RequestError
 from ..fields import FieldReader, _more_than_one, ignored_fields
 from ..generation import GenerationRequest, parse_sampler_settings
-from ..jobs import JobState, JobStats, StopReason
+from ..jobs import Job, JobState, JobStats, StopReason
 from ..chat.tools import json_grammar
 from ..service.app import App
-from ..service.exchange import JSONResponse, StreamResponse, wait_for_text
+from ..service.exchange import JSONResponse
 from .common import (
     KOBOLD_CLIENT_FIELDS, MEDIA_FIELDS, LogprobShapes, genkey_of, gpu_report, instruct_request, model_states,
     prompt_cache_report, wire_finish_reason
+)
+from .reply import (
+    SSE_PING, DoneEvent, ErrorEvent, PingEvent, ReplyEncoder, ReplyEvent, ReplyReader, TextEvent, WholeReply,
+    stream_reply
 )
 
 
@@ -59,6 +63,36 @@ def kobold_sse_event(token: str, finish_reason: str | None) -> bytes:
     return f"event: message\ndata: {data}\n\n".encode("ascii")
 
 
+class KoboldEncoder(ReplyEncoder):
+    """KoboldCpp's answer: a `message` event per token, then one with the finish reason; whole, {"results": [...]}.
+    A failed reply just stops, as KoboldCpp's does (its clients know no error event)."""
+
+    def __init__(self, job: Job, served):
+        self.job = job
+        self.served = served
+
+    def text(self, event: TextEvent) -> bytes:
+        return kobold_sse_event(event.text, None)
+
+    def ping(self, event: PingEvent) -> bytes:
+        # KoboldAI Lite reads its stream with /^event: (.*)\ndata: (.*)(\r?\n){2}/m and cuts the buffer after each
+        # match, so a comment line between events is passed over (and SillyTavern's reader follows the SSE spec).
+        return SSE_PING
+
+    def done(self, event: DoneEvent) -> bytes:
+        return kobold_sse_event("", wire_finish_reason(event.reason))
+
+    def error(self, event: ErrorEvent) -> bytes:
+        return kobold_sse_event("", wire_finish_reason(StopReason.FAILED))
+
+    def whole(self, events: list[ReplyEvent]) -> dict:
+        reply = WholeReply.of(events)
+        result = {"text": reply.text, "finish_reason": wire_finish_reason(reply.reason)}
+        if self.job.request.logprobs:
+            result["logprobs"] = LogprobShapes(self.served.model).kobold(reply.logprobs)
+        return {"results": [result]}
+
+
 # Routes get (app, request) and return a Response; see the HTTP layer below.
 def kobold_model(app, req):
     if app.config.password and not req.authorized:
@@ -90,10 +124,7 @@ def kobold_max_context_length(app, req):
 
 def kobold_generate(app, req):
     job = req.start_generation(parse_kobold_request(req, app))
-    result = {"text": wait_for_text(job), "finish_reason": wire_finish_reason(job.buffer.stop_reason)}
-    if job.request.logprobs:
-        result["logprobs"] = LogprobShapes(req.use().model).kobold(job.logprobs)
-    return JSONResponse({"results": [result]})
+    return JSONResponse(KoboldEncoder(job, req.use()).whole(ReplyReader(job).whole()))
 
 
 def kobold_last_logprobs(app, req):
@@ -108,12 +139,7 @@ def kobold_last_logprobs(app, req):
 
 def kobold_generate_stream(app, req):
     job = req.start_generation(parse_kobold_request(req, app))
-
-    def events():
-        for batch in job.buffer.batches():    # one write for all the tokens already waiting
-            yield b"".join(kobold_sse_event(piece, None) for piece in batch)
-        yield kobold_sse_event("", wire_finish_reason(job.buffer.stop_reason))
-    return StreamResponse("text/event-stream", events(), job)
+    return stream_reply("text/event-stream", ReplyReader(job), KoboldEncoder(job, req.use()))
 
 
 def kobold_extra_version(app, req):
