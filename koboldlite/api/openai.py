@@ -133,14 +133,14 @@ class OpenAIEncoder(ReplyEncoder):
     tokens' log-probabilities), exactly one final chunk with the finish reason, the usage chunk when asked for, then
     [DONE]; a comment line as its keep-alive. The subclasses say what a chunk's choice holds."""
 
-    kind = ""           # the chunks' `object`
+    chunk_object = ""           # the chunks' `object`
     id_prefix = ""
-    final_choice: dict = {}     # the choice of the chunk with the finish reason
+    final_choice: dict = {}             # the choice of the chunk with the finish reason
 
     def __init__(self, job: Job, call: OpenAICall):
         self.job = job
         self.call = call
-        self.head = openai_head(call.served, self.kind, self.id_prefix)
+        self.head = openai_head(call.served, self.chunk_object, self.id_prefix)
         self.shapes = LogprobShapes(call.served.model)
         self.called = False
 
@@ -171,7 +171,7 @@ class OpenAIEncoder(ReplyEncoder):
 class CompletionEncoder(OpenAIEncoder):
     """/v1/completions: `text` in each choice; log-probabilities in the legacy shape."""
 
-    kind, id_prefix = "text_completion", "cmpl"
+    chunk_object, id_prefix = "text_completion", "cmpl"
     final_choice = {"text": ""}
 
     def logprobs(self, entries: list[TokenLogprob]) -> dict:
@@ -192,7 +192,7 @@ class ChatEncoder(OpenAIEncoder):
     """/v1/chat/completions: a `delta` in each chunk (the role first), the thinking block as `reasoning_content`
     (llama-server's name), tool calls at the end with `finish_reason` "tool_calls"."""
 
-    kind, id_prefix = "chat.completion.chunk", "chatcmpl"
+    chunk_object, id_prefix = "chat.completion.chunk", "chatcmpl"
     final_choice = {"delta": {}}
 
     def logprobs(self, entries: list[TokenLogprob]) -> dict:
