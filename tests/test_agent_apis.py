@@ -8,9 +8,11 @@ import re
 
 import pytest
 
-from koboldlite.api.common import ReplyParts
-from koboldlite.api.anthropic import AnthropicBlocks, anthropic_messages
-from koboldlite.api.responses import ResponseItems
+from koboldlite.generation import GenerationRequest
+from koboldlite.jobs import Job, StopReason
+from koboldlite.api.reply import ReplyReader
+from koboldlite.api.anthropic import AnthropicEncoder, anthropic_messages
+from koboldlite.api.responses import ResponsesEncoder
 from tests.harness import SSEStream, openai_client_for
 
 SEEDED = {"seed": 11, "top_k": 1}          # greedy: the same text cold or cached (README: Determinism)
@@ -31,10 +33,11 @@ def anthropic_client_for(server, api_key: str = "sk-ant-dummy", **kw):
 
 
 def sse_events(raw: bytes) -> list[tuple[str, dict]]:
-    """(event name, data) of each event; every event must have both lines, with the same type."""
+    """(event name, data) of each event; every event must have both lines, with the same type. Comment lines
+    (keep-alives) are passed over, as SSE parsers do."""
     out = []
     for block in raw.decode().split("\n\n"):
-        if not block.strip():
+        if not block.strip() or block.startswith(":"):
             continue
         m = re.fullmatch(r"event: (\S+)\ndata: (.*)", block)
         assert m, f"not an `event:` + `data:` SSE event: {block!r}"
@@ -375,26 +378,37 @@ def test_responses_disconnect_stops_the_generation(make_server):
     assert again.usage.output_tokens >= 1
 
 
+def finished_job(prompt: str, pieces: list[str]) -> Job:
+    """A job whose reply has already arrived, piece by piece, and ended."""
+    job = Job(GenerationRequest(prompt=prompt), [1, 2, 3], 100)
+    for piece in pieces:
+        job.buffer.append(piece)
+    job.end(StopReason.END)
+    return job
+
+
 def test_thinking_becomes_its_own_block_and_item():
     """A model that thinks first (<think>...</think>): a thinking block (Anthropic) and a reasoning item
     (Responses) before the answer, in the stream and in the whole reply alike."""
-    class FakeJob:
-        class request:
-            prompt = "<|im_start|>assistant\n"
+    from types import SimpleNamespace
     pieces = ["<thi", "nk>Two", " plus two.</think>", "\nIt is ", "four."]
-    parts = ReplyParts(FakeJob, None)
-    blocks = AnthropicBlocks()
-    raw = b"".join(blocks.part(k, t) for p in pieces for k, t in parts.feed(p)) + blocks.finish(parts)
-    assert blocks.content == [{"type": "thinking", "thinking": "Two plus two.", "signature": ""},
-                              {"type": "text", "text": "It is four."}]
+    job = finished_job("<|im_start|>assistant\n", pieces)
+    call = SimpleNamespace(served=SimpleNamespace(name="m"), stop_sequences=[])
+    encoder = AnthropicEncoder(job, call)
+    raw = b"".join(encoder.encode(events) for events in ReplyReader(job, reasoning=True).stream())
+    assert encoder.blocks.content == [{"type": "thinking", "thinking": "Two plus two.", "signature": ""},
+                                      {"type": "text", "text": "It is four."}]
     names = [n for n, _ in sse_events(raw)]
     assert names == ["content_block_start", "content_block_delta", "content_block_delta", "content_block_delta",
                      "content_block_stop", "content_block_start", "content_block_delta", "content_block_delta",
-                     "content_block_stop"]
+                     "content_block_stop", "message_delta", "message_stop"]
     assert sse_events(raw)[3][1]["delta"] == {"type": "signature_delta", "signature": ""}
-    parts = ReplyParts(FakeJob, None)
-    items = ResponseItems()
-    raw = b"".join(items.part(k, t) for p in pieces for k, t in parts.feed(p)) + items.finish(parts)
+    whole = AnthropicEncoder(job, call).whole(ReplyReader(job, reasoning=True).whole())
+    assert whole["content"] == encoder.blocks.content and whole["stop_reason"] == "end_turn"
+    encoder = ResponsesEncoder(job, None)       # its items only: the response objects need a real call
+    raw = b"".join(encoder.encode([e for e in events if e.kind in ("reasoning", "text")])
+                   for events in ReplyReader(job, reasoning=True).stream()) + encoder.items.close()
+    items = encoder.items
     assert [i["type"] for i in items.output] == ["reasoning", "message"]
     assert items.output[0]["content"] == [{"type": "reasoning_text", "text": "Two plus two."}]
     assert items.as_message() == {"role": "assistant", "content": "It is four.", "reasoning_content": "Two plus two."}

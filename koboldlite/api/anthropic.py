@@ -2,28 +2,30 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import secrets
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from ..errors import ContextOverflow, RequestError
 from ..fields import FieldReader, _asks, ignored_fields
 from ..generation import GenerationRequest
 from ..jobs import Job, StopReason
 from ..chat.messages import tool_result_names
-from ..chat.tools import ToolUse, json_grammar
+from ..chat.tools import ToolUse
 from ..service.served_model import ServedModel
-from ..service.exchange import JSONResponse, StreamResponse, wait_for_text
-from .common import ReplyParts, block_request_fields, sse_event, text_only
+from ..service.exchange import JSONResponse
+from .common import apply_output_format, block_request_fields, chat_request, max_reply_tokens, text_only
+from .reply import (
+    DoneEvent, ErrorEvent, PingEvent, ReasoningEvent, ReplyEncoder, ReplyEvent, ReplyReader, TextEvent,
+    ToolCallsEvent, sse_event, stream_reply
+)
 
 
 ANTHROPIC_IGNORED_FIELDS: dict[str, Callable[[Any], bool]] = {
     "metadata": _asks, "service_tier": _asks, "container": _asks, "mcp_servers": _asks,
     "context_management": _asks,
 }
-
-
-ANTHROPIC_PING_SECONDS = 5.0      # a ping while nothing else is sent (a long prompt being read)
 
 
 def anthropic_text(value: Any, where: str) -> str:
@@ -139,36 +141,35 @@ def anthropic_thinking_vars(f: FieldReader, ignored: list[str]) -> dict:
     return {"enable_thinking": kind != "disabled"}
 
 
-def anthropic_request(app, req, count_only: bool = False) -> tuple[GenerationRequest, ToolUse | None, list[str]]:
-    """(the generation request, its tools, the client's own stop sequences)."""
-    f = FieldReader(req.json())
-    served = req.use(f.body.get("model"))
-    ignored = ignored_fields(f.body, ANTHROPIC_IGNORED_FIELDS)
-    messages = anthropic_messages(f.body)
-    if count_only:
-        max_tokens = None
-    elif not f.has("max_tokens"):
-        raise RequestError("'max_tokens' is required")
-    else:
-        max_tokens = f.integer("max_tokens", default=1, lo=-(1 << 62), hi=1 << 20)
-        if max_tokens < 1:
-            raise RequestError(f"'max_tokens' must be at least 1, not {max_tokens}")
-    fields = block_request_fields(req, f, max_tokens, ignored)
-    config = f.body.get("output_config") if isinstance(f.body.get("output_config"), dict) else {}
-    fmt = config.get("format") or f.body.get("output_format")
-    if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
-        fields["sampler"].grammar = json_grammar(fmt.get("schema"), "output_config.format.schema")
-    if config.get("effort") is not None:
-        ignored.append("output_config.effort")
-    template_vars = anthropic_thinking_vars(f, ignored)
-    tools = anthropic_tools(served, f, ignored)
-    if tools is not None:
-        messages, more = tools.apply(messages, fields["sampler"])
-        template_vars.update(more)
-    stops = f.string_list("stop_sequences")
-    request = served.chat_template.generation_request(messages, stop_strings=stops, template_vars=template_vars,
-                                                      **fields)
-    return request, tools, stops
+@dataclasses.dataclass
+class MessagesCall:
+    """One /v1/messages (or count_tokens) request, read once: the generation it asks for and how to answer."""
+    served: ServedModel
+    request: GenerationRequest
+    tools: ToolUse | None
+    stop_sequences: list[str]       # the client's own: a reply they end says which
+    stream: bool
+
+    @classmethod
+    def parse(cls, req, count_only: bool = False) -> "MessagesCall":
+        f = FieldReader(req.json())
+        served = req.use(f.body.get("model"))
+        ignored = ignored_fields(f.body, ANTHROPIC_IGNORED_FIELDS)
+        messages = anthropic_messages(f.body)
+        max_tokens = None if count_only else max_reply_tokens(f, "max_tokens", required=True)
+        fields = block_request_fields(req, f, max_tokens, ignored)
+        config = f.body.get("output_config") if isinstance(f.body.get("output_config"), dict) else {}
+        fmt = config.get("format") or f.body.get("output_format")
+        if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+            apply_output_format(fields["sampler"], "json_schema", fmt.get("schema"), "output_config.format",
+                                "output_config.format.schema")
+        if config.get("effort") is not None:
+            ignored.append("output_config.effort")
+        template_vars = anthropic_thinking_vars(f, ignored)
+        tools = anthropic_tools(served, f, ignored)
+        stops = f.string_list("stop_sequences")
+        request = chat_request(served, messages, {**fields, "stop_strings": stops}, tools, template_vars)
+        return cls(served, request, tools, stops, f.boolean("stream"))
 
 
 class AnthropicBlocks:
@@ -213,13 +214,9 @@ class AnthropicBlocks:
                 "type": "input_json_delta", "partial_json": json.dumps(call["arguments"], ensure_ascii=False)}}) + \
             sse_event("content_block_stop", {"index": index})
 
-    def finish(self, parts: ReplyParts) -> bytes:
-        out = b"".join(self.part(kind, text) for kind, text in parts.finish()) + self.close()
-        return out + b"".join(self.tool_use(call) for call in parts.calls)
 
-
-def anthropic_stop(job: Job, parts: ReplyParts, stops: list[str]) -> dict:
-    if parts.calls:
+def anthropic_stop(job: Job, called: bool, stops: list[str]) -> dict:
+    if called:
         return {"stop_reason": "tool_use", "stop_sequence": None}
     if job.buffer.stop_reason is StopReason.LENGTH:
         return {"stop_reason": "max_tokens", "stop_sequence": None}
@@ -235,52 +232,66 @@ def anthropic_usage(job: Job) -> dict:
             "cache_creation_input_tokens": 0, "cache_read_input_tokens": s.cached_tokens}
 
 
-def anthropic_start(req, request: GenerationRequest) -> Job:
-    try:
-        return req.start_generation(request)
-    except ContextOverflow as e:   # Claude Code reads these words to compact its conversation
-        raise RequestError(f"prompt is too long: {e.n_prompt} tokens > {e.n_ctx} maximum") from None
+class AnthropicEncoder(ReplyEncoder):
+    """Anthropic's stream: message_start (and a ping), content blocks as they open, grow and close, message_delta
+    with the stop reason and usage, message_stop; a `ping` event as its keep-alive, an `error` event if the
+    generation fails. Whole, the message with the same blocks."""
+
+    def __init__(self, job: Job, call: MessagesCall):
+        self.job = job
+        self.call = call
+        self.blocks = AnthropicBlocks()
+        self.head = {"id": f"msg_{secrets.token_hex(12)}", "type": "message", "role": "assistant",
+                     "model": call.served.name}
+
+    def start(self) -> bytes:
+        return sse_event("message_start", {"message": {
+            **self.head, "content": [], "stop_reason": None, "stop_sequence": None,
+            "usage": {"input_tokens": len(self.job.prompt_tokens), "output_tokens": 0,
+                      "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}}}) + sse_event("ping", {})
+
+    def reasoning(self, event: ReasoningEvent) -> bytes:
+        return self.blocks.part("reasoning", event.text)
+
+    def text(self, event: TextEvent) -> bytes:
+        return self.blocks.part("text", event.text)
+
+    def tool_calls(self, event: ToolCallsEvent) -> bytes:
+        return self.blocks.close() + b"".join(self.blocks.tool_use(call) for call in event.calls)
+
+    def ping(self, event: PingEvent) -> bytes:
+        return sse_event("ping", {})
+
+    def stop(self) -> dict:
+        called = any(block["type"] == "tool_use" for block in self.blocks.content)
+        return anthropic_stop(self.job, called, self.call.stop_sequences)
+
+    def done(self, event: DoneEvent) -> bytes:
+        return self.blocks.close() + sse_event("message_delta", {
+            "delta": self.stop(), "usage": anthropic_usage(self.job)}) + sse_event("message_stop", {})
+
+    def error(self, event: ErrorEvent) -> bytes:
+        return self.blocks.close() + sse_event("error", {"error": {"type": "api_error", "message": event.message}})
+
+    def whole(self, events: list[ReplyEvent]) -> dict:
+        self.encode(events)            # the same blocks; the stream's bytes are not sent
+        return {**self.head, "content": self.blocks.content, **self.stop(), "usage": anthropic_usage(self.job)}
 
 
 def anthropic_messages_route(app, req):
-    request, tools, stops = anthropic_request(app, req)
-    job = anthropic_start(req, request)
-    head = {"id": f"msg_{secrets.token_hex(12)}", "type": "message", "role": "assistant", "model": req.use().name}
-    parts, blocks = ReplyParts(job, tools), AnthropicBlocks()
-    if FieldReader(req.json()).boolean("stream"):
-        def events() -> Iterator[bytes]:
-            yield sse_event("message_start", {"message": {
-                **head, "content": [], "stop_reason": None, "stop_sequence": None,
-                "usage": {"input_tokens": len(job.prompt_tokens), "output_tokens": 0,
-                          "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}}}) + sse_event("ping", {})
-            index = 0
-            while True:
-                new, done = job.buffer.read(index, timeout=ANTHROPIC_PING_SECONDS)
-                index += len(new)
-                if not new and not done:
-                    yield sse_event("ping", {})
-                    continue
-                out = b"".join(blocks.part(kind, text) for piece in new for kind, text in parts.feed(piece))
-                if out:
-                    yield out
-                if done and not new:
-                    break
-            if job.buffer.stop_reason is StopReason.FAILED:
-                yield blocks.close() + sse_event("error", {"error": {
-                    "type": "api_error", "message": job.buffer.error or "generation failed"}})
-                return
-            yield blocks.finish(parts) + sse_event("message_delta", {
-                "delta": anthropic_stop(job, parts, stops), "usage": anthropic_usage(job)}) + sse_event("message_stop", {})
-        return StreamResponse("text/event-stream", events(), job)
-    text = wait_for_text(job)
-    for kind, part in parts.feed(text):
-        blocks.part(kind, part)
-    blocks.finish(parts)
-    return JSONResponse({**head, "content": blocks.content, **anthropic_stop(job, parts, stops),
-                         "usage": anthropic_usage(job)})
+    call = MessagesCall.parse(req)
+    try:
+        job = req.start_generation(call.request)
+    except ContextOverflow as e:   # Claude Code reads these words to compact its conversation
+        raise RequestError(f"prompt is too long: {e.n_prompt} tokens > {e.n_ctx} maximum") from None
+    reply = ReplyReader(job, reasoning=True, tools=call.tools)
+    encoder = AnthropicEncoder(job, call)
+    if call.stream:
+        return stream_reply("text/event-stream", reply, encoder)
+    return JSONResponse(encoder.whole(reply.whole()))
 
 
 def anthropic_count_tokens(app, req):
-    request, _, _ = anthropic_request(app, req, count_only=True)
-    req.ignored = request.ignored_fields
-    return JSONResponse({"input_tokens": req.use().engine.count_prompt_tokens(request)})
+    call = MessagesCall.parse(req, count_only=True)
+    req.ignored = call.request.ignored_fields
+    return JSONResponse({"input_tokens": call.served.engine.count_prompt_tokens(call.request)})

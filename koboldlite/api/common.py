@@ -1,21 +1,20 @@
-"""What every API family shares: error shapes, keys and genkeys, log-probabilities, replies as events."""
+"""What every API family shares: error shapes, the fields a request is read with (its key and genkey, its length,
+its structured output, its tools), log-probabilities, what the model reports."""
 
 from __future__ import annotations
 
 import hashlib
-import json
-from typing import Any, Iterator
+from typing import Any, Callable
 
 from ..errors import (ContextOverflow, Conflict, Failed, Invalid, ModelNotFound, NotFound, RequestError, ServiceError,
                       Unavailable)
-from ..text import ReasoningSplitter
-from ..fields import FieldReader
+from ..fields import FieldReader, _asks
 from ..generation import GenerationRequest, SamplerSettings, parse_sampler_settings
-from ..jobs import Job, StopReason, TokenLogprob
+from ..jobs import StopReason, TokenLogprob
 from ..engine.llama_model import LlamaModel
 from ..engine.embeddings import Embedder
 from ..chat.template import INSTRUCT_PLACEHOLDER
-from ..chat.tools import CallWatch, ToolUse
+from ..chat.tools import ToolUse, json_grammar
 from ..service.served_model import ServedModel
 from ..service.exchange import JSONResponse, Response
 
@@ -98,12 +97,13 @@ def instruct_request(served: ServedModel, f: FieldReader, prompt: str, memory: s
     return template.prompt_request(prompt, memory=memory, stop_strings=stops, **fields)
 
 
-def genkey_of(req) -> str:
-    """A genkey from the JSON body, the query string, or a `genkey` header: every API takes all
-    three, so check and abort (and a balancer hashing on it) reach any generation."""
-    body = req.json(optional=True)
-    if body is not None and not isinstance(body, dict):
-        raise RequestError("the request body must be a JSON object")
+def genkey_of(req, body: dict | None = None) -> str:
+    """A genkey from the JSON body (`body`, when the route has read it already), the query string, or a `genkey`
+    header: every API takes all three, so check and abort (and a balancer hashing on it) reach any generation."""
+    if body is None:
+        body = req.json(optional=True)
+        if body is not None and not isinstance(body, dict):
+            raise RequestError("the request body must be a JSON object")
     key = (body or {}).get("genkey") or req.query.get("genkey") or req.headers.get("genkey") or ""
     if not isinstance(key, str):
         raise RequestError("'genkey' must be a string")
@@ -149,18 +149,6 @@ class LogprobShapes:
         return {"content": self.chat(entries), **self.legacy(entries)}
 
 
-def batches_with_logprobs(job: Job) -> Iterator[tuple[list[str], list[TokenLogprob]]]:
-    """The job's text as it arrives, each batch with the log-probabilities of the tokens shown since the
-    last (they are recorded before their text); a last ([], rest) for tokens whose text never showed."""
-    sent = 0
-    for batch in job.buffer.batches():
-        n = len(job.logprobs)
-        yield batch, job.logprobs[sent:n]
-        sent = n
-    if len(job.logprobs) > sent:
-        yield [], job.logprobs[sent:]
-
-
 def prompt_cache_report(served: ServedModel) -> dict | None:
     cache = served.prompt_cache
     if cache is None:
@@ -192,11 +180,24 @@ def model_states(app) -> list[dict]:
 
 
 def tool_use_of(served: ServedModel, f: FieldReader, choice: Any = None) -> ToolUse | None:
+    """OpenAI's `tools` (Ollama's are the same), `tool_choice` (or `choice`) and `parallel_tool_calls`."""
     tools = f.body.get("tools")
     if not tools:
         return None
     return ToolUse(served.chat_template, tools, choice if choice is not None else f.body.get("tool_choice"),
                    f.body.get("parallel_tool_calls") is not False)
+
+
+def chat_request(served: ServedModel, messages: list[dict], fields: dict, tools: ToolUse | None = None,
+                 template_vars: dict | None = None) -> GenerationRequest:
+    """A chat's generation request, made by the model's template: the tools go into the messages or the template's
+    variables, and a call they force puts its grammar on the sampler (ToolUse.apply), beside the variables the
+    API sets (`enable_thinking`...). `fields`: the GenerationRequest's other fields, its sampler among them."""
+    template_vars = dict(template_vars or {})
+    if tools is not None:
+        messages, more = tools.apply(messages, fields["sampler"])
+        template_vars.update(more)
+    return served.chat_template.generation_request(messages, template_vars=template_vars, **fields)
 
 
 OPENAI_DEFAULTS = SamplerSettings(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, rep_pen_range=64)
@@ -205,61 +206,54 @@ OPENAI_DEFAULTS = SamplerSettings(temperature=0.8, top_k=40, top_p=0.95, min_p=0
 MAX_TOP_LOGPROBS = 20
 
 
-def sse_data(obj: Any) -> bytes:
-    return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
+MAX_REPLY_TOKENS = 1 << 20
 
 
-SSE_DONE = b"data: [DONE]\n\n"
+def max_reply_tokens(f: FieldReader, *names: str, default: int | None = None, required: bool = False,
+                     minus_one_is_none: bool = False) -> int | None:
+    """The longest reply a request asks for, from the first of `names` that is set: at least 1 (None: as long as
+    the context allows). Absent, `default`, or a 400 when `required`; `minus_one_is_none`: -1 means no limit, as
+    llama.cpp's clients send it to the OpenAI API."""
+    if not f.has(*names):
+        if required:
+            raise RequestError(f"'{names[0]}' is required")
+        return default
+    value = f.integer(*names, default=0, hi=MAX_REPLY_TOKENS)
+    if minus_one_is_none and value == -1:
+        return None
+    if value < 1:
+        unlimited = " (or -1 for no limit)" if minus_one_is_none else ""
+        raise RequestError(f"'{names[0]}' must be at least 1{unlimited}, not {value}", code="invalid_value")
+    return value
 
 
-def reasoning_fields(splitter: ReasoningSplitter | None, reasoning: str, answer: str,
-                     names: tuple[str, str] = ("reasoning_content", "content")) -> dict:
-    """The text as an API shows it: a thinking block apart (llama-server's `reasoning_content`,
-    Ollama's `thinking`), or all inline."""
-    if splitter is None:
-        return {names[1]: reasoning + answer}
-    return {**({names[0]: reasoning} if reasoning else {}), **({names[1]: answer} if answer else {})}
+def apply_output_format(sampler: SamplerSettings, kind: Any, schema: Any, where: str, schema_where: str):
+    """Structured output, whatever an API calls it (OpenAI's response_format, Ollama's format, Anthropic's
+    output_config.format, the Responses API's text.format): "json_object", any JSON object; "json_schema", JSON
+    that `schema` allows; "text", no constraint. The grammar goes onto the sampler."""
+    if kind == "json_object":
+        sampler.grammar = json_grammar(True, where)
+    elif kind == "json_schema":
+        sampler.grammar = json_grammar(schema, schema_where)
+    elif kind != "text":
+        raise RequestError(f"'{where}.type' must be 'text', 'json_object' or 'json_schema'")
 
 
-# Coding agents (Claude Code, Codex CLI) speak these. Both are adapters onto the same chat request, template,
-# tools and reasoning split as the chat completions above; what differs is how a reply is cut into
-# blocks (Anthropic) or output items (Responses) and how those stream.
-class ReplyParts:
-    """A chat reply read as the block APIs show it: ("reasoning", text) and ("text", text) parts as they
-    stream, then the tool calls at the end (a reply that begins like a call is held until it is one)."""
-
-    def __init__(self, job: Job, tools: ToolUse | None):
-        self.splitter = ReasoningSplitter.for_prompt(job.request.prompt)
-        self.watch = CallWatch(tools)
-
-    def feed(self, piece: str) -> list[tuple[str, str]]:
-        reasoning, answer = self.splitter.feed(piece)
-        return self._parts(reasoning, self.watch.feed(answer))
-
-    def finish(self) -> list[tuple[str, str]]:
-        reasoning, answer = self.splitter.flush()
-        return self._parts(reasoning, self.watch.finish(answer))
-
-    @staticmethod
-    def _parts(reasoning: str, answer: str) -> list[tuple[str, str]]:
-        return [(kind, text) for kind, text in (("reasoning", reasoning), ("text", answer)) if text]
-
-    @property
-    def calls(self) -> list[dict]:
-        return self.watch.calls
-
-
-def sse_event(kind: str, data: dict) -> bytes:
-    """`event:` and `data:` with the same type, as both APIs (and their SDKs, which drop events without it) want."""
-    return (f"event: {kind}\ndata: ".encode() + json.dumps({"type": kind, **data}, ensure_ascii=False).encode()
-            + b"\n\n")
+# Fields KoboldCpp's clients send that no API here acts on, each with the test of a value that asks for something:
+# such a field is named in the log and in X-KoboldLite-Ignored, never dropped in silence. SillyTavern sends the
+# Kobold ones to /v1 too, so the Kobold and OpenAI families both name them.
+MEDIA_FIELDS: dict[str, Callable[[Any], bool]] = {"images": _asks, "audio": _asks}    # no vision or audio model
+KOBOLD_CLIENT_FIELDS: dict[str, Callable[[Any], bool]] = {
+    "use_story": _asks, "use_memory": _asks, "use_authors_note": _asks, "use_world_info": _asks,
+    "negative_prompt": _asks, "guidance_scale": lambda v: v not in (None, 0, 1),
+    "grammar_retain_state": _asks,
+    "adaptive_target": lambda v: isinstance(v, (int, float)) and v > 0,
+}
 
 
 def api_key_owner(req) -> str:
     """Whose stored responses a request may see: a digest of the key it offered (none is a key too)."""
-    auth = req.headers.get("Authorization", "")
-    key = auth[7:].strip() if auth[:7].lower() == "bearer " else req.headers.get("X-Api-Key", "").strip()
-    return hashlib.sha256(key.encode()).hexdigest()
+    return hashlib.sha256(req.api_key.encode()).hexdigest()
 
 
 def text_only(kind: str, where: str) -> RequestError:
@@ -268,8 +262,9 @@ def text_only(kind: str, where: str) -> RequestError:
 
 
 def block_request_fields(req, f: FieldReader, max_length: int | None, ignored: list[str]) -> dict:
-    return dict(max_length=max_length, sampler=parse_sampler_settings(f, OPENAI_DEFAULTS), genkey=genkey_of(req),
-                ignored_fields=ignored)
+    """The generation fields of the block APIs (Anthropic's, Responses'): OpenAI's sampler defaults."""
+    return dict(max_length=max_length, sampler=parse_sampler_settings(f, OPENAI_DEFAULTS),
+                genkey=genkey_of(req, f.body), ignored_fields=ignored)
 
 
 def embedding_inputs(f: FieldReader, *names: str) -> list[str]:

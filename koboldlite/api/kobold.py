@@ -8,27 +8,25 @@ from typing import Any, Callable
 
 from ..version import KOBOLDCPP_COMPAT_VERSION, KOBOLD_API_VERSION, __version__
 from ..errors import RequestError
-from ..fields import FieldReader, _asks, _more_than_one, ignored_fields
+from ..fields import FieldReader, _more_than_one, ignored_fields
 from ..generation import GenerationRequest, parse_sampler_settings
-from ..jobs import JobState, JobStats, StopReason
+from ..jobs import Job, JobState, JobStats, StopReason
 from ..chat.tools import json_grammar
 from ..service.app import App
-from ..service.exchange import JSONResponse, StreamResponse, wait_for_text
+from ..service.exchange import JSONResponse
 from .common import (
-    LogprobShapes, genkey_of, gpu_report, instruct_request, model_states, prompt_cache_report, wire_finish_reason
+    KOBOLD_CLIENT_FIELDS, MEDIA_FIELDS, LogprobShapes, genkey_of, gpu_report, instruct_request, model_states,
+    prompt_cache_report, wire_finish_reason
+)
+from .reply import (
+    SSE_PING, DoneEvent, ErrorEvent, PingEvent, ReplyEncoder, ReplyEvent, ReplyReader, TextEvent, WholeReply,
+    stream_reply
 )
 
 
-# Fields each API defines that this server does not act on, each with the test of a value that asks for
-# something: such a field is named in the log and in X-KoboldLite-Ignored, never dropped in silence.
+# Fields of the Kobold API this server does not act on (api/common.py says how they are named).
 KOBOLD_IGNORED_FIELDS: dict[str, Callable[[Any], bool]] = {
-    "images": _asks, "audio": _asks,                       # no vision or audio model is served
-    "n": _more_than_one,                                   # one text per request
-    "use_story": _asks, "use_memory": _asks, "use_authors_note": _asks, "use_world_info": _asks,
-    "negative_prompt": _asks, "guidance_scale": lambda v: v not in (None, 0, 1),
-    "grammar_retain_state": _asks,
-    "adaptive_target": lambda v: isinstance(v, (int, float)) and v > 0,
-}
+    **MEDIA_FIELDS, "n": _more_than_one, **KOBOLD_CLIENT_FIELDS}   # "n": one text per request
 
 
 # KoboldCpp's stop_reason codes in /api/extra/perf; an aborted or failed reply has none (-1).
@@ -50,7 +48,7 @@ def parse_kobold_request(req, app: App) -> GenerationRequest:
                                      lo=1, hi=1 << 24),
         trim_stop=f.boolean("trim_stop", default=True),
         sampler=parse_sampler_settings(f),
-        genkey=genkey_of(req),
+        genkey=genkey_of(req, f.body),
         render_special=f.boolean("render_special", default=False),
         checkable_without_genkey=True,
         cut_overlong_prompt=True,
@@ -63,6 +61,36 @@ def kobold_sse_event(token: str, finish_reason: str | None) -> bytes:
     """One KoboldCpp SSE event; ASCII-only JSON on one line (a raw U+2028 breaks KoboldAI Lite)."""
     data = json.dumps({"token": token, "finish_reason": finish_reason}, ensure_ascii=True)
     return f"event: message\ndata: {data}\n\n".encode("ascii")
+
+
+class KoboldEncoder(ReplyEncoder):
+    """KoboldCpp's answer: a `message` event per token, then one with the finish reason; whole, {"results": [...]}.
+    A failed reply just stops, as KoboldCpp's does (its clients know no error event)."""
+
+    def __init__(self, job: Job, served):
+        self.job = job
+        self.served = served
+
+    def text(self, event: TextEvent) -> bytes:
+        return kobold_sse_event(event.text, None)
+
+    def ping(self, event: PingEvent) -> bytes:
+        # KoboldAI Lite reads its stream with /^event: (.*)\ndata: (.*)(\r?\n){2}/m and cuts the buffer after each
+        # match, so a comment line between events is passed over (and SillyTavern's reader follows the SSE spec).
+        return SSE_PING
+
+    def done(self, event: DoneEvent) -> bytes:
+        return kobold_sse_event("", wire_finish_reason(event.reason))
+
+    def error(self, event: ErrorEvent) -> bytes:
+        return kobold_sse_event("", wire_finish_reason(StopReason.FAILED))
+
+    def whole(self, events: list[ReplyEvent]) -> dict:
+        reply = WholeReply.of(events)
+        result = {"text": reply.text, "finish_reason": wire_finish_reason(reply.reason)}
+        if self.job.request.logprobs:
+            result["logprobs"] = LogprobShapes(self.served.model).kobold(reply.logprobs)
+        return {"results": [result]}
 
 
 # Routes get (app, request) and return a Response; see the HTTP layer below.
@@ -90,15 +118,13 @@ def default_context_size(app) -> int:
 
 
 def kobold_max_context_length(app, req):
+    """/api/v1/config/max_context_length and /api/extra/true_max_context_length: the same number."""
     return JSONResponse({"value": default_context_size(app)})
 
 
 def kobold_generate(app, req):
     job = req.start_generation(parse_kobold_request(req, app))
-    result = {"text": wait_for_text(job), "finish_reason": wire_finish_reason(job.buffer.stop_reason)}
-    if job.request.logprobs:
-        result["logprobs"] = LogprobShapes(req.use().model).kobold(job.logprobs)
-    return JSONResponse({"results": [result]})
+    return JSONResponse(KoboldEncoder(job, req.use()).whole(ReplyReader(job).whole()))
 
 
 def kobold_last_logprobs(app, req):
@@ -113,12 +139,7 @@ def kobold_last_logprobs(app, req):
 
 def kobold_generate_stream(app, req):
     job = req.start_generation(parse_kobold_request(req, app))
-
-    def events():
-        for batch in job.buffer.batches():    # one write for all the tokens already waiting
-            yield b"".join(kobold_sse_event(piece, None) for piece in batch)
-        yield kobold_sse_event("", wire_finish_reason(job.buffer.stop_reason))
-    return StreamResponse("text/event-stream", events(), job)
+    return stream_reply("text/event-stream", ReplyReader(job), KoboldEncoder(job, req.use()))
 
 
 def kobold_extra_version(app, req):
@@ -176,10 +197,6 @@ def kobold_json_to_grammar(app, req):
 def sd_models(app, req):
     """No image model is served: KoboldCpp answers an empty list, and KoboldAI Lite asks on every connect."""
     return JSONResponse([])
-
-
-def kobold_true_max_context_length(app, req):
-    return JSONResponse({"value": default_context_size(app)})
 
 
 def kobold_perf(app, req):

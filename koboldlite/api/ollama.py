@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -11,18 +12,20 @@ from typing import Any, Callable
 
 from ..errors import RequestError
 from ..config import BUILTIN_CHAT_TEMPLATES
-from ..text import ReasoningSplitter
 from ..fields import FieldReader, _asks, ignored_fields
 from ..generation import GenerationRequest, SamplerSettings, parse_sampler_settings
-from ..jobs import Job, StopReason
+from ..jobs import Job, StopReason, TokenLogprob
 from ..chat.messages import parse_chat_messages
-from ..chat.tools import CallWatch, ToolUse, json_grammar
+from ..chat.tools import ToolUse
 from ..service.catalog import ModelEntry
 from ..service.served_model import ServedModel
-from ..service.exchange import JSONResponse, Response, StreamResponse, wait_for_text
+from ..service.exchange import JSONResponse
 from .common import (
-    LogprobShapes, MAX_TOP_LOGPROBS, batches_with_logprobs, embedder_for, embedding_inputs, genkey_of, gpu_report,
-    reasoning_fields, tool_use_of
+    MAX_TOP_LOGPROBS, LogprobShapes, apply_output_format, chat_request, embedder_for, embedding_inputs, genkey_of,
+    gpu_report, tool_use_of
+)
+from .reply import (
+    DoneEvent, ErrorEvent, ReasoningEvent, ReplyEncoder, ReplyEvent, ReplyReader, TextEvent, WholeReply, stream_reply
 )
 
 
@@ -96,24 +99,64 @@ def ollama_use(req, f: FieldReader) -> ServedModel:
     return req.use(f.body.get("model", f.body.get("name")))
 
 
-def ollama_generation_fields(req, f: FieldReader, app) -> dict:
+def ollama_generation_fields(req, f: FieldReader, served: ServedModel) -> dict:
+    """Generate's and chat's fields: most in `options`, as Ollama has them."""
     options = FieldReader(f.body.get("options") or {}, "options")
     sampler = parse_sampler_settings(options, OLLAMA_DEFAULTS)
     fmt = f.body.get("format")
-    if fmt == "json":
-        sampler.grammar = json_grammar(True, "format")
-    elif fmt not in (None, ""):
-        sampler.grammar = json_grammar(fmt, "format")
+    if fmt not in (None, ""):         # "json", or a JSON schema
+        apply_output_format(sampler, "json_object" if fmt == "json" else "json_schema", fmt, "format", "format")
     num_predict = options.integer("num_predict", default=-1, lo=-2, hi=1 << 20)
     fields = {}
     if f.boolean("logprobs"):
         fields["logprobs"] = True
         fields["top_logprobs"] = f.integer("top_logprobs", default=0, lo=0, hi=MAX_TOP_LOGPROBS)
     return dict(**fields, max_length=None if num_predict < 0 else max(1, num_predict),
-                max_context_length=options.integer("num_ctx", default=req.use().model.n_ctx, lo=16, hi=1 << 24),
-                stop_strings=options.string_list("stop"), sampler=sampler, genkey=genkey_of(req),
+                max_context_length=options.integer("num_ctx", default=served.model.n_ctx, lo=16, hi=1 << 24),
+                stop_strings=options.string_list("stop"), sampler=sampler, genkey=genkey_of(req, f.body),
                 ignored_fields=ignored_fields(f.body, OLLAMA_IGNORED_FIELDS) + ignored_fields(
                     options.body, dict.fromkeys(OLLAMA_IGNORED_OPTIONS, lambda v: v is not None), "options."))
+
+
+def ollama_template_vars(f: FieldReader) -> dict:
+    """`think`, for templates that read `enable_thinking` (Qwen3 and others) to think or not."""
+    think = f.body.get("think")
+    return {"enable_thinking": think} if isinstance(think, bool) else {}
+
+
+@dataclasses.dataclass
+class OllamaCall:
+    """One /api/generate or /api/chat request, read once: the generation it asks for and how to answer."""
+    served: ServedModel
+    request: GenerationRequest
+    stream: bool
+    think: bool                   # a thinking block goes to `thinking`; "think": false leaves it inline
+    chat: bool = False            # answer with `message` objects (chat), else `response` strings
+    tools: ToolUse | None = None
+
+    @classmethod
+    def generate(cls, req, f: FieldReader) -> "OllamaCall":
+        served = ollama_use(req, f)
+        fields = ollama_generation_fields(req, f, served)
+        if f.boolean("raw"):
+            request = GenerationRequest(prompt=f.string("prompt"), **fields)
+        else:
+            system = [{"role": "system", "content": f.string("system")}] if f.string("system") else []
+            request = chat_request(served, system + [{"role": "user", "content": f.string("prompt")}], fields,
+                                   template_vars=ollama_template_vars(f))
+        return cls(served, request, f.boolean("stream", default=True), f.body.get("think") is not False)
+
+    @classmethod
+    def chat_of(cls, req, f: FieldReader) -> "OllamaCall":
+        served = ollama_use(req, f)
+        messages = parse_chat_messages(f.body.get("messages"))
+        fields = ollama_generation_fields(req, f, served)
+        # Ollama has no tool_choice; we take one beside the tools or in `options` (which its clients pass on).
+        options = f.body.get("options") if isinstance(f.body.get("options"), dict) else {}
+        tools = tool_use_of(served, f, f.body.get("tool_choice", options.get("tool_choice")))
+        request = chat_request(served, messages, fields, tools, ollama_template_vars(f))
+        return cls(served, request, f.boolean("stream", default=True), f.body.get("think") is not False,
+                   chat=True, tools=tools)
 
 
 def ollama_final(job: Job, head: dict) -> dict:
@@ -124,103 +167,87 @@ def ollama_final(job: Job, head: dict) -> dict:
             "eval_count": s.generated_tokens, "eval_duration": int(s.generation_seconds * 1e9)}
 
 
-def ollama_answer(job: Job, served: ServedModel, f: FieldReader, text_fields: Callable[[dict], dict],
-                  tools: ToolUse | None = None) -> Response:
-    """NDJSON, one object per token and a final one with counts; or one object with "stream": false.
-    With "logprobs": true, objects carry their tokens' `logprobs` (Ollama's shape, OpenAI chat's list).
-    A thinking block goes to `thinking`, unless "think": false asks for none (then it stays inline)."""
-    model = served.name
-    shapes = LogprobShapes(served.model)
-    splitter = None if f.body.get("think") is False else ReasoningSplitter.for_prompt(job.request.prompt)
-    watch = CallWatch(tools)
+class OllamaEncoder(ReplyEncoder):
+    """NDJSON: an object per piece of text, then a final one with the counts, which carries what the reply held
+    back to its end and its tool calls; whole, that final object alone with all the text. With "logprobs": true,
+    objects carry their tokens' `logprobs` (OpenAI chat's list). No keep-alive: NDJSON has no comment."""
 
-    def fields_of(reasoning: str, answer: str, last: bool = False) -> dict:
-        answer = watch.finish(answer) if last else watch.feed(answer)
-        out = text_fields(reasoning_fields(splitter, reasoning, answer, ("thinking", "content")))
-        if watch.calls:   # Ollama's shape: arguments as an object
-            out["message"]["tool_calls"] = [{"function": {"name": c["name"], "arguments": c["arguments"]}}
-                                            for c in watch.calls]
-        return out
+    def __init__(self, job: Job, call: OllamaCall):
+        self.job = job
+        self.call = call
+        self.shapes = LogprobShapes(call.served.model)
 
-    def obj(fields: dict, entries=()) -> dict:
-        return {"model": model, "created_at": ollama_timestamp(), **fields,
-                **({"logprobs": shapes.chat(entries)} if job.request.logprobs and entries else {})}
-    if f.boolean("stream", default=True):
-        def lines():
-            rest = []
-            for batch, entries in batches_with_logprobs(job):
-                rest += entries
-                parts = [splitter.feed(piece) if splitter else ("", piece) for piece in batch]
-                parts = [(r, watch.feed(a)) for r, a in parts]
-                parts = [p for p in parts if any(p)]
-                if parts:
-                    yield b"".join(json.dumps({**obj(text_fields(reasoning_fields(splitter, *p, ("thinking", "content"))),
-                                                     rest if k == len(parts) - 1 else ()),
-                                               "done": False}).encode() + b"\n" for k, p in enumerate(parts))
-                    rest = []
-            if job.buffer.stop_reason is StopReason.FAILED:
-                yield json.dumps({"error": job.buffer.error or "generation failed"}).encode() + b"\n"
-            else:
-                last = splitter.flush() if splitter else ("", "")
-                yield json.dumps(ollama_final(job, obj(fields_of(*last, last=True), rest))).encode() + b"\n"
-        return StreamResponse("application/x-ndjson", lines(), job)
-    text = wait_for_text(job)
-    return JSONResponse(ollama_final(job, obj(fields_of(*(splitter.split(text) if splitter else ("", text)), last=True),
-                                              job.logprobs)))
+    def fields(self, reasoning: str, text: str, calls: list[dict] = ()) -> dict:
+        thinking = {"thinking": reasoning} if reasoning else {}
+        if not self.call.chat:
+            return {"response": text, **thinking}
+        message = {"role": "assistant", "content": text, **thinking}
+        if calls:     # Ollama's shape: arguments as an object
+            message["tool_calls"] = [{"function": {"name": c["name"], "arguments": c["arguments"]}} for c in calls]
+        return {"message": message}
+
+    def object(self, fields: dict, entries: list[TokenLogprob] = ()) -> dict:
+        return {"model": self.call.served.name, "created_at": ollama_timestamp(), **fields,
+                **({"logprobs": self.shapes.chat(entries)} if self.job.request.logprobs and entries else {})}
+
+    @staticmethod
+    def line(obj: dict) -> bytes:
+        return json.dumps(obj).encode() + b"\n"
+
+    def encode(self, events: list[ReplyEvent]) -> bytes:
+        if isinstance(events[-1], DoneEvent):       # the end: one final object
+            return self.line(self.whole(events))
+        return super().encode(events)
+
+    def reasoning(self, event: ReasoningEvent) -> bytes:
+        return self.line({**self.object(self.fields(event.text, ""), event.logprobs), "done": False})
+
+    def text(self, event: TextEvent) -> bytes:
+        return self.line({**self.object(self.fields("", event.text), event.logprobs), "done": False})
+
+    def error(self, event: ErrorEvent) -> bytes:
+        return self.line({"error": event.message})
+
+    def whole(self, events: list[ReplyEvent]) -> dict:
+        reply = WholeReply.of(events)
+        return ollama_final(self.job, self.object(self.fields(reply.reasoning, reply.text, reply.calls),
+                                                  reply.logprobs))
 
 
-def ollama_template_vars(f: FieldReader) -> dict:
-    """`think`, for templates that read `enable_thinking` (Qwen3 and others) to think or not."""
-    think = f.body.get("think")
-    return {"enable_thinking": think} if isinstance(think, bool) else {}
+def ollama_answer(req, call: OllamaCall):
+    """Start the call's generation and answer it: NDJSON unless "stream": false."""
+    job = req.start_generation(call.request)
+    reply = ReplyReader(job, reasoning=call.think, tools=call.tools)
+    encoder = OllamaEncoder(job, call)
+    if call.stream:
+        return stream_reply("application/x-ndjson", reply, encoder, ping_seconds=None)
+    return JSONResponse(encoder.whole(reply.whole()))
+
+
+def ollama_load_or_unload(app, req, f: FieldReader):
+    """Ollama's way to load a model (a generate with an empty prompt), or with keep_alive 0 to unload it."""
+    if keep_alive_of(f) == 0:
+        entry = req.entry(f.body.get("model"))
+        served = app.roster.current(entry.name)
+        if served is not None and not app.roster.unload(entry.name, "keep_alive 0"):
+            served.keep_alive = 0.0          # in use: unloaded as soon as its work ends
+            app.roster.touch()
+        return JSONResponse({"model": entry.name, "created_at": ollama_timestamp(), "response": "",
+                             "done": True, "done_reason": "unload"})
+    served = ollama_use(req, f)
+    return JSONResponse({"model": served.name, "created_at": ollama_timestamp(), "response": "",
+                         "done": True, "done_reason": "load"})
 
 
 def ollama_generate(app, req):
     f = FieldReader(req.json())
-    prompt = f.string("prompt")
-    if not prompt and not f.has("suffix"):
-        # Ollama's way to load a model (an empty prompt), or with keep_alive 0 to unload it.
-        if keep_alive_of(f) == 0:
-            entry = req.entry(f.body.get("model"))
-            served = app.roster.current(entry.name)
-            if served is not None and not app.roster.unload(entry.name, "keep_alive 0"):
-                served.keep_alive = 0.0          # in use: unloaded as soon as its work ends
-                app.roster.touch()
-            return JSONResponse({"model": entry.name, "created_at": ollama_timestamp(), "response": "",
-                                 "done": True, "done_reason": "unload"})
-        served = ollama_use(req, f)
-        return JSONResponse({"model": served.name, "created_at": ollama_timestamp(), "response": "",
-                             "done": True, "done_reason": "load"})
-    served = ollama_use(req, f)
-    fields = ollama_generation_fields(req, f, app)
-    if f.boolean("raw"):
-        request = GenerationRequest(prompt=prompt, **fields)
-    else:
-        messages = ([{"role": "system", "content": f.string("system")}] if f.string("system") else []) + \
-                   [{"role": "user", "content": prompt}]
-        request = served.chat_template.generation_request(messages, template_vars=ollama_template_vars(f), **fields)
-    job = req.start_generation(request)
-    return ollama_answer(job, served, f, lambda t: {"response": t.get("content", ""),
-                                                 **({"thinking": t["thinking"]} if "thinking" in t else {})})
+    if not f.string("prompt") and not f.has("suffix"):
+        return ollama_load_or_unload(app, req, f)
+    return ollama_answer(req, OllamaCall.generate(req, f))
 
 
 def ollama_chat(app, req):
-    f = FieldReader(req.json())
-    served = ollama_use(req, f)
-    messages = parse_chat_messages(f.body.get("messages"))
-    fields = ollama_generation_fields(req, f, app)
-    # Ollama has no tool_choice; we take one beside the tools or in `options` (which its clients pass on).
-    options = f.body.get("options") if isinstance(f.body.get("options"), dict) else {}
-    tools = tool_use_of(served, f, f.body.get("tool_choice", options.get("tool_choice")))
-    template_vars = ollama_template_vars(f)
-    if tools is not None:
-        messages, more = tools.apply(messages, fields["sampler"])
-        template_vars.update(more)
-    job = req.start_generation(served.chat_template.generation_request(messages, template_vars=template_vars,
-                                                                       **fields))
-    return ollama_answer(job, served, f, lambda t: {"message": {"role": "assistant", "content": t.get("content", ""),
-                                                             **({"thinking": t["thinking"]} if "thinking" in t
-                                                                else {})}}, tools)
+    return ollama_answer(req, OllamaCall.chat_of(req, FieldReader(req.json())))
 
 
 def ollama_tags(app, req):

@@ -2,65 +2,54 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import secrets
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from ..errors import RequestError
-from ..text import ReasoningSplitter
 from ..fields import FieldReader, _asks, _more_than_one, ignored_fields
-from ..generation import parse_sampler_settings
-from ..jobs import Job, StopReason, TokenLogprob
+from ..generation import GenerationRequest, parse_sampler_settings
+from ..jobs import Job, TokenLogprob
 from ..chat.messages import parse_chat_messages
-from ..chat.tools import CallWatch, json_grammar
+from ..chat.tools import ToolUse
 from ..service.served_model import ServedModel
-from ..service.exchange import JSONResponse, StreamResponse, wait_for_text
+from ..service.exchange import JSONResponse
 from .common import (
-    LogprobShapes, MAX_TOP_LOGPROBS, OPENAI_DEFAULTS, SSE_DONE, batches_with_logprobs, embedder_for,
-    embedding_inputs, genkey_of, instruct_request, model_states, reasoning_fields, sse_data, tool_use_of,
-    wire_finish_reason
+    KOBOLD_CLIENT_FIELDS, MAX_TOP_LOGPROBS, MEDIA_FIELDS, OPENAI_DEFAULTS, LogprobShapes, apply_output_format,
+    chat_request, embedder_for, embedding_inputs, genkey_of, instruct_request, max_reply_tokens, model_states,
+    tool_use_of, wire_finish_reason
 )
-from .kobold import KOBOLD_IGNORED_FIELDS
+from .reply import (
+    SSE_DONE, SSE_PING, DoneEvent, ErrorEvent, PingEvent, ReasoningEvent, ReplyEncoder, ReplyEvent, ReplyReader,
+    TextEvent, ToolCallsEvent, WholeReply, sse_data, stream_reply
+)
 
 
 OPENAI_IGNORED_FIELDS: dict[str, Callable[[Any], bool]] = {
-    **{k: v for k, v in KOBOLD_IGNORED_FIELDS.items() if k != "n"},   # SillyTavern sends these to /v1 too
+    **MEDIA_FIELDS, **KOBOLD_CLIENT_FIELDS,          # SillyTavern sends KoboldCpp's fields to /v1 too
     "functions": _asks, "function_call": _asks, "suffix": _asks, "echo": _asks, "best_of": _more_than_one,
     "reasoning_effort": _asks, "modalities": lambda v: v not in (None, ["text"]), "audio": _asks,
     "prediction": _asks, "web_search_options": _asks,
 }
 
 
-def openai_max_tokens(f: FieldReader, default: int | None) -> int | None:
-    """`max_tokens` (or its newer name): at least 1; -1, as llama.cpp clients send it, means no limit."""
-    names = ("max_tokens", "max_completion_tokens", "max_length")
-    value = f.integer(*names, default=-1 if default is None else default)
-    if value == -1:
-        return None
-    if value < 1:
-        raise RequestError(f"'max_tokens' must be at least 1 (or -1 for no limit), not {value}",
-                           code="invalid_value")
-    return value
-
-
 def openai_generation_fields(req, f: FieldReader, default_max: int | None) -> dict:
+    """The fields completions and chat completions share: length, stops, sampler, response_format, genkey."""
     if f.integer("n", default=1) != 1:
         raise RequestError("'n' must be 1: this server returns one choice per request")
     sampler = parse_sampler_settings(f, OPENAI_DEFAULTS)
     fmt = f.body.get("response_format")
     if fmt is not None:
         kind = fmt.get("type") if isinstance(fmt, dict) else None
-        if kind == "json_object":
-            sampler.grammar = json_grammar(True, "response_format")
-        elif kind == "json_schema":
-            schema = fmt.get("json_schema")
-            schema = schema.get("schema") if isinstance(schema, dict) else None
-            sampler.grammar = json_grammar(schema, "response_format.json_schema.schema")
-        elif kind != "text":
-            raise RequestError("'response_format.type' must be 'text', 'json_object' or 'json_schema'")
-    return dict(max_length=openai_max_tokens(f, default_max),
-                stop_strings=f.string_list("stop"), sampler=sampler, genkey=genkey_of(req),
+        schema = fmt.get("json_schema") if kind == "json_schema" else None
+        apply_output_format(sampler, kind, schema.get("schema") if isinstance(schema, dict) else None,
+                            "response_format", "response_format.json_schema.schema")
+    return dict(max_length=max_reply_tokens(f, "max_tokens", "max_completion_tokens", "max_length",
+                                            default=default_max, minus_one_is_none=True),
+                stop_strings=f.string_list("stop"), sampler=sampler, genkey=genkey_of(req, f.body),
                 ignored_fields=ignored_fields(f.body, OPENAI_IGNORED_FIELDS))
 
 
@@ -78,6 +67,48 @@ def openai_logprob_fields(f: FieldReader, legacy: bool) -> dict:
     return {"logprobs": True, "top_logprobs": f.integer("top_logprobs", default=0, lo=0, hi=MAX_TOP_LOGPROBS)}
 
 
+def include_usage_of(f: FieldReader) -> bool:
+    options = f.body.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
+
+
+@dataclasses.dataclass
+class OpenAICall:
+    """One completions or chat completions request, read once (as llama-cpp-python's server reads each route's
+    body into its own type): the generation it asks for and how to answer."""
+    served: ServedModel
+    request: GenerationRequest
+    stream: bool
+    include_usage: bool
+    tools: ToolUse | None = None
+    split_reasoning: bool = False    # a thinking block goes to `reasoning_content` (chat, unless asked inline)
+
+    @classmethod
+    def completion(cls, req) -> "OpenAICall":
+        f = FieldReader(req.json())
+        served = req.use(f.body.get("model"))
+        prompt = f.body.get("prompt", "")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if not isinstance(prompt, str):
+            raise RequestError("'prompt' must be a string (or a list of one string)")
+        fields = openai_generation_fields(req, f, default_max=16)
+        request = instruct_request(served, f, prompt=prompt, stop_strings=fields.pop("stop_strings"), **fields,
+                                   **openai_logprob_fields(f, legacy=True))
+        return cls(served, request, f.boolean("stream"), include_usage_of(f))
+
+    @classmethod
+    def chat(cls, req) -> "OpenAICall":
+        f = FieldReader(req.json())
+        served = req.use(f.body.get("model"))
+        messages = parse_chat_messages(f.body.get("messages"))
+        fields = openai_generation_fields(req, f, default_max=None)
+        tools = tool_use_of(served, f)
+        request = chat_request(served, messages, {**fields, **openai_logprob_fields(f, legacy=False)}, tools)
+        return cls(served, request, f.boolean("stream"), include_usage_of(f), tools,
+                   split_reasoning=f.string("reasoning_format", default="auto") != "none")
+
+
 def openai_usage(job: Job) -> dict:
     p, c = job.stats.prompt_tokens, job.stats.generated_tokens
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
@@ -85,48 +116,125 @@ def openai_usage(job: Job) -> dict:
             "truncated": job.stats.truncated}     # llama-server's flag: a context shift dropped text
 
 
-def openai_stream(job: Job, head: dict, choice: Callable[[str], dict | None], first: dict | None,
-                  final: dict, include_usage: bool,
-                  logprobs: Callable[[list[TokenLogprob]], Any] | None = None,
-                  tail: Callable[[], dict | None] | None = None,
-                  finish_reason: Callable[[], str] | None = None) -> Iterator[bytes]:
-    """`data:` lines only (no `event:`), exactly one final chunk, optional usage chunk, then [DONE].
-    With `logprobs`, each write's last chunk carries the log-probabilities of its tokens; `tail` gives
-    what a held-back choice still has at the end."""
-    def chunk(choice_fields: dict, finish_reason=None, entries=()) -> bytes:
-        return sse_data({**head, "choices": [{"index": 0, **choice_fields,
-                                              "logprobs": logprobs(entries) if logprobs and entries else None,
-                                              "finish_reason": finish_reason}]})
-    if first is not None:
-        yield chunk(first)
-    rest: list[TokenLogprob] = []       # log-probabilities of tokens not yet shown in a chunk
-    for batch, entries in batches_with_logprobs(job):
-        rest += entries
-        shown = [c for c in map(choice, batch) if c is not None]     # None: held back (a tag forming)
-        if shown:
-            yield b"".join(chunk(c, entries=rest if k == len(shown) - 1 else ()) for k, c in enumerate(shown))
-            rest = []
-    last = tail() if tail is not None else None
-    if last is not None:
-        yield chunk(last, entries=rest)
-        rest = []
-    if job.buffer.stop_reason is StopReason.FAILED:
-        yield sse_data({"error": {"message": job.buffer.error or "generation failed", "type": "server_error"}})
-    else:
-        yield chunk(final, finish_reason() if finish_reason else wire_finish_reason(job.buffer.stop_reason), rest)
-        if include_usage:
-            yield sse_data({**head, "choices": [], "usage": openai_usage(job)})
-    yield SSE_DONE
-
-
 def openai_head(served: ServedModel, kind: str, prefix: str) -> dict:
     return {"id": f"{prefix}-{secrets.token_hex(12)}", "object": kind, "created": int(time.time()),
             "model": served.name}
 
 
-def include_usage_of(f: FieldReader) -> bool:
-    options = f.body.get("stream_options")
-    return isinstance(options, dict) and options.get("include_usage") is True
+def openai_tool_calls(calls: list[dict]) -> list[dict]:
+    """Calls in OpenAI's shape: each with an id, its arguments as a JSON string."""
+    return [{"id": f"call_{secrets.token_hex(12)}", "type": "function",
+             "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
+            for c in calls]
+
+
+class OpenAIEncoder(ReplyEncoder):
+    """OpenAI's stream: `data:` lines only (no `event:`), one chunk per piece of text (the last of a write with its
+    tokens' log-probabilities), exactly one final chunk with the finish reason, the usage chunk when asked for, then
+    [DONE]; a comment line as its keep-alive. The subclasses say what a chunk's choice holds."""
+
+    chunk_object = ""           # the chunks' `object`
+    id_prefix = ""
+    final_choice: dict = {}             # the choice of the chunk with the finish reason
+
+    def __init__(self, job: Job, call: OpenAICall):
+        self.job = job
+        self.call = call
+        self.head = openai_head(call.served, self.chunk_object, self.id_prefix)
+        self.shapes = LogprobShapes(call.served.model)
+        self.called = False
+
+    def logprobs(self, entries: list[TokenLogprob]) -> Any:
+        raise NotImplementedError
+
+    def chunk(self, choice: dict, finish_reason: str | None = None, entries: list[TokenLogprob] = ()) -> bytes:
+        return sse_data({**self.head, "choices": [{"index": 0, **choice,
+                                                   "logprobs": self.logprobs(entries) if entries else None,
+                                                   "finish_reason": finish_reason}]})
+
+    def finish_reason(self, event: DoneEvent) -> str:
+        return "tool_calls" if self.called else wire_finish_reason(event.reason)
+
+    def ping(self, event: PingEvent) -> bytes:
+        return SSE_PING
+
+    def error(self, event: ErrorEvent) -> bytes:
+        return sse_data({"error": {"message": event.message, "type": "server_error"}}) + SSE_DONE
+
+    def done(self, event: DoneEvent) -> bytes:
+        out = self.chunk(self.final_choice, self.finish_reason(event), event.logprobs)
+        if self.call.include_usage:
+            out += sse_data({**self.head, "choices": [], "usage": openai_usage(self.job)})
+        return out + SSE_DONE
+
+
+class CompletionEncoder(OpenAIEncoder):
+    """/v1/completions: `text` in each choice; log-probabilities in the legacy shape."""
+
+    chunk_object, id_prefix = "text_completion", "cmpl"
+    final_choice = {"text": ""}
+
+    def logprobs(self, entries: list[TokenLogprob]) -> dict:
+        return self.shapes.legacy(entries)
+
+    def text(self, event: TextEvent) -> bytes:
+        return self.chunk({"text": event.text}, entries=event.logprobs)
+
+    def whole(self, events: list[ReplyEvent]) -> dict:
+        reply = WholeReply.of(events)
+        return {**self.head, "choices": [{
+            "text": reply.text, "index": 0,
+            "logprobs": self.shapes.legacy(reply.logprobs) if self.call.request.logprobs else None,
+            "finish_reason": wire_finish_reason(reply.reason)}], "usage": openai_usage(self.job)}
+
+
+class ChatEncoder(OpenAIEncoder):
+    """/v1/chat/completions: a `delta` in each chunk (the role first), the thinking block as `reasoning_content`
+    (llama-server's name), tool calls at the end with `finish_reason` "tool_calls"."""
+
+    chunk_object, id_prefix = "chat.completion.chunk", "chatcmpl"
+    final_choice = {"delta": {}}
+
+    def logprobs(self, entries: list[TokenLogprob]) -> dict:
+        return {"content": self.shapes.chat(entries)}
+
+    def start(self) -> bytes:
+        return self.chunk({"delta": {"role": "assistant", "content": ""}})
+
+    def reasoning(self, event: ReasoningEvent) -> bytes:
+        return self.chunk({"delta": {"reasoning_content": event.text}}, entries=event.logprobs)
+
+    def text(self, event: TextEvent) -> bytes:
+        return self.chunk({"delta": {"content": event.text}}, entries=event.logprobs)
+
+    def tool_calls(self, event: ToolCallsEvent) -> bytes:
+        self.called = True
+        calls = [{"index": i, **call} for i, call in enumerate(openai_tool_calls(event.calls))]
+        return self.chunk({"delta": {"tool_calls": calls}})
+
+    def whole(self, events: list[ReplyEvent]) -> dict:
+        reply = WholeReply.of(events)
+        message = {"role": "assistant", "content": reply.text}
+        if reply.reasoning:
+            message["reasoning_content"] = reply.reasoning
+        if reply.calls:
+            message["tool_calls"] = openai_tool_calls(reply.calls)
+            message["content"] = message["content"] or None
+        return {**self.head, "object": "chat.completion", "choices": [{
+            "index": 0, "message": message,
+            "logprobs": self.logprobs(reply.logprobs) if self.call.request.logprobs else None,
+            "finish_reason": "tool_calls" if reply.calls else wire_finish_reason(reply.reason)}],
+            "usage": openai_usage(self.job)}
+
+
+def openai_answer(req, call: OpenAICall, encoder_class: type[OpenAIEncoder]):
+    """Start the call's generation and answer it, streamed or whole."""
+    job = req.start_generation(call.request)
+    reply = ReplyReader(job, reasoning=call.split_reasoning, tools=call.tools)
+    encoder = encoder_class(job, call)
+    if call.stream:
+        return stream_reply("text/event-stream", reply, encoder)
+    return JSONResponse(encoder.whole(reply.whole()))
 
 
 def openai_models(app, req):
@@ -138,76 +246,11 @@ def openai_models(app, req):
 
 
 def openai_completions(app, req):
-    f = FieldReader(req.json())
-    served = req.use(f.body.get("model"))
-    prompt = f.body.get("prompt", "")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if not isinstance(prompt, str):
-        raise RequestError("'prompt' must be a string (or a list of one string)")
-    fields = openai_generation_fields(req, f, default_max=16)
-    request = instruct_request(served, f, prompt=prompt, stop_strings=fields.pop("stop_strings"), **fields,
-                               **openai_logprob_fields(f, legacy=True))
-    job = req.start_generation(request)
-    head = openai_head(served, "text_completion", "cmpl")
-    shapes = LogprobShapes(served.model)
-    if f.boolean("stream"):
-        return StreamResponse("text/event-stream", openai_stream(
-            job, head, lambda piece: {"text": piece}, None, {"text": ""}, include_usage_of(f), shapes.legacy), job)
-    text = wait_for_text(job)
-    return JSONResponse({**head, "choices": [{"text": text, "index": 0,
-                                              "logprobs": shapes.legacy(job.logprobs) if request.logprobs else None,
-                                              "finish_reason": wire_finish_reason(job.buffer.stop_reason)}],
-                         "usage": openai_usage(job)})
+    return openai_answer(req, OpenAICall.completion(req), CompletionEncoder)
 
 
 def openai_chat_completions(app, req):
-    f = FieldReader(req.json())
-    served = req.use(f.body.get("model"))
-    messages = parse_chat_messages(f.body.get("messages"))
-    fields = openai_generation_fields(req, f, default_max=None)
-    tools = tool_use_of(served, f)
-    template_vars = {}
-    if tools is not None:
-        messages, template_vars = tools.apply(messages, fields["sampler"])
-    request = served.chat_template.generation_request(messages, template_vars=template_vars, **fields,
-                                                      **openai_logprob_fields(f, legacy=False))
-    job = req.start_generation(request)
-    head = openai_head(served, "chat.completion.chunk", "chatcmpl")
-    content = lambda entries: {"content": LogprobShapes(served.model).chat(entries)}    # noqa: E731
-    # A thinking block goes to `reasoning_content` unless the client asks for it inline.
-    inline = f.string("reasoning_format", default="auto") == "none"
-    splitter = None if inline else ReasoningSplitter.for_prompt(request.prompt)
-    watch = CallWatch(tools)
-
-    def finish_reason() -> str:
-        return "tool_calls" if watch.calls else wire_finish_reason(job.buffer.stop_reason)
-    if f.boolean("stream"):
-        def delta(piece: str) -> dict | None:
-            reasoning, answer = splitter.feed(piece) if splitter else ("", piece)
-            d = reasoning_fields(splitter, reasoning, watch.feed(answer))
-            return {"delta": d} if any(d.values()) else None
-
-        def tail() -> dict | None:
-            reasoning, answer = splitter.flush() if splitter else ("", "")
-            d = reasoning_fields(splitter, reasoning, watch.finish(answer))
-            if watch.calls:
-                d["tool_calls"] = [{"index": i, **call} for i, call in enumerate(watch.openai_calls())]
-            return {"delta": d} if any(d.values()) else None
-        return StreamResponse("text/event-stream", openai_stream(
-            job, head, delta, {"delta": {"role": "assistant", "content": ""}}, {"delta": {}}, include_usage_of(f),
-            content, tail, finish_reason), job)
-    text = wait_for_text(job)
-    reasoning, answer = splitter.split(text) if splitter else ("", text)
-    message = {"role": "assistant", "content": "", **reasoning_fields(splitter, reasoning, watch.finish(answer))}
-    if watch.calls:
-        message["tool_calls"] = watch.openai_calls()
-        message["content"] = message["content"] or None
-    return JSONResponse({**head, "object": "chat.completion",
-                         "choices": [{"index": 0, "message": message,
-                                      "logprobs": content(job.logprobs) if request.logprobs else None,
-                                      "finish_reason": finish_reason()}],
-                         "usage": openai_usage(job)})
+    return openai_answer(req, OpenAICall.chat(req), ChatEncoder)
 
 
 # Embedding fields we know and do not act on: the vector's size is the model's, input longer than the

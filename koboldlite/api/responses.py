@@ -5,17 +5,23 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from ..errors import RequestError
 from ..fields import FieldReader, _asks, ignored_fields
 from ..jobs import Job, StopReason
 from ..chat.messages import tool_call_of, tool_result_names
-from ..chat.tools import ToolUse, json_grammar
+from ..chat.tools import ToolUse
 from ..service.served_model import ServedModel
 from ..service.app import ResponseStore
-from ..service.exchange import JSONResponse, StreamResponse, wait_for_text
-from .common import ReplyParts, api_key_owner, block_request_fields, sse_event, text_only
+from ..service.exchange import JSONResponse
+from .common import (
+    api_key_owner, apply_output_format, block_request_fields, chat_request, max_reply_tokens, text_only
+)
+from .reply import (
+    SSE_PING, DoneEvent, ErrorEvent, PingEvent, ReasoningEvent, ReplyEncoder, ReplyEvent, ReplyReader, TextEvent,
+    ToolCallsEvent, sse_event, stream_reply
+)
 
 
 RESPONSES_IGNORED_FIELDS: dict[str, Callable[[Any], bool]] = {
@@ -209,10 +215,6 @@ class ResponseItems:
                                 name=item["name"], arguments=arguments) + \
             self.event("response.output_item.done", output_index=index, item=dict(item))
 
-    def finish(self, parts: ReplyParts) -> bytes:
-        out = b"".join(self.part(kind, text) for kind, text in parts.finish()) + self.close()
-        return out + b"".join(self.function_call(call) for call in parts.calls)
-
     def as_message(self) -> dict:
         """The reply as the assistant turn of a stored conversation."""
         message = {"role": "assistant", "content": "".join(
@@ -229,7 +231,7 @@ class ResponseItems:
 
 
 class ResponsesCall:
-    """One /v1/responses request: its conversation (the stored one it continues, then its input), the
+    """One /v1/responses request, read once: its conversation (the stored one it continues, then its input), the
     generation request made of it, and the response object it answers with."""
 
     def __init__(self, app, req, count_only: bool = False):
@@ -238,12 +240,7 @@ class ResponsesCall:
         self.ignored = ignored_fields(f.body, RESPONSES_IGNORED_FIELDS)
         self.owner = api_key_owner(req)
         self.previous_id = f.string("previous_response_id") or None
-        earlier: list[dict] = []
-        if self.previous_id is not None:
-            stored = app.responses.get(self.owner, self.previous_id)
-            if stored is None:
-                raise response_not_found(self.previous_id)
-            earlier = stored[1]
+        earlier = self._earlier()
         if f.body.get("input") is None and not earlier:
             raise RequestError("'input' is required")
         self.conversation = earlier + responses_messages(f.body.get("input") or [], self.ignored, earlier)
@@ -251,41 +248,39 @@ class ResponsesCall:
         messages = ([{"role": "system", "content": instructions}] if instructions else []) + self.conversation
         if not messages:
             raise RequestError("'input' must hold at least one item")
-        max_output = None if count_only else f.body.get("max_output_tokens")
-        if max_output is not None:
-            max_output = f.integer("max_output_tokens", default=1, lo=-(1 << 62), hi=1 << 20)
-            if max_output < 1:
-                raise RequestError(f"'max_output_tokens' must be at least 1, not {max_output}")
+        max_output = None if count_only else max_reply_tokens(f, "max_output_tokens")
         fields = block_request_fields(req, f, max_output, self.ignored)
         self.sampler = fields["sampler"]
         self.format = self._text_format(f)
         template_vars = self._reasoning_vars(f)
         self.served = served = req.use(f.body.get("model"))
         self.tools = responses_tools(served, f, self.ignored)
-        if self.tools is not None:
-            messages, more = self.tools.apply(messages, self.sampler)
-            template_vars.update(more)
-        self.request = served.chat_template.generation_request(messages, template_vars=template_vars, **fields)
+        self.request = chat_request(served, messages, fields, self.tools, template_vars)
+        self.stream = f.boolean("stream")
         self.id = f"resp_{secrets.token_hex(16)}"
         self.created = int(time.time())
         self.store = f.body.get("store") is not False
+
+    def _earlier(self) -> list[dict]:
+        """The conversation of the stored response this one continues (previous_response_id), if any."""
+        if self.previous_id is None:
+            return []
+        stored = self.app.responses.get(self.owner, self.previous_id)
+        if stored is None:
+            raise response_not_found(self.previous_id)
+        return stored[1]
 
     def _text_format(self, f: FieldReader) -> dict:
         text = f.body.get("text")
         if text is None:
             return {"type": "text"}
         fmt = text.get("format") if isinstance(text, dict) else None
-        kind = fmt.get("type") if isinstance(fmt, dict) else None
         if isinstance(text, dict) and text.get("verbosity") is not None:
             self.ignored.append("text.verbosity")
         if fmt is None:
             return {"type": "text"}
-        if kind == "json_object":
-            self.sampler.grammar = json_grammar(True, "text.format")
-        elif kind == "json_schema":
-            self.sampler.grammar = json_grammar(fmt.get("schema"), "text.format.schema")
-        elif kind != "text":
-            raise RequestError("'text.format.type' must be 'text', 'json_object' or 'json_schema'")
+        apply_output_format(self.sampler, fmt.get("type") if isinstance(fmt, dict) else None,
+                            fmt.get("schema") if isinstance(fmt, dict) else None, "text.format", "text.format.schema")
         return fmt
 
     def _reasoning_vars(self, f: FieldReader) -> dict:
@@ -298,15 +293,15 @@ class ResponsesCall:
         effort = reasoning.get("effort")
         return {} if effort is None else {"enable_thinking": effort != "none"}
 
+    def usage(self, items: ResponseItems, job: Job) -> dict:
+        s = job.stats
+        reasoning = "".join(i["content"][0]["text"] for i in items.output if i["type"] == "reasoning")
+        return {"input_tokens": s.prompt_tokens, "input_tokens_details": {"cached_tokens": s.cached_tokens},
+                "output_tokens": s.generated_tokens, "output_tokens_details": {
+                    "reasoning_tokens": len(self.served.model.tokenize(reasoning)) if reasoning else 0},
+                "total_tokens": s.prompt_tokens + s.generated_tokens}
+
     def response(self, status: str, items: ResponseItems, job: Job | None = None, error: dict | None = None) -> dict:
-        usage = None
-        if job is not None and status != "in_progress":
-            s = job.stats
-            reasoning = "".join(i["content"][0]["text"] for i in items.output if i["type"] == "reasoning")
-            usage = {"input_tokens": s.prompt_tokens, "input_tokens_details": {"cached_tokens": s.cached_tokens},
-                     "output_tokens": s.generated_tokens, "output_tokens_details": {
-                         "reasoning_tokens": len(self.served.model.tokenize(reasoning)) if reasoning else 0},
-                     "total_tokens": s.prompt_tokens + s.generated_tokens}
         f = self.f
         return {"id": self.id, "object": "response", "created_at": self.created, "status": status,
                 "background": False, "error": error,
@@ -319,54 +314,81 @@ class ResponsesCall:
                 "store": self.store, "temperature": self.sampler.temperature, "top_p": self.sampler.top_p,
                 "text": {"format": self.format}, "tool_choice": f.body.get("tool_choice") or "auto",
                 "tools": [{"type": "function", **t["function"]} for t in self.tools.tools] if self.tools else [],
-                "truncation": "disabled", "usage": usage, "metadata": f.body.get("metadata") or {}}
-
-    def status_of(self, job: Job) -> str:
-        if job.buffer.stop_reason is StopReason.FAILED:
-            return "failed"
-        return "incomplete" if job.buffer.stop_reason is StopReason.LENGTH else "completed"
+                "truncation": "disabled",
+                "usage": self.usage(items, job) if job is not None and status != "in_progress" else None,
+                "metadata": f.body.get("metadata") or {}}
 
     def keep(self, response: dict, items: ResponseItems):
         if self.store and response["status"] != "failed":
             self.app.responses.put(self.owner, response, self.conversation + [items.as_message()])
 
 
+class ResponsesEncoder(ReplyEncoder):
+    """The Responses API's stream: response.created and .in_progress, output items (reasoning, the message, function
+    calls) as they open, grow and close, each event numbered, then response.completed or .incomplete (or .failed); a
+    comment line as its keep-alive (it has no number). Whole, the response with the same items."""
+
+    def __init__(self, job: Job, call: ResponsesCall):
+        self.job = job
+        self.call = call
+        self.items = ResponseItems()
+
+    def start(self) -> bytes:
+        in_progress = self.call.response("in_progress", self.items)
+        return self.items.event("response.created", response=in_progress) + \
+            self.items.event("response.in_progress", response=in_progress)
+
+    def reasoning(self, event: ReasoningEvent) -> bytes:
+        return self.items.part("reasoning", event.text)
+
+    def text(self, event: TextEvent) -> bytes:
+        return self.items.part("text", event.text)
+
+    def tool_calls(self, event: ToolCallsEvent) -> bytes:
+        return self.items.close() + b"".join(self.items.function_call(call) for call in event.calls)
+
+    def ping(self, event: PingEvent) -> bytes:
+        return SSE_PING
+
+    def finished(self, event: DoneEvent) -> dict:
+        """The response as its reply ended, stored unless the client said "store": false."""
+        status = "incomplete" if event.reason is StopReason.LENGTH else "completed"
+        response = self.call.response(status, self.items, self.job)
+        self.call.keep(response, self.items)
+        return response
+
+    def done(self, event: DoneEvent) -> bytes:
+        out = self.items.close()
+        response = self.finished(event)
+        return out + self.items.event(f"response.{response['status']}", response=response)
+
+    def error(self, event: ErrorEvent) -> bytes:
+        out = self.items.close()
+        response = self.call.response("failed", self.items, self.job, {"code": "server_error",
+                                                                       "message": event.message})
+        return out + self.items.event("response.failed", response=response)
+
+    def whole(self, events: list[ReplyEvent]) -> dict:
+        self.encode(events[:-1])       # the same items; the stream's bytes are not sent
+        self.items.close()
+        return self.finished(events[-1])
+
+
 def responses_create(app, req):
     call = ResponsesCall(app, req)
     job = req.start_generation(call.request)
-    parts, items = ReplyParts(job, call.tools), ResponseItems()
-    if call.f.boolean("stream"):
-        def events() -> Iterator[bytes]:
-            yield items.event("response.created", response=call.response("in_progress", items)) + \
-                items.event("response.in_progress", response=call.response("in_progress", items))
-            for batch in job.buffer.batches():
-                out = b"".join(items.part(kind, text) for piece in batch for kind, text in parts.feed(piece))
-                if out:
-                    yield out
-            status = call.status_of(job)
-            if status == "failed":
-                response = call.response("failed", items, job, {"code": "server_error",
-                                                                "message": job.buffer.error or "generation failed"})
-                yield items.close() + items.event("response.failed", response=response)
-                return
-            out = items.finish(parts)
-            response = call.response(status, items, job)
-            call.keep(response, items)
-            yield out + items.event(f"response.{status}", response=response)
-        return StreamResponse("text/event-stream", events(), job)
-    text = wait_for_text(job)
-    for kind, part in parts.feed(text):
-        items.part(kind, part)
-    items.finish(parts)
-    response = call.response(call.status_of(job), items, job)
-    call.keep(response, items)
-    return JSONResponse(response)
+    reply = ReplyReader(job, reasoning=True, tools=call.tools)
+    encoder = ResponsesEncoder(job, call)
+    if call.stream:
+        return stream_reply("text/event-stream", reply, encoder)
+    return JSONResponse(encoder.whole(reply.whole()))
 
 
 def responses_input_tokens(app, req):
     call = ResponsesCall(app, req, count_only=True)
     req.ignored = call.ignored
-    return JSONResponse({"object": "response.input_tokens", "input_tokens": call.served.engine.count_prompt_tokens(call.request)})
+    return JSONResponse({"object": "response.input_tokens",
+                         "input_tokens": call.served.engine.count_prompt_tokens(call.request)})
 
 
 def responses_by_id(app, req):

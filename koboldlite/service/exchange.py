@@ -39,6 +39,16 @@ class StreamResponse(Response):
         self.job = job
 
 
+def api_key_of(headers) -> str:
+    """The key a request offers: `Authorization: Bearer <key>` (OpenAI's and most clients' way), else `X-Api-Key`
+    (Anthropic's); "" for none. The handler checks it against the password; routes that keep things per client
+    (the Responses API's stored responses) tell clients apart by it."""
+    auth = headers.get("Authorization", "")
+    if auth[:7].lower() == "bearer ":
+        return auth[7:].strip()
+    return (headers.get("X-Api-Key") or "").strip()
+
+
 class Request:
     """What a route sees of one request: method, path, query, headers, body, whether it carried the
     password, and, from whatever carried it, who sent it and how to watch for them hanging up."""
@@ -77,6 +87,10 @@ class Request:
         if self._json is None and not optional:
             raise RequestError("a JSON request body is required")
         return self._json
+
+    @property
+    def api_key(self) -> str:
+        return api_key_of(self.headers)
 
     def entry(self, name: Any = None) -> ModelEntry:
         """The model a request names (none, or with one model any name: the default); else a 404."""

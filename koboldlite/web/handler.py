@@ -11,7 +11,7 @@ import urllib.parse
 from ..version import __version__
 from ..errors import RequestError, ServiceError
 from ..jobs import Job
-from ..service.exchange import JSONResponse, Request, Response, StreamResponse
+from ..service.exchange import JSONResponse, Request, Response, StreamResponse, api_key_of
 from ..api.common import error_body, error_response, unauthorized
 from .router import Route
 from .server import KoboldLiteServer
@@ -100,7 +100,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             response = Response(204, b"", "text/plain")
         except RequestError as e:
             self._cors = e.headers
-            response = JSONResponse(error_body("kobold", e), e.status)
+            response = JSONResponse(error_body(self.server.router.style_of(self._target()[0]), e), e.status)
         self._send(response)
         if self._body_unread:
             self._linger()
@@ -122,13 +122,18 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
 
     # -- dispatch ------------------------------------------------------------
 
-    def _dispatch(self, method: str):
-        app = self.server.app
+    def _target(self) -> tuple[str, str]:
+        """The request's path (without a trailing slash) and query string."""
         url = urllib.parse.urlsplit(self.path)
-        path = url.path.rstrip("/") or "/"
-        style = "anthropic" if path.startswith(("/v1/messages", "/messages")) else \
-            "openai" if path.startswith(("/v1/", "/responses")) or path in ("/models", "/completions",
-                                                                           "/chat/completions") else "kobold"
+        return url.path.rstrip("/") or "/", url.query
+
+    def _dispatch(self, method: str):
+        """Match the route, check the request against it, run its handler, send what it returns. An error answers
+        in the shape of the route's API (its style, from the route table; for a path no route has, the router's
+        guess from the table)."""
+        app = self.server.app
+        path, query_string = self._target()
+        route: Route | None = None
         request = None
         self._body_unread = self._declared_length()
         try:
@@ -139,31 +144,26 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
                 self._cors = self.server.access.cors_headers(self.headers.get("Origin"), self.headers.get("Host"),
                                                              False, False)
                 raise
-            style = route.style
             authorized, key_ok = self._authorized(route)
             self._cors = self.server.access.cors_headers(self.headers.get("Origin"), self.headers.get("Host"),
                                                          key_ok, route.protected)
             body = self._read_body()
             self._request_read()
             if route.protected and not authorized:
-                raise unauthorized(style)
+                raise unauthorized(route.style)
             if route.needs_model and not app.ready.is_set():
                 raise RequestError("the model is still loading", status=503, kind="service_unavailable")
-            query = dict(urllib.parse.parse_qsl(url.query))
+            query = dict(urllib.parse.parse_qsl(query_string))
             request = Request(app, method, path, query, self.headers, body, authorized,
-                              client=self.client_address[0], watch_hangup=self.watch_hangup, style=style)
+                              client=self.client_address[0], watch_hangup=self.watch_hangup, style=route.style)
             response = route.handler(app, request)
             if request.ignored:
                 response.headers["X-KoboldLite-Ignored"] = ",".join(request.ignored)
-        except (RequestError, ServiceError) as e:
+        except Exception as e:
             if request is not None and request.job is not None:
                 request.job.cancel()
-            response = error_response(style, e)
-        except Exception as e:  # a bug must cost one request, never the server
-            if request is not None and request.job is not None:
-                request.job.cancel()
-            app.log(f"internal error on {method} {path}: {type(e).__name__}: {e}")
-            response = error_response(style, RequestError("internal server error", 500, "server_error"))
+            response = self._error_response(e, route.style if route else self.server.router.style_of(path),
+                                            f"{method} {path}")
         try:
             if isinstance(response, StreamResponse):
                 self._send_stream(response)
@@ -175,6 +175,13 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             self._unwatch_hangup()
             if request is not None:
                 request.release()
+
+    def _error_response(self, error: Exception, style: str, what: str) -> Response:
+        if isinstance(error, (RequestError, ServiceError)):
+            return error_response(style, error)
+        # A bug must cost one request, never the server.
+        self.server.app.log(f"internal error on {what}: {type(error).__name__}: {error}")
+        return error_response(style, RequestError("internal server error", 500, "server_error"))
 
     LINGER_BYTES = 64 * 1024 * 1024     # at most this much of an unread body is read and thrown away...
     LINGER_SECONDS = 10.0               # ...within this long
@@ -245,12 +252,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         password = config.adminpassword if route.admin and config.adminpassword else config.password
         if not password:
             return True, False
-        offered = ""
-        auth = self.headers.get("Authorization", "")
-        if auth[:7].lower() == "bearer ":
-            offered = auth[7:].strip()
-        elif self.headers.get("X-Api-Key"):
-            offered = self.headers.get("X-Api-Key", "").strip()
+        offered = api_key_of(self.headers)
         if not offered and not route.protected:
             return False, False
         address = self.client_address[0]

@@ -1,11 +1,13 @@
-"""The route table: every endpoint, its handler, whether the password guards it, its API's style."""
+"""The route table: every endpoint, its handler, whether the password guards it, its API's style (the one place
+that says it: the handler answers errors in that style, and the router works out from the table the style of a
+path no route has)."""
 
 from __future__ import annotations
 
 from ..api.kobold import (
     kobold_abort, kobold_check, kobold_detokenize, kobold_extra_version, kobold_generate, kobold_generate_stream,
     kobold_info_version, kobold_json_to_grammar, kobold_last_logprobs, kobold_max_context_length, kobold_max_length,
-    kobold_model, kobold_perf, kobold_preloadstory, kobold_tokencount, kobold_true_max_context_length, sd_models
+    kobold_model, kobold_perf, kobold_preloadstory, kobold_tokencount, sd_models
 )
 from ..api.openai import openai_chat_completions, openai_completions, openai_embeddings, openai_models
 from ..api.ollama import (
@@ -31,7 +33,7 @@ def build_router(static: StaticFiles | None = None) -> Router:
     r.add("GET", "/api/v1/config/max_context_length", kobold_max_context_length)
     r.add("POST", "/api/v1/generate", kobold_generate, protected=True)
     r.add("GET", "/api/extra/version", kobold_extra_version, needs_model=False)
-    r.add("GET", "/api/extra/true_max_context_length", kobold_true_max_context_length)
+    r.add("GET", "/api/extra/true_max_context_length", kobold_max_context_length)
     r.add("POST", "/api/extra/generate/stream", kobold_generate_stream, protected=True)
     r.add("GET POST", "/api/extra/generate/check", kobold_check, protected=True)
     r.add("POST", "/api/extra/abort", kobold_abort, protected=True)
@@ -41,13 +43,13 @@ def build_router(static: StaticFiles | None = None) -> Router:
     r.add("POST", "/api/extra/detokenize", kobold_detokenize, protected=True)
     r.add("POST", "/api/extra/json_to_grammar", kobold_json_to_grammar, protected=True)
     r.add("GET", "/sdapi/v1/sd-models", sd_models)
-    r.add("GET", "/api/extra/perf", kobold_perf)
+    r.add("GET", "/api/extra/perf", kobold_perf)         # open, as KoboldCpp's: counts and timings, no text
     r.add("GET", "/api/admin/list_options", admin_list_options, protected=True, admin=True)
     r.add("POST", "/api/admin/reload_config", admin_reload_config, protected=True, admin=True, needs_model=False)
     r.add("POST", "/api/admin/save_state", admin_save_state, protected=True, admin=True)
     r.add("POST", "/api/admin/load_state", admin_load_state, protected=True, admin=True)
     r.add("GET POST", "/api/admin/check_state", admin_check_state, protected=True, admin=True)
-    r.add("POST", "/api/admin/clear_state", admin_clear_state, protected=True, admin=True)          # open, as KoboldCpp's: counts and timings, no text
+    r.add("POST", "/api/admin/clear_state", admin_clear_state, protected=True, admin=True)
     # Open, as KoboldCpp's: KoboldAI Lite reads it before it asks for the password.
     r.add("GET", "/api/extra/preloadstory", kobold_preloadstory)
 
