@@ -4,7 +4,6 @@ The acceptance rule itself is checked on toy distributions against the exact rul
 
 from __future__ import annotations
 
-import random
 import re
 
 import numpy
@@ -83,16 +82,61 @@ def test_acceptance_rule_gives_the_models_distribution(p, q):
     assert kept / 40000 == pytest.approx(numpy.minimum(P, Q).sum(), abs=0.01)   # the known acceptance rate
 
 
-def test_point_mass_rule_is_draw_and_compare():
-    """What the engine does for a point-mass draft: draw from p, keep the draft iff they agree; the same law."""
-    p = [0.1, 0.4, 0.3, 0.2]
-    rng = random.Random(3)
-    counts, kept = [0] * 4, 0
-    for _ in range(40000):
-        x = rng.choices(range(4), weights=p)[0]
-        counts[x] += 1
-        kept += x == 1
-    assert chi_square(counts, p) < CHI2_999[3] and kept / 40000 == pytest.approx(0.4, abs=0.01)
+def reply_of(engine: Engine, request: GenerationRequest):
+    """A reply from the engine alone, stepped on this thread (one slot, nothing else running)."""
+    job = engine.prepare(request)
+    assert engine.admit(job)
+    while not job.buffer.done:
+        engine.step()
+    return job
+
+
+def agreement(draft: list[int], reply: list[int]) -> int:
+    """How many of a draft's tokens, from its first, are the reply's tokens at the same places."""
+    return next((i for i, (d, t) in enumerate(zip(draft, reply)) if d != t), min(len(draft), len(reply)))
+
+
+def test_the_engine_keeps_a_draft_exactly_where_its_own_draw_equals_it(starter_model, monkeypatch):
+    """The point-mass rule as the engine applies it (see speculative_accept): at each drafted place the request's
+    own sampler chain draws, and the draft token is kept iff the draw equals it. So a seeded sampled reply is, token
+    for token, the reply without drafts, and each draft's kept count is the length of its agreement with that
+    reply: not more (a draft token kept where the draw differed), not less (an agreeing draft token thrown away)."""
+    import dataclasses
+    model = LlamaModel(starter_model, n_ctx=1024, n_seq=1, n_threads=2, n_gpu_layers=0)
+    engine = Engine(model, draft_most=8)
+    proposed: list[tuple[int, list[int]]] = []      # (the reply's index of the draft's first token, the draft)
+    propose = engine._draft
+
+    def recording(slot, room, width):
+        draft = propose(slot, room, width)
+        if draft:       # it follows the slot's newest token, which the reply counts already
+            proposed.append((slot.job.stats.generated_tokens, list(draft)))
+        return draft
+    monkeypatch.setattr(engine, "_draft", recording)
+    kept_whole = cut_short = 0
+    try:
+        for seed in (1, 2, 3):
+            sampled = SamplerSettings(temperature=0.8, top_k=40, seed=seed, ban_eos=True, draft_min=4)
+            proposed.clear()
+            drafted = reply_of(engine, GenerationRequest(COPY, max_length=60, sampler=sampled, logprobs=True))
+            drafts = list(proposed)
+            plain = reply_of(engine, GenerationRequest(COPY, max_length=60, logprobs=True,
+                                                      sampler=dataclasses.replace(sampled, draft=False, draft_min=0)))
+            assert len(proposed) == len(drafts) and plain.stats.drafted_tokens == 0     # no drafts without them
+            tokens = [e.token for e in plain.logprobs]
+            assert len(tokens) == 60
+            assert [e.token for e in drafted.logprobs] == tokens, seed
+            assert drafted.buffer.text() == plain.buffer.text()
+            agreed = [agreement(d, tokens[at:]) for at, d in drafts]
+            assert drafted.stats.drafted_tokens == sum(len(d) for _, d in drafts), seed
+            assert drafted.stats.draft_accepted == sum(agreed), (seed, drafts, agreed)
+            kept_whole += sum(a == len(d) for a, (_, d) in zip(agreed, drafts))
+            cut_short += sum(a < len(d) for a, (_, d) in zip(agreed, drafts))
+    finally:
+        model.close()
+    # Both branches ran: drafts the draws agreed with to the end, and drafts a draw parted from.
+    print(f"drafts kept whole: {kept_whole}, cut short by a draw: {cut_short}")
+    assert kept_whole > 0 and cut_short > 0, (kept_whole, cut_short)
 
 
 def test_ngram_drafter_proposes_what_followed_the_latest_longest_match():
@@ -175,11 +219,7 @@ def test_a_batch_without_room_for_its_drafts_is_done_again_without_them(starter_
     drafting = SamplerSettings(temperature=0, ban_eos=True, draft_min=4)
 
     def reply(sampler):
-        job = engine.prepare(GenerationRequest(COPY, max_length=40, sampler=sampler))
-        assert engine.admit(job)
-        while job.state != "done":
-            engine.step()
-        return job
+        return reply_of(engine, GenerationRequest(COPY, max_length=40, sampler=sampler))
     real = model.lib.llama_decode
     refused = []
 
