@@ -6,7 +6,6 @@ import dataclasses
 import enum
 import threading
 import time
-from typing import Iterator
 
 from .generation import GenerationRequest
 
@@ -71,21 +70,6 @@ class TokenBuffer:
         with self._cond:
             self._cond.wait_for(lambda: len(self._pieces) > start or self.stop_reason is not None, timeout)
             return self._pieces[start:], self.stop_reason is not None
-
-    def batches(self) -> Iterator[list[str]]:
-        """The pieces as they arrive, all those already waiting at once, until the generation ends."""
-        index = 0
-        while True:
-            new, done = self.read(index)
-            index += len(new)
-            if new:
-                yield new
-            elif done:
-                return
-
-    def pieces(self) -> Iterator[str]:
-        for batch in self.batches():
-            yield from batch
 
     def wait_done(self, timeout: float | None = None) -> bool:
         with self._cond:

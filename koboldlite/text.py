@@ -159,6 +159,11 @@ class PhraseGuard:
     matches. `push` returns the tokens now safe to show, or how many trailing tokens (the newest
     included) complete a banned phrase: the fewest whose text contains it, so the phrase begins in
     the first of them. Those were never released, so no client has seen any part of them.
+
+    A take-back can leave text already shown as the start of a phrase again ("so" shown, " so so!" taken back):
+    the end of what was shown is kept (`_shown`) and matched with what follows, so a phrase that would begin in
+    it and end in new tokens is caught too; then all the pending tokens go, and the first of them is what the
+    generation bans there.
     """
 
     MAX_PHRASES = 768          # KoboldCpp's limit
@@ -169,6 +174,7 @@ class PhraseGuard:
         self._prefixes = {p[:n] for p in phrases for n in range(1, len(p))}
         self._longest = max(map(len, phrases), default=0)
         self.pending: list[tuple[int, bytes, Any]] = []     # (token, its text's bytes, what goes with it)
+        self._shown = ""          # the end of the text released so far, as long as a phrase could reach back
 
     @property
     def active(self) -> bool:
@@ -183,10 +189,10 @@ class PhraseGuard:
         if self._pattern is None:
             return [(token, data, payload)], 0
         self.pending.append((token, data, payload))
-        text = self._text(self.pending)
+        text = self._shown + self._text(self.pending)
         if self._pattern.search(text):
             n = 1
-            while not self._pattern.search(self._text(self.pending[-n:])):
+            while n < len(self.pending) and not self._pattern.search(self._text(self.pending[-n:])):
                 n += 1
             del self.pending[-n:]
             return [], n
@@ -196,9 +202,11 @@ class PhraseGuard:
             keep += 1
         cut = len(self.pending) - keep
         released, self.pending = self.pending[:cut], self.pending[cut:]
+        if released:
+            self._shown = (self._shown + self._text(released))[-(self._longest - 1):] if self._longest > 1 else ""
         return released, 0
 
     def flush(self) -> list[tuple[int, bytes, Any]]:
         """The end of generation: what is held back is not a banned phrase after all."""
-        out, self.pending = self.pending, []
+        out, self.pending, self._shown = self.pending, [], ""
         return out

@@ -250,16 +250,22 @@ class SSEStream:
         self.raw = b""
 
     def next_event(self) -> bytes | None:
-        """The bytes of one event including its blank line, or None at the end of the stream."""
+        """The bytes of one event including its blank line, or None at the end of the stream. Comment blocks
+        (`: ping`, which keeps a stream alive while a long prompt is read) are skipped, as SSE clients skip them;
+        `raw` keeps every byte."""
         event = b""
         while True:
             line = self.resp.readline()
             if not line:
                 return None if not event else event
-            event += line
             self.raw += line
+            if line.startswith(b":") and not event:
+                continue
+            event += line
             if line in (b"\n", b"\r\n"):
-                return event
+                if event.strip():
+                    return event
+                event = b""
 
     def events(self):
         while (e := self.next_event()) is not None:

@@ -311,8 +311,6 @@ def test_overlong_prompt_is_cut_from_the_front(make_server):
     assert s.json("GET", "/api/extra/perf")["last_input_count"] == 512 - 20
 
 
-@pytest.mark.xfail(strict=True, reason="server bug: a Kobold prompt cut from the front loses the BOS token of a "
-                                       "model that wants one (with memory the BOS stays)")
 def test_a_prompt_cut_from_the_front_keeps_the_models_bos(gemma_model):
     """Gemma 3 wants a BOS token first (the starter model wants none). Engine.prepare alone, on the real model."""
     from koboldlite.engine.engine import Engine

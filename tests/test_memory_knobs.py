@@ -231,7 +231,7 @@ def run_together(model, prompts: list[str], compact_after: int, max_length: int 
         assert engine.admit(job)
         jobs.append(job)
         engine.step()                # each newcomer arrives while the others generate
-    while any(job.state != "done" for job in jobs):
+    while not all(job.buffer.done for job in jobs):
         engine.step()
     return [job.buffer.text() for job in jobs], engine
 
@@ -309,7 +309,7 @@ def test_no_compaction_while_moved_keys_wait_for_the_next_decode(starter_model):
     days = [f" Day {k}: the boats came home late and the lamps were lit at dusk." for k in range(1, 13)]
     first = engine.prepare(GenerationRequest(intro + "".join(days), max_length=3, sampler=greedy))
     assert engine.admit(first)
-    while first.state != "done":
+    while not first.buffer.done:
         engine.step()
     others = [engine.prepare(GenerationRequest(p, max_length=200, sampler=greedy))
               for p in ("Write a poem about the sea:", "A list of the planets: Mercury, Venus,")]
@@ -328,6 +328,6 @@ def test_no_compaction_while_moved_keys_wait_for_the_next_decode(starter_model):
     assert engine.compactions == n and engine.pool.compaction_due()
     engine.step()
     assert engine.compactions == n + 1
-    while returning.state != "done":
+    while not returning.buffer.done:
         engine.step()
     assert "lamp" in returning.buffer.text() or "boat" in returning.buffer.text(), returning.buffer.text()

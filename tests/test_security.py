@@ -345,7 +345,7 @@ def page_server():
 @pytest.fixture(scope="module")
 def rebinding_browser():
     """Chromium that resolves evil.test to this machine, as a rebound (or any attacker's local) name would."""
-    from test_ui import chromium
+    from tests.test_ui import chromium
     with chromium("--host-resolver-rules=MAP evil.test 127.0.0.1") as b:
         yield b
 

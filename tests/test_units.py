@@ -63,13 +63,22 @@ def test_earliest_of_several_stop_strings_wins():
 def test_token_buffer_readers_wait_for_pieces():
     buf = TokenBuffer()
     got = []
-    t = threading.Thread(target=lambda: got.extend(buf.pieces()))
+
+    def reader():
+        index = 0
+        while True:
+            new, done = buf.read(index)           # waits until there is more, or the buffer is done
+            got.extend(new)
+            index += len(new)
+            if done and not new:
+                return
+    t = threading.Thread(target=reader)
     t.start()
     for p in ("a", "b", "c"):
         buf.append(p)
     buf.close(StopReason.END)
     t.join(10)
-    assert got == ["a", "b", "c"] and buf.text() == "abc" and buf.stop_reason is StopReason.END
+    assert not t.is_alive() and got == ["a", "b", "c"] and buf.text() == "abc" and buf.stop_reason is StopReason.END
     buf.close(StopReason.LENGTH)              # the first reason stands
     assert buf.stop_reason is StopReason.END
 
@@ -102,7 +111,7 @@ def test_sampler_aliases_and_defaults():
 def test_hangup_watcher_sees_a_peer_leave(use_epoll):
     """Both the epoll watcher (Linux) and the select fallback (Windows, macOS) fire on a hang-up."""
     import socket
-    from koboldlite import HangupWatcher
+    from koboldlite.web.connections import HangupWatcher
     watcher = HangupWatcher(use_epoll=use_epoll)
     server_side, client_side = socket.socketpair()
     server_side.settimeout(30)            # as connections are: non-blocking underneath

@@ -150,16 +150,7 @@ class LogprobShapes:
 
 
 def prompt_cache_report(served: ServedModel) -> dict | None:
-    cache = served.prompt_cache
-    if cache is None:
-        return None
-    with cache._lock:
-        entries = list(cache.entries)
-    return {"conversations": len(entries), "in_ram": sum(e.data is not None for e in entries),
-            "on_disk": sum(e.path is not None for e in entries), "ram_mib": round(cache.ram_used / 2**20, 1),
-            "disk_mib": round(cache.disk_used / 2**20, 1), "ram_limit_mib": cache.ram_bytes >> 20,
-            "disk_limit_mib": cache.disk_bytes >> 20 if cache.folder else 0,
-            "saved_ahead": cache.saved["ahead"], "saved_when_displaced": cache.saved["when_displaced"]}
+    return served.prompt_cache.report() if served.prompt_cache is not None else None
 
 
 def gpu_report(served: ServedModel) -> dict:

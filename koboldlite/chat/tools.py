@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import secrets
 from typing import Any
 
 from ..errors import RequestError
@@ -203,11 +202,6 @@ class CallWatch:
             return text
         content, self.calls = self.tools.parse(text)
         return content
-
-    def openai_calls(self) -> list[dict]:
-        return [{"id": f"call_{secrets.token_hex(12)}", "type": "function",
-                 "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
-                for c in self.calls]
 
 
 TOOL_STRING_LIMIT = 100

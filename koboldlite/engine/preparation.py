@@ -39,8 +39,7 @@ def prepare_job(model: LlamaModel, request: GenerationRequest, context_shift: bo
         reserve = min(request.max_length or n_ctx, n_ctx // 2)
         room = n_ctx - reserve
         if len(tokens) > room:
-            keep_prompt = max(room - len(memory), 1)
-            tokens = (memory + prompt[-keep_prompt:])[-room:]    # the oldest story text goes first
+            tokens = cut_from_the_front(model, memory, prompt, room)
             truncated = len(memory) + len(prompt) - len(tokens)
     elif len(tokens) >= n_ctx:
         raise ContextOverflow(len(tokens), n_ctx)
@@ -64,3 +63,17 @@ def prepare_job(model: LlamaModel, request: GenerationRequest, context_shift: bo
     job.banned_token_ids = [t for t in request.sampler.banned_token_ids if model.valid_token(t)]
     job.stats.truncated_tokens = truncated
     return job
+
+
+def cut_from_the_front(model: LlamaModel, memory: list[int], prompt: list[int], room: int) -> list[int]:
+    """`room` tokens of memory and prompt: the oldest story text goes first, the memory stays as long as it can, and
+    the model's BOS (which the tokenizer put first) stays first."""
+    head = memory or prompt
+    bos = head[:1] if head and model.add_bos and head[0] == model.bos else []
+    if memory:
+        memory = memory[len(bos):]
+    else:
+        prompt = prompt[len(bos):]
+    room -= len(bos)
+    keep_prompt = max(room - len(memory), 1)
+    return bos + (memory + prompt[-keep_prompt:])[-room:]

@@ -156,6 +156,16 @@ class PromptCache:
         with self._lock:
             return any(e.tokens == tokens for e in self.entries)
 
+    def report(self) -> dict:
+        """What it holds and may hold, for /api/extra/perf: counts and MiB, no text."""
+        with self._lock:
+            entries = list(self.entries)
+        return {"conversations": len(entries), "in_ram": sum(e.data is not None for e in entries),
+                "on_disk": sum(e.path is not None for e in entries), "ram_mib": round(self.ram_used / 2**20, 1),
+                "disk_mib": round(self.disk_used / 2**20, 1), "ram_limit_mib": self.ram_bytes >> 20,
+                "disk_limit_mib": self.disk_bytes >> 20 if self.folder else 0,
+                "saved_ahead": self.saved["ahead"], "saved_when_displaced": self.saved["when_displaced"]}
+
     @property
     def ram_used(self) -> int:
         with self._lock:
