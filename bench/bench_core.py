@@ -27,7 +27,8 @@ from koboldlite.model_files import find_starter_model  # noqa: E402
 from koboldlite.generation import SamplerSettings  # noqa: E402
 from koboldlite.engine.llama_model import LlamaModel  # noqa: E402
 from koboldlite.engine.samplers import SamplerChain  # noqa: E402
-from tests.harness import ServerProcess, SSEStream, kobold_event_json, make_self_signed_cert  # noqa: E402
+from tests.harness import (PIP_LLAMA_LIB, ServerProcess, SSEStream, kobold_event_json,  # noqa: E402
+                           make_self_signed_cert)
 
 PROMPT = "Write a long story about a lighthouse keeper and the sea."
 SAMPLING = {"temperature": 0.75, "top_k": 100, "top_p": 0.92}
@@ -149,28 +150,28 @@ def main():
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--checks", type=int, default=200)
     ap.add_argument("--aborts", type=int, default=30)
+    ap.add_argument("--versus", metavar="SCRIPT", help="also stream from this program (an earlier koboldlite.py, say)")
     args = ap.parse_args()
 
     tmp = tempfile.mkdtemp()
     cert, key = make_self_signed_cert(tmp)
-    servers = {
-        "http": ServerProcess(["--model", args.model, "--contextsize", "2048", "--threads", str(args.threads),
-                               "--quiet"]),
-        "tls": ServerProcess(["--model", args.model, "--contextsize", "2048", "--threads", str(args.threads),
-                              "--quiet", "--ssl", cert, key], cert=cert),
-    }
+    common = ["--model", args.model, "--contextsize", "2048", "--threads", str(args.threads), "--quiet"]
+    servers = {"HTTP": ServerProcess(common), "TLS": ServerProcess(common + ["--ssl", cert, key], cert=cert)}
+    if args.versus:       # the same streams from another version of the program, interleaved with this one's
+        servers[f"HTTP, {args.versus} (--versus)"] = ServerProcess(
+            common + ["--port", "0"], command=[sys.executable, args.versus], env={"LLAMA_CPP_LIB_PATH": PIP_LLAMA_LIB})
     raw = []
-    through = {f"{reader} over {name.upper()}": [] for name in servers
+    through = {f"{reader} over {name}": [] for name in servers
                for reader in ("event-counting client", "parsing Python client")}
     try:
         for _ in range(args.runs):      # interleaved, so drift in machine speed hits all alike
             raw.append(raw_loop_tokens_per_second(args.model, args.tokens, args.threads))
             for name, server in servers.items():
-                through[f"event-counting client over {name.upper()}"].append(
+                through[f"event-counting client over {name}"].append(
                     server_stream_minimal_reader(server, args.tokens))
-                through[f"parsing Python client over {name.upper()}"].append(
+                through[f"parsing Python client over {name}"].append(
                     server_stream_tokens_per_second(server, args.tokens))
-        latency = check_and_abort_latency(servers["tls"], args.checks, args.aborts)
+        latency = check_and_abort_latency(servers["TLS"], args.checks, args.aborts)
     finally:
         for s in servers.values():
             s.stop()

@@ -41,7 +41,7 @@ from koboldlite.engine.llama_model import LlamaModel  # noqa: E402
 from koboldlite.engine.samplers import SamplerChain  # noqa: E402
 import results_file  # noqa: E402
 from bench_core import SAMPLING, percentile  # noqa: E402
-from tests.harness import ServerProcess  # noqa: E402
+from tests.harness import PIP_LLAMA_LIB, ServerProcess  # noqa: E402
 
 TOPICS = ["a lighthouse keeper", "a lost robot", "the last dragon", "a city under the sea",
           "a clockmaker's secret", "two rival chefs", "a haunted library", "a journey to the moon"]
@@ -226,6 +226,12 @@ def stream_completion(server, i: int, n_tokens: int, eos_bias: dict, genkey: str
     return {"start": t0, "ttft": stamps[0] - t0, "stamps": stamps, "tokens": n_tokens}
 
 
+def versus_server(script: str, args: list[str]) -> ServerProcess:
+    """Another program that takes koboldlite's options, on pip's llama.cpp as the program under test is."""
+    return ServerProcess(args + ["--port", "0"], command=[sys.executable, script],
+                         env={"LLAMA_CPP_LIB_PATH": PIP_LLAMA_LIB})
+
+
 def drive(server, clients: int, n_tokens: int, eos_bias: dict, check_genkeys: bool = False,
           min_share: float = 0.95) -> dict:
     """`min_share`: of the tokens asked for, how many must arrive as chunks of their own (a character split
@@ -314,6 +320,9 @@ def main():
     ap.add_argument("--ctx", type=int, default=8192, help="context size for every server")
     ap.add_argument("--llama-server", default=os.path.join(HERE, ".llama-server", "bin", "llama-server"))
     ap.add_argument("--repeat", type=int, default=3, help="runs per measurement; the median is reported")
+    ap.add_argument("--versus", metavar="SCRIPT",
+                    help="with --quick: another version of koboldlite.py (an earlier one, say) in place of llama-server, "
+                         "the baseline of the ratios")
     ap.add_argument("--quick", action="store_true",
                     help="only issue 15's comparison: 4 clients, --parallel 4 (shared pool, --kvsplit, "
                          "--kvperslot) against llama-server -np 4 (split and unified), every round reported "
@@ -425,8 +434,12 @@ def quick(args, eos_bias: dict):
     """4 clients against KoboldLite --parallel 4 (shared pool, split pool, a context per slot) and
     llama-server -np 4 (its default split, and its unified pool: the like-for-like peer of the shared
     pool), interleaved round by round; each round's ratios to llama-server -np 4, since "every run" counts."""
-    if not os.access(args.llama_server, os.X_OK):
-        sys.exit("--quick compares with llama-server: run bench/build_llama_server.sh first")
+    peer_name = "llama-server -np 4"
+    if args.versus:
+        peer_name = f"{os.path.basename(args.versus)} (--versus) --parallel 4"
+    elif not os.access(args.llama_server, os.X_OK):
+        sys.exit("--quick compares with llama-server: run bench/build_llama_server.sh first (or name another "
+                 "program with --versus)")
     base = ["--model", args.model, "--contextsize", str(args.ctx), "--threads", str(args.threads),
             "--parallel", "4", "--multiuser", "16", "--quiet"]
     servers = {}
@@ -434,9 +447,13 @@ def quick(args, eos_bias: dict):
         servers["koboldlite --parallel 4"] = ServerProcess(base)
         servers["koboldlite --parallel 4 --kvsplit"] = ServerProcess(base + ["--kvsplit"])
         servers["koboldlite --parallel 4 --kvperslot"] = ServerProcess(base + ["--kvperslot"])
-        servers["llama-server -np 4"] = LlamaServer(args.llama_server, args.model, args.threads, args.ctx, 4)
-        servers["llama-server -np 4 --kv-unified"] = LlamaServer(args.llama_server, args.model, args.threads,
-                                                                 args.ctx, 4, unified=True)
+        if args.versus:
+            for layout in ("", " --kvsplit", " --kvperslot"):
+                servers[peer_name + layout] = versus_server(args.versus, base + layout.split())
+        else:
+            servers["llama-server -np 4"] = LlamaServer(args.llama_server, args.model, args.threads, args.ctx, 4)
+            servers["llama-server -np 4 --kv-unified"] = LlamaServer(args.llama_server, args.model, args.threads,
+                                                                     args.ctx, 4, unified=True)
         for server in servers.values():
             drive(server, 1, 16, eos_bias)   # warm-up
         runs = {name: [] for name in servers}
@@ -447,7 +464,7 @@ def quick(args, eos_bias: dict):
     finally:
         for server in servers.values():
             server.stop()
-    peer = runs["llama-server -np 4"]
+    peer = runs[peer_name]
     lines = [f"Model {os.path.basename(args.model)}, 4 clients x {args.tokens} tokens, {args.threads} threads, "
              f"context {args.ctx}; OpenAI completion streams; {args.repeat} interleaved rounds.", "",
              "| system | round | aggregate tok/s | ratio | worst TTFT ms | ratio | resident MiB |",

@@ -459,3 +459,25 @@ def test_a_draft_model_with_another_vocabulary_is_refused(starter_model, gemma_m
     assert "gemma-3-270m.gguf cannot draft for SmolLM2-135M-Instruct.Q4_1.gguf" in m.string
     assert "262144 tokens" in m.string
     assert p.proc.wait(60) == 2
+
+
+def test_the_step_cost_measurement_stops_at_its_time_budget(monkeypatch):
+    """On a slow device (Vulkan on lavapipe builds each batch shape's kernels on its first decode) measuring every
+    width took two minutes before the server was ready: past BUDGET_SECONDS it stops after the first two widths and
+    extrapolates the rest. A fake clock and a fake llama.cpp whose every decode costs 3 s; no real waiting."""
+    import time as time_module
+    from types import SimpleNamespace
+    clock = [0.0]
+    monkeypatch.setattr(time_module, "perf_counter", lambda: clock[0])
+
+    def decode(ctx, batch):
+        clock[0] += 3.0 + 0.1 * batch.n_tokens
+        return 0
+    lib = SimpleNamespace(llama_decode=decode, llama_memory_seq_rm=lambda *args: True)
+    n = 64
+    batch = SimpleNamespace(token=[0] * n, pos=[0] * n, n_seq_id=[0] * n, seq_id=[[0] for _ in range(n)],
+                            logits=[0] * n, n_tokens=0)
+    model = SimpleNamespace(lib=lib, ctx=None, memory=None, bos=1)
+    cost = StepCost.measure(model, batch, most=32)
+    assert cost.widths == [1, 2] and cost.seconds == pytest.approx([3.1, 3.2])
+    assert cost(8) == pytest.approx(3.8)            # extrapolated from the two it measured

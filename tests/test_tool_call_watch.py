@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from koboldlite.errors import RequestError
 from koboldlite.chat.tools import CallWatch, ToolUse
+from koboldlite.api.openai import openai_tool_calls
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
@@ -58,7 +59,7 @@ def test_a_call_is_held_to_the_end_and_read_as_calls():
     shown, end = stream(w, pieces_of(HERMES_CALL))
     assert set(shown) == {""}                    # no part of the call reached the client as text
     assert end == "" and w.calls == [PARIS]
-    (call,) = w.openai_calls()
+    (call,) = openai_tool_calls(w.calls)
     assert call["type"] == "function" and call["id"].startswith("call_") and len(call["id"]) > 10
     assert call["function"]["name"] == "get_weather"
     assert json.loads(call["function"]["arguments"]) == {"city": "Paris"}
@@ -68,7 +69,7 @@ def test_each_calls_id_is_its_own():
     w = watch()
     stream(w, [HERMES_CALL + "\n" + HERMES_CALL.replace("Paris", "Oslo")])
     assert [c["arguments"]["city"] for c in w.calls] == ["Paris", "Oslo"]
-    ids = [c["id"] for c in w.openai_calls()]
+    ids = [c["id"] for c in openai_tool_calls(w.calls)]
     assert len(set(ids)) == 2
 
 
@@ -138,7 +139,7 @@ def test_one_call_only_without_parallel_calls():
 def test_tool_choice_none_shows_even_a_call_as_text():
     w = watch(choice="none")
     shown, end = stream(w, pieces_of(HERMES_CALL))
-    assert "".join(shown) == HERMES_CALL and end == "" and w.calls == [] and w.openai_calls() == []
+    assert "".join(shown) == HERMES_CALL and end == "" and w.calls == [] and openai_tool_calls(w.calls) == []
 
 
 def test_without_tools_everything_passes():

@@ -164,6 +164,9 @@ class StepCost:
     On this project's 2-core CPU a 9-token batch costs about five 1-token steps; on a GPU it costs about one."""
 
     WIDTHS = (1, 2, 4, 8, 16, 32)
+    # Measuring stops at the width that takes it past this (the wider ones are extrapolated): a slow device, where the
+    # first decode of each batch shape also builds its kernels (Vulkan on Mesa's lavapipe), took two minutes to start.
+    BUDGET_SECONDS = 5.0
 
     def __init__(self, widths: list[int], seconds: list[float]):
         self.widths, self.seconds = widths, seconds
@@ -171,7 +174,8 @@ class StepCost:
     @classmethod
     def measure(cls, model: "LlamaModel", batch, most: int, reps: int = 2) -> "StepCost":
         """Time decodes of each width up to `most` after a short prefix, in sequence 0 (then emptied): about half
-        a second. The caller holds the llama lock, on the thread that makes every decode."""
+        a second on a CPU, BUDGET_SECONDS at most past the first two widths. The caller holds the llama lock, on the
+        thread that makes every decode."""
         lib, ctx, memory = model.lib, model.ctx, model.memory
         widths = [w for w in cls.WIDTHS if w <= max(2, most)]
         filler = max(model.bos, 0)
@@ -184,9 +188,12 @@ class StepCost:
             started = time.perf_counter()
             ok = lib.llama_decode(ctx, batch) == 0
             return time.perf_counter() - started if ok else math.inf
+        started = time.perf_counter()
         decode(64, 0, False)
         seconds = []
         for w in widths:
+            if len(seconds) >= 2 and time.perf_counter() - started > cls.BUDGET_SECONDS:
+                break
             runs = []
             for _ in range(reps + 1):                  # the first of each width warms it up
                 runs.append(decode(w, 64, True))
@@ -195,7 +202,7 @@ class StepCost:
         lib.llama_memory_seq_rm(memory, 0, -1, -1)
         if not all(math.isfinite(t) for t in seconds):
             return cls([1, 2], [1.0, 1e9])           # could not measure: never draft
-        return cls(widths, seconds)
+        return cls(widths[:len(seconds)], seconds)
 
     def __call__(self, n: int) -> float:
         w, t = self.widths, self.seconds

@@ -30,7 +30,7 @@ class StepBatch:
     # (slot, batch index of its first logits, the draft tokens whose logits follow): the slots that draw this step
     due: list[tuple[Slot, int, list[int]]] = dataclasses.field(default_factory=list)
     added: list[tuple[Slot, int]] = dataclasses.field(default_factory=list)   # (slot, tokens of its own decoded)
-    drafted: bool = False
+    drafted: bool = False           # drafts were proposed this step (in the batch, or left out for a short prompt)
     interleaved: int = 0            # cells several replies put side by side in a shared pool
 
 
@@ -165,7 +165,7 @@ class Engine:
             self.speculation.paused = False
             if status == DECODE_NO_ROOM and batch.drafted:
                 # No cells for the batch in a nearly full pool (llama.cpp changed nothing): nothing of this step
-                # was kept, so the next one does the same work without drafts.
+                # was kept, so the next one does the same work without drafts (and the room they were given).
                 self.speculation.paused = True
                 return finished
             if status != DECODE_OK:
@@ -223,7 +223,7 @@ class Engine:
         """The step's batch: every generating slot's drawn token (and its draft), and prompt to read. A short new
         prompt gets a step of its own: its first token comes sooner, and the others lose one short step. A long one
         is read in chunks beside the others' tokens, so they keep streaming while it is read."""
-        batch = StepBatch()
+        batch = StepBatch(drafted=any(drafts.values()))
         prefilling = [s for s in self.slots if s.state is SlotState.READING_PROMPT]
         generating = [s for s in self.slots if s.state is SlotState.GENERATING]
         short_prefill = bool(prefilling) and sum(len(s.to_prefill) for s in prefilling) <= self.SHORT_PROMPT
@@ -237,7 +237,6 @@ class Engine:
                                      logits_all=bool(draft))
                 batch.due.append((slot, first, draft))
                 batch.added.append((slot, 1))
-                batch.drafted = batch.drafted or bool(draft)
             if len(generating) > 1:         # cells side by side: a token and its draft each
                 batch.interleaved = sum(1 + len(drafts.get(s.seq_id, ())) for s in generating)
         budget = self.model.n_batch if short_prefill or not generating else self.PREFILL_CHUNK_WHILE_STREAMING
