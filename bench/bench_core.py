@@ -91,17 +91,21 @@ def server_stream_minimal_reader(server: ServerProcess, n_tokens: int) -> float:
     body = json.dumps({"prompt": PROMPT, "max_length": n_tokens, "ban_eos_token": True, "sampler_seed": 1,
                        **SAMPLING}).encode()
     sock = server.raw_socket()
-    sock.sendall(b"POST /api/extra/generate/stream HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
-                 % len(body) + body)
+    sock.sendall(b"POST /api/extra/generate/stream HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Length: %d\r\n\r\n"
+                 % (server.port, len(body)) + body)
     count, first, last = 0, None, None
-    while data := sock.recv(65536):
+    data = sock.recv(65536)
+    if not data.startswith(b"HTTP/1.1 200"):
+        raise RuntimeError(f"the stream was refused: {data[:300]!r}")
+    while data:
         events = data.count(b"\n\n")
         if events:
             last = time.perf_counter()
             first = first or last
             count += events
+        data = sock.recv(65536)
     sock.close()
-    return (count - 2) / (last - first)     # minus the headers' blank line and the final event
+    return (count - 1) / (last - first)     # minus the final event
 
 
 def percentile(values: list[float], p: float) -> float:
