@@ -7,6 +7,8 @@ package)."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -15,7 +17,7 @@ from tests import harness
 harness.use_program(os.environ.get("KOBOLDLITE_SCRIPT") or harness.build_single_file())
 
 from koboldlite.model_files import find_starter_model  # noqa: E402  (after the program is mounted)
-from tests.harness import ServerProcess, make_self_signed_cert  # noqa: E402
+from tests.harness import ROOT, ServerProcess, make_self_signed_cert  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -61,3 +63,15 @@ def make_server(starter_model, tls_files):
     yield start
     for s in started:
         s.stop()
+
+
+@pytest.fixture(scope="session")
+def executable(tmp_path_factory) -> str:
+    """The one-file executable, built once per run by the command a user runs (tools/build_exe.py: llama.cpp with
+    every CPU variant and the Vulkan backend, tests/install.sh's build)."""
+    out = tmp_path_factory.mktemp("exe")
+    subprocess.run([sys.executable, os.path.join(ROOT, "tools", "build_exe.py"),
+                    "--dist", str(out / "dist"), "--work", str(out / "work")], check=True, timeout=1200)
+    path = out / "dist" / ("koboldlite.exe" if os.name == "nt" else "koboldlite")
+    assert path.is_file() and os.access(path, os.X_OK)
+    return str(path)

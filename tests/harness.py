@@ -221,7 +221,8 @@ class ServerProcess(WatchedProcess, HTTPClient):
     """koboldlite.py in a subprocess, ready once it prints the URL it serves."""
 
     def __init__(self, args: list[str], cert: str | None = None, env: dict | None = None,
-                 command: list[str] | None = None, cwd: str | None = None):
+                 command: list[str] | None = None, cwd: str | None = None,
+                 startup_timeout: float = STARTUP_TIMEOUT):
         """`command` replaces `python <the program under test> --port 0` (the executable, say)."""
         self.cert = cert
         if command is None:
@@ -230,7 +231,7 @@ class ServerProcess(WatchedProcess, HTTPClient):
             env = {"LLAMA_CPP_LIB_PATH": PIP_LLAMA_LIB, **(env or {})}
             command = [*program_command(), "--port", "0"]
         super().__init__([*command, *args], env=env, cwd=cwd)
-        m = self.wait_for_line(r"^Serving at (https?)://127\.0\.0\.1:(\d+)", STARTUP_TIMEOUT)
+        m = self.wait_for_line(r"^Serving at (https?)://127\.0\.0\.1:(\d+)", startup_timeout)
         self.ready_line = m.string
         self.scheme, self.port = m.group(1), int(m.group(2))
         self.base = f"{self.scheme}://127.0.0.1:{self.port}"

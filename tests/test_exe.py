@@ -4,26 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
-import sys
 
-import pytest
-
-from tests.harness import ROOT, ServerProcess, SSEStream, kobold_event_json
+from tests.harness import ServerProcess, SSEStream, kobold_event_json
+from tests.test_cpu_variants import STARTUP_LINE, VARIANT_NEEDS, best_variants_for, cpu_flags
 
 NO_BROWSER = {"KOBOLDLITE_NO_BROWSER": "1"}
-
-
-@pytest.fixture(scope="session")
-def executable(tmp_path_factory) -> str:
-    """Built once per run by the same script a user runs."""
-    out = tmp_path_factory.mktemp("exe")
-    subprocess.run([sys.executable, os.path.join(ROOT, "tools", "build_exe.py"),
-                    "--dist", str(out / "dist"), "--work", str(out / "work")], check=True, timeout=900)
-    path = out / "dist" / ("koboldlite.exe" if os.name == "nt" else "koboldlite")
-    assert path.is_file() and os.access(path, os.X_OK)
-    return str(path)
 
 
 def beside(executable: str, folder, **files) -> str:
@@ -112,3 +100,24 @@ def test_double_click_fatal_error_is_shown(executable, tmp_path):
 def test_command_line_errors_match_the_script(executable):
     p = subprocess.run([executable, "--port", "99999"], capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and p.stderr.strip() == "koboldlite: error: port must be between 0 and 65535, not 99999"
+
+
+def bundled_files(executable: str) -> list[str]:
+    """The names inside the one-file archive, as it unpacks them."""
+    from PyInstaller.archive.readers import CArchiveReader
+    return list(CArchiveReader(executable).toc)
+
+
+def test_the_executable_carries_every_cpu_variant_and_loads_the_best(executable):
+    inside = bundled_files(executable)
+    variants = {re.sub(r"^llama_cpp/lib/libggml-cpu-|\.so$", "", n) for n in inside
+                if n.startswith("llama_cpp/lib/libggml-cpu-")}
+    assert variants == set(VARIANT_NEEDS)
+    assert "llama_cpp/lib/libggml-vulkan.so" in inside and "llama_cpp/lib/libmtmd.so" in inside
+    s = ServerProcess(["--port", "0", "--contextsize", "256"], command=[executable])
+    try:
+        line = s.wait_for_line(STARTUP_LINE)
+        assert line.group(1) in best_variants_for(cpu_flags(), variants), line.string
+        assert "/llama_cpp/lib/libggml-cpu-" in line.string      # from inside the bundle, not pip's
+    finally:
+        stop_cleanly(s)

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Smoke-test a built executable on any platform: start it on a free port, wait for its
-"Serving at" line, check the version, generate and stream a short text, stop it.
+"Serving at" line, check the version, generate and stream a short text, stop it. It prints the CPU variant
+llama.cpp loaded (and fails if start-up named none).
 
     python3 tools/smoke_exe.py dist/koboldlite[.exe] [--full-offload]
 
@@ -23,10 +24,13 @@ def post(url: str, body: dict) -> bytes:
 def main(exe: str, full_offload: bool = False) -> int:
     args = [exe, "--port", "0"] + (["--gpulayers", "-1"] if full_offload else [])
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    offloaded = None
+    offloaded = cpu = None
     try:
         for line in proc.stdout:          # the server prints this line once it is ready
             print(line, end="")
+            c = re.match(r"CPU backend: (\S+)", line)
+            if c:
+                cpu = c.group(1)
             o = re.match(r"GPU: offloaded (\d+)/(\d+) layers", line)
             if o:
                 offloaded = (int(o.group(1)), int(o.group(2)))
@@ -36,6 +40,9 @@ def main(exe: str, full_offload: bool = False) -> int:
                 break
         else:
             print("the executable exited before serving")
+            return 1
+        if cpu is None:
+            print("start-up named no CPU backend")
             return 1
         if full_offload and not (offloaded and offloaded[0] == offloaded[1] > 0):
             print(f"not every layer was offloaded to the GPU: {offloaded}")
@@ -47,7 +54,7 @@ def main(exe: str, full_offload: bool = False) -> int:
         assert text, "no text generated"
         stream = post(base + "/api/extra/generate/stream", {"prompt": "Hello", "max_length": n}).decode()
         assert stream.count("event: message") > 2 and '"finish_reason": "length"' in stream
-        print(f"smoke test passed: generated {text!r}"
+        print(f"smoke test passed: generated {text!r} on CPU backend {cpu}"
               + (f", {offloaded[0]}/{offloaded[1]} layers on the GPU" if full_offload else ""))
         return 0
     finally:

@@ -42,6 +42,7 @@ def props(app, req):
         "total_slots": len(served.engine.slots),
         "memory": served.model.memory_report(),
         "gpu": gpu_report(served),
+        "cpu_backend": gpu_report(served)["cpu"],     # the CPU variant llama.cpp loaded (haswell...), its features
         "chat_template": served.chat_template.source,
         "bos_token": served.chat_template.bos_text, "eos_token": served.chat_template.eos_text,
         "model_alias": served.name,

@@ -1,50 +1,19 @@
-"""GPUs: the llama.cpp build to load, the devices its backends found, and the offload plan."""
+"""GPUs: the devices the llama.cpp build's backends found, and the offload plan."""
 
 from __future__ import annotations
 
 import ctypes
 import dataclasses
-import glob
 import os
 
-from ..paths import program_folder
 from ..errors import ConfigError
 from ..config import Config
+from .llama_build import CPUBackend, GGMLRegistry, choose_build, ggml_library
 from .gguf_layout import GGUFLayout, fit_gpu_layers
 
 
 GPU_BUILD_HELP = ("build llama.cpp with a GPU backend beside the CPU one: bash tools/build_llama_lib.sh vulkan "
                   "(any GPU) or cuda (NVIDIA); README: GPUs")
-
-
-def use_gpu_build():
-    """Point llama-cpp-python at a GPU build of llama.cpp when one was made beside this script (or ships inside
-    the executable) and LLAMA_CPP_LIB_PATH names none: pip's llama-cpp-python stays the CPU fallback."""
-    if not os.environ.get("LLAMA_CPP_LIB_PATH"):
-        here = program_folder()
-        for folder in ("llama_gpu", ".llama-cuda/lib", ".llama-vulkan/lib"):
-            candidate = os.path.join(here, folder)
-            if glob.glob(os.path.join(candidate, "*llama.*")):
-                os.environ["LLAMA_CPP_LIB_PATH"] = candidate
-                break
-    folder = os.environ.get("LLAMA_CPP_LIB_PATH")
-    # ggml's own libraries from that folder first, by path: the dynamic linker then binds libllama's needs to
-    # them by name, never to another build's copies found on a library path (the CPU ones beside them in the
-    # executable, say). A backend module whose driver is missing (libggml-cuda without libcuda) is skipped.
-    for stem in ("ggml-base", "ggml-cpu", "ggml-vulkan", "ggml-blas", "ggml") if folder else ():
-        path = ggml_library(folder, stem)
-        if path is not None:
-            try:
-                ctypes.CDLL(path, mode=getattr(ctypes, "RTLD_GLOBAL", 0))
-            except OSError:
-                pass
-
-
-def ggml_library(folder: str, stem: str) -> str | None:
-    for name in (f"lib{stem}.so", f"lib{stem}.dylib", f"{stem}.dll"):
-        if os.path.exists(os.path.join(folder, name)):
-            return os.path.join(folder, name)
-    return None
 
 
 @dataclasses.dataclass
@@ -61,39 +30,19 @@ class GPUDevice:
 class Devices:
     """The backends and GPU devices of the llama.cpp build that llama-cpp-python loaded (ggml's registry).
 
-    A build with dynamic backend loading (GGML_BACKEND_DL, the CUDA build) registers none until its backend
-    modules are loaded from its folder; a module whose driver is missing (no NVIDIA driver) is skipped, so
-    the CPU module still runs. ggml's Vulkan backend skips CPU-type devices (lavapipe) unless
+    A build with dynamic backend loading (tools/build_llama_lib.sh's, the executables') registers none until
+    its backend modules are loaded from its folder; a module whose driver is missing (no NVIDIA driver) is
+    skipped, so the CPU module still runs. ggml's Vulkan backend skips CPU-type devices (lavapipe) unless
     GGML_VK_VISIBLE_DEVICES names them."""
 
     GPU_TYPES = (1, 2)        # GGML_BACKEND_DEVICE_TYPE_GPU, _IGPU
 
-    def __init__(self, llama_cpp_module):
-        folder = os.path.dirname(llama_cpp_module.llama_cpp._lib._name)
-        self.folder = folder
-        ggml = self._load(folder, "ggml")
-        base = self._load(folder, "ggml-base")
-        for lib, name, res, args in (
-                (ggml, "ggml_backend_reg_count", ctypes.c_size_t, []),
-                (ggml, "ggml_backend_reg_get", ctypes.c_void_p, [ctypes.c_size_t]),
-                (base, "ggml_backend_reg_name", ctypes.c_char_p, [ctypes.c_void_p]),
-                (ggml, "ggml_backend_dev_count", ctypes.c_size_t, []),
-                (ggml, "ggml_backend_dev_get", ctypes.c_void_p, [ctypes.c_size_t]),
-                (base, "ggml_backend_dev_name", ctypes.c_char_p, [ctypes.c_void_p]),
-                (base, "ggml_backend_dev_description", ctypes.c_char_p, [ctypes.c_void_p]),
-                (base, "ggml_backend_dev_type", ctypes.c_int, [ctypes.c_void_p]),
-                (base, "ggml_backend_dev_backend_reg", ctypes.c_void_p, [ctypes.c_void_p]),
-                (base, "ggml_backend_dev_memory", None,
-                 [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t)]),
-                (ggml, "ggml_backend_load_all_from_path", None, [ctypes.c_char_p])):
-            fn = getattr(lib, name)
-            fn.restype, fn.argtypes = res, args
-        self._ggml, self._base = ggml, base
-        if ggml.ggml_backend_reg_count() == 0:
-            ggml.ggml_backend_load_all_from_path(folder.encode())
-        self.backends = [base.ggml_backend_reg_name(ggml.ggml_backend_reg_get(i)).decode()
-                         for i in range(ggml.ggml_backend_reg_count())]
+    def __init__(self, registry: GGMLRegistry):
+        registry.load_backends()
+        self.registry, self.folder = registry, registry.folder
+        self.backends = registry.backends
         self.gpus: list[GPUDevice] = []
+        ggml, base = registry.ggml, registry.base
         for i in range(ggml.ggml_backend_dev_count()):
             dev = ggml.ggml_backend_dev_get(i)
             if base.ggml_backend_dev_type(dev) not in self.GPU_TYPES:
@@ -104,13 +53,9 @@ class Devices:
                 (base.ggml_backend_dev_description(dev) or b"").decode(errors="replace"),
                 base.ggml_backend_reg_name(base.ggml_backend_dev_backend_reg(dev)).decode(), free, total, dev))
 
-    @staticmethod
-    def _load(folder: str, stem: str) -> ctypes.CDLL:
-        return ctypes.CDLL(ggml_library(folder, stem) or f"lib{stem}.so", mode=getattr(ctypes, "RTLD_GLOBAL", 0))
-
     def memory(self, dev: int) -> tuple[int, int]:
         free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
-        self._base.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+        self.registry.base.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
         return free.value, total.value
 
     BACKEND_FILES = {"vulkan": "Vulkan", "cuda": "CUDA", "metal": "Metal", "hip": "ROCm", "sycl": "SYCL"}
@@ -151,6 +96,7 @@ class GPUPlan:
     devices: list[GPUDevice] = dataclasses.field(default_factory=list)
     chosen: bool = False                 # devices named by --usevulkan/--usecuda (else llama.cpp takes all)
     backends: list[str] = dataclasses.field(default_factory=list)
+    cpu: CPUBackend | None = None         # the CPU code llama.cpp runs (a variant module, or pip's built-in one)
     fit: dict | None = None              # the automatic fit's arithmetic
     lines: list[str] = dataclasses.field(default_factory=list)
 
@@ -158,7 +104,8 @@ class GPUPlan:
         """For /props, /api/extra/perf and /api/ps: devices, layers, and MiB per device as llama.cpp allocated."""
         on_gpu = {name: parts for name, parts in memory["devices"].items()
                   if not name.startswith("CPU") and not name.endswith("_Host")}
-        return {"backends": self.backends, "auto": self.fit is not None, "fit": self.fit,
+        return {"backends": self.backends, "cpu": self.cpu.report() if self.cpu else None,
+                "auto": self.fit is not None, "fit": self.fit,
                 "devices": [{"name": d.name, "description": d.description, "backend": d.backend,
                              "free_mib": d.free >> 20, "total_mib": d.total >> 20} for d in self.devices],
                 "layers_offloaded": memory["layers_offloaded"], "layers_total": memory["layers_total"],
@@ -171,10 +118,15 @@ FIT_FREE_CAP_ENV = "KOBOLDLITE_FIT_FREE_MIB"    # tests: cap the free memory the
 
 def plan_gpu(config: Config) -> GPUPlan:
     """Find the build's GPU devices and decide the offload: --gpulayers if given, else as many layers as fit."""
-    use_gpu_build()
+    choose_build()
     import llama_cpp
-    found = Devices(llama_cpp)
-    plan = GPUPlan(backends=found.backends)
+    registry = GGMLRegistry(llama_cpp)
+    found = Devices(registry)
+    plan = GPUPlan(backends=found.backends, cpu=registry.cpu_backend())
+    plan.lines.append(plan.cpu.describe() + (f" [{plan.cpu.library}]" if plan.cpu.library else ""))
+    not_loaded = registry.modules_not_loaded()
+    for module, why in not_loaded.items():
+        plan.lines.append(f"GPU: the {module} backend is not in use ({why}): running on the CPU")
     backend = "Vulkan" if config.usevulkan is not None else "CUDA" if config.usecuda is not None else None
     if (backend or config.tensor_split or config.maingpu is not None) and not found.gpu_backends:
         option = ("--usevulkan" if config.usevulkan is not None else "--usecuda" if config.usecuda is not None
@@ -189,8 +141,9 @@ def plan_gpu(config: Config) -> GPUPlan:
     plan.devices = found.choose(backend, ids) if backend else list(found.gpus)
     plan.chosen = backend is not None
     if not plan.devices:
-        plan.lines.append(f"GPU: the {'/'.join(found.gpu_backends)} backend found no usable device (no driver, or "
-                          f"only CPU-type devices): running on the CPU")
+        if not not_loaded:
+            plan.lines.append(f"GPU: the {'/'.join(found.gpu_backends)} backend found no usable device (no driver, "
+                              f"or only CPU-type devices): running on the CPU")
         return plan
     for d in plan.devices:
         plan.lines.append(f"GPU: {d.name} ({d.description}, {d.backend}): {d.free >> 20} MiB free of "

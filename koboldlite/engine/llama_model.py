@@ -12,6 +12,7 @@ from typing import Callable
 from ..errors import Invalid, ModelLoadError
 from ..model_files import model_name_of
 from .gpu import GPUDevice
+from .llama_build import GGMLRegistry
 
 
 class LlamaLog:
@@ -64,6 +65,7 @@ class LlamaModel:
         self._log_partial = ""
         LlamaLog.route_to(llama_cpp, self, show_llama_log)
         _check_gguf_magic(path)
+        GGMLRegistry(llama_cpp).load_backends()      # a dynamic-backend build's modules (once; plan_gpu did it)
         llama_cpp.llama_backend_init()
         self._load_weights(n_gpu_layers, devices, main_gpu, tensor_split, row_split, use_mmap, use_mlock, progress)
         self._make_context(n_ctx, n_seq, n_threads, n_batch, shared_kv, split_kv, flash_attention, quantkv)
