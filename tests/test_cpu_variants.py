@@ -94,7 +94,7 @@ def test_natively_the_best_variant_for_this_cpu_is_loaded(starter_model):
         assert line.group(1) in best_variants_for(cpu_flags(), built_variants()), line.string
         props = s.json("GET", "/props")
         assert props["cpu_backend"]["variant"] == line.group(1)
-        assert os.path.basename(props["cpu_backend"]["library"]) == f"libggml-cpu-{line.group(1)}.so"
+        assert props["cpu_backend"]["library"] == f"libggml-cpu-{line.group(1)}.so"      # its name, never a path
         assert greedy(s)["choices"][0]["text"]
     finally:
         s.stop()

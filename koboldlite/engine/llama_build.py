@@ -78,7 +78,9 @@ class CPUBackend:
         return f"CPU backend: {self.variant} ({', '.join(self.features) or 'baseline x86-64'})"
 
     def report(self) -> dict:
-        return {"variant": self.variant, "features": self.features, "library": self.library}
+        """For /props and /api/extra/perf: the file's name only (a path would tell callers where things are)."""
+        return {"variant": self.variant, "features": self.features,
+                "library": os.path.basename(self.library) if self.library else None}
 
 
 class _Feature(ctypes.Structure):
