@@ -34,6 +34,7 @@ def props(app, req):
     """llama-server's: of the default model, or of ?model=NAME as its router mode takes it."""
     served = req.use(req.query.get("model"))
     d = OPENAI_DEFAULTS
+    gpu = gpu_report(served)
     return JSONResponse({
         "default_generation_settings": {
             "n_ctx": served.model.n_ctx, "temperature": d.temperature, "top_k": d.top_k, "top_p": d.top_p,
@@ -41,8 +42,8 @@ def props(app, req):
             "n_predict": -1, "seed": -1},
         "total_slots": len(served.engine.slots),
         "memory": served.model.memory_report(),
-        "gpu": gpu_report(served),
-        "cpu_backend": gpu_report(served)["cpu"],     # the CPU variant llama.cpp loaded (haswell...), its features
+        "gpu": gpu,
+        "cpu_backend": gpu["cpu"],     # the CPU variant llama.cpp loaded (haswell...), its features
         "chat_template": served.chat_template.source,
         "bos_token": served.chat_template.bos_text, "eos_token": served.chat_template.eos_text,
         "model_alias": served.name,
