@@ -8,6 +8,7 @@ import re
 import pytest
 
 from koboldlite.generation import GenerationRequest, SamplerSettings
+from koboldlite.jobs import StopReason
 from koboldlite.engine.llama_model import LlamaModel
 from koboldlite.engine.engine import Engine
 from tests.harness import SSEStream, in_thread, result_of
@@ -277,6 +278,59 @@ def test_a_compacted_pool_shares_borrowed_starts_again(starter_model):
     words = [set(re.findall(r"[a-z]+", t.lower())) for t in texts]
     assert words[0] & colours and not words[0] & winds, texts[0]
     assert words[1] & winds and not words[1] & colours, texts[1]
+
+
+def test_an_idle_borrower_shares_its_start_again_after_its_lender_is_compacted(starter_model):
+    """A reply that borrowed a running reply's start and ended keeps those cells while idle. Compaction moves
+    the running lender: the idle borrower's start must become the lender's cells again, not a copy that
+    nothing counts (CI saw the pool, counted as having room, refuse a decode: 'llama_decode failed (1)')."""
+    model = LlamaModel(starter_model, n_ctx=1024, n_seq=3, n_threads=2, n_gpu_layers=0, shared_kv=True)
+    engine = Engine(model)
+    engine.pool.COMPACT_AFTER_CELLS = 4
+    greedy = SamplerSettings(temperature=0, ban_eos=True)
+    card = "You are a ship's cook who answers in lists. " * 6
+    lender = engine.prepare(GenerationRequest(card + "The colours: red, green,", max_length=120, sampler=greedy))
+    other = engine.prepare(GenerationRequest("A list of the planets: Mercury, Venus,", max_length=120,
+                                             sampler=greedy))
+    for job in (lender, other):
+        assert engine.admit(job)
+        engine.step()
+    brief = engine.prepare(GenerationRequest(card + "The winds: north,", max_length=3, sampler=greedy))
+    assert engine.admit(brief)
+    idle = next(s for s in engine.slots if s.job is brief)
+    while not brief.buffer.done:
+        engine.step()
+    assert idle.lender is not None and idle.borrowed >= len(model.tokenize(card)) - 1
+    compactions = engine.compactions
+    while engine.compactions < compactions + 2:
+        assert not engine.step() or lender.buffer.done
+    assert idle.lender is not None and idle.borrowed >= len(model.tokenize(card)) - 1
+    lib = model.lib
+    own = lib.llama_state_seq_get_size(model.ctx, idle.seq_id)
+    before = lib.llama_state_get_size(model.ctx)
+    lib.llama_memory_seq_rm(model.memory, idle.seq_id, -1, -1)
+    freed = before - lib.llama_state_get_size(model.ctx)
+    assert freed == pytest.approx(own * (len(idle.cached) - idle.borrowed) / len(idle.cached), rel=0.2)
+    for job in (lender, other):
+        job.cancelled.set()
+    engine.step()
+
+
+def test_a_failed_decode_frees_the_failed_replies_cells(starter_model, monkeypatch):
+    """A decode llama.cpp fails leaves the sequences' state unknown: their cells are freed, not left behind
+    uncounted to make the next replies' decodes fail too (CI saw one failure take every later reply with it)."""
+    model = LlamaModel(starter_model, n_ctx=512, n_seq=2, n_threads=2, n_gpu_layers=0, shared_kv=True)
+    engine = Engine(model)
+    job = engine.prepare(GenerationRequest("Once upon a time", max_length=50,
+                                           sampler=SamplerSettings(temperature=0, ban_eos=True)))
+    assert engine.admit(job)
+    while job.stats.generated_tokens < 5:
+        engine.step()
+    slot = next(s for s in engine.slots if s.job is job)
+    assert model.lib.llama_memory_seq_pos_max(model.memory, slot.seq_id) >= 5
+    monkeypatch.setattr(model.lib, "llama_decode", lambda ctx, batch: -3)
+    assert engine.step() == [job] and job.buffer.stop_reason is StopReason.FAILED
+    assert slot.cached == [] and model.lib.llama_memory_seq_pos_max(model.memory, slot.seq_id) == -1
 
 
 def test_a_compaction_that_cannot_restore_a_sequence_reads_it_again(starter_model, monkeypatch):

@@ -168,13 +168,14 @@ class Engine:
                 # was kept, so the next one does the same work without drafts (and the room they were given).
                 self.speculation.paused = True
                 return finished
-            if status != DECODE_OK:
-                return finished + [self._finish(slot, StopReason.FAILED, f"llama_decode failed ({status})")
-                                   for slot, _ in batch.added]
-            for slot, n in batch.added:
-                slot.decoded(n)
-            self.pool.interleaved += batch.interleaved
-            draws = [(slot, self._draw(slot, i, draft), draft) for slot, i, draft in batch.due]
+            if status == DECODE_OK:
+                for slot, n in batch.added:
+                    slot.decoded(n)
+                self.pool.interleaved += batch.interleaved
+                draws = [(slot, self._draw(slot, i, draft), draft) for slot, i, draft in batch.due]
+        if status != DECODE_OK:
+            return finished + [self._finish(slot, StopReason.FAILED, f"llama_decode failed ({status})")
+                               for slot, _ in batch.added]
         return finished + self._take(draws)
 
     def _decode(self, n: int) -> int:
@@ -314,8 +315,7 @@ class Engine:
             job.stats.generation_seconds = time.monotonic() - reply.t_first_token
         slot.finish()
         if reason is StopReason.FAILED:
-            slot.cached = []       # after a failed decode the sequence's state is unknown
-            self.pool.trimmed(slot)
+            self.pool.drop(slot)   # after a failed decode the sequence's state is unknown
         reply.sampler.free()
         job.end(reason, error)
         return job

@@ -131,6 +131,14 @@ class KVPool:
         del slot.cached[n:]
         self.trimmed(slot)
 
+    def drop(self, slot: Slot):
+        """Free all of the slot's cells (a slot that failed mid-decode too: llama.cpp may hold cells of it that
+        slot.cached does not name, and cells nothing counts would make the pool's room a lie)."""
+        with self.llama_lock:
+            self.lib.llama_memory_seq_rm(self.model.memory, slot.seq_id, -1, -1)
+        slot.cached = []
+        self.trimmed(slot)
+
     def plan_reuse(self, cached: list[int], prompt: list[int]) -> tuple[int, list[tuple[int, int, int]]]:
         """plan_reuse with this pool's context shift."""
         return plan_reuse(cached, prompt, self.context_shift)
@@ -203,10 +211,7 @@ class KVPool:
         while self.model.pool_tokens - self.cells_used() < n and idle:
             dropped = idle.pop(0)
             self.stash(dropped)
-            with self.llama_lock:
-                self.lib.llama_memory_seq_rm(self.model.memory, dropped.seq_id, -1, -1)
-            dropped.cached = []
-            self.trimmed(dropped)
+            self.drop(dropped)
         return self.model.pool_tokens - self.cells_used() >= n
 
     def compaction_due(self) -> bool:
@@ -228,8 +233,11 @@ class KVPool:
         self.interleaved = 0
         lib, ctx, memory = self.lib, self.model.ctx, self.model.memory
         moving = [s for s in self.slots if s.busy and s.cached]
-        # A shared start is restored as a copy before it is shared again: the pool needs room for that.
-        if sum(s.borrowed for s in moving) > self.model.pool_tokens - self.cells_used():
+        # A start shared with a slot that moves, either way round, comes back as a copy before it is shared again
+        # (an idle borrower of a running lender too): the pool needs room for the copies.
+        resharing = [s for s in self.slots
+                     if s.lender is not None and s.borrowed and (s in moving or s.lender in moving)]
+        if sum(s.borrowed for s in resharing) > self.model.pool_tokens - self.cells_used():
             return
         with self.llama_lock:
             sizes = [lib.llama_state_seq_get_size(ctx, s.seq_id) for s in moving]
@@ -250,7 +258,7 @@ class KVPool:
                 lib.llama_memory_seq_rm(memory, slot.seq_id, -1, -1)
                 self.read_again(slot)
             # Share the borrowed starts again; a lender that is itself a borrower goes first.
-            pending = [s for s in moving if s.lender is not None and s.borrowed]
+            pending = list(resharing)
             while pending:
                 for slot in [s for s in pending if s.lender not in pending] or pending[:1]:
                     pending.remove(slot)
