@@ -11,8 +11,9 @@ joined file relies on it); nothing here imports a module, so importing one modul
   base        version numbers; the errors every layer raises; where the program's own files are
   config      model files and their names; the configuration (command line, config file, presets); the
               double-click start of the executable
-  requests    text assembly (UTF-8, stop strings, thinking blocks, banned phrases); typed body fields; the one
-              generation request every API turns into; jobs and the token buffer their readers wait on
+  requests    text assembly (UTF-8, stop strings, thinking blocks, banned phrases); typed body fields; images
+              and audio checked by their bytes; the one generation request every API turns into; jobs and the
+              token buffer their readers wait on
   scheduler   the fair queue in front of an engine, known only by its protocol, and the thread that runs it
   engine      llama.cpp: the build loaded and its CPU variant, a GGUF's layout and its GPU fit, the loaded
               model, samplers, embeddings, speculative drafting, slots, the prompt cache, the KV pool, the next
@@ -29,7 +30,7 @@ joined file relies on it); nothing here imports a module, so importing one modul
 LAYERS = {
     "base": ("version", "errors", "paths"),
     "config": ("model_files", "config", "desktop"),
-    "requests": ("text", "fields", "generation", "jobs"),
+    "requests": ("text", "fields", "media", "generation", "jobs"),
     "scheduler": ("scheduler",),
     "engine": ("engine.llama_build", "engine.gguf_layout", "engine.gpu", "engine.llama_model", "engine.samplers",
                "engine.embeddings", "engine.drafting", "engine.slots", "engine.prompt_cache", "engine.kv_pool",

@@ -1,0 +1,91 @@
+"""What a request's images and audio must be before llama.cpp sees them (koboldlite/media.py): known formats only,
+headers read and capped, clear 4xx for the rest (issue 35)."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+
+from koboldlite.errors import RequestError
+from koboldlite.media import (MAX_AUDIO_SECONDS, MediaKind, decode_base64, read_media)
+from tests import media_files
+
+
+def refused(data: bytes, status: int = 400, **kw) -> str:
+    with pytest.raises(RequestError) as e:
+        read_media(data, "images[0]", **kw)
+    assert e.value.status == status, e.value
+    assert str(e.value).startswith("images[0]: ")
+    return str(e.value)
+
+
+@pytest.mark.parametrize("make, fmt, size", [
+    (lambda: media_files.png(32, 24), "png", (32, 24)),
+    (lambda: media_files.gif(4, 3), "gif", (4, 3)),
+    (lambda: media_files.bmp(2, 2), "bmp", (2, 2)),
+    (lambda: media_files.jpeg_frame(640, 488), "jpeg", (640, 488)),
+])
+def test_images_are_known_by_their_bytes_and_sized_by_their_headers(make, fmt, size):
+    item = read_media(make(), "images[0]")
+    assert (item.kind, item.format, (item.width, item.height)) == (MediaKind.IMAGE, fmt, size)
+
+
+def test_wav_length_comes_from_its_header():
+    item = read_media(media_files.wav(1.5), "audio[0]")
+    assert item.kind is MediaKind.AUDIO and item.format == "wav" and item.seconds == pytest.approx(1.5)
+
+
+def test_unknown_formats_never_reach_the_decoder():
+    assert "not a file this server reads" in refused(b"<html><script>alert(1)</script>", 415)
+    assert "not a file this server reads" in refused(b"\x00\x00\x00\x18ftypmp42" + b"\0" * 64, 415)   # video
+
+
+def test_a_truncated_or_lying_image_is_a_400():
+    whole = media_files.png(16, 16)
+    assert "truncated or damaged" in refused(whole[:len(whole) // 2])
+    assert "truncated or damaged" in refused(media_files.jpeg_frame(10, 10)[:-2])
+    assert "more than this server decodes" in refused(media_files.png_header_claiming(100_000, 100_000), 413)
+    assert "0x5 pixels" in refused(media_files.png_header_claiming(0, 5))
+
+
+def test_audio_that_claims_more_than_it_holds_or_too_little_is_refused():
+    good = media_files.wav(1.0)
+    data_at = good.index(b"data")
+    lying = good[:data_at + 4] + (2**31).to_bytes(4, "little") + good[data_at + 8:]
+    assert "truncated or damaged" in refused(lying)
+    assert "too short" in refused(media_files.wav(0.01))
+
+
+def test_long_audio_is_a_413():
+    rate = 8000
+    body = media_files.wav(0.2, rate=rate)
+    data_at = body.index(b"data")
+    samples = body[data_at + 8:]
+    n = int((MAX_AUDIO_SECONDS + 60) * rate * 2)
+    long = body[:4] + (36 + n).to_bytes(4, "little") + body[8:data_at + 4] + n.to_bytes(4, "little") \
+        + samples * (n // len(samples) + 1)
+    assert "minutes" in refused(long[:data_at + 8 + n], 413)
+
+
+def test_only_the_kind_asked_for():
+    assert "audio (wav) where image was expected" in refused(media_files.wav(1.0), 415, allowed=(MediaKind.IMAGE,))
+
+
+def test_base64_bare_or_as_a_data_uri():
+    raw = media_files.png()
+    b64 = base64.b64encode(raw).decode()
+    assert decode_base64(b64, "x") == raw
+    assert decode_base64("data:image/png;base64," + b64, "x") == raw
+    assert decode_base64(b64[:40] + "\n" + b64[40:], "x") == raw       # line breaks, as some clients wrap
+
+
+@pytest.mark.parametrize("value, says", [
+    ("", "expected a base64 string"), (None, "expected a base64 string"), (12, "expected a base64 string"),
+    ("not base64!", "not valid base64"), ("data:image/png,rawbytes", "must be base64-encoded"),
+    ("https://example.com/cat.png", "does not fetch addresses"), ("file:///etc/passwd", "does not fetch addresses"),
+])
+def test_bad_base64_is_a_400_that_says_why(value, says):
+    with pytest.raises(RequestError) as e:
+        decode_base64(value, "messages[0].content[1]")
+    assert e.value.status == 400 and says in str(e.value) and str(e.value).startswith("messages[0].content[1]: ")
