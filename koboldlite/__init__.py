@@ -16,8 +16,9 @@ joined file relies on it); nothing here imports a module, so importing one modul
               token buffer their readers wait on
   scheduler   the fair queue in front of an engine, known only by its protocol, and the thread that runs it
   engine      llama.cpp: the build loaded and its CPU variant, a GGUF's layout and its GPU fit, the loaded
-              model, samplers, embeddings, speculative drafting, slots, the prompt cache, the KV pool, the next
-              turn read ahead, the engine's steps, and conversations saved from its slots
+              model and its multimodal projector, samplers, embeddings, speculative drafting, slots, the prompt
+              cache, the KV pool, the next turn read ahead, the engine's steps, and conversations saved from its
+              slots
   chat        chat templates, chat messages, tool calls
   service     downloads, the model catalog, a served model, the roster of loaded models, the App, and what a
               route sees of a request (Request) and returns (Response); no HTTP
@@ -32,10 +33,10 @@ LAYERS = {
     "config": ("model_files", "config", "desktop"),
     "requests": ("text", "fields", "media", "generation", "jobs"),
     "scheduler": ("scheduler",),
-    "engine": ("engine.llama_build", "engine.gguf_layout", "engine.gpu", "engine.llama_model", "engine.samplers",
-               "engine.embeddings", "engine.drafting", "engine.slots", "engine.prompt_cache", "engine.kv_pool",
-               "engine.read_ahead", "engine.preparation", "engine.replies", "engine.admission", "engine.engine",
-               "engine.saved_slots"),
+    "engine": ("engine.llama_build", "engine.gguf_layout", "engine.gpu", "engine.llama_model", "engine.projector",
+               "engine.samplers", "engine.embeddings", "engine.drafting", "engine.slots", "engine.prompt_cache",
+               "engine.kv_pool", "engine.read_ahead", "engine.preparation", "engine.replies", "engine.admission",
+               "engine.engine", "engine.saved_slots"),
     "chat": ("chat.template", "chat.messages", "chat.tools"),
     "service": ("service.downloads", "service.catalog", "service.served_model", "service.roster", "service.app",
                 "service.exchange"),
