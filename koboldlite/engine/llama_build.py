@@ -35,6 +35,8 @@ def choose_build():
                 os.environ["LLAMA_CPP_LIB_PATH"] = candidate
                 break
     folder = os.environ.get("LLAMA_CPP_LIB_PATH")
+    if folder and "MTMD_CPP_LIB" not in os.environ:
+        os.environ["MTMD_CPP_LIB"] = folder     # the projector's library from the same build, never pip's beside it
     # ggml's own libraries from that folder first, by path: the dynamic linker then binds libllama's needs to
     # them by name, never to another build's copies found on a library path. A module whose driver is missing
     # (libggml-vulkan without libvulkan) is skipped here; GGMLRegistry says why.

@@ -45,7 +45,11 @@ class Projector:
     """libmtmd's context for one model: loaded once, freed with the model."""
 
     def __init__(self, path: str, model: LlamaModel, n_threads: int, use_gpu: bool):
-        import llama_cpp.mtmd_cpp as mtmd    # beside the llama.cpp build already loaded (see llama_build)
+        try:
+            import llama_cpp.mtmd_cpp as mtmd    # from the llama.cpp build already loaded (see llama_build)
+        except (OSError, RuntimeError, FileNotFoundError) as e:
+            raise ModelLoadError(f"this llama.cpp build has no libmtmd, which a projector needs ({e}); rebuild it "
+                                 f"with tools/build_llama_lib.sh") from None
         self.mtmd, self.path, self.model = mtmd, path, model
         params = mtmd.mtmd_context_params_default()
         params.use_gpu = use_gpu

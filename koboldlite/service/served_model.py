@@ -14,6 +14,8 @@ from ..generation import GenerationRequest
 from ..jobs import Job
 from ..engine.gpu import plan_gpu
 from ..engine.llama_model import LlamaModel
+from ..engine.projector import Projector
+from ..model_files import find_projector
 from ..engine.embeddings import Embedder
 from ..engine.drafting import DraftModel
 from ..engine.prompt_cache import PromptCache
@@ -86,6 +88,7 @@ class ServedModel:
             self.model.close()
             raise
         self.gpu = gpu
+        self.projector = self._projector(cfg, entry)
         self.memory = self.model.memory_report()
         self.gpu_info = gpu.report(self.memory)
         self.draft_model: DraftModel | None = None
@@ -95,6 +98,8 @@ class ServedModel:
                                               gpu.n_gpu_layers if cfg.draftgpulayers is None else cfg.draftgpulayers,
                                               show_llama_log=cfg.debug)
             except ModelLoadError:
+                if self.projector is not None:
+                    self.projector.close()
                 self.model.close()
                 raise
         self.prompt_cache = self._prompt_cache(cfg)
@@ -112,6 +117,24 @@ class ServedModel:
         self._embedder: Embedder | None = None
         self._embedder_lock = threading.Lock()
         self.saved_states: dict[int, tuple[list[int], bytes]] = {}   # KoboldCpp's admin save_state, by number
+
+    def _projector(self, cfg: Config, entry: ModelEntry) -> Projector | None:
+        """The model's multimodal projector: --mmproj (or its preset's), else one found beside the model file.
+        One named that does not load fails the start; one found that does not fit this model is only skipped."""
+        path = cfg.mmproj or (None if cfg.nommproj else find_projector(entry.path))
+        if path is None:
+            return None
+        try:
+            projector = Projector(path, self.model, n_threads=max(1, cfg.threads or 1),
+                                  use_gpu=bool(self.gpu.devices) and not cfg.mmprojcpu)
+        except ModelLoadError as e:
+            if cfg.mmproj:
+                self.model.close()
+                raise
+            self.log(f"{e}: found beside the model, skipped (--nommproj leaves it out)")
+            return None
+        self.log(projector.describe())
+        return projector
 
     CACHE_CONTEXTS = 4       # the default RAM cache: this many full contexts of the model's KV cache...
     CACHE_RAM_SHARE = 4      # ...but at most a quarter of the memory the system has free
@@ -192,4 +215,6 @@ class ServedModel:
                 self._embedder = None
         if self.draft_model is not None:
             self.draft_model.close()
+        if self.projector is not None:
+            self.projector.close()
         self.model.close()
