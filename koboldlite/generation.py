@@ -90,6 +90,8 @@ class GenerationRequest:
     logprobs_after_samplers: bool = False   # from the distribution the draw used (KoboldCpp), not the model's
     # A chat's next prompt up to its user's new words, given this reply's text (ChatTemplate); read ahead while idle
     next_turn: Callable[[str], str | None] | None = None
+    # Images and audio, in the order MEDIA_MARKER stands for them in memory and prompt (koboldlite/media.py).
+    media: list = dataclasses.field(default_factory=list)
 
 
 def parse_sampler_settings(f: FieldReader, d: SamplerSettings | None = None) -> SamplerSettings:

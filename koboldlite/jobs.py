@@ -136,6 +136,7 @@ class Job:
         self.n_ctx = 0                  # the context this job may fill (its max_context_length)
         self.n_keep = 0                 # leading tokens a context shift keeps (memory, system turn)
         self.stop_tokens = frozenset(request.stop_token_ids)
+        self.media: dict = {}           # a media chunk by its first placeholder id in prompt_tokens (engine/projector.py)
         self.banned_token_ids: list[int] = []   # resolved from the request's bans by the engine
         self.ignored_fields: list[str] = list(request.ignored_fields)
         self.logprobs: list[TokenLogprob] = []   # one per token shown, appended before its text

@@ -13,6 +13,7 @@ import base64
 import binascii
 import dataclasses
 import enum
+import os
 import re
 import struct
 
@@ -30,6 +31,9 @@ MAX_BYTES = 32 << 20
 MAX_PIXELS = 64_000_000
 MAX_AUDIO_SECONDS = 15 * 60
 MIN_AUDIO_SECONDS = 0.1           # libmtmd aborts the process on audio of one sample
+
+# Where a media item stands in a request's prompt text, in order: random for each process, so no client can type it.
+MEDIA_MARKER = f"<__koboldlite_media_{os.urandom(8).hex()}__>"
 
 IMAGE_FORMATS = ("jpeg", "png", "gif", "bmp")
 AUDIO_FORMATS = ("wav", "mp3", "flac")

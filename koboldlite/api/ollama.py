@@ -16,6 +16,7 @@ from ..fields import FieldReader, _asks, ignored_fields
 from ..generation import GenerationRequest, SamplerSettings, parse_sampler_settings
 from ..jobs import Job, StopReason, TokenLogprob
 from ..chat.messages import parse_chat_messages
+from ..media import MEDIA_MARKER, MediaKind, decode_base64, read_media
 from ..chat.tools import ToolUse
 from ..service.catalog import ModelEntry
 from ..service.served_model import ServedModel
@@ -30,7 +31,7 @@ from .reply import (
 
 
 OLLAMA_IGNORED_FIELDS: dict[str, Callable[[Any], bool]] = {
-    "images": _asks, "context": _asks, "template": _asks, "suffix": _asks,
+    "context": _asks, "template": _asks, "suffix": _asks,
 }
 
 
@@ -138,19 +139,27 @@ class OllamaCall:
     def generate(cls, req, f: FieldReader) -> "OllamaCall":
         served = ollama_use(req, f)
         fields = ollama_generation_fields(req, f, served)
+        # Images go before the prompt's words, as Ollama places them.
+        images = f.body.get("images") or []
+        if not isinstance(images, list):
+            raise RequestError("'images' must be a list of base64 strings")
+        fields["media"] = [read_media(decode_base64(image, f"images[{i}]"), f"images[{i}]", (MediaKind.IMAGE,))
+                           for i, image in enumerate(images)]
+        prompt = MEDIA_MARKER * len(fields["media"]) + f.string("prompt")
         if f.boolean("raw"):
-            request = GenerationRequest(prompt=f.string("prompt"), **fields)
+            request = GenerationRequest(prompt=prompt, **fields)
         else:
             system = [{"role": "system", "content": f.string("system")}] if f.string("system") else []
-            request = chat_request(served, system + [{"role": "user", "content": f.string("prompt")}], fields,
+            request = chat_request(served, system + [{"role": "user", "content": prompt}], fields,
                                    template_vars=ollama_template_vars(f))
         return cls(served, request, f.boolean("stream", default=True), f.body.get("think") is not False)
 
     @classmethod
     def chat_of(cls, req, f: FieldReader) -> "OllamaCall":
         served = ollama_use(req, f)
-        messages = parse_chat_messages(f.body.get("messages"))
-        fields = ollama_generation_fields(req, f, served)
+        media = []
+        messages = parse_chat_messages(f.body.get("messages"), media)
+        fields = {**ollama_generation_fields(req, f, served), "media": media}
         # Ollama has no tool_choice; we take one beside the tools or in `options` (which its clients pass on).
         options = f.body.get("options") if isinstance(f.body.get("options"), dict) else {}
         tools = tool_use_of(served, f, f.body.get("tool_choice", options.get("tool_choice")))

@@ -101,10 +101,12 @@ class OpenAICall:
     def chat(cls, req) -> "OpenAICall":
         f = FieldReader(req.json())
         served = req.use(f.body.get("model"))
-        messages = parse_chat_messages(f.body.get("messages"))
+        media = []
+        messages = parse_chat_messages(f.body.get("messages"), media)
         fields = openai_generation_fields(req, f, default_max=None)
         tools = tool_use_of(served, f)
-        request = chat_request(served, messages, {**fields, **openai_logprob_fields(f, legacy=False)}, tools)
+        request = chat_request(served, messages, {**fields, **openai_logprob_fields(f, legacy=False), "media": media},
+                               tools)
         return cls(served, request, f.boolean("stream"), include_usage_of(f), tools,
                    split_reasoning=f.string("reasoning_format", default="auto") != "none")
 

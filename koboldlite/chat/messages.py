@@ -7,14 +7,17 @@ import secrets
 from typing import Any
 
 from ..errors import RequestError
+from ..media import MEDIA_MARKER, MediaItem, MediaKind, decode_base64, read_media
 
 
 CHAT_ROLES = ("system", "user", "assistant", "tool", "developer")
 
 
-def parse_chat_messages(value: Any) -> list[dict]:
+def parse_chat_messages(value: Any, media: list[MediaItem] | None = None) -> list[dict]:
     """OpenAI- or Ollama-style messages; a 400 names the message that is wrong. Tool calls and tool
-    results are kept as Hugging Face templates read them (arguments as objects)."""
+    results are kept as Hugging Face templates read them (arguments as objects). Where `media` is given, an
+    image or audio part (and an Ollama message's `images`) is read into it and stands in the content as
+    MEDIA_MARKER, where the part was."""
     if not isinstance(value, list) or not value:
         raise RequestError("'messages' must be a non-empty list of messages")
     out = []
@@ -28,15 +31,16 @@ def parse_chat_messages(value: Any) -> list[dict]:
         if content is None:
             content = ""
         elif isinstance(content, list):
-            texts = []
-            for j, part in enumerate(content):
-                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    raise RequestError(f"messages[{i}].content[{j}] must be a text part "
-                                       "({{\"type\": \"text\", \"text\": ...}}); images are not supported")
-                texts.append(part["text"])
-            content = "".join(texts)
+            content = "".join(_part_text(part, f"messages[{i}].content[{j}]", media)
+                              for j, part in enumerate(content))
         elif not isinstance(content, str):
             raise RequestError(f"messages[{i}].content must be a string or a list of text parts")
+        if m.get("images") and media is not None:        # Ollama's: before the message's words, as Ollama puts them
+            images = m["images"] if isinstance(m["images"], list) else [m["images"]]
+            for j, image in enumerate(images):
+                media.append(read_media(decode_base64(image, f"messages[{i}].images[{j}]"),
+                                        f"messages[{i}].images[{j}]", (MediaKind.IMAGE,)))
+            content = MEDIA_MARKER * len(images) + content
         message = {"role": "system" if role == "developer" else role, "content": content}
         if m.get("tool_calls"):
             message["tool_calls"] = [tool_call_of(call, f"messages[{i}].tool_calls[{j}]")
@@ -47,6 +51,28 @@ def parse_chat_messages(value: Any) -> list[dict]:
                 message[key] = m[key]
         out.append(message)
     return out
+
+
+def _part_text(part: Any, where: str, media: list[MediaItem] | None) -> str:
+    """A content part's text: its words, or MEDIA_MARKER for an image or audio part read into `media`."""
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind == "text" and isinstance(part.get("text"), str):
+        return part["text"]
+    if kind in ("image_url", "input_audio"):
+        if media is None:
+            raise RequestError(f"{where}: {'image' if kind == 'image_url' else 'audio'} input is not supported here")
+        if kind == "image_url":
+            url = part.get("image_url")
+            data = url.get("url") if isinstance(url, dict) else url          # some clients send the URL bare
+            allowed = (MediaKind.IMAGE,)
+        else:
+            audio = part.get("input_audio")
+            data = audio.get("data") if isinstance(audio, dict) else None
+            allowed = (MediaKind.AUDIO,)
+        media.append(read_media(decode_base64(data, where), where, allowed))
+        return MEDIA_MARKER
+    raise RequestError(f"{where} must be a text part ({{\"type\": \"text\", \"text\": ...}}), an image_url or "
+                       f"an input_audio part")
 
 
 def tool_call_of(call: Any, where: str) -> dict:

@@ -21,6 +21,7 @@ from .read_ahead import NextTurnReader
 from .preparation import count_prompt_tokens, prepare_job
 from .replies import ReplyWriter, new_reply
 from .admission import bring_back, choose_slot
+from .projector import Projector, decode_media
 
 
 @dataclasses.dataclass
@@ -54,8 +55,9 @@ class Engine:
 
     def __init__(self, model: LlamaModel, context_shift: bool = True, draft_most: int = 0,
                  draft_model: DraftModel | None = None, prompt_cache: PromptCache | None = None,
-                 log: Callable[[str], None] = lambda line: None):
+                 log: Callable[[str], None] = lambda line: None, projector: Projector | None = None):
         self.model = model
+        self.projector = projector
         self.lib = model.lib
         # Context shift: reuse a cache whose front turns a client dropped, and shift a full context
         # instead of stopping. Needs a model whose cache positions can move.
@@ -88,10 +90,10 @@ class Engine:
     # -- on request threads -------------------------------------------------
 
     def prepare(self, request: GenerationRequest) -> Job:
-        return prepare_job(self.model, request, self.context_shift)
+        return prepare_job(self.model, request, self.context_shift, self.projector)
 
     def count_prompt_tokens(self, request: GenerationRequest) -> int:
-        return count_prompt_tokens(self.model, request)
+        return count_prompt_tokens(self.model, request, self.projector)
 
     # -- on the generation thread ------------------------------------------
 
@@ -139,6 +141,7 @@ class Engine:
         source = bring_back(self.pool, self.slots, slot, prompt)
         keep = self.pool.reuse(slot, prompt)
         keep = self.pool.borrow_prefix(slot, prompt, keep)
+        keep = self._at_a_media_start(job, slot, prompt, keep)
         if not self.pool.make_room(len(prompt) - keep + 1, keep=slot):
             return False                   # a shared pool held by running replies: wait in the queue
         seed = job.request.sampler.seed
@@ -151,11 +154,21 @@ class Engine:
         slot.last_used = now
         return True
 
+    def _at_a_media_start(self, job: Job, slot: Slot, prompt: list[int], keep: int) -> int:
+        """A reused cache that ends inside a media chunk's run gives back that run: a chunk is decoded whole."""
+        start = keep
+        while 0 < start < len(prompt) and prompt[start] < 0 and prompt[start] not in job.media:
+            start -= 1
+        if start != keep:
+            self.pool.truncate(slot, start)
+        return start
+
     def step(self) -> list[Job]:
         """Decode one batch and draw for every slot that is due; return the jobs that ended."""
         finished = [self._finish(s, StopReason.ABORTED) for s in self.slots if s.busy and s.job.cancelled.is_set()]
         if self.pool.compaction_due():
             self.pool.compact()
+        finished += self._read_media()
         drafts = self._room_and_drafts(finished)
         batch = self._fill(drafts)
         if batch.n == 0:
@@ -177,6 +190,23 @@ class Engine:
             return finished + [self._finish(slot, StopReason.FAILED, f"llama_decode failed ({status})")
                                for slot, _ in batch.added]
         return finished + self._take(draws)
+
+    def _read_media(self) -> list[Job]:
+        """Every media chunk that a reading slot's prompt has come to, each in a decode of its own; the jobs
+        that failed."""
+        failed = []
+        for slot in self.slots:
+            while slot.state is SlotState.READING_PROMPT and slot.to_prefill and slot.to_prefill[0] < 0:
+                chunk = slot.job.media[slot.to_prefill[0]]
+                with self.llama_lock:
+                    status = decode_media(self.model, self.projector, chunk, slot.seq_id, len(slot.cached))
+                if status != DECODE_OK:
+                    failed.append(self._finish(slot, StopReason.FAILED,
+                                               f"decoding the {chunk.kind.value} failed ({status})"))
+                    break
+                self.pool.decoded()
+                slot.decoded(chunk.n_tokens)
+        return failed
 
     def _decode(self, n: int) -> int:
         """Decode the batch's first n tokens; the caller holds the llama lock."""
@@ -217,8 +247,12 @@ class Engine:
         if reply.drafts is None:
             return []
         limit = min(room, job.n_ctx - len(slot.cached) - 1, job.max_new_tokens - job.stats.generated_tokens - 1)
-        return self.speculation.propose(reply.drafts, slot.seq_id, slot.cached + [slot.next_token], limit,
-                                        job.request.sampler.draft_min, width)
+        if job.media and self.speculation.draft_model is not None:
+            return []                       # a draft model cannot read the media chunks its context holds
+        draft = self.speculation.propose(reply.drafts, slot.seq_id, slot.cached + [slot.next_token], limit,
+                                         job.request.sampler.draft_min, width)
+        cut = next((i for i, t in enumerate(draft) if t < 0), len(draft))
+        return draft[:cut]                  # never a media placeholder that repeated text proposed
 
     def _fill(self, drafts: dict[int, list[int]]) -> StepBatch:
         """The step's batch: every generating slot's drawn token (and its draft), and prompt to read. A short new
@@ -246,6 +280,11 @@ class Engine:
             if room <= 0:
                 break
             chunk = slot.to_prefill[:room]
+            media_at = next((i for i, t in enumerate(chunk) if t < 0), None)
+            if media_at is not None:            # the text before a media chunk; the chunk next step
+                chunk = chunk[:media_at]
+                if not chunk:
+                    continue
             if len(chunk) == len(slot.to_prefill) > 1 and self._reproducible(slot):
                 # The prompt's last token is read in a step of its own, as it is when the rest is cached:
                 # a batch of one rounds differently from a long one, and so a seed gives the same text

@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import os
 import threading
+import weakref
 
 from ..errors import ModelLoadError, RequestError
 from ..media import MediaItem, MediaKind
@@ -29,7 +30,7 @@ class MediaChunk:
     media_id: str                 # the file's SHA-256 (libmtmd's bitmap id)
     index: int                    # its place among the chunks of that file (an audio file: one per 30 s)
     n_tokens: int
-    handle: int                   # an owned mtmd_input_chunk (freed by Projector.release)
+    handle: int                   # an owned mtmd_input_chunk, freed with this object (or by Projector.release)
 
     def placeholders(self) -> list[int]:
         """The ids that stand for its positions in a token list: negative, never a vocabulary token."""
@@ -115,8 +116,11 @@ class Projector:
                 if n.value:
                     pieces.append([tokens[j] for j in range(n.value)])
                 continue
-            pieces.append(MediaChunk(kind, media_id, index, mtmd.mtmd_input_chunk_get_n_tokens(chunk),
-                                     mtmd.mtmd_input_chunk_copy(chunk)))
+            owned = mtmd.mtmd_input_chunk_copy(chunk)
+            media = MediaChunk(kind, media_id, index, mtmd.mtmd_input_chunk_get_n_tokens(chunk), owned)
+            # Freed when the request is gone, however it ended (a job never admitted holds its chunks too).
+            media._free = weakref.finalize(media, mtmd.mtmd_input_chunk_free, owned)
+            pieces.append(media)
             index += 1
         return pieces
 
@@ -137,11 +141,35 @@ class Projector:
         return bool(self.mtmd.mtmd_decode_use_non_causal(self.ctx, chunk.handle))
 
     def release(self, chunk: MediaChunk):
+        """Free its pixels (or samples) now rather than when it is collected."""
         if chunk.handle:
-            self.mtmd.mtmd_input_chunk_free(chunk.handle)
+            chunk._free()
             chunk.handle = 0
 
     def close(self):
         if self.ctx:
             self.mtmd.mtmd_free(self.ctx)
             self.ctx = None
+
+
+def decode_media(model: LlamaModel, projector: Projector, chunk: MediaChunk, seq_id: int, pos: int) -> int:
+    """Encode a media chunk and decode its embeddings into one sequence at pos..pos+n_tokens-1, in a decode of
+    its own (llama.cpp takes no batch that mixes tokens and embeddings); llama_decode's status. Generation thread,
+    under the llama lock."""
+    lib = model.lib
+    embd = projector.encode(chunk)
+    width = lib.llama_model_n_embd_inp(model.model)
+    batch = lib.llama_batch_init(chunk.n_tokens, width, 1)
+    non_causal = projector.non_causal(chunk)
+    try:
+        ctypes.memmove(batch.embd, embd, chunk.n_tokens * width * ctypes.sizeof(ctypes.c_float))
+        for i in range(chunk.n_tokens):
+            batch.pos[i], batch.n_seq_id[i], batch.seq_id[i][0], batch.logits[i] = pos + i, 1, seq_id, False
+        batch.n_tokens = chunk.n_tokens
+        if non_causal:                   # Gemma 3's image tokens see each other both ways
+            lib.llama_set_causal_attn(model.ctx, False)
+        return lib.llama_decode(model.ctx, batch)
+    finally:
+        if non_causal:
+            lib.llama_set_causal_attn(model.ctx, True)
+        lib.llama_batch_free(batch)

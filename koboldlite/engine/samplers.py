@@ -334,6 +334,7 @@ class SamplerChain:
 
     def remember_prompt(self, tokens: list[int]):
         """Repetition penalties and DRY count the prompt too (as KoboldCpp's do); the grammar must not see it."""
+        tokens = [t for t in tokens if t >= 0]      # a media chunk's placeholders are no vocabulary token
         for sampler, last_n in self._history_samplers:
             for t in tokens[-last_n:] if last_n > 0 else ():
                 self.lib.llama_sampler_accept(sampler, t)

@@ -105,7 +105,8 @@ class ServedModel:
         self.prompt_cache = self._prompt_cache(cfg)
         self.engine = Engine(self.model, context_shift=not cfg.noshift,
                              draft_most=0 if cfg.nodraft else cfg.draftamount, draft_model=self.draft_model,
-                             prompt_cache=self.prompt_cache, log=log)
+                             prompt_cache=self.prompt_cache, log=log,
+                             projector=self.projector)
         self.scheduler = Scheduler(self.engine, cfg.multiuser, lambda job: job_ended(self, job))
         self.scheduler.start()
         self.load_seconds = time.monotonic() - started
