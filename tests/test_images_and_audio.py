@@ -86,3 +86,58 @@ def test_a_model_without_a_projector_says_so(server):
     code, _, body = server.request("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": data_uri(media_files.png(), "image/png")}}]}], "max_tokens": 2})
     assert code == 400 and b"image input is not supported" in body and b"--mmproj" in body
+
+
+def test_the_server_reports_what_it_reads(vision_server):
+    assert vision_server.json("GET", "/props")["modalities"] == {"vision": True, "video": False, "audio": False}
+    v = vision_server.json("GET", "/api/extra/version")
+    assert v["vision"] is True and v["audio"] is False      # KoboldAI Lite shows its image button on this
+
+
+def kobold(server, prompt: str, images: list[bytes], memory: str = "") -> str:
+    return server.json("POST", "/api/v1/generate", {
+        "prompt": prompt, "memory": memory, "max_length": 6, "temperature": 0.01, "top_k": 1, "sampler_seed": 1,
+        "images": [base64.b64encode(i).decode() for i in images]})["results"][0]["text"]
+
+
+def test_kobold_images_at_the_front_of_memory_or_where_the_text_says(vision_server):
+    cat, dog = media_files.png(30, 30, seed=4), media_files.png(30, 30, seed=5)
+    front = kobold(vision_server, "\nUser: what is it?\nAssistant:", [cat])
+    assert front == kobold(vision_server, "\nUser: what is it?\nAssistant:", [cat])
+    assert front != kobold(vision_server, "\nUser: what is it?\nAssistant:", [dog])
+    # "(Attached Image N)" places it inline, as KoboldCpp does: another prompt than the front placement.
+    inline = kobold(vision_server, "\nUser: (Attached Image 1) what is it?\nAssistant:", [cat])
+    assert isinstance(inline, str)
+
+
+def test_ollama_images_on_generate_and_chat(vision_server):
+    import ollama
+    client = ollama.Client(host=vision_server.base)
+    image = media_files.png(24, 24, seed=6)
+    out = client.generate(model="x", prompt="Describe it.", images=[image],
+                          options={"temperature": 0, "num_predict": 5, "seed": 1})
+    assert out.response is not None and out.prompt_eval_count > 64
+    chat = client.chat(model="x", messages=[{"role": "user", "content": "Describe it.", "images": [image]}],
+                       options={"temperature": 0, "num_predict": 5, "seed": 1})
+    assert chat.message.content is not None and chat.prompt_eval_count > 64
+
+
+def test_audio_through_the_openai_api(starter_model, projectors):
+    import openai
+    s = ServerProcess(["--model", starter_model, "--contextsize", "1024", "--threads", "1", "--nodraft",
+                       "--mmproj", projectors["audio"]])
+    try:
+        client = openai.OpenAI(base_url=s.base + "/v1", api_key="none", max_retries=0)
+
+        def hear(seconds: float, freq: float):
+            return client.chat.completions.create(model="x", temperature=0, max_tokens=6, messages=[
+                {"role": "user", "content": [
+                    {"type": "text", "text": "What do you hear?"},
+                    {"type": "input_audio", "input_audio": {
+                        "data": base64.b64encode(media_files.wav(seconds, freq=freq)).decode(), "format": "wav"}}]}])
+        a, b = hear(2.0, 440.0), hear(2.0, 1200.0)
+        assert a.usage.prompt_tokens >= 100 and b.usage.prompt_tokens >= 100
+        assert a.choices[0].message.content != b.choices[0].message.content
+        assert s.json("GET", "/props")["modalities"]["audio"] is True
+    finally:
+        s.stop()

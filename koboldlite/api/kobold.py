@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Any, Callable
 
@@ -12,10 +13,11 @@ from ..fields import FieldReader, _more_than_one, ignored_fields
 from ..generation import GenerationRequest, parse_sampler_settings
 from ..jobs import Job, JobState, JobStats, StopReason
 from ..chat.tools import json_grammar
+from ..media import MEDIA_MARKER, MediaKind, decode_base64, read_media
 from ..service.app import App
 from ..service.exchange import JSONResponse
 from .common import (
-    KOBOLD_CLIENT_FIELDS, MEDIA_FIELDS, LogprobShapes, genkey_of, gpu_report, instruct_request, model_states,
+    KOBOLD_CLIENT_FIELDS, LogprobShapes, genkey_of, gpu_report, instruct_request, model_states,
     prompt_cache_report, wire_finish_reason
 )
 from .reply import (
@@ -26,7 +28,7 @@ from .reply import (
 
 # Fields of the Kobold API this server does not act on (api/common.py says how they are named).
 KOBOLD_IGNORED_FIELDS: dict[str, Callable[[Any], bool]] = {
-    **MEDIA_FIELDS, "n": _more_than_one, **KOBOLD_CLIENT_FIELDS}   # "n": one text per request
+    "n": _more_than_one, **KOBOLD_CLIENT_FIELDS}   # "n": one text per request
 
 
 # KoboldCpp's stop_reason codes in /api/extra/perf; an aborted or failed reply has none (-1).
@@ -42,7 +44,8 @@ def parse_kobold_request(req, app: App) -> GenerationRequest:
     if f.boolean("singleline"):
         stops.append("\n")
     served = req.use(f.body.get("model"))      # KoboldAI Lite sends none: the default model
-    return instruct_request(served, f, prompt=f.string("prompt"), memory=f.string("memory"), stop_strings=stops,
+    prompt, memory, media = kobold_media(f, f.string("prompt"), f.string("memory"))
+    return instruct_request(served, f, prompt=prompt, memory=memory, stop_strings=stops, media=media,
         max_length=f.integer("max_length", default=served.config.max_length, lo=1, hi=1 << 20),
         max_context_length=f.integer("max_context_length", "truncation_length", default=served.model.n_ctx,
                                      lo=1, hi=1 << 24),
@@ -55,6 +58,38 @@ def parse_kobold_request(req, app: App) -> GenerationRequest:
         ignored_fields=ignored_fields(f.body, KOBOLD_IGNORED_FIELDS),
         logprobs=f.boolean("logprobs"), top_logprobs=KOBOLD_TOP_LOGPROBS, logprobs_after_samplers=True,
     )
+
+
+ATTACHED = re.compile(r"\(Attached (Image|Audio) (\d+)\)")
+
+
+def kobold_media(f: FieldReader, prompt: str, memory: str) -> tuple[str, str, list]:
+    """KoboldAI Lite's and SillyTavern's `images` and `audio` (base64), placed as KoboldCpp places them: where the
+    text says "(Attached Image N)" or "(Attached Audio N)", else at the front of the memory after "Attached
+    Media:", each followed by a blank line. (prompt, memory, the media in the order they stand.)"""
+    items = []
+    for field, kind in (("images", MediaKind.IMAGE), ("audio", MediaKind.AUDIO)):
+        values = f.body.get(field) or []
+        if not isinstance(values, list):
+            raise RequestError(f"'{field}' must be a list of base64 strings")
+        items += [(kind, read_media(decode_base64(v, f"{field}[{i}]"), f"{field}[{i}]", (kind,)))
+                  for i, v in enumerate(values)]
+    if not items:
+        return prompt, memory, []
+    n_images = sum(1 for kind, _ in items if kind is MediaKind.IMAGE)
+    placed: list = []
+
+    def inline(m: re.Match) -> str:
+        index = int(m.group(2)) - 1 + (n_images if m.group(1) == "Audio" else 0)
+        if not 0 <= index < len(items) or items[index][0].value != m.group(1).lower():
+            return m.group(0)                     # no such attachment: the words stay
+        placed.append(items[index][1])
+        return MEDIA_MARKER
+    memory, prompt = ATTACHED.sub(inline, memory), ATTACHED.sub(inline, prompt)
+    front = [item for _, item in items if all(item is not p for p in placed)]
+    if front:
+        memory = "\nAttached Media:\n" + (MEDIA_MARKER + "\n\n") * len(front) + memory
+    return prompt, memory, front + placed      # the order the markers stand in: memory's, then the prompt's
 
 
 def kobold_sse_event(token: str, finish_reason: str | None) -> bytes:
@@ -143,10 +178,12 @@ def kobold_generate_stream(app, req):
 
 
 def kobold_extra_version(app, req):
+    projector = getattr(app.roster.current(), "projector", None)     # the default model's, as loaded now
     return JSONResponse({
         "result": "KoboldCpp", "version": KOBOLDCPP_COMPAT_VERSION, "protected": bool(app.config.password),
-        "server": "KoboldLite", "koboldlite_version": __version__,
-        "txt2img": False, "vision": False, "audio": False, "transcribe": False, "multiplayer": False,
+        "server": "KoboldLite", "koboldlite_version": __version__, "txt2img": False,
+        "vision": bool(projector and projector.vision), "audio": bool(projector and projector.audio),
+        "transcribe": False, "multiplayer": False,
         "websearch": False, "tts": False, "embeddings": True, "savedata": False,
         "admin": 1 if app.config.admin else 0, "router": app.catalog.several,
     })

@@ -44,6 +44,8 @@ def props(app, req):
         "memory": served.model.memory_report(),
         "gpu": gpu,
         "cpu_backend": gpu["cpu"],     # the CPU variant llama.cpp loaded (haswell...), its features
+        "modalities": {"vision": bool(served.projector and served.projector.vision), "video": False,
+                       "audio": bool(served.projector and served.projector.audio)},
         "chat_template": served.chat_template.source,
         "bos_token": served.chat_template.bos_text, "eos_token": served.chat_template.eos_text,
         "model_alias": served.name,
