@@ -33,9 +33,10 @@ class MediaChunk:
     handle: int                   # an owned mtmd_input_chunk, freed with this object (or by Projector.release)
 
     def placeholders(self) -> list[int]:
-        """The ids that stand for its positions in a token list: negative, never a vocabulary token."""
+        """The ids that stand for its positions in a token list: negative, never a vocabulary token, and within
+        int32 like every token (the prompt cache stores them so)."""
         base = int(self.media_id[:12], 16) * 64 + self.index
-        return [-(1 + (base * 4099 + i) % (1 << 40)) for i in range(self.n_tokens)]
+        return [-(1 + (base * 4099 + i) % ((1 << 31) - 2)) for i in range(self.n_tokens)]
 
 
 # What a prompt is made of once its media are read: token lists and media chunks, in order.
