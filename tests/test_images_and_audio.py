@@ -141,3 +141,26 @@ def test_audio_through_the_openai_api(starter_model, projectors):
         assert s.json("GET", "/props")["modalities"]["audio"] is True
     finally:
         s.stop()
+
+
+def test_anthropic_image_blocks_and_images_in_tool_results(vision_server):
+    import anthropic
+    client = anthropic.Anthropic(base_url=vision_server.base, api_key="none", max_retries=0)
+
+    def block(seed):
+        return {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                            "data": base64.b64encode(media_files.png(20, 20, seed=seed)).decode()}}
+    one = client.messages.create(model="x", max_tokens=6, temperature=0, messages=[
+        {"role": "user", "content": [block(7), {"type": "text", "text": "What is this?"}]}])
+    other = client.messages.create(model="x", max_tokens=6, temperature=0, messages=[
+        {"role": "user", "content": [block(8), {"type": "text", "text": "What is this?"}]}])
+    assert one.usage.input_tokens > 64 and one.content[0].text != other.content[0].text
+    in_result = client.messages.create(model="x", max_tokens=4, temperature=0, messages=[
+        {"role": "user", "content": "Take a screenshot."},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "screenshot", "input": {}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": [block(9)]}]}],
+        tools=[{"name": "screenshot", "description": "Take one", "input_schema": {"type": "object"}}])
+    assert in_result.usage.input_tokens > 64
+    code, _, body = vision_server.request("POST", "/v1/messages", {"model": "x", "max_tokens": 2, "messages": [
+        {"role": "user", "content": [{"type": "image", "source": {"type": "url", "url": "http://10.0.0.1/x.png"}}]}]})
+    assert code == 400 and b"does not fetch addresses" in body and b'"type": "error"' in body

@@ -12,6 +12,7 @@ from ..fields import FieldReader, _asks, ignored_fields
 from ..generation import GenerationRequest
 from ..jobs import Job, StopReason
 from ..chat.messages import tool_result_names
+from ..media import MEDIA_MARKER, MediaKind, decode_base64, read_media
 from ..chat.tools import ToolUse
 from ..service.served_model import ServedModel
 from ..service.exchange import JSONResponse
@@ -28,8 +29,9 @@ ANTHROPIC_IGNORED_FIELDS: dict[str, Callable[[Any], bool]] = {
 }
 
 
-def anthropic_text(value: Any, where: str) -> str:
-    """A string, or text blocks (others refused); `cache_control` on them needs nothing: prompts are cached anyway."""
+def anthropic_text(value: Any, where: str, media: list | None = None) -> str:
+    """A string, or text blocks (and, where `media` is given, image blocks, read into it and standing as
+    MEDIA_MARKER); `cache_control` on them needs nothing: prompts are cached anyway."""
     if isinstance(value, str):
         return value
     if not isinstance(value, list):
@@ -37,6 +39,9 @@ def anthropic_text(value: Any, where: str) -> str:
     texts = []
     for j, block in enumerate(value):
         kind = block.get("type") if isinstance(block, dict) else None
+        if kind == "image" and media is not None:
+            texts.append(anthropic_image(block, f"{where}[{j}]", media))
+            continue
         if kind in ("image", "document", "search_result"):
             raise text_only(kind, f"{where}[{j}]")
         if kind != "text" or not isinstance(block.get("text"), str):
@@ -45,7 +50,18 @@ def anthropic_text(value: Any, where: str) -> str:
     return "\n".join(texts)
 
 
-def anthropic_messages(body: dict) -> list[dict]:
+def anthropic_image(block: dict, where: str, media: list) -> str:
+    """An image block's file (a base64 source; a URL source is refused: this server fetches nothing) into
+    `media`; MEDIA_MARKER where it stands."""
+    source = block.get("source") if isinstance(block.get("source"), dict) else {}
+    data = source.get("data") if source.get("type") == "base64" else source.get("url")
+    if source.get("type") not in ("base64", "url"):
+        raise RequestError(f"{where}.source must be {{\"type\": \"base64\", \"media_type\": ..., \"data\": ...}}")
+    media.append(read_media(decode_base64(data, f"{where}.source"), f"{where}.source", (MediaKind.IMAGE,)))
+    return MEDIA_MARKER
+
+
+def anthropic_messages(body: dict, media: list | None = None) -> list[dict]:
     """Anthropic's system and messages as the chat template reads them: tool_use blocks become the assistant's
     tool_calls, tool_result blocks tool messages, thinking blocks its reasoning_content."""
     out = [{"role": "system", "content": anthropic_text(body["system"], "system")}] if body.get("system") else []
@@ -67,6 +83,8 @@ def anthropic_messages(body: dict) -> list[dict]:
             kind = block.get("type") if isinstance(block, dict) else None
             if kind == "text" and isinstance(block.get("text"), str):
                 texts.append(block["text"])
+            elif kind == "image" and media is not None:
+                texts.append(anthropic_image(block, at, media))
             elif kind in ("image", "document", "search_result"):
                 raise text_only(kind, at)
             elif kind == "tool_use" and role == "assistant":
@@ -77,7 +95,7 @@ def anthropic_messages(body: dict) -> list[dict]:
             elif kind == "tool_result" and role == "user":
                 if not isinstance(block.get("tool_use_id"), str):
                     raise RequestError(f"{at}.tool_use_id must be a string")
-                result = anthropic_text(block.get("content") or "", f"{at}.content")
+                result = anthropic_text(block.get("content") or "", f"{at}.content", media)
                 results.append({"role": "tool", "tool_call_id": block["tool_use_id"],
                                 "content": ("Error: " + result) if block.get("is_error") is True else result})
             elif kind == "thinking" and role == "assistant":
@@ -155,7 +173,8 @@ class MessagesCall:
         f = FieldReader(req.json())
         served = req.use(f.body.get("model"))
         ignored = ignored_fields(f.body, ANTHROPIC_IGNORED_FIELDS)
-        messages = anthropic_messages(f.body)
+        media: list = []
+        messages = anthropic_messages(f.body, media)
         max_tokens = None if count_only else max_reply_tokens(f, "max_tokens", required=True)
         fields = block_request_fields(req, f, max_tokens, ignored)
         config = f.body.get("output_config") if isinstance(f.body.get("output_config"), dict) else {}
@@ -168,7 +187,8 @@ class MessagesCall:
         template_vars = anthropic_thinking_vars(f, ignored)
         tools = anthropic_tools(served, f, ignored)
         stops = f.string_list("stop_sequences")
-        request = chat_request(served, messages, {**fields, "stop_strings": stops}, tools, template_vars)
+        request = chat_request(served, messages, {**fields, "stop_strings": stops, "media": media}, tools,
+                               template_vars)
         return cls(served, request, tools, stops, f.boolean("stream"))
 
 
