@@ -150,12 +150,12 @@ def test_anthropic_image_blocks_and_images_in_tool_results(vision_server):
     def block(seed):
         return {"type": "image", "source": {"type": "base64", "media_type": "image/png",
                                             "data": base64.b64encode(media_files.png(20, 20, seed=seed)).decode()}}
-    one = client.messages.create(model="x", max_tokens=6, temperature=0, messages=[
+    one = client.messages.create(model="x", max_tokens=6, extra_body={"temperature": 0}, messages=[
         {"role": "user", "content": [block(7), {"type": "text", "text": "What is this?"}]}])
-    other = client.messages.create(model="x", max_tokens=6, temperature=0, messages=[
+    other = client.messages.create(model="x", max_tokens=6, extra_body={"temperature": 0}, messages=[
         {"role": "user", "content": [block(8), {"type": "text", "text": "What is this?"}]}])
     assert one.usage.input_tokens > 64 and one.content[0].text != other.content[0].text
-    in_result = client.messages.create(model="x", max_tokens=4, temperature=0, messages=[
+    in_result = client.messages.create(model="x", max_tokens=4, extra_body={"temperature": 0}, messages=[
         {"role": "user", "content": "Take a screenshot."},
         {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "screenshot", "input": {}}]},
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": [block(9)]}]}],
