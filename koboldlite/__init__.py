@@ -12,8 +12,8 @@ joined file relies on it); nothing here imports a module, so importing one modul
   config      model files and their names; the configuration (command line, config file, presets); the
               double-click start of the executable
   requests    text assembly (UTF-8, stop strings, thinking blocks, banned phrases); typed body fields; images
-              and audio checked by their bytes; the one generation request every API turns into; jobs and the
-              token buffer their readers wait on
+              and audio checked by their bytes, fetched from an address only as --mediaurls allows; the one
+              generation request every API turns into; jobs and the token buffer their readers wait on
   scheduler   the fair queue in front of an engine, known only by its protocol, and the thread that runs it
   engine      llama.cpp: the build loaded and its CPU variant, a GGUF's layout and its GPU fit, the loaded
               model and its multimodal projector, samplers, embeddings, speculative drafting, slots, the prompt
@@ -31,7 +31,7 @@ joined file relies on it); nothing here imports a module, so importing one modul
 LAYERS = {
     "base": ("version", "errors", "paths"),
     "config": ("model_files", "config", "desktop"),
-    "requests": ("text", "fields", "media", "generation", "jobs"),
+    "requests": ("text", "fields", "media", "media_urls", "generation", "jobs"),
     "scheduler": ("scheduler",),
     "engine": ("engine.llama_build", "engine.gguf_layout", "engine.gpu", "engine.llama_model", "engine.projector",
                "engine.samplers", "engine.embeddings", "engine.drafting", "engine.slots", "engine.prompt_cache",
@@ -41,7 +41,7 @@ LAYERS = {
     "service": ("service.downloads", "service.catalog", "service.served_model", "service.roster", "service.app",
                 "service.exchange"),
     "api": ("api.common", "api.reply", "api.kobold", "api.openai", "api.ollama", "api.anthropic", "api.responses",
-            "api.admin", "api.slots", "api.ops"),
+            "api.audio", "api.admin", "api.slots", "api.ops"),
     "web": ("web.ui_files", "web.router", "web.static", "web.routes", "web.connections", "web.access", "web.server",
             "web.handler"),
     "main": ("main",),

@@ -50,6 +50,7 @@ class Config:
     mmproj: str | None = None   # the default model's multimodal projector; default: one found beside the model
     nommproj: bool = False      # no projector, even one found beside the model
     mmprojcpu: bool = False     # the projector on the CPU even where the model is on a GPU
+    mediaurls: str = "off"      # media named by an address: off, public (internet addresses only), any
     multiuser: int = 16         # requests that may wait in the queue
     parallel: int = 1           # requests that generate at once
     quiet: bool = False
@@ -138,6 +139,10 @@ def _add_model_options(p: argparse.ArgumentParser):
     p.add_argument("--nommproj", action="store_true", default=None, help="no projector, even one beside the model")
     p.add_argument("--mmprojcpu", action="store_true", default=None,
                    help="run the projector on the CPU even where the model is on a GPU")
+    p.add_argument("--mediaurls", choices=("off", "public", "any"),
+                   help="fetch an image a request names by its http(s) address: off (default), public (internet "
+                        "addresses only), any (LAN and loopback too: any client could make the server fetch "
+                        "from your network)")
     p.add_argument("--admin", action="store_true", default=None,
                    help="KoboldCpp's admin API: /api/admin/reload_config switches the model")
     p.add_argument("--admindir", metavar="DIR", help="the models the admin API may load (default: --modeldir)")
@@ -359,6 +364,8 @@ def _check_models(cfg: Config):
         raise ConfigError("adminpassword must be a string")
     if cfg.mmproj is not None and (not isinstance(cfg.mmproj, str) or not os.path.isfile(cfg.mmproj)):
         raise ConfigError(f"mmproj: no such file: {cfg.mmproj}")
+    if cfg.mediaurls not in ("off", "public", "any"):
+        raise ConfigError(f"mediaurls must be off, public or any, not {cfg.mediaurls!r}")
     if cfg.mmproj is not None and cfg.nommproj:
         raise ConfigError("mmproj and nommproj: choose one")
     if not isinstance(cfg.models, list) or not all(isinstance(m, str) for m in cfg.models):
@@ -419,7 +426,8 @@ PRESET_CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "quantkv": lambda k, v: _check_int(k, v, 0, 2),
     "max_length": lambda k, v: _check_int(k, v, 1, 1 << 20),
     **{flag: (lambda k, v: v if isinstance(v, bool) else _bad_preset(k, "true or false"))
-       for flag in ("flashattention", "noflashattention", "kvperslot", "kvsplit", "noshift", "nommap")},
+       for flag in ("flashattention", "noflashattention", "kvperslot", "kvsplit", "noshift", "nommap", "nommproj")},
+    "mmproj": lambda k, v: v if isinstance(v, str) and v else _bad_preset(k, "a projector file"),
     "chat_template": lambda k, v: v if isinstance(v, str) and v else _bad_preset(k, "a template name or file"),
     "aliases": lambda k, v: v if isinstance(v, list) and all(isinstance(a, str) and a.strip() for a in v)
     else _bad_preset(k, "a list of names"),
@@ -458,6 +466,11 @@ def read_presets(folder: str) -> dict[str, dict]:
                 raise ConfigError(f"{path}: {name}: chat template {options['chat_template']!r} is neither "
                                   f"{', '.join(BUILTIN_CHAT_TEMPLATES)} nor a file in the folder")
             options = {**options, "chat_template": template}
+        if options.get("mmproj"):            # a file in the folder, or a path of its own
+            projector = os.path.join(folder, options["mmproj"])
+            if not os.path.isfile(projector):
+                raise ConfigError(f"{path}: {name}: no projector file {options['mmproj']!r}")
+            options = {**options, "mmproj": projector}
         if options.get("kvperslot") and options.get("kvsplit"):
             raise ConfigError(f"{path}: {name}: kvperslot and kvsplit are two layouts: choose one")
         checked[name] = options

@@ -5,6 +5,7 @@ nonsense, but a different image gives a different greedy reply and the same imag
 from __future__ import annotations
 
 import base64
+import json
 
 import pytest
 
@@ -122,25 +123,113 @@ def test_ollama_images_on_generate_and_chat(vision_server):
     assert chat.message.content is not None and chat.prompt_eval_count > 64
 
 
-def test_audio_through_the_openai_api(starter_model, projectors):
-    import openai
+@pytest.fixture(scope="module")
+def audio_server(starter_model, projectors):
     s = ServerProcess(["--model", starter_model, "--contextsize", "1024", "--threads", "1", "--nodraft",
                        "--mmproj", projectors["audio"]])
-    try:
-        client = openai.OpenAI(base_url=s.base + "/v1", api_key="none", max_retries=0)
+    yield s
+    s.stop()
 
-        def hear(seconds: float, freq: float):
-            return client.chat.completions.create(model="x", temperature=0, max_tokens=6, messages=[
-                {"role": "user", "content": [
-                    {"type": "text", "text": "What do you hear?"},
-                    {"type": "input_audio", "input_audio": {
-                        "data": base64.b64encode(media_files.wav(seconds, freq=freq)).decode(), "format": "wav"}}]}])
-        a, b = hear(2.0, 440.0), hear(2.0, 1200.0)
-        assert a.usage.prompt_tokens >= 100 and b.usage.prompt_tokens >= 100
-        assert a.choices[0].message.content != b.choices[0].message.content
-        assert s.json("GET", "/props")["modalities"]["audio"] is True
-    finally:
-        s.stop()
+
+def test_audio_through_the_openai_api(audio_server):
+    import openai
+    client = openai.OpenAI(base_url=audio_server.base + "/v1", api_key="none", max_retries=0)
+
+    def hear(seconds: float, freq: float):
+        return client.chat.completions.create(model="x", temperature=0, max_tokens=6, messages=[
+            {"role": "user", "content": [
+                {"type": "text", "text": "What do you hear?"},
+                {"type": "input_audio", "input_audio": {
+                    "data": base64.b64encode(media_files.wav(seconds, freq=freq)).decode(), "format": "wav"}}]}])
+    a, b = hear(2.0, 440.0), hear(2.0, 1200.0)
+    assert a.usage.prompt_tokens >= 100 and b.usage.prompt_tokens >= 100
+    assert a.choices[0].message.content != b.choices[0].message.content
+    assert audio_server.json("GET", "/props")["modalities"]["audio"] is True
+
+
+def test_transcription_through_the_official_client(audio_server, vision_server):
+    """OpenAI's /v1/audio/transcriptions through client.audio.transcriptions.create, each response_format; the
+    transcript is the model's reply to the clip (nonsense from random weights, but the clip's: another differs)."""
+    import openai
+    client = openai.OpenAI(base_url=audio_server.base + "/v1", api_key="none", max_retries=0)
+    low, high = media_files.wav(2.0, freq=440.0), media_files.wav(2.0, freq=1200.0)
+    one = client.audio.transcriptions.create(model="x", file=("low.wav", low), extra_body={"max_tokens": 6})
+    again = client.audio.transcriptions.create(model="x", file=("low.wav", low), extra_body={"max_tokens": 6})
+    assert isinstance(one.text, str) and one.text and one.text == again.text
+    assert one.usage.input_tokens >= 100 and again.usage.input_tokens_details["cached_tokens"] >= 100
+    # The prompt field is the instruction (as llama-server reads it); under this one the two clips differ.
+    low_heard, high_heard = (client.audio.transcriptions.create(model="x", file=(name, clip), prompt="What do you hear?",
+                                                                extra_body={"max_tokens": 6}).text
+                             for name, clip in (("low.wav", low), ("high.wav", high)))
+    assert low_heard != high_heard
+    text = client.audio.transcriptions.create(model="x", file=("low.wav", low), response_format="text",
+                                              extra_body={"max_tokens": 6})
+    assert text.strip() == one.text
+    verbose = client.audio.transcriptions.create(model="x", file=("low.wav", low), response_format="verbose_json",
+                                                 language="en", extra_body={"max_tokens": 6})
+    assert verbose.duration == pytest.approx(2.0) and verbose.language == "en" and verbose.text
+    # KoboldCpp's route, as KoboldAI Lite sends it: a data: URI in JSON.
+    kobold = audio_server.json("POST", "/api/extra/transcribe", {"audio_data": data_uri(low, "audio/wav"),
+                                                                   "prompt": ""})
+    assert isinstance(kobold["text"], str) and kobold["text"]
+    assert audio_server.json("GET", "/api/extra/version")["transcribe"] is True
+    # Refusals in the API's shape, and the server goes on.
+    for server, body, says in [
+            (vision_server, {"audio_data": data_uri(low, "audio/wav")}, b"does not hear audio"),
+            (audio_server, {"audio_data": data_uri(media_files.png(), "image/png")}, b"was expected"),
+            (audio_server, {"audio_data": "!!"}, b"not valid base64")]:
+        code, _, answer = server.request("POST", "/api/extra/transcribe", body)
+        assert code in (400, 415) and says in answer, answer
+    with pytest.raises(openai.BadRequestError, match="srt"):
+        client.audio.transcriptions.create(model="x", file=("low.wav", low), response_format="srt")
+    code, _, answer = audio_server.request("POST", "/v1/audio/transcriptions", {"file": "x"})
+    assert code == 415 and b"multipart/form-data" in answer
+    assert audio_server.json("GET", "/props")["modalities"]["audio"] is True
+
+
+def test_responses_input_image_and_file_and_a_stored_conversation(vision_server, client):
+    """The Responses API's input_image and input_file parts; a turn that continues a stored response sends its
+    image again with the stored words, and reads it from the cache."""
+    image = data_uri(media_files.png(28, 28, seed=11), "image/png")
+    first = client.responses.create(model="x", temperature=0, max_output_tokens=6, input=[
+        {"role": "user", "content": [{"type": "input_text", "text": "What is this?"},
+                                     {"type": "input_image", "image_url": image}]}])
+    assert first.usage.input_tokens > 64
+    second = client.responses.create(model="x", temperature=0, max_output_tokens=6, previous_response_id=first.id,
+                                     input="And its colours?")
+    assert second.usage.input_tokens > first.usage.input_tokens
+    assert second.usage.input_tokens_details.cached_tokens >= 64      # the image was not read again
+    as_file = client.responses.create(model="x", temperature=0, max_output_tokens=6, input=[
+        {"role": "user", "content": [{"type": "input_text", "text": "What is this?"},
+                                     {"type": "input_file", "filename": "a.png", "file_data": image}]}])
+    assert as_file.output_text == first.output_text
+    code, _, body = vision_server.request("POST", "/v1/responses", {"input": [{"role": "user", "content": [
+        {"type": "input_file", "file_id": "file-123"}]}]})
+    assert code == 400 and b"no files API" in body
+
+
+def test_completions_multimodal_prompt_and_kobold_fields(vision_server):
+    """llama-server's multimodal prompt on /v1/completions, and KoboldCpp's images (SillyTavern sends them there)."""
+    png = base64.b64encode(media_files.png(20, 20, seed=12)).decode()
+    out = vision_server.json("POST", "/v1/completions", {
+        "prompt": {"prompt_string": "Picture: <__media__> It shows", "multimodal_data": [png]}, "max_tokens": 4,
+        "temperature": 0})
+    assert out["usage"]["prompt_tokens"] > 64
+    code, _, body = vision_server.request("POST", "/v1/completions", {
+        "prompt": {"prompt_string": "no marker", "multimodal_data": [png]}, "max_tokens": 2})
+    assert code == 400 and b"markers" in body
+    status, headers, body = vision_server.request("POST", "/v1/completions", {
+        "prompt": "It shows", "images": [png], "max_tokens": 2, "temperature": 0})
+    assert status == 200 and json.loads(body)["usage"]["prompt_tokens"] > 64
+    assert "images" not in headers.get("x-koboldlite-ignored", "")
+
+
+def test_model_listings_say_what_a_model_reads(vision_server, server):
+    import ollama
+    assert "vision" in ollama.Client(host=vision_server.base).show("x").capabilities
+    assert "vision" not in server.json("POST", "/api/show", {"model": "x"})["capabilities"]
+    listed = vision_server.json("GET", "/v1/models")["data"][0]
+    assert listed["architecture"]["input_modalities"] == ["text", "image"]
 
 
 def test_anthropic_image_blocks_and_images_in_tool_results(vision_server):
@@ -164,3 +253,93 @@ def test_anthropic_image_blocks_and_images_in_tool_results(vision_server):
     code, _, body = vision_server.request("POST", "/v1/messages", {"model": "x", "max_tokens": 2, "messages": [
         {"role": "user", "content": [{"type": "image", "source": {"type": "url", "url": "http://10.0.0.1/x.png"}}]}]})
     assert code == 400 and b"does not fetch addresses" in body and b'"type": "error"' in body
+
+
+@pytest.fixture
+def image_host():
+    """A real HTTP server on loopback with one PNG at /cat.png and a redirect to it at /moved."""
+    import http.server
+    import threading
+    png = media_files.png(26, 26, seed=13)
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path == "/moved":
+                self.send_response(302)
+                self.send_header("Location", "/cat.png")
+                self.end_headers()
+                return
+            self.send_response(200 if self.path == "/cat.png" else 404)
+            self.send_header("Content-Type", "image/png")
+            self.end_headers()
+            self.wfile.write(png if self.path == "/cat.png" else b"")
+
+        def log_message(self, *args):
+            pass
+    host = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=host.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{host.server_address[1]}", png
+    host.shutdown()
+
+
+def test_image_addresses_are_fetched_only_as_the_operator_allows(starter_model, projectors, vision_server,
+                                                                 image_host):
+    """--mediaurls: off (the default: refused, naming the option), public (a loopback or LAN address refused, 403),
+    any (fetched: the same reply as the same image sent as data). Redirects are not followed."""
+    base, png = image_host
+
+    def ask(server, url):
+        return server.request("POST", "/v1/chat/completions", {"temperature": 0, "max_tokens": 6, "seed": 1,
+                              "messages": [{"role": "user", "content": [
+                                  {"type": "text", "text": "What is in this picture?"},
+                                  {"type": "image_url", "image_url": {"url": url}}]}]})
+    code, _, body = ask(vision_server, base + "/cat.png")
+    assert code == 400 and b"--mediaurls public" in body
+    public = ServerProcess(["--model", starter_model, "--contextsize", "1024", "--threads", "1", "--nodraft",
+                            "--mmproj", projectors["vision"], "--mediaurls", "public"])
+    try:
+        for url in (base + "/cat.png", "http://localhost:9/x.png", "http://192.168.1.1/x.png", "http://[::1]/x.png"):
+            code, _, body = ask(public, url)
+            assert code == 403 and b"--mediaurls any" in body, (url, body)
+    finally:
+        public.stop()
+    anywhere = ServerProcess(["--model", starter_model, "--contextsize", "1024", "--threads", "1", "--nodraft",
+                              "--mmproj", projectors["vision"], "--mediaurls", "any"])
+    try:
+        code, _, fetched = ask(anywhere, base + "/cat.png")
+        assert code == 200
+        code, _, sent = ask(anywhere, data_uri(png, "image/png"))
+        assert json.loads(fetched)["choices"][0]["message"]["content"] == \
+            json.loads(sent)["choices"][0]["message"]["content"]
+        code, _, body = ask(anywhere, base + "/moved")
+        assert code == 502 and b"redirects are not followed" in body
+        code, _, body = ask(anywhere, base + "/missing.png")
+        assert code == 502 and b"404" in body
+    finally:
+        anywhere.stop()
+
+
+def test_an_audio_projector_llama_cpp_would_abort_on_is_not_used_for_audio():
+    """clip.cpp aborts the whole process on every clip of an ultravox projector whose stack factor does not divide
+    1,500 frames (a real Ultravox's 8): such a projector's audio is left out, with the reason."""
+    from koboldlite.engine.projector import audio_abort_reason
+    assert audio_abort_reason({"clip.projector_type": "ultravox", "clip.audio.projector.stack_factor": 15}) is None
+    reason = audio_abort_reason({"clip.projector_type": "ultravox", "clip.audio.projector.stack_factor": 8})
+    assert "188" in reason and "187" in reason
+    assert audio_abort_reason({"clip.projector_type": "mlp"}) is None
+
+
+def test_an_aborting_audio_projector_loads_without_audio(starter_model, tmp_path):
+    path = str(tmp_path / "ultravox8.gguf")
+    media_models.audio(path, stack=8)
+    s = ServerProcess(["--model", starter_model, "--contextsize", "1024", "--threads", "1", "--nodraft",
+                       "--mmproj", path])
+    try:
+        assert any("audio left out" in line for line in s.lines), s.lines
+        code, _, body = s.request("POST", "/v1/chat/completions", {"max_tokens": 2, "messages": [
+            {"role": "user", "content": [{"type": "input_audio", "input_audio": {
+                "data": base64.b64encode(media_files.wav(1.0)).decode(), "format": "wav"}}]}]})
+        assert code == 400 and b"audio input is not supported" in body
+        assert s.json("GET", "/props")["modalities"]["audio"] is False
+    finally:
+        s.stop()

@@ -104,3 +104,27 @@ def test_a_projector_is_found_beside_its_model(tmp_path):
     (alone / "model-q4.gguf").write_bytes(b"GGUF")
     (alone / "mmproj-model-f16.gguf").write_bytes(b"GGUF")
     assert find_projector(str(alone / "model-q4.gguf")).endswith("mmproj-model-f16.gguf")   # one model, one projector
+
+
+def test_mmproj_names_the_default_models_projector_and_listings_read_the_others(tmp_path):
+    """--mmproj binds to the default model; another model of the folder takes its own projector (found beside it,
+    or its preset's); a listing says what each reads from its projector file's header, without loading it."""
+    import json
+    from koboldlite.config import PRESETS_FILE, load_config
+    from koboldlite.service.catalog import ModelCatalog
+    from tests import media_models
+    for name in ("alpha.gguf", "beta.gguf", "gamma.gguf"):
+        (tmp_path / name).write_bytes(b"GGUF")
+    media_models.vision(str(tmp_path / "beta.mmproj.gguf"))
+    media_models.audio(str(tmp_path / "mmproj-ears.gguf"))
+    (tmp_path / PRESETS_FILE).write_text(json.dumps({"gamma": {"mmproj": str(tmp_path / "mmproj-ears.gguf")}}))
+    config = load_config(["--modeldir", str(tmp_path), "--model", str(tmp_path / "alpha.gguf"),
+                          "--mmproj", str(tmp_path / "beta.mmproj.gguf")])
+    catalog = ModelCatalog(config)
+    alpha, beta, gamma = (catalog.find(n) for n in ("alpha", "beta", "gamma"))
+    assert alpha.config(config).mmproj == str(tmp_path / "beta.mmproj.gguf")
+    assert beta.config(config).mmproj is None and gamma.config(config).mmproj == str(tmp_path / "mmproj-ears.gguf")
+    assert alpha.modalities(config) == {"vision": True, "audio": False}
+    assert beta.modalities(config) == {"vision": True, "audio": False}     # its own, found beside it
+    assert gamma.modalities(config) == {"vision": False, "audio": True}
+    assert catalog.find("mmproj-ears") is None          # a projector is not a model

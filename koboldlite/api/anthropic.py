@@ -12,11 +12,14 @@ from ..fields import FieldReader, _asks, ignored_fields
 from ..generation import GenerationRequest
 from ..jobs import Job, StopReason
 from ..chat.messages import tool_result_names
-from ..media import MEDIA_MARKER, MediaKind, decode_base64, read_media
+from ..media import MediaKind
+from ..media_urls import MediaList
 from ..chat.tools import ToolUse
 from ..service.served_model import ServedModel
 from ..service.exchange import JSONResponse
-from .common import apply_output_format, block_request_fields, chat_request, max_reply_tokens, text_only
+from .common import (
+    apply_output_format, block_request_fields, chat_request, max_reply_tokens, media_list, text_only
+)
 from .reply import (
     DoneEvent, ErrorEvent, PingEvent, ReasoningEvent, ReplyEncoder, ReplyEvent, ReplyReader, TextEvent,
     ToolCallsEvent, sse_event, stream_reply
@@ -50,15 +53,14 @@ def anthropic_text(value: Any, where: str, media: list | None = None) -> str:
     return "\n".join(texts)
 
 
-def anthropic_image(block: dict, where: str, media: list) -> str:
-    """An image block's file (a base64 source; a URL source is refused: this server fetches nothing) into
-    `media`; MEDIA_MARKER where it stands."""
+def anthropic_image(block: dict, where: str, media: MediaList) -> str:
+    """An image block's file (a base64 source, or a URL source as --mediaurls allows) into `media`; MEDIA_MARKER
+    where it stands."""
     source = block.get("source") if isinstance(block.get("source"), dict) else {}
     data = source.get("data") if source.get("type") == "base64" else source.get("url")
     if source.get("type") not in ("base64", "url"):
         raise RequestError(f"{where}.source must be {{\"type\": \"base64\", \"media_type\": ..., \"data\": ...}}")
-    media.append(read_media(decode_base64(data, f"{where}.source"), f"{where}.source", (MediaKind.IMAGE,)))
-    return MEDIA_MARKER
+    return media.add(data, f"{where}.source", (MediaKind.IMAGE,))
 
 
 def anthropic_messages(body: dict, media: list | None = None) -> list[dict]:
@@ -173,7 +175,7 @@ class MessagesCall:
         f = FieldReader(req.json())
         served = req.use(f.body.get("model"))
         ignored = ignored_fields(f.body, ANTHROPIC_IGNORED_FIELDS)
-        media: list = []
+        media = media_list(req)
         messages = anthropic_messages(f.body, media)
         max_tokens = None if count_only else max_reply_tokens(f, "max_tokens", required=True)
         fields = block_request_fields(req, f, max_tokens, ignored)

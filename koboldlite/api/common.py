@@ -11,6 +11,7 @@ from ..errors import (ContextOverflow, Conflict, Failed, Invalid, ModelNotFound,
 from ..fields import FieldReader, _asks
 from ..generation import GenerationRequest, SamplerSettings, parse_sampler_settings
 from ..jobs import StopReason, TokenLogprob
+from ..media_urls import MediaList, MediaURLs
 from ..engine.llama_model import LlamaModel
 from ..engine.embeddings import Embedder
 from ..chat.template import INSTRUCT_PLACEHOLDER
@@ -158,6 +159,15 @@ def gpu_report(served: ServedModel) -> dict:
     return served.gpu_info
 
 
+def modalities_of(app, entry) -> dict[str, bool]:
+    """What a model reads beside text: its loaded projector's abilities, else its projector file's header."""
+    served = app.roster.current(entry.name)
+    if served is not None:
+        projector = served.projector
+        return {"vision": bool(projector and projector.vision), "audio": bool(projector and projector.audio)}
+    return entry.modalities(app.config)
+
+
 def model_states(app) -> list[dict]:
     """Every model a request may name, with its state, size and context (as loaded, or as it would be)."""
     out = []
@@ -166,6 +176,7 @@ def model_states(app) -> list[dict]:
         out.append({"name": entry.name, "aliases": entry.aliases, "state": app.roster.state_of(entry.name),
                     "default": entry.name == app.catalog.default_name, "size": entry.size_bytes,
                     "context": served.model.n_ctx if served else entry.config(app.config).contextsize,
+                    "modalities": modalities_of(app, entry),
                     **({"error": app.roster.failures[entry.name]} if entry.name in app.roster.failures else {})})
     return out
 
@@ -177,6 +188,11 @@ def tool_use_of(served: ServedModel, f: FieldReader, choice: Any = None) -> Tool
         return None
     return ToolUse(served.chat_template, tools, choice if choice is not None else f.body.get("tool_choice"),
                    f.body.get("parallel_tool_calls") is not False)
+
+
+def media_list(req) -> MediaList:
+    """The list a request's media are read into, fetching addresses only as --mediaurls allows."""
+    return MediaList(MediaURLs(req.app.config.mediaurls))
 
 
 def chat_request(served: ServedModel, messages: list[dict], fields: dict, tools: ToolUse | None = None,

@@ -183,7 +183,7 @@ def kobold_extra_version(app, req):
         "result": "KoboldCpp", "version": KOBOLDCPP_COMPAT_VERSION, "protected": bool(app.config.password),
         "server": "KoboldLite", "koboldlite_version": __version__, "txt2img": False,
         "vision": bool(projector and projector.vision), "audio": bool(projector and projector.audio),
-        "transcribe": False, "multiplayer": False,
+        "transcribe": bool(projector and projector.audio), "multiplayer": False,
         "websearch": False, "tts": False, "embeddings": True, "savedata": False,
         "admin": 1 if app.config.admin else 0, "router": app.catalog.several,
     })

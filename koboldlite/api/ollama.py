@@ -17,13 +17,14 @@ from ..generation import GenerationRequest, SamplerSettings, parse_sampler_setti
 from ..jobs import Job, StopReason, TokenLogprob
 from ..chat.messages import parse_chat_messages
 from ..media import MEDIA_MARKER, MediaKind, decode_base64, read_media
+from ..media_urls import MediaList
 from ..chat.tools import ToolUse
 from ..service.catalog import ModelEntry
 from ..service.served_model import ServedModel
 from ..service.exchange import JSONResponse
 from .common import (
     MAX_TOP_LOGPROBS, LogprobShapes, apply_output_format, chat_request, embedder_for, embedding_inputs, genkey_of,
-    gpu_report, tool_use_of
+    gpu_report, modalities_of, tool_use_of
 )
 from .reply import (
     DoneEvent, ErrorEvent, ReasoningEvent, ReplyEncoder, ReplyEvent, ReplyReader, TextEvent, WholeReply, stream_reply
@@ -157,7 +158,7 @@ class OllamaCall:
     @classmethod
     def chat_of(cls, req, f: FieldReader) -> "OllamaCall":
         served = ollama_use(req, f)
-        media = []
+        media = MediaList()                # Ollama sends base64 only
         messages = parse_chat_messages(f.body.get("messages"), media)
         fields = {**ollama_generation_fields(req, f, served), "media": media}
         # Ollama has no tool_choice; we take one beside the tools or in `options` (which its clients pass on).
@@ -300,7 +301,8 @@ def ollama_show(app, req):
                          "details": listing["details"], "model_info": {
                              "general.architecture": family,
                              f"{family}.context_length": meta.get(f"{family}.context_length", 0)},
-                         "capabilities": ["completion"], "modified_at": listing["modified_at"]})
+                         "capabilities": ["completion"] + (["vision"] if modalities_of(app, entry)["vision"] else []),
+                         "modified_at": listing["modified_at"]})
 
 
 OLLAMA_EMBEDDING_IGNORED = {"dimensions": _asks, "truncate": lambda v: v is False, "options": _asks}

@@ -14,18 +14,39 @@ from ..fields import FieldReader, _asks, _more_than_one, ignored_fields
 from ..generation import GenerationRequest, parse_sampler_settings
 from ..jobs import Job, TokenLogprob
 from ..chat.messages import parse_chat_messages
+from ..media import MediaKind
+from ..media_urls import MediaList
 from ..chat.tools import ToolUse
 from ..service.served_model import ServedModel
 from ..service.exchange import JSONResponse
 from .common import (
     KOBOLD_CLIENT_FIELDS, MAX_TOP_LOGPROBS, MEDIA_FIELDS, OPENAI_DEFAULTS, LogprobShapes, apply_output_format,
-    chat_request, embedder_for, embedding_inputs, genkey_of, instruct_request, max_reply_tokens, model_states,
-    tool_use_of, wire_finish_reason
+    chat_request, embedder_for, embedding_inputs, genkey_of, instruct_request, max_reply_tokens, media_list,
+    model_states, tool_use_of, wire_finish_reason
 )
+from .kobold import kobold_media
 from .reply import (
     SSE_DONE, SSE_PING, DoneEvent, ErrorEvent, PingEvent, ReasoningEvent, ReplyEncoder, ReplyEvent, ReplyReader,
     TextEvent, ToolCallsEvent, WholeReply, sse_data, stream_reply
 )
+
+
+LLAMA_MEDIA_MARKER = "<__media__>"      # where llama-server's multimodal prompt puts each of its files
+
+
+def multimodal_prompt(prompt: dict, media: MediaList) -> str:
+    """llama-server's multimodal prompt, {"prompt_string": "... <__media__> ...", "multimodal_data": [base64...]}:
+    its text, each marker standing for the next file, read into `media`."""
+    text, data = prompt.get("prompt_string"), prompt.get("multimodal_data") or []
+    if not isinstance(text, str) or not isinstance(data, list):
+        raise RequestError("a prompt object must have a string 'prompt_string' and a list 'multimodal_data'")
+    pieces = text.split(LLAMA_MEDIA_MARKER)
+    if len(pieces) - 1 != len(data):
+        raise RequestError(f"prompt_string has {len(pieces) - 1} {LLAMA_MEDIA_MARKER} markers and multimodal_data "
+                           f"{len(data)} files: each file needs one marker where it goes")
+    markers = [media.add(value, f"prompt.multimodal_data[{i}]", (MediaKind.IMAGE, MediaKind.AUDIO))
+               for i, value in enumerate(data)]
+    return "".join(piece + marker for piece, marker in zip(pieces, markers + [""]))
 
 
 OPENAI_IGNORED_FIELDS: dict[str, Callable[[Any], bool]] = {
@@ -36,8 +57,9 @@ OPENAI_IGNORED_FIELDS: dict[str, Callable[[Any], bool]] = {
 }
 
 
-def openai_generation_fields(req, f: FieldReader, default_max: int | None) -> dict:
-    """The fields completions and chat completions share: length, stops, sampler, response_format, genkey."""
+def openai_generation_fields(req, f: FieldReader, default_max: int | None, honoured: tuple[str, ...] = ()) -> dict:
+    """The fields completions and chat completions share: length, stops, sampler, response_format, genkey; the
+    fields named as ignored, but for those the caller `honoured`."""
     if f.integer("n", default=1) != 1:
         raise RequestError("'n' must be 1: this server returns one choice per request")
     sampler = parse_sampler_settings(f, OPENAI_DEFAULTS)
@@ -50,7 +72,8 @@ def openai_generation_fields(req, f: FieldReader, default_max: int | None) -> di
     return dict(max_length=max_reply_tokens(f, "max_tokens", "max_completion_tokens", "max_length",
                                             default=default_max, minus_one_is_none=True),
                 stop_strings=f.string_list("stop"), sampler=sampler, genkey=genkey_of(req, f.body),
-                ignored_fields=ignored_fields(f.body, OPENAI_IGNORED_FIELDS))
+                ignored_fields=ignored_fields(f.body, {k: v for k, v in OPENAI_IGNORED_FIELDS.items()
+                                                       if k not in honoured}))
 
 
 def openai_logprob_fields(f: FieldReader, legacy: bool) -> dict:
@@ -88,20 +111,29 @@ class OpenAICall:
         f = FieldReader(req.json())
         served = req.use(f.body.get("model"))
         prompt = f.body.get("prompt", "")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, dict)):
             prompt = prompt[0]
-        if not isinstance(prompt, str):
-            raise RequestError("'prompt' must be a string (or a list of one string)")
-        fields = openai_generation_fields(req, f, default_max=16)
-        request = instruct_request(served, f, prompt=prompt, stop_strings=fields.pop("stop_strings"), **fields,
-                                   **openai_logprob_fields(f, legacy=True))
+        if isinstance(prompt, dict):
+            if f.body.get("images") or f.body.get("audio"):
+                raise RequestError("send media either in the prompt's multimodal_data or in 'images' and 'audio', "
+                                   "not both")
+            media = media_list(req)
+            prompt, memory = multimodal_prompt(prompt, media), ""
+        elif isinstance(prompt, str):           # KoboldCpp's images and audio: SillyTavern sends them here too
+            prompt, memory, media = kobold_media(f, prompt, "")
+        else:
+            raise RequestError("'prompt' must be a string, a list of one string, or {\"prompt_string\": ..., "
+                               "\"multimodal_data\": [...]}")
+        fields = openai_generation_fields(req, f, default_max=16, honoured=("images", "audio"))
+        request = instruct_request(served, f, prompt=prompt, memory=memory, stop_strings=fields.pop("stop_strings"),
+                                   media=media, **fields, **openai_logprob_fields(f, legacy=True))
         return cls(served, request, f.boolean("stream"), include_usage_of(f))
 
     @classmethod
     def chat(cls, req) -> "OpenAICall":
         f = FieldReader(req.json())
         served = req.use(f.body.get("model"))
-        media = []
+        media = media_list(req)
         messages = parse_chat_messages(f.body.get("messages"), media)
         fields = openai_generation_fields(req, f, default_max=None)
         tools = tool_use_of(served, f)
@@ -244,7 +276,10 @@ def openai_models(app, req):
     return JSONResponse({"object": "list", "data": [{
         "id": m["name"], "object": "model", "created": int(os.path.getmtime(app.catalog.find(m["name"]).path)),
         "owned_by": "koboldlite", "aliases": m["aliases"], "status": {"value": m["state"]},
-        "size": m["size"], "context_length": m["context"]} for m in model_states(app)]})
+        "size": m["size"], "context_length": m["context"],
+        "architecture": {"input_modalities": ["text"] + [kind for kind, key in (("image", "vision"), ("audio", "audio"))
+                                                        if m["modalities"][key]], "output_modalities": ["text"]}}
+        for m in model_states(app)]})
 
 
 def openai_completions(app, req):

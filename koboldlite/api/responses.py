@@ -10,13 +10,13 @@ from typing import Any, Callable
 from ..errors import RequestError
 from ..fields import FieldReader, _asks, ignored_fields
 from ..jobs import Job, StopReason
-from ..chat.messages import tool_call_of, tool_result_names
+from ..chat.messages import parts_text, tool_call_of, tool_result_names
 from ..chat.tools import ToolUse
 from ..service.served_model import ServedModel
 from ..service.app import ResponseStore
 from ..service.exchange import JSONResponse
 from .common import (
-    api_key_owner, apply_output_format, block_request_fields, chat_request, max_reply_tokens, text_only
+    api_key_owner, apply_output_format, block_request_fields, chat_request, max_reply_tokens, media_list, text_only
 )
 from .reply import (
     SSE_PING, DoneEvent, ErrorEvent, PingEvent, ReasoningEvent, ReplyEncoder, ReplyEvent, ReplyReader, TextEvent,
@@ -37,25 +37,44 @@ def response_not_found(response_id: str) -> RequestError:
                         status=404, kind="invalid_request_error", code="not_found")
 
 
-def responses_text(value: Any, where: str) -> str:
-    """Message content: a string, or parts (input_text, output_text...); images and files refused."""
+def responses_text(value: Any, where: str, media: bool = False) -> str | list[dict]:
+    """Message content: a string, or parts (input_text, output_text...). Where `media` may stand (user input, tool
+    output), input_image, input_file and input_audio parts make it a list of chat content parts (text, image_url,
+    file, input_audio), as the stored conversation keeps it; elsewhere they are refused."""
     if isinstance(value, str):
         return value
     if not isinstance(value, list):
         raise RequestError(f"'{where}' must be a string or a list of content parts")
-    texts = []
+    parts: list[dict] = []
     for j, part in enumerate(value):
         kind = part.get("type") if isinstance(part, dict) else None
         if kind in ("input_text", "output_text", "text", "summary_text", "reasoning_text") \
                 and isinstance(part.get("text"), str):
-            texts.append(part["text"])
+            parts.append({"type": "text", "text": part["text"]})
         elif kind == "refusal" and isinstance(part.get("refusal"), str):
-            texts.append(part["refusal"])
+            parts.append({"type": "text", "text": part["refusal"]})
+        elif kind in ("input_image", "input_file", "input_audio") and media:
+            parts.append(responses_media_part(part, f"{where}[{j}]"))
         elif kind in ("input_image", "input_file", "input_audio"):
             raise text_only(kind.replace("input_", ""), f"{where}[{j}]")
         else:
             raise RequestError(f"{where}[{j}] must be an input_text or output_text part, not {kind!r}")
-    return "".join(texts)
+    if all(p["type"] == "text" for p in parts):
+        return "".join(p["text"] for p in parts)
+    return parts
+
+
+def responses_media_part(part: dict, where: str) -> dict:
+    """A Responses media part as the chat content part it is read as."""
+    kind = part["type"]
+    if part.get("file_id") is not None and not (part.get("image_url") or part.get("file_data")):
+        raise RequestError(f"{where}.file_id: there is no files API here; send the file's data")
+    if kind == "input_image":
+        url = part.get("image_url")
+        return {"type": "image_url", "image_url": {"url": url.get("url") if isinstance(url, dict) else url}}
+    if kind == "input_file":
+        return {"type": "file", "file": {"file_data": part.get("file_data") or part.get("file_url")}}
+    return {"type": "input_audio", "input_audio": part.get("input_audio")}
 
 
 def responses_messages(value: Any, ignored: list[str], earlier: list[dict] = ()) -> list[dict]:
@@ -78,7 +97,7 @@ def responses_messages(value: Any, ignored: list[str], earlier: list[dict] = ())
             if role not in ("user", "assistant", "system", "developer"):
                 raise RequestError(f"{where}.role must be user, assistant, system or developer, not {role!r}")
             message = {"role": "system" if role == "developer" else role,
-                       "content": responses_text(item.get("content"), f"{where}.content")}
+                       "content": responses_text(item.get("content"), f"{where}.content", media=role == "user")}
             if role == "assistant" and reasoning:
                 message["reasoning_content"], reasoning = "".join(reasoning), []
             out.append(message)
@@ -100,7 +119,7 @@ def responses_messages(value: Any, ignored: list[str], earlier: list[dict] = ())
                 raise RequestError(f"{where}.call_id must be a string")
             message = {"role": "tool", "tool_call_id": item["call_id"],
                        "content": responses_text(item.get("output") if item.get("output") is not None else "",
-                                                 f"{where}.output")}
+                                                 f"{where}.output", media=True)}
             if item["call_id"] in names:
                 message["name"] = names[item["call_id"]]
             out.append(message)
@@ -255,7 +274,10 @@ class ResponsesCall:
         template_vars = self._reasoning_vars(f)
         self.served = served = req.use(f.body.get("model"))
         self.tools = responses_tools(served, f, self.ignored)
-        self.request = chat_request(served, messages, fields, self.tools, template_vars)
+        media = media_list(req)           # the stored turns' media too: they are read again with their words
+        messages = [{**m, "content": parts_text(m["content"], f"conversation[{i}].content", media)}
+                    if isinstance(m["content"], list) else m for i, m in enumerate(messages)]
+        self.request = chat_request(served, messages, {**fields, "media": media}, self.tools, template_vars)
         self.stream = f.boolean("stream")
         self.id = f"resp_{secrets.token_hex(16)}"
         self.created = int(time.time())

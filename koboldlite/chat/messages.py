@@ -7,13 +7,14 @@ import secrets
 from typing import Any
 
 from ..errors import RequestError
-from ..media import MEDIA_MARKER, MediaItem, MediaKind, decode_base64, read_media
+from ..media import MEDIA_MARKER, MediaKind, decode_base64, read_media
+from ..media_urls import MediaList
 
 
 CHAT_ROLES = ("system", "user", "assistant", "tool", "developer")
 
 
-def parse_chat_messages(value: Any, media: list[MediaItem] | None = None) -> list[dict]:
+def parse_chat_messages(value: Any, media: MediaList | None = None) -> list[dict]:
     """OpenAI- or Ollama-style messages; a 400 names the message that is wrong. Tool calls and tool
     results are kept as Hugging Face templates read them (arguments as objects). Where `media` is given, an
     image or audio part (and an Ollama message's `images`) is read into it and stands in the content as
@@ -31,8 +32,7 @@ def parse_chat_messages(value: Any, media: list[MediaItem] | None = None) -> lis
         if content is None:
             content = ""
         elif isinstance(content, list):
-            content = "".join(_part_text(part, f"messages[{i}].content[{j}]", media)
-                              for j, part in enumerate(content))
+            content = parts_text(content, f"messages[{i}].content", media)
         elif not isinstance(content, str):
             raise RequestError(f"messages[{i}].content must be a string or a list of text parts")
         if m.get("images") and media is not None:        # Ollama's: before the message's words, as Ollama puts them
@@ -53,26 +53,36 @@ def parse_chat_messages(value: Any, media: list[MediaItem] | None = None) -> lis
     return out
 
 
-def _part_text(part: Any, where: str, media: list[MediaItem] | None) -> str:
+def parts_text(parts: list, where: str, media: MediaList | None) -> str:
+    """Content parts as text, each image or audio part read into `media` and standing as MEDIA_MARKER."""
+    return "".join(_part_text(part, f"{where}[{j}]", media) for j, part in enumerate(parts))
+
+
+def _part_text(part: Any, where: str, media: MediaList | None) -> str:
     """A content part's text: its words, or MEDIA_MARKER for an image or audio part read into `media`."""
     kind = part.get("type") if isinstance(part, dict) else None
     if kind == "text" and isinstance(part.get("text"), str):
         return part["text"]
-    if kind in ("image_url", "input_audio"):
+    if kind in ("image_url", "input_audio", "file"):
         if media is None:
-            raise RequestError(f"{where}: {'image' if kind == 'image_url' else 'audio'} input is not supported here")
+            raise RequestError(f"{where}: {'audio' if kind == 'input_audio' else 'image'} input is not supported here")
         if kind == "image_url":
             url = part.get("image_url")
             data = url.get("url") if isinstance(url, dict) else url          # some clients send the URL bare
             allowed = (MediaKind.IMAGE,)
-        else:
+        elif kind == "input_audio":
             audio = part.get("input_audio")
             data = audio.get("data") if isinstance(audio, dict) else None
             allowed = (MediaKind.AUDIO,)
-        media.append(read_media(decode_base64(data, where), where, allowed))
-        return MEDIA_MARKER
-    raise RequestError(f"{where} must be a text part ({{\"type\": \"text\", \"text\": ...}}), an image_url or "
-                       f"an input_audio part")
+        else:                           # OpenAI's file part: here, an image or an audio file by its data
+            file = part.get("file") if isinstance(part.get("file"), dict) else {}
+            if file.get("file_id") is not None and file.get("file_data") is None:
+                raise RequestError(f"{where}.file.file_id: there is no files API here; send file_data")
+            data = file.get("file_data")
+            allowed = (MediaKind.IMAGE, MediaKind.AUDIO)
+        return media.add(data, where, allowed)
+    raise RequestError(f"{where} must be a text part ({{\"type\": \"text\", \"text\": ...}}), an image_url, "
+                       f"an input_audio or a file part")
 
 
 def tool_call_of(call: Any, where: str) -> dict:

@@ -20,7 +20,22 @@ import weakref
 
 from ..errors import ModelLoadError, RequestError
 from ..media import MediaItem, MediaKind
+from .gguf_layout import GGUFLayout
 from .llama_model import LlamaModel
+
+
+def audio_abort_reason(metadata: dict) -> str | None:
+    """Why llama.cpp's clip code would abort the process on every audio chunk of this projector, if it would: an
+    ultravox projector whose stack factor does not divide the 1,500 encoder frames of a 30 s chunk makes its graph
+    one token longer than the count it checks (a real Ultravox, factor 8: 188 against 187)."""
+    stack = metadata.get("clip.audio.projector.stack_factor")
+    if metadata.get("clip.projector_type") != "ultravox" or not isinstance(stack, int) or stack <= 0:
+        return None
+    made, expected = -(-1500 // stack), (-(-3000 // stack) * stack) // stack // 2
+    if made == expected:
+        return None
+    return (f"audio left out: llama.cpp would end the whole server on every clip (this ultravox projector's stack "
+            f"factor {stack} makes {made} tokens a chunk where llama.cpp checks for {expected})")
 
 
 @dataclasses.dataclass(eq=False)
@@ -67,8 +82,14 @@ class Projector:
                                  f"reason)")
         self.vision = bool(mtmd.mtmd_support_vision(self.ctx))
         self.audio = bool(mtmd.mtmd_support_audio(self.ctx))
+        self.audio_refused = audio_abort_reason(GGUFLayout(path).metadata) if self.audio else None
+        self.audio = self.audio and self.audio_refused is None
         self.sample_rate = mtmd.mtmd_get_audio_sample_rate(self.ctx)
         self.mrope = bool(mtmd.mtmd_decode_use_mrope(self.ctx))
+        if self.mrope:       # positions in 2-D per token: not what this engine's batches, shifts and reuse keep
+            mtmd.mtmd_free(self.ctx)
+            raise ModelLoadError(f"{os.path.basename(path)}: {model.name} places media by M-RoPE (Qwen-VL and its "
+                                 f"kind), which KoboldLite does not serve yet")
         self.size_bytes = os.path.getsize(path)
         self._encoding = threading.Lock()
 
@@ -78,7 +99,8 @@ class Projector:
 
     def describe(self) -> str:
         reads = " and ".join(k.value for k in self.kinds) or "nothing it can use"
-        return f"projector {os.path.basename(self.path)}: reads {reads}, {self.size_bytes / 2**20:.0f} MiB"
+        refused = f"; {self.audio_refused}" if self.audio_refused else ""
+        return f"projector {os.path.basename(self.path)}: reads {reads}, {self.size_bytes / 2**20:.0f} MiB{refused}"
 
     def media_pieces(self, item: MediaItem, where: str) -> list:
         """One image or audio file as the model reads it: its begin/end text as tokens (a projector's own

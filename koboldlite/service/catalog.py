@@ -8,9 +8,10 @@ import os
 import threading
 
 from ..errors import ConfigError, ModelLoadError
-from ..model_files import SPLIT_GGUF, model_name_of, scan_model_folder
+from ..model_files import SPLIT_GGUF, find_projector, model_name_of, scan_model_folder
 from ..config import Config, read_presets
 from ..engine.gguf_layout import GGUFLayout, KV_BYTES
+from ..engine.projector import audio_abort_reason
 
 
 # A request names a model, or gets the default one. The roster loads it beside the others while --maxmodels
@@ -37,8 +38,10 @@ class ModelEntry:
 
     def config(self, base: Config) -> Config:
         """The server's options with this model's preset over them."""
-        cfg = dataclasses.replace(base, model=self.path,
-                                  **{k: v for k, v in self.options.items() if k != "aliases"})
+        # --mmproj names the default model's projector; another model's comes from its preset or its folder.
+        mmproj = base.mmproj if self.path == base.model else None
+        cfg = dataclasses.replace(base, **{"model": self.path, "mmproj": mmproj,
+                                           **{k: v for k, v in self.options.items() if k != "aliases"}})
         if cfg.quantkv:
             cfg.flashattention, cfg.noflashattention = True, False
         per_request = cfg.contextsize // cfg.parallel if cfg.kvsplit else cfg.contextsize
@@ -52,6 +55,17 @@ class ModelEntry:
             return GGUFLayout(self.path)
         except (OSError, ModelLoadError):
             return None
+
+    def modalities(self, base: Config) -> dict[str, bool]:
+        """What its projector reads, by the projector file's header: what a listing says of a model not loaded."""
+        cfg = self.config(base)
+        path = cfg.mmproj or (None if cfg.nommproj else find_projector(self.path))
+        try:
+            meta = GGUFLayout(path).metadata if path else {}
+        except (OSError, ModelLoadError):
+            meta = {}
+        return {"vision": bool(meta.get("clip.has_vision_encoder")), "audio": bool(meta.get("clip.has_audio_encoder"))
+                and audio_abort_reason(meta) is None}
 
     def estimated_bytes(self, base: Config) -> int:
         """Weights plus KV cache at its context: what loading it will take, about."""

@@ -9,6 +9,7 @@ from ..api.kobold import (
     kobold_info_version, kobold_json_to_grammar, kobold_last_logprobs, kobold_max_context_length, kobold_max_length,
     kobold_model, kobold_perf, kobold_preloadstory, kobold_tokencount, sd_models
 )
+from ..api.audio import kobold_transcribe, openai_transcriptions
 from ..api.openai import openai_chat_completions, openai_completions, openai_embeddings, openai_models
 from ..api.ollama import (
     ollama_chat, ollama_embed, ollama_embeddings_legacy, ollama_generate, ollama_ps, ollama_show, ollama_tags,
@@ -41,6 +42,7 @@ def build_router(static: StaticFiles | None = None) -> Router:
     r.add("POST", "/api/extra/embeddings", openai_embeddings, protected=True)       # KoboldCpp: OpenAI's shape
     r.add("POST", "/api/extra/tokencount /api/extra/tokenize", kobold_tokencount, protected=True)
     r.add("POST", "/api/extra/detokenize", kobold_detokenize, protected=True)
+    r.add("POST", "/api/extra/transcribe", kobold_transcribe, protected=True)
     r.add("POST", "/api/extra/json_to_grammar", kobold_json_to_grammar, protected=True)
     r.add("GET", "/sdapi/v1/sd-models", sd_models)
     r.add("GET", "/api/extra/perf", kobold_perf)         # open, as KoboldCpp's: counts and timings, no text
@@ -58,6 +60,8 @@ def build_router(static: StaticFiles | None = None) -> Router:
     r.add("POST", "/v1/chat/completions /chat/completions", openai_chat_completions, protected=True,
           style="openai")
     r.add("POST", "/v1/embeddings /embeddings", openai_embeddings, protected=True, style="openai")
+    r.add("POST", "/v1/audio/transcriptions /audio/transcriptions", openai_transcriptions, protected=True,
+          style="openai")
     r.add("POST", "/v1/responses /responses", responses_create, protected=True, style="openai")
     r.add("POST", "/v1/responses/input_tokens /responses/input_tokens", responses_input_tokens, protected=True,
           style="openai")
