@@ -99,6 +99,8 @@ class JobStats:
     drafted_tokens: int = 0     # tokens proposed by speculative drafts and checked by the model
     draft_accepted: int = 0     # of those, the ones the model's own sampling kept
     cache_source: str = "none"  # where the prompt's cached tokens came from: slot, ram, disk or none
+    media_chunks: int = 0       # image and audio chunks encoded for it (a cached one is not encoded again)
+    media_seconds: float = 0.0  # the time that took
 
     @property
     def truncated(self) -> bool:

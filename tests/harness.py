@@ -160,6 +160,20 @@ class WatchedProcess:
                                          "\n".join(self.lines[-30:]))
                 self._cond.wait(left)
 
+    def wait_for_lines(self, pattern: str, count: int, timeout: float = 30) -> list[str]:
+        """Wait until `count` output lines match (the log is written by a thread of its own, after the reply)."""
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                found = [line for line in self.lines if rx.search(line)]
+                if len(found) >= count or "<EOF>" in self.lines[-1:]:
+                    return found
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return found
+                self._cond.wait(left)
+
     def mark(self) -> int:
         with self._cond:
             return len(self.lines)

@@ -343,3 +343,63 @@ def test_an_aborting_audio_projector_loads_without_audio(starter_model, tmp_path
         assert s.json("GET", "/props")["modalities"]["audio"] is False
     finally:
         s.stop()
+
+
+def test_two_image_chats_at_once_and_their_second_turns_read_only_new_words(starter_model, projectors):
+    """--parallel 2 in a shared pool: two image chats at once, then both second turns at once; each image is
+    encoded once (the log counts the chunks encoded), and each second turn reads its image from the cache."""
+    from tests.harness import in_thread, result_of
+    s = ServerProcess(["--model", starter_model, "--contextsize", "2048", "--threads", "1", "--nodraft",
+                       "--parallel", "2", "--mmproj", projectors["vision"]])
+    try:
+        def turn(messages):
+            return s.json("POST", "/v1/chat/completions", {"messages": messages, "max_tokens": 8, "temperature": 0})
+
+        firsts = [[{"role": "user", "content": [
+            {"type": "text", "text": f"Picture {i}: what is in it?"},
+            {"type": "image_url", "image_url": {"url": data_uri(media_files.png(30, 30, seed=30 + i), "image/png")}}]}]
+            for i in range(2)]
+        answers = [result_of(q, 300) for q in [in_thread(turn, m) for m in firsts]]
+        assert all(a["usage"]["prompt_tokens"] > 64 for a in answers)
+        encoded = s.wait_for_lines("media chunk[(]s[)] encoded", 2)
+        assert len(encoded) == 2 and all("1 media chunk(s)" in line for line in encoded), encoded
+        seconds = [m + [{"role": "assistant", "content": a["choices"][0]["message"]["content"]},
+                        {"role": "user", "content": "And what colours does it have?"}]
+                   for m, a in zip(firsts, answers)]
+        again = [result_of(q, 300) for q in [in_thread(turn, m) for m in seconds]]
+        for first, second in zip(answers, again):
+            assert second["usage"]["prompt_tokens_details"]["cached_tokens"] >= first["usage"]["prompt_tokens"]
+        ended = s.wait_for_lines(" ended: ", 4)
+        assert len(ended) == 4 and len([line for line in ended if "media chunk(s) encoded" in line]) == 2, ended
+    finally:
+        s.stop()
+
+
+def test_an_image_conversation_comes_back_from_disk_after_a_restart(starter_model, projectors, tmp_path):
+    """The disk cache keeps a conversation's cells with its image's placeholders (made from the file's hash, the same
+    in every process): after a restart, the next turn with the same image comes from disk, its image not encoded."""
+    from tests.test_cache import chat
+    folder = str(tmp_path / "cache")
+    args = ["--model", starter_model, "--contextsize", "2048", "--threads", "1", "--nodraft",
+            "--mmproj", projectors["vision"], "--cachedir", folder]
+    words = "A long note about harbours and their lamps, kept for later. " * 20      # past the cache's minimum
+    first = [{"role": "user", "content": [{"type": "text", "text": words + "What is in the picture?"},
+                                          {"type": "image_url", "image_url": {
+                                              "url": data_uri(media_files.png(30, 30, seed=40), "image/png")}}]}]
+    s = ServerProcess(args)
+    try:
+        reply, stats = chat(s, first)
+        assert stats["prompt"] > 256
+        turn_two = first + [{"role": "assistant", "content": reply}, {"role": "user", "content": "And its colours?"}]
+        expected, _ = chat(s, turn_two)
+    finally:
+        assert s.stop() == 0
+    s = ServerProcess(args)
+    try:
+        mark = s.mark()
+        again, stats = chat(s, turn_two)
+        assert stats["source"] == "disk" and stats["cached"] >= stats["prompt"] - 20 and again == expected
+        line = s.wait_for_line(r"job \d+ ended: ", start=mark).string
+        assert "media chunk" not in line, line
+    finally:
+        s.stop()

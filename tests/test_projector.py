@@ -117,3 +117,43 @@ def test_a_projector_for_another_width_is_a_load_error(model, tmp_path):
         media_models.N_TEXT = saved
     with pytest.raises(ModelLoadError, match="could not load the projector"):
         Projector(path, model, n_threads=1, use_gpu=False)
+
+
+def test_a_context_shift_drops_or_keeps_an_image_whole(model, vision):
+    """A full context drops the older half of what follows the kept front; a cut that would fall inside an image's
+    run of placeholders moves past it, so the cache never holds half an image (the model would read half its
+    embeddings). Here the first image lies across the first shift's cut, in a 512-cell context the reply runs past."""
+    from koboldlite.engine.engine import Engine
+    from koboldlite.generation import GenerationRequest, SamplerSettings
+    from koboldlite.media import MEDIA_MARKER
+    from koboldlite.engine.kv_pool import media_run_end
+    assert media_run_end([1, -5, -6, -7, 2], 2) == 4 and media_run_end([1, -5, -6, 2], 1) == 1
+    engine = Engine(model, projector=vision)
+    images = [read_media(media_files.png(16, 16, seed=s), "x") for s in (21, 22)]
+    # The first shift cuts at 256 of 512: the first image is placed across it (from about 224 to 288).
+    before = "Two pictures."
+    while len(model.tokenize(before)) < 224:
+        before += " Words before the first."
+    prompt = before + MEDIA_MARKER + " and " + "words between them. " * 10 + MEDIA_MARKER + " Describe both."
+    job = engine.prepare(GenerationRequest(prompt, max_length=400, media=images,
+                                           sampler=SamplerSettings(temperature=0, ban_eos=True)))
+    assert engine.admit(job)
+    slot = next(s for s in engine.slots if s.job is job)
+    shifts_seen = 0
+    while not job.buffer.done:
+        engine.step()
+        runs = [len(r) for r in _negative_runs(slot.cached)]
+        assert all(n == 64 for n in runs), runs          # whole images only
+        shifts_seen = job.stats.shifted_tokens
+    assert shifts_seen > 0 and job.stats.generated_tokens == 400
+
+
+def _negative_runs(tokens: list[int]) -> list[list[int]]:
+    runs, run = [], []
+    for t in tokens:
+        if t < 0:
+            run.append(t)
+        elif run:
+            runs.append(run)
+            run = []
+    return runs + ([run] if run else [])

@@ -198,8 +198,11 @@ class Engine:
         for slot in self.slots:
             while slot.state is SlotState.READING_PROMPT and slot.to_prefill and slot.to_prefill[0] < 0:
                 chunk = slot.job.media[slot.to_prefill[0]]
+                started = time.perf_counter()
                 with self.llama_lock:
                     status = decode_media(self.model, self.projector, chunk, slot.seq_id, len(slot.cached))
+                slot.job.stats.media_chunks += 1
+                slot.job.stats.media_seconds += time.perf_counter() - started
                 if status != DECODE_OK:
                     failed.append(self._finish(slot, StopReason.FAILED,
                                                f"decoding the {chunk.kind.value} failed ({status})"))

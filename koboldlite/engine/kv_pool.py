@@ -42,6 +42,13 @@ def plan_reuse(cached: list[int], prompt: list[int], context_shift: bool) -> tup
     return head_p, moves
 
 
+def media_run_end(tokens: list[int], i: int) -> int:
+    """`i`, or past the end of the media run (placeholder ids, negative) that a cut at `i` would split."""
+    while 0 < i < len(tokens) and tokens[i] < 0 and tokens[i - 1] < 0:
+        i += 1
+    return i
+
+
 class KVPool:
     """The llama context's KV cache as the slots use it: which tokens each sequence's cells hold, reusing a
     cached start for a new prompt (moving the runs a client kept), lending a start to another sequence in a
@@ -281,10 +288,12 @@ class KVPool:
         The front kept includes cells shared with another slot (they cannot move). The tokens dropped (0: none
         could go)."""
         job, lib, memory, seq = slot.job, self.lib, self.model.memory, slot.seq_id
-        n_past = len(slot.cached)
-        n_keep = max(job.n_keep, slot.shared_upto)
-        n_discard = (n_past - n_keep) // 2
-        if n_discard <= 0:
+        cached = slot.cached
+        n_past = len(cached)
+        n_keep = media_run_end(cached, max(job.n_keep, slot.shared_upto))
+        end = media_run_end(cached, n_keep + (n_past - n_keep) // 2)
+        n_discard = end - n_keep
+        if n_discard <= 0 or end >= n_past:       # an image or clip is dropped whole or kept whole, never cut
             return 0
         with self.llama_lock:
             lib.llama_memory_seq_rm(memory, seq, n_keep, n_keep + n_discard)

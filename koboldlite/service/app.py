@@ -121,6 +121,7 @@ class App:
                  f"in {s.generation_seconds:.2f}s ({rate:.1f} tokens/s)"
                  + (f", drafts {s.draft_accepted}/{s.drafted_tokens} kept" if s.drafted_tokens else "")
                  + (f", cache from {s.cache_source}" if s.cache_source in ("ram", "disk") else "")
+                 + (f", {s.media_chunks} media chunk(s) encoded in {s.media_seconds:.2f}s" if s.media_chunks else "")
                  + f", model {s.model}")
 
     def log(self, message: str):
