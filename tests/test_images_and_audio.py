@@ -403,3 +403,10 @@ def test_an_image_conversation_comes_back_from_disk_after_a_restart(starter_mode
         assert "media chunk" not in line, line
     finally:
         s.stop()
+
+
+def test_embeddings_of_an_image_are_a_clear_refusal(vision_server):
+    code, _, body = vision_server.request("POST", "/v1/embeddings", {"input": [
+        {"type": "image_url", "image_url": {"url": data_uri(media_files.png(), "image/png")}}]})
+    assert code == 400 and b"embeddings of images are not served" in body
+    assert vision_server.json("POST", "/v1/embeddings", {"input": "still serving"})["data"]

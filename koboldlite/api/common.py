@@ -4,6 +4,7 @@ its structured output, its tools), log-probabilities, what the model reports."""
 from __future__ import annotations
 
 import hashlib
+import json
 from typing import Any, Callable
 
 from ..errors import (ContextOverflow, Conflict, Failed, Invalid, ModelNotFound, NotFound, RequestError, ServiceError,
@@ -283,6 +284,8 @@ def embedding_inputs(f: FieldReader, *names: str) -> list[str]:
         return [value]
     if isinstance(value, list) and value and all(isinstance(v, str) for v in value) and len(value) <= 2048:
         return value
+    if isinstance(value, (dict, list)) and "image" in json.dumps(value)[:4096]:
+        raise RequestError(f"'{names[0]}': embeddings of images are not served here, only of text")
     raise RequestError(f"'{names[0]}' must be a string or a non-empty list of strings")
 
 
