@@ -410,3 +410,21 @@ def test_embeddings_of_an_image_are_a_clear_refusal(vision_server):
         {"type": "image_url", "image_url": {"url": data_uri(media_files.png(), "image/png")}}]})
     assert code == 400 and b"embeddings of images are not served" in body
     assert vision_server.json("POST", "/v1/embeddings", {"input": "still serving"})["data"]
+
+
+def test_an_image_chats_next_turn_is_read_ahead(vision_server):
+    """The next-turn read-ahead tokenizes the expected next prompt with the chat's image as the same placeholders
+    its slot holds: the guess matches, the turn markers are read while idle, and the next turn reads only the user's
+    new words. (A guess that took the image for text would share nothing past it, and read nothing.)"""
+    from tests.test_cache import chat
+    first = [{"role": "user", "content": [
+        {"type": "text", "text": "What is in this picture?"},
+        {"type": "image_url", "image_url": {"url": data_uri(media_files.png(30, 30, seed=50), "image/png")}}]}]
+    mark = vision_server.mark()
+    reply, _ = chat(vision_server, first)
+    read = int(vision_server.wait_for_line(r"read slot 0's next turn ahead \((\d+) tokens\)", start=mark).group(1))
+    _, stats = chat(vision_server, first + [{"role": "assistant", "content": reply},
+                                            {"role": "user", "content": "And the colours?"}])
+    new_words = vision_server.json("POST", "/api/extra/tokencount",
+                                   {"prompt": "And the colours?<|im_end|>\n<|im_start|>assistant\n"})["value"]
+    assert read >= 5 and stats["source"] == "slot" and stats["prompt"] - stats["cached"] <= new_words

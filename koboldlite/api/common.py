@@ -205,10 +205,7 @@ def chat_request(served: ServedModel, messages: list[dict], fields: dict, tools:
     if tools is not None:
         messages, more = tools.apply(messages, fields["sampler"])
         template_vars.update(more)
-    request = served.chat_template.generation_request(messages, template_vars=template_vars, **fields)
-    if request.media:
-        request.next_turn = None     # the next turn would be read ahead as text, which a media chunk is not
-    return request
+    return served.chat_template.generation_request(messages, template_vars=template_vars, **fields)
 
 
 OPENAI_DEFAULTS = SamplerSettings(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, rep_pen_range=64)

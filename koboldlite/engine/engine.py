@@ -10,6 +10,7 @@ import threading
 import time
 from typing import Callable
 
+from ..errors import RequestError
 from ..generation import GenerationRequest
 from ..jobs import Job, StopReason, TokenLogprob
 from .llama_model import LlamaModel
@@ -18,7 +19,7 @@ from .slots import Slot, SlotState, put_tokens
 from .prompt_cache import PromptCache, model_identity
 from .kv_pool import KVPool
 from .read_ahead import NextTurnReader
-from .preparation import count_prompt_tokens, prepare_job
+from .preparation import count_prompt_tokens, prepare_job, tokens_with_media
 from .replies import ReplyWriter, new_reply
 from .admission import bring_back, choose_slot
 from .projector import Projector, decode_media
@@ -66,7 +67,7 @@ class Engine:
         self.slots = [Slot(i) for i in range(model.n_seq)]
         self._batch = self.lib.llama_batch_init(model.n_batch, 0, model.n_seq)
         self.pool = KVPool(model, self.slots, self.llama_lock, self.context_shift, prompt_cache)
-        self.next_turns = NextTurnReader(model, self.pool, log)
+        self.next_turns = NextTurnReader(model, self.pool, log, tokenize=self._turn_tokens)
         self.speculation = Speculation(draft_most, draft_model)
         self.replies = ReplyWriter(model, self.pool)
 
@@ -105,6 +106,16 @@ class Engine:
         if not any(s.cached for s in self.slots):
             with self.llama_lock:
                 self.speculation.measure(self.model, self._batch, len(self.slots))
+
+    def _turn_tokens(self, text: str, request) -> list[int]:
+        """A chat's next turn as its prompt will be: its media as the placeholders the slot's cache holds."""
+        if not request.media or self.projector is None:
+            return self.model.tokenize(text, add_bos=request.add_bos)
+        try:
+            return tokens_with_media(self.model, self.projector, text, request.add_bos,
+                                     iter(enumerate(request.media)), {})
+        except (StopIteration, RequestError):
+            return []                       # the rendered turn places the media otherwise: no guess
 
     def keep_ahead(self):
         """The loop is idle: get ahead of the next requests. Each chat's expected next turn is read into its slot,

@@ -28,12 +28,12 @@ def tokenize_request(model: LlamaModel, request: GenerationRequest, projector: P
         raise RequestError(f"{len(request.media)} images or audio were sent but the prompt places {markers} (the "
                            f"model's chat template dropped the message that held the others?)")
     items, media = iter(enumerate(request.media)), {}
-    memory = _with_media(model, projector, request.memory, request.add_bos, items, media)
-    prompt = _with_media(model, projector, request.prompt, request.add_bos and not memory, items, media)
+    memory = tokens_with_media(model, projector, request.memory, request.add_bos, items, media)
+    prompt = tokens_with_media(model, projector, request.prompt, request.add_bos and not memory, items, media)
     return memory, prompt, media
 
 
-def _with_media(model: LlamaModel, projector: Projector, text: str, add_bos: bool, items, media: dict) -> list[int]:
+def tokens_with_media(model: LlamaModel, projector: Projector, text: str, add_bos: bool, items, media: dict) -> list[int]:
     parts = text.split(MEDIA_MARKER)
     tokens = model.tokenize("", add_bos=True) if add_bos and text else []
     for k, part in enumerate(parts):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 from ..jobs import Job, StopReason
 from .llama_model import LlamaModel, common_prefix_length
@@ -22,8 +22,12 @@ class NextTurnReader:
     MOST = 64          # tokens read ahead at most (a template's turn markers, a reply's last token)
     CUT_MOST = 8       # of the slot's last tokens a guess may replace (a stop string's tokens, not shown)
 
-    def __init__(self, model: LlamaModel, pool: KVPool, log: Callable[[str], None]):
+    def __init__(self, model: LlamaModel, pool: KVPool, log: Callable[[str], None],
+                 tokenize: Callable[[str, Any], list[int]] | None = None):
+        """`tokenize(text, request)`: the next turn's tokens as the request's own prompt would be made (with the
+        request's images and audio where their markers stand, as the same placeholders); plain text by default."""
         self.model, self.pool, self.log = model, pool, log
+        self.tokenize = tokenize or (lambda text, request: model.tokenize(text, add_bos=request.add_bos))
         self.tokens_read = 0
 
     def expect(self, slot: Slot, job: Job, reason: StopReason):
@@ -42,7 +46,7 @@ class NextTurnReader:
         text = request.next_turn(reply)
         if not text:
             return []
-        tokens = self.model.tokenize(text, add_bos=request.add_bos)
+        tokens = self.tokenize(text, request)
         keep = common_prefix_length(slot.cached, tokens)
         rest = tokens[keep:]
         if not rest or len(rest) > self.MOST or keep < max(len(slot.cached) - self.CUT_MOST, slot.shared_upto, 1):
