@@ -22,6 +22,9 @@ const state = {
   model: store.get("model", ""),   // the model this browser asks for ("": the server's default)
   nCtx: 0,
   running: null,   // {genkey, controller} of the generation in flight
+  modelStates: {},                       // picker value -> "loaded", "unloaded"... as /v1/models last said
+  modalities: { vision: false, audio: false },   // what the picked model reads besides text (/props)
+  pending: [],     // attachments in the composer, not yet sent: {kind, name, url, format}
 };
 
 // -- talking to the server ---------------------------------------------------------------
@@ -151,8 +154,20 @@ function current() {
 }
 
 function save() {
-  store.set("conversations", state.conversations);
+  try { store.set("conversations", state.conversations); }
+  catch {
+    // A browser keeps a few MiB for a page: past that, the conversations are kept without their attachments'
+    // data (their names stay) rather than not at all. This session still has the data and sends it.
+    try { store.set("conversations", state.conversations.map(withoutMediaData)); } catch { /* nothing kept */ }
+    notice("notice", "The attachments are too large to keep in this browser: after a reload only their names "
+           + "remain.", false);
+  }
   store.set("current", state.currentId);
+}
+
+function withoutMediaData(conv) {
+  return { ...conv, messages: conv.messages.map((m) => m.attachments
+    ? { ...m, attachments: m.attachments.map((a) => ({ ...a, url: "" })) } : m) };
 }
 
 function renderConversationList() {
@@ -185,6 +200,12 @@ function messageElement(conv, index) {
   const text = document.createElement("div");
   text.className = "text";
   text.textContent = m.content;
+  if (m.attachments && m.attachments.length) {
+    const media = document.createElement("div");
+    media.className = "attachments";
+    media.append(...m.attachments.map((a) => attachmentElement(a)));
+    el.append(media);
+  }
   const tools = document.createElement("div");
   tools.className = "tools";
   const button = (label, action) => {
@@ -234,11 +255,13 @@ function setRunning(running, view) {
 
 // -- chat ----------------------------------------------------------------------------------
 
-async function sendChat(text) {
+async function sendChat(text, attachments = []) {
   const conv = current();
-  if (text) {
-    conv.messages.push({ role: "user", content: text });
-    if (conv.title === "New chat") conv.title = text.slice(0, 40);
+  if (text || attachments.length) {
+    const message = { role: "user", content: text };
+    if (attachments.length) message.attachments = attachments;
+    conv.messages.push(message);
+    if (conv.title === "New chat") conv.title = (text || attachments[0].name).slice(0, 40);
   }
   conv.system = $("system-prompt").value;
   conv.updated = Date.now();
@@ -248,7 +271,7 @@ async function sendChat(text) {
 
 async function streamReply(conv) {
   const messages = (conv.system ? [{ role: "system", content: conv.system }] : [])
-    .concat(conv.messages.map((m) => ({ role: m.role, content: m.content })));
+    .concat(conv.messages.map((m) => ({ role: m.role, content: messageContent(m) })));
   const reply = { role: "assistant", content: "" };
   conv.messages.push(reply);
   const el = messageElement(conv, conv.messages.length - 1);
@@ -287,12 +310,41 @@ async function streamReply(conv) {
   } catch (e) {
     if (e.name !== "AbortError") { notice("notice", explain(e), true); setStatus("bad", "Error"); }
     if (!reply.content) conv.messages.pop();
+    if (e.status >= 400 && e.status < 500 && !reply.content) takeBackRefusedMedia(conv);
   } finally {
     stopWatching();
     setRunning(null, "chat");
     save(); renderMessages();
     showStats(usage, tokens, (last - first) / 1000);
+    // A picked model that was not loaded is now: what it reads can be asked without loading it.
+    if (modelState() !== "loaded") loadModels().then(loadModalities);
   }
+}
+
+// A last turn whose attachment the server refused (a file cut short, too large...) would be refused again with
+// every later turn: it goes back to the composer, its attachments with it, to be fixed and sent again.
+function takeBackRefusedMedia(conv) {
+  const last = conv.messages[conv.messages.length - 1];
+  if (!last || last.role !== "user" || !last.attachments || state.pending.length || $("input").value) return;
+  conv.messages.pop();
+  if (!conv.messages.length) conv.title = "New chat";
+  $("input").value = last.content;
+  state.pending = last.attachments.filter((a) => a.url);
+  renderPending();
+}
+
+// A turn with attachments goes as OpenAI content parts, each time the conversation is sent: the server keeps an
+// image's encoding, so the same image with each later turn costs little. A file whose data was not kept (too
+// large for the browser's storage) is left out.
+function messageContent(m) {
+  const media = (m.attachments || []).filter((a) => a.url);
+  if (!media.length) return m.content;
+  const parts = m.content ? [{ type: "text", text: m.content }] : [];
+  for (const a of media) {
+    parts.push(a.kind === "image" ? { type: "image_url", image_url: { url: a.url } }
+      : { type: "input_audio", input_audio: { data: a.url.slice(a.url.indexOf(",") + 1), format: a.format } });
+  }
+  return parts;
 }
 
 async function regenerate() {
@@ -301,6 +353,168 @@ async function regenerate() {
   if (conv.messages.length && conv.messages[conv.messages.length - 1].role === "assistant") conv.messages.pop();
   save(); renderMessages();
   await streamReply(conv);
+}
+
+// -- attachments: images and audio in chat ---------------------------------------------------
+
+// The server's request body is at most 32 MiB, and base64 makes a file a third larger.
+const MAX_ATTACHMENT_BYTES = 24 << 20;
+const IMAGE_TYPES = ["image/jpeg", "image/png", "image/gif", "image/bmp", ".jpg", ".jpeg", ".png", ".gif", ".bmp"];
+const AUDIO_TYPES = ["audio/wav", "audio/x-wav", "audio/mpeg", "audio/flac", "audio/x-flac", ".wav", ".mp3", ".flac"];
+const READABLE = "images: JPEG, PNG, GIF, BMP; audio: WAV, MP3, FLAC";
+
+// A file is known by its first bytes, as the server knows it (koboldlite/media.py): a name or a browser's guess at
+// the type can be wrong, and a file the server would refuse is better refused before it is sent.
+function sniffMedia(b) {
+  const bytes = (at, ...xs) => xs.every((x, i) => b[at + i] === x);
+  const ascii = (at, s) => bytes(at, ...[...s].map((c) => c.charCodeAt(0)));
+  if (bytes(0, 0xff, 0xd8, 0xff)) return { kind: "image", mime: "image/jpeg" };
+  if (bytes(0, 0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a)) return { kind: "image", mime: "image/png" };
+  if (ascii(0, "GIF87a") || ascii(0, "GIF89a")) return { kind: "image", mime: "image/gif" };
+  if (ascii(0, "BM") && b.length >= 26) return { kind: "image", mime: "image/bmp" };
+  if (ascii(0, "RIFF") && ascii(8, "WAVE")) return { kind: "audio", mime: "audio/wav", format: "wav" };
+  if (ascii(0, "fLaC")) return { kind: "audio", mime: "audio/flac", format: "flac" };
+  if (ascii(0, "ID3") || (b[0] === 0xff && (b[1] & 0xe0) === 0xe0)) {
+    return { kind: "audio", mime: "audio/mpeg", format: "mp3" };
+  }
+  return null;
+}
+
+function acceptedKinds() {
+  return [state.modalities.vision && "image", state.modalities.audio && "audio"].filter(Boolean);
+}
+
+function readDataURL(file, mime) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    // The type in the address is the one the bytes say, not the browser's guess from the name.
+    reader.onload = () => resolve(`data:${mime};base64,` + reader.result.slice(reader.result.indexOf(",") + 1));
+    reader.onerror = () => reject(new Error(`${file.name}: the browser could not read it`));
+    reader.readAsDataURL(file);
+  });
+}
+
+// An attachment for the composer, or an Error that says why this file is refused.
+async function readAttachment(file) {
+  const kinds = acceptedKinds();
+  if (file.size > MAX_ATTACHMENT_BYTES) throw new Error(`${file.name}: larger than 24 MiB`);
+  const found = sniffMedia(new Uint8Array(await file.slice(0, 16).arrayBuffer()));
+  if (!found) throw new Error(`${file.name}: not a file this server reads (${READABLE})`);
+  if (!kinds.includes(found.kind)) {
+    throw new Error(`${file.name}: this model reads ${kinds.map((k) => (k === "image" ? "images" : k)).join(" and ")} `
+                    + `only, not ${found.kind === "image" ? "images" : found.kind}`);
+  }
+  const attachment = { kind: found.kind, name: file.name || found.kind, url: await readDataURL(file, found.mime) };
+  if (found.format) attachment.format = found.format;
+  return attachment;
+}
+
+async function attachFiles(files) {
+  if (!acceptedKinds().length) { notice("notice", "This model reads text only: no images or audio.", true); return; }
+  const refused = [];
+  for (const file of files) {
+    try { state.pending.push(await readAttachment(file)); } catch (e) { refused.push(e.message); }
+  }
+  notice("notice", refused.join("\n"), refused.length > 0);
+  renderPending();
+}
+
+function renderPending() {
+  const box = $("attachments");
+  box.replaceChildren(...state.pending.map((a, i) => attachmentElement(a, () => {
+    state.pending.splice(i, 1);
+    renderPending();
+  })));
+  box.hidden = !state.pending.length;
+}
+
+// A thumbnail or an audio chip; with `remove`, an × that takes it out of the composer. Names are text, never HTML.
+function attachmentElement(a, remove) {
+  const el = document.createElement("div");
+  el.className = "attachment " + a.kind;
+  el.title = a.name;
+  if (a.kind === "image" && a.url) {
+    const img = document.createElement("img");
+    img.src = a.url;
+    img.alt = a.name;
+    el.append(img);
+  } else {
+    if (a.kind === "audio" && a.url) el.append(playButton(a));
+    const name = document.createElement("span");
+    name.className = "name";
+    name.textContent = a.url ? a.name : a.name + " (not kept)";
+    el.append(name);
+  }
+  if (remove) {
+    const x = document.createElement("button");
+    x.type = "button"; x.className = "remove"; x.textContent = "×";
+    x.title = "Remove"; x.setAttribute("aria-label", "Remove " + a.name);
+    x.onclick = remove;
+    el.append(x);
+  }
+  return el;
+}
+
+// The page's security policy keeps <audio> from data: addresses, so a clip plays through Web Audio instead.
+let playing = null;        // {source, button} of the clip that plays
+let audioContext = null;   // made on the first click of a play button (browsers want a click first)
+
+function stopPlaying() {
+  if (!playing) return;
+  const { source, button } = playing;
+  playing = null;
+  button.textContent = "▶";
+  try { source.stop(); } catch { /* it had ended */ }
+}
+
+function playButton(a) {
+  const button = document.createElement("button");
+  button.type = "button"; button.className = "play"; button.textContent = "▶";
+  button.title = "Play"; button.setAttribute("aria-label", "Play " + a.name);
+  button.onclick = async () => {
+    const wasThis = playing && playing.button === button;
+    stopPlaying();
+    if (wasThis) return;
+    try {
+      audioContext = audioContext || new AudioContext();
+      const bytes = Uint8Array.from(atob(a.url.slice(a.url.indexOf(",") + 1)), (c) => c.charCodeAt(0));
+      const source = audioContext.createBufferSource();
+      source.buffer = await audioContext.decodeAudioData(bytes.buffer);
+      source.connect(audioContext.destination);
+      source.onended = () => { if (playing && playing.source === source) stopPlaying(); };
+      playing = { source, button };
+      button.textContent = "■";
+      source.start();
+    } catch { notice("notice", `${a.name}: this browser cannot play it`, true); }
+  };
+  return button;
+}
+
+// The attach button shows only where the model reads images or audio; what the model no longer reads (another
+// model picked) leaves the composer.
+function showAttachControl() {
+  const kinds = acceptedKinds();
+  $("attach").hidden = !kinds.length;
+  $("attach").title = "Attach " + kinds.map((k) => (k === "image" ? "an image" : "an audio clip")).join(" or ")
+    + " (or paste or drop one here)";
+  $("attach-file").accept = [...(state.modalities.vision ? IMAGE_TYPES : []),
+                             ...(state.modalities.audio ? AUDIO_TYPES : [])].join(",");
+  state.pending = state.pending.filter((a) => kinds.includes(a.kind));
+  renderPending();
+}
+
+// An imported message: a role, its text, and only images and audio as data: addresses (or ones whose data was not
+// kept) for attachments.
+function importedMessage(m) {
+  const out = { role: m.role === "assistant" ? "assistant" : "user", content: m.content };
+  const attachments = Array.isArray(m.attachments) ? m.attachments.filter((a) => a
+    && (a.kind === "image" || a.kind === "audio") && typeof a.url === "string"
+    && (a.url === "" || a.url.startsWith(`data:${a.kind}/`))) : [];
+  if (attachments.length) {
+    out.attachments = attachments.map((a) => ({ kind: a.kind, name: String(a.name || a.kind), url: a.url,
+      ...(a.kind === "audio" ? { format: ["wav", "mp3", "flac"].includes(a.format) ? a.format : "wav" } : {}) }));
+  }
+  return out;
 }
 
 // -- story -----------------------------------------------------------------------------------
@@ -385,6 +599,7 @@ async function connect() {
     }
     $("model-name").textContent = name === "protected" ? "Model: (protected)" : "Model: " + name;
     await loadModels();
+    await loadModalities();
     setStatus("ok", "Ready");
   } catch (e) {
     setStatus("bad", e.status === 0 ? "Unreachable" : "Error");
@@ -402,6 +617,8 @@ async function loadModels() {
   const picker = $("model-picker");
   let list;
   try { list = (await getJSON("/v1/models")).data; } catch { return; }
+  state.modelStates = Object.fromEntries(list.map((m, i) => [i === 0 ? "" : m.id,
+                                                             m.status ? m.status.value : "loaded"]));
   if (state.model && !list.some((m) => m.id === state.model)) { state.model = ""; store.remove("model"); }
   picker.hidden = list.length < 2;
   $("model-name").hidden = !picker.hidden;
@@ -417,6 +634,24 @@ async function loadModels() {
 function pickModel() {
   state.model = $("model-picker").value;
   if (state.model) store.set("model", state.model); else store.remove("model");
+  loadModalities();
+}
+
+function modelState() { return state.modelStates[state.model]; }
+
+// What the picked model reads besides text, from /props. Asking about a model loads it, so a model that is not
+// loaded is not asked about (no attach button until its first reply has loaded it).
+async function loadModalities() {
+  let modalities = { vision: false, audio: false };
+  const known = modelState();
+  if (known === undefined || known === "loaded") {
+    try {
+      const props = await getJSON("/props" + (state.model ? "?model=" + encodeURIComponent(state.model) : ""));
+      modalities = props.modalities || modalities;
+    } catch { /* an older server, or no password yet: text only */ }
+  }
+  state.modalities = { vision: !!modalities.vision, audio: !!modalities.audio };
+  showAttachControl();
 }
 
 // -- wiring ----------------------------------------------------------------------------------
@@ -437,10 +672,35 @@ function init() {
   $("composer").addEventListener("submit", (e) => {
     e.preventDefault();
     const text = $("input").value.trim();
-    if (!text || state.running) return;
+    if ((!text && !state.pending.length) || state.running) return;
     $("input").value = "";
     $("input").style.height = "";
-    sendChat(text);
+    const attachments = state.pending;
+    state.pending = [];
+    renderPending();
+    sendChat(text, attachments);
+  });
+  $("attach").onclick = () => $("attach-file").click();
+  $("attach-file").onchange = async (e) => {
+    await attachFiles([...e.target.files]);
+    e.target.value = "";     // the same file may be attached again after its removal
+  };
+  $("input").addEventListener("paste", (e) => {
+    const files = [...((e.clipboardData && e.clipboardData.files) || [])];
+    if (!files.length) return;      // text pastes as text
+    e.preventDefault();
+    attachFiles(files);
+  });
+  // A file dropped anywhere on the chat is attached (the browser would otherwise open it in place of the page).
+  $("chat-view").addEventListener("dragover", (e) => {
+    if (!e.dataTransfer.types.includes("Files")) return;
+    e.preventDefault();
+    e.dataTransfer.dropEffect = "copy";    // even for a text-only model: the drop then says why it is not attached
+  });
+  $("chat-view").addEventListener("drop", (e) => {
+    if (!e.dataTransfer.files.length) return;
+    e.preventDefault();
+    attachFiles([...e.dataTransfer.files]);
   });
   $("input").addEventListener("keydown", (e) => {
     if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); $("composer").requestSubmit(); }
@@ -491,8 +751,7 @@ function init() {
           state.conversations.push({ id: String(c.id || Date.now().toString(36) + Math.random()),
                                      title: String(c.title || "Imported chat"), system: String(c.system || ""),
                                      messages: c.messages.filter((m) => m && typeof m.content === "string")
-                                       .map((m) => ({ role: m.role === "assistant" ? "assistant" : "user",
-                                                      content: m.content })),
+                                       .map(importedMessage),
                                      updated: Date.now() });
         }
       }
