@@ -428,3 +428,16 @@ def test_an_image_chats_next_turn_is_read_ahead(vision_server):
     new_words = vision_server.json("POST", "/api/extra/tokencount",
                                    {"prompt": "And the colours?<|im_end|>\n<|im_start|>assistant\n"})["value"]
     assert read >= 5 and stats["source"] == "slot" and stats["prompt"] - stats["cached"] <= new_words
+
+
+def test_transcription_honours_the_password(make_server):
+    s = make_server("--password", "hunter2", tls=False)
+    wav = media_files.wav(1.0)
+    for k, (path, body, headers) in enumerate((
+            ("/api/extra/transcribe", {"audio_data": data_uri(wav, "audio/wav")}, {}),
+            ("/v1/audio/transcriptions", b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n"
+             b"\r\n" + wav + b"\r\n--b--\r\n", {"Content-Type": "multipart/form-data; boundary=b"}))):
+        status, _, _ = s.request("POST", path, body, headers, source=f"127.0.2.{k + 1}")
+        assert status == 401, path
+        status, _, answer = s.request("POST", path, body, {**headers, "Authorization": "Bearer hunter2"})
+        assert status == 400 and b"does not hear audio" in answer, answer      # past the gate: no projector
