@@ -82,17 +82,35 @@ def _get(parts: urllib.parse.SplitResult, address: str, port: int, deadline: flo
         conn.close()
 
 
+def not_readable(where: str, kinds: tuple[MediaKind, ...], readable: tuple[MediaKind, ...]) -> RequestError:
+    """Media the model cannot read: without a projector it reads text only."""
+    what = " or ".join(k.value for k in kinds)
+    if not readable:
+        return RequestError(f"{where}: {what} input is not supported: this model reads text only (start the server "
+                            f"with --mmproj FILE, the projector made for this model)")
+    return RequestError(f"{where}: {what} input is not supported by this model's projector (it reads "
+                        f"{' and '.join(k.value for k in readable)})")
+
+
 class MediaList(list):
     """A request's media items, in the order their MEDIA_MARKERs stand in its prompt; it reads each as the
     server's --mediaurls allows."""
 
-    def __init__(self, urls: MediaURLs = MediaURLs.OFF):
+    def __init__(self, urls: MediaURLs = MediaURLs.OFF, readable: tuple[MediaKind, ...] | None = None):
+        """`readable`: what the model's projector reads (() without one), checked before a file is read; None:
+        checked later, when the prompt is made."""
         super().__init__()
         self.urls = urls
+        self.readable = readable
 
     def add(self, value: object, where: str, allowed: tuple[MediaKind, ...]) -> str:
         """Read base64, a data: URI or (if allowed) an address into the list; the marker for its place."""
-        self.append(self.read(value, where, allowed))
+        if self.readable is not None and not set(allowed) & set(self.readable):
+            raise not_readable(where, allowed, self.readable)
+        item = self.read(value, where, allowed)
+        if self.readable is not None and item.kind not in self.readable:
+            raise not_readable(where, (item.kind,), self.readable)
+        self.append(item)
         return MEDIA_MARKER
 
     def read(self, value: object, where: str, allowed: tuple[MediaKind, ...]) -> MediaItem:

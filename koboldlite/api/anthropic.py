@@ -175,7 +175,7 @@ class MessagesCall:
         f = FieldReader(req.json())
         served = req.use(f.body.get("model"))
         ignored = ignored_fields(f.body, ANTHROPIC_IGNORED_FIELDS)
-        media = media_list(req)
+        media = media_list(req, served)
         messages = anthropic_messages(f.body, media)
         max_tokens = None if count_only else max_reply_tokens(f, "max_tokens", required=True)
         fields = block_request_fields(req, f, max_tokens, ignored)

@@ -191,9 +191,10 @@ def tool_use_of(served: ServedModel, f: FieldReader, choice: Any = None) -> Tool
                    f.body.get("parallel_tool_calls") is not False)
 
 
-def media_list(req) -> MediaList:
-    """The list a request's media are read into, fetching addresses only as --mediaurls allows."""
-    return MediaList(MediaURLs(req.app.config.mediaurls))
+def media_list(req, served: ServedModel) -> MediaList:
+    """The list a request's media are read into, fetching addresses only as --mediaurls allows; media the served
+    model cannot read are refused before they are read."""
+    return MediaList(MediaURLs(req.app.config.mediaurls), served.projector.kinds if served.projector else ())
 
 
 def chat_request(served: ServedModel, messages: list[dict], fields: dict, tools: ToolUse | None = None,

@@ -44,7 +44,10 @@ def parse_kobold_request(req, app: App) -> GenerationRequest:
     if f.boolean("singleline"):
         stops.append("\n")
     served = req.use(f.body.get("model"))      # KoboldAI Lite sends none: the default model
-    prompt, memory, media = kobold_media(f, f.string("prompt"), f.string("memory"))
+    ignored = ignored_fields(f.body, KOBOLD_IGNORED_FIELDS)
+    prompt, memory, media = kobold_media(f, f.string("prompt"), f.string("memory"), served, ignored)
+    order = {key: i for i, key in enumerate(f.body)}
+    ignored.sort(key=lambda key: order.get(key, len(order)))          # as the client sent them
     return instruct_request(served, f, prompt=prompt, memory=memory, stop_strings=stops, media=media,
         max_length=f.integer("max_length", default=served.config.max_length, lo=1, hi=1 << 20),
         max_context_length=f.integer("max_context_length", "truncation_length", default=served.model.n_ctx,
@@ -55,7 +58,7 @@ def parse_kobold_request(req, app: App) -> GenerationRequest:
         render_special=f.boolean("render_special", default=False),
         checkable_without_genkey=True,
         cut_overlong_prompt=True,
-        ignored_fields=ignored_fields(f.body, KOBOLD_IGNORED_FIELDS),
+        ignored_fields=ignored,
         logprobs=f.boolean("logprobs"), top_logprobs=KOBOLD_TOP_LOGPROBS, logprobs_after_samplers=True,
     )
 
@@ -63,15 +66,22 @@ def parse_kobold_request(req, app: App) -> GenerationRequest:
 ATTACHED = re.compile(r"\(Attached (Image|Audio) (\d+)\)")
 
 
-def kobold_media(f: FieldReader, prompt: str, memory: str) -> tuple[str, str, list]:
+def kobold_media(f: FieldReader, prompt: str, memory: str, served, ignored: list[str]) -> tuple[str, str, list]:
     """KoboldAI Lite's and SillyTavern's `images` and `audio` (base64), placed as KoboldCpp places them: where the
     text says "(Attached Image N)" or "(Attached Audio N)", else at the front of the memory after "Attached
-    Media:", each followed by a blank line. (prompt, memory, the media in the order they stand.)"""
+    Media:", each followed by a blank line. (prompt, memory, the media in the order they stand.) A kind the model
+    does not read is left out and named in `ignored`, as a text-only KoboldCpp leaves it (SillyTavern sends them
+    whatever the model)."""
     items = []
+    readable = served.projector.kinds if served.projector else ()
     for field, kind in (("images", MediaKind.IMAGE), ("audio", MediaKind.AUDIO)):
         values = f.body.get(field) or []
         if not isinstance(values, list):
             raise RequestError(f"'{field}' must be a list of base64 strings")
+        if kind not in readable:
+            if values:
+                ignored.append(field)
+            continue
         items += [(kind, read_media(decode_base64(v, f"{field}[{i}]"), f"{field}[{i}]", (kind,)))
                   for i, v in enumerate(values)]
     if not items:

@@ -16,15 +16,14 @@ from ..fields import FieldReader, _asks, ignored_fields
 from ..generation import GenerationRequest, SamplerSettings, parse_sampler_settings
 from ..jobs import Job, StopReason, TokenLogprob
 from ..chat.messages import parse_chat_messages
-from ..media import MEDIA_MARKER, MediaKind, decode_base64, read_media
-from ..media_urls import MediaList
+from ..media import MediaKind
 from ..chat.tools import ToolUse
 from ..service.catalog import ModelEntry
 from ..service.served_model import ServedModel
 from ..service.exchange import JSONResponse
 from .common import (
     MAX_TOP_LOGPROBS, LogprobShapes, apply_output_format, chat_request, embedder_for, embedding_inputs, genkey_of,
-    gpu_report, modalities_of, tool_use_of
+    gpu_report, media_list, modalities_of, tool_use_of
 )
 from .reply import (
     DoneEvent, ErrorEvent, ReasoningEvent, ReplyEncoder, ReplyEvent, ReplyReader, TextEvent, WholeReply, stream_reply
@@ -144,9 +143,9 @@ class OllamaCall:
         images = f.body.get("images") or []
         if not isinstance(images, list):
             raise RequestError("'images' must be a list of base64 strings")
-        fields["media"] = [read_media(decode_base64(image, f"images[{i}]"), f"images[{i}]", (MediaKind.IMAGE,))
-                           for i, image in enumerate(images)]
-        prompt = MEDIA_MARKER * len(fields["media"]) + f.string("prompt")
+        media = fields["media"] = media_list(req, served)
+        prompt = "".join(media.add(image, f"images[{i}]", (MediaKind.IMAGE,)) for i, image in enumerate(images)) \
+            + f.string("prompt")
         if f.boolean("raw"):
             request = GenerationRequest(prompt=prompt, **fields)
         else:
@@ -158,7 +157,7 @@ class OllamaCall:
     @classmethod
     def chat_of(cls, req, f: FieldReader) -> "OllamaCall":
         served = ollama_use(req, f)
-        media = MediaList()                # Ollama sends base64 only
+        media = media_list(req, served)
         messages = parse_chat_messages(f.body.get("messages"), media)
         fields = {**ollama_generation_fields(req, f, served), "media": media}
         # Ollama has no tool_choice; we take one beside the tools or in `options` (which its clients pass on).

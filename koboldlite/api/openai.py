@@ -113,18 +113,20 @@ class OpenAICall:
         prompt = f.body.get("prompt", "")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, dict)):
             prompt = prompt[0]
+        media_ignored: list[str] = []            # KoboldCpp's fields the model cannot read
         if isinstance(prompt, dict):
             if f.body.get("images") or f.body.get("audio"):
                 raise RequestError("send media either in the prompt's multimodal_data or in 'images' and 'audio', "
                                    "not both")
-            media = media_list(req)
+            media = media_list(req, served)
             prompt, memory = multimodal_prompt(prompt, media), ""
         elif isinstance(prompt, str):           # KoboldCpp's images and audio: SillyTavern sends them here too
-            prompt, memory, media = kobold_media(f, prompt, "")
+            prompt, memory, media = kobold_media(f, prompt, "", served, media_ignored)
         else:
             raise RequestError("'prompt' must be a string, a list of one string, or {\"prompt_string\": ..., "
                                "\"multimodal_data\": [...]}")
-        fields = openai_generation_fields(req, f, default_max=16, honoured=("images", "audio"))
+        fields = openai_generation_fields(req, f, default_max=16,
+                                          honoured=tuple(k for k in ("images", "audio") if k not in media_ignored))
         request = instruct_request(served, f, prompt=prompt, memory=memory, stop_strings=fields.pop("stop_strings"),
                                    media=media, **fields, **openai_logprob_fields(f, legacy=True))
         return cls(served, request, f.boolean("stream"), include_usage_of(f))
@@ -133,7 +135,7 @@ class OpenAICall:
     def chat(cls, req) -> "OpenAICall":
         f = FieldReader(req.json())
         served = req.use(f.body.get("model"))
-        media = media_list(req)
+        media = media_list(req, served)
         messages = parse_chat_messages(f.body.get("messages"), media)
         fields = openai_generation_fields(req, f, default_max=None)
         tools = tool_use_of(served, f)

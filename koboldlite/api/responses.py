@@ -274,7 +274,7 @@ class ResponsesCall:
         template_vars = self._reasoning_vars(f)
         self.served = served = req.use(f.body.get("model"))
         self.tools = responses_tools(served, f, self.ignored)
-        media = media_list(req)           # the stored turns' media too: they are read again with their words
+        media = media_list(req, served)           # the stored turns' media too: they are read again with their words
         messages = [{**m, "content": parts_text(m["content"], f"conversation[{i}].content", media)}
                     if isinstance(m["content"], list) else m for i, m in enumerate(messages)]
         self.request = chat_request(served, messages, {**fields, "media": media}, self.tools, template_vars)

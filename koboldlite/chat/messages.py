@@ -7,7 +7,7 @@ import secrets
 from typing import Any
 
 from ..errors import RequestError
-from ..media import MEDIA_MARKER, MediaKind, decode_base64, read_media
+from ..media import MediaKind
 from ..media_urls import MediaList
 
 
@@ -37,10 +37,8 @@ def parse_chat_messages(value: Any, media: MediaList | None = None) -> list[dict
             raise RequestError(f"messages[{i}].content must be a string or a list of text parts")
         if m.get("images") and media is not None:        # Ollama's: before the message's words, as Ollama puts them
             images = m["images"] if isinstance(m["images"], list) else [m["images"]]
-            for j, image in enumerate(images):
-                media.append(read_media(decode_base64(image, f"messages[{i}].images[{j}]"),
-                                        f"messages[{i}].images[{j}]", (MediaKind.IMAGE,)))
-            content = MEDIA_MARKER * len(images) + content
+            content = "".join(media.add(image, f"messages[{i}].images[{j}]", (MediaKind.IMAGE,))
+                              for j, image in enumerate(images)) + content
         message = {"role": "system" if role == "developer" else role, "content": content}
         if m.get("tool_calls"):
             message["tool_calls"] = [tool_call_of(call, f"messages[{i}].tool_calls[{j}]")
