@@ -14,7 +14,8 @@
 # build of llama-cpp-python is compiled for the CPU it was built on (GGML_NATIVE) and is the fastest there,
 # but dies with "Illegal instruction" on an older CPU: these builds are what the executables carry.
 #
-# KOBOLDLITE_CPU_VARIANTS="x64 haswell ..." builds only those CPU variants (default: all of them).
+# KOBOLDLITE_CPU_VARIANTS="x64 haswell ..." puts only those CPU variants in OUT (default: all of them). It does not
+# shorten the build: ggml's CMake makes every variant a dependency of ggml itself.
 set -euo pipefail
 backend=${1:?usage: build_llama_lib.sh cpu|vulkan|cuda [OUT] [CUDA_ARCH]}
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -73,5 +74,11 @@ for v in $variants; do targets+=("ggml-cpu-$v"); done
 rm -f "$work"/build/bin/*.so* "$out"/*.so*
 cmake --build "$work/build" --target "${targets[@]}" -j "$(nproc)" >&2
 cp -a "$work"/build/bin/*.so* "$out"/
+if [ -n "${KOBOLDLITE_CPU_VARIANTS:-}" ]; then
+  for lib in "$out"/libggml-cpu-*.so; do
+    v=$(basename "$lib" .so); v=${v#libggml-cpu-}
+    case " $KOBOLDLITE_CPU_VARIANTS " in *" $v "*) ;; *) rm -f "$lib" ;; esac
+  done
+fi
 [ "${BUILD_SERVER:-0}" = 1 ] && cp "$work/build/bin/llama-server" "$out/"
 echo "$out"
