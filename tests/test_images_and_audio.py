@@ -22,10 +22,15 @@ def projectors(tmp_path_factory) -> dict[str, str]:
     return out
 
 
+def media_server(starter_model: str, projector: str, *extra: str) -> ServerProcess:
+    """The starter model with a projector: a 1024-token context, one thread (two encode eight times slower here)."""
+    return ServerProcess(["--model", starter_model, "--contextsize", "1024", "--threads", "1", "--nodraft",
+                          "--mmproj", projector, *extra])
+
+
 @pytest.fixture(scope="module")
 def vision_server(starter_model, projectors):
-    s = ServerProcess(["--model", starter_model, "--contextsize", "1024", "--threads", "1", "--nodraft",
-                       "--mmproj", projectors["vision"]])
+    s = media_server(starter_model, projectors["vision"])
     yield s
     s.stop()
 
@@ -125,8 +130,7 @@ def test_ollama_images_on_generate_and_chat(vision_server):
 
 @pytest.fixture(scope="module")
 def audio_server(starter_model, projectors):
-    s = ServerProcess(["--model", starter_model, "--contextsize", "1024", "--threads", "1", "--nodraft",
-                       "--mmproj", projectors["audio"]])
+    s = media_server(starter_model, projectors["audio"])
     yield s
     s.stop()
 
@@ -295,16 +299,14 @@ def test_image_addresses_are_fetched_only_as_the_operator_allows(starter_model, 
                                   {"type": "image_url", "image_url": {"url": url}}]}]})
     code, _, body = ask(vision_server, base + "/cat.png")
     assert code == 400 and b"--mediaurls public" in body
-    public = ServerProcess(["--model", starter_model, "--contextsize", "1024", "--threads", "1", "--nodraft",
-                            "--mmproj", projectors["vision"], "--mediaurls", "public"])
+    public = media_server(starter_model, projectors["vision"], "--mediaurls", "public")
     try:
         for url in (base + "/cat.png", "http://localhost:9/x.png", "http://192.168.1.1/x.png", "http://[::1]/x.png"):
             code, _, body = ask(public, url)
             assert code == 403 and b"--mediaurls any" in body, (url, body)
     finally:
         public.stop()
-    anywhere = ServerProcess(["--model", starter_model, "--contextsize", "1024", "--threads", "1", "--nodraft",
-                              "--mmproj", projectors["vision"], "--mediaurls", "any"])
+    anywhere = media_server(starter_model, projectors["vision"], "--mediaurls", "any")
     try:
         code, _, fetched = ask(anywhere, base + "/cat.png")
         assert code == 200
@@ -332,8 +334,7 @@ def test_an_audio_projector_llama_cpp_would_abort_on_is_not_used_for_audio():
 def test_an_aborting_audio_projector_loads_without_audio(starter_model, tmp_path):
     path = str(tmp_path / "ultravox8.gguf")
     media_models.audio(path, stack=8)
-    s = ServerProcess(["--model", starter_model, "--contextsize", "1024", "--threads", "1", "--nodraft",
-                       "--mmproj", path])
+    s = media_server(starter_model, path)
     try:
         assert any("audio left out" in line for line in s.lines), s.lines
         code, _, body = s.request("POST", "/v1/chat/completions", {"max_tokens": 2, "messages": [

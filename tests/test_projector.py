@@ -22,22 +22,23 @@ def model(starter_model):
     m.close()
 
 
-@pytest.fixture(scope="module")
-def vision(model, tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("mmproj") / "vision.gguf")
-    media_models.vision(path)
+def loaded_projector(model, tmp_path_factory, kind: str):
+    """One of tests/media_models.py's projectors, written and loaded beside the model; closed at the end."""
+    path = str(tmp_path_factory.mktemp("mmproj") / f"{kind}.gguf")
+    getattr(media_models, kind)(path)
     p = Projector(path, model, n_threads=1, use_gpu=False)
     yield p
     p.close()
+
+
+@pytest.fixture(scope="module")
+def vision(model, tmp_path_factory):
+    yield from loaded_projector(model, tmp_path_factory, "vision")
 
 
 @pytest.fixture(scope="module")
 def audio(model, tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("mmproj") / "audio.gguf")
-    media_models.audio(path)
-    p = Projector(path, model, n_threads=1, use_gpu=False)
-    yield p
-    p.close()
+    yield from loaded_projector(model, tmp_path_factory, "audio")
 
 
 def chunks_of(projector: Projector, data: bytes) -> list:

@@ -7,6 +7,7 @@ from ..errors import ContextOverflow, RequestError
 from ..generation import GenerationRequest
 from ..jobs import Job
 from ..media import MEDIA_MARKER
+from ..media_urls import not_readable
 from .llama_model import LlamaModel, common_prefix_length
 from .projector import MediaChunk, Projector
 
@@ -19,10 +20,8 @@ def tokenize_request(model: LlamaModel, request: GenerationRequest, projector: P
     if not request.media:
         memory = model.tokenize(request.memory, add_bos=request.add_bos) if request.memory else []
         return memory, model.tokenize(request.prompt, add_bos=request.add_bos and not memory), {}
-    if projector is None:
-        kinds = sorted({item.kind.value for item in request.media})
-        raise RequestError(f"{' and '.join(kinds)} input is not supported: this model has no multimodal projector "
-                           f"(start the server with --mmproj FILE, the projector made for this model)")
+    if projector is None:            # the APIs refuse them first (MediaList); this is the engine's own guard
+        raise not_readable("media", tuple(dict.fromkeys(item.kind for item in request.media)), ())
     markers = request.memory.count(MEDIA_MARKER) + request.prompt.count(MEDIA_MARKER)
     if markers != len(request.media):
         raise RequestError(f"{len(request.media)} images or audio were sent but the prompt places {markers} (the "
@@ -33,7 +32,10 @@ def tokenize_request(model: LlamaModel, request: GenerationRequest, projector: P
     return memory, prompt, media
 
 
-def tokens_with_media(model: LlamaModel, projector: Projector, text: str, add_bos: bool, items, media: dict) -> list[int]:
+def tokens_with_media(model: LlamaModel, projector: Projector, text: str, add_bos: bool, items,
+                      media: dict) -> list[int]:
+    """`text` as tokens, each MEDIA_MARKER replaced by the next of `items` (index, MediaItem) as its projector's
+    tokens and placeholder runs; each chunk put in `media` by its first placeholder."""
     parts = text.split(MEDIA_MARKER)
     tokens = model.tokenize("", add_bos=True) if add_bos and text else []
     for k, part in enumerate(parts):
