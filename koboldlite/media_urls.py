@@ -102,6 +102,7 @@ class MediaList(list):
         super().__init__()
         self.urls = urls
         self.readable = readable
+        self.ignored: list[str] = []      # parts' fields known and not acted on (an image's "detail")
 
     def add(self, value: object, where: str, allowed: tuple[MediaKind, ...]) -> str:
         """Read base64, a data: URI or (if allowed) an address into the list; the marker for its place."""

@@ -442,3 +442,17 @@ def test_transcription_honours_the_password(make_server):
         assert status == 401, path
         status, _, answer = s.request("POST", path, body, {**headers, "Authorization": "Bearer hunter2"})
         assert status == 400 and b"does not hear audio" in answer, answer      # past the gate: no projector
+
+
+def test_an_images_detail_is_named_as_ignored(vision_server):
+    """The projector reads every image at its one resolution: a `detail` that asks for another is named."""
+    image = data_uri(media_files.png(20, 20, seed=60), "image/png")
+    _, headers, _ = vision_server.request("POST", "/v1/chat/completions", {"max_tokens": 2, "messages": [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": image, "detail": "high"}}]}]})
+    assert "detail" in headers.get("x-koboldlite-ignored", "").split(",")
+    _, headers, _ = vision_server.request("POST", "/v1/chat/completions", {"max_tokens": 2, "messages": [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": image, "detail": "auto"}}]}]})
+    assert "detail" not in headers.get("x-koboldlite-ignored", "")
+    _, headers, _ = vision_server.request("POST", "/v1/responses", {"max_output_tokens": 2, "input": [
+        {"role": "user", "content": [{"type": "input_image", "image_url": image, "detail": "low"}]}]})
+    assert "detail" in headers.get("x-koboldlite-ignored", "").split(",")

@@ -203,6 +203,9 @@ def chat_request(served: ServedModel, messages: list[dict], fields: dict, tools:
     variables, and a call they force puts its grammar on the sampler (ToolUse.apply), beside the variables the
     API sets (`enable_thinking`...). `fields`: the GenerationRequest's other fields, its sampler among them."""
     template_vars = dict(template_vars or {})
+    media = fields.get("media")
+    if isinstance(media, MediaList) and media.ignored:
+        fields = {**fields, "ignored_fields": list(fields.get("ignored_fields") or []) + media.ignored}
     if tools is not None:
         messages, more = tools.apply(messages, fields["sampler"])
         template_vars.update(more)

@@ -71,7 +71,8 @@ def responses_media_part(part: dict, where: str) -> dict:
         raise RequestError(f"{where}.file_id: there is no files API here; send the file's data")
     if kind == "input_image":
         url = part.get("image_url")
-        return {"type": "image_url", "image_url": {"url": url.get("url") if isinstance(url, dict) else url}}
+        return {"type": "image_url", "image_url": {"url": url.get("url") if isinstance(url, dict) else url,
+                                                   "detail": part.get("detail")}}
     if kind == "input_file":
         return {"type": "file", "file": {"file_data": part.get("file_data") or part.get("file_url")}}
     return {"type": "input_audio", "input_audio": part.get("input_audio")}

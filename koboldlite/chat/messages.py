@@ -67,6 +67,8 @@ def _part_text(part: Any, where: str, media: MediaList | None) -> str:
         if kind == "image_url":
             url = part.get("image_url")
             data = url.get("url") if isinstance(url, dict) else url          # some clients send the URL bare
+            if isinstance(url, dict) and url.get("detail") not in (None, "auto") and "detail" not in media.ignored:
+                media.ignored.append("detail")     # the projector reads every image at its one resolution
             allowed = (MediaKind.IMAGE,)
         elif kind == "input_audio":
             audio = part.get("input_audio")
