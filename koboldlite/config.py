@@ -32,7 +32,11 @@ class Config:
     ssl: list[str] | None = None
     password: str | None = None
     contextsize: int = 4096
-    threads: int = 0            # 0: one per CPU core
+    threads: int = 0            # 0: up to one per core, fewer while other programs take them; N: always N
+    threadsbatch: int = 0       # threads reading prompts; 0: as --threads
+    cpuwait: str = "spin"       # how llama.cpp's threads wait for each other: spin, short, passive (cpu_policy.py)
+    highpriority: bool = False  # the process above normal CPU priority
+    lowpriority: bool = False   # below it: the desktop's other programs first
     gpulayers: int | None = None   # None: as many as fit on the GPU (0 without one); -1: all layers
     usevulkan: list[int] | None = None   # KoboldCpp's device choice: the Vulkan backend, these device numbers
     usecuda: list[str] | None = None     # the CUDA backend: device numbers (and KoboldCpp's words, rowsplit...)
@@ -160,7 +164,18 @@ def _add_server_options(p: argparse.ArgumentParser):
 def _add_engine_options(p: argparse.ArgumentParser):
     """The context, threads, GPUs and the KV cache."""
     p.add_argument("--contextsize", type=int, help="context size in tokens (default 4096)")
-    p.add_argument("--threads", type=int, help="CPU threads for generation (default: all cores)")
+    p.add_argument("--threads", type=int,
+                   help="CPU threads (default: one per core, fewer while other programs keep the cores busy)")
+    p.add_argument("--threadsbatch", "--threads-batch", "--blasthreads", dest="threadsbatch", type=int,
+                   help="CPU threads reading prompts (default: as --threads)")
+    p.add_argument("--cpuwait", choices=("spin", "short", "passive"),
+                   help="how llama.cpp's threads wait for each other: spin (default) is the OpenMP runtime's own "
+                        "long spin; short spins briefly, then sleeps; passive sleeps at once (least CPU, slower)")
+    p.add_argument("--highpriority", action="store_true", default=None,
+                   help="run above normal CPU priority (Linux: nice -10, needs the right to; Windows: HIGH class)")
+    p.add_argument("--lowpriority", action="store_true", default=None,
+                   help="run below normal CPU priority, the desktop's programs first (Linux: nice 10; "
+                        "Windows: BELOW_NORMAL class)")
     p.add_argument("--gpulayers", type=int,
                    help="layers to offload to the GPU (default: as many as fit in its free memory; 0 none; -1 all)")
     p.add_argument("--usevulkan", nargs="*", type=int, metavar="ID",
@@ -280,6 +295,11 @@ def _check_engine_options(cfg: Config):
     _check_int("port", cfg.port, 0, 65535)
     _check_int("contextsize", cfg.contextsize, 64, 1 << 20)
     _check_int("threads", cfg.threads, 0, 1024)
+    _check_int("threadsbatch", cfg.threadsbatch, 0, 1024)
+    if cfg.cpuwait not in ("short", "spin", "passive"):
+        raise ConfigError(f"cpuwait must be spin, short or passive, not {cfg.cpuwait!r}")
+    if cfg.highpriority and cfg.lowpriority:
+        raise ConfigError("highpriority and lowpriority: give one of them")
     if cfg.gpulayers is not None:
         _check_int("gpulayers", cfg.gpulayers, -1, 100000)
     if cfg.usevulkan is not None and cfg.usecuda is not None:
@@ -327,7 +347,7 @@ def _check_cache_and_drafts(cfg: Config):
 def _check_flags_and_limits(cfg: Config):
     """Switches, the KV layout, and the limits on requests and connections."""
     for flag in ("flashattention", "noflashattention", "nommap", "usemlock", "kvperslot", "kvsplit", "noshift",
-                 "quiet", "launch", "debug", "nodraft", "nommproj", "mmprojcpu"):
+                 "quiet", "launch", "debug", "nodraft", "nommproj", "mmprojcpu", "highpriority", "lowpriority"):
         if not isinstance(getattr(cfg, flag), bool):
             raise ConfigError(f"{flag} must be true or false")
     if cfg.kvperslot and cfg.kvsplit:
@@ -345,8 +365,6 @@ def _check_flags_and_limits(cfg: Config):
     cfg.max_length = min(cfg.max_length, per_request // 2)   # a small context still leaves room for a prompt
     if cfg.password is not None and not isinstance(cfg.password, str):
         raise ConfigError("password must be a string")
-    if cfg.threads == 0:
-        cfg.threads = os.cpu_count() or 1
 
 
 def _check_models(cfg: Config):
@@ -422,6 +440,7 @@ PRESET_CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "gpulayers": lambda k, v: _check_int(k, v, -1, 100000),
     "parallel": lambda k, v: _check_int(k, v, 1, 64),
     "threads": lambda k, v: _check_int(k, v, 1, 1024),
+    "threadsbatch": lambda k, v: _check_int(k, v, 1, 1024),
     "batchsize": lambda k, v: _check_int(k, v, 16, 1 << 16),
     "quantkv": lambda k, v: _check_int(k, v, 0, 2),
     "max_length": lambda k, v: _check_int(k, v, 1, 1 << 20),

@@ -18,6 +18,8 @@ from .model_files import is_model_url
 from .config import Config, load_config, make_tls_context
 from .desktop import double_click_arguments, is_double_click_start, keep_window_open
 from .engine.llama_model import LlamaModel
+from .engine.cpu_policy import Priority, WaitPolicy, apply_wait_policy, set_priority
+from .engine.cpu_threads import ThreadMode
 from .service.downloads import ConsoleProgress, DownloadError, ModelDownload
 from .service.served_model import ServedModel
 from .service.app import App
@@ -63,7 +65,9 @@ def serve(arguments: Callable[[], list[str]], double_click: bool = False) -> int
     server = None
     try:
         config, tls = configuration(arguments)
+        cpu_policy = share_the_cpu(config)
         app = make_app(config)
+        app.cpu_policy = cpu_policy
         server = listen(app, tls, double_click)
         stop = stop_on_signals()
         served = load_default_model(app)
@@ -84,6 +88,17 @@ def configuration(arguments: Callable[[], list[str]]) -> tuple[Config, ssl.SSLCo
         return config, make_tls_context(*config.ssl) if config.ssl else None
     except ConfigError as e:
         raise StartupError(e) from None
+
+
+def share_the_cpu(config: Config) -> dict:
+    """How llama.cpp's threads wait, and the process's priority (engine/cpu_policy.py): both before ggml is loaded
+    and before any of its threads exist. What is in force, for /props and /api/extra/perf."""
+    wait = apply_wait_policy(WaitPolicy(config.cpuwait))
+    priority = Priority.HIGH if config.highpriority else Priority.LOW if config.lowpriority else Priority.NORMAL
+    in_force, line = set_priority(priority)
+    if line:
+        print(line, file=sys.stderr, flush=True)
+    return {"wait": wait, "priority": in_force.value}
 
 
 def make_app(config: Config) -> App:
@@ -174,8 +189,10 @@ def report_ready(app: App, server: KoboldLiteServer, served: ServedModel, tls: s
 
 def report_memory(served: ServedModel):
     model, cfg, mem = served.model, served.config, served.memory
-    print(f"Model {model.name} ready: context {model.n_ctx}, {cfg.parallel} slot(s), "
-          f"{cfg.threads} threads", flush=True)
+    gen = served.engine.threads.generation
+    threads = f"{gen.most} threads" if gen.mode is ThreadMode.FIXED else f"up to {gen.most} threads (fewer while " \
+        "other programs keep the cores busy)"
+    print(f"Model {model.name} ready: context {model.n_ctx}, {cfg.parallel} slot(s), {threads}", flush=True)
     pool = (f"{mem['kv_cells']} tokens shared by {cfg.parallel} slot(s)" if model.shared_kv
             else f"{model.n_ctx} tokens for each of {cfg.parallel} slot(s)")
     print(f"Memory: model {mem['model_mib']:.0f} MiB, KV cache {mem['kv_cache_mib']:.0f} MiB ({pool}, "

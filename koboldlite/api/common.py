@@ -160,6 +160,12 @@ def gpu_report(served: ServedModel) -> dict:
     return served.gpu_info
 
 
+def threads_report(app, served: ServedModel) -> dict:
+    """How the CPU is shared (README: Sharing the CPU): the wait policy and priority set at start, and the model's
+    thread counts now, for generation steps and prompt reading (engine/cpu_threads.py)."""
+    return {**app.cpu_policy, **served.engine.threads.report()}
+
+
 def modalities_of(app, entry) -> dict[str, bool]:
     """What a model reads beside text: its loaded projector's abilities, else its projector file's header."""
     served = app.roster.current(entry.name)

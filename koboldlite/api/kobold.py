@@ -18,7 +18,7 @@ from ..service.app import App
 from ..service.exchange import JSONResponse
 from .common import (
     KOBOLD_CLIENT_FIELDS, LogprobShapes, genkey_of, gpu_report, instruct_request, model_states,
-    prompt_cache_report, wire_finish_reason
+    prompt_cache_report, threads_report, wire_finish_reason
 )
 from .reply import (
     SSE_PING, DoneEvent, ErrorEvent, PingEvent, ReplyEncoder, ReplyEvent, ReplyReader, TextEvent, WholeReply,
@@ -277,6 +277,7 @@ def kobold_perf(app, req):
         "kv_compactions": served.engine.compactions if served else 0,   # a shared pool laid out anew (README)
         "read_ahead_tokens": served.engine.next_turns.tokens_read if served else 0,   # chats' next turns (README)
         "gpu": gpu_report(served) if served else None,
+        "threads": threads_report(app, served) if served else None,   # wait policy, counts now (README)
         "models": model_states(app),
         "model_events": list(app.roster.events),       # loads and unloads: when, why, seconds, MiB
         "uptime": round(time.monotonic() - app.started, 3),

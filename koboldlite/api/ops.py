@@ -10,7 +10,7 @@ from ..errors import RequestError
 from ..fields import FieldReader
 from ..chat.messages import parse_chat_messages
 from ..service.exchange import JSONResponse, Response
-from .common import OPENAI_DEFAULTS, gpu_report, model_states
+from .common import OPENAI_DEFAULTS, gpu_report, model_states, threads_report
 
 
 def health(app, req):
@@ -44,6 +44,7 @@ def props(app, req):
         "memory": served.model.memory_report(),
         "gpu": gpu,
         "cpu_backend": gpu["cpu"],     # the CPU variant llama.cpp loaded (haswell...), its features
+        "threads": threads_report(app, served),   # the wait policy, priority and thread counts now
         "modalities": {"vision": bool(served.projector and served.projector.vision), "video": False,
                        "audio": bool(served.projector and served.projector.audio)},
         "chat_template": served.chat_template.source,

@@ -23,6 +23,7 @@ from .preparation import count_prompt_tokens, prepare_job, tokens_with_media
 from .replies import ReplyWriter, new_reply
 from .admission import bring_back, choose_slot
 from .projector import Projector, decode_media
+from .cpu_threads import ThreadGovernor
 
 
 @dataclasses.dataclass
@@ -56,7 +57,9 @@ class Engine:
 
     def __init__(self, model: LlamaModel, context_shift: bool = True, draft_most: int = 0,
                  draft_model: DraftModel | None = None, prompt_cache: PromptCache | None = None,
-                 log: Callable[[str], None] = lambda line: None, projector: Projector | None = None):
+                 log: Callable[[str], None] = lambda line: None, projector: Projector | None = None,
+                 threads: ThreadGovernor | None = None):
+        """`threads`: the counts each decode runs with (default: the model's context's own, fixed)."""
         self.model = model
         self.projector = projector
         self.lib = model.lib
@@ -70,6 +73,10 @@ class Engine:
         self.next_turns = NextTurnReader(model, self.pool, log, tokenize=self._turn_tokens)
         self.speculation = Speculation(draft_most, draft_model)
         self.replies = ReplyWriter(model, self.pool)
+        self.threads = threads or ThreadGovernor(self.lib.llama_n_threads(model.ctx),
+                                                 threads=self.lib.llama_n_threads(model.ctx),
+                                                 threads_batch=self.lib.llama_n_threads_batch(model.ctx))
+        self._threads_set = 0               # the count last given to llama.cpp (0: its own, from the context)
 
     @property
     def n_slots(self) -> int:
@@ -223,10 +230,20 @@ class Engine:
         return failed
 
     def _decode(self, n: int) -> int:
-        """Decode the batch's first n tokens; the caller holds the llama lock."""
+        """Decode the batch's first n tokens, with as many threads as the governor gives it (and tell it what that
+        cost); the caller holds the llama lock."""
         self._batch.n_tokens = n
+        count = self.threads.count(n)
+        if count != self._threads_set:      # read by llama.cpp when the next graph runs: free to change
+            self.lib.llama_set_n_threads(self.model.ctx, count, count)
+            self._threads_set = count
+            draft = self.speculation.draft_model
+            if draft is not None and n <= self.threads.GENERATION_WIDTH:   # its decodes sit between the steps
+                self.lib.llama_set_n_threads(draft.model.ctx, count, count)
+        started = time.perf_counter()
         status = self.lib.llama_decode(self.model.ctx, self._batch)
         if status == DECODE_OK:
+            self.threads.record(n, time.perf_counter() - started)
             self.pool.decoded()
         return status
 

@@ -14,6 +14,7 @@ from ..config import Config
 from ..jobs import Job
 from ..engine.llama_model import LlamaModel
 from ..engine.embeddings import Embedder
+from ..engine.cpu_threads import most_threads
 from .catalog import ModelCatalog
 from .served_model import ServedModel
 from .roster import ModelRoster
@@ -75,6 +76,7 @@ class App:
         self._embedder_lock = threading.Lock()
         self.last_job: Job | None = None
         self.totals = collections.Counter()                # every model's jobs, for /metrics and perf
+        self.cpu_policy: dict = {}                         # the wait policy and priority main set at start
         # Lines go to stderr from a thread of their own: the generation loop logs each job's end,
         # and a slow reader of stderr must never hold it up.
         self._log_lines: "queue.SimpleQueue[str | None]" = queue.SimpleQueue()
@@ -89,7 +91,7 @@ class App:
         with self._embedder_lock:
             if self._embedder is None:
                 self._embedder = Embedder.made_for(self.embeddings_source, self.config.contextsize,
-                                                   self.config.threads, self.log)
+                                                   most_threads(self.config.threads), self.log)
             return self._embedder
 
     def find_job(self, genkey: str) -> tuple[Job, ServedModel] | None:

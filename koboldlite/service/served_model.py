@@ -20,6 +20,7 @@ from ..engine.embeddings import Embedder
 from ..engine.drafting import DraftModel
 from ..engine.prompt_cache import PromptCache
 from ..engine.engine import Engine
+from ..engine.cpu_threads import ThreadGovernor, cores_available, most_threads
 from ..scheduler import Scheduler
 from ..chat.template import load_chat_template
 from .catalog import ModelEntry
@@ -75,7 +76,7 @@ class ServedModel:
         for line in gpu.lines:
             print(line, file=sys.stderr, flush=True)
         self.model = LlamaModel(cfg.model, n_ctx=cfg.contextsize, n_seq=cfg.parallel,
-                                n_threads=cfg.threads, n_gpu_layers=gpu.n_gpu_layers, n_batch=cfg.batchsize,
+                                n_threads=most_threads(cfg.threads), n_gpu_layers=gpu.n_gpu_layers, n_batch=cfg.batchsize,
                                 devices=gpu.devices if gpu.chosen else None, main_gpu=cfg.maingpu,
                                 tensor_split=cfg.tensor_split, row_split="rowsplit" in (cfg.usecuda or ()),
                                 shared_kv=not (cfg.kvperslot or cfg.kvsplit), split_kv=cfg.kvsplit,
@@ -94,7 +95,8 @@ class ServedModel:
         self.draft_model: DraftModel | None = None
         if cfg.draftmodel and not cfg.nodraft:
             try:
-                self.draft_model = DraftModel(cfg.draftmodel, self.model, cfg.contextsize, cfg.threads,
+                self.draft_model = DraftModel(cfg.draftmodel, self.model, cfg.contextsize,
+                                              most_threads(cfg.threads),
                                               gpu.n_gpu_layers if cfg.draftgpulayers is None else cfg.draftgpulayers,
                                               show_llama_log=cfg.debug)
             except ModelLoadError:
@@ -106,7 +108,8 @@ class ServedModel:
         self.engine = Engine(self.model, context_shift=not cfg.noshift,
                              draft_most=0 if cfg.nodraft else cfg.draftamount, draft_model=self.draft_model,
                              prompt_cache=self.prompt_cache, log=log,
-                             projector=self.projector)
+                             projector=self.projector,
+                             threads=ThreadGovernor(cores_available(), cfg.threads, cfg.threadsbatch))
         self.scheduler = Scheduler(self.engine, cfg.multiuser, lambda job: job_ended(self, job))
         self.scheduler.start()
         self.load_seconds = time.monotonic() - started
@@ -126,7 +129,7 @@ class ServedModel:
         if path is None:
             return None
         try:
-            projector = Projector(path, self.model, n_threads=max(1, cfg.threads or 1),
+            projector = Projector(path, self.model, n_threads=most_threads(cfg.threads),
                                   use_gpu=bool(self.gpu.devices) and not cfg.mmprojcpu)
         except ModelLoadError as e:
             if cfg.mmproj:
@@ -203,7 +206,8 @@ class ServedModel:
     def embedder(self) -> Embedder:
         with self._embedder_lock:
             if self._embedder is None:
-                self._embedder = Embedder.made_for(self.model, self.config.contextsize, self.config.threads, self.log)
+                self._embedder = Embedder.made_for(self.model, self.config.contextsize,
+                                                   most_threads(self.config.threads), self.log)
             return self._embedder
 
     def close(self):

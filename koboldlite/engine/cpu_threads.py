@@ -1,0 +1,304 @@
+"""How many CPU threads each decode runs: all the cores on a quiet machine, fewer while other programs take them.
+
+llama.cpp's threads wait for each other after every operation; a thread that has lost its core to another program
+holds up all the others. On this project's 2-core machine, beside one busy program, one thread generates at 0.7 of
+the quiet two-thread speed where two threads fall to a fifth of it (bench/results/neighbours.md). So the count is
+measured, not guessed: each decode's cost is timed, a count whose steps have grown slower than they were on a
+quiet machine is compared, over a few steps, with one a little lower, and the faster one kept; while fewer threads
+run, a few steps at a higher count now and then find out whether the cores are free again. A probe that loses is
+tried again after twice as long, so a settled machine pays for almost no probes, and the other programs' CPU use
+(SystemLoad) keeps the loop from probing a higher count while no core is free for it.
+
+Who calls what: the Engine asks ThreadGovernor.count(n) before each decode of n tokens, sets that count in llama.cpp
+(llama_set_n_threads costs nothing: it is read when the next graph runs), and reports the decode's seconds with
+record(n, seconds). Generation steps and prompt reading have a CountControl each: their costs differ in kind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import os
+import statistics
+import sys
+import time
+
+
+class ThreadMode(enum.Enum):
+    ADAPTIVE = "adaptive"      # the count follows the machine (no --threads)
+    FIXED = "fixed"            # --threads / --threadsbatch: always that count
+
+
+def cores_available() -> int:
+    """The cores this process may run on (its affinity, where the system says), at least one."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def most_threads(threads: int) -> int:
+    """--threads as given, else one per core: what a context is made with, and the most a decode runs."""
+    return threads or cores_available()
+
+
+class SystemLoad:
+    """The CPU the rest of the machine used since the last reading, in cores: busy time at normal priority or above,
+    less this process's own. Time of programs at a lower priority (nice above 0) is left out: they yield the
+    cores to the server, and the threads are better kept (Linux counts it apart in /proc/stat). Windows tells only
+    all busy time (GetSystemTimes); elsewhere nothing is known (None)."""
+
+    WINDOW = 0.25         # seconds: shorter readings are too coarse (Linux counts CPU time in 10 ms ticks)
+
+    def __init__(self):
+        self._last = self._read()
+        self._others: float | None = None
+
+    @staticmethod
+    def _busy_seconds() -> float | None:
+        """CPU seconds of the whole machine since boot, all cores, that yield to nobody: busy, not niced."""
+        if sys.platform.startswith("linux"):
+            try:
+                with open("/proc/stat") as f:
+                    user, nice, system, idle, iowait, irq, softirq, steal = (int(x) for x in f.readline().split()[1:9])
+            except (OSError, ValueError):
+                return None
+            return (user + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+        if sys.platform == "win32":
+            import ctypes
+            idle, kernel, user = (ctypes.c_uint64(), ctypes.c_uint64(), ctypes.c_uint64())
+            if not ctypes.windll.kernel32.GetSystemTimes(ctypes.byref(idle), ctypes.byref(kernel), ctypes.byref(user)):
+                return None
+            return (kernel.value + user.value - idle.value) / 1e7             # kernel time includes idle time
+        return None
+
+    @staticmethod
+    def _own_seconds() -> float:
+        """This process's CPU seconds as _busy_seconds counts them: its user time goes to the niced column when
+        it runs niced itself (--lowpriority), its system time never does."""
+        t = os.times()
+        try:
+            niced = sys.platform.startswith("linux") and os.getpriority(os.PRIO_PROCESS, 0) > 0
+        except OSError:
+            niced = False
+        return t.system + (0.0 if niced else t.user)
+
+    def _read(self) -> tuple[float, float | None, float]:
+        return time.monotonic(), self._busy_seconds(), self._own_seconds()
+
+    @staticmethod
+    def running_now() -> int | None:
+        """Other programs' threads running or ready to run at this instant, niced or not (Linux: /proc/stat's
+        procs_running, less this process's running threads); None elsewhere."""
+        if not sys.platform.startswith("linux"):
+            return None
+        try:
+            with open("/proc/stat") as f:
+                running = next(int(line.split()[1]) for line in f if line.startswith("procs_running"))
+        except (OSError, StopIteration, ValueError):
+            return None
+        own = 0
+        for task in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{task}/stat") as f:
+                    own += f.read().rsplit(")", 1)[1].split()[0] == "R"
+            except (OSError, IndexError):
+                pass                        # a thread that ended meanwhile
+        return max(0, running - own)
+
+    def others(self) -> float | None:
+        """Cores' worth of CPU the other programs used over the last reading (at least WINDOW seconds long, taken
+        when asked); None where the system does not say."""
+        if time.monotonic() - self._last[0] >= self.WINDOW:
+            now = self._read()
+            (t0, busy0, own0), (t1, busy1, own1) = self._last, now
+            self._last = now
+            self._others = None if busy0 is None or busy1 is None else \
+                max(0.0, (busy1 - busy0) - (own1 - own0)) / (t1 - t0)
+        return self._others
+
+
+@dataclasses.dataclass
+class Probe:
+    """A few steps at another count, then as many at the current one: two fresh sets of costs, compared."""
+    count: int
+    bucket: int
+    tried: list[float] = dataclasses.field(default_factory=list)      # the other count's steps
+    baseline: list[float] = dataclasses.field(default_factory=list)   # the current count's, right after
+    steps: int = 0
+
+
+class CountControl:
+    """One thread count that adapts (see the module's docstring), or stays fixed.
+
+    Costs are kept per (count, bucket): a bucket groups decodes of like size (a step of one token, of four, a
+    prompt chunk of 512), whose costs can be compared; `quiet` is the lowest smoothed cost seen, what a step of
+    that size costs with that many threads when nothing else runs. What starts a probe: steps dearer than quiet,
+    or other programs using the cores this count needs (fewer threads may do better); or a core free for more
+    (more may); or, rarely, nothing. What decides it is only the two fresh sets of step costs."""
+
+    SLOW = 1.5            # a step this much dearer than its quiet cost: the CPU is contended
+    GAIN = 0.95           # a probed count is taken when its steps cost at most this share of the current count's
+    ALPHA = 0.25          # weight of a new sample in the smoothed cost
+    SLACK = 0.75          # cores of other programs' use taken as noise (a client on this machine, say)
+    IDLE_GAP = 0.5        # seconds without a decode: the next one starts a new stretch of work
+
+    def __init__(self, most: int, fixed: int = 0, probe_steps: int = 4, first_interval: int = 16,
+                 longest_interval: int = 1024, load: SystemLoad | None = None):
+        self.mode = ThreadMode.FIXED if fixed else ThreadMode.ADAPTIVE
+        self.most = fixed or most
+        self.current = self.most
+        self.probe_steps, self.first_interval, self.longest_interval = probe_steps, first_interval, longest_interval
+        self.interval = first_interval       # steps to wait before the next probe while nothing changes
+        self.since_probe = 2 * probe_steps
+        self.cost: dict[tuple[int, int], float] = {}
+        self.quiet: dict[tuple[int, int], float] = {}
+        self.samples: dict[tuple[int, int], int] = {}
+        self.probe: Probe | None = None
+        self._running = self.current        # the count the decode under way was given
+        self._last_decode = 0.0             # monotonic time of the last count() (0: none yet)
+        self.situation = (False, False)      # (fewer may do better, more may), as settled
+        self._held = 0                       # steps another situation has held
+        self.load = load
+        self.sheds = self.returns = self.probes = 0
+
+    def count(self) -> int:
+        """The count the next decode runs with. The first decode after a pause (a new request on an idle server)
+        starts from what the other programs did meanwhile: as many threads as they left cores free."""
+        now = time.monotonic()
+        if self.mode is ThreadMode.ADAPTIVE and self.probe is None and now - self._last_decode > self.IDLE_GAP:
+            self._resume()
+        self._last_decode = now
+        p = self.probe
+        if p and len(p.tried) < self.probe_steps and p.steps < 2 * self.probe_steps:
+            self._running = p.count
+        else:
+            self._running = self.current
+        return self._running
+
+    def _resume(self):
+        """How busy the others were over the pause says little of now when they stopped at its end (another
+        request served, a build finished): the count follows the lesser of that and what runs at this instant."""
+        if self.load is None or self.most == 1:
+            return
+        others, now = self.load.others(), self.load.running_now()
+        others = now if others is None else others if now is None else min(others, now)
+        if others is None:
+            return
+        target = max(1, min(self.most, round(self.most - others)))
+        if target != self.current:
+            if target < self.current:
+                self.sheds += 1
+            else:
+                self.returns += 1
+            self.current, self.interval = target, self.first_interval
+
+    def record(self, bucket: int, seconds: float):
+        """A decode of this bucket ran at the count count() gave and took this long."""
+        if self.mode is ThreadMode.FIXED:
+            return
+        count = self._running
+        key = (count, bucket)
+        n = self.samples[key] = self.samples.get(key, 0) + 1
+        smoothed = self.cost[key] = seconds if n == 1 else self.cost[key] + self.ALPHA * (seconds - self.cost[key])
+        if n >= 3:
+            self.quiet[key] = min(self.quiet.get(key, smoothed), smoothed)
+        if self.probe:
+            self._probe_step(count, bucket, seconds)
+        else:
+            self.since_probe += 1
+            self._maybe_probe(bucket)
+
+    def _maybe_probe(self, bucket: int):
+        c, key = self.current, (self.current, bucket)
+        if self.most == 1:
+            return
+        step = max(1, c // 4)
+        down, up = max(1, c - step), min(self.most, c + step)
+        others = self.load.others() if self.load else None
+        slow = key in self.quiet and self.cost[key] > self.SLOW * self.quiet[key]
+        crowded = others is not None and others > self.most - c + self.SLACK
+        fewer = c > 1 and (slow or crowded)
+        more = c < self.most and others is not None and others <= self.most - up + self.SLACK
+        changed = self._settled((fewer, more))
+        fewer, more = self.situation
+        if self.since_probe < (2 * self.probe_steps if changed else self.interval):
+            return
+        if fewer:
+            self._start_probe(down, bucket)
+        elif more:
+            self._start_probe(up, bucket)
+        elif self.since_probe >= self.longest_interval and (others is None or c < self.most):
+            # Now and then whatever the signs say: some systems do not tell the other programs' load, and busy
+            # cores may not be ours (a container's /proc/stat counts the host's).
+            self._start_probe(down if c == self.most else up, bucket)
+
+    def _settled(self, situation: tuple[bool, bool]) -> bool:
+        """Whether the signs have changed and held for a few steps (a reading near a threshold flips back and
+        forth: each flip must not start a probe): the backoff starts again then."""
+        if situation == self.situation:
+            self._held = 0
+            return False
+        self._held += 1
+        if self._held < 2 * self.probe_steps:
+            return False
+        self.situation, self.interval, self._held = situation, self.first_interval, 0
+        return True
+
+    def _start_probe(self, count: int, bucket: int):
+        self.probe = Probe(count, bucket)
+        self.probes += 1
+
+    def _probe_step(self, count: int, bucket: int, seconds: float):
+        probe = self.probe
+        probe.steps += 1
+        if bucket == probe.bucket:
+            (probe.tried if count == probe.count else probe.baseline).append(seconds)
+        if len(probe.baseline) < self.probe_steps and probe.steps < 4 * self.probe_steps:
+            return
+        self.probe, self.since_probe = None, 0
+        if probe.tried and probe.baseline and \
+                statistics.median(probe.tried) <= self.GAIN * statistics.median(probe.baseline):
+            if probe.count < self.current:
+                self.sheds += 1
+            else:
+                self.returns += 1
+            self.current = probe.count
+            self.interval = self.first_interval
+        else:
+            self.interval = min(self.longest_interval, self.interval * 2)
+
+    def report(self) -> dict:
+        return {"mode": self.mode.value, "most": self.most, "now": self.current, "sheds": self.sheds,
+                "returns": self.returns, "probes": self.probes}
+
+
+class ThreadGovernor:
+    """The thread counts of one llama context: one control for generation steps, one for prompt reading."""
+
+    GENERATION_WIDTH = 16     # a decode of up to this many tokens is a generation step (slots, drafts)
+
+    def __init__(self, most: int, threads: int = 0, threads_batch: int = 0):
+        """`most`: the cores to use at most; `threads`, `threads_batch`: fixed counts (0: adaptive)."""
+        load = SystemLoad()
+        self.generation = CountControl(most, fixed=threads, load=load)
+        self.batch = CountControl(most, fixed=threads_batch or threads, probe_steps=1, first_interval=2,
+                                  longest_interval=64, load=load)
+        self.decode_seconds = 0.0     # all decodes' time inside llama.cpp: the rest of a reply's time is ours
+
+    def control(self, n_tokens: int) -> CountControl:
+        return self.generation if n_tokens <= self.GENERATION_WIDTH else self.batch
+
+    def count(self, n_tokens: int) -> int:
+        return self.control(n_tokens).count()
+
+    def record(self, n_tokens: int, seconds: float):
+        self.decode_seconds += seconds
+        if n_tokens <= self.GENERATION_WIDTH:
+            self.generation.record(n_tokens, seconds)
+        else:
+            self.batch.record(n_tokens.bit_length(), seconds / n_tokens)
+
+    def report(self) -> dict:
+        return {"generation": self.generation.report(), "batch": self.batch.report(),
+                "decode_seconds": round(self.decode_seconds, 4)}

@@ -1,0 +1,264 @@
+"""Sharing the CPU (issue 36): the thread count that sheds threads while other programs take the cores and comes
+back when they leave, the wait policy and the priority, each honoured and reported. Speeds are bench_neighbours.py's
+(bench/README.md); these tests check the mechanics."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+
+from koboldlite.engine.cpu_policy import Priority, WaitPolicy, apply_wait_policy
+from koboldlite.engine.cpu_threads import CountControl, SystemLoad, ThreadGovernor, ThreadMode
+from koboldlite.engine.engine import Engine
+from koboldlite.engine.llama_model import LlamaModel
+from koboldlite.generation import GenerationRequest, SamplerSettings
+
+
+class Machine:
+    """A simulated 2-core machine: what one step costs with n threads, quiet or beside a busy program (the shape
+    measured on this project's machine: one thread 0.7 of two quiet, two threads a fifth beside a busy loop)."""
+
+    COST = {False: {1: 0.012, 2: 0.008}, True: {1: 0.012, 2: 0.045}}
+
+    def __init__(self):
+        self.busy = False
+
+    def others(self) -> float:
+        return 1.0 if self.busy else 0.0
+
+    def running_now(self) -> int:
+        return int(self.busy)
+
+
+def run(control: CountControl, machine: Machine, steps: int, bucket: int = 1) -> list[int]:
+    counts = []
+    for _ in range(steps):
+        n = control.count()
+        counts.append(n)
+        control.record(bucket, Machine.COST[machine.busy][n])
+    return counts
+
+
+def test_the_count_sheds_a_thread_beside_a_busy_program_and_comes_back_when_it_leaves():
+    machine = Machine()
+    control = CountControl(2, load=machine)
+    quiet = run(control, machine, 500)
+    assert set(quiet) == {2} and control.probes == 0, "a quiet machine runs every step on every core"
+    machine.busy = True
+    busy = run(control, machine, 500)
+    assert control.current == 1 and control.sheds == 1
+    assert busy.index(1) < 40, "shed within a few dozen steps"
+    # Settled beside the busy program: a step at two threads now and then, no more.
+    assert busy[100:].count(2) <= 12
+    machine.busy = False
+    back = run(control, machine, 200)
+    assert control.current == 2 and control.returns == 1
+    assert back.index(2) < 40 and back[60:] == [2] * 140
+    assert control.report() == {"mode": "adaptive", "most": 2, "now": 2, "sheds": 1, "returns": 1,
+                                "probes": control.probes}
+
+
+def test_without_the_systems_load_the_count_still_comes_back_after_the_longest_wait():
+    machine = Machine()
+    control = CountControl(2, load=None, longest_interval=256)
+    run(control, machine, 50)
+    machine.busy = True
+    run(control, machine, 200)
+    assert control.current == 1
+    machine.busy = False
+    back = run(control, machine, 600)
+    assert control.current == 2 and back.index(2) <= 520
+
+
+def test_a_quiet_machine_pays_for_almost_no_probes():
+    """On a quiet machine the full count is tried lower only after the longest wait, and the failed probe
+    doubles nothing past it: at most probe_steps steps in every longest_interval run slower."""
+    machine = Machine()
+    control = CountControl(2, load=machine)
+    counts = run(control, machine, 5000)
+    assert counts.count(1) <= 6 * (5000 // 1024 + 1)
+    assert control.current == 2 and control.sheds == 0
+
+
+def test_steps_of_other_sizes_are_compared_only_with_their_own():
+    """A step of four slots costs more than a step of one: a mix of both is not mistaken for contention."""
+    control = CountControl(2, load=Machine())
+    for i in range(600):
+        width = 4 if i % 3 else 1
+        control.record(width, (0.02 if width == 4 else 0.008))
+    assert control.current == 2 and control.probes == 0
+
+
+def test_fixed_counts_never_change():
+    control = CountControl(8, fixed=3, load=Machine())
+    for _ in range(2000):
+        control.record(1, 1.0 if control.count() == 3 else 0.001)
+    assert control.count() == 3 and control.mode is ThreadMode.FIXED and control.probes == 0
+
+
+def test_the_governor_gives_generation_and_prompt_reading_their_own_counts():
+    gov = ThreadGovernor(4, threads=0, threads_batch=2)
+    assert gov.count(1) == 4 and gov.count(16) == 4 and gov.count(17) == 2 and gov.count(512) == 2
+    assert gov.report()["generation"]["mode"] == "adaptive" and gov.report()["batch"]["mode"] == "fixed"
+    gov = ThreadGovernor(4, threads=3)
+    assert gov.count(1) == 3 and gov.count(512) == 3          # --threads alone fixes both, as llama-server's -t
+
+
+def test_the_systems_load_is_the_others_cpu_less_this_process():
+    load = SystemLoad()
+    readings = iter([(10.0, 100.0, 5.0), (11.0, 102.5, 6.0)])   # 2.5 busy seconds in one, 1 of them ours
+    load._read = lambda: next(readings)
+    load._last = load._read()
+    load.WINDOW = 0
+    assert load.others() == pytest.approx(1.5)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/stat")
+def test_the_systems_load_reads_this_machine():
+    load = SystemLoad()
+    assert load._busy_seconds() > 0
+
+
+def test_the_wait_policy_leaves_a_users_own_setting():
+    env = {}
+    assert apply_wait_policy(WaitPolicy.SHORT, env)["policy"] == "short" and env["GOMP_SPINCOUNT"] == "10000"
+    env = {}
+    apply_wait_policy(WaitPolicy.PASSIVE, env)
+    assert env["OMP_WAIT_POLICY"] == "PASSIVE" and "GOMP_SPINCOUNT" not in env
+    env = {"OMP_WAIT_POLICY": "ACTIVE"}
+    report = apply_wait_policy(WaitPolicy.SHORT, env)
+    assert env == {"OMP_WAIT_POLICY": "ACTIVE"} and report["policy"] == "environment"
+    assert apply_wait_policy(WaitPolicy.SPIN, {})["environment"] == {}
+
+
+class OneThreadForGeneration(ThreadGovernor):
+    def __init__(self):
+        super().__init__(2)
+        self.recorded = []
+
+    def count(self, n_tokens: int) -> int:
+        return 1 if n_tokens <= self.GENERATION_WIDTH else 2
+
+    def record(self, n_tokens: int, seconds: float):
+        self.recorded.append(n_tokens)
+
+
+def test_the_engine_runs_each_decode_at_the_governors_count(starter_model):
+    """The count the governor gives is the one llama.cpp runs with (read back from the context), and every
+    decode's cost comes back to it."""
+    model = LlamaModel(starter_model, n_ctx=512, n_seq=1, n_threads=2, n_gpu_layers=0)
+    gov = OneThreadForGeneration()
+    engine = Engine(model, threads=gov)
+    job = engine.prepare(GenerationRequest("Once upon a time " * 20, max_length=8,
+                                           sampler=SamplerSettings(temperature=0, ban_eos=True)))
+    assert engine.admit(job)
+    engine.step()                                   # the prompt (but its last token: README, Determinism)
+    assert model.lib.llama_n_threads_batch(model.ctx) == 2 and gov.recorded == [len(job.prompt_tokens) - 1]
+    while job.stats.generated_tokens < 6:
+        engine.step()
+    assert model.lib.llama_n_threads(model.ctx) == 1 and model.lib.llama_n_threads_batch(model.ctx) == 1
+    assert len(gov.recorded) >= 7 and gov.recorded[1:] == [1] * (len(gov.recorded) - 1)
+    model.close()
+
+
+def thread_nice_values(pid: int) -> list[int]:
+    values = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/stat") as f:
+                values.append(int(f.read().rsplit(")", 1)[1].split()[16]))
+        except (OSError, IndexError):
+            pass                                    # a thread that ended meanwhile
+    return values
+
+
+def running_threads(pid: int) -> int:
+    running = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/stat") as f:
+                running += f.read().rsplit(")", 1)[1].split()[0] == "R"
+        except OSError:
+            pass
+    return running
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_the_options_are_honoured_and_reported(make_server):
+    """--threads and --threadsbatch fix the counts, --cpuwait sets the policy, --lowpriority lowers every thread
+    (those llama.cpp makes later too); /props and /api/extra/perf say so. Idle, no thread spins."""
+    s = make_server("--threads", "1", "--threadsbatch", "2", "--cpuwait", "passive", "--lowpriority", tls=False)
+    status, _, body = s.request("POST", "/v1/completions", {"prompt": "Once upon a time", "max_tokens": 30,
+                                                            "temperature": 0})
+    assert status == 200, body
+    threads = json.loads(s.request("GET", "/props")[2])["threads"]
+    assert threads["wait"]["policy"] == "passive" and threads["wait"]["environment"]["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert threads["wait"]["in_force"] is True and threads["priority"] == Priority.LOW.value
+    assert threads["generation"] == {"mode": "fixed", "most": 1, "now": 1, "sheds": 0, "returns": 0, "probes": 0}
+    assert threads["batch"]["mode"] == "fixed" and threads["batch"]["now"] == 2
+    perf = json.loads(s.request("GET", "/api/extra/perf")[2])
+    assert {k: perf["threads"][k] for k in ("wait", "priority", "generation", "batch")} == \
+        {k: threads[k] for k in ("wait", "priority", "generation", "batch")}
+    assert 0 < threads["decode_seconds"] <= perf["threads"]["decode_seconds"]
+    nice = thread_nice_values(s.proc.pid)
+    assert len(nice) > 3 and set(nice) == {10}, nice
+    # Idle: whatever runs now and then, nothing runs all the time (a spinning thread would show in every look).
+    assert min(running_threads(s.proc.pid) for _ in range(200)) == 0
+
+
+def test_the_default_server_adapts_and_says_so(server):
+    threads = json.loads(server.request("GET", "/props")[2])["threads"]
+    assert threads["wait"]["policy"] == "spin" and threads["priority"] == "normal"
+    assert threads["generation"]["mode"] == "adaptive" and threads["batch"]["mode"] == "adaptive"
+    assert 1 <= threads["generation"]["now"] <= threads["generation"]["most"] == len(os.sched_getaffinity(0))
+
+
+def test_bad_thread_options_are_refused_in_one_line(tmp_path):
+    from koboldlite.config import load_config
+    from koboldlite.errors import ConfigError
+    for argv, words in ((["--cpuwait", "sometimes"], "cpuwait"), (["--highpriority", "--lowpriority"], "one of"),
+                        (["--threadsbatch", "-1"], "threadsbatch")):
+        with pytest.raises(ConfigError, match=words):
+            load_config(argv)
+
+
+def test_where_a_niced_neighbour_counts_as_load_the_probes_still_keep_the_threads_that_do_better():
+    """Linux leaves a niced program's CPU out of the load (it yields the cores); Windows counts it. Counted, it
+    moves the count down at a request's start, and then only starts probes: two threads are faster beside a loop
+    at nice 10, and the probes go back to them and keep them."""
+    machine = Machine()
+    machine.busy = True
+    control = CountControl(2, load=machine, longest_interval=256)
+    costs = {1: 0.012, 2: 0.009}
+    counts = []
+    for _ in range(3000):
+        counts.append(control.count())
+        control.record(1, costs[counts[-1]])
+    assert control.current == 2 and counts[-1000:].count(1) <= 4 * (1000 // 256 + 1)
+
+
+def test_a_new_request_after_a_pause_starts_from_the_cores_left_free():
+    """Busy meanwhile and busy now: fewer threads from the first step; free again: all of them."""
+    machine = Machine()
+    control = CountControl(2, load=machine)
+    run(control, machine, 50)
+    machine.busy = True
+    control._last_decode -= 10                     # a pause: the next decode starts a new stretch of work
+    assert control.count() == 1 and control.sheds == 1
+    machine.busy = False
+    control._last_decode -= 10
+    assert control.count() == 2 and control.returns == 1
+
+
+def test_a_pause_busy_only_until_its_end_keeps_the_threads():
+    """Another server's request ran during the pause and ended: busy over the pause, nothing running now."""
+    machine = Machine()
+    control = CountControl(2, load=machine)
+    run(control, machine, 50)
+    machine.running_now = lambda: 0
+    machine.busy = True
+    control._last_decode -= 10
+    assert control.count() == 2 and control.sheds == 0
