@@ -103,6 +103,8 @@ def test_the_governor_gives_generation_and_prompt_reading_their_own_counts():
     gov = ThreadGovernor(4, threads=0, threads_batch=2)
     assert gov.count(1) == 4 and gov.count(16) == 4 and gov.count(17) == 2 and gov.count(512) == 2
     assert gov.report()["generation"]["mode"] == "adaptive" and gov.report()["batch"]["mode"] == "fixed"
+    gov = ThreadGovernor(4)                                   # prompt reading keeps every core
+    assert gov.count(512) == 4 and gov.report()["batch"] == {**gov.report()["batch"], "mode": "fixed", "most": 4}
     gov = ThreadGovernor(4, threads=3)
     assert gov.count(1) == 3 and gov.count(512) == 3          # --threads alone fixes both, as llama-server's -t
 
@@ -212,7 +214,7 @@ def test_the_options_are_honoured_and_reported(make_server):
 def test_the_default_server_adapts_and_says_so(server):
     threads = json.loads(server.request("GET", "/props")[2])["threads"]
     assert threads["wait"]["policy"] == "spin" and threads["priority"] == "normal"
-    assert threads["generation"]["mode"] == "adaptive" and threads["batch"]["mode"] == "adaptive"
+    assert threads["generation"]["mode"] == "adaptive" and threads["batch"]["mode"] == "fixed"
     assert 1 <= threads["generation"]["now"] <= threads["generation"]["most"] == len(os.sched_getaffinity(0))
 
 

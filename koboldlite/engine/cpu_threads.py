@@ -11,7 +11,8 @@ tried again after twice as long, so a settled machine pays for almost no probes,
 
 Who calls what: the Engine asks ThreadGovernor.count(n) before each decode of n tokens, sets that count in llama.cpp
 (llama_set_n_threads costs nothing: it is read when the next graph runs), and reports the decode's seconds with
-record(n, seconds). Generation steps and prompt reading have a CountControl each: their costs differ in kind.
+record(n, seconds). Generation steps and prompt reading have a CountControl each; prompt reading's keeps every
+core unless --threadsbatch says otherwise (see ThreadGovernor).
 """
 
 from __future__ import annotations
@@ -282,8 +283,9 @@ class ThreadGovernor:
         """`most`: the cores to use at most; `threads`, `threads_batch`: fixed counts (0: adaptive)."""
         load = SystemLoad()
         self.generation = CountControl(most, fixed=threads, load=load)
-        self.batch = CountControl(most, fixed=threads_batch or threads, probe_steps=1, first_interval=2,
-                                  longest_interval=64, load=load)
+        # Prompt reading keeps every core: a probe at fewer threads costs a whole 512-token chunk, and an adaptive
+        # count measured no better beside busy programs (issue 36's closing note).
+        self.batch = CountControl(most, fixed=threads_batch or threads or most, load=load)
         self.decode_seconds = 0.0     # all decodes' time inside llama.cpp: the rest of a reply's time is ours
 
     def control(self, n_tokens: int) -> CountControl:
