@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
-"""OpenMP's waiting, measured (issue 36 groundwork): pip's llama.cpp build runs its threads under libgomp, which
-spins 300,000 times at every barrier before it sleeps, and reads its wait policy once, when it is loaded. Three
-servers on the starter model, the policy set in each one's environment: libgomp's default, OMP_WAIT_POLICY=PASSIVE,
-GOMP_SPINCOUNT=10000; single stream, 100 tokens, quiet and beside two busy loops, rounds interleaved; the median
-of the rounds.
+"""OpenMP's waiting, measured (issue 36): pip's llama.cpp build runs its threads under libgomp, which spins 300,000
+times at every barrier before it sleeps, and reads its wait policy once, when it is loaded. Three servers on the
+starter model, all cores always (--threads, so that only the waiting differs), each with one --cpuwait: spin
+(libgomp's default), short (GOMP_SPINCOUNT=10000), passive (OMP_WAIT_POLICY=PASSIVE); single stream, 100 tokens,
+quiet, beside one busy loop, one at nice 10 and two, rounds interleaved; the median of the rounds. Writes
+bench/results/wait-policy.md.
 
     python3 bench/bench_wait_policy.py [--rounds 3]
 """
@@ -12,27 +13,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import statistics
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from koboldlite.model_files import find_starter_model  # noqa: E402
+import results_file  # noqa: E402
+from bench_neighbours import Neighbours  # noqa: E402
 from tests.harness import ServerProcess  # noqa: E402
 
-POLICIES = {"libgomp default": {}, "OMP_WAIT_POLICY=PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},
-            "GOMP_SPINCOUNT=10000": {"GOMP_SPINCOUNT": "10000"}}
-
-
-def busy_loop(stop):
-    """A neighbour that wants a whole core."""
-    count = 0
-    while not stop.is_set():
-        for _ in range(100_000):
-            count += 1
+POLICIES = ("spin", "short", "passive")
+CONDITIONS = ("quiet", "1 busy loop", "1 busy loop at nice 10", "2 busy loops")
 
 
 def tokens_per_second(server) -> float:
@@ -49,29 +44,31 @@ def main():
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
     model = find_starter_model()
-    servers = {name: ServerProcess(["--model", model, "--contextsize", "1024", "--nodraft"], env=env)
-               for name, env in POLICIES.items()}
-    rates: dict[str, dict[int, list[float]]] = {name: {0: [], 2: []} for name in POLICIES}
+    cores = str(len(os.sched_getaffinity(0)))
+    servers = {name: ServerProcess(["--model", model, "--contextsize", "1024", "--nodraft", "--threads", cores,
+                                    "--cpuwait", name]) for name in POLICIES}
+    rates = {(name, c): [] for name in POLICIES for c in CONDITIONS}
     try:
         for _ in range(args.rounds):
-            for neighbours in (0, 2):
-                stop = multiprocessing.Event()
-                loops = [multiprocessing.Process(target=busy_loop, args=(stop,)) for _ in range(neighbours)]
-                for loop in loops:
-                    loop.start()
-                for name, server in servers.items():
-                    rates[name][neighbours].append(tokens_per_second(server))
-                stop.set()
-                for loop in loops:
-                    loop.join()
+            for condition in CONDITIONS:
+                neighbours = Neighbours(condition)
+                try:
+                    for name, server in servers.items():
+                        rates[(name, condition)].append(tokens_per_second(server))
+                finally:
+                    neighbours.end()
     finally:
         for server in servers.values():
             server.stop()
-    print(f"| wait policy | quiet tok/s | 2 busy loops tok/s | busy / quiet |   ({os.cpu_count()} cores)")
-    print("|---|---:|---:|---:|")
+    lines = [f"# OpenMP's waiting, all {cores} cores always (issue 36): tokens/s, single stream, median of "
+             f"{args.rounds} rounds, `python3 bench/bench_wait_policy.py`", "",
+             f"| --cpuwait | {' | '.join(CONDITIONS)} |", "|---|" + "---:|" * len(CONDITIONS)]
     for name in POLICIES:
-        quiet, busy = statistics.median(rates[name][0]), statistics.median(rates[name][2])
-        print(f"| {name} | {quiet:.1f} | {busy:.1f} | {busy / quiet:.2f} |")
+        quiet = statistics.median(rates[(name, "quiet")])
+        lines.append(f"| {name} | {quiet:.1f} | " + " | ".join(
+            f"{statistics.median(rates[(name, c)]):.1f} ({statistics.median(rates[(name, c)]) / quiet:.2f})"
+            for c in CONDITIONS[1:]) + " |")
+    results_file.publish("wait-policy.md", lines)
 
 
 if __name__ == "__main__":

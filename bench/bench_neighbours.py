@@ -1,0 +1,253 @@
+#!/usr/bin/env python3
+"""A good neighbour on a busy PC (issue 36): each server's speed quiet and beside busy programs, side by side.
+
+    BUILD_SERVER=1 KOBOLDLITE_CPU_VARIANTS=haswell bash tools/build_llama_lib.sh cpu bench/.llama-server/cpu
+    python3 bench/bench_neighbours.py [--rounds 3] [--llama-server PATH] [--idle 30]
+
+Servers, all on the starter model, started once and measured in turn, rounds interleaved:
+- KoboldLite as shipped (adaptive thread count) on pip's llama.cpp build, and on the Vulkan build that
+  tests/install.sh leaves beside the script (its CPU backend: no --gpulayers), where that build exists;
+- KoboldLite as it was before (`--cpuwait spin --threads <cores>`: every core always), on pip's build, quiet
+  only (beside busy loops it takes minutes a row): the quiet speed the new one must keep;
+- llama.cpp's llama-server (its defaults, -np 4), built from the same llama.cpp source, when found.
+Conditions: quiet; one busy loop (a Python process spinning, one per core it wants); two; one at nice 10.
+Rows, each condition: single stream (100 tokens, greedy, end of text banned: tokens / request time); 4 clients
+at once (64 tokens each: all tokens / the time the last ends); prompt reading (a fresh 2,000-token prompt, no
+cache: prompt tokens / request time with one token asked). The busy loops' own rate while each server works,
+as a share of their rate beside idle servers: what the neighbour keeps. At the end, each server's CPU use over
+--idle seconds of idleness after all that. Writes bench/results/neighbours.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import random
+import statistics
+import sys
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+sys.path.insert(0, HERE)
+
+from koboldlite.model_files import find_starter_model  # noqa: E402
+import results_file  # noqa: E402
+from bench_idle import cpu_seconds  # noqa: E402
+from bench_media import DEFAULT_SERVER, LlamaServer  # noqa: E402
+from tests.harness import PIP_LLAMA_LIB, ServerProcess  # noqa: E402
+
+VULKAN_BUILD = os.path.join(ROOT, ".llama-vulkan", "lib")
+CONDITIONS = ("quiet", "1 busy loop", "2 busy loops", "1 busy loop at nice 10")
+ROWS = ("single stream tok/s", "4 clients tok/s", "prompt reading tok/s")
+CTX = 10240                         # 4 slots of 2,560: a 2,000-token prompt fits one
+
+
+def busy_loop(counter, stop, nice: int):
+    """A neighbour that wants a whole core; counts its rounds."""
+    if nice:
+        os.nice(nice)
+    while not stop.is_set():
+        for _ in range(20_000):
+            pass
+        with counter.get_lock():
+            counter.value += 1
+
+
+class Neighbours:
+    """The busy loops of one condition, and their rate."""
+
+    def __init__(self, condition: str):
+        count = 0 if condition == "quiet" else 2 if condition.startswith("2") else 1
+        nice = 10 if "nice" in condition else 0
+        self.counter, self.stop = multiprocessing.Value("q", 0), multiprocessing.Event()
+        self.loops = [multiprocessing.Process(target=busy_loop, args=(self.counter, self.stop, nice))
+                      for _ in range(count)]
+        for loop in self.loops:
+            loop.start()
+
+    def reading(self) -> tuple[float, int]:
+        return time.monotonic(), self.counter.value
+
+    @staticmethod
+    def rate(a: tuple[float, int], b: tuple[float, int]) -> float:
+        return (b[1] - a[1]) / (b[0] - a[0])
+
+    def end(self):
+        self.stop.set()
+        for loop in self.loops:
+            loop.join()
+
+
+class Server:
+    """One system under test: how to ask it, and its process."""
+
+    def __init__(self, name: str, proc, port: int, llama: bool, quiet_only: bool = False):
+        self.name, self.proc, self.port, self.llama, self.quiet_only = name, proc, port, llama, quiet_only
+
+    def post(self, body: dict) -> dict:
+        import http.client
+        if self.llama:
+            body = {**body, "cache_prompt": False, "ignore_eos": body.pop("ban_eos_token", False)}
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=1800)
+        conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        data = resp.read()
+        conn.close()
+        assert resp.status == 200, data[:300]
+        return json.loads(data)
+
+
+def start_servers(args) -> list[Server]:
+    model = find_starter_model()
+    common = ["--model", model, "--contextsize", str(CTX), "--parallel", "4", "--nodraft"]
+    servers = []
+
+    def kobold(name, lib, extra, quiet_only=False):
+        s = ServerProcess([*common, *extra], env={"LLAMA_CPP_LIB_PATH": lib})
+        servers.append(Server(name, s, s.port, False, quiet_only))
+        return s
+
+    kobold("KoboldLite", PIP_LLAMA_LIB, [])
+    if os.path.isdir(VULKAN_BUILD) and not args.no_vulkan:
+        kobold("KoboldLite, Vulkan build's CPU path", VULKAN_BUILD, ["--gpulayers", "0"])
+    kobold("KoboldLite before (all cores always)", PIP_LLAMA_LIB,
+           ["--cpuwait", "spin", "--threads", str(len(os.sched_getaffinity(0)))], quiet_only=True)
+    if args.llama_server and os.access(args.llama_server, os.X_OK):
+        peer = LlamaServer(args.llama_server, ["-m", model, "-c", str(CTX), "-np", "4", "--no-warmup"])
+        servers.append(Server("llama-server", peer, peer.port, True))
+    return servers
+
+
+def prompt_of(tokens: int) -> str:
+    """About `tokens` tokens of text that no cache has seen (a random start)."""
+    words = " ".join(f"item{random.randrange(10**6)} is on the list," for _ in range(tokens // 12))
+    return f"Inventory {random.randrange(10**9)}: {words} and that is all."
+
+
+def decode_seconds(server: Server) -> float:
+    """KoboldLite's time inside llama_decode so far (/api/extra/perf)."""
+    return json.loads(server.proc.request("GET", "/api/extra/perf")[2])["threads"]["decode_seconds"]
+
+
+def measure(server: Server, row: str, outside: list[float]) -> float:
+    """The row's speed; for a KoboldLite single stream, the share of its time spent outside llama.cpp too."""
+    if row.startswith("single"):
+        inside = None if server.llama else decode_seconds(server)
+        started = time.perf_counter()
+        out = server.post({"prompt": "Once upon a time", "max_tokens": 100, "temperature": 0, "ban_eos_token": True})
+        took = time.perf_counter() - started
+        if inside is not None:
+            outside.append(1 - (decode_seconds(server) - inside) / took)
+        return out["usage"]["completion_tokens"] / took
+    started = time.perf_counter()
+    if row.startswith("4 clients"):
+        totals = []
+
+        def one(i):
+            totals.append(server.post({"prompt": f"Story {i}: once upon a time", "max_tokens": 64,
+                                       "temperature": 0, "ban_eos_token": True})["usage"]["completion_tokens"])
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return sum(totals) / (time.perf_counter() - started)
+    out = server.post({"prompt": prompt_of(2000), "max_tokens": 1, "temperature": 0})
+    return out["usage"]["prompt_tokens"] / (time.perf_counter() - started)
+
+
+def run_rounds(servers: list[Server], rounds: int):
+    speed = {(s.name, c, r): [] for s in servers for c in CONDITIONS for r in ROWS}
+    kept = {(s.name, c): [] for s in servers for c in CONDITIONS[1:]}
+    outside = {(s.name, c): [] for s in servers for c in CONDITIONS}
+    for n in range(rounds):
+        for condition in CONDITIONS:
+            neighbours = Neighbours(condition)
+            try:
+                if neighbours.loops:
+                    a = neighbours.reading()
+                    time.sleep(1.5)             # the loops' rate beside idle servers: the measurement is the wait
+                    alone = Neighbours.rate(a, neighbours.reading())
+                for server in servers:
+                    if server.quiet_only and neighbours.loops:
+                        continue
+                    a = neighbours.reading()
+                    for row in ROWS:
+                        speed[(server.name, condition, row)].append(measure(server, row, outside[(server.name, condition)]))
+                    if neighbours.loops:
+                        kept[(server.name, condition)].append(Neighbours.rate(a, neighbours.reading()) / alone)
+            finally:
+                neighbours.end()
+            print(f"round {n + 1}/{rounds}: {condition} done", file=sys.stderr, flush=True)
+    return speed, kept, outside
+
+
+def table(servers, speed, kept, outside, idle) -> list[str]:
+    med = {k: statistics.median(v) for k, v in speed.items() if v}
+    lines = [f"| server | row | {' | '.join(CONDITIONS)} |", "|---|---|" + "---:|" * len(CONDITIONS)]
+    for s in servers:
+        for row in ROWS:
+            quiet = med[(s.name, "quiet", row)]
+            cells = [f"{quiet:.1f}"] + [f"{med[(s.name, c, row)]:.1f} ({med[(s.name, c, row)] / quiet:.2f})"
+                                        if (s.name, c, row) in med else "-" for c in CONDITIONS[1:]]
+            lines.append(f"| {s.name} | {row} | {' | '.join(cells)} |")
+        if s.quiet_only:
+            continue
+        lines.append(f"| {s.name} | busy loops' rate kept | - | "
+                     + " | ".join(f"{statistics.median(kept[(s.name, c)]):.2f}" for c in CONDITIONS[1:]) + " |")
+        if not s.llama:
+            lines.append(f"| {s.name} | single stream: share of time outside llama.cpp | "
+                         + " | ".join(f"{statistics.median(outside[(s.name, c)]):.3f}" for c in CONDITIONS) + " |")
+    lines += ["", "Ratios to llama-server (KoboldLite / llama-server, same row and condition):", ""]
+    peer = next((s for s in servers if s.llama), None)
+    if peer:
+        lines += [f"| server | row | {' | '.join(CONDITIONS)} |", "|---|---|" + "---:|" * len(CONDITIONS)]
+        for s in servers:
+            if s is peer or s.quiet_only:
+                continue
+            for row in ROWS:
+                lines.append(f"| {s.name} | {row} | " + " | ".join(
+                    f"{med[(s.name, c, row)] / med[(peer.name, c, row)]:.2f}" for c in CONDITIONS) + " |")
+    new, old = servers[0].name, next(s.name for s in servers if s.quiet_only)
+    lines += ["", f"Quiet, {new} / {old}: " + ", ".join(
+        f"{row} {med[(new, 'quiet', row)] / med[(old, 'quiet', row)]:.2f}" for row in ROWS)]
+    lines += ["", "| server | CPU while idle (share of one core) |", "|---|---:|"]
+    lines += [f"| {name} | {100 * share:.2f}% |" for name, share in idle.items()]
+    return lines
+
+
+def idle_shares(servers: list[Server], seconds: float) -> dict[str, float]:
+    before = {s.name: cpu_seconds(s.proc.proc.pid) for s in servers}
+    started = time.monotonic()
+    time.sleep(seconds)                 # the measurement is the waiting: nothing is waited for
+    took = time.monotonic() - started
+    return {s.name: (cpu_seconds(s.proc.proc.pid) - before[s.name]) / took for s in servers}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--llama-server", default=DEFAULT_SERVER, metavar="PATH")
+    p.add_argument("--idle", type=float, default=30.0, help="seconds of idleness measured at the end")
+    p.add_argument("--no-vulkan", action="store_true", help="leave out the Vulkan build's CPU path")
+    args = p.parse_args()
+    servers = start_servers(args)
+    try:
+        speed, kept, outside = run_rounds(servers, args.rounds)
+        idle = idle_shares(servers, args.idle)
+    finally:
+        for s in servers:
+            s.proc.stop()
+    header = [f"# Beside busy programs (issue 36): {os.cpu_count()} cores, {time.strftime('%Y-%m-%d %H:%M')}, "
+              f"{args.rounds} rounds (median), `python3 bench/bench_neighbours.py --rounds {args.rounds}`", "",
+              "Speed, and in brackets its share of the same server's quiet speed:", ""]
+    results_file.publish("neighbours.md", header + table(servers, speed, kept, outside, idle))
+
+
+if __name__ == "__main__":
+    main()
