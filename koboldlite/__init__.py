@@ -20,7 +20,7 @@ joined file relies on it); nothing here imports a module, so importing one modul
               embeddings, speculative drafting, slots, the prompt cache, the KV pool, the next turn read ahead,
               the thread counts that follow the machine's load, the engine's steps, and conversations saved from
               its slots
-  chat        chat templates, chat messages, tool calls
+  chat        chat templates, chat messages, JSON cut short, tool calls
   service     downloads, the model catalog, a served model, the roster of loaded models, the App, and what a
               route sees of a request (Request) and returns (Response); no HTTP
   api         one module per API family over api/common.py; each route is a function (app, request) -> Response
@@ -38,7 +38,7 @@ LAYERS = {
                "engine.samplers", "engine.embeddings", "engine.drafting", "engine.slots", "engine.prompt_cache",
                "engine.kv_pool", "engine.read_ahead", "engine.preparation", "engine.replies", "engine.admission",
                "engine.cpu_threads", "engine.engine", "engine.saved_slots"),
-    "chat": ("chat.template", "chat.messages", "chat.tools"),
+    "chat": ("chat.template", "chat.messages", "chat.partial_json", "chat.tools"),
     "service": ("service.downloads", "service.catalog", "service.served_model", "service.roster", "service.app",
                 "service.exchange"),
     "api": ("api.common", "api.reply", "api.kobold", "api.openai", "api.ollama", "api.anthropic", "api.responses",

@@ -159,6 +159,81 @@ def test_a_choice_naming_no_offered_tool_is_refused():
         watch(choice={"type": "function", "function": {"name": "launch_rockets"}})
 
 
+# -- a reply its length limit stopped (issue 37) ---------------------------------------------------------
+
+GENERIC_CUT = ('{"tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris"}}, '
+               '{"name": "get_weather", "argumen')
+NAMED = {"type": "function", "function": {"name": "get_weather"}}
+
+
+def cut_stream(w: CallWatch, text: str) -> tuple[list[str], str]:
+    return [w.feed(p) for p in pieces_of(text)], w.finish(cut=True)
+
+
+def test_a_cut_forced_call_is_the_calls_written_whole_never_text():
+    # The defect seen with the anthropic SDK: the grammar let the model add calls until max_tokens, and the whole
+    # reply went out as one text block.
+    w = watch(PLAIN, choice="required", parallel=True)
+    shown, end = cut_stream(w, GENERIC_CUT)
+    assert set(shown) == {""} and end == "" and w.calls == [PARIS]
+
+
+@pytest.mark.parametrize("template, text, arguments", [
+    (HERMES, '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Par', {"city": "Par"}),
+    (MISTRAL, '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Oslo", "un', {"city": "Oslo"}),
+    (LLAMA3, '{"name": "get_weather", "parameters": {"city": "Ro', {"city": "Ro"}),
+    (PLAIN, '{"tool_calls": [{"name": "get_weather", "arguments": {', {}),
+    (PLAIN, '{"tool_calls": [{"name": "get_wea', {}),
+    (HERMES, '<tool_call>\n{"na', {}),
+])
+def test_a_call_cut_while_written_keeps_its_name_and_the_arguments_so_far(template, text, arguments):
+    for choice in (NAMED, "required"):
+        w = watch(template, choice=choice, parallel=False)
+        shown, end = cut_stream(w, text)
+        assert set(shown) == {""} and end == ""
+        if choice == "required" and '"get_weather"' not in text:
+            assert w.calls == []           # a required call whose name was cut names no tool: no call, no text
+        else:
+            assert w.calls == [{"name": "get_weather", "arguments": arguments}]
+
+
+def test_hermes_calls_written_whole_come_back_and_the_cut_one_is_no_text():
+    w = watch(choice="required", parallel=True)
+    shown, end = cut_stream(w, HERMES_CALL + '\n<tool_call>\n{"name": "get_time", "argu')
+    assert set(shown) == {""} and end == "" and w.calls == [PARIS]
+
+
+def test_an_unforced_reply_cut_inside_a_call_is_a_call_and_other_json_stays_text():
+    w = watch(choice="auto")
+    shown, end = cut_stream(w, '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Li')
+    assert set(shown) == {""} and end == "" and w.calls == [{"name": "get_weather", "arguments": {"city": "Li"}}]
+    w = watch(PLAIN, choice="auto")
+    text = '{"answer": "forty-two", "confid'
+    shown, end = cut_stream(w, text)
+    assert "".join(shown) + end == text and w.calls == []
+
+
+def test_a_reply_that_was_not_cut_is_read_as_before():
+    w = watch(PLAIN, choice="auto")
+    shown, end = stream(w, pieces_of(GENERIC_CUT))
+    assert "".join(shown) + end == GENERIC_CUT and w.calls == []
+
+
+def test_a_call_forced_by_name_is_one_call_unless_the_request_says_parallel():
+    two = HERMES_CALL + "\n" + HERMES_CALL.replace("Paris", "Oslo")
+    for parallel, n in ((None, 1), (False, 1), (True, 2)):
+        tools = ToolUse(HERMES, [WEATHER, TIME], NAMED, parallel)
+        repeats = tools.grammar().count('"\\n<tool_call>\\n" call')
+        assert tools.parallel is (n == 2) and repeats == (ToolUse.MAX_CALLS - 1 if n == 2 else 0)
+        w = CallWatch(tools)
+        stream(w, [two])
+        assert len(w.calls) == n
+    for parallel, allowed in ((None, True), (True, True), (False, False)):
+        assert ToolUse(HERMES, [WEATHER], "required", parallel).parallel is allowed
+    with pytest.raises(RequestError, match="true or false"):
+        ToolUse(HERMES, [WEATHER], "auto", "yes")
+
+
 # -- properties ------------------------------------------------------------------------------------------
 
 texts = st.one_of(

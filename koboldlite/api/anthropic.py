@@ -145,7 +145,8 @@ def anthropic_tools(served: ServedModel, f: FieldReader, ignored: list[str]) -> 
     kind = (choice or {}).get("type", "auto")
     wanted = {"auto": "auto", "any": "required", "none": "none",
               "tool": {"type": "function", "function": {"name": (choice or {}).get("name")}}}[kind]
-    return ToolUse(served.chat_template, functions, wanted, not (choice or {}).get("disable_parallel_tool_use"))
+    disable = (choice or {}).get("disable_parallel_tool_use")
+    return ToolUse(served.chat_template, functions, wanted, None if disable is None else not disable if isinstance(disable, bool) else disable)
 
 
 def anthropic_thinking_vars(f: FieldReader, ignored: list[str]) -> dict:
@@ -238,10 +239,10 @@ class AnthropicBlocks:
 
 
 def anthropic_stop(job: Job, called: bool, stops: list[str]) -> dict:
+    if job.buffer.stop_reason is StopReason.LENGTH:      # calls included: their input may be incomplete
+        return {"stop_reason": "max_tokens", "stop_sequence": None}
     if called:
         return {"stop_reason": "tool_use", "stop_sequence": None}
-    if job.buffer.stop_reason is StopReason.LENGTH:
-        return {"stop_reason": "max_tokens", "stop_sequence": None}
     if job.stats.stop_string is not None and job.stats.stop_string in stops:
         return {"stop_reason": "stop_sequence", "stop_sequence": job.stats.stop_string}
     return {"stop_reason": "end_turn", "stop_sequence": None}

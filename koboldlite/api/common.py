@@ -112,9 +112,12 @@ def genkey_of(req, body: dict | None = None) -> str:
     return key
 
 
-def wire_finish_reason(reason: StopReason | None) -> str:
-    """Clients know 'stop' and 'length'; an aborted or failed generation stopped."""
-    return "length" if reason is StopReason.LENGTH else "stop"
+def wire_finish_reason(reason: StopReason | None, called: bool = False) -> str:
+    """Clients know 'stop' and 'length' (and OpenAI's 'tool_calls'); an aborted or failed generation stopped. Calls
+    cut by the length limit say 'length': their arguments may be incomplete."""
+    if reason is StopReason.LENGTH:
+        return "length"
+    return "tool_calls" if called else "stop"
 
 
 class LogprobShapes:
@@ -194,7 +197,7 @@ def tool_use_of(served: ServedModel, f: FieldReader, choice: Any = None) -> Tool
     if not tools:
         return None
     return ToolUse(served.chat_template, tools, choice if choice is not None else f.body.get("tool_choice"),
-                   f.body.get("parallel_tool_calls") is not False)
+                   f.body.get("parallel_tool_calls"))
 
 
 def media_list(req, served: ServedModel) -> MediaList:

@@ -189,7 +189,7 @@ class OpenAIEncoder(ReplyEncoder):
                                                    "finish_reason": finish_reason}]})
 
     def finish_reason(self, event: DoneEvent) -> str:
-        return "tool_calls" if self.called else wire_finish_reason(event.reason)
+        return wire_finish_reason(event.reason, self.called)
 
     def ping(self, event: PingEvent) -> bytes:
         return SSE_PING
@@ -259,7 +259,7 @@ class ChatEncoder(OpenAIEncoder):
         return {**self.head, "object": "chat.completion", "choices": [{
             "index": 0, "message": message,
             "logprobs": self.logprobs(reply.logprobs) if self.call.request.logprobs else None,
-            "finish_reason": "tool_calls" if reply.calls else wire_finish_reason(reply.reason)}],
+            "finish_reason": wire_finish_reason(reply.reason, bool(reply.calls))}],
             "usage": openai_usage(self.job)}
 
 

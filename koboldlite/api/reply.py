@@ -108,8 +108,12 @@ class ReplyReader:
         Unlike a stream, which must decide early, the whole answer is read for calls (a call may follow some text)."""
         text = wait_for_text(self.job)
         reasoning, answer = self.splitter.split(text) if self.splitter else ("", text)
-        events = self._content(reasoning, self.watch.finish(answer))
+        events = self._content(reasoning, self.watch.finish(answer, self._cut()))
         return self._closing(events, self._new_logprobs())
+
+    def _cut(self) -> bool:
+        """Whether the reply was stopped by its length limit (a call it was writing is still a call)."""
+        return self.job.buffer.stop_reason is StopReason.LENGTH
 
     def _feed(self, piece: str) -> list[ReplyEvent]:
         reasoning, answer = self.splitter.feed(piece) if self.splitter else ("", piece)
@@ -131,7 +135,7 @@ class ReplyReader:
         if buffer.stop_reason is StopReason.FAILED:
             return [ErrorEvent(buffer.error or "generation failed")]
         reasoning, answer = self.splitter.flush() if self.splitter else ("", "")
-        events = self._content(reasoning, self.watch.finish(answer))
+        events = self._content(reasoning, self.watch.finish(answer, self._cut()))
         return self._closing(events, unshown + self._new_logprobs())
 
     def _closing(self, events: list[ReplyEvent], unshown: list[TokenLogprob]) -> list[ReplyEvent]:

@@ -160,7 +160,7 @@ def responses_tools(served: ServedModel, f: FieldReader, ignored: list[str]) -> 
             choice = "auto"
     if not functions:
         return None
-    return ToolUse(served.chat_template, functions, choice, f.body.get("parallel_tool_calls") is not False)
+    return ToolUse(served.chat_template, functions, choice, f.body.get("parallel_tool_calls"))
 
 
 class ResponseItems:

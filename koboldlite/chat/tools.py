@@ -10,6 +10,7 @@ from typing import Any
 
 from ..errors import RequestError
 from ..generation import SamplerSettings
+from .partial_json import PartialJSON
 from .template import ChatTemplate
 
 
@@ -36,14 +37,18 @@ class ToolUse:
     system message, with the answer asked for as one JSON object `{"tool_calls": [...]}`.
     """
 
-    def __init__(self, template: "ChatTemplate", tools: Any, choice: Any, parallel: bool):
+    def __init__(self, template: "ChatTemplate", tools: Any, choice: Any, parallel: bool | None):
+        """`parallel`: whether the request allows several calls in one reply (None: it did not say). A call forced
+        by name gives one call unless the request said yes; "auto" and "required" may give several unless it said
+        no."""
         if not isinstance(tools, list) or not all(
                 isinstance(t, dict) and isinstance(t.get("function"), dict)
                 and isinstance(t["function"].get("name"), str) for t in tools):
             raise RequestError("'tools' must be a list of {'type': 'function', 'function': {'name': ...}}")
         self.tools = tools
         self.names = [t["function"]["name"] for t in tools]
-        self.parallel = parallel
+        if parallel not in (None, True, False):
+            raise RequestError("the parallel tool calls setting must be true or false")
         if choice in (None, "auto", "none", "required"):
             self.choice = choice or "auto"
         elif isinstance(choice, dict) and isinstance((choice.get("function") or {}).get("name"), str):
@@ -53,11 +58,22 @@ class ToolUse:
         else:
             raise RequestError("'tool_choice' must be 'auto', 'none', 'required' or {'type': 'function', "
                                "'function': {'name': ...}}")
+        self.parallel = parallel is True if self.forced_name else parallel is not False
         source = template.source
         self.format = ("hermes" if "<tool_call>" in source else "mistral" if "[TOOL_CALLS]" in source
                        else "llama3" if "<|python_tag|>" in source or ("tools" in source and '"parameters"' in source)
                        else "generic" if "tools" not in source else "hermes")
         self.template_reads_tools = "tools" in source
+
+    @property
+    def forced_name(self) -> str | None:
+        """The one tool the request forces, if it names one."""
+        return None if self.choice in ("auto", "none", "required") else self.choice
+
+    @property
+    def forced(self) -> bool:
+        """Whether the reply must be a call (the grammar holds the model to the call's form)."""
+        return self.choice not in ("auto", "none")
 
     @property
     def may_call(self) -> bool:
@@ -133,38 +149,72 @@ class ToolUse:
         head = text.lstrip()
         return any(head.startswith(s) or s.startswith(head) for s in self.CALL_STARTS)
 
-    def parse(self, text: str) -> tuple[str, list[dict]]:
-        """(content, calls): each call {'name', 'arguments'} naming an offered tool."""
+    def parse(self, text: str, cut: bool = False) -> tuple[str, list[dict]]:
+        """(content, calls): each call {'name', 'arguments'} naming an offered tool. `cut`: the reply was stopped by
+        its length limit; a call it was writing still comes back as a call (see _cut_calls), never as text."""
         found, content = [], text
         for block in re.findall(r"<tool_call>\s*(.*?)\s*</tool_call>", text, re.S):
             found += self._calls_in(block)
         if found:
-            content = re.sub(r"<tool_call>.*?</tool_call>", "", text, flags=re.S)
+            content = re.sub(r"<tool_call>.*?(</tool_call>|$)", "", text, flags=re.S)   # a cut last one too
         else:
-            head = text.strip()
-            for prefix in ("[TOOL_CALLS]", "<|python_tag|>"):
-                if head.startswith(prefix):
-                    head = head[len(prefix):].strip()
-            found = self._calls_in(head)
+            found = self._calls_in(self._call_body(text))
             if found:
                 content = ""
         calls = [c for c in found if c["name"] in self.names]
+        if cut and not calls and (self.forced or self.may_be_call(text)):
+            calls = self._cut_calls(text)
+            if self.forced:             # the grammar held it to a call's form: none of it is text
+                return "", calls
+            content = ""
         if not self.parallel:
             calls = calls[:1]
         return (content.strip() if calls else text), calls
 
     @staticmethod
-    def _calls_in(text: str) -> list[dict]:
+    def _call_body(text: str) -> str:
+        """The reply without the marker that opens a call in Mistral's and Llama 3's forms."""
+        head = text.strip()
+        for prefix in ("[TOOL_CALLS]", "<|python_tag|>", "<tool_call>"):
+            if head.startswith(prefix):
+                head = head[len(prefix):].strip()
+        return head
+
+    def _cut_calls(self, text: str) -> list[dict]:
+        """The calls of a reply its length limit stopped: those written whole, else the one it was writing, with
+        its name and the arguments written so far, closed into an object (a forced call whose name was cut is the
+        forced tool's; otherwise a call whose name was not written whole is no call)."""
+        last = text.rfind("<tool_call>")
+        reader = PartialJSON(self._call_body(text[last:] if last >= 0 else text))
+        items = self._call_items(reader.value())
+        whole = [item for item in items if not reader.was_cut(item)]
+        calls = []
+        for item in whole or items[:1]:
+            args = item.get("arguments", item.get("parameters", {}))
+            name = item.get("name")
+            if name not in self.names:
+                name = self.forced_name
+            if name is not None:
+                calls.append({"name": name, "arguments": args if isinstance(args, dict) else {}})
+        if not calls and self.forced_name is not None:
+            calls = [{"name": self.forced_name, "arguments": {}}]
+        return calls
+
+    @staticmethod
+    def _call_items(value: Any) -> list:
+        if isinstance(value, dict) and isinstance(value.get("tool_calls"), list):
+            value = value["tool_calls"]
+        return [item for item in (value if isinstance(value, list) else [value]) if isinstance(item, dict)]
+
+    @classmethod
+    def _calls_in(cls, text: str) -> list[dict]:
         try:
             value = json.loads(text)
         except ValueError:
             return []
-        if isinstance(value, dict) and isinstance(value.get("tool_calls"), list):
-            value = value["tool_calls"]
-        items = value if isinstance(value, list) else [value]
         calls = []
-        for item in items:
-            if isinstance(item, dict) and isinstance(item.get("name"), str):
+        for item in cls._call_items(value):
+            if isinstance(item.get("name"), str):
                 args = item.get("arguments", item.get("parameters", {}))
                 if isinstance(args, str):
                     try:
@@ -196,11 +246,13 @@ class CallWatch:
         out, self.held = self.held, ""
         return out
 
-    def finish(self, answer: str = "") -> str:
+    def finish(self, answer: str = "", cut: bool = False) -> str:
+        """What was held back (and `answer`, the rest) read as calls; what is text after all is returned. `cut`:
+        the reply was stopped by its length limit."""
         text, self.held = self.held + answer, ""
         if self.tools is None or not text.strip():
             return text
-        content, self.calls = self.tools.parse(text)
+        content, self.calls = self.tools.parse(text, cut)
         return content
 
 
