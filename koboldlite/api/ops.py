@@ -8,9 +8,9 @@ import time
 from ..version import __version__
 from ..errors import RequestError
 from ..fields import FieldReader
-from ..chat.messages import parse_chat_messages
 from ..service.exchange import JSONResponse, Response
 from .common import OPENAI_DEFAULTS, gpu_report, model_states, threads_report
+from .openai import OpenAICall
 
 
 def health(app, req):
@@ -88,10 +88,10 @@ def detokenize(app, req):
 
 
 def apply_template(app, req):
-    """The prompt a chat request's messages become (llama-server's /apply-template)."""
-    f = FieldReader(req.json())
-    template = req.use(f.body.get("model")).chat_template
-    return JSONResponse({"prompt": template.render(parse_chat_messages(f.body.get("messages")))})
+    """The prompt a chat completions request becomes (llama-server's /apply-template): its messages, tools and
+    template variables, read as /v1/chat/completions reads them."""
+    request = OpenAICall.chat(req).request
+    return JSONResponse({"prompt": request.memory + request.prompt})
 
 
 def metrics(app, req):

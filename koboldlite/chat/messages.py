@@ -16,7 +16,8 @@ CHAT_ROLES = ("system", "user", "assistant", "tool", "developer")
 
 def parse_chat_messages(value: Any, media: MediaList | None = None) -> list[dict]:
     """OpenAI- or Ollama-style messages; a 400 names the message that is wrong. Tool calls and tool
-    results are kept as Hugging Face templates read them (arguments as objects). Where `media` is given, an
+    results are kept as Hugging Face templates read them (arguments as objects), an assistant turn's thinking as
+    its `reasoning_content` (templates that show earlier thinking read it there). Where `media` is given, an
     image or audio part (and an Ollama message's `images`) is read into it and stands in the content as
     MEDIA_MARKER, where the part was."""
     if not isinstance(value, list) or not value:
@@ -47,8 +48,24 @@ def parse_chat_messages(value: Any, media: MediaList | None = None) -> list[dict
         for key in ("tool_call_id", "name", "tool_name"):
             if isinstance(m.get(key), str):
                 message[key] = m[key]
+        reasoning = earlier_reasoning(m, f"messages[{i}]")
+        if reasoning and message["role"] == "assistant":
+            message["reasoning_content"] = reasoning
         out.append(message)
     return out
+
+
+def earlier_reasoning(m: dict, where: str) -> str:
+    """An earlier assistant turn's thinking, for templates that show it: OpenAI chat's `reasoning_content` (as
+    llama-server takes it back), `reasoning` (OpenRouter's and vLLM's name), Ollama's `thinking`."""
+    for key in ("reasoning_content", "reasoning", "thinking"):
+        value = m.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise RequestError(f"{where}.{key} must be a string")
+        return value
+    return ""
 
 
 def parts_text(parts: list, where: str, media: MediaList | None) -> str:
