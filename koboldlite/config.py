@@ -31,7 +31,7 @@ class Config:
     port: int = 5001
     ssl: list[str] | None = None
     password: str | None = None
-    contextsize: int = 4096
+    contextsize: int = 0        # 0: the model's trained context where memory allows, at least 4096 (context_fit.py)
     threads: int = 0            # 0: up to one per core, fewer while other programs take them; N: always N
     threadsbatch: int = 0       # threads reading prompts; 0: as --threads
     cpuwait: str = "spin"       # how llama.cpp's threads wait for each other: spin, short, passive (cpu_policy.py)
@@ -163,7 +163,9 @@ def _add_server_options(p: argparse.ArgumentParser):
 
 def _add_engine_options(p: argparse.ArgumentParser):
     """The context, threads, GPUs and the KV cache."""
-    p.add_argument("--contextsize", type=int, help="context size in tokens (default 4096)")
+    p.add_argument("--contextsize", type=int,
+                   help="context size in tokens (default: the model's trained context where memory allows, at least "
+                        "4096)")
     p.add_argument("--threads", type=int,
                    help="CPU threads (default: one per core, fewer while other programs keep the cores busy)")
     p.add_argument("--threadsbatch", "--threads-batch", "--blasthreads", dest="threadsbatch", type=int,
@@ -238,6 +240,13 @@ def _add_serving_options(p: argparse.ArgumentParser):
                         "own, localhost and KoboldAI Lite's hosted page (repeatable; '*' admits any)")
 
 
+def _check_context(value: Any) -> int:
+    """0 (the default: chosen for each model) or a size llama.cpp can allocate."""
+    if value == 0 and not isinstance(value, bool):
+        return 0
+    return _check_int("contextsize", value, 64, 1 << 20)
+
+
 def _check_int(name: str, value: Any, lo: int, hi: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(f"{name} must be a whole number, not {value!r}")
@@ -293,7 +302,7 @@ def _check_engine_options(cfg: Config):
     if not isinstance(cfg.host, str) or not cfg.host:
         raise ConfigError("host must be an address such as 127.0.0.1 or 0.0.0.0")
     _check_int("port", cfg.port, 0, 65535)
-    _check_int("contextsize", cfg.contextsize, 64, 1 << 20)
+    _check_context(cfg.contextsize)
     _check_int("threads", cfg.threads, 0, 1024)
     _check_int("threadsbatch", cfg.threadsbatch, 0, 1024)
     if cfg.cpuwait not in ("short", "spin", "passive"):
@@ -361,8 +370,9 @@ def _check_flags_and_limits(cfg: Config):
     _check_int("max_connections", cfg.max_connections, 1, 100000)
     _check_int("max_connections_per_client", cfg.max_connections_per_client, 1, 100000)
     _check_int("max_length", cfg.max_length, 1, 1 << 20)
-    per_request = cfg.contextsize // cfg.parallel if cfg.kvsplit else cfg.contextsize
-    cfg.max_length = min(cfg.max_length, per_request // 2)   # a small context still leaves room for a prompt
+    if cfg.contextsize:    # a chosen context caps it once chosen (ModelEntry.config)
+        per_request = cfg.contextsize // cfg.parallel if cfg.kvsplit else cfg.contextsize
+        cfg.max_length = min(cfg.max_length, per_request // 2)   # a small context still leaves room for a prompt
     if cfg.password is not None and not isinstance(cfg.password, str):
         raise ConfigError("password must be a string")
 
@@ -436,7 +446,7 @@ PRESETS_FILE = "koboldlite-models.json"
 
 # What a model's preset may set, checked as the same options on the command line are.
 PRESET_CHECKS: dict[str, Callable[[str, Any], Any]] = {
-    "contextsize": lambda k, v: _check_int(k, v, 64, 1 << 20),
+    "contextsize": lambda k, v: _check_context(v),
     "gpulayers": lambda k, v: _check_int(k, v, -1, 100000),
     "parallel": lambda k, v: _check_int(k, v, 1, 64),
     "threads": lambda k, v: _check_int(k, v, 1, 1024),

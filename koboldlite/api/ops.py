@@ -40,6 +40,7 @@ def props(app, req):
             "n_ctx": served.model.n_ctx, "temperature": d.temperature, "top_k": d.top_k, "top_p": d.top_p,
             "min_p": d.min_p, "repeat_penalty": d.rep_pen, "repeat_last_n": d.rep_pen_range,
             "n_predict": -1, "seed": -1},
+        "context": {"size": served.model.n_ctx, "trained": served.model.n_ctx_train, "why": served.context_reason},
         "total_slots": len(served.engine.slots),
         "memory": served.model.memory_report(),
         "gpu": gpu,

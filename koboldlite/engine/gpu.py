@@ -10,6 +10,7 @@ from ..errors import ConfigError
 from ..config import Config
 from .llama_build import CPUBackend, GGMLRegistry, choose_build, ggml_library
 from .gguf_layout import GGUFLayout, fit_gpu_layers
+from .context_fit import DEFAULT_CONTEXT_FLOOR, longest_context_on_gpu
 
 
 GPU_BUILD_HELP = ("build llama.cpp with a GPU backend beside the CPU one: bash tools/build_llama_lib.sh vulkan "
@@ -98,6 +99,7 @@ class GPUPlan:
     backends: list[str] = dataclasses.field(default_factory=list)
     cpu: CPUBackend | None = None         # the CPU code llama.cpp runs (a variant module, or pip's built-in one)
     fit: dict | None = None              # the automatic fit's arithmetic
+    contextsize: int = 0                 # a chosen context shortened to fit the GPU (0: as configured)
     lines: list[str] = dataclasses.field(default_factory=list)
 
     def report(self, memory: dict) -> dict:
@@ -116,8 +118,10 @@ class GPUPlan:
 FIT_FREE_CAP_ENV = "KOBOLDLITE_FIT_FREE_MIB"    # tests: cap the free memory the automatic fit sees
 
 
-def plan_gpu(config: Config) -> GPUPlan:
-    """Find the build's GPU devices and decide the offload: --gpulayers if given, else as many layers as fit."""
+def plan_gpu(config: Config, context_chosen: bool = False) -> GPUPlan:
+    """Find the build's GPU devices and decide the offload: --gpulayers if given, else as many layers as fit.
+    `context_chosen`: config.contextsize was chosen for the model, not given: where it would push layers off the
+    GPU, the plan shortens it (plan.contextsize)."""
     choose_build()
     import llama_cpp
     registry = GGMLRegistry(llama_cpp)
@@ -155,7 +159,15 @@ def plan_gpu(config: Config) -> GPUPlan:
     if os.environ.get(FIT_FREE_CAP_ENV, "").isdigit():
         free = min(free, int(os.environ[FIT_FREE_CAP_ENV]) << 20)
     layout = GGUFLayout(config.model)
-    cells = config.contextsize * (config.parallel if config.kvperslot else 1)
+    copies = config.parallel if config.kvperslot else 1
+    if context_chosen:
+        fits = longest_context_on_gpu(layout, free, config.quantkv, copies, config.batchsize, config.contextsize)
+        shorter = fits or min(config.contextsize, DEFAULT_CONTEXT_FLOOR)
+        if shorter < config.contextsize:
+            plan.contextsize = shorter
+            plan.lines.append(f"GPU: context {shorter} tokens, not {config.contextsize}, so that "
+                              f"{'every layer fits' if fits else 'more layers fit'}; --contextsize N chooses")
+    cells = (plan.contextsize or config.contextsize) * copies
     plan.n_gpu_layers, plan.fit = fit_gpu_layers(layout, free, cells, config.quantkv, config.batchsize)
     plan.fit["layers"] = plan.n_gpu_layers
     plan.lines.append(f"GPU: {plan.n_gpu_layers} of {layout.n_layer + 1} layers (with the output layer) fit in "

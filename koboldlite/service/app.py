@@ -90,7 +90,8 @@ class App:
             return served.embedder()
         with self._embedder_lock:
             if self._embedder is None:
-                self._embedder = Embedder.made_for(self.embeddings_source, self.config.contextsize,
+                context = self.config.contextsize or Embedder.MAX_CONTEXT      # 0: the model's, cut as always
+                self._embedder = Embedder.made_for(self.embeddings_source, context,
                                                    most_threads(self.config.threads), self.log)
             return self._embedder
 

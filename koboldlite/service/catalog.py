@@ -11,6 +11,7 @@ from ..errors import ConfigError, ModelLoadError
 from ..model_files import SPLIT_GGUF, find_projector, model_name_of, scan_model_folder
 from ..config import Config, read_presets
 from ..engine.gguf_layout import GGUFLayout, KV_BYTES
+from ..engine.context_fit import DEFAULT_CONTEXT_FLOOR, ContextChoice, available_ram, choose_context
 from ..engine.projector import audio_abort_reason
 
 
@@ -36,17 +37,33 @@ class ModelEntry:
     def aliases(self) -> list[str]:
         return list(self.options.get("aliases", ()))
 
-    def config(self, base: Config) -> Config:
-        """The server's options with this model's preset over them."""
+    def config(self, base: Config, context: ContextChoice | None = None) -> Config:
+        """The server's options with this model's preset over them; a context left to choose is `context`, or chosen
+        now (context_choice)."""
         # --mmproj names the default model's projector; another model's comes from its preset or its folder.
         mmproj = base.mmproj if self.path == base.model else None
         cfg = dataclasses.replace(base, **{"model": self.path, "mmproj": mmproj,
                                            **{k: v for k, v in self.options.items() if k != "aliases"}})
         if cfg.quantkv:
             cfg.flashattention, cfg.noflashattention = True, False
+        if not cfg.contextsize:
+            cfg.contextsize = (context or self._choose_context(cfg)).size
         per_request = cfg.contextsize // cfg.parallel if cfg.kvsplit else cfg.contextsize
         cfg.max_length = min(cfg.max_length, per_request // 2)
         return cfg
+
+    def context_choice(self, base: Config) -> ContextChoice | None:
+        """The context this model gets and why, when neither --contextsize nor its preset says (else None)."""
+        cfg = dataclasses.replace(base, **{k: v for k, v in self.options.items() if k != "aliases"})
+        return None if cfg.contextsize else self._choose_context(cfg)
+
+    def _choose_context(self, cfg: Config) -> ContextChoice:
+        layout = self.layout
+        if layout is None:
+            return ContextChoice(DEFAULT_CONTEXT_FLOOR, f"{DEFAULT_CONTEXT_FLOOR} tokens: the file's header could "
+                                                        f"not be read")
+        return choose_context(layout, self.size_bytes, cfg.quantkv, cfg.parallel if cfg.kvperslot else 1,
+                              available_ram())
 
     @functools.cached_property
     def layout(self) -> "GGUFLayout | None":

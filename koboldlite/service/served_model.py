@@ -67,13 +67,21 @@ class ServedModel:
         among several models, so its log lines name it."""
         self.entry = entry
         self.name = entry.name
-        self.config = cfg = entry.config(base)
+        context = entry.context_choice(base)
+        self.config = cfg = entry.config(base, context)
         self.log = log
         self._job_started, self._job_ended = job_started, job_ended
         self.named = named
         started = time.monotonic()
-        gpu = plan_gpu(cfg)
-        for line in gpu.lines:
+        gpu = plan_gpu(cfg, context_chosen=context is not None)
+        if gpu.contextsize:
+            cfg.contextsize = gpu.contextsize
+            cfg.max_length = min(cfg.max_length, cfg.contextsize // (cfg.parallel if cfg.kvsplit else 1) // 2)
+        # Why the context is what it is, for start-up and /props.
+        self.context_reason = "--contextsize or the model's preset" if context is None else context.reason \
+            if not gpu.contextsize else f"{gpu.contextsize} tokens, so that the layers fit on the GPU (RAM " \
+                                        f"allowed {context.size})"
+        for line in gpu.lines + ([f"Context: {self.context_reason}; --contextsize N chooses"] if context else []):
             print(line, file=sys.stderr, flush=True)
         self.model = LlamaModel(cfg.model, n_ctx=cfg.contextsize, n_seq=cfg.parallel,
                                 n_threads=most_threads(cfg.threads), n_gpu_layers=gpu.n_gpu_layers, n_batch=cfg.batchsize,
