@@ -477,7 +477,24 @@ def test_the_step_cost_measurement_stops_at_its_time_budget(monkeypatch):
     n = 64
     batch = SimpleNamespace(token=[0] * n, pos=[0] * n, n_seq_id=[0] * n, seq_id=[[0] for _ in range(n)],
                             logits=[0] * n, n_tokens=0)
-    model = SimpleNamespace(lib=lib, ctx=None, memory=None, bos=1)
+    model = SimpleNamespace(lib=lib, ctx=None, memory=None, bos=1, n_batch=n)
     cost = StepCost.measure(model, batch, most=32)
     assert cost.widths == [1, 2] and cost.seconds == pytest.approx([3.1, 3.2])
     assert cost(8) == pytest.approx(3.8)            # extrapolated from the two it measured
+
+
+def test_the_step_cost_measurement_fits_a_small_batch(monkeypatch):
+    """--batchsize 16: the batch holds 16 tokens, and the measurement once decoded 64 into it, which killed the
+    generation thread (every request then waited for a loop that was gone). No decode may be wider than n_batch."""
+    from types import SimpleNamespace
+    widths = []
+
+    def decode(ctx, batch):
+        widths.append(batch.n_tokens)
+        return 0
+    lib = SimpleNamespace(llama_decode=decode, llama_memory_seq_rm=lambda *args: True)
+    n = 16
+    batch = SimpleNamespace(token=[0] * n, pos=[0] * n, n_seq_id=[0] * n, seq_id=[[0] for _ in range(n)],
+                            logits=[0] * n, n_tokens=0)
+    cost = StepCost.measure(SimpleNamespace(lib=lib, ctx=None, memory=None, bos=1, n_batch=n), batch, most=32)
+    assert max(widths) == n and cost.widths == [1, 2, 4, 8, 16]

@@ -177,7 +177,9 @@ class StepCost:
         a second on a CPU, BUDGET_SECONDS at most past the first two widths. The caller holds the llama lock, on the
         thread that makes every decode."""
         lib, ctx, memory = model.lib, model.ctx, model.memory
-        widths = [w for w in cls.WIDTHS if w <= max(2, most)]
+        # The batch holds n_batch tokens (--batchsize may be as small as 16): no decode here may be wider.
+        prefix = min(64, model.n_batch)
+        widths = [w for w in cls.WIDTHS if w <= min(max(2, most), model.n_batch)]
         filler = max(model.bos, 0)
 
         def decode(n: int, pos: int, logits: bool) -> float:
@@ -189,15 +191,15 @@ class StepCost:
             ok = lib.llama_decode(ctx, batch) == 0
             return time.perf_counter() - started if ok else math.inf
         started = time.perf_counter()
-        decode(64, 0, False)
+        decode(prefix, 0, False)
         seconds = []
         for w in widths:
             if len(seconds) >= 2 and time.perf_counter() - started > cls.BUDGET_SECONDS:
                 break
             runs = []
             for _ in range(reps + 1):                  # the first of each width warms it up
-                runs.append(decode(w, 64, True))
-                lib.llama_memory_seq_rm(memory, 0, 64, -1)
+                runs.append(decode(w, prefix, True))
+                lib.llama_memory_seq_rm(memory, 0, prefix, -1)
             seconds.append(min(runs[1:]))
         lib.llama_memory_seq_rm(memory, 0, -1, -1)
         if not all(math.isfinite(t) for t in seconds):
