@@ -32,11 +32,24 @@ class StopReason(enum.Enum):
         return self in (StopReason.END, StopReason.STOP_STRING, StopReason.LENGTH)
 
 
-class TokenBuffer:
-    """The text one generation has produced so far.
+@dataclasses.dataclass(frozen=True)
+class PromptProgress:
+    """How far the reading of a job's prompt has come (llama-server's `prompt_progress`): of `total` tokens, `cache`
+    were already in the cache and `processed` (the cached ones included) are read, `time_ms` after it began."""
+    total: int
+    cache: int
+    processed: int
+    time_ms: int
 
-    The generation loop appends; any number of readers (an SSE writer, the
-    check endpoint, a blocking generate) wait on the condition for more.
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class TokenBuffer:
+    """The text one generation has produced so far, and how far the reading of its prompt has come.
+
+    The generation loop appends (and reports progress); any number of readers (an SSE writer, the check endpoint,
+    a blocking generate) wait on the condition for more.
     """
 
     def __init__(self):
@@ -44,11 +57,25 @@ class TokenBuffer:
         self._pieces: list[str] = []
         self.stop_reason: StopReason | None = None   # set once, when the generation ends
         self.error: str | None = None
+        self._progress: PromptProgress | None = None
+        self._progress_reports = 0          # how many there were: a reader knows whether it has seen the last
 
     def append(self, piece: str):
         with self._cond:
             self._pieces.append(piece)
             self._cond.notify_all()
+
+    def report_progress(self, progress: PromptProgress):
+        """The engine read more of the prompt: readers that follow the progress wake."""
+        with self._cond:
+            self._progress = progress
+            self._progress_reports += 1
+            self._cond.notify_all()
+
+    def progress(self) -> tuple[int, PromptProgress | None]:
+        """(reports so far, the last one)."""
+        with self._cond:
+            return self._progress_reports, self._progress
 
     def close(self, reason: StopReason, error: str | None = None):
         with self._cond:
@@ -65,10 +92,15 @@ class TokenBuffer:
         with self._cond:
             return "".join(self._pieces)
 
-    def read(self, start: int, timeout: float | None = None) -> tuple[list[str], bool]:
-        """Pieces from index `start` on, waiting until there is one or the buffer is done."""
+    def read(self, start: int, timeout: float | None = None, progress_seen: int | None = None
+             ) -> tuple[list[str], bool]:
+        """Pieces from index `start` on, waiting until there is one or the buffer is done; with `progress_seen` (the
+        reports a reader has seen), also until there is a newer progress report."""
+        def ready() -> bool:
+            return len(self._pieces) > start or self.stop_reason is not None or (
+                progress_seen is not None and self._progress_reports != progress_seen)
         with self._cond:
-            self._cond.wait_for(lambda: len(self._pieces) > start or self.stop_reason is not None, timeout)
+            self._cond.wait_for(ready, timeout)
             return self._pieces[start:], self.stop_reason is not None
 
     def wait_done(self, timeout: float | None = None) -> bool:
@@ -101,6 +133,7 @@ class JobStats:
     cache_source: str = "none"  # where the prompt's cached tokens came from: slot, ram, disk or none
     media_chunks: int = 0       # image and audio chunks encoded for it (a cached one is not encoded again)
     media_seconds: float = 0.0  # the time that took
+    first_token_at: float = 0.0  # time.monotonic() when the first token was drawn (0: not yet)
 
     @property
     def truncated(self) -> bool:

@@ -405,7 +405,8 @@ def test_thinking_becomes_its_own_block_and_item():
     assert sse_events(raw)[3][1]["delta"] == {"type": "signature_delta", "signature": ""}
     whole = AnthropicEncoder(job, call).whole(ReplyReader(job, reasoning=True).whole())
     assert whole["content"] == encoder.blocks.content and whole["stop_reason"] == "end_turn"
-    encoder = ResponsesEncoder(job, None)       # its items only: the response objects need a real call
+    # Its items only: the response objects need a real call.
+    encoder = ResponsesEncoder(job, SimpleNamespace(timings_per_token=False))
     raw = b"".join(encoder.encode([e for e in events if e.kind in ("reasoning", "text")])
                    for events in ReplyReader(job, reasoning=True).stream()) + encoder.items.close()
     items = encoder.items

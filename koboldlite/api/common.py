@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from typing import Any, Callable
 
 from ..errors import (ContextOverflow, Conflict, Failed, Invalid, ModelNotFound, NotFound, RequestError, ServiceError,
                       Unavailable)
 from ..fields import FieldReader, _asks
 from ..generation import GenerationRequest, SamplerSettings, parse_sampler_settings
-from ..jobs import StopReason, TokenLogprob
+from ..jobs import Job, StopReason, TokenLogprob
 from ..media_urls import MediaList, MediaURLs
 from ..engine.llama_model import LlamaModel
 from ..engine.embeddings import Embedder
@@ -110,6 +111,27 @@ def genkey_of(req, body: dict | None = None) -> str:
     if not isinstance(key, str):
         raise RequestError("'genkey' must be a string")
     return key
+
+
+def llama_timings(job: Job) -> dict:
+    """llama-server's `timings` of a reply so far: the prompt's reading (cached tokens apart) and the generation."""
+    s = job.stats
+    prompt_n = s.prompt_tokens - s.cached_tokens
+    prompt_ms = s.prompt_seconds * 1000
+    if s.generation_seconds or job.buffer.done:
+        predicted_ms = s.generation_seconds * 1000
+    else:
+        predicted_ms = (time.monotonic() - s.first_token_at) * 1000 if s.first_token_at else 0.0
+    predicted_n = s.generated_tokens
+    out = {"cache_n": s.cached_tokens, "prompt_n": prompt_n, "prompt_ms": prompt_ms,
+           "prompt_per_token_ms": prompt_ms / prompt_n if prompt_n else 0.0,
+           "prompt_per_second": prompt_n * 1000 / prompt_ms if prompt_ms else 0.0,
+           "predicted_n": predicted_n, "predicted_ms": predicted_ms,
+           "predicted_per_token_ms": predicted_ms / predicted_n if predicted_n else 0.0,
+           "predicted_per_second": predicted_n * 1000 / predicted_ms if predicted_ms else 0.0}
+    if s.drafted_tokens:
+        out.update(draft_n=s.drafted_tokens, draft_n_accepted=s.draft_accepted)
+    return out
 
 
 def wire_finish_reason(reason: StopReason | None, called: bool = False) -> str:

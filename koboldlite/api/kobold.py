@@ -21,8 +21,8 @@ from .common import (
     prompt_cache_report, threads_report, wire_finish_reason
 )
 from .reply import (
-    SSE_PING, DoneEvent, ErrorEvent, PingEvent, ReplyEncoder, ReplyEvent, ReplyReader, TextEvent, WholeReply,
-    stream_reply
+    SSE_PING, DoneEvent, ErrorEvent, PingEvent, ProgressEvent, ReplyEncoder, ReplyEvent, ReplyReader, TextEvent,
+    WholeReply, stream_reply
 )
 
 
@@ -119,6 +119,11 @@ class KoboldEncoder(ReplyEncoder):
     def text(self, event: TextEvent) -> bytes:
         return kobold_sse_event(event.text, None)
 
+    def progress(self, event: ProgressEvent) -> bytes:
+        """KoboldCpp's stream has no progress event: an SSE comment carries it (every reader passes over one; see
+        ping), in llama-server's words."""
+        return b": prompt_progress " + json.dumps(event.progress.to_json()).encode() + b"\n\n"
+
     def ping(self, event: PingEvent) -> bytes:
         # KoboldAI Lite reads its stream with /^event: (.*)\ndata: (.*)(\r?\n){2}/m and cuts the buffer after each
         # match, so a comment line between events is passed over (and SillyTavern's reader follows the SSE spec).
@@ -184,7 +189,7 @@ def kobold_last_logprobs(app, req):
 
 def kobold_generate_stream(app, req):
     job = req.start_generation(parse_kobold_request(req, app))
-    return stream_reply("text/event-stream", ReplyReader(job), KoboldEncoder(job, req.use()))
+    return stream_reply("text/event-stream", ReplyReader(job, progress=True), KoboldEncoder(job, req.use()))
 
 
 def kobold_extra_version(app, req):

@@ -21,13 +21,13 @@ from ..service.served_model import ServedModel
 from ..service.exchange import JSONResponse
 from .common import (
     KOBOLD_CLIENT_FIELDS, MAX_TOP_LOGPROBS, MEDIA_FIELDS, OPENAI_DEFAULTS, LogprobShapes, apply_output_format,
-    chat_request, embedder_for, embedding_inputs, genkey_of, instruct_request, max_reply_tokens, media_list,
-    model_states, tool_use_of, wire_finish_reason
+    chat_request, embedder_for, embedding_inputs, genkey_of, instruct_request, llama_timings, max_reply_tokens,
+    media_list, model_states, tool_use_of, wire_finish_reason
 )
 from .kobold import kobold_media
 from .reply import (
     SSE_DONE, SSE_PING, DoneEvent, ErrorEvent, PingEvent, ReasoningEvent, ReplyEncoder, ReplyEvent, ReplyReader,
-    TextEvent, ToolCallsEvent, WholeReply, sse_data, stream_reply
+    ProgressEvent, TextEvent, ToolCallsEvent, WholeReply, sse_data, stream_reply
 )
 
 
@@ -90,6 +90,11 @@ def openai_logprob_fields(f: FieldReader, legacy: bool) -> dict:
     return {"logprobs": True, "top_logprobs": f.integer("top_logprobs", default=0, lo=0, hi=MAX_TOP_LOGPROBS)}
 
 
+def llama_stream_options(f: FieldReader) -> dict:
+    """llama-server's `return_progress` and `timings_per_token`."""
+    return {"return_progress": f.boolean("return_progress"), "timings_per_token": f.boolean("timings_per_token")}
+
+
 def include_usage_of(f: FieldReader) -> bool:
     options = f.body.get("stream_options")
     return isinstance(options, dict) and options.get("include_usage") is True
@@ -105,6 +110,8 @@ class OpenAICall:
     include_usage: bool
     tools: ToolUse | None = None
     split_reasoning: bool = False    # a thinking block goes to `reasoning_content` (chat, unless asked inline)
+    return_progress: bool = False    # llama-server's: a stream tells how far the prompt's reading has come
+    timings_per_token: bool = False  # llama-server's: every chunk carries `timings` (else the last alone)
 
     @classmethod
     def completion(cls, req) -> "OpenAICall":
@@ -129,7 +136,7 @@ class OpenAICall:
                                           honoured=tuple(k for k in ("images", "audio") if k not in media_ignored))
         request = instruct_request(served, f, prompt=prompt, memory=memory, stop_strings=fields.pop("stop_strings"),
                                    media=media, **fields, **openai_logprob_fields(f, legacy=True))
-        return cls(served, request, f.boolean("stream"), include_usage_of(f))
+        return cls(served, request, f.boolean("stream"), include_usage_of(f), **llama_stream_options(f))
 
     @classmethod
     def chat(cls, req) -> "OpenAICall":
@@ -142,7 +149,7 @@ class OpenAICall:
         request = chat_request(served, messages, {**fields, **openai_logprob_fields(f, legacy=False), "media": media},
                                tools)
         return cls(served, request, f.boolean("stream"), include_usage_of(f), tools,
-                   split_reasoning=f.string("reasoning_format", default="auto") != "none")
+                   split_reasoning=f.string("reasoning_format", default="auto") != "none", **llama_stream_options(f))
 
 
 def openai_usage(job: Job) -> dict:
@@ -183,10 +190,23 @@ class OpenAIEncoder(ReplyEncoder):
     def logprobs(self, entries: list[TokenLogprob]) -> Any:
         raise NotImplementedError
 
-    def chunk(self, choice: dict, finish_reason: str | None = None, entries: list[TokenLogprob] = ()) -> bytes:
+    progress_choice: dict = {}          # the choice of a chunk that carries prompt_progress
+
+    def chunk(self, choice: dict, finish_reason: str | None = None, entries: list[TokenLogprob] = (),
+              **extra) -> bytes:
         return sse_data({**self.head, "choices": [{"index": 0, **choice,
                                                    "logprobs": self.logprobs(entries) if entries else None,
-                                                   "finish_reason": finish_reason}]})
+                                                   "finish_reason": finish_reason}], **extra})
+
+    def text_chunk(self, choice: dict, entries: list[TokenLogprob]) -> bytes:
+        """A chunk of reply text; with timings_per_token, the timings so far on it."""
+        extra = {"timings": llama_timings(self.job)} if self.call.timings_per_token else {}
+        return self.chunk(choice, entries=entries, **extra)
+
+    def progress(self, event: ProgressEvent) -> bytes:
+        if not self.call.return_progress:
+            return b""
+        return self.chunk(self.progress_choice, prompt_progress=event.progress.to_json())
 
     def finish_reason(self, event: DoneEvent) -> str:
         return wire_finish_reason(event.reason, self.called)
@@ -198,9 +218,10 @@ class OpenAIEncoder(ReplyEncoder):
         return sse_data({"error": {"message": event.message, "type": "server_error"}}) + SSE_DONE
 
     def done(self, event: DoneEvent) -> bytes:
-        out = self.chunk(self.final_choice, self.finish_reason(event), event.logprobs)
+        timings = llama_timings(self.job)           # llama-server's, on the last chunks
+        out = self.chunk(self.final_choice, self.finish_reason(event), event.logprobs, timings=timings)
         if self.call.include_usage:
-            out += sse_data({**self.head, "choices": [], "usage": openai_usage(self.job)})
+            out += sse_data({**self.head, "choices": [], "usage": openai_usage(self.job), "timings": timings})
         return out + SSE_DONE
 
 
@@ -208,20 +229,21 @@ class CompletionEncoder(OpenAIEncoder):
     """/v1/completions: `text` in each choice; log-probabilities in the legacy shape."""
 
     chunk_object, id_prefix = "text_completion", "cmpl"
-    final_choice = {"text": ""}
+    final_choice = progress_choice = {"text": ""}
 
     def logprobs(self, entries: list[TokenLogprob]) -> dict:
         return self.shapes.legacy(entries)
 
     def text(self, event: TextEvent) -> bytes:
-        return self.chunk({"text": event.text}, entries=event.logprobs)
+        return self.text_chunk({"text": event.text}, event.logprobs)
 
     def whole(self, events: list[ReplyEvent]) -> dict:
         reply = WholeReply.of(events)
         return {**self.head, "choices": [{
             "text": reply.text, "index": 0,
             "logprobs": self.shapes.legacy(reply.logprobs) if self.call.request.logprobs else None,
-            "finish_reason": wire_finish_reason(reply.reason)}], "usage": openai_usage(self.job)}
+            "finish_reason": wire_finish_reason(reply.reason)}], "usage": openai_usage(self.job),
+            "timings": llama_timings(self.job)}
 
 
 class ChatEncoder(OpenAIEncoder):
@@ -230,6 +252,7 @@ class ChatEncoder(OpenAIEncoder):
 
     chunk_object, id_prefix = "chat.completion.chunk", "chatcmpl"
     final_choice = {"delta": {}}
+    progress_choice = {"delta": {"role": "assistant", "content": None}}     # as llama-server sends it
 
     def logprobs(self, entries: list[TokenLogprob]) -> dict:
         return {"content": self.shapes.chat(entries)}
@@ -238,10 +261,10 @@ class ChatEncoder(OpenAIEncoder):
         return self.chunk({"delta": {"role": "assistant", "content": ""}})
 
     def reasoning(self, event: ReasoningEvent) -> bytes:
-        return self.chunk({"delta": {"reasoning_content": event.text}}, entries=event.logprobs)
+        return self.text_chunk({"delta": {"reasoning_content": event.text}}, event.logprobs)
 
     def text(self, event: TextEvent) -> bytes:
-        return self.chunk({"delta": {"content": event.text}}, entries=event.logprobs)
+        return self.text_chunk({"delta": {"content": event.text}}, event.logprobs)
 
     def tool_calls(self, event: ToolCallsEvent) -> bytes:
         self.called = True
@@ -260,13 +283,13 @@ class ChatEncoder(OpenAIEncoder):
             "index": 0, "message": message,
             "logprobs": self.logprobs(reply.logprobs) if self.call.request.logprobs else None,
             "finish_reason": wire_finish_reason(reply.reason, bool(reply.calls))}],
-            "usage": openai_usage(self.job)}
+            "usage": openai_usage(self.job), "timings": llama_timings(self.job)}
 
 
 def openai_answer(req, call: OpenAICall, encoder_class: type[OpenAIEncoder]):
     """Start the call's generation and answer it, streamed or whole."""
     job = req.start_generation(call.request)
-    reply = ReplyReader(job, reasoning=call.split_reasoning, tools=call.tools)
+    reply = ReplyReader(job, reasoning=call.split_reasoning, tools=call.tools, progress=call.return_progress)
     encoder = encoder_class(job, call)
     if call.stream:
         return stream_reply("text/event-stream", reply, encoder)

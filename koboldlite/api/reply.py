@@ -14,7 +14,7 @@ import json
 from typing import Any, Iterator, Union
 
 from ..text import ReasoningSplitter
-from ..jobs import Job, StopReason, TokenLogprob
+from ..jobs import Job, PromptProgress, StopReason, TokenLogprob
 from ..chat.tools import CallWatch, ToolUse
 from ..service.exchange import StreamResponse, wait_for_text
 
@@ -44,6 +44,13 @@ class ToolCallsEvent:
 
 
 @dataclasses.dataclass
+class ProgressEvent:
+    """The prompt's reading came further (llama-server's `prompt_progress`); only readers that follow it get these."""
+    progress: PromptProgress
+    kind = "progress"
+
+
+@dataclasses.dataclass
 class PingEvent:
     """Nothing arrived for a while (the prompt is being read, or the job waits its turn): keep the connection."""
     kind = "ping"
@@ -64,7 +71,7 @@ class ErrorEvent:
     kind = "error"
 
 
-ReplyEvent = Union[TextEvent, ReasoningEvent, ToolCallsEvent, PingEvent, DoneEvent, ErrorEvent]
+ReplyEvent = Union[TextEvent, ReasoningEvent, ToolCallsEvent, ProgressEvent, PingEvent, DoneEvent, ErrorEvent]
 
 
 # Every SSE API keeps its connection alive the same way: an event when nothing has been sent for this long (a long
@@ -74,10 +81,12 @@ REPLY_PING_SECONDS = 5.0
 
 class ReplyReader:
     """One job's reply as events. `reasoning`: a thinking block at its start comes apart from the answer (else it
-    stays in the text); `tools`: an answer that begins like a call is held until it is known to be one or not."""
+    stays in the text); `tools`: an answer that begins like a call is held until it is known to be one or not;
+    `progress`: a stream also tells how far the reading of the prompt has come (ProgressEvent)."""
 
-    def __init__(self, job: Job, reasoning: bool = False, tools: ToolUse | None = None):
+    def __init__(self, job: Job, reasoning: bool = False, tools: ToolUse | None = None, progress: bool = False):
         self.job = job
+        self.follows_progress = progress
         self.splitter = ReasoningSplitter.for_prompt(job.request.prompt) if reasoning else None
         self.watch = CallWatch(tools)
         self._logprobs_read = 0       # how many of job.logprobs an event has carried (or will)
@@ -86,13 +95,18 @@ class ReplyReader:
         """The events as the text arrives: one list per read of the buffer (all the tokens already waiting, which
         the encoder writes at once), a [PingEvent] after `ping_seconds` without any, and at the end one list of
         what was held back, the calls, and DoneEvent (or ErrorEvent)."""
-        index, unshown = 0, []
+        index, unshown, seen = 0, [], 0 if self.follows_progress else None
         while True:
-            pieces, done = self.job.buffer.read(index, timeout=ping_seconds)
+            pieces, done = self.job.buffer.read(index, timeout=ping_seconds, progress_seen=seen)
+            progressed: list[ReplyEvent] = []
+            if seen is not None:
+                reports, progress = self.job.buffer.progress()
+                if reports != seen:
+                    seen, progressed = reports, [ProgressEvent(progress)]
             if not pieces:
                 if done:
                     break
-                yield [PingEvent()]
+                yield progressed or [PingEvent()]
                 continue
             index += len(pieces)
             events = [event for piece in pieces for event in self._feed(piece)]
@@ -100,7 +114,8 @@ class ReplyReader:
             if events:
                 _carry_logprobs(events, unshown)
                 unshown = []
-                yield events
+            if progressed or events:
+                yield progressed + events
         yield self._end(unshown)
 
     def whole(self) -> list[ReplyEvent]:
@@ -176,7 +191,7 @@ class WholeReply:
 class ReplyEncoder:
     """One API's wire form of a reply. `start` is written before the first event; each list of events the reader
     yields is written at once, each event through the method of its kind (`text`, `reasoning`, `tool_calls`,
-    `ping`, `done`, `error`). What an API does not show encodes to nothing. `whole` is the non-streamed answer."""
+    `progress`, `ping`, `done`, `error`). What an API does not show encodes to nothing. `whole` is the non-streamed answer."""
 
     def start(self) -> bytes:
         return b""
@@ -191,6 +206,9 @@ class ReplyEncoder:
         return b""
 
     def tool_calls(self, event: ToolCallsEvent) -> bytes:
+        return b""
+
+    def progress(self, event: ProgressEvent) -> bytes:
         return b""
 
     def ping(self, event: PingEvent) -> bytes:

@@ -16,11 +16,12 @@ from ..service.served_model import ServedModel
 from ..service.app import ResponseStore
 from ..service.exchange import JSONResponse
 from .common import (
-    api_key_owner, apply_output_format, block_request_fields, chat_request, max_reply_tokens, media_list, text_only
+    api_key_owner, apply_output_format, block_request_fields, chat_request, llama_timings, max_reply_tokens, media_list,
+    text_only
 )
 from .reply import (
-    SSE_PING, DoneEvent, ErrorEvent, PingEvent, ReasoningEvent, ReplyEncoder, ReplyEvent, ReplyReader, TextEvent,
-    ToolCallsEvent, sse_event, stream_reply
+    SSE_PING, DoneEvent, ErrorEvent, PingEvent, ProgressEvent, ReasoningEvent, ReplyEncoder, ReplyEvent, ReplyReader,
+    TextEvent, ToolCallsEvent, sse_event, stream_reply
 )
 
 
@@ -188,7 +189,8 @@ class ResponseItems:
                               part=dict(part))
         return out
 
-    def part(self, kind: str, text: str) -> bytes:
+    def part(self, kind: str, text: str, **extra) -> bytes:
+        """Text of the reasoning or the message, opening its item first; `extra` fields go on the delta event."""
         item_type = "reasoning" if kind == "reasoning" else "message"
         out = b""
         if self._open != item_type:
@@ -205,8 +207,8 @@ class ResponseItems:
         item["content"][0]["text"] += text
         where = dict(item_id=item["id"], output_index=len(self.output) - 1, content_index=0)
         if item_type == "reasoning":
-            return out + self.event("response.reasoning_text.delta", **where, delta=text)
-        return out + self.event("response.output_text.delta", **where, delta=text, logprobs=[])
+            return out + self.event("response.reasoning_text.delta", **where, delta=text, **extra)
+        return out + self.event("response.output_text.delta", **where, delta=text, logprobs=[], **extra)
 
     def close(self) -> bytes:
         if self._open is None:
@@ -280,6 +282,8 @@ class ResponsesCall:
                     if isinstance(m["content"], list) else m for i, m in enumerate(messages)]
         self.request = chat_request(served, messages, {**fields, "media": media}, self.tools, template_vars)
         self.stream = f.boolean("stream")
+        self.return_progress = f.boolean("return_progress")          # llama-server's
+        self.timings_per_token = f.boolean("timings_per_token")
         self.id = f"resp_{secrets.token_hex(16)}"
         self.created = int(time.time())
         self.store = f.body.get("store") is not False
@@ -361,11 +365,22 @@ class ResponsesEncoder(ReplyEncoder):
         return self.items.event("response.created", response=in_progress) + \
             self.items.event("response.in_progress", response=in_progress)
 
+    def timings(self) -> dict:
+        """With timings_per_token, llama-server's timings so far on each delta."""
+        return {"timings": llama_timings(self.job)} if self.call.timings_per_token else {}
+
     def reasoning(self, event: ReasoningEvent) -> bytes:
-        return self.items.part("reasoning", event.text)
+        return self.items.part("reasoning", event.text, **self.timings())
 
     def text(self, event: TextEvent) -> bytes:
-        return self.items.part("text", event.text)
+        return self.items.part("text", event.text, **self.timings())
+
+    def progress(self, event: ProgressEvent) -> bytes:
+        """llama-server's form: response.in_progress again, with prompt_progress."""
+        if not self.call.return_progress:
+            return b""
+        return self.items.event("response.in_progress", response=self.call.response("in_progress", self.items),
+                                prompt_progress=event.progress.to_json())
 
     def tool_calls(self, event: ToolCallsEvent) -> bytes:
         return self.items.close() + b"".join(self.items.function_call(call) for call in event.calls)
@@ -383,7 +398,8 @@ class ResponsesEncoder(ReplyEncoder):
     def done(self, event: DoneEvent) -> bytes:
         out = self.items.close()
         response = self.finished(event)
-        return out + self.items.event(f"response.{response['status']}", response=response)
+        return out + self.items.event(f"response.{response['status']}", response=response,
+                                      timings=llama_timings(self.job))      # llama-server's, beside the response
 
     def error(self, event: ErrorEvent) -> bytes:
         out = self.items.close()
@@ -400,7 +416,7 @@ class ResponsesEncoder(ReplyEncoder):
 def responses_create(app, req):
     call = ResponsesCall(app, req)
     job = req.start_generation(call.request)
-    reply = ReplyReader(job, reasoning=True, tools=call.tools)
+    reply = ReplyReader(job, reasoning=True, tools=call.tools, progress=call.return_progress)
     encoder = ResponsesEncoder(job, call)
     if call.stream:
         return stream_reply("text/event-stream", reply, encoder)

@@ -12,7 +12,7 @@ from typing import Callable
 
 from ..errors import RequestError
 from ..generation import GenerationRequest
-from ..jobs import Job, StopReason, TokenLogprob
+from ..jobs import Job, PromptProgress, StopReason, TokenLogprob
 from .llama_model import LlamaModel
 from .drafting import DraftModel, Speculation
 from .slots import Slot, SlotState, put_tokens
@@ -170,7 +170,19 @@ class Engine:
         slot.start(new_reply(self.model, job, self.speculation.for_reply(job.request.sampler.draft), now),
                    prompt[keep:])
         slot.last_used = now
+        self._report_progress(slot)
         return True
+
+    @staticmethod
+    def _report_progress(slot: Slot):
+        """How much of its prompt the slot's job has read (a few reports a prompt: one at its start, one a chunk)."""
+        job, reply = slot.job, slot.reply
+        if job.stats.first_token_at:        # a context shift reading its cache again is no prompt reading
+            return
+        job.buffer.report_progress(PromptProgress(
+            total=len(job.prompt_tokens), cache=job.stats.cached_tokens,
+            processed=len(job.prompt_tokens) - len(slot.to_prefill),
+            time_ms=int((time.monotonic() - reply.t_admitted) * 1000)))
 
     def _at_a_media_start(self, job: Job, slot: Slot, prompt: list[int], keep: int) -> int:
         """A reused cache that ends inside a media chunk's run gives back that run: a chunk is decoded whole."""
@@ -201,7 +213,10 @@ class Engine:
                 return finished
             if status == DECODE_OK:
                 for slot, n in batch.added:
+                    reading = slot.state is SlotState.READING_PROMPT
                     slot.decoded(n)
+                    if reading:
+                        self._report_progress(slot)
                 self.pool.interleaved += batch.interleaved
                 draws = [(slot, self._draw(slot, i, draft), draft) for slot, i, draft in batch.due]
         if status != DECODE_OK:
@@ -227,6 +242,7 @@ class Engine:
                     break
                 self.pool.decoded()
                 slot.decoded(chunk.n_tokens)
+                self._report_progress(slot)
         return failed
 
     def _decode(self, n: int) -> int:
@@ -352,7 +368,7 @@ class Engine:
         for slot, draws, draft in drawn:
             reply, job = slot.reply, slot.job
             if job.stats.generated_tokens == 0:
-                reply.t_first_token = now
+                reply.t_first_token = job.stats.first_token_at = now
                 job.stats.prompt_seconds = now - reply.t_admitted
             kept, ended, error = 0, None, None
             try:
