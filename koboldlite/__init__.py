@@ -41,7 +41,7 @@ LAYERS = {
     "chat": ("chat.template", "chat.messages", "chat.partial_json", "chat.tools"),
     "service": ("service.downloads", "service.catalog", "service.served_model", "service.roster", "service.app",
                 "service.exchange"),
-    "api": ("api.common", "api.reply", "api.kobold", "api.openai", "api.ollama", "api.anthropic", "api.responses",
+    "api": ("api.common", "api.reply", "api.choices", "api.kobold", "api.openai", "api.ollama", "api.anthropic", "api.responses",
             "api.audio", "api.admin", "api.slots", "api.ops"),
     "web": ("web.ui_files", "web.router", "web.static", "web.routes", "web.connections", "web.access", "web.server",
             "web.handler"),

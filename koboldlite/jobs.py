@@ -103,6 +103,14 @@ class TokenBuffer:
             self._cond.wait_for(ready, timeout)
             return self._pieces[start:], self.stop_reason is not None
 
+    def wait_prompt_read(self, timeout: float | None = None) -> bool:
+        """Wait until the prompt has been read (its last progress report is whole, or text came, or it ended)."""
+        def read() -> bool:
+            p = self._progress
+            return bool(self._pieces) or self.stop_reason is not None or (p is not None and p.processed >= p.total)
+        with self._cond:
+            return self._cond.wait_for(read, timeout)
+
     def wait_done(self, timeout: float | None = None) -> bool:
         with self._cond:
             return self._cond.wait_for(lambda: self.stop_reason is not None, timeout)
@@ -180,9 +188,12 @@ class Job:
         self.state = JobState.QUEUED
         self.stats = JobStats(prompt_tokens=len(prompt_tokens))
         self.created = time.monotonic()
+        self.linked: list[Job] = []     # jobs cancelled with this one (the other choices of one request)
 
     def cancel(self):
         self.cancelled.set()
+        for job in self.linked:
+            job.cancel()
 
     def move(self, state: JobState):
         """The scheduler moves it along (JobState says which moves there are)."""

@@ -7,7 +7,7 @@ import json
 import os
 import secrets
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from ..errors import RequestError
 from ..fields import FieldReader, _asks, _more_than_one, ignored_fields
@@ -18,15 +18,16 @@ from ..media import MediaKind
 from ..media_urls import MediaList
 from ..chat.tools import ToolUse
 from ..service.served_model import ServedModel
-from ..service.exchange import JSONResponse
+from ..service.exchange import JSONResponse, StreamResponse
 from .common import (
     KOBOLD_CLIENT_FIELDS, MAX_TOP_LOGPROBS, MEDIA_FIELDS, OPENAI_DEFAULTS, LogprobShapes, apply_output_format,
     chat_request, embedder_for, embedding_inputs, genkey_of, instruct_request, llama_timings, max_reply_tokens,
     media_list, model_states, tool_use_of, wire_finish_reason
 )
 from .kobold import kobold_media
+from .choices import MAX_CHOICES, Choices
 from .reply import (
-    SSE_DONE, SSE_PING, DoneEvent, ErrorEvent, PingEvent, ReasoningEvent, ReplyEncoder, ReplyEvent, ReplyReader,
+    REPLY_PING_SECONDS, SSE_DONE, SSE_PING, DoneEvent, ErrorEvent, PingEvent, ReasoningEvent, ReplyEncoder, ReplyEvent, ReplyReader,
     ProgressEvent, TextEvent, ToolCallsEvent, WholeReply, sse_data, stream_reply
 )
 
@@ -60,8 +61,6 @@ OPENAI_IGNORED_FIELDS: dict[str, Callable[[Any], bool]] = {
 def openai_generation_fields(req, f: FieldReader, default_max: int | None, honoured: tuple[str, ...] = ()) -> dict:
     """The fields completions and chat completions share: length, stops, sampler, response_format, genkey; the
     fields named as ignored, but for those the caller `honoured`."""
-    if f.integer("n", default=1) != 1:
-        raise RequestError("'n' must be 1: this server returns one choice per request")
     sampler = parse_sampler_settings(f, OPENAI_DEFAULTS)
     fmt = f.body.get("response_format")
     if fmt is not None:
@@ -91,8 +90,12 @@ def openai_logprob_fields(f: FieldReader, legacy: bool) -> dict:
 
 
 def llama_stream_options(f: FieldReader) -> dict:
-    """llama-server's `return_progress` and `timings_per_token`."""
-    return {"return_progress": f.boolean("return_progress"), "timings_per_token": f.boolean("timings_per_token")}
+    """`n`, and llama-server's `return_progress` and `timings_per_token`."""
+    n = f.integer("n", default=1)
+    if not 1 <= n <= MAX_CHOICES:      # fewer choices than asked would be a silent surprise: a 400 says why
+        raise RequestError(f"'n' must be between 1 and {MAX_CHOICES}: choices are read in parallel slots or turns")
+    return {"return_progress": f.boolean("return_progress"), "timings_per_token": f.boolean("timings_per_token"),
+            "n": n}
 
 
 def include_usage_of(f: FieldReader) -> bool:
@@ -112,6 +115,7 @@ class OpenAICall:
     split_reasoning: bool = False    # a thinking block goes to `reasoning_content` (chat, unless asked inline)
     return_progress: bool = False    # llama-server's: a stream tells how far the prompt's reading has come
     timings_per_token: bool = False  # llama-server's: every chunk carries `timings` (else the last alone)
+    n: int = 1                       # choices (api/choices.py)
 
     @classmethod
     def completion(cls, req) -> "OpenAICall":
@@ -152,11 +156,13 @@ class OpenAICall:
                    split_reasoning=f.string("reasoning_format", default="auto") != "none", **llama_stream_options(f))
 
 
-def openai_usage(job: Job) -> dict:
-    p, c = job.stats.prompt_tokens, job.stats.generated_tokens
+def openai_usage(*jobs: Job) -> dict:
+    """Several choices read their prompt once: it counts once, their tokens all."""
+    first = jobs[0].stats
+    p, c = first.prompt_tokens, sum(job.stats.generated_tokens for job in jobs)
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
-            "prompt_tokens_details": {"cached_tokens": job.stats.cached_tokens},
-            "truncated": job.stats.truncated}     # llama-server's flag: a context shift dropped text
+            "prompt_tokens_details": {"cached_tokens": first.cached_tokens},
+            "truncated": any(job.stats.truncated for job in jobs)}   # llama-server's: a context shift dropped text
 
 
 def openai_head(served: ServedModel, kind: str, prefix: str) -> dict:
@@ -180,10 +186,12 @@ class OpenAIEncoder(ReplyEncoder):
     id_prefix = ""
     final_choice: dict = {}             # the choice of the chunk with the finish reason
 
-    def __init__(self, job: Job, call: OpenAICall):
+    def __init__(self, job: Job, call: OpenAICall, index: int = 0, head: dict | None = None):
+        """`index`: the choice this encoder writes (of `n`, which share one `head`: id, created, model)."""
         self.job = job
         self.call = call
-        self.head = openai_head(call.served, self.chunk_object, self.id_prefix)
+        self.index = index
+        self.head = head or openai_head(call.served, self.chunk_object, self.id_prefix)
         self.shapes = LogprobShapes(call.served.model)
         self.called = False
 
@@ -194,7 +202,7 @@ class OpenAIEncoder(ReplyEncoder):
 
     def chunk(self, choice: dict, finish_reason: str | None = None, entries: list[TokenLogprob] = (),
               **extra) -> bytes:
-        return sse_data({**self.head, "choices": [{"index": 0, **choice,
+        return sse_data({**self.head, "choices": [{"index": self.index, **choice,
                                                    "logprobs": self.logprobs(entries) if entries else None,
                                                    "finish_reason": finish_reason}], **extra})
 
@@ -215,14 +223,24 @@ class OpenAIEncoder(ReplyEncoder):
         return SSE_PING
 
     def error(self, event: ErrorEvent) -> bytes:
-        return sse_data({"error": {"message": event.message, "type": "server_error"}}) + SSE_DONE
+        return self.error_chunk(event) + SSE_DONE
+
+    def error_chunk(self, event: ErrorEvent) -> bytes:
+        return sse_data({"error": {"message": event.message, "type": "server_error", "index": self.index}})
 
     def done(self, event: DoneEvent) -> bytes:
-        timings = llama_timings(self.job)           # llama-server's, on the last chunks
-        out = self.chunk(self.final_choice, self.finish_reason(event), event.logprobs, timings=timings)
-        if self.call.include_usage:
-            out += sse_data({**self.head, "choices": [], "usage": openai_usage(self.job), "timings": timings})
-        return out + SSE_DONE
+        return self.finish_chunk(event) + self.tail([self.job])
+
+    def finish_chunk(self, event: DoneEvent) -> bytes:
+        """The choice's last chunk: its finish reason and llama-server's timings."""
+        return self.chunk(self.final_choice, self.finish_reason(event), event.logprobs, timings=llama_timings(self.job))
+
+    def tail(self, jobs: list[Job]) -> bytes:
+        """The stream's end, after every choice's last chunk: the usage chunk when asked for, and [DONE]."""
+        if not self.call.include_usage:
+            return SSE_DONE
+        return sse_data({**self.head, "choices": [], "usage": openai_usage(*jobs),
+                         "timings": llama_timings(jobs[0])}) + SSE_DONE
 
 
 class CompletionEncoder(OpenAIEncoder):
@@ -240,7 +258,7 @@ class CompletionEncoder(OpenAIEncoder):
     def whole(self, events: list[ReplyEvent]) -> dict:
         reply = WholeReply.of(events)
         return {**self.head, "choices": [{
-            "text": reply.text, "index": 0,
+            "text": reply.text, "index": self.index,
             "logprobs": self.shapes.legacy(reply.logprobs) if self.call.request.logprobs else None,
             "finish_reason": wire_finish_reason(reply.reason)}], "usage": openai_usage(self.job),
             "timings": llama_timings(self.job)}
@@ -280,20 +298,51 @@ class ChatEncoder(OpenAIEncoder):
             message["tool_calls"] = openai_tool_calls(reply.calls)
             message["content"] = message["content"] or None
         return {**self.head, "object": "chat.completion", "choices": [{
-            "index": 0, "message": message,
+            "index": self.index, "message": message,
             "logprobs": self.logprobs(reply.logprobs) if self.call.request.logprobs else None,
             "finish_reason": wire_finish_reason(reply.reason, bool(reply.calls))}],
             "usage": openai_usage(self.job), "timings": llama_timings(self.job)}
 
 
 def openai_answer(req, call: OpenAICall, encoder_class: type[OpenAIEncoder]):
-    """Start the call's generation and answer it, streamed or whole."""
+    """Start the call's generation and answer it, streamed or whole; several choices through Choices."""
+    def reader(job: Job) -> ReplyReader:
+        return ReplyReader(job, reasoning=call.split_reasoning, tools=call.tools, progress=call.return_progress)
+    if call.n > 1:
+        return openai_choices(Choices(req, call.request, call.n, reader), call, encoder_class)
     job = req.start_generation(call.request)
-    reply = ReplyReader(job, reasoning=call.split_reasoning, tools=call.tools, progress=call.return_progress)
     encoder = encoder_class(job, call)
     if call.stream:
-        return stream_reply("text/event-stream", reply, encoder)
-    return JSONResponse(encoder.whole(reply.whole()))
+        return stream_reply("text/event-stream", reader(job), encoder)
+    return JSONResponse(encoder.whole(reader(job).whole()))
+
+
+def openai_choices(choices: Choices, call: OpenAICall, encoder_class: type[OpenAIEncoder]):
+    """`n` choices: each choice's chunks carry its index, interleaved as they come; one usage (the prompt once)."""
+    head = openai_head(call.served, encoder_class.chunk_object, encoder_class.id_prefix)
+    encoders: dict[int, OpenAIEncoder] = {}
+
+    def encoder_of(index: int) -> OpenAIEncoder:
+        """Choice `index`'s encoder, made when its job has started (one that could not start writes its error)."""
+        if index not in encoders:
+            encoders[index] = encoder_class(choices.by_index.get(index, choices.first), call, index, head)
+        return encoders[index]
+    if not call.stream:
+        wholes = [encoder_of(i).whole(events) for i, events in enumerate(choices.whole())]
+        return JSONResponse({**wholes[0], "choices": [w["choices"][0] for w in wholes],
+                             "usage": openai_usage(*choices.jobs)})
+
+    def chunks() -> Iterator[bytes]:
+        for index, events in choices.stream(REPLY_PING_SECONDS):
+            new = index not in encoders
+            encoder = encoder_of(index)
+            out = (encoder.start() if new else b"") + b"".join(
+                encoder.finish_chunk(e) if e.kind == "done" else encoder.error_chunk(e) if e.kind == "error"
+                else getattr(encoder, e.kind)(e) for e in events)
+            if out:
+                yield out
+        yield encoder_of(0).tail(choices.jobs)
+    return StreamResponse("text/event-stream", chunks(), choices.first)
 
 
 def openai_models(app, req):
