@@ -91,7 +91,7 @@ def test_openai_json_modes(client):
 def test_openai_errors(client, server):
     import openai
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model="x", messages=CHAT, n=2)
+        client.chat.completions.create(model="x", messages=CHAT, n=9)      # above MAX_CHOICES
     assert "'n'" in e.value.body["message"]
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="x", messages=[{"role": "wizard", "content": "hi"}])
