@@ -7,7 +7,7 @@ import collections
 import threading
 from typing import Any, Callable, Iterator, Protocol
 
-from .errors import QueueFull, Unavailable
+from .errors import Failed, ModelLoadError, QueueFull, Unavailable
 from .jobs import Job, JobState, StopReason
 
 
@@ -114,19 +114,22 @@ class Scheduler:
         self._calls: list[tuple[Callable, dict, threading.Event]] = []   # work for the loop thread, between steps
         self._thread = threading.Thread(target=self._run, name="generation-loop", daemon=True)
         self._stepped = False                  # work done since the loop last kept its slots' conversations
+        self._broken: BaseException | None = None   # why the loop thread ended on its own: every request fails
 
     def start(self):
-        """Start the loop; return once the engine is ready on it (so a first request finds the loop waiting)."""
+        """Start the loop; return once the engine is ready on it (so a first request finds the loop waiting).
+        An engine that cannot get ready raises ModelLoadError here, in the loader's thread, not later in a request."""
         self._ready = threading.Event()
         self._thread.start()
         self._ready.wait()
+        if self._broken is not None:
+            raise ModelLoadError(f"the generation loop could not start: {self._broken}")
 
     # -- request threads ---------------------------------------------------
 
     def submit(self, job: Job) -> Job:
         with self._cond:
-            if self._stopping.is_set():
-                raise Unavailable("the server is shutting down")
+            self._check_alive()
             if self._full():
                 raise QueueFull()
             self._queue.append(job)
@@ -146,8 +149,7 @@ class Scheduler:
         box: dict = {}
         done = threading.Event()
         with self._cond:
-            if self._stopping.is_set():
-                raise Unavailable("the server is shutting down")
+            self._check_alive()
             self._calls.append((fn, box, done))
             self._cond.notify_all()
         if not done.wait(timeout):
@@ -155,6 +157,13 @@ class Scheduler:
         if "error" in box:
             raise box["error"]
         return box.get("result")
+
+    def _check_alive(self):
+        """Holds _cond. Refuse new work when the loop will not run it: failed (500, with why) or stopping (503)."""
+        if self._broken is not None:
+            raise Failed(f"the generation loop stopped: {self._broken}")
+        if self._stopping.is_set():
+            raise Unavailable("the server is shutting down")
 
     def _run_calls(self):
         with self._cond:
@@ -252,11 +261,35 @@ class Scheduler:
     # -- the generation thread -----------------------------------------------
 
     def _run(self):
-        engine = self.engine
+        """The loop thread's body. Should anything escape the loop itself (a defect, not a request's failure),
+        every job and caller hears why at once, rather than waiting on a thread that is gone."""
         try:
-            engine.ready_on_this_thread()
+            self.engine.ready_on_this_thread()
+        except BaseException as e:
+            self._broken = e
+            return
         finally:
             self._ready.set()
+        try:
+            self._serve()
+        except BaseException as e:
+            self._died(e)
+            raise
+
+    def _died(self, error: BaseException):
+        with self._cond:
+            self._broken = error
+            why = f"the generation loop stopped: {error}"
+            for job in self._queue.clear() + list(self._running):
+                if job.state is not JobState.DONE:
+                    self._end_unstarted(job, StopReason.FAILED, why)
+            for _, box, done in self._calls:
+                box["error"] = Failed(why)
+                done.set()
+            self._calls = []
+
+    def _serve(self):
+        engine = self.engine
         while True:
             with self._cond:
                 keep_ahead = False

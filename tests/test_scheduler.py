@@ -11,7 +11,7 @@ import pytest
 
 from tests.harness import in_thread, result_of
 from koboldlite.generation import GenerationRequest
-from koboldlite.errors import QueueFull
+from koboldlite.errors import Failed, ModelLoadError, QueueFull
 from koboldlite.jobs import Job, StopReason
 from koboldlite.scheduler import Scheduler
 
@@ -182,6 +182,51 @@ def test_a_full_queue_is_busy(sched):
     assert s.saturated
     with pytest.raises(QueueFull):
         s.submit(job())
+
+
+
+class LoopDefect(BaseException):
+    """Something no handler in the loop expects (a defect of ours, not a request's failure)."""
+
+
+def test_an_engine_that_cannot_get_ready_fails_the_start_not_a_later_request():
+    engine = FakeEngine()
+
+    def not_ready():
+        raise RuntimeError("decode of 64 tokens into a batch of 16")
+    engine.ready_on_this_thread = not_ready
+    with pytest.raises(ModelLoadError, match="could not start: decode of 64"):
+        Scheduler(engine, max_waiting=8).start()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_loop_that_dies_fails_every_job_and_request_at_once():
+    engine = FakeEngine()
+    finished: list[Job] = []
+    s = Scheduler(engine, max_waiting=8, on_finished=finished.append)
+    s.start()
+    first = s.submit(job("a"))
+    engine.wait_admitted(1)
+    second = s.submit(job("b"))
+    third_queued = threading.Event()
+
+    def defective_step():
+        third_queued.wait(10)
+        raise LoopDefect("a defect in the loop")
+    engine.step = defective_step       # the step under way (the first job's) is the old one
+    engine.finish(first)
+    engine.wait_admitted(2)
+    third = s.submit(job("c"))
+    third_queued.set()
+    s._thread.join(10)
+    assert not s._thread.is_alive() and first.buffer.stop_reason is StopReason.END
+    for j in (second, third):          # running and queued when it died: each told why, at once
+        assert j.buffer.wait_done(10) and j.buffer.stop_reason is StopReason.FAILED
+        assert "a defect in the loop" in j.buffer.error and j in finished
+    with pytest.raises(Failed, match="generation loop stopped"):
+        s.submit(job("d"))
+    with pytest.raises(Failed, match="generation loop stopped"):
+        s.call(lambda engine: None)
 
 
 # -- on the real server --------------------------------------------------------------------------

@@ -119,7 +119,11 @@ class ServedModel:
                              projector=self.projector,
                              threads=ThreadGovernor(cores_available(), cfg.threads, cfg.threadsbatch))
         self.scheduler = Scheduler(self.engine, cfg.multiuser, lambda job: job_ended(self, job))
-        self.scheduler.start()
+        try:
+            self.scheduler.start()
+        except ModelLoadError:
+            self._close_model()
+            raise
         self.load_seconds = time.monotonic() - started
         self.leases = 0                          # requests using it now (the roster's count, under its lock)
         self.jobs = 0                            # its jobs not yet ended (so the roster never asks the loop)
@@ -226,6 +230,9 @@ class ServedModel:
             if self._embedder is not None:
                 self._embedder.close()
                 self._embedder = None
+        self._close_model()
+
+    def _close_model(self):
         if self.draft_model is not None:
             self.draft_model.close()
         if self.projector is not None:
