@@ -28,7 +28,7 @@ LLAMA_IGNORED_FIELDS: dict[str, Callable[[Any], bool]] = {
     "t_max_predict_ms": _asks, "t_max_prompt_ms": _asks, "id_slot": lambda v: v not in (None, -1),
     "cache_prompt": lambda v: v is False,        # the prompt cache is always on
     "n_keep": _asks, "n_discard": _asks, "samplers": _asks, "lora": _asks, "response_fields": _asks,
-    "return_progress": _asks, "timings_per_token": _asks, "n_cmpl": _more_than_one,
+    "return_progress": _asks, "timings_per_token": _asks, "n_cmpl": _more_than_one, "min_keep": _asks,
 }
 
 
