@@ -92,6 +92,9 @@ class GenerationRequest:
     next_turn: Callable[[str], str | None] | None = None
     # Images and audio, in the order MEDIA_MARKER stands for them in memory and prompt (koboldlite/media.py).
     media: list = dataclasses.field(default_factory=list)
+    # The prompt laid out as tokens already (a fill-in-the-middle prompt, engine/infill.py): read as they are, with
+    # no BOS added and no memory; `prompt` is then their text, for logs and the reasoning splitter.
+    prompt_tokens: list[int] | None = None
 
 
 def parse_sampler_settings(f: FieldReader, d: SamplerSettings | None = None) -> SamplerSettings:

@@ -16,6 +16,7 @@ from ..jobs import Job, StopReason, TokenLogprob
 from ..media_urls import MediaList, MediaURLs
 from ..engine.llama_model import LlamaModel
 from ..engine.embeddings import Embedder
+from ..engine.infill import InfillParts, infill_prompt
 from ..chat.template import INSTRUCT_PLACEHOLDER
 from ..chat.tools import ToolUse, json_grammar
 from ..service.served_model import ServedModel
@@ -98,6 +99,14 @@ def instruct_request(served: ServedModel, f: FieldReader, prompt: str, memory: s
         return GenerationRequest(prompt=prompt, memory=memory, stop_strings=stops, **fields)
     memory, prompt = rendered
     return template.prompt_request(prompt, memory=memory, stop_strings=stops, **fields)
+
+
+def infill_request(served: ServedModel, parts: InfillParts, **fields) -> GenerationRequest:
+    """A fill-in-the-middle generation (/infill, and the `suffix` of OpenAI completions and Ollama generate): its
+    prompt laid out from the model's FIM tokens (a 400 for a model without them), no chat template."""
+    tokens = infill_prompt(served.model, served.name, parts, fields.get("max_length"),
+                           fields.get("max_context_length"))
+    return GenerationRequest(prompt=served.model.detokenize(tokens, special=True), prompt_tokens=tokens, **fields)
 
 
 def genkey_of(req, body: dict | None = None) -> str:

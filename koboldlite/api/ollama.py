@@ -15,6 +15,7 @@ from ..config import BUILTIN_CHAT_TEMPLATES
 from ..fields import FieldReader, _asks, ignored_fields
 from ..generation import GenerationRequest, SamplerSettings, parse_sampler_settings
 from ..jobs import Job, StopReason, TokenLogprob
+from ..engine.infill import InfillParts
 from ..chat.messages import parse_chat_messages
 from ..media import MediaKind
 from ..chat.tools import ToolUse
@@ -23,7 +24,7 @@ from ..service.served_model import ServedModel
 from ..service.exchange import JSONResponse
 from .common import (
     MAX_TOP_LOGPROBS, LogprobShapes, apply_output_format, chat_request, embedder_for, embedding_inputs, genkey_of,
-    gpu_report, media_list, modalities_of, tool_use_of
+    gpu_report, infill_request, media_list, modalities_of, tool_use_of
 )
 from .reply import (
     DoneEvent, ErrorEvent, ReasoningEvent, ReplyEncoder, ReplyEvent, ReplyReader, TextEvent, WholeReply, stream_reply
@@ -31,7 +32,7 @@ from .reply import (
 
 
 OLLAMA_IGNORED_FIELDS: dict[str, Callable[[Any], bool]] = {
-    "context": _asks, "template": _asks, "suffix": _asks,
+    "context": _asks, "template": _asks,
 }
 
 
@@ -139,6 +140,8 @@ class OllamaCall:
     def generate(cls, req, f: FieldReader) -> "OllamaCall":
         served = ollama_use(req, f)
         fields = ollama_generation_fields(req, f, served)
+        if f.string("suffix"):
+            return cls.fill_in_the_middle(f, served, fields)
         # Images go before the prompt's words, as Ollama places them.
         images = f.body.get("images") or []
         if not isinstance(images, list):
@@ -152,6 +155,17 @@ class OllamaCall:
             system = [{"role": "system", "content": f.string("system")}] if f.string("system") else []
             request = chat_request(served, system + [{"role": "user", "content": prompt}], fields,
                                    template_vars=ollama_template_vars(f))
+        return cls(served, request, f.boolean("stream", default=True), f.body.get("think") is not False)
+
+    @classmethod
+    def fill_in_the_middle(cls, f: FieldReader, served: ServedModel, fields: dict) -> "OllamaCall":
+        """Generate with a `suffix`: the prompt is the text before the gap, laid out with the model's FIM tokens as
+        llama-server's /infill lays out its input_prefix and input_suffix (no template: `system` and `raw` have
+        nothing to act on)."""
+        if f.body.get("images"):
+            raise RequestError("'images' cannot go with 'suffix': a fill-in-the-middle prompt is text only")
+        fields["ignored_fields"] += [name for name in ("system", "raw") if f.body.get(name)]
+        request = infill_request(served, InfillParts(f.string("prompt"), f.string("suffix")), **fields)
         return cls(served, request, f.boolean("stream", default=True), f.body.get("think") is not False)
 
     @classmethod

@@ -13,6 +13,7 @@ from ..errors import RequestError
 from ..fields import FieldReader, _asks, _more_than_one, ignored_fields
 from ..generation import GenerationRequest, parse_sampler_settings
 from ..jobs import Job, TokenLogprob
+from ..engine.infill import InfillParts
 from ..chat.messages import parse_chat_messages
 from ..media import MediaKind
 from ..media_urls import MediaList
@@ -21,8 +22,8 @@ from ..service.served_model import ServedModel
 from ..service.exchange import JSONResponse, StreamResponse
 from .common import (
     KOBOLD_CLIENT_FIELDS, MAX_TOP_LOGPROBS, MEDIA_FIELDS, OPENAI_DEFAULTS, LogprobShapes, apply_output_format,
-    chat_request, embedder_for, embedding_inputs, genkey_of, instruct_request, llama_timings, max_reply_tokens,
-    media_list, model_states, tool_use_of, wire_finish_reason
+    chat_request, embedder_for, embedding_inputs, genkey_of, infill_request, instruct_request, llama_timings,
+    max_reply_tokens, media_list, model_states, tool_use_of, wire_finish_reason
 )
 from .kobold import kobold_media
 from .choices import MAX_CHOICES, Choices
@@ -52,7 +53,7 @@ def multimodal_prompt(prompt: dict, media: MediaList) -> str:
 
 OPENAI_IGNORED_FIELDS: dict[str, Callable[[Any], bool]] = {
     **MEDIA_FIELDS, **KOBOLD_CLIENT_FIELDS,          # SillyTavern sends KoboldCpp's fields to /v1 too
-    "functions": _asks, "function_call": _asks, "suffix": _asks, "echo": _asks, "best_of": _more_than_one,
+    "functions": _asks, "function_call": _asks, "echo": _asks, "best_of": _more_than_one,
     "reasoning_effort": _asks, "modalities": lambda v: v not in (None, ["text"]), "audio": _asks,
     "prediction": _asks, "web_search_options": _asks,
 }
@@ -124,6 +125,11 @@ class OpenAICall:
         prompt = f.body.get("prompt", "")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, dict)):
             prompt = prompt[0]
+        suffix = f.body.get("suffix")
+        if suffix is not None and not isinstance(suffix, str):
+            raise RequestError("'suffix' must be a string: the text after the gap to fill")
+        if suffix:
+            return cls.fill_in_the_middle(req, f, served, prompt, suffix)
         media_ignored: list[str] = []            # KoboldCpp's fields the model cannot read
         if isinstance(prompt, dict):
             if f.body.get("images") or f.body.get("audio"):
@@ -140,6 +146,17 @@ class OpenAICall:
                                           honoured=tuple(k for k in ("images", "audio") if k not in media_ignored))
         request = instruct_request(served, f, prompt=prompt, memory=memory, stop_strings=fields.pop("stop_strings"),
                                    media=media, **fields, **openai_logprob_fields(f, legacy=True))
+        return cls(served, request, f.boolean("stream"), include_usage_of(f), **llama_stream_options(f))
+
+    @classmethod
+    def fill_in_the_middle(cls, req, f: FieldReader, served: ServedModel, prompt, suffix: str) -> "OpenAICall":
+        """A completion with a `suffix`: the prompt is the text before the gap, laid out with the model's FIM
+        tokens as llama-server's /infill lays out its input_prefix and input_suffix."""
+        if not isinstance(prompt, str):
+            raise RequestError("with a 'suffix', 'prompt' must be a string: the text before the gap to fill")
+        fields = openai_generation_fields(req, f, default_max=16)
+        request = infill_request(served, InfillParts(prompt, suffix), **fields,
+                                 **openai_logprob_fields(f, legacy=True))
         return cls(served, request, f.boolean("stream"), include_usage_of(f), **llama_stream_options(f))
 
     @classmethod

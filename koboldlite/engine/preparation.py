@@ -14,9 +14,12 @@ from .projector import MediaChunk, Projector
 
 def tokenize_request(model: LlamaModel, request: GenerationRequest, projector: Projector | None = None
                      ) -> tuple[list[int], list[int], dict[int, MediaChunk]]:
-    """(memory, prompt, media) as tokens; the BOS, when the model wants one, in front of whichever comes first.
+    """(memory, prompt, media) as tokens; the BOS, when the model wants one, in front of whichever comes first (a
+    prompt laid out as tokens already is taken as it is).
     Each media item (where MEDIA_MARKER stands in the text) becomes its projector's tokens and chunks: a chunk as a
     run of placeholder ids, found in `media` by the first."""
+    if request.prompt_tokens is not None:
+        return [], list(request.prompt_tokens), {}
     if not request.media:
         memory = model.tokenize(request.memory, add_bos=request.add_bos) if request.memory else []
         return memory, model.tokenize(request.prompt, add_bos=request.add_bos and not memory), {}

@@ -15,6 +15,7 @@ from ..api.ollama import (
     ollama_chat, ollama_embed, ollama_embeddings_legacy, ollama_generate, ollama_ps, ollama_show, ollama_tags,
     ollama_version
 )
+from ..api.infill import llama_infill
 from ..api.anthropic import anthropic_count_tokens, anthropic_messages_route
 from ..api.responses import responses_by_id, responses_create, responses_input_tokens
 from ..api.admin import admin_list_options, admin_reload_config, ollama_delete, ollama_pull, router_load, router_unload
@@ -88,6 +89,7 @@ def build_router(static: StaticFiles | None = None) -> Router:
     r.add("POST", "/tokenize", tokenize, protected=True, style="openai")
     r.add("POST", "/detokenize", detokenize, protected=True, style="openai")
     r.add("POST", "/apply-template", apply_template, protected=True, style="openai")
+    r.add("POST", "/infill", llama_infill, protected=True, style="openai")
     r.add("GET", "/metrics", metrics, protected=True, style="openai")
     r.add("POST", "/models/load", router_load, protected=True, style="openai")
     r.add("GET", "/slots", slots_list, protected=True, style="openai")
