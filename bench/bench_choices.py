@@ -39,7 +39,9 @@ def prompt_of(tokens: int, salt: int) -> str:
 
 
 def post(server: ServerProcess, body: dict) -> dict:
-    return server.json("POST", "/v1/completions", body)
+    status, _, data = server.request("POST", "/v1/completions", body, timeout=900)   # a busy machine is slow
+    assert status == 200, (status, data)
+    return json.loads(data)
 
 
 def run(server: ServerProcess, form: str, prompt: str, tokens: int) -> tuple[float, int]:
@@ -74,11 +76,12 @@ def main():
     servers = {f"--parallel {k}": ServerProcess(["--model", model, "--contextsize", "8192", "--parallel", str(k),
                                                  "--cacheram", "0"]) for k in (1, 4)}
     results: dict[tuple[str, str], list[tuple[float, int]]] = {}
+    salts = iter(range(1_000_000))
     try:
         for r in range(args.rounds):
             for name, server in servers.items():
                 for form in ("n=4", "4 requests"):
-                    prompt = prompt_of(args.prompt_tokens, r * 10 + len(results))   # nothing cached from before
+                    prompt = prompt_of(args.prompt_tokens, next(salts))   # a new prompt each time: nothing cached
                     results.setdefault((name, form), []).append(run(server, form, prompt, args.tokens))
     finally:
         for server in servers.values():
