@@ -135,12 +135,12 @@ function explain(error) {
   return error.message;
 }
 
-function showStats(usage, tokens, seconds) {
+function showStats(usage, tokensPerSecond) {
   if (usage && state.nCtx) {
     const used = usage.prompt_tokens + usage.completion_tokens;
     $("context-used").textContent = `Context ${used} / ${state.nCtx}`;
   }
-  if (tokens > 1 && seconds > 0) $("speed").textContent = `${(tokens / seconds).toFixed(1)} tokens/s`;
+  if (tokensPerSecond > 0) $("speed").textContent = `${tokensPerSecond.toFixed(1)} tokens/s`;
 }
 
 // -- conversations ---------------------------------------------------------------------------
@@ -156,11 +156,12 @@ function current() {
 }
 
 function save() {
-  try { store.set("conversations", state.conversations); }
+  const stored = state.conversations.map(storedConversation);
+  try { store.set("conversations", stored); }
   catch {
     // A browser keeps a few MiB for a page: past that, the conversations are kept without their attachments'
     // data (their names stay) rather than not at all. This session still has the data and sends it.
-    try { store.set("conversations", state.conversations.map(withoutMediaData)); } catch { /* nothing kept */ }
+    try { store.set("conversations", stored.map(withoutMediaData)); } catch { /* nothing kept */ }
     notice("notice", "The attachments are too large to keep in this browser: after a reload only their names "
            + "remain.", false);
   }
@@ -168,8 +169,9 @@ function save() {
 }
 
 function withoutMediaData(conv) {
-  return { ...conv, nodes: conv.nodes.map((m) => m.attachments
-    ? { ...m, attachments: m.attachments.map((a) => ({ ...a, url: "" })) } : m) };
+  const strip = (list) => list.map((m) => m.attachments
+    ? { ...m, attachments: m.attachments.map((a) => ({ ...a, url: "" })) } : m);
+  return { ...conv, messages: strip(conv.messages), others: strip(conv.others) };
 }
 
 function renderConversationList() {
@@ -403,7 +405,7 @@ async function continueStory() {
     stopWatching();
     setRunning(null, "story");
     store.set("story", storyEl.value);
-    showStats(null, tokens, (last - first) / 1000);
+    showStats(null, tokens > 1 && last > first ? (tokens - 1) / ((last - first) / 1000) : 0);
   }
 }
 
@@ -581,7 +583,7 @@ function init() {
     connect();
   });
   $("export-chats").onclick = () => {
-    const blob = new Blob([JSON.stringify(state.conversations.map(exportedConversation), null, 2)],
+    const blob = new Blob([JSON.stringify(state.conversations.map(storedConversation), null, 2)],
                           { type: "application/json" });
     const a = document.createElement("a");
     a.href = URL.createObjectURL(blob);
@@ -597,7 +599,7 @@ function init() {
       if (!Array.isArray(imported)) throw new Error("not a list of conversations");
       const known = new Set(state.conversations.map((c) => c.id));
       for (const c of imported) {
-        if (c && (Array.isArray(c.messages) || Array.isArray(c.nodes)) && !known.has(c.id)) {
+        if (c && Array.isArray(c.messages) && !known.has(c.id)) {
           state.conversations.push({ ...importedConversation(c), updated: Date.now() });
         }
       }

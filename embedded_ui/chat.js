@@ -32,7 +32,7 @@ function paintMessage(el, m, streaming) {
 }
 
 function statsLine(stats) {
-  const parts = [`${stats.tokens} tokens`];
+  const parts = [stats.tokens === 1 ? "1 token" : `${stats.tokens} tokens`];
   if (stats.tps) parts.push(`${stats.tps.toFixed(1)} tokens/s`);
   if (stats.ttft) parts.push(`first token ${seconds(stats.ttft)}`);
   return parts.join(" · ");
@@ -280,11 +280,12 @@ async function streamReply(conv, parent = conv.leaf) {
   } finally {
     delete reply.progress;
     if (thinkStart && !reply.thinkMs) reply.thinkMs = performance.now() - thinkStart;
-    if (Tree.node(conv, reply.id)) reply.stats = clock.stats(usage, timings, finish);
+    const stats = clock.stats(usage, timings, finish);
+    if (Tree.node(conv, reply.id)) reply.stats = stats;
     stopWatching();
     setRunning(null, "chat");
     save(); renderMessages();
-    showStats(usage, clock.tokens, (clock.last - clock.first) / 1000);
+    showStats(usage, stats.tps);
     // A picked model that was not loaded is now: what it reads can be asked without loading it.
     if (modelState() !== "loaded") loadModels().then(loadModalities);
   }
@@ -369,29 +370,36 @@ async function regenerate() {
 
 // -- saved, exported and imported form -------------------------------------------------------
 
-// Stored and exported: the tree (`nodes`, `leaf`), and, for readers of the older form, the shown path as
-// `messages`.
-function exportedConversation(conv) {
-  return { ...conv, messages: Tree.path(conv).map(({ role, content, attachments }) => (
-    attachments ? { role, content, attachments } : { role, content })) };
+// Saved and exported alike: `messages`, the shown path from the first turn (the older form's list, so readers of
+// it still find the conversation as it shows), and `others`, the messages off that path (other takes, other
+// branches); each message has its `id` and `parent`.
+function storedConversation(conv) {
+  const path = Tree.path(conv);
+  const shown = new Set(path);
+  const { nodes, leaf, ...rest } = conv;
+  return { ...rest, messages: path, others: nodes.filter((n) => !shown.has(n)) };
 }
 
-// A conversation from storage or from an imported file, taking only what the page knows from each message.
+// A conversation from storage or from an imported file, taking only what the page knows from each message; a
+// list of messages without ids (the older form) is one path.
 function importedConversation(c) {
   const conv = Tree.blank(String(c.id || Date.now().toString(36) + Math.random()), String(c.title || "Imported chat"));
   conv.system = String(c.system || "");
   conv.updated = +c.updated || Date.now();
-  const nodes = Array.isArray(c.nodes) ? c.nodes.filter((n) => n && typeof n.content === "string"
-    && typeof n.id === "string") : null;
-  if (!nodes) return Tree.fromList(conv, (c.messages || []).filter((m) => m && typeof m.content === "string")
-    .map(importedMessage));
-  const ids = new Set(nodes.map((n) => n.id));
-  conv.nodes = nodes.map((n) => ({ ...importedMessage(n), ...importedExtras(n), id: n.id,
+  const valid = (list) => (Array.isArray(list) ? list : []).filter((m) => m && typeof m.content === "string");
+  const shown = valid(c.messages);
+  const listed = shown.concat(valid(c.others));
+  if (!listed.every((n) => typeof n.id === "string")) return Tree.fromList(conv, shown.map(importedMessage));
+  const ids = new Set(listed.map((n) => n.id));
+  conv.nodes = listed.map((n) => ({ ...importedMessage(n), ...importedExtras(n), id: n.id,
     parent: ids.has(n.parent) ? n.parent : null, ...(ids.has(n.pick) ? { pick: n.pick } : {}) }));
-  conv.nextId = Math.max(0, ...nodes.map((n) => +n.id.slice(1) || 0));
+  // Siblings show in the order they were made (ids count up), not in the saved form's order.
+  const made = (n) => +n.id.slice(1) || 0;
+  conv.nodes.sort((a, b) => made(a) - made(b));
+  conv.nextId = Math.max(0, ...conv.nodes.map(made));
   conv.rootPick = ids.has(c.rootPick) ? c.rootPick : null;
   Tree.breakLoops(conv);
-  Tree.show(conv, ids.has(c.leaf) ? c.leaf : null);
+  Tree.show(conv, shown.length ? shown[shown.length - 1].id : null);
   return conv;
 }
 

@@ -12,8 +12,9 @@ const Markdown = (() => {
   function highlighted(code, lang) {
     const language = lang && hljs.getLanguage(lang) ? lang : null;
     try {
-      return language ? hljs.highlight(code, { language, ignoreIllegals: true }).value
-        : hljs.highlightAuto(code).value;
+      if (language) return hljs.highlight(code, { language, ignoreIllegals: true }).value;
+      // Guessing tries every language: each frame of a long streamed block would pay for it.
+      return code.length < 8000 ? hljs.highlightAuto(code).value : escapeHTML(code);
     } catch { return escapeHTML(code); }
   }
 
