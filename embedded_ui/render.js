@@ -29,6 +29,8 @@ const Markdown = (() => {
         const label = "image: " + (token.text || token.href);
         return `<a href="${escapeHTML(token.href)}">${escapeHTML(label)}</a>`;
       },
+      // Task lists: the page keeps no form controls from a reply.
+      checkbox(token) { return token.checked ? "☑ " : "☐ "; },
       code(token) {
         const lang = (token.lang || "").trim().split(/\s+/)[0].toLowerCase();
         const language = escapeHTML(lang);

@@ -70,6 +70,8 @@ MARKDOWN = f"""## Three colours
 - **bold** item
 - *second* item
 - `inline` item
+- [x] done
+- [ ] to do
 
 1. one
 2. two
@@ -95,7 +97,8 @@ def test_markdown_table_list_and_code_with_copy(page, ui_server):
     assert reply.locator("h2").inner_text() == "Three colours"
     assert reply.locator("table th").all_inner_texts() == ["Colour", "Hex"]
     assert reply.locator("table td").count() == 4
-    assert reply.locator("ul > li").count() == 3 and reply.locator("ol > li").count() == 2
+    assert reply.locator("ul > li").count() == 5 and reply.locator("ol > li").count() == 2
+    assert reply.locator("ul > li").all_inner_texts()[3:] == ["☑ done", "☐ to do"]
     assert reply.locator("strong").inner_text() == "bold" and reply.locator("em").inner_text() == "second"
     assert reply.locator("blockquote").inner_text() == "a quote"
     code = reply.locator("pre code.language-python")
@@ -389,3 +392,44 @@ def test_continue_after_the_length_cut(page, ui_server):
     assert after.startswith(before) and len(after) > len(before)
     assert msg.locator(".takes").inner_text() == ""                         # the same reply, not a new take
     assert int(msg.locator(".stats").inner_text().split()[0]) > tokens_before
+
+
+# A ChatML template that opens the reply's thinking itself (DeepSeek-R1's way): the starter model's whole reply is
+# then thinking, streamed by the real server as reasoning_content.
+THINKING_CHATML = """{%- for m in messages -%}
+<|im_start|>{{ m.role }}
+{{ m.content }}<|im_end|>
+{% endfor -%}
+{%- if add_generation_prompt %}<|im_start|>assistant
+<think>
+{% endif -%}"""
+
+
+def test_thinking_streams_from_the_real_server(browser, starter_model, tmp_path):  # noqa: F811
+    template = tmp_path / "thinking-chatml.jinja"
+    template.write_text(THINKING_CHATML)
+    s = ServerProcess(["--model", starter_model, "--contextsize", "1024", "--chat-template", str(template)])
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    try:
+        page = context.new_page()  # noqa: F811
+        page.set_default_timeout(60_000)
+        settings(page, max_length=80, ban_eos=True)
+        page.goto(s.base)
+        page.fill("#input", "Think about cats.")
+        page.press("#input", "Enter")
+        page.wait_for_function("""() => {
+            const m = document.querySelector('.msg.streaming');
+            return m && m.querySelector('.reasoning').textContent.length > 20; }""")
+        streaming = page.locator(".msg.streaming")
+        assert re.fullmatch(r"Thinking… \(\d+ characters\)", streaming.locator("summary").inner_text())
+        assert not streaming.locator(".reasoning").is_visible()                # folded while it runs too
+        streaming.locator("summary").click()
+        shot(page, "thinking-streaming")
+        wait_reply_done(page)
+        msg = page.locator(".msg.assistant")
+        assert re.fullmatch(r"Thought for [\d.]+ s \(\d+ characters\)", msg.locator("summary").inner_text())
+        assert msg.locator(".reasoning").is_visible()                          # left unfolded, as the user did
+        assert msg.locator(".text").inner_text() == ""
+    finally:
+        context.close()
+        s.stop()
