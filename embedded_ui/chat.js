@@ -169,7 +169,7 @@ function streamingView(conv, m) {
   const el = messageElement(conv, m, true);
   el.classList.add("streaming");
   $("messages").querySelector(".empty")?.remove();
-  const existing = $("messages").querySelector(`.msg[data-id="${m.id}"]`);
+  const existing = $("messages").querySelector(`.msg[data-id="${CSS.escape(m.id)}"]`);
   if (existing) existing.replaceWith(el); else $("messages").append(el);
   $("messages").scrollTop = $("messages").scrollHeight;
   let frame = 0;
