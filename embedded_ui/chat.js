@@ -110,7 +110,7 @@ function messageElement(conv, m, isLast) {
   }
   const tools = document.createElement("div");
   tools.className = "tools";
-  toolButton(tools, "Edit", () => editMessage(el, conv, m));
+  toolButton(tools, "Edit", () => { if (!state.running) editMessage(el, conv, m); });
   toolButton(tools, "Delete", () => { if (!state.running) { Tree.remove(conv, m); save(); renderMessages(); } });
   if (m.role === "assistant") toolButton(tools, "Copy", () => copyText(m.content));
   if (m.role === "assistant" && isLast) toolButton(tools, "Regenerate", regenerate);

@@ -300,7 +300,7 @@ LONG_TABLE = ("| " + " | ".join(f"column {i}" for i in range(12)) + " |\n|" + "-
 
 def test_rendered_replies_at_phone_width(browser, ui_server):  # noqa: F811
     context = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True,
-                                  device_scale_factor=2)
+                                  device_scale_factor=2, color_scheme="dark")
     try:
         page = context.new_page()  # noqa: F811
         feed(page, LONG_TABLE + "\n" + MARKDOWN, reasoning=REASONING)
