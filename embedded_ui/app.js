@@ -1,5 +1,7 @@
-// KoboldLite's browser page: chat and story modes over the server's own APIs.
-// Model output is only ever put on the page as text (textContent), never as HTML.
+// KoboldLite's browser page: chat and story modes over the server's own APIs. This file holds the state, the
+// server calls, story mode, settings and the wiring; chat.js the chat's messages and replies, render.js the
+// rendering of replies (sanitized markdown), tree.js takes and branches. Everything else the page shows of a
+// model's output or a user's text goes in as text (textContent), never as HTML.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -13,11 +15,11 @@ const store = {
 };
 
 const DEFAULTS = { max_length: 300, temperature: 0.7, top_p: 0.92, top_k: 40, min_p: 0.05, rep_pen: 1.1,
-                   seed: -1, stop: "", ban_eos: false };
+                   seed: -1, stop: "", ban_eos: false, markdown: true, show_thinking: true };
 const state = {
   settings: { ...DEFAULTS, ...store.get("settings", {}) },
   password: store.get("password", ""),
-  conversations: store.get("conversations", []),
+  conversations: store.get("conversations", []).map(importedConversation),   // older lists become trees
   currentId: store.get("current", null),
   model: store.get("model", ""),   // the model this browser asks for ("": the server's default)
   nCtx: 0,
@@ -133,12 +135,12 @@ function explain(error) {
   return error.message;
 }
 
-function showStats(usage, tokens, seconds) {
+function showStats(usage, tokensPerSecond) {
   if (usage && state.nCtx) {
     const used = usage.prompt_tokens + usage.completion_tokens;
     $("context-used").textContent = `Context ${used} / ${state.nCtx}`;
   }
-  if (tokens > 1 && seconds > 0) $("speed").textContent = `${(tokens / seconds).toFixed(1)} tokens/s`;
+  if (tokensPerSecond > 0) $("speed").textContent = `${tokensPerSecond.toFixed(1)} tokens/s`;
 }
 
 // -- conversations ---------------------------------------------------------------------------
@@ -146,7 +148,7 @@ function showStats(usage, tokens, seconds) {
 function current() {
   let conv = state.conversations.find((c) => c.id === state.currentId);
   if (!conv) {
-    conv = { id: Date.now().toString(36), title: "New chat", system: "", messages: [], updated: Date.now() };
+    conv = Tree.blank(Date.now().toString(36), "New chat");
     state.conversations.unshift(conv);
     state.currentId = conv.id;
   }
@@ -154,11 +156,12 @@ function current() {
 }
 
 function save() {
-  try { store.set("conversations", state.conversations); }
+  const stored = state.conversations.map(storedConversation);
+  try { store.set("conversations", stored); }
   catch {
     // A browser keeps a few MiB for a page: past that, the conversations are kept without their attachments'
     // data (their names stay) rather than not at all. This session still has the data and sends it.
-    try { store.set("conversations", state.conversations.map(withoutMediaData)); } catch { /* nothing kept */ }
+    try { store.set("conversations", stored.map(withoutMediaData)); } catch { /* nothing kept */ }
     notice("notice", "The attachments are too large to keep in this browser: after a reload only their names "
            + "remain.", false);
   }
@@ -166,8 +169,9 @@ function save() {
 }
 
 function withoutMediaData(conv) {
-  return { ...conv, messages: conv.messages.map((m) => m.attachments
-    ? { ...m, attachments: m.attachments.map((a) => ({ ...a, url: "" })) } : m) };
+  const strip = (list) => list.map((m) => m.attachments
+    ? { ...m, attachments: m.attachments.map((a) => ({ ...a, url: "" })) } : m);
+  return { ...conv, messages: strip(conv.messages), others: strip(conv.others) };
 }
 
 function renderConversationList() {
@@ -193,57 +197,6 @@ function renderConversationList() {
   }
 }
 
-function messageElement(conv, index) {
-  const m = conv.messages[index];
-  const el = document.createElement("div");
-  el.className = "msg " + m.role;
-  const text = document.createElement("div");
-  text.className = "text";
-  text.textContent = m.content;
-  if (m.attachments && m.attachments.length) {
-    const media = document.createElement("div");
-    media.className = "attachments";
-    media.append(...m.attachments.map((a) => attachmentElement(a)));
-    el.append(media);
-  }
-  const tools = document.createElement("div");
-  tools.className = "tools";
-  const button = (label, action) => {
-    const b = document.createElement("button");
-    b.type = "button"; b.textContent = label; b.onclick = action; tools.append(b);
-  };
-  button("Edit", () => editMessage(el, conv, index));
-  button("Delete", () => { conv.messages.splice(index, 1); save(); renderMessages(); });
-  if (m.role === "assistant" && index === conv.messages.length - 1) button("Regenerate", regenerate);
-  el.append(text, tools);
-  return el;
-}
-
-function editMessage(el, conv, index) {
-  const box = document.createElement("textarea");
-  box.value = conv.messages[index].content;
-  const ok = document.createElement("button");
-  ok.textContent = "Save"; ok.className = "primary"; ok.type = "button";
-  ok.onclick = () => { conv.messages[index].content = box.value; save(); renderMessages(); };
-  el.replaceChildren(box, ok);
-  box.focus();
-}
-
-function renderMessages() {
-  const conv = current();
-  const box = $("messages");
-  box.replaceChildren();
-  if (!conv.messages.length) {
-    const empty = document.createElement("div");
-    empty.className = "empty";
-    empty.textContent = "Say something to start.";
-    box.append(empty);
-  }
-  conv.messages.forEach((_, i) => box.append(messageElement(conv, i)));
-  box.scrollTop = box.scrollHeight;
-  $("system-prompt").value = conv.system || "";
-}
-
 function renderAll() { renderConversationList(); renderMessages(); }
 
 function setRunning(running, view) {
@@ -251,108 +204,6 @@ function setRunning(running, view) {
   const chat = view === "chat";
   $(chat ? "send" : "continue").hidden = !!running;
   $(chat ? "stop" : "story-stop").hidden = !running;
-}
-
-// -- chat ----------------------------------------------------------------------------------
-
-async function sendChat(text, attachments = []) {
-  const conv = current();
-  if (text || attachments.length) {
-    const message = { role: "user", content: text };
-    if (attachments.length) message.attachments = attachments;
-    conv.messages.push(message);
-    if (conv.title === "New chat") conv.title = (text || attachments[0].name).slice(0, 40);
-  }
-  conv.system = $("system-prompt").value;
-  conv.updated = Date.now();
-  save(); renderAll();
-  await streamReply(conv);
-}
-
-async function streamReply(conv) {
-  const messages = (conv.system ? [{ role: "system", content: conv.system }] : [])
-    .concat(conv.messages.map((m) => ({ role: m.role, content: messageContent(m) })));
-  const reply = { role: "assistant", content: "" };
-  conv.messages.push(reply);
-  const el = messageElement(conv, conv.messages.length - 1);
-  el.classList.add("streaming");
-  $("messages").querySelector(".empty")?.remove();
-  $("messages").append(el);
-  const textEl = el.querySelector(".text");
-  const genkey = newGenkey();
-  const controller = new AbortController();
-  setRunning({ genkey, controller }, "chat");
-  notice("notice", "");
-  setStatus("busy", "Generating…");
-  let first = 0, last = 0, tokens = 0, usage = null;
-  const stopWatching = watchQueue(genkey, () => tokens > 0);
-  try {
-    const response = await api("/v1/chat/completions", {
-      ...modelField(), messages, stream: true, stream_options: { include_usage: true }, genkey,
-      max_tokens: +state.settings.max_length, stop: stopStrings(), ...samplerFields(),
-    }, { signal: controller.signal });
-    await readSSE(response, (data) => {
-      if (data === "[DONE]") return;
-      const chunk = JSON.parse(data);
-      if (chunk.error) throw new ServerError(500, chunk.error.message);
-      if (chunk.usage) usage = chunk.usage;
-      const piece = chunk.choices && chunk.choices[0] && chunk.choices[0].delta.content;
-      if (piece) {
-        last = performance.now();
-        if (!tokens) { first = last; setStatus("busy", "Generating…"); }
-        tokens += 1;
-        reply.content += piece;
-        textEl.textContent = reply.content;
-        $("messages").scrollTop = $("messages").scrollHeight;
-      }
-    });
-    setStatus("ok", "Ready");
-  } catch (e) {
-    if (e.name !== "AbortError") { notice("notice", explain(e), true); setStatus("bad", "Error"); }
-    if (!reply.content) conv.messages.pop();
-    if (e.status >= 400 && e.status < 500 && !reply.content) takeBackRefusedMedia(conv);
-  } finally {
-    stopWatching();
-    setRunning(null, "chat");
-    save(); renderMessages();
-    showStats(usage, tokens, (last - first) / 1000);
-    // A picked model that was not loaded is now: what it reads can be asked without loading it.
-    if (modelState() !== "loaded") loadModels().then(loadModalities);
-  }
-}
-
-// A last turn whose attachment the server refused (a file cut short, too large...) would be refused again with
-// every later turn: it goes back to the composer, its attachments with it, to be fixed and sent again.
-function takeBackRefusedMedia(conv) {
-  const last = conv.messages[conv.messages.length - 1];
-  if (!last || last.role !== "user" || !last.attachments || state.pending.length || $("input").value) return;
-  conv.messages.pop();
-  if (!conv.messages.length) conv.title = "New chat";
-  $("input").value = last.content;
-  state.pending = last.attachments.filter((a) => a.url);
-  renderPending();
-}
-
-// A turn with attachments goes as OpenAI content parts, each time the conversation is sent: the server keeps an
-// image's encoding, so the same image with each later turn costs little. A file whose data was not kept (too
-// large for the browser's storage) is left out.
-function messageContent(m) {
-  const media = (m.attachments || []).filter((a) => a.url);
-  if (!media.length) return m.content;
-  const parts = m.content ? [{ type: "text", text: m.content }] : [];
-  for (const a of media) {
-    parts.push(a.kind === "image" ? { type: "image_url", image_url: { url: a.url } }
-      : { type: "input_audio", input_audio: { data: a.url.slice(a.url.indexOf(",") + 1), format: a.format } });
-  }
-  return parts;
-}
-
-async function regenerate() {
-  const conv = current();
-  if (state.running) return;
-  if (conv.messages.length && conv.messages[conv.messages.length - 1].role === "assistant") conv.messages.pop();
-  save(); renderMessages();
-  await streamReply(conv);
 }
 
 // -- attachments: images and audio in chat ---------------------------------------------------
@@ -554,7 +405,7 @@ async function continueStory() {
     stopWatching();
     setRunning(null, "story");
     store.set("story", storyEl.value);
-    showStats(null, tokens, (last - first) / 1000);
+    showStats(null, tokens > 1 && last > first ? (tokens - 1) / ((last - first) / 1000) : 0);
   }
 }
 
@@ -723,7 +574,7 @@ function init() {
   $("open-settings").onclick = () => { loadSettingsForm(); $("settings").showModal(); };
   $("model-picker").onchange = pickModel;
   $("model-picker").onfocus = loadModels;     // states change: loaded, unloaded
-  $("settings").addEventListener("close", readSettingsForm);
+  $("settings").addEventListener("close", () => { readSettingsForm(); renderMessages(); });
   $("reset-settings").onclick = () => { state.settings = { ...DEFAULTS }; loadSettingsForm(); };
   $("forget-password").onclick = () => { state.password = ""; store.remove("password"); };
   $("password-form").addEventListener("submit", () => {
@@ -732,7 +583,8 @@ function init() {
     connect();
   });
   $("export-chats").onclick = () => {
-    const blob = new Blob([JSON.stringify(state.conversations, null, 2)], { type: "application/json" });
+    const blob = new Blob([JSON.stringify(state.conversations.map(storedConversation), null, 2)],
+                          { type: "application/json" });
     const a = document.createElement("a");
     a.href = URL.createObjectURL(blob);
     a.download = "koboldlite-conversations.json";
@@ -748,11 +600,7 @@ function init() {
       const known = new Set(state.conversations.map((c) => c.id));
       for (const c of imported) {
         if (c && Array.isArray(c.messages) && !known.has(c.id)) {
-          state.conversations.push({ id: String(c.id || Date.now().toString(36) + Math.random()),
-                                     title: String(c.title || "Imported chat"), system: String(c.system || ""),
-                                     messages: c.messages.filter((m) => m && typeof m.content === "string")
-                                       .map(importedMessage),
-                                     updated: Date.now() });
+          state.conversations.push({ ...importedConversation(c), updated: Date.now() });
         }
       }
       save(); renderAll();

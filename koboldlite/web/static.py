@@ -16,11 +16,15 @@ class StaticFiles:
 
     TYPES = {".html": "text/html; charset=utf-8", ".css": "text/css; charset=utf-8",
              ".js": "text/javascript; charset=utf-8", ".json": "application/json", ".svg": "image/svg+xml",
-             ".png": "image/png", ".ico": "image/x-icon", ".webmanifest": "application/manifest+json"}
-    COMPRESSIBLE = (".html", ".css", ".js", ".json", ".svg", ".webmanifest")
+             ".png": "image/png", ".ico": "image/x-icon", ".webmanifest": "application/manifest+json",
+             ".txt": "text/plain; charset=utf-8"}
+    COMPRESSIBLE = (".html", ".css", ".js", ".json", ".svg", ".webmanifest", ".txt")
+    # The page renders model output (sanitized markdown): were anything to slip through, the browser still runs
+    # no inline script, no event handler attribute and no style attribute, and fetches nothing from elsewhere.
     HEADERS = {"Cache-Control": "no-cache", "Vary": "Accept-Encoding", "X-Content-Type-Options": "nosniff",
-               "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; object-src 'none'; "
-                                          "base-uri 'none'; frame-ancestors 'none'"}
+               "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; "
+                                          "img-src 'self' data: blob:; connect-src 'self'; object-src 'none'; "
+                                          "base-uri 'none'; form-action 'self'; frame-ancestors 'none'"}
 
     def __init__(self, files: dict[str, bytes]):
         """`files`: each file's content by its path under the page's root ("index.html")."""
