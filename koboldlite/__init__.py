@@ -16,7 +16,7 @@ joined file relies on it); nothing here imports a module, so importing one modul
               generation request every API turns into; jobs and the token buffer their readers wait on
   scheduler   the fair queue in front of an engine, known only by its protocol, and the thread that runs it
   engine      llama.cpp: how its threads wait and the process's priority; the build loaded and its CPU
-              variant, a GGUF's layout, the context it gets and its GPU fit, the loaded model and its multimodal projector, samplers,
+              variant, a GGUF's layout, the context it gets and its GPU fit, the loaded model, its LoRA adapters and its multimodal projector, samplers,
               embeddings, speculative drafting, slots, the prompt cache, the KV pool, the next turn read ahead,
               the thread counts that follow the machine's load, the engine's steps, and conversations saved from
               its slots
@@ -34,7 +34,7 @@ LAYERS = {
     "config": ("model_files", "config", "desktop"),
     "requests": ("text", "fields", "media", "media_urls", "generation", "jobs"),
     "scheduler": ("scheduler",),
-    "engine": ("engine.cpu_policy", "engine.llama_build", "engine.gguf_layout", "engine.context_fit", "engine.gpu", "engine.llama_model", "engine.projector",
+    "engine": ("engine.cpu_policy", "engine.llama_build", "engine.gguf_layout", "engine.context_fit", "engine.gpu", "engine.llama_model", "engine.adapters", "engine.projector",
                "engine.samplers", "engine.embeddings", "engine.drafting", "engine.slots", "engine.prompt_cache",
                "engine.kv_pool", "engine.read_ahead", "engine.preparation", "engine.replies", "engine.admission",
                "engine.cpu_threads", "engine.engine", "engine.saved_slots"),

@@ -92,6 +92,8 @@ class GenerationRequest:
     next_turn: Callable[[str], str | None] | None = None
     # Images and audio, in the order MEDIA_MARKER stands for them in memory and prompt (koboldlite/media.py).
     media: list = dataclasses.field(default_factory=list)
+    # llama-server's per-request LoRA scales {adapter id: scale} (adapters left out: 0); None: the global scales
+    lora: dict[int, float] | None = None
 
 
 def parse_sampler_settings(f: FieldReader, d: SamplerSettings | None = None) -> SamplerSettings:

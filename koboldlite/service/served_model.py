@@ -9,11 +9,12 @@ import time
 from typing import Callable
 
 from ..errors import ModelLoadError
-from ..config import Config, flash_attention_of
+from ..config import Config, flash_attention_of, lora_adapters
 from ..generation import GenerationRequest
 from ..jobs import Job
 from ..engine.gpu import plan_gpu
 from ..engine.llama_model import LlamaModel
+from ..engine.adapters import LoraAdapters
 from ..engine.projector import Projector
 from ..model_files import find_projector
 from ..engine.embeddings import Embedder
@@ -97,6 +98,13 @@ class ServedModel:
             self.model.close()
             raise
         self.gpu = gpu
+        try:
+            self.adapters = LoraAdapters(self.model, lora_adapters(cfg))
+        except ModelLoadError:
+            self.model.close()
+            raise
+        for a in self.adapters.adapters:
+            self.log(f"LoRA adapter {a.id}: {a.path} at scale {a.scale:g}")
         self.projector = self._projector(cfg, entry)
         self.memory = self.model.memory_report()
         self.gpu_info = gpu.report(self.memory)
@@ -117,7 +125,8 @@ class ServedModel:
                              draft_most=0 if cfg.nodraft else cfg.draftamount, draft_model=self.draft_model,
                              prompt_cache=self.prompt_cache, log=log,
                              projector=self.projector,
-                             threads=ThreadGovernor(cores_available(), cfg.threads, cfg.threadsbatch))
+                             threads=ThreadGovernor(cores_available(), cfg.threads, cfg.threadsbatch),
+                             adapters=self.adapters)
         self.scheduler = Scheduler(self.engine, cfg.multiuser, lambda job: job_ended(self, job))
         self.scheduler.start()
         self.load_seconds = time.monotonic() - started
@@ -128,7 +137,7 @@ class ServedModel:
         self.unloading = False
         self._embedder: Embedder | None = None
         self._embedder_lock = threading.Lock()
-        self.saved_states: dict[int, tuple[list[int], bytes]] = {}   # KoboldCpp's admin save_state, by number
+        self.saved_states: dict[int, tuple[list[int], bytes, tuple]] = {}   # admin save_state: tokens, state, LoRA
 
     def _projector(self, cfg: Config, entry: ModelEntry) -> Projector | None:
         """The model's multimodal projector: --mmproj (or its preset's), else one found beside the model file.
