@@ -145,8 +145,8 @@ def test_concurrent_requests_under_other_scales_keep_their_own_output(adapted):
     short_run = in_thread(stream_text, adapted, scale(0), 40)   # admitted while the long one generates
     assert result_of(short_run) == short_alone
     assert result_of(long_run) == long_alone
-    # They took turns step by step (one scale set per batch): the scales changed at every turn, not once or twice.
-    assert adapted.json("GET", "/props", headers=AUTH)["lora_scale_switches"] - switches > 20
+    # They took turns (one scale set per batch, turns of 8 steps): the scales changed at every turn, not once or twice.
+    assert adapted.json("GET", "/props", headers=AUTH)["lora_scale_switches"] - switches >= 6
 
 
 @pytest.fixture(scope="module")

@@ -55,6 +55,10 @@ class Engine:
 
     SHORT_PROMPT = 128                   # new prompts up to this many tokens get a step of their own
     PREFILL_CHUNK_WHILE_STREAMING = 128  # else, prompt tokens read per step while others generate
+    # Steps a LoRA scale set keeps the batch while replies under another wait: every change makes llama.cpp build its
+    # graph again (12 ms on the starter model, near a step's cost: bench/results/lora.md), so turns of one step
+    # would halve the speed; turns of 8 wait a waiting reply at most 8 steps.
+    GROUP_TURN_STEPS = 8
 
     def __init__(self, model: LlamaModel, context_shift: bool = True, draft_most: int = 0,
                  draft_model: DraftModel | None = None, prompt_cache: PromptCache | None = None,
@@ -65,6 +69,7 @@ class Engine:
         self.model = model
         self.adapters = adapters if adapters is not None else LoraAdapters(model, [])
         self._step_key: ScaleKey = ()       # the LoRA scales of the last step's slots (their groups take turns)
+        self._turn_steps = 0                # steps of the current turn
         self.projector = projector
         self.lib = model.lib
         # Context shift: reuse a cache whose front turns a client dropped, and shift a full context
@@ -241,11 +246,14 @@ class Engine:
 
     def _step_group(self) -> list[Slot]:
         """The busy slots this step decodes: those under one LoRA scale set, since llama.cpp applies one set to a
-        whole batch (llama-server batches only slots whose adapters are equal, too). Several sets take turns, one
-        step each, in a fixed order; with one set (always, without adapters) every busy slot."""
+        whole batch (llama-server batches only slots whose adapters are equal, too). Several sets take turns of
+        GROUP_TURN_STEPS steps, in a fixed order; with one set (always, without adapters) every busy slot."""
         keys = sorted({s.adapter_key for s in self.slots if s.busy})
         if len(keys) > 1:
-            self._step_key = next((k for k in keys if k > self._step_key), keys[0])
+            if self._step_key not in keys or self._turn_steps >= self.GROUP_TURN_STEPS:
+                self._step_key = next((k for k in keys if k > self._step_key), keys[0])
+                self._turn_steps = 0
+            self._turn_steps += 1
         elif keys:
             self._step_key = keys[0]
         return [s for s in self.slots if s.busy and s.adapter_key == self._step_key]
