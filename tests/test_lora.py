@@ -22,6 +22,8 @@ def run_program(*args, timeout=120):
 
 
 PROMPT = "Once upon a time, there was a"
+STORY = "Look in thy glass and tell the face thou viewest. " * 24        # above the prompt cache's 256 tokens
+OTHER = "The quick brown fox jumps over the lazy dog, and then it runs away. " * 24
 PASSWORD = "lora password"
 AUTH = {"Authorization": f"Bearer {PASSWORD}"}
 
@@ -159,8 +161,7 @@ def one_slot(starter_model, lora_file):
 
 
 def test_the_prompt_cache_serves_no_prefix_computed_under_other_scales(one_slot):
-    story = "Look in thy glass and tell the face thou viewest. " * 24        # above the prompt cache's 256 tokens
-    other = "The quick brown fox jumps over the lazy dog, and then it runs away. " * 24
+    story, other = STORY, OTHER
 
     def run(prompt, s):
         text, timings = complete(one_slot, scale(s), prompt=prompt, max_tokens=16, api_key="x")
@@ -178,6 +179,54 @@ def test_the_prompt_cache_serves_no_prefix_computed_under_other_scales(one_slot)
     again, cached = run(story, 0)
     assert again == under_zero and cached > 256
     assert one_slot.json("GET", "/api/extra/perf")["prompt_cache"]["conversations"] >= 2
+
+
+@pytest.fixture(scope="module")
+def shared_pool(starter_model, lora_file):
+    """Two slots in one shared KV pool, where a prompt borrows another slot's cells; no prompt cache."""
+    s = ServerProcess(["--model", starter_model, "--contextsize", "2048", "--parallel", "2", "--cacheram", "0",
+                       "--lora", f"{lora_file}:0"])
+    yield s
+    s.stop()
+
+
+def test_a_slot_lends_its_prompt_only_under_its_own_scales(shared_pool):
+    def run(s):
+        text, timings = complete(shared_pool, scale(s), prompt=STORY, max_tokens=16, api_key="x")
+        return text, timings["cache_n"]
+
+    under_zero, _ = run(0)
+    under_one, cached = run(1)                # in the other slot: the first one's cells are not borrowed
+    assert cached <= 1 and under_one != under_zero
+    again, cached = run(0)                    # each slot serves its own again
+    assert again == under_zero and cached > 256
+    again, cached = run(1)
+    assert again == under_one and cached > 256
+
+
+@pytest.fixture(scope="module")
+def saving(starter_model, lora_file, tmp_path_factory):
+    """One slot, no prompt cache, a folder for llama-server's saved slots."""
+    s = ServerProcess(["--model", starter_model, "--contextsize", "2048", "--cacheram", "0", "--slot-save-path",
+                       str(tmp_path_factory.mktemp("lora-slots")), "--lora", f"{lora_file}:0"])
+    yield s
+    s.stop()
+
+
+def test_a_saved_slot_comes_back_under_its_own_scales(saving):
+    def run(prompt, s):
+        text, timings = complete(saving, scale(s), prompt=prompt, max_tokens=16, api_key="x")
+        return text, timings["cache_n"]
+
+    under_one, _ = run(STORY, 1)
+    saving.json("POST", "/slots/0?action=save", {"filename": "story-scale-1.bin"})
+    run(OTHER, 0)                             # the slot now runs under scale 0
+    saving.json("POST", "/slots/0?action=restore", {"filename": "story-scale-1.bin"})
+    text, cached = run(STORY, 0)
+    assert cached <= 1                        # computed under scale 1: not reused under 0
+    saving.json("POST", "/slots/0?action=restore", {"filename": "story-scale-1.bin"})
+    text, cached = run(STORY, 1)
+    assert text == under_one and cached > 256
 
 
 def test_lora_options(lora_file, starter_model):
