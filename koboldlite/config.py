@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import re
 import ssl
@@ -53,6 +54,8 @@ class Config:
     embeddings_model: str | None = None   # a GGUF for the embedding endpoints; default: the loaded model
     mmproj: str | None = None   # the default model's multimodal projector; default: one found beside the model
     nommproj: bool = False      # no projector, even one found beside the model
+    lora: list[str] = dataclasses.field(default_factory=list)   # the default model's LoRA adapters: FILE[:SCALE]
+    loramult: float = 1.0       # KoboldCpp's --loramult: the scale of an adapter given without one
     mmprojcpu: bool = False     # the projector on the CPU even where the model is on a GPU
     mediaurls: str = "off"      # media named by an address: off, public (internet addresses only), any
     multiuser: int = 16         # requests that may wait in the queue
@@ -141,6 +144,11 @@ def _add_model_options(p: argparse.ArgumentParser):
                    help="multimodal projector (mmproj GGUF) of the model: images and audio (default: an mmproj file "
                         "beside the model, <name>.mmproj.gguf or mmproj-<name>*.gguf)")
     p.add_argument("--nommproj", action="store_true", default=None, help="no projector, even one beside the model")
+    p.add_argument("--lora", action="append", nargs="+", metavar="FILE[:SCALE]",
+                   help="a LoRA adapter (GGUF) for the default model, at SCALE (default --loramult, 1); repeatable, "
+                        "or several files at once as KoboldCpp takes them; ids 0, 1, ... in order")
+    p.add_argument("--loramult", type=float, metavar="SCALE",
+                   help="the scale of adapters given without one (KoboldCpp's option; default 1)")
     p.add_argument("--mmprojcpu", action="store_true", default=None,
                    help="run the projector on the CPU even where the model is on a GPU")
     p.add_argument("--mediaurls", choices=("off", "public", "any"),
@@ -290,6 +298,8 @@ def _read_sources(args: argparse.Namespace) -> Config:
         if args.model:
             raise ConfigError("give the model either as --model or positionally, not both")
         cfg.model = args.model_path
+    if cfg.lora and all(isinstance(group, list) for group in cfg.lora):   # --lora's groups, made one list
+        cfg.lora = [spec for group in cfg.lora for spec in group]
     if isinstance(cfg.model, list):          # --model given several times, or a list in --config
         if not cfg.model or not all(isinstance(m, str) for m in cfg.model):
             raise ConfigError("model must be a file name or a list of them")
@@ -396,6 +406,7 @@ def _check_models(cfg: Config):
         raise ConfigError(f"mediaurls must be off, public or any, not {cfg.mediaurls!r}")
     if cfg.mmproj is not None and cfg.nommproj:
         raise ConfigError("mmproj and nommproj: choose one")
+    lora_adapters(cfg)
     if not isinstance(cfg.models, list) or not all(isinstance(m, str) for m in cfg.models):
         raise ConfigError("models must be a list of model files")
     if cfg.model is None and cfg.modeldir:
@@ -412,6 +423,32 @@ def _check_models(cfg: Config):
     if cfg.embeddings_model is not None and (not isinstance(cfg.embeddings_model, str)
                                              or not os.path.isfile(cfg.embeddings_model)):
         raise ConfigError(f"embeddings model file not found: {cfg.embeddings_model}")
+
+
+def lora_adapters(cfg: Config) -> list[tuple[str, float]]:
+    """--lora's adapters as (file, scale): FILE:SCALE, or FILE at --loramult (a Windows drive's colon is no scale)."""
+    if isinstance(cfg.lora, str):
+        cfg.lora = [cfg.lora]
+    if isinstance(cfg.loramult, bool) or not isinstance(cfg.loramult, (int, float)) \
+            or not math.isfinite(cfg.loramult):
+        raise ConfigError(f"loramult must be a number, not {cfg.loramult!r}")
+    if not isinstance(cfg.lora, list) or not all(isinstance(spec, str) and spec for spec in cfg.lora):
+        raise ConfigError("lora must be a list of adapter files (FILE or FILE:SCALE)")
+    adapters = []
+    for spec in cfg.lora:
+        path, scale = spec, float(cfg.loramult)
+        head, _, tail = spec.rpartition(":")
+        if head and not os.path.isfile(spec):
+            try:
+                path, scale = head, float(tail)
+            except ValueError:
+                raise ConfigError(f"lora {spec!r}: the scale after ':' must be a number") from None
+            if not math.isfinite(scale):
+                raise ConfigError(f"lora {spec!r}: the scale must be a finite number")
+        if not os.path.isfile(path):
+            raise ConfigError(f"lora: no such file: {path}")
+        adapters.append((path, scale))
+    return adapters
 
 
 def _check_access(cfg: Config):

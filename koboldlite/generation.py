@@ -95,6 +95,8 @@ class GenerationRequest:
     # The prompt laid out as tokens already (a fill-in-the-middle prompt, engine/infill.py): read as they are, with
     # no BOS added and no memory; `prompt` is then their text, for logs and the reasoning splitter.
     prompt_tokens: list[int] | None = None
+    # llama-server's per-request LoRA scales {adapter id: scale} (adapters left out: 0); None: the global scales
+    lora: dict[int, float] | None = None
 
 
 def parse_sampler_settings(f: FieldReader, d: SamplerSettings | None = None) -> SamplerSettings:

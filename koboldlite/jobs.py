@@ -189,6 +189,7 @@ class Job:
         self.stats = JobStats(prompt_tokens=len(prompt_tokens))
         self.created = time.monotonic()
         self.linked: list[Job] = []     # jobs cancelled with this one (the other choices of one request)
+        self.adapter_key: tuple = ()    # the LoRA scales it runs under (engine/adapters.py ScaleKey; (): none)
 
     def cancel(self):
         self.cancelled.set()

@@ -182,6 +182,25 @@ def test_infill_needs_the_password(fim_server):
     assert status == 401 and json.loads(data)["error"]["type"] == "authentication_error"
 
 
+
+def test_infill_honours_per_request_lora_scales(fim_model, starter_model, tmp_path):
+    """/infill reads llama-server's `lora` as completions do: scale 0 is the adapter-free middle, 1 another."""
+    from tests.make_lora import make_lora
+    adapter = make_lora(str(tmp_path / "lora.gguf"), starter_model)   # the FIM copy has the same tensors
+    s = ServerProcess(["--model", fim_model[0], "--contextsize", "1024", "--lora", f"{adapter}:0"])
+    try:
+        def middle(scale):
+            status, headers, data = s.request("POST", "/infill", {
+                "input_prefix": PREFIX, "input_suffix": SUFFIX, "n_predict": 16, "ignore_eos": True, **GREEDY,
+                "lora": [{"id": 0, "scale": scale}]})
+            assert status == 200 and "lora" not in headers.get("x-koboldlite-ignored", ""), data
+            return json.loads(data)["content"]
+        unadapted = middle(0)
+        assert middle(1) != unadapted and middle(0) == unadapted
+    finally:
+        s.stop()
+
+
 # -- OpenAI completions' suffix and Ollama generate's suffix -----------------------------
 
 def test_openai_suffix_is_the_infill_layout(fim_server, t):

@@ -11,6 +11,7 @@ from ..errors import RequestError
 from ..fields import FieldReader, _asks, _more_than_one, ignored_fields
 from ..generation import GenerationRequest, parse_sampler_settings
 from ..jobs import Job, StopReason
+from ..engine.adapters import parse_scale_list
 from ..engine.infill import InfillParts
 from ..service.served_model import ServedModel
 from ..service.exchange import JSONResponse
@@ -27,7 +28,7 @@ LLAMA_IGNORED_FIELDS: dict[str, Callable[[Any], bool]] = {
     "n_probs": _asks, "post_sampling_probs": _asks, "return_tokens": _asks, "n_indent": _asks,
     "t_max_predict_ms": _asks, "t_max_prompt_ms": _asks, "id_slot": lambda v: v not in (None, -1),
     "cache_prompt": lambda v: v is False,        # the prompt cache is always on
-    "n_keep": _asks, "n_discard": _asks, "samplers": _asks, "lora": _asks, "response_fields": _asks,
+    "n_keep": _asks, "n_discard": _asks, "samplers": _asks, "response_fields": _asks,
     "return_progress": _asks, "timings_per_token": _asks, "n_cmpl": _more_than_one, "min_keep": _asks,
 }
 
@@ -77,6 +78,7 @@ class InfillCall:
         request = infill_request(
             served, parts, sampler=sampler, stop_strings=f.string_list("stop"), genkey=genkey_of(req, f.body),
             max_length=max_reply_tokens(f, "n_predict", "max_tokens", default=None, minus_one_is_none=True),
+            lora=None if f.body.get("lora") is None else parse_scale_list(f.body["lora"], "lora"),
             ignored_fields=ignored_fields(f.body, LLAMA_IGNORED_FIELDS))
         return cls(served, request, f.boolean("stream"))
 

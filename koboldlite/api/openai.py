@@ -20,6 +20,7 @@ from ..media_urls import MediaList
 from ..chat.tools import ToolUse
 from ..service.served_model import ServedModel
 from ..service.exchange import JSONResponse, StreamResponse
+from ..engine.adapters import parse_scale_list
 from .common import (
     KOBOLD_CLIENT_FIELDS, MAX_TOP_LOGPROBS, MEDIA_FIELDS, OPENAI_DEFAULTS, LogprobShapes, apply_output_format,
     chat_request, embedder_for, embedding_inputs, genkey_of, infill_request, instruct_request, llama_timings,
@@ -60,8 +61,8 @@ OPENAI_IGNORED_FIELDS: dict[str, Callable[[Any], bool]] = {
 
 
 def openai_generation_fields(req, f: FieldReader, default_max: int | None, honoured: tuple[str, ...] = ()) -> dict:
-    """The fields completions and chat completions share: length, stops, sampler, response_format, genkey; the
-    fields named as ignored, but for those the caller `honoured`."""
+    """The fields completions and chat completions share: length, stops, sampler, response_format, genkey,
+    llama-server's per-request LoRA scales; the fields named as ignored, but for those the caller `honoured`."""
     sampler = parse_sampler_settings(f, OPENAI_DEFAULTS)
     fmt = f.body.get("response_format")
     if fmt is not None:
@@ -72,6 +73,7 @@ def openai_generation_fields(req, f: FieldReader, default_max: int | None, honou
     return dict(max_length=max_reply_tokens(f, "max_tokens", "max_completion_tokens", "max_length",
                                             default=default_max, minus_one_is_none=True),
                 stop_strings=f.string_list("stop"), sampler=sampler, genkey=genkey_of(req, f.body),
+                lora=None if f.body.get("lora") is None else parse_scale_list(f.body["lora"], "lora"),
                 ignored_fields=ignored_fields(f.body, {k: v for k, v in OPENAI_IGNORED_FIELDS.items()
                                                        if k not in honoured}))
 

@@ -9,6 +9,7 @@ from ..version import __version__
 from ..errors import RequestError
 from ..fields import FieldReader
 from ..service.exchange import JSONResponse, Response
+from ..engine.adapters import parse_scale_list
 from .common import OPENAI_DEFAULTS, gpu_report, model_states, threads_report
 from .openai import OpenAICall
 
@@ -53,8 +54,25 @@ def props(app, req):
         "model_alias": served.name,
         "model_path": os.path.basename(served.entry.path),
         "models": model_states(app),
+        "lora_adapters": served.adapters.listing(),      # --lora's adapters: id, file, global scale
+        # How often a decode ran under other LoRA scales than the one before (each costs llama.cpp a new graph).
+        "lora_scale_switches": served.adapters.switches,
         "build_info": f"koboldlite-{__version__}",
     })
+
+
+def lora_adapters_list(app, req):
+    """llama-server's GET /lora-adapters: [{id, path, scale}] of the default model (or ?model=NAME)."""
+    return JSONResponse(req.use(req.query.get("model")).adapters.listing())
+
+
+def lora_adapters_set(app, req):
+    """llama-server's POST /lora-adapters: [{id, scale}] become the global scales (adapters not listed: 0), which
+    requests without a `lora` field of their own run under from now on."""
+    served = req.use(req.query.get("model"))
+    served.adapters.set_global(parse_scale_list(req.json(), "body"))
+    app.log("LoRA scales: " + (", ".join(f"{a['id']}={a['scale']:g}" for a in served.adapters.listing()) or "none"))
+    return JSONResponse({"success": True})
 
 
 def tokenize(app, req):

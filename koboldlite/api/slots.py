@@ -8,7 +8,7 @@ import time
 
 from ..errors import RequestError
 from ..fields import FieldReader
-from ..engine.prompt_cache import StateFileError, read_state_file
+from ..engine.prompt_cache import StateFileError, adapter_key_of, read_state_file
 from ..engine.saved_slots import erase_slot, restore_latest, restore_slot, save_latest, save_slot
 from ..service.served_model import ServedModel
 from ..service.exchange import JSONResponse
@@ -63,7 +63,7 @@ def slots_action(app, req):
             header, data = read_state_file(path, served.engine.identity)
         except StateFileError as e:
             raise RequestError(f"{name} cannot be restored here: {e}") from None
-        n = served.scheduler.call(lambda e: restore_slot(e, i, header["tokens"], data))
+        n = served.scheduler.call(lambda e: restore_slot(e, i, header["tokens"], data, adapter_key_of(header)))
         app.log(f"slot {i}: {n} tokens restored from {name}")
         return JSONResponse({"id_slot": i, "filename": name, "n_restored": n, "n_read": len(data),
                              "timings": {"restore_ms": ms()}})

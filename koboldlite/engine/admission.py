@@ -13,7 +13,8 @@ from .kv_pool import KVPool
 RESTORE_MIN_GAIN = 64     # a kept state is restored only if it saves this many more tokens than the slots'
 
 
-def choose_slot(free: list[Slot], prompt: list[int], reused: Callable[[list[int], list[int]], int]) -> Slot:
+def choose_slot(free: list[Slot], prompt: list[int], reused: Callable[[list[int], list[int]], int],
+                usable: Callable[[Slot], bool] = lambda slot: True) -> Slot:
     """The free slot where this prompt costs least: prompt tokens still to read plus cached tokens thrown away
     (`reused(cached, prompt)` says how much of it a cache supplies, a shift's savings counted). Only the least
     recently used slot and the slots this prompt continues are candidates: those whose cache it reuses at least
@@ -21,12 +22,13 @@ def choose_slot(free: list[Slot], prompt: list[int], reused: Callable[[list[int]
     reply).
 
     Counting what is thrown away keeps a common opening ("Chapter", a system prompt) from evicting another user's
-    long story while a cheaper slot is free.
+    long story while a cheaper slot is free. A slot whose cache is not `usable` (computed under other LoRA scales)
+    supplies nothing.
     """
     lru = min(free, key=lambda s: s.last_used)
     costs = {}
     for s in free:
-        n = reused(s.cached, prompt) if s.cached else 0
+        n = reused(s.cached, prompt) if s.cached and usable(s) else 0
         if s is lru or (n and (2 * n >= len(s.cached) or 2 * n >= len(prompt))):
             costs[s.seq_id] = (len(prompt) - n) + (len(s.cached) - n)
     return min(free, key=lambda s: (costs.get(s.seq_id, math.inf), s is lru))
@@ -35,13 +37,15 @@ def choose_slot(free: list[Slot], prompt: list[int], reused: Callable[[list[int]
 def bring_back(pool: KVPool, slots: list[Slot], slot: Slot, prompt: list[int]) -> str:
     """Where this prompt's cache comes from: "slot" (a slot's, as ever), or "ram" / "disk" when a displaced
     conversation kept in the prompt cache starts it for longer than any slot's cache: it is restored into the
-    chosen slot (whose own conversation, if worth it, goes to the cache first)."""
+    chosen slot (whose own conversation, if worth it, goes to the cache first). The slot holds the request's LoRA
+    scales already (Engine.admit): only states and slots computed under them count."""
     cache = pool.cache
     own = pool.plan_reuse(slot.cached, prompt)[0] if slot.cached else 0
     if cache is None:
         return "slot"
-    entry, common = cache.best(prompt)
-    others = max((common_prefix_length(s.cached, prompt) for s in slots if s is not slot), default=0)
+    entry, common = cache.best(prompt, slot.adapter_key)
+    others = max((common_prefix_length(s.cached, prompt) for s in slots
+                  if s is not slot and s.adapter_key == slot.adapter_key), default=0)
     if entry is None or common < max(own, others if pool.model.shared_kv else 0) + RESTORE_MIN_GAIN:
         pool.stash(slot, own)             # what of it this prompt will not reuse is about to go
         return "slot"

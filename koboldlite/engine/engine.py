@@ -14,6 +14,7 @@ from ..errors import RequestError
 from ..generation import GenerationRequest
 from ..jobs import Job, PromptProgress, StopReason, TokenLogprob
 from .llama_model import LlamaModel
+from .adapters import LoraAdapters, ScaleKey
 from .drafting import DraftModel, Speculation
 from .slots import Slot, SlotState, put_tokens
 from .prompt_cache import PromptCache, model_identity
@@ -54,13 +55,21 @@ class Engine:
 
     SHORT_PROMPT = 128                   # new prompts up to this many tokens get a step of their own
     PREFILL_CHUNK_WHILE_STREAMING = 128  # else, prompt tokens read per step while others generate
+    # Steps a LoRA scale set keeps the batch while replies under another wait: every change makes llama.cpp build its
+    # graph again (12 ms on the starter model, near a step's cost: bench/results/lora.md), so turns of one step
+    # would halve the speed; turns of 8 wait a waiting reply at most 8 steps.
+    GROUP_TURN_STEPS = 8
 
     def __init__(self, model: LlamaModel, context_shift: bool = True, draft_most: int = 0,
                  draft_model: DraftModel | None = None, prompt_cache: PromptCache | None = None,
                  log: Callable[[str], None] = lambda line: None, projector: Projector | None = None,
-                 threads: ThreadGovernor | None = None):
-        """`threads`: the counts each decode runs with (default: the model's context's own, fixed)."""
+                 threads: ThreadGovernor | None = None, adapters: LoraAdapters | None = None):
+        """`threads`: the counts each decode runs with (default: the model's context's own, fixed); `adapters`: the
+        model's LoRA adapters (default: none)."""
         self.model = model
+        self.adapters = adapters if adapters is not None else LoraAdapters(model, [])
+        self._step_key: ScaleKey = ()       # the LoRA scales of the last step's slots (their groups take turns)
+        self._turn_steps = 0                # steps of the current turn
         self.projector = projector
         self.lib = model.lib
         # Context shift: reuse a cache whose front turns a client dropped, and shift a full context
@@ -98,7 +107,11 @@ class Engine:
     # -- on request threads -------------------------------------------------
 
     def prepare(self, request: GenerationRequest) -> Job:
-        return prepare_job(self.model, request, self.context_shift, self.projector)
+        """The job, under the LoRA scales it asks for (or the global ones as they are now)."""
+        adapter_key = self.adapters.key_for(request.lora)
+        job = prepare_job(self.model, request, self.context_shift, self.projector)
+        job.adapter_key = adapter_key
+        return job
 
     def count_prompt_tokens(self, request: GenerationRequest) -> int:
         return count_prompt_tokens(self.model, request, self.projector)
@@ -138,7 +151,7 @@ class Engine:
             return 0
         n = put_tokens(self._batch, 0, slot, tokens, logits_last=False)
         with self.llama_lock:
-            status = self._decode(n)
+            status = self._decode(n, slot.adapter_key)
         if status != DECODE_OK:
             if status != DECODE_NO_ROOM:          # no room changed nothing; else the sequence is unknown
                 self.pool.truncate(slot, 0)
@@ -154,8 +167,14 @@ class Engine:
             return False
         self.ready_on_this_thread()         # the Scheduler has done it; an engine driven directly does it here
         prompt = job.prompt_tokens
-        slot = choose_slot(free, prompt, lambda cached, p: self.pool.plan_reuse(cached, p)[0])
+        slot = choose_slot(free, prompt, lambda cached, p: self.pool.plan_reuse(cached, p)[0],
+                           usable=lambda s: s.adapter_key == job.adapter_key)
         slot.expected = None
+        if slot.adapter_key != job.adapter_key:
+            # Its cells were computed under other LoRA scales: kept in the prompt cache under those, never reused.
+            self.pool.stash(slot)
+            self.pool.drop(slot)
+            slot.adapter_key = job.adapter_key
         source = bring_back(self.pool, self.slots, slot, prompt)
         keep = self.pool.reuse(slot, prompt)
         keep = self.pool.borrow_prefix(slot, prompt, keep)
@@ -199,12 +218,13 @@ class Engine:
         if self.pool.compaction_due():
             self.pool.compact()
         finished += self._read_media()
-        drafts = self._room_and_drafts(finished)
-        batch = self._fill(drafts)
+        group = self._step_group()
+        drafts = self._room_and_drafts(finished, group)
+        batch = self._fill(drafts, group)
         if batch.n == 0:
             return finished
         with self.llama_lock:
-            status = self._decode(batch.n)
+            status = self._decode(batch.n, self._step_key)
             self.speculation.paused = False
             if status == DECODE_NO_ROOM and batch.drafted:
                 # No cells for the batch in a nearly full pool (llama.cpp changed nothing): nothing of this step
@@ -224,6 +244,20 @@ class Engine:
                                for slot, _ in batch.added]
         return finished + self._take(draws)
 
+    def _step_group(self) -> list[Slot]:
+        """The busy slots this step decodes: those under one LoRA scale set, since llama.cpp applies one set to a
+        whole batch (llama-server batches only slots whose adapters are equal, too). Several sets take turns of
+        GROUP_TURN_STEPS steps, in a fixed order; with one set (always, without adapters) every busy slot."""
+        keys = sorted({s.adapter_key for s in self.slots if s.busy})
+        if len(keys) > 1:
+            if self._step_key not in keys or self._turn_steps >= self.GROUP_TURN_STEPS:
+                self._step_key = next((k for k in keys if k > self._step_key), keys[0])
+                self._turn_steps = 0
+            self._turn_steps += 1
+        elif keys:
+            self._step_key = keys[0]
+        return [s for s in self.slots if s.busy and s.adapter_key == self._step_key]
+
     def _read_media(self) -> list[Job]:
         """Every media chunk that a reading slot's prompt has come to, each in a decode of its own; the jobs
         that failed."""
@@ -233,6 +267,7 @@ class Engine:
                 chunk = slot.job.media[slot.to_prefill[0]]
                 started = time.perf_counter()
                 with self.llama_lock:
+                    self.adapters.apply(slot.adapter_key)
                     status = decode_media(self.model, self.projector, chunk, slot.seq_id, len(slot.cached))
                 slot.job.stats.media_chunks += 1
                 slot.job.stats.media_seconds += time.perf_counter() - started
@@ -245,9 +280,10 @@ class Engine:
                 self._report_progress(slot)
         return failed
 
-    def _decode(self, n: int) -> int:
-        """Decode the batch's first n tokens, with as many threads as the governor gives it (and tell it what that
-        cost); the caller holds the llama lock."""
+    def _decode(self, n: int, adapter_key: ScaleKey) -> int:
+        """Decode the batch's first n tokens under these LoRA scales, with as many threads as the governor gives it
+        (and tell it what that cost); the caller holds the llama lock."""
+        self.adapters.apply(adapter_key)
         self._batch.n_tokens = n
         count = self.threads.count(n)
         if count != self._threads_set:      # read by llama.cpp when the next graph runs: free to change
@@ -263,13 +299,13 @@ class Engine:
             self.pool.decoded()
         return status
 
-    def _room_and_drafts(self, finished: list[Job]) -> dict[int, list[int]]:
-        """Each generating slot's room for this step, a context shift where it has none (or the end of its reply at
-        its length), and how far it drafts; its draft by sequence id."""
+    def _room_and_drafts(self, finished: list[Job], group: list[Slot]) -> dict[int, list[int]]:
+        """Each generating slot's room for this step (of the step's `group`), a context shift where it has none (or
+        the end of its reply at its length), and how far it drafts; its draft by sequence id."""
         drafts: dict[int, list[int]] = {}
         taking = 0                          # cells the generating slots take in this step
-        width = sum(1 for s in self.slots if s.state is SlotState.GENERATING)   # the batch before drafts
-        for slot in self.slots:
+        width = sum(1 for s in group if s.state is SlotState.GENERATING)   # the batch before drafts
+        for slot in group:
             if slot.state is not SlotState.GENERATING:
                 continue
             job = slot.job
@@ -301,13 +337,13 @@ class Engine:
         cut = next((i for i, t in enumerate(draft) if t < 0), len(draft))
         return draft[:cut]                  # never a media placeholder that repeated text proposed
 
-    def _fill(self, drafts: dict[int, list[int]]) -> StepBatch:
+    def _fill(self, drafts: dict[int, list[int]], group: list[Slot]) -> StepBatch:
         """The step's batch: every generating slot's drawn token (and its draft), and prompt to read. A short new
         prompt gets a step of its own: its first token comes sooner, and the others lose one short step. A long one
         is read in chunks beside the others' tokens, so they keep streaming while it is read."""
         batch = StepBatch(drafted=any(drafts.values()))
-        prefilling = [s for s in self.slots if s.state is SlotState.READING_PROMPT]
-        generating = [s for s in self.slots if s.state is SlotState.GENERATING]
+        prefilling = [s for s in group if s.state is SlotState.READING_PROMPT]
+        generating = [s for s in group if s.state is SlotState.GENERATING]
         short_prefill = bool(prefilling) and sum(len(s.to_prefill) for s in prefilling) <= self.SHORT_PROMPT
         if not short_prefill:
             for slot in generating:

@@ -109,11 +109,12 @@ class KVPool:
     def stash(self, slot: Slot, keep: int = 0, ahead: bool = False):
         """The slot's conversation is about to be dropped (all but its first `keep` tokens): keep its state in
         the prompt cache first, when it is worth keeping and not kept already."""
-        if self.cache is None or len(slot.cached) - keep < PromptCache.MIN_TOKENS or self.cache.holds(slot.cached):
+        if self.cache is None or len(slot.cached) - keep < PromptCache.MIN_TOKENS \
+                or self.cache.holds(slot.cached, slot.adapter_key):
             return
         data = self.state_of(slot)
         if data is not None:
-            self.cache.keep(slot.cached, data, ahead)
+            self.cache.keep(slot.cached, data, ahead, slot.adapter_key)
 
     def keep_ahead(self):
         """While nothing runs: keep the idle slots' conversations in the prompt cache now, so that a prompt that
@@ -122,7 +123,8 @@ class KVPool:
         if self.cache is None:
             return
         for slot in self.slots:
-            if slot.busy or len(slot.cached) < PromptCache.MIN_TOKENS or self.cache.holds(slot.cached):
+            if slot.busy or len(slot.cached) < PromptCache.MIN_TOKENS or self.cache.holds(slot.cached,
+                                                                                          slot.adapter_key):
                 continue
             with self.llama_lock:
                 size = self.lib.llama_state_seq_get_size(self.model.ctx, slot.seq_id)
@@ -184,13 +186,14 @@ class KVPool:
     def borrow_prefix(self, slot: Slot, prompt: list[int], keep: int) -> int:
         """In a shared pool, take a longer start of the prompt from another slot's cache than the slot's
         own holds (a system prompt or character card that several users send): llama.cpp lets the two
-        sequences share those cells, so they are neither read again nor stored twice."""
+        sequences share those cells, so they are neither read again nor stored twice. Only cells computed under
+        the slot's LoRA scales are taken."""
         if not self.model.shared_kv:
             return keep
         lender, n = None, keep
         for other in self.slots:
             common = min(common_prefix_length(other.cached, prompt), len(prompt) - 1)
-            if other is not slot and common > n:
+            if other is not slot and common > n and other.adapter_key == slot.adapter_key:
                 lender, n = other, common
         if lender is None:
             return keep

@@ -16,10 +16,13 @@ from .llama_model import LlamaModel, common_prefix_length
 
 
 class SavedState:
-    """One displaced conversation: its tokens and its sequence's state, in RAM (data), on disk (path), or both."""
+    """One displaced conversation: its tokens and its sequence's state, in RAM (data), on disk (path), or both, and
+    the LoRA scales it was computed under (`adapter_key`: only a prompt under the same scales may reuse it)."""
 
-    def __init__(self, tokens: list[int], data: bytes | None, size: int, path: str | None = None):
+    def __init__(self, tokens: list[int], data: bytes | None, size: int, path: str | None = None,
+                 adapter_key: tuple = ()):
         self.tokens = tokens
+        self.adapter_key = adapter_key
         self.data = data
         self.size = size
         self.path = path
@@ -33,10 +36,12 @@ class StateFileError(Exception):
     pass
 
 
-def write_state_file(path: str, identity: dict, tokens: list[int], data: bytes):
-    """A sequence's state after a header naming what made it, its tokens and the state's hash; written whole
-    under a temporary name, then renamed (a crash leaves the old file or none, never half of one)."""
-    header = json.dumps({**identity, "tokens": list(tokens), "state_bytes": len(data),
+def write_state_file(path: str, identity: dict, tokens: list[int], data: bytes, adapter_key: tuple = ()):
+    """A sequence's state after a header naming what made it, its tokens, the LoRA scales it was computed under and
+    the state's hash; written whole under a temporary name, then renamed (a crash leaves the old file or none, never
+    half of one)."""
+    header = json.dumps({**identity, "tokens": list(tokens), "adapters": [list(pair) for pair in adapter_key],
+                         "state_bytes": len(data),
                          "state_crc32": zlib.crc32(data)}).encode()
     temporary = path + ".tmp"
     try:
@@ -74,6 +79,14 @@ def read_state_file(path: str, identity: dict, with_data: bool = True) -> tuple[
     return header, data
 
 
+def adapter_key_of(header: dict) -> tuple:
+    """The LoRA scales a state file's header says its state was computed under (none in files made before them)."""
+    try:
+        return tuple((str(name), float(scale)) for name, scale in header.get("adapters") or [])
+    except (TypeError, ValueError):
+        return (("unreadable", 1.0),)       # a damaged list: a key no request has, so never reused
+
+
 def model_identity(model: "LlamaModel") -> dict:
     """What a saved state must have been made by: this model file (its size and a hash of its first MiB),
     this llama.cpp, this KV type, context and layout."""
@@ -109,23 +122,27 @@ class PromptCache:
 
     # -- what it holds --------------------------------------------------------------------------------------
 
-    def best(self, prompt: list[int]) -> tuple[SavedState | None, int]:
-        """The kept state whose tokens start the prompt for longest, and that length."""
+    def best(self, prompt: list[int], adapter_key: tuple = ()) -> tuple[SavedState | None, int]:
+        """The kept state computed under these LoRA scales whose tokens start the prompt for longest, and that
+        length."""
         best, n = None, 0
         with self._lock:
             for entry in self.entries:
+                if entry.adapter_key != adapter_key:
+                    continue
                 common = common_prefix_length(entry.tokens, prompt)
                 if common > n:
                     best, n = entry, common
         return best, n
 
-    def keep(self, tokens: list[int], data: bytes, ahead: bool = False):
-        """A displaced conversation's state (`ahead`: one still in its idle slot, kept before it is displaced).
-        One that a kept state extends, or that extends one, replaces it."""
+    def keep(self, tokens: list[int], data: bytes, ahead: bool = False, adapter_key: tuple = ()):
+        """A displaced conversation's state (`ahead`: one still in its idle slot, kept before it is displaced),
+        computed under these LoRA scales. One that it extends, under the same scales, it replaces."""
         self.saved["ahead" if ahead else "when_displaced"] += 1
-        entry = SavedState(list(tokens), data, len(data))
+        entry = SavedState(list(tokens), data, len(data), adapter_key=adapter_key)
         with self._lock:
-            for old in [e for e in self.entries if common_prefix_length(e.tokens, tokens) == len(e.tokens)]:
+            for old in [e for e in self.entries if e.adapter_key == adapter_key
+                        and common_prefix_length(e.tokens, tokens) == len(e.tokens)]:
                 self.entries.remove(old)          # this one holds all it held, and more
                 self._forget_file(old)
             self.entries.append(entry)
@@ -151,10 +168,11 @@ class PromptCache:
                 self.entries.remove(entry)
         self._forget_file(entry)
 
-    def holds(self, tokens: list[int]) -> bool:
-        """Whether a kept state is exactly this conversation (kept ahead while it still held its slot)."""
+    def holds(self, tokens: list[int], adapter_key: tuple = ()) -> bool:
+        """Whether a kept state is exactly this conversation under these scales (kept ahead while it still held its
+        slot)."""
         with self._lock:
-            return any(e.tokens == tokens for e in self.entries)
+            return any(e.tokens == tokens and e.adapter_key == adapter_key for e in self.entries)
 
     def report(self) -> dict:
         """What it holds and may hold, for /api/extra/perf: counts and MiB, no text."""
@@ -217,9 +235,10 @@ class PromptCache:
     # -- files ---------------------------------------------------------------------------------------------
 
     def _write_file(self, e: SavedState):
-        path = os.path.join(self.folder, hashlib.sha256(json.dumps(e.tokens).encode()).hexdigest()[:24] + ".klstate")
+        named = json.dumps([e.tokens, e.adapter_key]) if e.adapter_key else json.dumps(e.tokens)   # one file each
+        path = os.path.join(self.folder, hashlib.sha256(named.encode()).hexdigest()[:24] + ".klstate")
         try:
-            write_state_file(path, self.identity, e.tokens, e.data)
+            write_state_file(path, self.identity, e.tokens, e.data, e.adapter_key)
             e.path = path
         except OSError as error:
             self.log(f"prompt cache: could not write {path}: {error}")
@@ -251,7 +270,7 @@ class PromptCache:
                 continue
             read = self._read_file(path, with_data=False)
             if read is not None and isinstance(read[0].get("tokens"), list):
-                entry = SavedState(read[0]["tokens"], None, read[0]["state_bytes"], path)
+                entry = SavedState(read[0]["tokens"], None, read[0]["state_bytes"], path, adapter_key_of(read[0]))
                 entry.last_used = time.monotonic() - 1e6 + os.path.getmtime(path) / 1e4
                 self.entries.append(entry)
         if self.entries:

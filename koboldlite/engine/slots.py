@@ -69,6 +69,7 @@ class Slot:
         self.borrowed = 0
         self.last_used = 0.0
         self.expected: tuple[GenerationRequest, str] | None = None   # a chat's reply, for NextTurnReader
+        self.adapter_key: tuple = ()    # the LoRA scales its cells were computed under (engine/adapters.py)
 
     @property
     def busy(self) -> bool:

@@ -40,9 +40,11 @@ class ModelEntry:
     def config(self, base: Config, context: ContextChoice | None = None) -> Config:
         """The server's options with this model's preset over them; a context left to choose is `context`, or chosen
         now (context_choice)."""
-        # --mmproj names the default model's projector; another model's comes from its preset or its folder.
-        mmproj = base.mmproj if self.path == base.model else None
-        cfg = dataclasses.replace(base, **{"model": self.path, "mmproj": mmproj,
+        # --mmproj names the default model's projector, --lora its adapters; another model's projector comes from its
+        # preset or its folder, and it has no adapters (they are made for one model's shapes).
+        default = self.path == base.model
+        cfg = dataclasses.replace(base, **{"model": self.path, "mmproj": base.mmproj if default else None,
+                                           "lora": list(base.lora) if default else [],
                                            **{k: v for k, v in self.options.items() if k != "aliases"}})
         if cfg.quantkv:
             cfg.flashattention, cfg.noflashattention = True, False

@@ -9,11 +9,12 @@ import time
 from typing import Callable
 
 from ..errors import ModelLoadError
-from ..config import Config, flash_attention_of
+from ..config import Config, flash_attention_of, lora_adapters
 from ..generation import GenerationRequest
 from ..jobs import Job
 from ..engine.gpu import plan_gpu
 from ..engine.llama_model import LlamaModel
+from ..engine.adapters import LoraAdapters
 from ..engine.projector import Projector
 from ..model_files import find_projector
 from ..engine.embeddings import Embedder
@@ -97,6 +98,13 @@ class ServedModel:
             self.model.close()
             raise
         self.gpu = gpu
+        try:
+            self.adapters = LoraAdapters(self.model, lora_adapters(cfg))
+        except ModelLoadError:
+            self.model.close()
+            raise
+        for a in self.adapters.adapters:
+            self.log(f"LoRA adapter {a.id}: {a.path} at scale {a.scale:g}")
         self.projector = self._projector(cfg, entry)
         self.memory = self.model.memory_report()
         self.gpu_info = gpu.report(self.memory)
@@ -112,18 +120,7 @@ class ServedModel:
                     self.projector.close()
                 self.model.close()
                 raise
-        self.prompt_cache = self._prompt_cache(cfg)
-        self.engine = Engine(self.model, context_shift=not cfg.noshift,
-                             draft_most=0 if cfg.nodraft else cfg.draftamount, draft_model=self.draft_model,
-                             prompt_cache=self.prompt_cache, log=log,
-                             projector=self.projector,
-                             threads=ThreadGovernor(cores_available(), cfg.threads, cfg.threadsbatch))
-        self.scheduler = Scheduler(self.engine, cfg.multiuser, lambda job: job_ended(self, job))
-        try:
-            self.scheduler.start()
-        except ModelLoadError:
-            self._close_model()
-            raise
+        self._start_loop(cfg, log, job_ended)
         self.load_seconds = time.monotonic() - started
         self.leases = 0                          # requests using it now (the roster's count, under its lock)
         self.jobs = 0                            # its jobs not yet ended (so the roster never asks the loop)
@@ -132,7 +129,25 @@ class ServedModel:
         self.unloading = False
         self._embedder: Embedder | None = None
         self._embedder_lock = threading.Lock()
-        self.saved_states: dict[int, tuple[list[int], bytes]] = {}   # KoboldCpp's admin save_state, by number
+        self.saved_states: dict[int, tuple[list[int], bytes, tuple]] = {}   # admin save_state: tokens, state, LoRA
+
+    def _start_loop(self, cfg: Config, log: Callable[[str], None],
+                    job_ended: Callable[["ServedModel", Job | None], None]):
+        """The prompt cache, the engine over the loaded parts, and the scheduler's loop thread, started; should the
+        loop not start, the model is closed before the error goes on."""
+        self.prompt_cache = self._prompt_cache(cfg)
+        self.engine = Engine(self.model, context_shift=not cfg.noshift,
+                             draft_most=0 if cfg.nodraft else cfg.draftamount, draft_model=self.draft_model,
+                             prompt_cache=self.prompt_cache, log=log,
+                             projector=self.projector,
+                             threads=ThreadGovernor(cores_available(), cfg.threads, cfg.threadsbatch),
+                             adapters=self.adapters)
+        self.scheduler = Scheduler(self.engine, cfg.multiuser, lambda job: job_ended(self, job))
+        try:
+            self.scheduler.start()
+        except ModelLoadError:
+            self._close_model()
+            raise
 
     def _projector(self, cfg: Config, entry: ModelEntry) -> Projector | None:
         """The model's multimodal projector: --mmproj (or its preset's), else one found beside the model file.

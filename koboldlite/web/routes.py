@@ -22,7 +22,9 @@ from ..api.admin import admin_list_options, admin_reload_config, ollama_delete, 
 from ..api.slots import (
     admin_check_state, admin_clear_state, admin_load_state, admin_save_state, slots_action, slots_list
 )
-from ..api.ops import apply_template, detokenize, health, health_live, metrics, props, tokenize
+from ..api.ops import (
+    apply_template, detokenize, health, health_live, lora_adapters_list, lora_adapters_set, metrics, props, tokenize
+)
 from .router import Router
 from .static import StaticFiles
 
@@ -90,6 +92,8 @@ def build_router(static: StaticFiles | None = None) -> Router:
     r.add("POST", "/detokenize", detokenize, protected=True, style="openai")
     r.add("POST", "/apply-template", apply_template, protected=True, style="openai")
     r.add("POST", "/infill", llama_infill, protected=True, style="openai")
+    r.add("GET", "/lora-adapters", lora_adapters_list, protected=True, style="openai")
+    r.add("POST", "/lora-adapters", lora_adapters_set, protected=True, style="openai")
     r.add("GET", "/metrics", metrics, protected=True, style="openai")
     r.add("POST", "/models/load", router_load, protected=True, style="openai")
     r.add("GET", "/slots", slots_list, protected=True, style="openai")
