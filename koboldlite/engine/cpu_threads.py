@@ -279,9 +279,10 @@ class ThreadGovernor:
 
     GENERATION_WIDTH = 16     # a decode of up to this many tokens is a generation step (slots, drafts)
 
-    def __init__(self, most: int, threads: int = 0, threads_batch: int = 0):
-        """`most`: the cores to use at most; `threads`, `threads_batch`: fixed counts (0: adaptive)."""
-        load = SystemLoad()
+    def __init__(self, most: int, threads: int = 0, threads_batch: int = 0, load=None):
+        """`most`: the cores to use at most; `threads`, `threads_batch`: fixed counts (0: adaptive); `load`: what
+        the other programs take (this machine's /proc/stat unless a test simulates one)."""
+        load = SystemLoad() if load is None else load
         self.generation = CountControl(most, fixed=threads, load=load)
         # Prompt reading keeps every core: a probe at fewer threads costs a whole 512-token chunk, and an adaptive
         # count measured no better beside busy programs (issue 36's closing note).
