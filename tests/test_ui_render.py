@@ -224,7 +224,8 @@ def test_thinking_is_folded_above_the_answer(page, ui_server):
     page.click("#open-settings")
     page.uncheck("#s-show_thinking")
     page.click("#settings button:has-text('Done')")
-    assert not page.locator(".msg.assistant details.thinking").is_visible()
+    # The dialog's close event (which applies the settings) comes in a task after the click: wait for it.
+    page.locator(".msg.assistant details.thinking").wait_for(state="hidden", timeout=10_000)
 
 
 def test_numbers_of_a_reply_and_the_length_cut(page, ui_server):
