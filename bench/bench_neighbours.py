@@ -198,8 +198,9 @@ def table(servers, speed, kept, outside, idle) -> list[str]:
             lines.append(f"| {s.name} | {row} | {' | '.join(cells)} |")
         if s.quiet_only:
             continue
-        lines.append(f"| {s.name} | busy loops' rate kept | - | "
-                     + " | ".join(f"{statistics.median(kept[(s.name, c)]):.2f}" for c in CONDITIONS[1:]) + " |")
+        if len(CONDITIONS) > 1:
+            lines.append(f"| {s.name} | busy loops' rate kept | - | "
+                         + " | ".join(f"{statistics.median(kept[(s.name, c)]):.2f}" for c in CONDITIONS[1:]) + " |")
         if not s.llama:
             lines.append(f"| {s.name} | single stream: share of time outside llama.cpp | "
                          + " | ".join(f"{statistics.median(outside[(s.name, c)]):.3f}" for c in CONDITIONS) + " |")
@@ -235,7 +236,13 @@ def main():
     p.add_argument("--llama-server", default=DEFAULT_SERVER, metavar="PATH")
     p.add_argument("--idle", type=float, default=30.0, help="seconds of idleness measured at the end")
     p.add_argument("--no-vulkan", action="store_true", help="leave out the Vulkan build's CPU path")
+    p.add_argument("--quiet-only", action="store_true",
+                   help="the quiet condition alone (more rounds in the time: the quiet target's check); "
+                        "writes results/neighbours-quiet.md")
     args = p.parse_args()
+    global CONDITIONS
+    if args.quiet_only:
+        CONDITIONS = CONDITIONS[:1]
     servers = start_servers(args)
     try:
         speed, kept, outside = run_rounds(servers, args.rounds)
@@ -243,10 +250,11 @@ def main():
     finally:
         for s in servers:
             s.proc.stop()
+    flags = f"--rounds {args.rounds}" + (" --quiet-only" if args.quiet_only else "")
     header = [f"# Beside busy programs (issue 36): {os.cpu_count()} cores, {time.strftime('%Y-%m-%d %H:%M')}, "
-              f"{args.rounds} rounds (median), `python3 bench/bench_neighbours.py --rounds {args.rounds}`", "",
+              f"{args.rounds} rounds (median), `python3 bench/bench_neighbours.py {flags}`", "",
               "Speed, and in brackets its share of the same server's quiet speed:", ""]
-    results_file.publish("neighbours.md", header + table(servers, speed, kept, outside, idle))
+    results_file.publish("neighbours-quiet.md" if args.quiet_only else "neighbours.md", header + table(servers, speed, kept, outside, idle))
 
 
 if __name__ == "__main__":

@@ -243,16 +243,40 @@ def test_where_a_niced_neighbour_counts_as_load_the_probes_still_keep_the_thread
 
 
 def test_a_new_request_after_a_pause_starts_from_the_cores_left_free():
-    """Busy meanwhile and busy now: fewer threads from the first step; free again: all of them."""
+    """Busy meanwhile and busy now: fewer threads once the first step confirms it (no probe needed); free again:
+    all of them at once."""
     machine = Machine()
     control = CountControl(2, load=machine)
     run(control, machine, 50)
     machine.busy = True
     control._last_decode -= 10                     # a pause: the next decode starts a new stretch of work
-    assert control.count() == 1 and control.sheds == 1
+    assert control.count() == 2 and control.sheds == 0
+    control.record(1, Machine.COST[True][2])       # slow: the cores are taken
+    assert control.count() == 1 and control.sheds == 1 and control.probes == 0
     machine.busy = False
     control._last_decode -= 10
     assert control.count() == 2 and control.returns == 1
+
+
+def test_a_neighbour_that_ends_as_a_request_begins_costs_no_step():
+    """Busy over the pause and still running at its end, but gone by the first step (another server's reply
+    that just ended): the step costs what it costs quietly, and every thread stays."""
+    machine = Machine()
+    control = CountControl(2, load=machine)
+    run(control, machine, 50)
+    machine.busy = True
+    control._last_decode -= 10
+    assert control.count() == 2
+    machine.busy = False
+    assert run(control, machine, 20) == [2] * 20 and control.sheds == 0
+
+
+def test_with_no_quiet_cost_known_the_readings_decide_at_once():
+    machine = Machine()
+    machine.busy = True
+    control = CountControl(2, load=machine)
+    control._last_decode = -100.0                  # a first request, with nothing measured yet
+    assert control.count() == 1 and control.sheds == 1
 
 
 def test_a_pause_busy_only_until_its_end_keeps_the_threads():

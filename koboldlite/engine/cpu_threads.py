@@ -162,6 +162,8 @@ class CountControl:
         self._held = 0                       # steps another situation has held
         self.load = load
         self.sheds = self.returns = self.probes = 0
+        self._doubted_shed: int | None = None   # a count a pause's readings proposed, until a step confirms it
+        self._doubt_steps = 0
 
     def count(self) -> int:
         """The count the next decode runs with. The first decode after a pause (a new request on an idle server)
@@ -182,17 +184,25 @@ class CountControl:
         request served, a build finished): the count follows the lesser of that and what runs at this instant."""
         if self.load is None or self.most == 1:
             return
+        self._doubted_shed = None
         others, now = self.load.others(), self.load.running_now()
         others = now if others is None else others if now is None else min(others, now)
         if others is None:
             return
         target = max(1, min(self.most, round(self.most - others)))
-        if target != self.current:
-            if target < self.current:
-                self.sheds += 1
-            else:
-                self.returns += 1
-            self.current, self.interval = target, self.first_interval
+        if target < self.current and any(c == self.current for c, _ in self.quiet):
+            # Fewer only once a step confirms it: a neighbour whose work ended as this began (another server's
+            # reply, a build's last step) still shows running for a moment, and steps at full count would be lost.
+            self._doubted_shed, self._doubt_steps = target, 0
+        elif target != self.current:
+            self._set_count(target)
+
+    def _set_count(self, count: int):
+        if count < self.current:
+            self.sheds += 1
+        else:
+            self.returns += 1
+        self.current, self.interval = count, self.first_interval
 
     def record(self, bucket: int, seconds: float):
         """A decode of this bucket ran at the count count() gave and took this long."""
@@ -204,6 +214,13 @@ class CountControl:
         smoothed = self.cost[key] = seconds if n == 1 else self.cost[key] + self.ALPHA * (seconds - self.cost[key])
         if n >= 3:
             self.quiet[key] = min(self.quiet.get(key, smoothed), smoothed)
+        if self._doubted_shed is not None:
+            self._doubt_steps += 1
+            if key in self.quiet or self._doubt_steps >= self.probe_steps:
+                # The first comparable step was slow (the cores are taken), or none came: the readings stand.
+                if key not in self.quiet or seconds > self.SLOW * self.quiet[key]:
+                    self._set_count(self._doubted_shed)
+                self._doubted_shed = None
         if self.probe:
             self._probe_step(count, bucket, seconds)
         else:
@@ -219,7 +236,9 @@ class CountControl:
         others = self.load.others() if self.load else None
         slow = key in self.quiet and self.cost[key] > self.SLOW * self.quiet[key]
         crowded = others is not None and others > self.most - c + self.SLACK
-        fewer = c > 1 and (slow or crowded)
+        # Others' use alone proposes fewer only while no quiet cost is known: once one is, steps no slower than
+        # quiet mean the threads are not waiting on a taken core (the reading may be the tail of work that ended).
+        fewer = c > 1 and (slow or (crowded and key not in self.quiet))
         more = c < self.most and others is not None and others <= self.most - up + self.SLACK
         changed = self._settled((fewer, more))
         fewer, more = self.situation
