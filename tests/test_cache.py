@@ -90,6 +90,30 @@ def test_an_idle_slots_conversation_is_kept_before_it_is_displaced(starter_model
         s.stop()
 
 
+def test_idle_conversations_are_set_aside_before_a_long_job_in_a_shared_pool(starter_model):
+    """--parallel 2, one shared pool: llama.cpp's attention reads every cell up to the highest in use, another
+    slot's too, so before a job that puts many tokens through attention the idle conversations that the prompt
+    cache holds leave the pool (KVPool.set_aside_idle); a short job leaves them in place. The conversation set
+    aside comes back from RAM with only its new turn read, and its reply is the one its slot gives."""
+    s = ServerProcess(["--model", starter_model, "--contextsize", "8192", "--parallel", "2", "--nodraft"])
+    try:
+        mark = s.mark()
+        first, _ = chat(s, LONG)
+        s.wait_for_line(r"kept slot (\d+)'s conversation \(\d+ tokens\) ahead", start=mark)
+        chat(s, [{"role": "user", "content": "Hi"}], max_tokens=4)        # a short job: nothing moves
+        assert s.json("GET", "/api/extra/perf")["kv_set_aside"] == 0
+        mark = s.mark()
+        chat(s, [{"role": "user", "content": notes(400, "other")}], max_tokens=4)
+        s.wait_for_line(r"set 1 idle conversation\(s\) aside in the prompt cache", start=mark)
+        assert s.json("GET", "/api/extra/perf")["kv_set_aside"] == 1
+        again, stats = chat(s, turn_two(first))
+        assert stats["source"] == "ram" and stats["cached"] >= 3000 and stats["prompt"] - stats["cached"] < 60
+        from_slot, stats = chat(s, turn_two(first))
+        assert stats["source"] == "slot" and from_slot == again
+    finally:
+        s.stop()
+
+
 def test_a_chats_next_turn_is_read_ahead_while_idle(starter_model):
     """Once the loop is idle, the template's close of the reply's turn and open of the user's are read into the
     slot: the next turn then reads only the user's new words. A client that sends something else back loses

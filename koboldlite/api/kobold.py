@@ -280,6 +280,7 @@ def kobold_perf(app, req):
         "active_slots": sum(m.scheduler.active for m in loaded),
         "slots": len(served.engine.slots) if served else 0,
         "kv_compactions": served.engine.compactions if served else 0,   # a shared pool laid out anew (README)
+        "kv_set_aside": served.engine.set_aside if served else 0,   # idle conversations moved to the prompt cache
         "read_ahead_tokens": served.engine.next_turns.tokens_read if served else 0,   # chats' next turns (README)
         "gpu": gpu_report(served) if served else None,
         "threads": threads_report(app, served) if served else None,   # wait policy, counts now (README)

@@ -96,6 +96,10 @@ class Engine:
         return self.pool.compactions
 
     @property
+    def set_aside(self) -> int:
+        return self.pool.set_aside
+
+    @property
     def step_cost(self):
         return self.speculation.step_cost
 
@@ -181,6 +185,7 @@ class Engine:
         keep = self._at_a_media_start(job, slot, prompt, keep)
         if not self.pool.make_room(len(prompt) - keep + 1, keep=slot):
             return False                   # a shared pool held by running replies: wait in the queue
+        self.pool.set_aside_idle(slot, len(prompt) - keep + job.max_new_tokens)
         seed = job.request.sampler.seed
         job.stats.seed = seed if seed >= 0 else secrets.randbelow(1 << 31)
         job.stats.cached_tokens = keep

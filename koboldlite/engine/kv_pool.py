@@ -61,6 +61,9 @@ class KVPool:
     # while the copy held in memory stays under the byte limit.
     COMPACT_AFTER_CELLS = 64
     COMPACT_MAX_BYTES = 128 << 20
+    # A job that puts at least this many tokens through attention (prompt to read and reply to write) first sets
+    # the idle conversations aside (set_aside_idle).
+    SET_ASIDE_MIN_TOKENS = 256
 
     def __init__(self, model: LlamaModel, slots: list[Slot], llama_lock: threading.Lock, context_shift: bool,
                  cache: PromptCache | None = None):
@@ -75,6 +78,7 @@ class KVPool:
         # carry that pending work: no compaction until it is done.
         self._moved_since_decode = False
         self.compactions = 0
+        self.set_aside = 0               # idle conversations set aside for a job's attention (set_aside_idle)
 
     def decoded(self):
         """A decode ran: moved keys are rotated now."""
@@ -223,6 +227,38 @@ class KVPool:
             self.stash(dropped)
             self.drop(dropped)
         return self.model.pool_tokens - self.cells_used() >= n
+
+    def set_aside_idle(self, reader: Slot, tokens: int) -> int:
+        """Before `reader` puts `tokens` through attention (its prompt to read and reply to write), the idle
+        slots' conversations that the prompt cache holds (keep_ahead copied them while the loop was idle), or takes
+        into its free RAM, leave the pool; they come back from there (Engine.admit's bring_back) when their chat
+        does. Why: llama.cpp's unified cache gives every step's attention all cells up to the highest in use, other
+        sequences' too, masked, and on the CPU each mask entry is read once per head and layer: three idle
+        2,000-token conversations cost a new 2,000-token prompt a quarter of its speed, and llama-server's split
+        cache nothing (bench/README.md, issue 36). Returning costs one copy back instead of nothing, so it is done
+        only for long jobs, only in a shared pool whose attention runs on the CPU. Returns how many left."""
+        if (self.cache is None or not self.model.shared_kv or getattr(self.model, "layers_offloaded", 0)
+                or tokens < self.SET_ASIDE_MIN_TOKENS):
+            return 0
+        left = 0
+        for slot in self.slots:
+            if slot is reader or slot.busy or len(slot.cached) < PromptCache.MIN_TOKENS:
+                continue
+            if not self.cache.holds(slot.cached, slot.adapter_key):
+                with self.llama_lock:
+                    size = self.lib.llama_state_seq_get_size(self.model.ctx, slot.seq_id)
+                if self.cache.ram_used + size > self.cache.ram_bytes:
+                    continue               # a copy would push out a conversation that has no other
+                self.stash(slot)
+                if not self.cache.holds(slot.cached, slot.adapter_key):
+                    continue
+            self.drop(slot)
+            left += 1
+        if left:
+            self.set_aside += left
+            self.cache.log(f"kv pool: set {left} idle conversation(s) aside in the prompt cache before slot "
+                           f"{reader.seq_id}'s {tokens} tokens of attention")
+        return left
 
     def compaction_due(self) -> bool:
         return (self.model.shared_kv and self.model.attention_only and self.model.flash_attention is not False

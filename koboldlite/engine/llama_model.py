@@ -101,6 +101,8 @@ class LlamaModel:
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self.model)
+        offloaded = re.findall(r"offloaded (\d+)/\d+ layers to GPU", "\n".join(self.llama_log))
+        self.layers_offloaded = int(offloaded[-1]) if offloaded else 0     # 0: attention runs on the CPU
 
     def _make_context(self, n_ctx: int, n_seq: int, n_threads: int, n_batch: int, shared_kv: bool, split_kv: bool,
                       flash_attention: bool | None, quantkv: int):
