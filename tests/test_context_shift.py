@@ -108,7 +108,11 @@ def test_two_chats_shift_in_their_own_slots(make_server):
     a1 = complete(s, chat(0, 16), genkey="chat-a")
     b1 = complete(s, other + chat(0, 16)[len(SYSTEM):], genkey="chat-b")
     assert a1["prompt_tokens_details"]["cached_tokens"] < 40 and b1["prompt_tokens_details"]["cached_tokens"] < 40
+    # Chat b's long job set chat a aside into the prompt cache (KVPool.set_aside_idle): the kept turns of its
+    # trimmed chat are found in the kept state as in a slot, and moved into place once it is restored.
+    assert s.json("GET", "/api/extra/perf")["kv_set_aside"] >= 1
     a2 = complete(s, chat(3, 17, "Next?"))
+    assert s.json("GET", "/api/extra/perf")["last_cache_source"] == "ram"
     b2 = complete(s, other + chat(3, 17, "Next?")[len(SYSTEM):])
     kept_a = tokens(s, SYSTEM + "".join(turn(i) for i in range(3, 16)))
     kept_b = tokens(s, other + "".join(turn(i) for i in range(3, 16)))

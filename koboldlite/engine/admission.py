@@ -36,14 +36,16 @@ def choose_slot(free: list[Slot], prompt: list[int], reused: Callable[[list[int]
 
 def bring_back(pool: KVPool, slots: list[Slot], slot: Slot, prompt: list[int]) -> str:
     """Where this prompt's cache comes from: "slot" (a slot's, as ever), or "ram" / "disk" when a displaced
-    conversation kept in the prompt cache starts it for longer than any slot's cache: it is restored into the
+    conversation kept in the prompt cache supplies more of it than any slot's cache: it is restored into the
     chosen slot (whose own conversation, if worth it, goes to the cache first). The slot holds the request's LoRA
     scales already (Engine.admit): only states and slots computed under them count."""
     cache = pool.cache
     own = pool.plan_reuse(slot.cached, prompt)[0] if slot.cached else 0
     if cache is None:
         return "slot"
-    entry, common = cache.best(prompt, slot.adapter_key)
+    # What a kept state supplies is counted as a slot's is: its start and the turns a client kept after
+    # dropping older ones (the slot's reuse moves them into place once the state is restored).
+    entry, common = cache.best(prompt, slot.adapter_key, lambda tokens, p: pool.plan_reuse(tokens, p)[0])
     others = max((common_prefix_length(s.cached, prompt) for s in slots
                   if s is not slot and s.adapter_key == slot.adapter_key), default=0)
     if entry is None or common < max(own, others if pool.model.shared_kv else 0) + RESTORE_MIN_GAIN:

@@ -122,15 +122,17 @@ class PromptCache:
 
     # -- what it holds --------------------------------------------------------------------------------------
 
-    def best(self, prompt: list[int], adapter_key: tuple = ()) -> tuple[SavedState | None, int]:
-        """The kept state computed under these LoRA scales whose tokens start the prompt for longest, and that
-        length."""
+    def best(self, prompt: list[int], adapter_key: tuple = (),
+             reused: Callable[[list[int], list[int]], int] = common_prefix_length) -> tuple[SavedState | None, int]:
+        """The kept state computed under these LoRA scales that supplies most of the prompt, and how much:
+        `reused(tokens, prompt)`, by default their common start (KVPool.plan_reuse counts the later runs a
+        client kept after dropping older turns too)."""
         best, n = None, 0
         with self._lock:
             for entry in self.entries:
                 if entry.adapter_key != adapter_key:
                     continue
-                common = common_prefix_length(entry.tokens, prompt)
+                common = reused(entry.tokens, prompt)
                 if common > n:
                     best, n = entry, common
         return best, n
