@@ -128,6 +128,8 @@ def plan_gpu(config: Config, context_chosen: bool = False) -> GPUPlan:
     found = Devices(registry)
     plan = GPUPlan(backends=found.backends, cpu=registry.cpu_backend())
     plan.lines.append(plan.cpu.describe() + (f" [{plan.cpu.library}]" if plan.cpu.library else ""))
+    if plan.cpu.extra_buffers_fault:
+        plan.lines.append(f"CPU: llama.cpp's AMX and repacked weight layouts are off: {plan.cpu.extra_buffers_fault}")
     not_loaded = registry.modules_not_loaded()
     for module, why in not_loaded.items():
         plan.lines.append(f"GPU: the {module} backend is not in use ({why}): running on the CPU")

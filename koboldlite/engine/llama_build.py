@@ -14,6 +14,7 @@ import dataclasses
 import glob
 import os
 import re
+import struct
 import sys
 
 from ..errors import ConfigError
@@ -79,10 +80,18 @@ class CPUBackend:
     def describe(self) -> str:
         return f"CPU backend: {self.variant} ({', '.join(self.features) or 'baseline x86-64'})"
 
+    @property
+    def extra_buffers_fault(self) -> str | None:
+        """Why llama.cpp's extra weight buffers (AMX, and the repacked layouts beside it) must stay off, if they
+        must: see amx_fault()."""
+        return amx_fault(self.features, self.library)
+
     def report(self) -> dict:
         """For /props and /api/extra/perf: the file's name only (a path would tell callers where things are)."""
+        fault = self.extra_buffers_fault
         return {"variant": self.variant, "features": self.features,
-                "library": os.path.basename(self.library) if self.library else None}
+                "library": os.path.basename(self.library) if self.library else None,
+                "extra_buffers": "off: " + fault if fault else "on"}
 
 
 class _Feature(ctypes.Structure):
@@ -202,6 +211,52 @@ class GGMLRegistry:
         stem = module_stem(library) if library else ""
         variant = stem[len("ggml-cpu-"):] if stem.startswith("ggml-cpu-") else "built-in"
         return CPUBackend(variant, features, library)
+
+
+# GCC up to 12.2 declares _tile_loadconfig's 64-byte operand as 8 bytes ("m" (*(const void **)config)), so the
+# optimizer drops the stores of the tile shapes before it: ggml's AMX kernels then load a config of empty tiles
+# and their first tile instruction faults (SIGILL; seen with Debian 12's GCC 12.2.0 on a Xeon with AMX). GCC 13
+# passes it to a builtin that reads all 64 bytes; whether a later 12.x was mended is not known here, so every
+# GCC 12 counts as faulty (the cost: AMX unused where it would have worked).
+FIRST_GCC_WITH_SOUND_TILE_CONFIG = (13, 0)
+
+
+def amx_fault(features: list[str], library: str | None) -> str | None:
+    """Why llama.cpp's AMX kernels would crash on this machine (the build's compiler; see above), or None where
+    the CPU code has no AMX kernels or they are sound. Only its compiler is known: the CPU library's ELF .comment
+    section names it; other formats (Windows' DLLs, built by MSVC) are taken as sound."""
+    if "AMX_INT8" not in features or not library:
+        return None
+    for compiler in elf_comment(library):
+        version = re.match(r"GCC: \(.*\) (\d+)\.(\d+)", compiler)
+        if version and (int(version.group(1)), int(version.group(2))) < FIRST_GCC_WITH_SOUND_TILE_CONFIG:
+            return (f"its AMX kernels were built by GCC {version.group(1)}.{version.group(2)}, whose AMX tile setup "
+                    f"is optimized away, and would crash")
+    return None
+
+
+def elf_comment(path: str) -> list[str]:
+    """The strings of an ELF file's .comment section (the compilers that built it); [] for anything else."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+            if head[:4] != b"\x7fELF" or head[4] != 2 or head[5] != 1:      # 64-bit little-endian only
+                return []
+            shoff, = struct.unpack_from("<Q", head, 0x28)
+            shentsize, shnum, shstrndx = struct.unpack_from("<HHH", head, 0x3A)
+            f.seek(shoff)
+            table = f.read(shentsize * shnum)
+            sections = [struct.unpack_from("<I20xQQ", table, i * shentsize) for i in range(shnum)]
+            names_offset, names_size = sections[shstrndx][1:]
+            f.seek(names_offset)
+            names = f.read(names_size)
+            for name_at, offset, size in sections:
+                if names[name_at:names.index(b"\0", name_at)] == b".comment":
+                    f.seek(offset)
+                    return [s.decode("utf-8", "replace") for s in f.read(size).split(b"\0") if s]
+    except (OSError, struct.error, ValueError, IndexError):
+        pass
+    return []
 
 
 class _DlInfo(ctypes.Structure):

@@ -65,8 +65,10 @@ class LlamaModel:
         self._log_partial = ""
         LlamaLog.route_to(llama_cpp, self, show_llama_log)
         _check_gguf_magic(path)
-        GGMLRegistry(llama_cpp).load_backends()      # a dynamic-backend build's modules (once; plan_gpu did it)
+        registry = GGMLRegistry(llama_cpp)
+        registry.load_backends()      # a dynamic-backend build's modules (once; plan_gpu did it)
         llama_cpp.llama_backend_init()
+        self.extra_buffers = registry.cpu_backend().extra_buffers_fault is None
         self._load_weights(n_gpu_layers, devices, main_gpu, tensor_split, row_split, use_mmap, use_mlock, progress)
         self._make_context(n_ctx, n_seq, n_threads, n_batch, shared_kv, split_kv, flash_attention, quantkv)
         self._read_vocabulary()
@@ -77,6 +79,7 @@ class LlamaModel:
         llama_cpp, path = self.lib, self.path
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = n_gpu_layers          # -1: all (llama.cpp's own convention)
+        mparams.use_extra_bufts = self.extra_buffers  # AMX and repacked weights, unless their code would crash
         if devices:        # NULL-terminated; kept alive with the model, llama.cpp reads it while loading
             self._devices = (ctypes.c_void_p * (len(devices) + 1))(*[d.handle for d in devices], None)
             mparams.devices = ctypes.cast(self._devices, ctypes.c_void_p)
