@@ -4,6 +4,9 @@
     BUILD_SERVER=1 KOBOLDLITE_CPU_VARIANTS=haswell bash tools/build_llama_lib.sh cpu bench/.llama-server/cpu
     python3 bench/bench_neighbours.py [--rounds 3] [--llama-server PATH] [--idle 30]
 
+(On a CPU with AVX-512, a build of every variant is the fair peer: BUILD_SERVER=1 bash tools/build_llama_lib.sh
+vulkan bench/.llama-server/vulkan, then --llama-server bench/.llama-server/vulkan/llama-server.)
+
 Servers, all on the starter model, started once and measured in turn, rounds interleaved:
 - KoboldLite as shipped (adaptive thread count) on pip's llama.cpp build, and on the Vulkan build that
   tests/install.sh leaves beside the script (its CPU backend: no --gpulayers), where that build exists;
@@ -118,7 +121,11 @@ def start_servers(args) -> list[Server]:
     kobold("KoboldLite before (all cores always)", PIP_LLAMA_LIB,
            ["--cpuwait", "spin", "--threads", str(len(os.sched_getaffinity(0)))], quiet_only=True)
     if args.llama_server and os.access(args.llama_server, os.X_OK):
-        peer = LlamaServer(args.llama_server, ["-m", model, "-c", str(CTX), "-np", "4", "--no-warmup"])
+        # llama.cpp's extra weight buffers as KoboldLite runs them: off where its AMX kernels would crash
+        # (README, Every CPU), and the comparison is of the same matrix code.
+        cpu = json.loads(servers[0].proc.request("GET", "/props")[2])["cpu_backend"]
+        same = [] if cpu.get("extra_buffers", "on") == "on" else ["--no-repack"]
+        peer = LlamaServer(args.llama_server, ["-m", model, "-c", str(CTX), "-np", "4", "--no-warmup", *same])
         servers.append(Server("llama-server", peer, peer.port, True))
     return servers
 
@@ -243,6 +250,9 @@ def main():
     global CONDITIONS
     if args.quiet_only:
         CONDITIONS = CONDITIONS[:1]
+    # No GPU driver answers, as on a PC without one: the Vulkan build runs on its CPU backend (lavapipe, where
+    # installed for the tests, would otherwise take llama-server's layers).
+    os.environ.update({"VK_ICD_FILENAMES": "/nonexistent.json", "VK_DRIVER_FILES": "/nonexistent.json"})
     servers = start_servers(args)
     try:
         speed, kept, outside = run_rounds(servers, args.rounds)
