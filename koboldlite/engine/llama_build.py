@@ -76,22 +76,18 @@ class CPUBackend:
     variant: str                  # haswell, skylakex, x64... or "built-in"
     features: list[str]           # the instruction sets its code uses, as ggml names them
     library: str | None           # the file it was loaded from
+    # Why llama.cpp's extra weight buffers (AMX, and the repacked layouts beside it) must stay off, if they must
+    # (amx_fault(): read from the library's file once, when the backend is found).
+    extra_buffers_fault: str | None = None
 
     def describe(self) -> str:
         return f"CPU backend: {self.variant} ({', '.join(self.features) or 'baseline x86-64'})"
 
-    @property
-    def extra_buffers_fault(self) -> str | None:
-        """Why llama.cpp's extra weight buffers (AMX, and the repacked layouts beside it) must stay off, if they
-        must: see amx_fault()."""
-        return amx_fault(self.features, self.library)
-
     def report(self) -> dict:
         """For /props and /api/extra/perf: the file's name only (a path would tell callers where things are)."""
-        fault = self.extra_buffers_fault
         return {"variant": self.variant, "features": self.features,
                 "library": os.path.basename(self.library) if self.library else None,
-                "extra_buffers": "off: " + fault if fault else "on"}
+                "extra_buffers": "off: " + self.extra_buffers_fault if self.extra_buffers_fault else "on"}
 
 
 class _Feature(ctypes.Structure):
@@ -210,7 +206,7 @@ class GGMLRegistry:
         library = library_of_address(get) if get else None
         stem = module_stem(library) if library else ""
         variant = stem[len("ggml-cpu-"):] if stem.startswith("ggml-cpu-") else "built-in"
-        return CPUBackend(variant, features, library)
+        return CPUBackend(variant, features, library, amx_fault(features, library))
 
 
 # GCC up to 12.2 declares _tile_loadconfig's 64-byte operand as 8 bytes ("m" (*(const void **)config)), so the
