@@ -92,9 +92,11 @@ def test_an_idle_slots_conversation_is_kept_before_it_is_displaced(starter_model
 
 def test_idle_conversations_are_set_aside_before_a_long_job_in_a_shared_pool(starter_model):
     """--parallel 2, one shared pool: llama.cpp's attention reads every cell up to the highest in use, another
-    slot's too, so before a job that puts many tokens through attention the idle conversations that the prompt
-    cache holds leave the pool (KVPool.set_aside_idle); a short job leaves them in place. The conversation set
-    aside comes back from RAM with only its new turn read, and its reply is the one its slot gives."""
+    slot's too, so before a job that puts 64 or more tokens through attention (its new prompt and the most it may
+    write) the idle conversations that the prompt cache holds leave the pool (KVPool.set_aside_idle); a job of a
+    few tokens leaves them in place. A short prompt with a reply of up to 96 tokens counts as long: each of its
+    tokens would read the idle cells. The conversation set aside comes back from RAM with only its new turn read,
+    and its reply is the one its slot gives."""
     s = ServerProcess(["--model", starter_model, "--contextsize", "8192", "--parallel", "2", "--nodraft"])
     try:
         mark = s.mark()
@@ -103,7 +105,8 @@ def test_idle_conversations_are_set_aside_before_a_long_job_in_a_shared_pool(sta
         chat(s, [{"role": "user", "content": "Hi"}], max_tokens=4)        # a short job: nothing moves
         assert s.json("GET", "/api/extra/perf")["kv_set_aside"] == 0
         mark = s.mark()
-        chat(s, [{"role": "user", "content": notes(400, "other")}], max_tokens=4)
+        chat(s, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+                 {"role": "user", "content": "Tell me a story."}], max_tokens=96)
         s.wait_for_line(r"set 1 idle conversation\(s\) aside in the prompt cache", start=mark)
         assert s.json("GET", "/api/extra/perf")["kv_set_aside"] == 1
         again, stats = chat(s, turn_two(first))

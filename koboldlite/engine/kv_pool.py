@@ -62,8 +62,10 @@ class KVPool:
     COMPACT_AFTER_CELLS = 64
     COMPACT_MAX_BYTES = 128 << 20
     # A job that puts at least this many tokens through attention (prompt to read and reply to write) first sets
-    # the idle conversations aside (set_aside_idle).
-    SET_ASIDE_MIN_TOKENS = 256
+    # the idle conversations aside (set_aside_idle). Each of its tokens reads an idle cell's keys once a layer, as
+    # copying the cell out and back does twice: measured on a 2,000-token conversation (bench/README.md, issue 36),
+    # setting it aside paid for itself after 10 to 50 tokens of one reply, so 64 leaves only the shortest jobs.
+    SET_ASIDE_MIN_TOKENS = 64
 
     def __init__(self, model: LlamaModel, slots: list[Slot], llama_lock: threading.Lock, context_shift: bool,
                  cache: PromptCache | None = None):
@@ -234,9 +236,10 @@ class KVPool:
         into its free RAM, leave the pool; they come back from there (Engine.admit's bring_back) when their chat
         does. Why: llama.cpp's unified cache gives every step's attention all cells up to the highest in use, other
         sequences' too, masked, and on the CPU each mask entry is read once per head and layer: three idle
-        2,000-token conversations cost a new 2,000-token prompt a quarter of its speed, and llama-server's split
-        cache nothing (bench/README.md, issue 36). Returning costs one copy back instead of nothing, so it is done
-        only for long jobs, only in a shared pool whose attention runs on the CPU. Returns how many left."""
+        2,000-token conversations cost a new 2,000-token prompt a quarter of its speed, one cost a 100-token reply
+        a tenth, and llama-server's split cache nothing (bench/README.md, issue 36). Returning costs one copy back
+        instead of nothing, so it is done only for jobs of SET_ASIDE_MIN_TOKENS or more, only in a shared pool
+        whose attention runs on the CPU. Returns how many left."""
         if (self.cache is None or not self.model.shared_kv or getattr(self.model, "layers_offloaded", 0)
                 or tokens < self.SET_ASIDE_MIN_TOKENS):
             return 0
