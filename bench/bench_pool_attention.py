@@ -46,26 +46,23 @@ class Context:
         self.lib = self.model.lib
         self.batch = self.lib.llama_batch_init(BATCH, 0, 1)
 
+    def decode(self, seq: int, tokens: list[int], start: int):
+        """One llama_decode of these tokens into the sequence from position `start`, logits of the last only."""
+        b = self.batch
+        b.n_tokens = len(tokens)
+        for i, t in enumerate(tokens):
+            b.token[i], b.pos[i], b.n_seq_id[i] = t, start + i, 1
+            b.seq_id[i][0], b.logits[i] = seq, i == len(tokens) - 1
+        if self.lib.llama_decode(self.model.ctx, b) != 0:
+            raise RuntimeError("llama_decode failed")
+
     def read(self, seq: int, n: int) -> float:
         """Read n random tokens into the sequence; the seconds it took."""
         tokens = [random.randrange(1000, 40000) for _ in range(n)]
         started = time.perf_counter()
         for off in range(0, n, BATCH):
-            chunk = tokens[off:off + BATCH]
-            b = self.batch
-            b.n_tokens = len(chunk)
-            for i, t in enumerate(chunk):
-                b.token[i], b.pos[i], b.n_seq_id[i] = t, off + i, 1
-                b.seq_id[i][0], b.logits[i] = seq, i == len(chunk) - 1
-            if self.lib.llama_decode(self.model.ctx, b) != 0:
-                raise RuntimeError("llama_decode failed")
+            self.decode(seq, tokens[off:off + BATCH], off)
         return time.perf_counter() - started
-
-    def step(self, seq: int, token: int, pos: int):
-        b = self.batch
-        b.n_tokens, b.token[0], b.pos[0], b.n_seq_id[0], b.seq_id[0][0], b.logits[0] = 1, token, pos, 1, seq, True
-        if self.lib.llama_decode(self.model.ctx, b) != 0:
-            raise RuntimeError("llama_decode failed")
 
     def reply_ms(self, idle: int, reply: int) -> float:
         """Milliseconds a reply token takes in sequence 0 (a 4-token prompt, then single-token steps), with
@@ -76,7 +73,7 @@ class Context:
         self.read(0, 4)
         started = time.perf_counter()
         for i in range(reply):
-            self.step(0, random.randrange(1000, 40000), 4 + i)
+            self.decode(0, [random.randrange(1000, 40000)], 4 + i)
         return (time.perf_counter() - started) * 1000 / reply
 
     def copy_ms(self, n: int) -> tuple[float, float]:
@@ -140,8 +137,8 @@ def main():
     extra = beside - alone
     lines += ["", f"A reply of {args.reply} tokens in the unified pool, alone and beside one idle conversation of "
               f"{args.tokens} tokens; what setting that conversation aside costs:", "",
-              "| ms a reply token, alone | beside the idle conversation | extra per token | copy out, ms | copy back, ms "
-              "| reply tokens that pay for both copies |", "|---:|---:|---:|---:|---:|---:|",
+              "| ms a reply token, alone | beside the idle conversation | extra per token | copy out, ms "
+              "| copy back, ms | reply tokens that pay for both copies |", "|---:|---:|---:|---:|---:|---:|",
               f"| {alone:.2f} | {beside:.2f} | {extra:.2f} | {out:.1f} | {back:.1f} | "
               + (f"{(out + back) / extra:.0f} |" if extra > 0 else "never (no extra cost measured) |")]
     results_file.publish("pool-attention.md", lines)

@@ -236,10 +236,10 @@ class KVPool:
         into its free RAM, leave the pool; they come back from there (Engine.admit's bring_back) when their chat
         does. Why: llama.cpp's unified cache gives every step's attention all cells up to the highest in use, other
         sequences' too, masked, and on the CPU each mask entry is read once per head and layer: three idle
-        2,000-token conversations cost a new 2,000-token prompt a quarter of its speed, one cost a 100-token reply
-        a tenth, and llama-server's split cache nothing (bench/README.md, issue 36). Returning costs one copy back
-        instead of nothing, so it is done only for jobs of SET_ASIDE_MIN_TOKENS or more, only in a shared pool
-        whose attention runs on the CPU. Returns how many left."""
+        2,000-token conversations cost a new 2,000-token prompt a quarter of its speed, one made each token of a
+        100-token reply a fifth slower, and llama-server's split cache nothing (bench/README.md, issue 36).
+        Returning costs one copy back instead of nothing, so it is done only for jobs of SET_ASIDE_MIN_TOKENS or
+        more, only in a shared pool whose attention runs on the CPU. Returns how many left."""
         if (self.cache is None or not self.model.shared_kv or getattr(self.model, "layers_offloaded", 0)
                 or tokens < self.SET_ASIDE_MIN_TOKENS):
             return 0
