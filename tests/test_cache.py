@@ -261,6 +261,23 @@ def test_ram_and_disk_bounds_hold(starter_model, tmp_path):
     assert sum(os.path.getsize(f) for f in state_files(folder)) <= 41 * 2**20     # after the final flush too
 
 
+def test_a_conversation_comes_back_when_keeping_the_slots_own_drops_it_from_ram(starter_model):
+    """RAM for one conversation only: bringing A back puts B, the slot's conversation, into the cache first, and
+    the bound then drops its least recently used entry, A itself. A is restored all the same (it was a 500)."""
+    s = ServerProcess(["--model", starter_model, "--contextsize", "2048", "--cacheram", "20"])
+    try:
+        a = [{"role": "user", "content": notes(600, "bound A")}]
+        chat(s, a, max_tokens=2)
+        chat(s, [{"role": "user", "content": notes(600, "bound B")}], max_tokens=2)    # A leaves the slot
+        assert s.json("GET", "/api/extra/perf")["prompt_cache"]["conversations"] == 1
+        _, stats = chat(s, a, max_tokens=2)
+        assert stats["source"] == "ram" and stats["cached"] >= 600
+        cache = s.json("GET", "/api/extra/perf")["prompt_cache"]
+        assert cache["ram_mib"] <= 20 and cache["conversations"] == 1, cache     # B's, A being in the slot
+    finally:
+        s.stop()
+
+
 def test_slots_save_restore_erase(starter_model, gemma_model, tmp_path):
     saves = str(tmp_path / "slots")
     s = ServerProcess(["--model", starter_model, "--contextsize", "4096", "--slot-save-path", saves])

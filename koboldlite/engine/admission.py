@@ -51,12 +51,17 @@ def bring_back(pool: KVPool, slots: list[Slot], slot: Slot, prompt: list[int]) -
     if entry is None or common < max(own, others if pool.model.shared_kv else 0) + RESTORE_MIN_GAIN:
         pool.stash(slot, own)             # what of it this prompt will not reuse is about to go
         return "slot"
+    # Its state is taken before the slot's own goes to the cache: that may push the cache over its RAM bound,
+    # and the entry chosen here may be the least recently used one it drops.
+    where = "ram" if entry.data is not None else "disk"
+    data = cache.data_of(entry)
+    if data is None:
+        pool.stash(slot, own)
+        return "slot"
     pool.stash(slot)
     if not pool.make_room(len(entry.tokens) - len(slot.cached) + len(prompt) - common + 1, keep=slot):
         return "slot"
-    where = "ram" if entry.data is not None else "disk"
-    data = cache.data_of(entry)
-    if data is None or not pool.restore(slot, entry.tokens, data):
+    if not pool.restore(slot, entry.tokens, data):
         return "slot"
     if common == len(entry.tokens):
         cache.taken(entry)                # the slot holds it all now

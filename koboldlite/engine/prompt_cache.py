@@ -153,9 +153,12 @@ class PromptCache:
     def data_of(self, entry: SavedState) -> bytes | None:
         """Its state, from RAM or read back from its file (checked); None if the file is gone or bad."""
         entry.last_used = time.monotonic()
-        if entry.data is not None:
-            return entry.data
-        read = self._read_file(entry.path, with_data=True)
+        data, path = entry.data, entry.path
+        if data is not None:
+            return data
+        if path is None:                 # dropped by the bound meanwhile
+            return None
+        read = self._read_file(path, with_data=True)
         if read is None:
             with self._lock:
                 if entry in self.entries:
