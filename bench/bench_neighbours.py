@@ -190,8 +190,17 @@ def run_rounds(servers: list[Server], rounds: int):
                         kept[(server.name, condition)].append(Neighbours.rate(a, neighbours.reading()) / alone)
             finally:
                 neighbours.end()
-            print(f"round {n + 1}/{rounds}: {condition} done", file=sys.stderr, flush=True)
+            singles = ", ".join(f"{s.name} {speed[(s.name, condition, ROWS[0])][-1]:.1f}" for s in servers
+                                if speed[(s.name, condition, ROWS[0])][n:])
+            print(f"round {n + 1}/{rounds}: {condition} done (single stream tok/s: {singles})", file=sys.stderr,
+                  flush=True)
     return speed, kept, outside
+
+
+def paired(a: list[float], b: list[float]) -> float:
+    """The median of a round's figure over the same round's other figure: measured minutes apart, not a run apart,
+    so the machine's drift between rounds (15% and more on a shared machine) stays out of the ratio."""
+    return statistics.median(x / y for x, y in zip(a, b))
 
 
 def table(servers, speed, kept, outside, idle) -> list[str]:
@@ -199,9 +208,10 @@ def table(servers, speed, kept, outside, idle) -> list[str]:
     lines = [f"| server | row | {' | '.join(CONDITIONS)} |", "|---|---|" + "---:|" * len(CONDITIONS)]
     for s in servers:
         for row in ROWS:
-            quiet = med[(s.name, "quiet", row)]
-            cells = [f"{quiet:.1f}"] + [f"{med[(s.name, c, row)]:.1f} ({med[(s.name, c, row)] / quiet:.2f})"
-                                        if (s.name, c, row) in med else "-" for c in CONDITIONS[1:]]
+            quiet = speed[(s.name, "quiet", row)]
+            cells = [f"{med[(s.name, 'quiet', row)]:.1f}"] + [
+                f"{med[(s.name, c, row)]:.1f} ({paired(speed[(s.name, c, row)], quiet):.2f})"
+                if (s.name, c, row) in med else "-" for c in CONDITIONS[1:]]
             lines.append(f"| {s.name} | {row} | {' | '.join(cells)} |")
         if s.quiet_only:
             continue
@@ -220,10 +230,10 @@ def table(servers, speed, kept, outside, idle) -> list[str]:
                 continue
             for row in ROWS:
                 lines.append(f"| {s.name} | {row} | " + " | ".join(
-                    f"{med[(s.name, c, row)] / med[(peer.name, c, row)]:.2f}" for c in CONDITIONS) + " |")
+                    f"{paired(speed[(s.name, c, row)], speed[(peer.name, c, row)]):.2f}" for c in CONDITIONS) + " |")
     new, old = servers[0].name, next(s.name for s in servers if s.quiet_only)
     lines += ["", f"Quiet, {new} / {old}: " + ", ".join(
-        f"{row} {med[(new, 'quiet', row)] / med[(old, 'quiet', row)]:.2f}" for row in ROWS)]
+        f"{row} {paired(speed[(new, 'quiet', row)], speed[(old, 'quiet', row)]):.2f}" for row in ROWS)]
     lines += ["", "| server | CPU while idle (share of one core) |", "|---|---:|"]
     lines += [f"| {name} | {100 * share:.2f}% |" for name, share in idle.items()]
     return lines
@@ -263,7 +273,8 @@ def main():
     flags = f"--rounds {args.rounds}" + (" --quiet-only" if args.quiet_only else "")
     header = [f"# Beside busy programs (issue 36): {os.cpu_count()} cores, {time.strftime('%Y-%m-%d %H:%M')}, "
               f"{args.rounds} rounds (median), `python3 bench/bench_neighbours.py {flags}`", "",
-              "Speed, and in brackets its share of the same server's quiet speed:", ""]
+              "Speed (median of the rounds), and in brackets its share of the same server's quiet speed (the median of "
+              "each round's share; ratios below are paired by round too):", ""]
     results_file.publish("neighbours-quiet.md" if args.quiet_only else "neighbours.md", header + table(servers, speed, kept, outside, idle))
 
 
