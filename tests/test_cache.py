@@ -117,6 +117,25 @@ def test_idle_conversations_are_set_aside_before_a_long_job_in_a_shared_pool(sta
         s.stop()
 
 
+def test_a_short_idle_conversation_is_set_aside_too(starter_model):
+    """A conversation too short for the prompt cache to keep when displaced (under 256 tokens) still costs every
+    token of a long job its cells' attention: from 64 tokens up it is set aside all the same, and comes back
+    from RAM when its chat goes on."""
+    s = ServerProcess(["--model", starter_model, "--contextsize", "4096", "--parallel", "2", "--nodraft"])
+    try:
+        short = [{"role": "user", "content": notes(80, "short")}]
+        first, stats = chat(s, short)
+        assert 64 <= stats["prompt"] < 240
+        mark = s.mark()
+        chat(s, [{"role": "user", "content": "Tell me a story."}], max_tokens=96)     # the other slot
+        s.wait_for_line(r"set 1 idle conversation\(s\) aside in the prompt cache", start=mark)
+        assert s.json("GET", "/api/extra/perf")["kv_set_aside"] == 1
+        _, stats = chat(s, short + [{"role": "assistant", "content": first}, {"role": "user", "content": "More."}])
+        assert stats["source"] == "ram" and stats["cached"] >= 64
+    finally:
+        s.stop()
+
+
 def test_a_chats_next_turn_is_read_ahead_while_idle(starter_model):
     """Once the loop is idle, the template's close of the reply's turn and open of the user's are read into the
     slot: the next turn then reads only the user's new words. A client that sends something else back loses

@@ -66,6 +66,9 @@ class KVPool:
     # copying the cell out and back does twice: measured on a 2,000-token conversation (bench/README.md, issue 36),
     # setting it aside paid for itself after 10 to 50 tokens of one reply, so 64 leaves only the shortest jobs.
     SET_ASIDE_MIN_TOKENS = 64
+    # ... and of those only conversations this long: the cost per cell is the same at any length, but one shorter
+    # than admission's RESTORE_MIN_GAIN would never be brought back, only read again.
+    SET_ASIDE_MIN_CELLS = 64
 
     def __init__(self, model: LlamaModel, slots: list[Slot], llama_lock: threading.Lock, context_shift: bool,
                  cache: PromptCache | None = None):
@@ -112,10 +115,10 @@ class KVPool:
         slot.cached = list(tokens)
         return True
 
-    def stash(self, slot: Slot, keep: int = 0, ahead: bool = False):
+    def stash(self, slot: Slot, keep: int = 0, ahead: bool = False, least: int = PromptCache.MIN_TOKENS):
         """The slot's conversation is about to be dropped (all but its first `keep` tokens): keep its state in
-        the prompt cache first, when it is worth keeping and not kept already."""
-        if self.cache is None or len(slot.cached) - keep < PromptCache.MIN_TOKENS \
+        the prompt cache first, when it is worth keeping (`least` tokens to drop) and not kept already."""
+        if self.cache is None or len(slot.cached) - keep < least \
                 or self.cache.holds(slot.cached, slot.adapter_key):
             return
         data = self.state_of(slot)
@@ -245,14 +248,14 @@ class KVPool:
             return 0
         left = 0
         for slot in self.slots:
-            if slot is reader or slot.busy or len(slot.cached) < PromptCache.MIN_TOKENS:
+            if slot is reader or slot.busy or len(slot.cached) < self.SET_ASIDE_MIN_CELLS:
                 continue
             if not self.cache.holds(slot.cached, slot.adapter_key):
                 with self.llama_lock:
                     size = self.lib.llama_state_seq_get_size(self.model.ctx, slot.seq_id)
                 if self.cache.ram_used + size > self.cache.ram_bytes:
                     continue               # a copy would push out a conversation that has no other
-                self.stash(slot)
+                self.stash(slot, least=self.SET_ASIDE_MIN_CELLS)
                 if not self.cache.holds(slot.cached, slot.adapter_key):
                     continue
             self.drop(slot)
