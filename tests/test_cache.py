@@ -136,6 +136,27 @@ def test_a_short_idle_conversation_is_set_aside_too(starter_model):
         s.stop()
 
 
+def test_a_short_conversation_set_aside_comes_back_though_another_slot_shares_its_start(starter_model):
+    """A short chat set aside in a shared pool, whose system prompt another slot holds too: brought back from RAM
+    it saves re-reading everything after that start, and a copy back costs less than reading a few tokens, so it is
+    restored (before, it had to save 64 tokens more than the shared start and was read again)."""
+    s = ServerProcess(["--model", starter_model, "--contextsize", "4096", "--parallel", "2", "--nodraft"])
+    try:
+        system = {"role": "system", "content": notes(20, "shared")}
+        short = [system, {"role": "user", "content": notes(25, "short")}]
+        first, stats = chat(s, short)
+        kept = stats["prompt"] + 8
+        mark = s.mark()
+        _, story = chat(s, [system, {"role": "user", "content": "Tell me a story."}], max_tokens=96)
+        s.wait_for_line(r"set 1 idle conversation\(s\) aside in the prompt cache", start=mark)
+        # The other slot took the shared start from this chat's cells: it is what a slot would supply later.
+        assert story["cached"] >= 20 and 64 <= kept and kept - story["cached"] < 64
+        _, stats = chat(s, short + [{"role": "assistant", "content": first}, {"role": "user", "content": "More."}])
+        assert stats["source"] == "ram" and stats["prompt"] - stats["cached"] < 16
+    finally:
+        s.stop()
+
+
 def test_a_chats_next_turn_is_read_ahead_while_idle(starter_model):
     """Once the loop is idle, the template's close of the reply's turn and open of the user's are read into the
     slot: the next turn then reads only the user's new words. A client that sends something else back loses

@@ -66,8 +66,8 @@ class KVPool:
     # copying the cell out and back does twice: measured on a 2,000-token conversation (bench/README.md, issue 36),
     # setting it aside paid for itself after 10 to 50 tokens of one reply, so 64 leaves only the shortest jobs.
     SET_ASIDE_MIN_TOKENS = 64
-    # ... and of those only conversations this long: the cost per cell is the same at any length, but one shorter
-    # than admission's RESTORE_MIN_GAIN would never be brought back, only read again.
+    # ... and of those only conversations this long: the cost per cell is the same at any length, but a copy has
+    # a fixed cost too (measured down to 100 cells only, where the copies paid for themselves after 2-4 tokens).
     SET_ASIDE_MIN_CELLS = 64
 
     def __init__(self, model: LlamaModel, slots: list[Slot], llama_lock: threading.Lock, context_shift: bool,
