@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from koboldlite.engine.cpu_policy import Priority, WaitPolicy, apply_wait_policy
-from koboldlite.engine.cpu_threads import CountControl, SystemLoad, ThreadGovernor, ThreadMode
+from koboldlite.engine.cpu_threads import CountControl, Reading, SystemLoad, ThreadGovernor, ThreadMode
 from koboldlite.engine.engine import Engine
 from koboldlite.engine.llama_model import LlamaModel
 from koboldlite.generation import GenerationRequest, SamplerSettings
@@ -25,9 +25,13 @@ class Machine:
 
     def __init__(self):
         self.busy = False
+        self.niced_cores = 0.0              # programs at nice > 0 (their steps' cost is not simulated)
 
     def others(self) -> float:
         return 1.0 if self.busy else 0.0
+
+    def niced(self) -> float:
+        return self.niced_cores
 
     def running_now(self) -> int:
         return int(self.busy)
@@ -111,17 +115,19 @@ def test_the_governor_gives_generation_and_prompt_reading_their_own_counts():
 
 def test_the_systems_load_is_the_others_cpu_less_this_process():
     load = SystemLoad()
-    readings = iter([(10.0, 100.0, 5.0), (11.0, 102.5, 6.0)])   # 2.5 busy seconds in one, 1 of them ours
+    # In one second: 2.5 busy seconds, 1 of them ours; 0.75 niced, 0.25 of them ours (as under --lowpriority).
+    readings = iter([Reading(10.0, 100.0, 50.0, 5.0, 2.0), Reading(11.0, 102.5, 50.75, 6.0, 2.25)])
     load._read = lambda: next(readings)
     load._last = load._read()
     load.WINDOW = 0
-    assert load.others() == pytest.approx(1.5)
+    assert load.others() == pytest.approx(1.5) and load.niced() == pytest.approx(0.5)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/stat")
 def test_the_systems_load_reads_this_machine():
     load = SystemLoad()
-    assert load._busy_seconds() > 0
+    busy, niced = load._machine_seconds()
+    assert busy > 0 and niced >= 0
 
 
 def test_the_wait_policy_leaves_a_users_own_setting():
@@ -288,3 +294,35 @@ def test_a_pause_busy_only_until_its_end_keeps_the_threads():
     machine.busy = True
     control._last_decode -= 10
     assert control.count() == 2 and control.sheds == 0
+
+
+def test_a_request_after_busy_programs_gave_way_to_a_niced_one_starts_at_every_core():
+    """Shed beside a busy program that ended during the pause, while one at nice 10 started: over the pause the
+    readings still say a core is taken (their average holds the busy one, the instant count holds the niced one),
+    but niced programs yield the cores, so the request starts at every thread and keeps them while its steps cost
+    what they cost quietly. (Before, it ran at one thread until a probe, 16 steps or more, brought the other back.)"""
+    machine = Machine()
+    control = CountControl(2, load=machine)
+    run(control, machine, 50)
+    machine.busy = True
+    run(control, machine, 200)
+    assert control.current == 1
+    machine.busy, machine.others, machine.running_now, machine.niced_cores = False, lambda: 1.0, lambda: 1, 0.5
+    control._last_decode -= 10
+    assert run(control, machine, 20) == [2] * 20 and control.current == 2 and control.probes == 1
+
+
+def test_a_niced_program_seen_over_the_pause_costs_one_step_where_the_cores_are_taken():
+    """The same readings with a program at normal priority still running: the first step at every thread is slow,
+    and the count is back at one from the second step on. Without niced programs seen, no step is tried."""
+    machine = Machine()
+    control = CountControl(2, load=machine)
+    run(control, machine, 50)
+    machine.busy = True
+    run(control, machine, 200)
+    machine.niced_cores = 0.5
+    control._last_decode -= 10
+    assert run(control, machine, 20) == [2] + [1] * 19 and control.current == 1
+    machine.niced_cores = 0.0
+    control._last_decode -= 10
+    assert run(control, machine, 20) == [1] * 20

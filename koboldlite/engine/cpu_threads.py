@@ -23,6 +23,7 @@ import os
 import statistics
 import sys
 import time
+from typing import NamedTuple
 
 
 class ThreadMode(enum.Enum):
@@ -43,49 +44,63 @@ def most_threads(threads: int) -> int:
     return threads or cores_available()
 
 
+class Reading(NamedTuple):
+    """CPU seconds since boot at one moment: the machine's at normal priority or above and at a lower one (None
+    where the system does not say), and this process's share of each."""
+    at: float
+    busy: float | None
+    niced: float | None
+    own: float
+    own_niced: float
+
+
 class SystemLoad:
     """The CPU the rest of the machine used since the last reading, in cores: busy time at normal priority or above,
     less this process's own. Time of programs at a lower priority (nice above 0) is left out: they yield the
-    cores to the server, and the threads are better kept (Linux counts it apart in /proc/stat). Windows tells only
-    all busy time (GetSystemTimes); elsewhere nothing is known (None)."""
+    cores to the server, and the threads are better kept (Linux counts it apart in /proc/stat, and niced() says
+    how much of it there was). Windows tells only all busy time (GetSystemTimes); elsewhere nothing is known
+    (None)."""
 
     WINDOW = 0.25         # seconds: shorter readings are too coarse (Linux counts CPU time in 10 ms ticks)
 
     def __init__(self):
         self._last = self._read()
         self._others: float | None = None
+        self._niced: float | None = None
 
     @staticmethod
-    def _busy_seconds() -> float | None:
-        """CPU seconds of the whole machine since boot, all cores, that yield to nobody: busy, not niced."""
+    def _machine_seconds() -> tuple[float | None, float | None]:
+        """CPU seconds of the whole machine since boot, all cores: busy at normal priority or above (yielding to
+        nobody), and niced."""
         if sys.platform.startswith("linux"):
             try:
                 with open("/proc/stat") as f:
                     user, nice, system, idle, iowait, irq, softirq, steal = (int(x) for x in f.readline().split()[1:9])
             except (OSError, ValueError):
-                return None
-            return (user + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+                return None, None
+            tick = os.sysconf("SC_CLK_TCK")
+            return (user + system + irq + softirq + steal) / tick, nice / tick
         if sys.platform == "win32":
             import ctypes
             idle, kernel, user = (ctypes.c_uint64(), ctypes.c_uint64(), ctypes.c_uint64())
             if not ctypes.windll.kernel32.GetSystemTimes(ctypes.byref(idle), ctypes.byref(kernel), ctypes.byref(user)):
-                return None
-            return (kernel.value + user.value - idle.value) / 1e7             # kernel time includes idle time
-        return None
+                return None, None
+            return (kernel.value + user.value - idle.value) / 1e7, None       # kernel time includes idle time
+        return None, None
 
     @staticmethod
-    def _own_seconds() -> float:
-        """This process's CPU seconds as _busy_seconds counts them: its user time goes to the niced column when
+    def _own_seconds() -> tuple[float, float]:
+        """This process's CPU seconds as _machine_seconds counts them: its user time goes to the niced column when
         it runs niced itself (--lowpriority), its system time never does."""
         t = os.times()
         try:
             niced = sys.platform.startswith("linux") and os.getpriority(os.PRIO_PROCESS, 0) > 0
         except OSError:
             niced = False
-        return t.system + (0.0 if niced else t.user)
+        return t.system + (0.0 if niced else t.user), (t.user if niced else 0.0)
 
-    def _read(self) -> tuple[float, float | None, float]:
-        return time.monotonic(), self._busy_seconds(), self._own_seconds()
+    def _read(self) -> Reading:
+        return Reading(time.monotonic(), *self._machine_seconds(), *self._own_seconds())
 
     @staticmethod
     def running_now() -> int | None:
@@ -111,12 +126,18 @@ class SystemLoad:
         """Cores' worth of CPU the other programs used over the last reading (at least WINDOW seconds long, taken
         when asked); None where the system does not say."""
         if time.monotonic() - self._last[0] >= self.WINDOW:
-            now = self._read()
-            (t0, busy0, own0), (t1, busy1, own1) = self._last, now
-            self._last = now
-            self._others = None if busy0 is None or busy1 is None else \
-                max(0.0, (busy1 - busy0) - (own1 - own0)) / (t1 - t0)
+            a, b = self._last, self._read()
+            self._last = b
+            self._others = None if a.busy is None or b.busy is None else \
+                max(0.0, (b.busy - a.busy) - (b.own - a.own)) / (b.at - a.at)
+            self._niced = None if a.niced is None or b.niced is None else \
+                max(0.0, (b.niced - a.niced) - (b.own_niced - a.own_niced)) / (b.at - a.at)
         return self._others
+
+    def niced(self) -> float | None:
+        """Cores' worth of CPU the other programs used at a lower priority over the same reading as others()'s
+        last (taken by others()); None where the system does not say."""
+        return self._niced
 
 
 @dataclasses.dataclass
@@ -143,6 +164,7 @@ class CountControl:
     ALPHA = 0.25          # weight of a new sample in the smoothed cost
     SLACK = 0.75          # cores of other programs' use taken as noise (a client on this machine, say)
     IDLE_GAP = 0.5        # seconds without a decode: the next one starts a new stretch of work
+    NICED_SEEN = 0.02     # cores of niced programs over a pause (a tick of 10 ms in 0.5 s): some may run at its end
 
     def __init__(self, most: int, fixed: int = 0, probe_steps: int = 4, first_interval: int = 16,
                  longest_interval: int = 1024, load: SystemLoad | None = None):
@@ -190,6 +212,13 @@ class CountControl:
         if others is None:
             return
         target = max(1, min(self.most, round(self.most - others)))
+        niced = self.load.niced()
+        if target <= self.current < self.most and niced is not None and niced >= self.NICED_SEEN \
+                and any(c == self.most for c, _ in self.quiet):
+            # Programs at a lower priority ran meanwhile, and neither reading tells them apart when the others
+            # stopped near the pause's end (its average holds them, the instant count holds the niced ones): niced
+            # ones yield the cores, so every thread again, and fewer once a step confirms that they are taken.
+            self._set_count(self.most)
         if target < self.current and any(c == self.current for c, _ in self.quiet):
             # Fewer only once a step confirms it: a neighbour whose work ended as this began (another server's
             # reply, a build's last step) still shows running for a moment, and steps at full count would be lost.
