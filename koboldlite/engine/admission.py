@@ -14,8 +14,7 @@ from .kv_pool import KVPool
 # copies the whole conversation back, about as long as reading one or two of its tokens takes (a 2,000-token one in
 # 10 ms on a 2-core Xeon, which read a prompt at 8 ms a token: bench/results/pool-attention.md), so a small margin;
 # from disk the file is read first.
-RESTORE_MIN_GAIN_RAM = 16
-RESTORE_MIN_GAIN_DISK = 64
+RESTORE_MIN_GAIN = {"ram": 16, "disk": 64}
 
 
 def choose_slot(free: list[Slot], prompt: list[int], reused: Callable[[list[int], list[int]], int],
@@ -53,13 +52,12 @@ def bring_back(pool: KVPool, slots: list[Slot], slot: Slot, prompt: list[int]) -
     entry, common = cache.best(prompt, slot.adapter_key, lambda tokens, p: pool.plan_reuse(tokens, p)[0])
     others = max((common_prefix_length(s.cached, prompt) for s in slots
                   if s is not slot and s.adapter_key == slot.adapter_key), default=0)
-    gain = RESTORE_MIN_GAIN_RAM if entry is not None and entry.data is not None else RESTORE_MIN_GAIN_DISK
-    if entry is None or common < max(own, others if pool.model.shared_kv else 0) + gain:
+    where = None if entry is None else "ram" if entry.data is not None else "disk"
+    if where is None or common < max(own, others if pool.model.shared_kv else 0) + RESTORE_MIN_GAIN[where]:
         pool.stash(slot, own)             # what of it this prompt will not reuse is about to go
         return "slot"
     # Its state is taken before the slot's own goes to the cache: that may push the cache over its RAM bound,
     # and the entry chosen here may be the least recently used one it drops.
-    where = "ram" if entry.data is not None else "disk"
     data = cache.data_of(entry)
     if data is None:
         pool.stash(slot, own)

@@ -125,7 +125,7 @@ class SystemLoad:
     def others(self) -> float | None:
         """Cores' worth of CPU the other programs used over the last reading (at least WINDOW seconds long, taken
         when asked); None where the system does not say."""
-        if time.monotonic() - self._last[0] >= self.WINDOW:
+        if time.monotonic() - self._last.at >= self.WINDOW:
             a, b = self._last, self._read()
             self._last = b
             self._others = None if a.busy is None or b.busy is None else \
@@ -214,17 +214,21 @@ class CountControl:
         target = max(1, min(self.most, round(self.most - others)))
         niced = self.load.niced()
         if target <= self.current < self.most and niced is not None and niced >= self.NICED_SEEN \
-                and any(c == self.most for c, _ in self.quiet):
+                and self._quiet_known(self.most):
             # Programs at a lower priority ran meanwhile, and neither reading tells them apart when the others
             # stopped near the pause's end (its average holds them, the instant count holds the niced ones): niced
             # ones yield the cores, so every thread again, and fewer once a step confirms that they are taken.
             self._set_count(self.most)
-        if target < self.current and any(c == self.current for c, _ in self.quiet):
+        if target < self.current and self._quiet_known(self.current):
             # Fewer only once a step confirms it: a neighbour whose work ended as this began (another server's
             # reply, a build's last step) still shows running for a moment, and steps at full count would be lost.
             self._doubted_shed, self._doubt_steps = target, 0
         elif target != self.current:
             self._set_count(target)
+
+    def _quiet_known(self, count: int) -> bool:
+        """Whether steps at this count have a quiet cost yet (of any size): a step can then confirm a doubt."""
+        return any(c == count for c, _ in self.quiet)
 
     def _set_count(self, count: int):
         if count < self.current:
