@@ -110,6 +110,39 @@ def test_pip_build_reports_its_built_in_cpu_backend(starter_model):
         s.stop()
 
 
+REQUIREMENTS_PLATFORMS = {          # (sys_platform, platform_machine) -> pip's build tuned for no one CPU model
+    ("linux", "x86_64"): True, ("darwin", "x86_64"): True,
+    ("win32", "AMD64"): False, ("linux", "aarch64"): False, ("darwin", "arm64"): False,
+}
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")    # pip's vendored pkg_resources, on import
+@pytest.mark.parametrize("platform, machine", REQUIREMENTS_PLATFORMS)
+def test_requirements_build_pip_llama_cpp_tuned_for_no_one_cpu_on_x86_64(platform, machine):
+    """pip's own parser reads requirements.txt as `pip install -r` does: on every platform exactly one pinned
+    llama-cpp-python, and where GCC or Clang compiles it for x86-64, -mtune=generic beside ggml's -march=native
+    (bench/README.md: "Tuned for one CPU" says why)."""
+    from pip._internal.network.session import PipSession
+    from pip._internal.req.req_file import parse_requirements
+    from packaging.markers import default_environment
+    from packaging.requirements import Requirement
+
+    env = {**default_environment(), "sys_platform": platform, "platform_machine": machine}
+    chosen = []
+    for parsed in parse_requirements(os.path.join(ROOT, "requirements.txt"), session=PipSession()):
+        req = Requirement(parsed.requirement)
+        if req.marker is None or req.marker.evaluate(env):
+            chosen.append((req, parsed.options.get("config_settings", {})))
+    llama = [(req, settings) for req, settings in chosen if req.name == "llama-cpp-python"]
+    assert len(llama) == 1 and str(llama[0][0].specifier) == "==0.3.36", chosen
+    settings = llama[0][1]
+    if REQUIREMENTS_PLATFORMS[(platform, machine)]:
+        assert settings == {"cmake.define.CMAKE_C_FLAGS": "-mtune=generic",
+                            "cmake.define.CMAKE_CXX_FLAGS": "-mtune=generic"}
+    else:
+        assert settings == {}
+
+
 @pytest.mark.skipif(QEMU is None, reason="qemu-user is not installed (tests/install.sh installs it)")
 @pytest.mark.parametrize("cpu, variant", [("Nehalem", "sse42"), ("SandyBridge", "sandybridge"),
                                           ("Haswell", "haswell")])
