@@ -168,12 +168,23 @@ def measure(server: Server, row: str, outside: list[float]) -> float:
     return out["usage"]["prompt_tokens"] / (time.perf_counter() - started)
 
 
+def steal_seconds() -> float:
+    """CPU time the hypervisor gave other guests while this machine's were ready to run (/proc/stat's steal
+    column; 0 where there is none): a shared host's noise, printed with each condition."""
+    try:
+        with open("/proc/stat") as f:
+            return int(f.readline().split()[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def run_rounds(servers: list[Server], rounds: int):
     speed = {(s.name, c, r): [] for s in servers for c in CONDITIONS for r in ROWS}
     kept = {(s.name, c): [] for s in servers for c in CONDITIONS[1:]}
     outside = {(s.name, c): [] for s in servers for c in CONDITIONS}
     for n in range(rounds):
         for condition in CONDITIONS:
+            stolen = steal_seconds()
             neighbours = Neighbours(condition)
             try:
                 if neighbours.loops:
@@ -190,10 +201,10 @@ def run_rounds(servers: list[Server], rounds: int):
                         kept[(server.name, condition)].append(Neighbours.rate(a, neighbours.reading()) / alone)
             finally:
                 neighbours.end()
-            singles = ", ".join(f"{s.name} {speed[(s.name, condition, ROWS[0])][-1]:.1f}" for s in servers
-                                if speed[(s.name, condition, ROWS[0])][n:])
-            print(f"round {n + 1}/{rounds}: {condition} done (single stream tok/s: {singles})", file=sys.stderr,
-                  flush=True)
+            figures = "; ".join(f"{s.name} " + " / ".join(f"{speed[(s.name, condition, row)][-1]:.1f}" for row in ROWS)
+                                for s in servers if speed[(s.name, condition, ROWS[0])][n:])
+            print(f"round {n + 1}/{rounds}: {condition} done (single stream / 4 clients / prompt tok/s: {figures}; "
+                  f"steal {steal_seconds() - stolen:.2f} s)", file=sys.stderr, flush=True)
     return speed, kept, outside
 
 
