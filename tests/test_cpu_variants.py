@@ -110,6 +110,26 @@ def test_pip_build_reports_its_built_in_cpu_backend(starter_model):
         s.stop()
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")    # pip's vendored pkg_resources, on import
+def test_the_llama_cpp_build_script_reads_the_one_pin_of_requirements():
+    """tools/build_llama_lib.sh builds the source of the llama-cpp-python version requirements.txt pins (its C API
+    is the one koboldlite.py calls): its own line that reads the pin, run as it stands, gives the version pip
+    reads, which every llama-cpp-python line has (one line per platform)."""
+    from pip._internal.network.session import PipSession
+    from pip._internal.req.req_file import parse_requirements
+    from packaging.requirements import Requirement
+
+    pins = {str(Requirement(r.requirement).specifier)
+            for r in parse_requirements(os.path.join(ROOT, "requirements.txt"), session=PipSession())
+            if Requirement(r.requirement).name == "llama-cpp-python"}
+    assert len(pins) == 1, pins
+    with open(os.path.join(ROOT, "tools", "build_llama_lib.sh")) as f:
+        line = next(line for line in f if line.startswith("pin="))
+    read = subprocess.run(["bash", "-c", f'root="$1"\n{line}\nprintf %s "$pin"', "bash", ROOT],
+                          capture_output=True, text=True, check=True).stdout
+    assert pins == {f"=={read}"}
+
+
 REQUIREMENTS_PLATFORMS = {          # (sys_platform, platform_machine) -> pip's build tuned for no one CPU model
     ("linux", "x86_64"): True, ("darwin", "x86_64"): True,
     ("win32", "AMD64"): False, ("linux", "aarch64"): False, ("darwin", "arm64"): False,

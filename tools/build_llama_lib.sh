@@ -33,7 +33,7 @@ case "$backend" in      # prerequisites first: name what is missing before anyth
 esac
 command -v cmake >/dev/null && command -v ninja >/dev/null || { echo "cmake and ninja are missing: apt-get install cmake ninja-build (or pip install cmake ninja)" >&2; exit 2; }
 out=$(realpath -m "${2:-$root/.llama-$backend/lib}")
-pin=$(sed -n 's/^llama-cpp-python==//p' "$root/requirements.txt")
+pin=$(sed -n 's/^llama-cpp-python==\([^ ;]*\).*/\1/p' "$root/requirements.txt" | head -n 1)    # one pin, on every platform's line
 # The source and build tree live in a cache outside the checkout (a later build, or CI's fresh clone on the
 # same machine, only relinks); a fresh machine builds once.
 work="${KOBOLDLITE_BUILD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/koboldlite}/llama-$pin-$backend"
