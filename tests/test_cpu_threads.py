@@ -65,6 +65,23 @@ def test_the_count_sheds_a_thread_beside_a_busy_program_and_comes_back_when_it_l
                                 "probes": control.probes}
 
 
+def test_a_probe_for_more_threads_beside_taken_cores_stops_at_its_first_step():
+    """Beside programs that hold every core the count still tries more threads now and then (the longest wait);
+    such a step costs several at one thread (spinning at each barrier for a thread the system took away), so the
+    probe stops at the first one instead of running all its steps."""
+    machine = Machine()
+    control = CountControl(2, load=machine)
+    run(control, machine, 100)
+    machine.busy = True
+    run(control, machine, 200)
+    assert control.current == 1
+    probes = control.probes
+    busy = run(control, machine, 5000)
+    assert control.probes - probes >= 4, "it still looks now and then"
+    assert busy.count(2) == control.probes - probes, "one step at two threads for each probe, no more"
+    assert control.current == 1
+
+
 def test_without_the_systems_load_the_count_still_comes_back_after_the_longest_wait():
     machine = Machine()
     control = CountControl(2, load=None, longest_interval=256)

@@ -6,7 +6,8 @@ the quiet two-thread speed where two threads fall to a fifth of it (bench/result
 measured, not guessed: each decode's cost is timed, a count whose steps have grown slower than they were on a
 quiet machine is compared, over a few steps, with one a little lower, and the faster one kept; while fewer threads
 run, a few steps at a higher count now and then find out whether the cores are free again. A probe that loses is
-tried again after twice as long, so a settled machine pays for almost no probes, and the other programs' CPU use
+tried again after twice as long (and ends at its first step if that step already cost twice the current count's),
+so a settled machine pays for almost no probes, and the other programs' CPU use
 (SystemLoad) keeps the loop from probing a higher count while no core is free for it.
 
 Who calls what: the Engine asks ThreadGovernor.count(n) before each decode of n tokens, sets that count in llama.cpp
@@ -165,6 +166,7 @@ class CountControl:
     SLACK = 0.75          # cores of other programs' use taken as noise (a client on this machine, say)
     IDLE_GAP = 0.5        # seconds without a decode: the next one starts a new stretch of work
     NICED_SEEN = 0.02     # cores of niced programs over a pause (a tick of 10 ms in 0.5 s): some may run at its end
+    ABANDON = 2.0         # a probed step this much dearer than the current count's smoothed cost ends the probe
 
     def __init__(self, most: int, fixed: int = 0, probe_steps: int = 4, first_interval: int = 16,
                  longest_interval: int = 1024, load: SystemLoad | None = None):
@@ -307,6 +309,14 @@ class CountControl:
         probe.steps += 1
         if bucket == probe.bucket:
             (probe.tried if count == probe.count else probe.baseline).append(seconds)
+            current = self.cost.get((self.current, bucket))
+            if count == probe.count and current is not None and seconds > self.ABANDON * current:
+                # Failed already, and the next steps would cost as much: more threads than the cores left free
+                # wait at every barrier for one the system took away (two threads beside two busy loops: 3 to 10
+                # times a step at one), so the probe that would find it out stops at its first step.
+                self.probe, self.since_probe = None, 0
+                self.interval = min(self.longest_interval, self.interval * 2)
+                return
         if len(probe.baseline) < self.probe_steps and probe.steps < 4 * self.probe_steps:
             return
         self.probe, self.since_probe = None, 0
