@@ -46,6 +46,16 @@ def run(control: CountControl, machine: Machine, steps: int, bucket: int = 1) ->
     return counts
 
 
+def shed_beside_a_busy_program(quiet_steps: int) -> tuple[Machine, CountControl]:
+    """A control that ran quiet_steps on a quiet machine, then 200 beside a busy program (where it sheds to one)."""
+    machine = Machine()
+    control = CountControl(2, load=machine)
+    run(control, machine, quiet_steps)
+    machine.busy = True
+    run(control, machine, 200)
+    return machine, control
+
+
 def test_the_count_sheds_a_thread_beside_a_busy_program_and_comes_back_when_it_leaves():
     machine = Machine()
     control = CountControl(2, load=machine)
@@ -69,11 +79,7 @@ def test_a_probe_for_more_threads_beside_taken_cores_stops_at_its_first_step():
     """Beside programs that hold every core the count still tries more threads now and then (the longest wait);
     such a step costs several at one thread (spinning at each barrier for a thread the system took away), so the
     probe stops at the first one instead of running all its steps."""
-    machine = Machine()
-    control = CountControl(2, load=machine)
-    run(control, machine, 100)
-    machine.busy = True
-    run(control, machine, 200)
+    machine, control = shed_beside_a_busy_program(100)
     assert control.current == 1
     probes = control.probes
     busy = run(control, machine, 5000)
@@ -318,11 +324,7 @@ def test_a_request_after_busy_programs_gave_way_to_a_niced_one_starts_at_every_c
     readings still say a core is taken (their average holds the busy one, the instant count holds the niced one),
     but niced programs yield the cores, so the request starts at every thread and keeps them while its steps cost
     what they cost quietly. (Before, it ran at one thread until a probe, 16 steps or more, brought the other back.)"""
-    machine = Machine()
-    control = CountControl(2, load=machine)
-    run(control, machine, 50)
-    machine.busy = True
-    run(control, machine, 200)
+    machine, control = shed_beside_a_busy_program(50)
     assert control.current == 1
     machine.busy, machine.others, machine.running_now, machine.niced_cores = False, lambda: 1.0, lambda: 1, 0.5
     control._last_decode -= 10
@@ -332,11 +334,7 @@ def test_a_request_after_busy_programs_gave_way_to_a_niced_one_starts_at_every_c
 def test_a_niced_program_seen_over_the_pause_costs_one_step_where_the_cores_are_taken():
     """The same readings with a program at normal priority still running: the first step at every thread is slow,
     and the count is back at one from the second step on. Without niced programs seen, no step is tried."""
-    machine = Machine()
-    control = CountControl(2, load=machine)
-    run(control, machine, 50)
-    machine.busy = True
-    run(control, machine, 200)
+    machine, control = shed_beside_a_busy_program(50)
     machine.niced_cores = 0.5
     control._last_decode -= 10
     assert run(control, machine, 20) == [2] + [1] * 19 and control.current == 1

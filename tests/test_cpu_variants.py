@@ -110,18 +110,22 @@ def test_pip_build_reports_its_built_in_cpu_backend(starter_model):
         s.stop()
 
 
+def requirements() -> list[tuple]:
+    """requirements.txt as `pip install -r` reads it (pip's own parser): each line's requirement and config settings."""
+    from pip._internal.network.session import PipSession
+    from pip._internal.req.req_file import parse_requirements
+    from packaging.requirements import Requirement
+
+    return [(Requirement(parsed.requirement), parsed.options.get("config_settings", {}))
+            for parsed in parse_requirements(os.path.join(ROOT, "requirements.txt"), session=PipSession())]
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")    # pip's vendored pkg_resources, on import
 def test_the_llama_cpp_build_script_reads_the_one_pin_of_requirements():
     """tools/build_llama_lib.sh builds the source of the llama-cpp-python version requirements.txt pins (its C API
     is the one koboldlite.py calls): its own line that reads the pin, run as it stands, gives the version pip
     reads, which every llama-cpp-python line has (one line per platform)."""
-    from pip._internal.network.session import PipSession
-    from pip._internal.req.req_file import parse_requirements
-    from packaging.requirements import Requirement
-
-    pins = {str(Requirement(r.requirement).specifier)
-            for r in parse_requirements(os.path.join(ROOT, "requirements.txt"), session=PipSession())
-            if Requirement(r.requirement).name == "llama-cpp-python"}
+    pins = {str(req.specifier) for req, _ in requirements() if req.name == "llama-cpp-python"}
     assert len(pins) == 1, pins
     with open(os.path.join(ROOT, "tools", "build_llama_lib.sh")) as f:
         line = next(line for line in f if line.startswith("pin="))
@@ -142,17 +146,10 @@ def test_requirements_build_pip_llama_cpp_tuned_for_no_one_cpu_on_x86_64(platfor
     """pip's own parser reads requirements.txt as `pip install -r` does: on every platform exactly one pinned
     llama-cpp-python, and where GCC or Clang compiles it for x86-64, -mtune=generic beside ggml's -march=native
     (bench/README.md: "Tuned for one CPU" says why)."""
-    from pip._internal.network.session import PipSession
-    from pip._internal.req.req_file import parse_requirements
     from packaging.markers import default_environment
-    from packaging.requirements import Requirement
 
     env = {**default_environment(), "sys_platform": platform, "platform_machine": machine}
-    chosen = []
-    for parsed in parse_requirements(os.path.join(ROOT, "requirements.txt"), session=PipSession()):
-        req = Requirement(parsed.requirement)
-        if req.marker is None or req.marker.evaluate(env):
-            chosen.append((req, parsed.options.get("config_settings", {})))
+    chosen = [(req, settings) for req, settings in requirements() if req.marker is None or req.marker.evaluate(env)]
     llama = [(req, settings) for req, settings in chosen if req.name == "llama-cpp-python"]
     assert len(llama) == 1 and str(llama[0][0].specifier) == "==0.3.36", chosen
     settings = llama[0][1]

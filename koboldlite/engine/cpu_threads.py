@@ -307,20 +307,18 @@ class CountControl:
     def _probe_step(self, count: int, bucket: int, seconds: float):
         probe = self.probe
         probe.steps += 1
+        failed = False
         if bucket == probe.bucket:
             (probe.tried if count == probe.count else probe.baseline).append(seconds)
+            # Failed already, and the next steps would cost as much: more threads than the cores left free wait at
+            # every barrier for one the system took away (two threads beside two busy loops: 3 to 10 times a step
+            # at one), so the probe that would find it out stops at its first step.
             current = self.cost.get((self.current, bucket))
-            if count == probe.count and current is not None and seconds > self.ABANDON * current:
-                # Failed already, and the next steps would cost as much: more threads than the cores left free
-                # wait at every barrier for one the system took away (two threads beside two busy loops: 3 to 10
-                # times a step at one), so the probe that would find it out stops at its first step.
-                self.probe, self.since_probe = None, 0
-                self.interval = min(self.longest_interval, self.interval * 2)
-                return
-        if len(probe.baseline) < self.probe_steps and probe.steps < 4 * self.probe_steps:
+            failed = count == probe.count and current is not None and seconds > self.ABANDON * current
+        if not failed and len(probe.baseline) < self.probe_steps and probe.steps < 4 * self.probe_steps:
             return
         self.probe, self.since_probe = None, 0
-        if probe.tried and probe.baseline and \
+        if not failed and probe.tried and probe.baseline and \
                 statistics.median(probe.tried) <= self.GAIN * statistics.median(probe.baseline):
             if probe.count < self.current:
                 self.sheds += 1
