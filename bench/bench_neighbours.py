@@ -136,20 +136,26 @@ def prompt_of(tokens: int) -> str:
     return f"Inventory {random.randrange(10**9)}: {words} and that is all."
 
 
-def decode_seconds(server: Server) -> float:
-    """KoboldLite's time inside llama_decode so far (/api/extra/perf)."""
-    return json.loads(server.proc.request("GET", "/api/extra/perf")[2])["threads"]["decode_seconds"]
+def thread_report(server: Server) -> dict:
+    """KoboldLite's thread governor as /api/extra/perf reports it: time inside llama_decode so far, and the
+    generation count's state (now, sheds, returns, probes)."""
+    return json.loads(server.proc.request("GET", "/api/extra/perf")[2])["threads"]
 
 
-def measure(server: Server, row: str, outside: list[float]) -> float:
-    """The row's speed; for a KoboldLite single stream, the share of its time spent outside llama.cpp too."""
+def measure(server: Server, row: str, outside: list[float], counts: list[str]) -> float:
+    """The row's speed; for a KoboldLite single stream, the share of its time spent outside llama.cpp too, and
+    its generation thread count after the request with the sheds, returns and probes during it (`counts`)."""
     if row.startswith("single"):
-        inside = None if server.llama else decode_seconds(server)
+        before = None if server.llama else thread_report(server)
         started = time.perf_counter()
         out = server.post({"prompt": "Once upon a time", "max_tokens": 100, "temperature": 0, "ban_eos_token": True})
         took = time.perf_counter() - started
-        if inside is not None:
-            outside.append(1 - (decode_seconds(server) - inside) / took)
+        if before is not None:
+            after = thread_report(server)
+            outside.append(1 - (after["decode_seconds"] - before["decode_seconds"]) / took)
+            a, b = after["generation"], before["generation"]
+            counts.append(f"{a['now']} threads (+{a['sheds'] - b['sheds']} sheds, +{a['returns'] - b['returns']} "
+                          f"returns, +{a['probes'] - b['probes']} probes)")
         return out["usage"]["completion_tokens"] / took
     started = time.perf_counter()
     if row.startswith("4 clients"):
@@ -182,6 +188,7 @@ def run_rounds(servers: list[Server], rounds: int):
     speed = {(s.name, c, r): [] for s in servers for c in CONDITIONS for r in ROWS}
     kept = {(s.name, c): [] for s in servers for c in CONDITIONS[1:]}
     outside = {(s.name, c): [] for s in servers for c in CONDITIONS}
+    counts: dict[str, list[str]] = {}     # KoboldLite's generation thread count after each single stream
     for n in range(rounds):
         for condition in CONDITIONS:
             stolen = steal_seconds()
@@ -196,12 +203,14 @@ def run_rounds(servers: list[Server], rounds: int):
                         continue
                     a = neighbours.reading()
                     for row in ROWS:
-                        speed[(server.name, condition, row)].append(measure(server, row, outside[(server.name, condition)]))
+                        speed[(server.name, condition, row)].append(
+                            measure(server, row, outside[(server.name, condition)], counts.setdefault(server.name, [])))
                     if neighbours.loops:
                         kept[(server.name, condition)].append(Neighbours.rate(a, neighbours.reading()) / alone)
             finally:
                 neighbours.end()
             figures = "; ".join(f"{s.name} " + " / ".join(f"{speed[(s.name, condition, row)][-1]:.1f}" for row in ROWS)
+                                + (f" [single stream at {counts[s.name][-1]}]" if counts.get(s.name) else "")
                                 for s in servers if speed[(s.name, condition, ROWS[0])][n:])
             print(f"round {n + 1}/{rounds}: {condition} done (single stream / 4 clients / prompt tok/s: {figures}; "
                   f"steal {steal_seconds() - stolen:.2f} s)", file=sys.stderr, flush=True)
