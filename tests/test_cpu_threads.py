@@ -341,3 +341,39 @@ def test_a_niced_program_seen_over_the_pause_costs_one_step_where_the_cores_are_
     machine.niced_cores = 0.0
     control._last_decode -= 10
     assert run(control, machine, 20) == [1] * 20
+
+
+def test_a_shed_at_a_requests_start_waits_before_probing_for_more():
+    """After a long quiet stretch (no probes: the steps since the last one pile up), a request beside a busy
+    program sheds at its first step; the next steps at one thread do not start at once the probe for more that
+    the longest wait allows (before, one step at two threads came right after the shed)."""
+    machine = Machine()
+    control = CountControl(2, load=machine)
+    run(control, machine, 2000)
+    assert control.probes == 0
+    machine.busy = True
+    control._last_decode -= 10
+    assert run(control, machine, 100) == [2] + [1] * 99
+    assert control.sheds == 1 and control.probes == 0
+
+
+def test_a_busy_program_read_as_less_than_a_core_starts_no_probe_while_it_still_runs():
+    """A busy loop that our own threads pushed off its core for part of a reading shows as 0.6 of a core; the
+    instant count still shows it running, so no step at two threads is tried (each waits at every barrier)."""
+    machine, control = shed_beside_a_busy_program(50)
+    probes = control.probes
+    machine.others = lambda: 0.6
+    assert run(control, machine, 60) == [1] * 60 and control.probes == probes
+    # Gone for real (nothing running now either): the probe finds two threads faster and keeps them.
+    machine.busy, machine.others = False, lambda: 0.0
+    back = run(control, machine, 60)
+    assert control.current == 2 and back.index(2) < 30
+
+
+def test_beside_a_niced_program_the_instant_count_does_not_hold_the_threads_back():
+    """Programs at a lower priority run now (the instant count holds them) but yield the cores: where they were
+    seen, the average alone decides, and two threads, faster beside them, come back within a probe."""
+    machine, control = shed_beside_a_busy_program(50)
+    machine.busy, machine.running_now, machine.niced_cores = False, lambda: 1, 0.5
+    back = run(control, machine, 60)
+    assert control.current == 2 and back.index(2) < 30

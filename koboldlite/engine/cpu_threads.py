@@ -8,7 +8,8 @@ quiet machine is compared, over a few steps, with one a little lower, and the fa
 run, a few steps at a higher count now and then find out whether the cores are free again. A probe that loses is
 tried again after twice as long (and ends at its first step if that step already cost twice the current count's),
 so a settled machine pays for almost no probes, and the other programs' CPU use
-(SystemLoad) keeps the loop from probing a higher count while no core is free for it.
+(SystemLoad: their average over a reading, and those running at the instant) keeps the loop from probing a
+higher count while no core is free for it.
 
 Who calls what: the Engine asks ThreadGovernor.count(n) before each decode of n tokens, sets that count in llama.cpp
 (llama_set_n_threads costs nothing: it is read when the next graph runs), and reports the decode's seconds with
@@ -233,11 +234,13 @@ class CountControl:
         return any(c == count for c, _ in self.quiet)
 
     def _set_count(self, count: int):
+        """A new count from the readings: its probes wait from now (the steps counted before were at the old one,
+        and the longest wait must not fire at once: beside a busy program, a probe for more right after the shed)."""
         if count < self.current:
             self.sheds += 1
         else:
             self.returns += 1
-        self.current, self.interval = count, self.first_interval
+        self.current, self.interval, self.since_probe = count, self.first_interval, 0
 
     def record(self, bucket: int, seconds: float):
         """A decode of this bucket ran at the count count() gave and took this long."""
@@ -274,7 +277,7 @@ class CountControl:
         # Others' use alone proposes fewer only while no quiet cost is known: once one is, steps no slower than
         # quiet mean the threads are not waiting on a taken core (the reading may be the tail of work that ended).
         fewer = c > 1 and (slow or (crowded and key not in self.quiet))
-        more = c < self.most and others is not None and others <= self.most - up + self.SLACK
+        more = c < self.most and others is not None and others <= self.most - up + self.SLACK and self._free_now(up)
         changed = self._settled((fewer, more))
         fewer, more = self.situation
         if self.since_probe < (2 * self.probe_steps if changed else self.interval):
@@ -287,6 +290,19 @@ class CountControl:
             # Now and then whatever the signs say: some systems do not tell the other programs' load, and busy
             # cores may not be ours (a container's /proc/stat counts the host's).
             self._start_probe(down if c == self.most else up, bucket)
+
+    def _free_now(self, count: int) -> bool:
+        """Whether the other programs leave `count` cores free at this instant too (True where the system does not
+        say): a busy program that our own threads pushed off its core for part of a reading shows as less than one
+        core (0.56 to 0.8 of one for a busy loop beside one thread generating, 1 reading in 20), and a probe for
+        more then costs a step that waits at every barrier."""
+        if self.load is None:
+            return True
+        niced = self.load.niced()
+        if niced is not None and niced >= self.NICED_SEEN:
+            return True         # the instant count holds niced programs too, and they yield: the average decides
+        now = self.load.running_now()
+        return now is None or now <= self.most - count
 
     def _settled(self, situation: tuple[bool, bool]) -> bool:
         """Whether the signs have changed and held for a few steps (a reading near a threshold flips back and
