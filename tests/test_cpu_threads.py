@@ -256,6 +256,16 @@ def test_bad_thread_options_are_refused_in_one_line(tmp_path):
             load_config(argv)
 
 
+def paused_beside_a_busy_program(machine: Machine) -> tuple[Machine, CountControl]:
+    """A control that ran 50 steps on a quiet machine, then paused (its next decode starts a new stretch of work)
+    while a busy program started."""
+    control = CountControl(2, load=machine)
+    run(control, machine, 50)
+    machine.busy = True
+    control._last_decode -= 10
+    return machine, control
+
+
 def test_where_a_niced_neighbour_counts_as_load_the_probes_still_keep_the_threads_that_do_better():
     """Linux leaves a niced program's CPU out of the load (it yields the cores); Windows counts it. Counted, it
     moves the count down at a request's start, and then only starts probes: two threads are faster beside a loop
@@ -272,32 +282,40 @@ def test_where_a_niced_neighbour_counts_as_load_the_probes_still_keep_the_thread
 
 
 def test_a_new_request_after_a_pause_starts_from_the_cores_left_free():
-    """Busy meanwhile and busy now: fewer threads once the first step confirms it (no probe needed); free again:
-    all of them at once."""
-    machine = Machine()
-    control = CountControl(2, load=machine)
-    run(control, machine, 50)
-    machine.busy = True
-    control._last_decode -= 10                     # a pause: the next decode starts a new stretch of work
-    assert control.count() == 2 and control.sheds == 0
-    control.record(1, Machine.COST[True][2])       # slow: the cores are taken
-    assert control.count() == 1 and control.sheds == 1 and control.probes == 0
+    """Busy meanwhile and busy now: fewer threads from the first step, with no step at every thread first (beside a
+    busy program it waits at every barrier) and no probe; free again: all of them at once."""
+    machine, control = paused_beside_a_busy_program(Machine())
+    assert control.count() == 1 and control.sheds == 1
+    control.record(1, Machine.COST[True][1])       # still running after the step: one thread it stays
+    assert control.count() == 1 and control.probes == 0 and control.returns == 0
     machine.busy = False
     control._last_decode -= 10
     assert control.count() == 2 and control.returns == 1
 
 
-def test_a_neighbour_that_ends_as_a_request_begins_costs_no_step():
-    """Busy over the pause and still running at its end, but gone by the first step (another server's reply
-    that just ended): the step costs what it costs quietly, and every thread stays."""
+def test_a_neighbour_that_ends_as_a_request_begins_costs_one_step_at_fewer_threads():
+    """Busy over the pause and still running at its end, but gone by the end of the first step (another server's
+    reply that just ended): that step runs at one thread, and the instant count read after it gives every thread
+    back from the second step on."""
+    machine, control = paused_beside_a_busy_program(Machine())
+    assert control.count() == 1
+    machine.busy = False
+    assert run(control, machine, 20) == [1] + [2] * 19
+    assert control.sheds == 1 and control.returns == 1 and control.probes == 0
+
+
+def test_where_the_system_gives_no_instant_count_a_step_at_every_thread_decides():
+    """Windows says only how busy the others were over the pause: a neighbour that ended as the request began is
+    told from one still running by a first step at every thread, quiet (the threads stay) or slow (one goes)."""
     machine = Machine()
-    control = CountControl(2, load=machine)
-    run(control, machine, 50)
-    machine.busy = True
-    control._last_decode -= 10
+    machine.running_now = lambda: None
+    machine, control = paused_beside_a_busy_program(machine)
     assert control.count() == 2
     machine.busy = False
     assert run(control, machine, 20) == [2] * 20 and control.sheds == 0
+    machine.busy = True
+    control._last_decode -= 10
+    assert run(control, machine, 20) == [2] + [1] * 19 and control.sheds == 1
 
 
 def test_with_no_quiet_cost_known_the_readings_decide_at_once():
@@ -345,7 +363,7 @@ def test_a_niced_program_seen_over_the_pause_costs_one_step_where_the_cores_are_
 
 def test_a_shed_at_a_requests_start_waits_before_probing_for_more():
     """After a long quiet stretch (no probes: the steps since the last one pile up), a request beside a busy
-    program sheds at its first step; the next steps at one thread do not start at once the probe for more that
+    program sheds from its first step; the next steps at one thread do not start at once the probe for more that
     the longest wait allows (before, one step at two threads came right after the shed)."""
     machine = Machine()
     control = CountControl(2, load=machine)
@@ -353,7 +371,7 @@ def test_a_shed_at_a_requests_start_waits_before_probing_for_more():
     assert control.probes == 0
     machine.busy = True
     control._last_decode -= 10
-    assert run(control, machine, 100) == [2] + [1] * 99
+    assert run(control, machine, 100) == [1] * 100
     assert control.sheds == 1 and control.probes == 0
 
 

@@ -189,6 +189,7 @@ class CountControl:
         self.sheds = self.returns = self.probes = 0
         self._doubted_shed: int | None = None   # a count a pause's readings proposed, until a step confirms it
         self._doubt_steps = 0
+        self._recheck = False                   # a shed at a request's start: read the instant count after a step
 
     def count(self) -> int:
         """The count the next decode runs with. The first decode after a pause (a new request on an idle server)
@@ -209,24 +210,29 @@ class CountControl:
         request served, a build finished): the count follows the lesser of that and what runs at this instant."""
         if self.load is None or self.most == 1:
             return
-        self._doubted_shed = None
-        others, now = self.load.others(), self.load.running_now()
-        others = now if others is None else others if now is None else min(others, now)
+        self._doubted_shed, self._recheck = None, False
+        average, now = self.load.others(), self.load.running_now()
+        others = now if average is None else average if now is None else min(average, now)
         if others is None:
             return
         target = max(1, min(self.most, round(self.most - others)))
         niced = self.load.niced()
-        if target <= self.current < self.most and niced is not None and niced >= self.NICED_SEEN \
-                and self._quiet_known(self.most):
+        niced_seen = niced is not None and niced >= self.NICED_SEEN
+        if target <= self.current < self.most and niced_seen and self._quiet_known(self.most):
             # Programs at a lower priority ran meanwhile, and neither reading tells them apart when the others
             # stopped near the pause's end (its average holds them, the instant count holds the niced ones): niced
             # ones yield the cores, so every thread again, and fewer once a step confirms that they are taken.
             self._set_count(self.most)
-        if target < self.current and self._quiet_known(self.current):
-            # Fewer only once a step confirms it: a neighbour whose work ended as this began (another server's
-            # reply, a build's last step) still shows running for a moment, and steps at full count would be lost.
+        if target < self.current and (now is None or niced_seen) and self._quiet_known(self.current):
+            # No instant count that can be trusted to say a neighbour still runs (none on this system; niced ones
+            # in it yield the cores): fewer only once a step at the current count confirms that its cores are taken.
             self._doubted_shed, self._doubt_steps = target, 0
         elif target != self.current:
+            # A neighbour whose work ended as this began (another server's reply, a build's last step) may still
+            # show running for a moment: the instant count is read again after the first step. That step, at
+            # fewer threads, costs 1.5 times a quiet one where it was wrong; one at every thread beside a busy
+            # program waits at every barrier (3 to 10 times a step at one thread) in each request it starts.
+            self._recheck = target < self.current
             self._set_count(target)
 
     def _quiet_known(self, count: int) -> bool:
@@ -252,6 +258,11 @@ class CountControl:
         smoothed = self.cost[key] = seconds if n == 1 else self.cost[key] + self.ALPHA * (seconds - self.cost[key])
         if n >= 3:
             self.quiet[key] = min(self.quiet.get(key, smoothed), smoothed)
+        if self._recheck:
+            self._recheck = False
+            now = self.load.running_now()
+            if now is not None and self.most - now > self.current:
+                self._set_count(min(self.most, self.most - now))
         if self._doubted_shed is not None:
             self._doubt_steps += 1
             if key in self.quiet or self._doubt_steps >= self.probe_steps:
