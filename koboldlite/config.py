@@ -34,7 +34,7 @@ class Config:
     password: str | None = None
     contextsize: int = 0        # 0: the model's trained context where memory allows, at least 4096 (context_fit.py)
     threads: int = 0            # 0: up to one per core, fewer while other programs take them; N: always N
-    threadsbatch: int = 0       # threads reading prompts; 0: as --threads
+    threadsbatch: int = 0       # threads reading prompts; 0: as --threads, else generation's adaptive count
     cpuwait: str = "spin"       # how llama.cpp's threads wait for each other: spin, short, passive (cpu_policy.py)
     highpriority: bool = False  # the process above normal CPU priority
     lowpriority: bool = False   # below it: the desktop's other programs first
@@ -177,7 +177,8 @@ def _add_engine_options(p: argparse.ArgumentParser):
     p.add_argument("--threads", type=int,
                    help="CPU threads (default: one per core, fewer while other programs keep the cores busy)")
     p.add_argument("--threadsbatch", "--threads-batch", "--blasthreads", dest="threadsbatch", type=int,
-                   help="CPU threads reading prompts (default: as --threads)")
+                   help="CPU threads reading prompts (default: as --threads, or without it the count generation "
+                        "follows)")
     p.add_argument("--cpuwait", choices=("spin", "short", "passive"),
                    help="how llama.cpp's threads wait for each other: spin (default) is the OpenMP runtime's own "
                         "long spin; short spins briefly, then sleeps; passive sleeps at once (least CPU, slower)")

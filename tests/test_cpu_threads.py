@@ -130,10 +130,92 @@ def test_the_governor_gives_generation_and_prompt_reading_their_own_counts():
     gov = ThreadGovernor(4, threads=0, threads_batch=2, load=Machine())   # quiet: a busy CI host would shed
     assert gov.count(1) == 4 and gov.count(16) == 4 and gov.count(17) == 2 and gov.count(512) == 2
     assert gov.report()["generation"]["mode"] == "adaptive" and gov.report()["batch"]["mode"] == "fixed"
-    gov = ThreadGovernor(4)                                   # prompt reading keeps every core
-    assert gov.count(512) == 4 and gov.report()["batch"] == {**gov.report()["batch"], "mode": "fixed", "most": 4}
     gov = ThreadGovernor(4, threads=3)
     assert gov.count(1) == 3 and gov.count(512) == 3          # --threads alone fixes both, as llama-server's -t
+    assert gov.report()["batch"] == {**gov.report()["batch"], "mode": "fixed", "most": 3, "now": 3}
+
+
+def generate(gov: ThreadGovernor, machine: Machine, steps: int) -> list[int]:
+    counts = []
+    for _ in range(steps):
+        counts.append(gov.count(1))
+        gov.record(1, Machine.COST[machine.busy][counts[-1]])
+    return counts
+
+
+def test_prompt_reading_runs_at_the_count_generation_found():
+    """Without --threadsbatch a prompt chunk runs at the generation steps' count (every core beside busy programs
+    waits at every barrier, as a step does): every core on a quiet machine, one beside a busy program, never a
+    probe's count; its time changes no count."""
+    machine = Machine()
+    gov = ThreadGovernor(2, load=machine)
+    generate(gov, machine, 50)
+    assert gov.count(17) == 2 and gov.count(512) == 2
+    assert gov.report()["batch"] == {"mode": "following", "most": 2, "now": 2}
+    machine.busy = True
+    generate(gov, machine, 200)
+    assert gov.generation.current == 1 and gov.count(17) == 1 and gov.count(512) == 1
+    assert gov.report()["batch"] == {"mode": "following", "most": 2, "now": 1}
+    generation = gov.generation
+    while generation.probe is None:                # the longest wait's probe for two threads, under way
+        generate(gov, machine, 1)
+    assert generation.probe.count == 2 and gov.count(512) == 1
+    gov.record(512, 100.0)                         # a chunk's cost is not a step's
+    assert generation.probe is not None and generation.current == 1 and gov.decode_seconds > 100
+
+
+def test_a_request_that_begins_with_its_prompt_takes_the_pauses_readings():
+    """The first decode after a pause is usually a prompt chunk: the readings over the pause decide its count, as
+    they would a first step's (every core again once the busy program has gone, one where it started)."""
+    machine = Machine()
+    gov = ThreadGovernor(2, load=machine)
+    generate(gov, machine, 50)
+    machine.busy = True
+    gov.generation._last_decode -= 10
+    assert gov.count(512) == 1 and gov.generation.sheds == 1
+    generate(gov, machine, 20)
+    machine.busy = False
+    gov.generation._last_decode -= 10
+    assert gov.count(512) == 2 and gov.generation.returns == 1
+
+
+def test_a_neighbour_that_ends_as_a_prompt_begins_costs_one_chunk_at_fewer_threads():
+    """A program still running at the instant a request starts with its prompt (another server's threads just
+    finishing) sheds the first chunk; the instant count read again after it gives the next chunk every core."""
+    machine = Machine()
+    gov = ThreadGovernor(2, load=machine)
+    generate(gov, machine, 50)
+    machine.busy = True
+    gov.generation._last_decode -= 10
+    assert gov.count(512) == 1
+    machine.busy = False
+    gov.record(512, 1.0)
+    assert gov.count(512) == 2 and gov.count(512) == 2 and gov.generation.returns == 1
+    # So too where the count was already low before the pause (the busy program ended as the request began).
+    machine.busy = True
+    generate(gov, machine, 200)
+    gov.generation._last_decode -= 10
+    assert gov.count(512) == 1
+    machine.busy = False
+    gov.record(512, 1.0)
+    assert gov.count(512) == 2 and gov.generation.returns == 2
+
+
+def test_prompt_chunks_alone_take_the_cores_back_once_the_readings_leave_them_free():
+    """Requests that follow each other with no pause and read long prompts time no steps: once the busy program has
+    gone, both readings (its average, and nothing running at the instant) give the next chunk every core; while
+    it runs they keep one."""
+    machine = Machine()
+    gov = ThreadGovernor(2, load=machine)
+    generate(gov, machine, 50)
+    machine.busy = True
+    generate(gov, machine, 200)
+    for _ in range(20):
+        assert gov.count(512) == 1
+        gov.record(512, 1.0)
+    machine.busy = False
+    gov.record(512, 1.0)
+    assert gov.count(512) == 2 and gov.generation.returns == 1
 
 
 def test_the_systems_load_is_the_others_cpu_less_this_process():
@@ -243,7 +325,8 @@ def test_the_options_are_honoured_and_reported(make_server):
 def test_the_default_server_adapts_and_says_so(server):
     threads = json.loads(server.request("GET", "/props")[2])["threads"]
     assert threads["wait"]["policy"] == "spin" and threads["priority"] == "normal"
-    assert threads["generation"]["mode"] == "adaptive" and threads["batch"]["mode"] == "fixed"
+    assert threads["generation"]["mode"] == "adaptive" and threads["batch"]["mode"] == "following"
+    assert threads["batch"]["now"] == threads["generation"]["now"]
     assert 1 <= threads["generation"]["now"] <= threads["generation"]["most"] == len(os.sched_getaffinity(0))
 
 

@@ -13,8 +13,8 @@ higher count while no core is free for it.
 
 Who calls what: the Engine asks ThreadGovernor.count(n) before each decode of n tokens, sets that count in llama.cpp
 (llama_set_n_threads costs nothing: it is read when the next graph runs), and reports the decode's seconds with
-record(n, seconds). Generation steps and prompt reading have a CountControl each; prompt reading's keeps every
-core unless --threadsbatch says otherwise (see ThreadGovernor).
+record(n, seconds). Generation steps have a CountControl; prompt reading runs at the count it has found (no timing
+of its own) unless --threadsbatch or --threads fixes one (see ThreadGovernor).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from typing import NamedTuple
 class ThreadMode(enum.Enum):
     ADAPTIVE = "adaptive"      # the count follows the machine (no --threads)
     FIXED = "fixed"            # --threads / --threadsbatch: always that count
+    FOLLOWING = "following"    # prompt reading without either: the generation count in force
 
 
 def cores_available() -> int:
@@ -194,16 +195,46 @@ class CountControl:
     def count(self) -> int:
         """The count the next decode runs with. The first decode after a pause (a new request on an idle server)
         starts from what the other programs did meanwhile: as many threads as they left cores free."""
-        now = time.monotonic()
-        if self.mode is ThreadMode.ADAPTIVE and self.probe is None and now - self._last_decode > self.IDLE_GAP:
-            self._resume()
-        self._last_decode = now
+        self._decode_begins()
         p = self.probe
         if p and len(p.tried) < self.probe_steps and p.steps < 2 * self.probe_steps:
             self._running = p.count
         else:
             self._running = self.current
         return self._running
+
+    def in_force(self) -> int:
+        """The count for a decode this control does not time (a prompt chunk): the one in force, after a pause's
+        readings as count() takes them; never a probe's."""
+        self._decode_begins()
+        return self.current
+
+    def untimed_decode_ended(self):
+        """A decode at in_force()'s count has ended (a prompt chunk): a shed at a request's start reads the instant
+        count again. No probe finds out whether more threads would do there (one costs a whole chunk), so while
+        fewer run the readings decide alone: more once both the others' average and the instant count leave the
+        cores free (a busy program pushed off its core by our threads shows in the second)."""
+        if self._recheck or self.mode is not ThreadMode.ADAPTIVE or self.load is None or self.probe is not None:
+            self._read_again()
+            return
+        c = self.current
+        up = min(self.most, c + max(1, c // 4))
+        others = self.load.others()
+        if c < self.most and others is not None and others <= self.most - up + self.SLACK and self._free_now(up):
+            self._set_count(up)
+
+    def _read_again(self):
+        if self._recheck:
+            self._recheck = False
+            now = self.load.running_now()
+            if now is not None and self.most - now > self.current:
+                self._set_count(min(self.most, self.most - now))
+
+    def _decode_begins(self):
+        now = time.monotonic()
+        if self.mode is ThreadMode.ADAPTIVE and self.probe is None and now - self._last_decode > self.IDLE_GAP:
+            self._resume()
+        self._last_decode = now
 
     def _resume(self):
         """How busy the others were over the pause says little of now when they stopped at its end (another
@@ -227,13 +258,15 @@ class CountControl:
             # No instant count that can be trusted to say a neighbour still runs (none on this system; niced ones
             # in it yield the cores): fewer only once a step at the current count confirms that its cores are taken.
             self._doubted_shed, self._doubt_steps = target, 0
-        elif target != self.current:
+        else:
             # A neighbour whose work ended as this began (another server's reply, a build's last step) may still
-            # show running for a moment: the instant count is read again after the first step. That step, at
-            # fewer threads, costs 1.5 times a quiet one where it was wrong; one at every thread beside a busy
-            # program waits at every barrier (3 to 10 times a step at one thread) in each request it starts.
-            self._recheck = target < self.current
-            self._set_count(target)
+            # show running for a moment: the instant count is read again after the first decode, whenever it
+            # runs at fewer threads (kept from before the pause too). That decode costs 1.5 times a quiet step
+            # where it was wrong (a prompt chunk nearly twice); one at every thread beside a busy program waits
+            # at every barrier (3 to 10 times a step at one thread) in each request it starts.
+            self._recheck = target < self.most
+            if target != self.current:
+                self._set_count(target)
 
     def _quiet_known(self, count: int) -> bool:
         """Whether steps at this count have a quiet cost yet (of any size): a step can then confirm a doubt."""
@@ -258,11 +291,7 @@ class CountControl:
         smoothed = self.cost[key] = seconds if n == 1 else self.cost[key] + self.ALPHA * (seconds - self.cost[key])
         if n >= 3:
             self.quiet[key] = min(self.quiet.get(key, smoothed), smoothed)
-        if self._recheck:
-            self._recheck = False
-            now = self.load.running_now()
-            if now is not None and self.most - now > self.current:
-                self._set_count(min(self.most, self.most - now))
+        self._read_again()
         if self._doubted_shed is not None:
             self._doubt_steps += 1
             if key in self.quiet or self._doubt_steps >= self.probe_steps:
@@ -362,7 +391,8 @@ class CountControl:
 
 
 class ThreadGovernor:
-    """The thread counts of one llama context: one control for generation steps, one for prompt reading."""
+    """The thread counts of one llama context: generation steps' own control; prompt reading runs at the count
+    that control has found (or a fixed one)."""
 
     GENERATION_WIDTH = 16     # a decode of up to this many tokens is a generation step (slots, drafts)
 
@@ -371,24 +401,28 @@ class ThreadGovernor:
         the other programs take (this machine's /proc/stat unless a test simulates one)."""
         load = SystemLoad() if load is None else load
         self.generation = CountControl(most, fixed=threads, load=load)
-        # Prompt reading keeps every core: a probe at fewer threads costs a whole 512-token chunk, and an adaptive
-        # count measured no better beside busy programs (issue 36's closing note).
-        self.batch = CountControl(most, fixed=threads_batch or threads or most, load=load)
+        # Prompt reading has no probes of its own (one at another count costs a whole chunk): it follows the count
+        # generation steps found. Beside busy programs every core costs it as much as it costs them: a prompt of 24
+        # to 400 tokens read 1.0 to 2 times slower at two threads than at one beside one or two busy loops (up to
+        # 3 s where one thread took 0.3), on a quiet machine 1.9 times faster (bench/README.md, issue 36).
+        fixed = threads_batch or threads
+        self.batch = CountControl(most, fixed=fixed, load=load) if fixed else None
         self.decode_seconds = 0.0     # all decodes' time inside llama.cpp: the rest of a reply's time is ours
 
-    def control(self, n_tokens: int) -> CountControl:
-        return self.generation if n_tokens <= self.GENERATION_WIDTH else self.batch
-
     def count(self, n_tokens: int) -> int:
-        return self.control(n_tokens).count()
+        if n_tokens <= self.GENERATION_WIDTH:
+            return self.generation.count()
+        return self.batch.count() if self.batch else self.generation.in_force()
 
     def record(self, n_tokens: int, seconds: float):
         self.decode_seconds += seconds
         if n_tokens <= self.GENERATION_WIDTH:
             self.generation.record(n_tokens, seconds)
-        else:
-            self.batch.record(n_tokens.bit_length(), seconds / n_tokens)
+        elif self.batch is None:
+            self.generation.untimed_decode_ended()
 
     def report(self) -> dict:
-        return {"generation": self.generation.report(), "batch": self.batch.report(),
-                "decode_seconds": round(self.decode_seconds, 4)}
+        gen = self.generation
+        batch = self.batch.report() if self.batch else {"mode": ThreadMode.FOLLOWING.value, "most": gen.most,
+                                                        "now": gen.current}
+        return {"generation": gen.report(), "batch": batch, "decode_seconds": round(self.decode_seconds, 4)}
