@@ -214,13 +214,14 @@ class CountControl:
         count again. No probe finds out whether more threads would do there (one costs a whole chunk), so while
         fewer run the readings decide alone: more once both the others' average and the instant count leave the
         cores free (a busy program pushed off its core by our threads shows in the second)."""
-        if self._recheck or self.mode is not ThreadMode.ADAPTIVE or self.load is None or self.probe is not None:
+        if self._recheck or self.mode is not ThreadMode.ADAPTIVE or self.load is None:
             self._read_again()
             return
         c = self.current
         up = min(self.most, c + max(1, c // 4))
         others = self.load.others()
         if c < self.most and others is not None and others <= self.most - up + self.SLACK and self._free_now(up):
+            self.probe = None       # one under way times no chunk: it would hold the count until steps resume
             self._set_count(up)
 
     def _read_again(self):
