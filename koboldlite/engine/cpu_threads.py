@@ -214,15 +214,13 @@ class CountControl:
         count again. No probe finds out whether more threads would do there (one costs a whole chunk), so while
         fewer run the readings decide alone: more once both the others' average and the instant count leave the
         cores free (a busy program pushed off its core by our threads shows in the second)."""
-        if self._recheck or self.mode is not ThreadMode.ADAPTIVE or self.load is None:
+        if self._recheck:
             self._read_again()
-            return
-        c = self.current
-        up = min(self.most, c + max(1, c // 4))
-        others = self.load.others()
-        if c < self.most and others is not None and others <= self.most - up + self.SLACK and self._free_now(up):
-            self.probe = None       # one under way times no chunk: it would hold the count until steps resume
-            self._set_count(up)
+        elif self.mode is ThreadMode.ADAPTIVE and self.load is not None:
+            others, up = self.load.others(), self._step_from(self.current)[1]
+            if self.current < self.most and self._room_for(up, others):
+                self.probe = None       # one under way times no chunk: it would hold the count until steps resume
+                self._set_count(up)
 
     def _read_again(self):
         if self._recheck:
@@ -310,15 +308,14 @@ class CountControl:
         c, key = self.current, (self.current, bucket)
         if self.most == 1:
             return
-        step = max(1, c // 4)
-        down, up = max(1, c - step), min(self.most, c + step)
+        down, up = self._step_from(c)
         others = self.load.others() if self.load else None
         slow = key in self.quiet and self.cost[key] > self.SLOW * self.quiet[key]
         crowded = others is not None and others > self.most - c + self.SLACK
         # Others' use alone proposes fewer only while no quiet cost is known: once one is, steps no slower than
         # quiet mean the threads are not waiting on a taken core (the reading may be the tail of work that ended).
         fewer = c > 1 and (slow or (crowded and key not in self.quiet))
-        more = c < self.most and others is not None and others <= self.most - up + self.SLACK and self._free_now(up)
+        more = c < self.most and self._room_for(up, others)
         changed = self._settled((fewer, more))
         fewer, more = self.situation
         if self.since_probe < (2 * self.probe_steps if changed else self.interval):
@@ -331,6 +328,16 @@ class CountControl:
             # Now and then whatever the signs say: some systems do not tell the other programs' load, and busy
             # cores may not be ours (a container's /proc/stat counts the host's).
             self._start_probe(down if c == self.most else up, bucket)
+
+    def _step_from(self, count: int) -> tuple[int, int]:
+        """The counts a probe from `count` tries: a quarter fewer or more, at least one thread."""
+        step = max(1, count // 4)
+        return max(1, count - step), min(self.most, count + step)
+
+    def _room_for(self, count: int, others: float | None) -> bool:
+        """Whether the other programs leave `count` cores free: over the last reading (less a client's noise,
+        SLACK) and at this instant."""
+        return others is not None and others <= self.most - count + self.SLACK and self._free_now(count)
 
     def _free_now(self, count: int) -> bool:
         """Whether the other programs leave `count` cores free at this instant too (True where the system does not
