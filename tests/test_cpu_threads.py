@@ -23,9 +23,10 @@ class Machine:
 
     COST = {False: {1: 0.012, 2: 0.008}, True: {1: 0.012, 2: 0.045}}
 
-    def __init__(self):
+    def __init__(self, busy_means_taken: bool = True):
         self.busy = False
         self.niced_cores = 0.0              # programs at nice > 0 (their steps' cost is not simulated)
+        self.busy_means_taken = busy_means_taken     # False: a container's readings (the host's), or Windows'
 
     def others(self) -> float:
         return 1.0 if self.busy else 0.0
@@ -46,9 +47,9 @@ def run(control: CountControl, machine: Machine, steps: int, bucket: int = 1) ->
     return counts
 
 
-def shed_beside_a_busy_program(quiet_steps: int) -> tuple[Machine, CountControl]:
+def shed_beside_a_busy_program(quiet_steps: int, machine: Machine | None = None) -> tuple[Machine, CountControl]:
     """A control that ran quiet_steps on a quiet machine, then 200 beside a busy program (where it sheds to one)."""
-    machine = Machine()
+    machine = machine or Machine()
     control = CountControl(2, load=machine)
     run(control, machine, quiet_steps)
     machine.busy = True
@@ -75,17 +76,36 @@ def test_the_count_sheds_a_thread_beside_a_busy_program_and_comes_back_when_it_l
                                 "probes": control.probes}
 
 
-def test_a_probe_for_more_threads_beside_taken_cores_stops_at_its_first_step():
-    """Beside programs that hold every core the count still tries more threads now and then (the longest wait);
-    such a step costs several at one thread (spinning at each barrier for a thread the system took away), so the
-    probe stops at the first one instead of running all its steps."""
-    machine, control = shed_beside_a_busy_program(100)
+def test_where_busy_readings_may_leave_the_cores_free_a_probe_for_more_stops_at_its_first_step_and_backs_off():
+    """A container's /proc/stat is the host's: busy cores may not be ours, so the count still tries more threads
+    now and then whatever the readings say (the longest wait). Beside programs that hold every core such a step
+    costs several at one thread (spinning at each barrier for a thread the system took away): the probe stops at
+    its first step, and each that fails waits twice as long as the last, up to BLIND_LONGEST longest waits."""
+    machine, control = shed_beside_a_busy_program(100, Machine(busy_means_taken=False))
     assert control.current == 1
     probes = control.probes
-    busy = run(control, machine, 5000)
-    assert control.probes - probes >= 4, "it still looks now and then"
-    assert busy.count(2) == control.probes - probes, "one step at two threads for each probe, no more"
-    assert control.current == 1
+    busy = run(control, machine, 30 * control.longest_interval)
+    starts = [i for i in range(1, len(busy)) if busy[i] == 2]
+    assert busy.count(2) == len(starts) == control.probes - probes >= 4, "one step at two threads for each probe"
+    waits = [b - a for a, b in zip(starts, starts[1:])]
+    assert waits[0] >= 2 * control.longest_interval and waits[-1] >= control.BLIND_LONGEST * control.longest_interval
+    assert waits == sorted(waits) and control.current == 1
+    machine.busy = False
+    back = run(control, machine, (control.BLIND_LONGEST + 1) * control.longest_interval)
+    assert control.current == 2 and back[-100:] == [2] * 100, "free again: the next blind probe takes them back"
+
+
+def test_where_busy_readings_mean_taken_cores_no_probe_is_made_against_them():
+    """On a machine whose readings count only the cores this process runs on (Linux, no container), a busy program that holds them is
+    not probed for more threads at all (each such step, up to 3 s beside busy loops, bought nothing): the readings
+    say when it has gone, and the count comes back then."""
+    machine, control = shed_beside_a_busy_program(100)
+    probes = control.probes
+    assert run(control, machine, 20 * control.longest_interval) == [1] * (20 * control.longest_interval)
+    assert control.probes == probes
+    machine.busy = False
+    back = run(control, machine, 60)
+    assert control.current == 2 and back.index(2) < 30
 
 
 def test_without_the_systems_load_the_count_still_comes_back_after_the_longest_wait():
@@ -143,11 +163,19 @@ def generate(gov: ThreadGovernor, machine: Machine, steps: int) -> list[int]:
     return counts
 
 
+def until_a_probe(gov: ThreadGovernor, machine: Machine):
+    for _ in range(2 * gov.generation.longest_interval):
+        if gov.generation.probe is not None:
+            return
+        generate(gov, machine, 1)
+    raise AssertionError("no probe started within twice the longest wait")
+
+
 def test_prompt_reading_runs_at_the_count_generation_found():
     """Without --threadsbatch a prompt chunk runs at the generation steps' count (every core beside busy programs
     waits at every barrier, as a step does): every core on a quiet machine, one beside a busy program, never a
     probe's count; its time changes no count."""
-    machine = Machine()
+    machine = Machine(busy_means_taken=False)     # a container's: blind probes
     gov = ThreadGovernor(2, load=machine)
     generate(gov, machine, 50)
     assert gov.count(17) == 2 and gov.count(512) == 2
@@ -157,8 +185,7 @@ def test_prompt_reading_runs_at_the_count_generation_found():
     assert gov.generation.current == 1 and gov.count(17) == 1 and gov.count(512) == 1
     assert gov.report()["batch"] == {"mode": "following", "most": 2, "now": 1}
     generation = gov.generation
-    while generation.probe is None:                # the longest wait's probe for two threads, under way
-        generate(gov, machine, 1)
+    until_a_probe(gov, machine)                     # the longest wait's probe for two threads, under way
     assert generation.probe.count == 2 and gov.count(512) == 1
     gov.record(512, 100.0)                         # a chunk's cost is not a step's
     assert generation.probe is not None and generation.current == 1 and gov.decode_seconds > 100
@@ -205,7 +232,7 @@ def test_prompt_chunks_alone_take_the_cores_back_once_the_readings_leave_them_fr
     """Requests that follow each other with no pause and read long prompts time no steps: once the busy program has
     gone, both readings (its average, and nothing running at the instant) give the next chunk every core; while
     it runs they keep one."""
-    machine = Machine()
+    machine = Machine(busy_means_taken=False)     # a container's: blind probes
     gov = ThreadGovernor(2, load=machine)
     generate(gov, machine, 50)
     machine.busy = True
@@ -213,8 +240,7 @@ def test_prompt_chunks_alone_take_the_cores_back_once_the_readings_leave_them_fr
     for _ in range(20):
         assert gov.count(512) == 1
         gov.record(512, 1.0)
-    while gov.generation.probe is None:             # a probe for two threads under way as the prompts come
-        generate(gov, machine, 1)
+    until_a_probe(gov, machine)                     # a probe for two threads under way as the prompts come
     machine.busy = False
     gov.record(512, 1.0)
     assert gov.count(512) == 2 and gov.generation.returns == 1 and gov.generation.probe is None
@@ -355,7 +381,7 @@ def test_where_a_niced_neighbour_counts_as_load_the_probes_still_keep_the_thread
     """Linux leaves a niced program's CPU out of the load (it yields the cores); Windows counts it. Counted, it
     moves the count down at a request's start, and then only starts probes: two threads are faster beside a loop
     at nice 10, and the probes go back to them and keep them."""
-    machine = Machine()
+    machine = Machine(busy_means_taken=False)
     machine.busy = True
     control = CountControl(2, load=machine, longest_interval=256)
     costs = {1: 0.012, 2: 0.009}

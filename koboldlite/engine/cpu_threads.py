@@ -62,7 +62,9 @@ class SystemLoad:
     less this process's own. Time of programs at a lower priority (nice above 0) is left out: they yield the
     cores to the server, and the threads are better kept (Linux counts it apart in /proc/stat, and niced() says
     how much of it there was). Windows tells only all busy time (GetSystemTimes); elsewhere nothing is known
-    (None)."""
+    (None). busy_means_taken says whether busy time read means cores this process would wait for: not where the
+    readings count cores it may not run on (a container given a few of the host's, whose /proc/stat is the
+    host's; taskset), nor on Windows (programs at a lower priority count as busy, yet yield)."""
 
     WINDOW = 0.25         # seconds: shorter readings are too coarse (Linux counts CPU time in 10 ms ticks)
 
@@ -70,6 +72,19 @@ class SystemLoad:
         self._last = self._read()
         self._others: float | None = None
         self._niced: float | None = None
+        self.busy_means_taken = sys.platform != "win32" and self._machine_cores() <= cores_available()
+
+    @staticmethod
+    def _machine_cores() -> int:
+        """The cores the machine readings count (Linux: /proc/stat's cpuN lines; Windows: every one, as the
+        process may run on every one where os.sched_getaffinity is missing)."""
+        if sys.platform.startswith("linux"):
+            try:
+                with open("/proc/stat") as f:
+                    return sum(line.startswith("cpu") and line[3:4].isdigit() for line in f)
+            except OSError:
+                pass
+        return cores_available()
 
     @staticmethod
     def _machine_seconds() -> tuple[float | None, float | None]:
@@ -148,6 +163,7 @@ class Probe:
     """A few steps at another count, then as many at the current one: two fresh sets of costs, compared."""
     count: int
     bucket: int
+    blind: bool             # made whatever the readings say (CountControl._blind)
     tried: list[float] = dataclasses.field(default_factory=list)      # the other count's steps
     baseline: list[float] = dataclasses.field(default_factory=list)   # the current count's, right after
     steps: int = 0
@@ -169,6 +185,7 @@ class CountControl:
     IDLE_GAP = 0.5        # seconds without a decode: the next one starts a new stretch of work
     NICED_SEEN = 0.02     # cores of niced programs over a pause (a tick of 10 ms in 0.5 s): some may run at its end
     ABANDON = 2.0         # a probed step this much dearer than the current count's smoothed cost ends the probe
+    BLIND_LONGEST = 8     # blind probes that keep failing wait up to this many longest waits
 
     def __init__(self, most: int, fixed: int = 0, probe_steps: int = 4, first_interval: int = 16,
                  longest_interval: int = 1024, load: SystemLoad | None = None):
@@ -177,6 +194,7 @@ class CountControl:
         self.current = self.most
         self.probe_steps, self.first_interval, self.longest_interval = probe_steps, first_interval, longest_interval
         self.interval = first_interval       # steps to wait before the next probe while nothing changes
+        self._blind_interval = longest_interval  # steps to wait before the next blind one (see _blind)
         self.since_probe = 2 * probe_steps
         self.cost: dict[tuple[int, int], float] = {}
         self.quiet: dict[tuple[int, int], float] = {}
@@ -279,6 +297,7 @@ class CountControl:
         else:
             self.returns += 1
         self.current, self.interval, self.since_probe = count, self.first_interval, 0
+        self._blind_interval = self.longest_interval
 
     def record(self, bucket: int, seconds: float):
         """A decode of this bucket ran at the count count() gave and took this long."""
@@ -324,10 +343,18 @@ class CountControl:
             self._start_probe(down, bucket)
         elif more:
             self._start_probe(up, bucket)
-        elif self.since_probe >= self.longest_interval and (others is None or c < self.most):
-            # Now and then whatever the signs say: some systems do not tell the other programs' load, and busy
-            # cores may not be ours (a container's /proc/stat counts the host's).
-            self._start_probe(down if c == self.most else up, bucket)
+        elif self.since_probe >= self._blind_interval and self._blind(others):
+            self._start_probe(down if c == self.most else up, bucket, blind=True)
+
+    def _blind(self, others: float | None) -> bool:
+        """Whether probes are made now and then whatever the readings say: where the system does not tell the
+        other programs' load, or, while fewer threads run, where busy time it tells of may leave the cores free
+        (SystemLoad.busy_means_taken). Not where it means them taken: such a probe beside busy programs costs a
+        step that waits at every barrier, up to 3 s on this project's 2-core machine beside one or two busy loops
+        (a third of a 100-token reply's speed), and the readings say when the cores are free again."""
+        if others is None:
+            return True
+        return self.current < self.most and not self.load.busy_means_taken
 
     def _step_from(self, count: int) -> tuple[int, int]:
         """The counts a probe from `count` tries: a quarter fewer or more, at least one thread."""
@@ -364,8 +391,8 @@ class CountControl:
         self.situation, self.interval, self._held = situation, self.first_interval, 0
         return True
 
-    def _start_probe(self, count: int, bucket: int):
-        self.probe = Probe(count, bucket)
+    def _start_probe(self, count: int, bucket: int, blind: bool = False):
+        self.probe = Probe(count, bucket, blind)
         self.probes += 1
 
     def _probe_step(self, count: int, bucket: int, seconds: float):
@@ -389,7 +416,10 @@ class CountControl:
             else:
                 self.returns += 1
             self.current = probe.count
-            self.interval = self.first_interval
+            self.interval, self._blind_interval = self.first_interval, self.longest_interval
+        elif probe.blind:
+            # Lost again: the signs it was made against were right, and each costs as much as the last.
+            self._blind_interval = min(self.BLIND_LONGEST * self.longest_interval, 2 * self._blind_interval)
         else:
             self.interval = min(self.longest_interval, self.interval * 2)
 
