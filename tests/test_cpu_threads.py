@@ -96,9 +96,9 @@ def test_where_busy_readings_may_leave_the_cores_free_a_probe_for_more_stops_at_
 
 
 def test_where_busy_readings_mean_taken_cores_no_probe_is_made_against_them():
-    """On a machine whose readings count only the cores this process runs on (Linux, no container), a busy program that holds them is
-    not probed for more threads at all (each such step, up to 3 s beside busy loops, bought nothing): the readings
-    say when it has gone, and the count comes back then."""
+    """On a machine whose readings count only the cores this process runs on (Linux, no container), a busy program
+    that holds them is not probed for more threads at all (each such step, up to 3 s beside busy loops, bought
+    nothing): the readings say when it has gone, and the count comes back then."""
     machine, control = shed_beside_a_busy_program(100)
     probes = control.probes
     assert run(control, machine, 20 * control.longest_interval) == [1] * (20 * control.longest_interval)
@@ -254,6 +254,22 @@ def test_the_systems_load_is_the_others_cpu_less_this_process():
     load._last = load._read()
     load.WINDOW = 0
     assert load.others() == pytest.approx(1.5) and load.niced() == pytest.approx(0.5)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or len(os.sched_getaffinity(0)) < 2,
+                    reason="reads /proc/stat; needs a core to leave out")
+def test_readings_of_cores_this_process_may_not_run_on_do_not_mean_taken_cores():
+    """Confined to fewer cores than /proc/stat counts (taskset; a container given a few of the host's), busy time
+    read may be on the others: blind probes stay (CountControl._blind)."""
+    cores = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, {min(cores)})
+        assert SystemLoad().busy_means_taken is False
+    finally:
+        os.sched_setaffinity(0, cores)
+    with open("/proc/stat") as f:
+        counted = sum(line.startswith("cpu") and line[3:4].isdigit() for line in f)
+    assert SystemLoad().busy_means_taken is (counted <= len(cores))
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/stat")
