@@ -124,6 +124,42 @@ def test_hangup_watcher_sees_a_peer_leave(use_epoll):
     server_side.close()
 
 
+@pytest.mark.parametrize("use_epoll", [True, False])
+def test_a_hangup_seen_late_cancels_nothing_on_a_new_connection_with_the_same_descriptor(use_epoll):
+    """A hang-up reported for one connection that then ends another way before the watcher acts on it, while a new
+    connection is given the same descriptor number and watched: the new client's job is not cancelled (under load
+    this answered a stream with no text), and its own hang-up still is seen."""
+    import os
+    import socket
+    from koboldlite.web.connections import HangupWatcher
+    acted, new_gone, old_gone = threading.Event(), threading.Event(), threading.Event()
+    new_client = []
+
+    class EndsMeanwhile(HangupWatcher):
+        def _fire(self, fd, sock):
+            if acted.is_set():
+                return super()._fire(fd, sock)
+            # Between the wait and this call: the old connection is done with, and the number goes to a new one.
+            self.unwatch(sock)
+            sock.detach()
+            server_side, client_side = socket.socketpair()
+            os.dup2(server_side.fileno(), fd)
+            server_side.close()
+            new_client.append(client_side)
+            self.watch(socket.socket(fileno=fd), new_gone.set)
+            super()._fire(fd, sock)              # the event seen for the old connection
+            acted.set()
+
+    watcher = EndsMeanwhile(use_epoll=use_epoll)
+    server_side, client_side = socket.socketpair()
+    watcher.watch(server_side, old_gone.set)
+    client_side.close()
+    assert acted.wait(10)
+    assert not new_gone.is_set() and not old_gone.is_set()
+    new_client[0].close()
+    assert new_gone.wait(10)
+
+
 class NoSpecialTokens:
     """Enough of a model for a chat template that names no end-of-turn marker."""
     bos = eos = -1

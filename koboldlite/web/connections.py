@@ -51,8 +51,14 @@ class HangupWatcher:
                     except OSError:
                         pass
 
-    def _fire(self, fd: int):
+    def _fire(self, fd: int, sock: socket.socket):
+        """The client of `sock` hung up: cancel its job, unless `sock` is no longer the one watched under this
+        descriptor. An event is reported by descriptor, and between the wait that saw it and this call the
+        connection may have ended another way and a new one been given the same number: firing then would
+        cancel the new client's job (a stream answered with no text under load, seen in the mixed-load soak)."""
         with self._lock:
+            if self._socks.get(fd) is not sock:
+                return
             callback = self._callbacks.pop(fd, None)
             self._socks.pop(fd, None)
             if callback is not None and self._use_epoll:
@@ -65,16 +71,17 @@ class HangupWatcher:
 
     def _run(self):
         while True:
+            # The sockets watched as the wait begins: an event is theirs only. One watched since is reported
+            # again by the next wait (epoll's readiness is level-triggered) and fired then.
+            with self._lock:
+                socks = dict(self._socks)
             if self._use_epoll:
                 events = self._epoll.poll()
                 for fd, _ in events:
-                    if fd == self._wake_r.fileno():
-                        continue
-                    self._fire(fd)
+                    if fd != self._wake_r.fileno() and fd in socks:
+                        self._fire(fd, socks[fd])
             else:
-                with self._lock:
-                    socks = list(self._socks.items())
-                readable, _, _ = select.select([self._wake_r] + [s for _, s in socks], [], [])
+                readable, _, _ = select.select([self._wake_r, *socks.values()], [], [])
                 for s in readable:
                     if s is self._wake_r:
                         try:
@@ -82,12 +89,14 @@ class HangupWatcher:
                         except OSError:
                             pass
                         continue
+                    fd = next(fd for fd, watched in socks.items() if watched is s)
                     if _peer_closed(s):
-                        self._fire(s.fileno())
+                        self._fire(fd, s)
                     else:
                         # Data, not a hang-up: stop watching, or select() would report it forever.
                         with self._lock:
-                            self._socks.pop(s.fileno(), None)
+                            if self._socks.get(fd) is s:
+                                self._socks.pop(fd, None)
 
 
 def _peer_closed(sock: socket.socket) -> bool:
