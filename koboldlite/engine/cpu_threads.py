@@ -290,7 +290,7 @@ class CountControl:
         return any(c == count for c, _ in self.quiet)
 
     def _set_count(self, count: int):
-        """A new count from the readings: its probes wait from now (the steps counted before were at the old one,
+        """A new count, from the readings or a probe that won: its probes wait from now (the steps counted before were at the old one,
         and the longest wait must not fire at once: beside a busy program, a probe for more right after the shed)."""
         if count < self.current:
             self.sheds += 1
@@ -412,12 +412,7 @@ class CountControl:
         self.probe, self.since_probe = None, 0
         if not failed and probe.tried and probe.baseline and \
                 statistics.median(probe.tried) <= self.GAIN * statistics.median(probe.baseline):
-            if probe.count < self.current:
-                self.sheds += 1
-            else:
-                self.returns += 1
-            self.current = probe.count
-            self.interval, self._blind_interval = self.first_interval, self.longest_interval
+            self._set_count(probe.count)
         elif probe.blind:
             # Lost again: the signs it was made against were right, and each costs as much as the last.
             self._blind_interval = min(self.BLIND_LONGEST * self.longest_interval, 2 * self._blind_interval)

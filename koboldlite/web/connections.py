@@ -81,15 +81,15 @@ class HangupWatcher:
                     if fd != self._wake_r.fileno() and fd in socks:
                         self._fire(fd, socks[fd])
             else:
-                readable, _, _ = select.select([self._wake_r, *socks.values()], [], [])
-                for s in readable:
-                    if s is self._wake_r:
-                        try:
-                            self._wake_r.recv(4096)
-                        except OSError:
-                            pass
+                readable = set(select.select([self._wake_r, *socks.values()], [], [])[0])
+                if self._wake_r in readable:
+                    try:
+                        self._wake_r.recv(4096)
+                    except OSError:
+                        pass
+                for fd, s in socks.items():
+                    if s not in readable:
                         continue
-                    fd = next(fd for fd, watched in socks.items() if watched is s)
                     if _peer_closed(s):
                         self._fire(fd, s)
                     else:
