@@ -106,3 +106,32 @@ def test_starter_model_is_the_default():
         assert "SmolLM2-135M-Instruct" in s.json("GET", "/api/v1/model")["result"]
     finally:
         s.stop()
+
+
+# What README's options table calls a default where it names it other than by the value given on the command line.
+DEFAULT_NAMES = {"quantkv": {0: "f16"}}
+
+
+def test_readme_names_each_choice_and_the_default():
+    """Every option with fixed choices has its row in README's options table, listing them as the parser does
+    and marking as the default the one a server started without it uses (the row once called `short` the
+    default of --cpuwait while `spin` was)."""
+    import os
+    import re
+
+    from koboldlite.config import Config, build_arg_parser
+    from tests.harness import ROOT
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    options = [a for a in build_arg_parser()._actions if a.choices]
+    assert options
+    for action in options:
+        name = action.dest
+        rows = [line for line in readme.splitlines() if line.startswith(f"| `--{name} ")]
+        assert len(rows) == 1, f"--{name}: {len(rows)} rows in README's options table"
+        listed = rows[0].split("`")[1].split(" ", 1)[1].replace("\\|", "|").split("|")
+        assert listed == [str(c) for c in action.choices], rows[0]
+        default = getattr(Config(), name)
+        shown = DEFAULT_NAMES.get(name, {}).get(default, str(default))
+        marked = re.findall(r"`?([\w.]+)`? \(default\)", rows[0])
+        assert marked == [shown], f"--{name}: README marks {marked} as the default, the server uses {shown!r}"
