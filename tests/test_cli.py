@@ -135,3 +135,18 @@ def test_readme_names_each_choice_and_the_default():
         shown = DEFAULT_NAMES.get(name, {}).get(default, str(default))
         marked = re.findall(r"`?([\w.]+)`? \(default\)", rows[0])
         assert marked == [shown], f"--{name}: README marks {marked} as the default, the server uses {shown!r}"
+
+
+def test_readme_has_a_row_for_every_option():
+    """Each command-line option is in README's options table (a row may name several), where a user looks."""
+    import os
+    import re
+
+    from koboldlite.config import build_arg_parser
+    from tests.harness import ROOT
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        rows = [line for line in f.read().splitlines() if line.startswith("| `--")]
+    named = {option for row in rows for option in re.findall(r"`(--[\w-]+)", row.split("|")[1])}
+    missing = [a.option_strings[0] for a in build_arg_parser()._actions
+               if a.option_strings and a.dest != "help" and not named & set(a.option_strings)]
+    assert not missing, f"options without a row in README's options table: {missing}"
