@@ -223,6 +223,13 @@ def paired(a: list[float], b: list[float]) -> float:
     return statistics.median(x / y for x, y in zip(a, b))
 
 
+def paired_spread(a: list[float], b: list[float]) -> str:
+    """paired(), with the lowest and highest round's ratio: whether one server is ahead of the other, or the two
+    are even within the rounds' spread, shows in the table itself."""
+    ratios = [x / y for x, y in zip(a, b)]
+    return f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
+
+
 def table(servers, speed, kept, outside, idle) -> list[str]:
     med = {k: statistics.median(v) for k, v in speed.items() if v}
     lines = [f"| server | row | {' | '.join(CONDITIONS)} |", "|---|---|" + "---:|" * len(CONDITIONS)]
@@ -241,7 +248,8 @@ def table(servers, speed, kept, outside, idle) -> list[str]:
         if not s.llama:
             lines.append(f"| {s.name} | single stream: share of time outside llama.cpp | "
                          + " | ".join(f"{statistics.median(outside[(s.name, c)]):.3f}" for c in CONDITIONS) + " |")
-    lines += ["", "Ratios to llama-server (KoboldLite / llama-server, same row and condition):", ""]
+    lines += ["", "Ratios to llama-server (KoboldLite / llama-server, same row and condition; the median of the rounds' "
+              "ratios, in brackets the lowest and highest):", ""]
     peer = next((s for s in servers if s.llama), None)
     if peer:
         lines += [f"| server | row | {' | '.join(CONDITIONS)} |", "|---|---|" + "---:|" * len(CONDITIONS)]
@@ -250,10 +258,10 @@ def table(servers, speed, kept, outside, idle) -> list[str]:
                 continue
             for row in ROWS:
                 lines.append(f"| {s.name} | {row} | " + " | ".join(
-                    f"{paired(speed[(s.name, c, row)], speed[(peer.name, c, row)]):.2f}" for c in CONDITIONS) + " |")
+                    paired_spread(speed[(s.name, c, row)], speed[(peer.name, c, row)]) for c in CONDITIONS) + " |")
     new, old = servers[0].name, next(s.name for s in servers if s.quiet_only)
     lines += ["", f"Quiet, {new} / {old}: " + ", ".join(
-        f"{row} {paired(speed[(new, 'quiet', row)], speed[(old, 'quiet', row)]):.2f}" for row in ROWS)]
+        f"{row} {paired_spread(speed[(new, 'quiet', row)], speed[(old, 'quiet', row)])}" for row in ROWS)]
     lines += ["", "| server | CPU while idle (share of one core) |", "|---|---:|"]
     lines += [f"| {name} | {100 * share:.2f}% |" for name, share in idle.items()]
     return lines
