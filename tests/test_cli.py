@@ -1,15 +1,19 @@
-"""Start-up errors: one clear line on stderr and exit status 2, before any model loads."""
+"""Start-up errors: one clear line on stderr and exit status 2, before any model loads; and the options as README's
+table documents them."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import socket
 import subprocess
 import sys
 
 import pytest
 
-from tests.harness import SCRIPT
+from koboldlite.config import Config, build_arg_parser
+from tests.harness import ROOT, SCRIPT
 
 
 def run(*args, timeout=60):
@@ -108,6 +112,12 @@ def test_starter_model_is_the_default():
         s.stop()
 
 
+def readme_option_rows() -> list[str]:
+    """The rows of README's options table: each starts with the options it documents."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        return [line for line in f.read().splitlines() if line.startswith("| `--")]
+
+
 # What README's options table calls a default where it names it other than by the value given on the command line.
 DEFAULT_NAMES = {"quantkv": {0: "f16"}}
 
@@ -116,37 +126,24 @@ def test_readme_names_each_choice_and_the_default():
     """Every option with fixed choices has its row in README's options table, listing them as the parser does
     and marking as the default the one a server started without it uses (the row once called `short` the
     default of --cpuwait while `spin` was)."""
-    import os
-    import re
-
-    from koboldlite.config import Config, build_arg_parser
-    from tests.harness import ROOT
-    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
-        readme = f.read()
+    rows = readme_option_rows()
     options = [a for a in build_arg_parser()._actions if a.choices]
     assert options
     for action in options:
         name = action.dest
-        rows = [line for line in readme.splitlines() if line.startswith(f"| `--{name} ")]
-        assert len(rows) == 1, f"--{name}: {len(rows)} rows in README's options table"
-        listed = rows[0].split("`")[1].split(" ", 1)[1].replace("\\|", "|").split("|")
-        assert listed == [str(c) for c in action.choices], rows[0]
+        own = [row for row in rows if row.startswith(f"| `--{name} ")]
+        assert len(own) == 1, f"--{name}: {len(own)} rows in README's options table"
+        listed = own[0].split("`")[1].split(" ", 1)[1].replace("\\|", "|").split("|")
+        assert listed == [str(c) for c in action.choices], own[0]
         default = getattr(Config(), name)
         shown = DEFAULT_NAMES.get(name, {}).get(default, str(default))
-        marked = re.findall(r"`?([\w.]+)`? \(default\)", rows[0])
+        marked = re.findall(r"`?([\w.]+)`? \(default\)", own[0])
         assert marked == [shown], f"--{name}: README marks {marked} as the default, the server uses {shown!r}"
 
 
 def test_readme_has_a_row_for_every_option():
     """Each command-line option is in README's options table (a row may name several), where a user looks."""
-    import os
-    import re
-
-    from koboldlite.config import build_arg_parser
-    from tests.harness import ROOT
-    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
-        rows = [line for line in f.read().splitlines() if line.startswith("| `--")]
-    named = {option for row in rows for option in re.findall(r"`(--[\w-]+)", row.split("|")[1])}
+    named = {option for row in readme_option_rows() for option in re.findall(r"`(--[\w-]+)", row.split("|")[1])}
     missing = [a.option_strings[0] for a in build_arg_parser()._actions
                if a.option_strings and a.dest != "help" and not named & set(a.option_strings)]
     assert not missing, f"options without a row in README's options table: {missing}"
