@@ -248,8 +248,8 @@ def table(servers, speed, kept, outside, idle) -> list[str]:
         if not s.llama:
             lines.append(f"| {s.name} | single stream: share of time outside llama.cpp | "
                          + " | ".join(f"{statistics.median(outside[(s.name, c)]):.3f}" for c in CONDITIONS) + " |")
-    lines += ["", "Ratios to llama-server (KoboldLite / llama-server, same row and condition; the median of the rounds' "
-              "ratios, in brackets the lowest and highest):", ""]
+    lines += ["", "Ratios to llama-server (KoboldLite / llama-server, same row and condition; the median of the "
+              "rounds' ratios, in brackets the lowest and highest):", ""]
     peer = next((s for s in servers if s.llama), None)
     if peer:
         lines += [f"| server | row | {' | '.join(CONDITIONS)} |", "|---|---|" + "---:|" * len(CONDITIONS)]

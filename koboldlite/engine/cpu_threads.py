@@ -290,8 +290,9 @@ class CountControl:
         return any(c == count for c, _ in self.quiet)
 
     def _set_count(self, count: int):
-        """A new count, from the readings or a probe that won: its probes wait from now (the steps counted before were at the old one,
-        and the longest wait must not fire at once: beside a busy program, a probe for more right after the shed)."""
+        """A new count, from the readings or a probe that won: its probes wait from now (the steps counted before
+        were at the old one, and the longest wait must not fire at once: beside a busy program, a probe for more
+        right after the shed)."""
         if count < self.current:
             self.sheds += 1
         else:
