@@ -16,9 +16,9 @@ Servers, all on the starter model, started once and measured in turn, rounds int
 Conditions: quiet; one busy loop (a Python process spinning, one per core it wants); two; one at nice 10.
 Rows, each condition: single stream (100 tokens, greedy, end of text banned: tokens / request time); 4 clients
 at once (64 tokens each: all tokens / the time the last ends); prompt reading (a fresh 2,000-token prompt, no
-cache: prompt tokens / request time with one token asked). The busy loops' own rate while each server works,
-as a share of their rate beside idle servers: what the neighbour keeps. At the end, each server's CPU use over
---idle seconds of idleness after all that. Writes bench/results/neighbours.md.
+cache: prompt tokens / request time with one token asked). The busy loops' own rate during each row, as a
+share of their rate beside idle servers: what the neighbour keeps while that server generates or reads. At the
+end, each server's CPU use over --idle seconds of idleness after all that. Writes bench/results/neighbours.md.
 """
 
 from __future__ import annotations
@@ -186,7 +186,7 @@ def steal_seconds() -> float:
 
 def run_rounds(servers: list[Server], rounds: int):
     speed = {(s.name, c, r): [] for s in servers for c in CONDITIONS for r in ROWS}
-    kept = {(s.name, c): [] for s in servers for c in CONDITIONS[1:]}
+    kept = {(s.name, c, r): [] for s in servers for c in CONDITIONS[1:] for r in ROWS}
     outside = {(s.name, c): [] for s in servers for c in CONDITIONS}
     counts: dict[str, list[str]] = {}     # KoboldLite's generation thread count after each single stream
     for n in range(rounds):
@@ -201,12 +201,12 @@ def run_rounds(servers: list[Server], rounds: int):
                 for server in servers:
                     if server.quiet_only and neighbours.loops:
                         continue
-                    a = neighbours.reading()
                     for row in ROWS:
+                        a = neighbours.reading()
                         speed[(server.name, condition, row)].append(
                             measure(server, row, outside[(server.name, condition)], counts.setdefault(server.name, [])))
-                    if neighbours.loops:
-                        kept[(server.name, condition)].append(Neighbours.rate(a, neighbours.reading()) / alone)
+                        if neighbours.loops:
+                            kept[(server.name, condition, row)].append(Neighbours.rate(a, neighbours.reading()) / alone)
             finally:
                 neighbours.end()
             figures = "; ".join(f"{s.name} " + " / ".join(f"{speed[(s.name, condition, row)][-1]:.1f}" for row in ROWS)
@@ -243,8 +243,9 @@ def table(servers, speed, kept, outside, idle) -> list[str]:
         if s.quiet_only:
             continue
         if len(CONDITIONS) > 1:
-            lines.append(f"| {s.name} | busy loops' rate kept | - | "
-                         + " | ".join(f"{statistics.median(kept[(s.name, c)]):.2f}" for c in CONDITIONS[1:]) + " |")
+            for row in ROWS:
+                lines.append(f"| {s.name} | busy loops' rate kept, {row.removesuffix(' tok/s')} | - | " + " | ".join(
+                    f"{statistics.median(kept[(s.name, c, row)]):.2f}" for c in CONDITIONS[1:]) + " |")
         if not s.llama:
             lines.append(f"| {s.name} | single stream: share of time outside llama.cpp | "
                          + " | ".join(f"{statistics.median(outside[(s.name, c)]):.3f}" for c in CONDITIONS) + " |")
@@ -303,7 +304,8 @@ def main():
               f"{args.rounds} rounds (median), `python3 bench/bench_neighbours.py {flags}`", "",
               "Speed (median of the rounds), and in brackets its share of the same server's quiet speed (the median of "
               "each round's share; ratios below are paired by round too):", ""]
-    results_file.publish("neighbours-quiet.md" if args.quiet_only else "neighbours.md", header + table(servers, speed, kept, outside, idle))
+    results_file.publish("neighbours-quiet.md" if args.quiet_only else "neighbours.md",
+                         header + table(servers, speed, kept, outside, idle))
 
 
 if __name__ == "__main__":
