@@ -14,11 +14,13 @@ Servers, all on the starter model, started once and measured in turn, rounds int
   only (beside busy loops it takes minutes a row): the quiet speed the new one must keep;
 - llama.cpp's llama-server (its defaults, -np 4), built from the same llama.cpp source, when found.
 Conditions: quiet; one busy loop (a Python process spinning, one per core it wants); two; one at nice 10.
-Rows, each condition: single stream (100 tokens, greedy, end of text banned: tokens / request time); 4 clients
-at once (64 tokens each: all tokens / the time the last ends); prompt reading (a fresh 2,000-token prompt, no
-cache: prompt tokens / request time with one token asked). The busy loops' own rate during each row, as a
-share of their rate beside idle servers: what the neighbour keeps while that server generates or reads. At the
-end, each server's CPU use over --idle seconds of idleness after all that. Writes bench/results/neighbours.md.
+Rows, each condition: single stream (100 tokens streamed as server-sent events, greedy, end of text banned: tokens
+/ request time); 4 clients at once (64 tokens each, streamed too: all tokens / the time the last ends); prompt
+reading (a fresh 2,000-token prompt, no cache: prompt tokens / request time with one token asked). For KoboldLite's
+two streamed rows, the share of their time outside llama.cpp (its /api/extra/perf's decode_seconds). The busy
+loops' own rate during each row, as a share of their rate beside idle servers: what the neighbour keeps while that
+server generates or reads. At the end, each server's CPU use over --idle seconds of idleness after all that.
+Writes bench/results/neighbours.md.
 """
 
 from __future__ import annotations
@@ -104,6 +106,26 @@ class Server:
         assert resp.status == 200, data[:300]
         return json.loads(data)
 
+    def stream(self, body: dict) -> int:
+        """A streamed completion (server-sent events, as chat clients ask), read to its end: the tokens it made,
+        from the usage its last chunk carries (llama-server's always, KoboldLite's when asked for)."""
+        import http.client
+        body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+        if self.llama:
+            body = {**body, "cache_prompt": False, "ignore_eos": body.pop("ban_eos_token", False)}
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=1800)
+        conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        assert resp.status == 200, resp.read()[:300]
+        tokens = None
+        for line in iter(resp.readline, b""):
+            if line.startswith(b"data: {"):
+                usage = json.loads(line[6:]).get("usage")
+                tokens = usage["completion_tokens"] if usage else tokens
+        conn.close()
+        assert tokens is not None, "the stream ended without its usage"
+        return tokens
+
 
 def start_servers(args) -> list[Server]:
     model = find_starter_model()
@@ -142,36 +164,40 @@ def thread_report(server: Server) -> dict:
     return json.loads(server.proc.request("GET", "/api/extra/perf")[2])["threads"]
 
 
-def measure(server: Server, row: str, outside: list[float], counts: list[str]) -> float:
-    """The row's speed; for a KoboldLite single stream, the share of its time spent outside llama.cpp too, and
-    its generation thread count after the request with the sheds, returns and probes during it (`counts`)."""
-    if row.startswith("single"):
-        before = None if server.llama else thread_report(server)
+def measure(server: Server, row: str, outside: dict[str, list[float]], counts: list[str]) -> float:
+    """The row's speed. For KoboldLite's streamed rows, the share of the row's time spent outside llama.cpp too
+    (`outside[row]`: the HTTP threads, the token buffer, the stream writers, all the Python), and after a single
+    stream its generation thread count with the sheds, returns and probes during it (`counts`)."""
+    if row.startswith("prompt"):
         started = time.perf_counter()
-        out = server.post({"prompt": "Once upon a time", "max_tokens": 100, "temperature": 0, "ban_eos_token": True})
-        took = time.perf_counter() - started
-        if before is not None:
-            after = thread_report(server)
-            outside.append(1 - (after["decode_seconds"] - before["decode_seconds"]) / took)
-            a, b = after["generation"], before["generation"]
-            counts.append(f"{a['now']} threads (+{a['sheds'] - b['sheds']} sheds, +{a['returns'] - b['returns']} "
-                          f"returns, +{a['probes'] - b['probes']} probes)")
-        return out["usage"]["completion_tokens"] / took
+        out = server.post({"prompt": prompt_of(2000), "max_tokens": 1, "temperature": 0})
+        return out["usage"]["prompt_tokens"] / (time.perf_counter() - started)
+    before = None if server.llama else thread_report(server)
     started = time.perf_counter()
-    if row.startswith("4 clients"):
+    if row.startswith("single"):
+        tokens = server.stream({"prompt": "Once upon a time", "max_tokens": 100, "temperature": 0,
+                                "ban_eos_token": True})
+    else:
         totals = []
 
         def one(i):
-            totals.append(server.post({"prompt": f"Story {i}: once upon a time", "max_tokens": 64,
-                                       "temperature": 0, "ban_eos_token": True})["usage"]["completion_tokens"])
+            totals.append(server.stream({"prompt": f"Story {i}: once upon a time", "max_tokens": 64,
+                                         "temperature": 0, "ban_eos_token": True}))
         threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-        return sum(totals) / (time.perf_counter() - started)
-    out = server.post({"prompt": prompt_of(2000), "max_tokens": 1, "temperature": 0})
-    return out["usage"]["prompt_tokens"] / (time.perf_counter() - started)
+        tokens = sum(totals)
+    took = time.perf_counter() - started
+    if before is not None:
+        after = thread_report(server)
+        outside.setdefault(row, []).append(1 - (after["decode_seconds"] - before["decode_seconds"]) / took)
+        if row.startswith("single"):
+            a, b = after["generation"], before["generation"]
+            counts.append(f"{a['now']} threads (+{a['sheds'] - b['sheds']} sheds, +{a['returns'] - b['returns']} "
+                          f"returns, +{a['probes'] - b['probes']} probes)")
+    return tokens / took
 
 
 def steal_seconds() -> float:
@@ -187,7 +213,7 @@ def steal_seconds() -> float:
 def run_rounds(servers: list[Server], rounds: int):
     speed = {(s.name, c, r): [] for s in servers for c in CONDITIONS for r in ROWS}
     kept = {(s.name, c, r): [] for s in servers for c in CONDITIONS[1:] for r in ROWS}
-    outside = {(s.name, c): [] for s in servers for c in CONDITIONS}
+    outside = {(s.name, c): {} for s in servers for c in CONDITIONS}
     counts: dict[str, list[str]] = {}     # KoboldLite's generation thread count after each single stream
     for n in range(rounds):
         for condition in CONDITIONS:
@@ -246,9 +272,9 @@ def table(servers, speed, kept, outside, idle) -> list[str]:
             for row in ROWS:
                 lines.append(f"| {s.name} | busy loops' rate kept, {row.removesuffix(' tok/s')} | - | " + " | ".join(
                     f"{statistics.median(kept[(s.name, c, row)]):.2f}" for c in CONDITIONS[1:]) + " |")
-        if not s.llama:
-            lines.append(f"| {s.name} | single stream: share of time outside llama.cpp | "
-                         + " | ".join(f"{statistics.median(outside[(s.name, c)]):.3f}" for c in CONDITIONS) + " |")
+        for row in ROWS[:2] if not s.llama else ():
+            lines.append(f"| {s.name} | {row.removesuffix(' tok/s')}: share of time outside llama.cpp | " + " | ".join(
+                f"{statistics.median(outside[(s.name, c)][row]):.3f}" for c in CONDITIONS) + " |")
     lines += ["", "Ratios to llama-server (KoboldLite / llama-server, same row and condition; the median of the "
               "rounds' ratios, in brackets the lowest and highest):", ""]
     peer = next((s for s in servers if s.llama), None)
