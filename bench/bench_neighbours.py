@@ -26,6 +26,7 @@ Writes bench/results/neighbours.md.
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import multiprocessing
 import os
@@ -49,6 +50,7 @@ from tests.harness import PIP_LLAMA_LIB, ServerProcess  # noqa: E402
 VULKAN_BUILD = os.path.join(ROOT, ".llama-vulkan", "lib")
 CONDITIONS = ("quiet", "1 busy loop", "2 busy loops", "1 busy loop at nice 10")
 ROWS = ("single stream tok/s", "4 clients tok/s", "prompt reading tok/s")
+STREAMED = ROWS[:2]                 # the rows whose tokens come as server-sent events
 CTX = 10240                         # 4 slots of 2,560: a 2,000-token prompt fits one
 
 
@@ -94,13 +96,18 @@ class Server:
     def __init__(self, name: str, proc, port: int, llama: bool, quiet_only: bool = False):
         self.name, self.proc, self.port, self.llama, self.quiet_only = name, proc, port, llama, quiet_only
 
-    def post(self, body: dict) -> dict:
-        import http.client
+    def _send(self, body: dict) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+        """POST /v1/completions, in llama-server's words where it needs its own (no prompt cache, end of text
+        ignored rather than banned): the connection, for the caller to close once it has read the reply."""
         if self.llama:
-            body = {**body, "cache_prompt": False, "ignore_eos": body.pop("ban_eos_token", False)}
+            body = {**{k: v for k, v in body.items() if k != "ban_eos_token"}, "cache_prompt": False,
+                    "ignore_eos": body.get("ban_eos_token", False)}
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=1800)
         conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
-        resp = conn.getresponse()
+        return conn, conn.getresponse()
+
+    def post(self, body: dict) -> dict:
+        conn, resp = self._send(body)
         data = resp.read()
         conn.close()
         assert resp.status == 200, data[:300]
@@ -109,13 +116,7 @@ class Server:
     def stream(self, body: dict) -> int:
         """A streamed completion (server-sent events, as chat clients ask), read to its end: the tokens it made,
         from the usage its last chunk carries (llama-server's always, KoboldLite's when asked for)."""
-        import http.client
-        body = {**body, "stream": True, "stream_options": {"include_usage": True}}
-        if self.llama:
-            body = {**body, "cache_prompt": False, "ignore_eos": body.pop("ban_eos_token", False)}
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=1800)
-        conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
-        resp = conn.getresponse()
+        conn, resp = self._send({**body, "stream": True, "stream_options": {"include_usage": True}})
         assert resp.status == 200, resp.read()[:300]
         tokens = None
         for line in iter(resp.readline, b""):
@@ -168,7 +169,7 @@ def measure(server: Server, row: str, outside: dict[str, list[float]], counts: l
     """The row's speed. For KoboldLite's streamed rows, the share of the row's time spent outside llama.cpp too
     (`outside[row]`: the HTTP threads, the token buffer, the stream writers, all the Python), and after a single
     stream its generation thread count with the sheds, returns and probes during it (`counts`)."""
-    if row.startswith("prompt"):
+    if row not in STREAMED:
         started = time.perf_counter()
         out = server.post({"prompt": prompt_of(2000), "max_tokens": 1, "temperature": 0})
         return out["usage"]["prompt_tokens"] / (time.perf_counter() - started)
@@ -272,7 +273,7 @@ def table(servers, speed, kept, outside, idle) -> list[str]:
             for row in ROWS:
                 lines.append(f"| {s.name} | busy loops' rate kept, {row.removesuffix(' tok/s')} | - | " + " | ".join(
                     f"{statistics.median(kept[(s.name, c, row)]):.2f}" for c in CONDITIONS[1:]) + " |")
-        for row in ROWS[:2] if not s.llama else ():
+        for row in () if s.llama else STREAMED:
             lines.append(f"| {s.name} | {row.removesuffix(' tok/s')}: share of time outside llama.cpp | " + " | ".join(
                 f"{statistics.median(outside[(s.name, c)][row]):.3f}" for c in CONDITIONS) + " |")
     lines += ["", "Ratios to llama-server (KoboldLite / llama-server, same row and condition; the median of the "
