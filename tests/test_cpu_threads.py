@@ -291,6 +291,22 @@ def test_the_wait_policy_leaves_a_users_own_setting():
     assert apply_wait_policy(WaitPolicy.SPIN, {})["environment"] == {}
 
 
+def test_a_build_without_openmp_reports_the_wait_policy_not_in_force():
+    """ggml's own threads (a build without OpenMP, as on macOS) never read the variables --cpuwait sets: /props and
+    /api/extra/perf say the policy is not in force there (the reading of the build's OPENMP feature is checked
+    against real builds in test_cpu_variants.py)."""
+    from types import SimpleNamespace
+    from koboldlite.api.common import threads_report
+    policy = {"wait": {"policy": "short", "environment": {"GOMP_SPINCOUNT": "10000"}, "in_force": True},
+              "priority": "normal"}
+    engine = SimpleNamespace(threads=ThreadGovernor(2))
+    for openmp, in_force in ((True, True), (None, True), (False, False)):
+        served = SimpleNamespace(gpu_info={"cpu": {"openmp": openmp}}, engine=engine)
+        report = threads_report(SimpleNamespace(cpu_policy=policy), served)
+        assert report["wait"]["in_force"] is in_force and report["wait"]["policy"] == "short"
+    assert policy["wait"]["in_force"] is True           # the start-up report itself stays as it was
+
+
 class OneThreadForGeneration(ThreadGovernor):
     def __init__(self):
         super().__init__(2)

@@ -95,6 +95,7 @@ def test_natively_the_best_variant_for_this_cpu_is_loaded(starter_model):
         props = s.json("GET", "/props")
         assert props["cpu_backend"]["variant"] == line.group(1)
         assert props["cpu_backend"]["library"] == f"libggml-cpu-{line.group(1)}.so"      # its name, never a path
+        assert props["cpu_backend"]["openmp"] is True and props["threads"]["wait"]["in_force"] is True
         assert greedy(s)["choices"][0]["text"]
     finally:
         s.stop()
@@ -105,7 +106,8 @@ def test_pip_build_reports_its_built_in_cpu_backend(starter_model):
     try:
         line = s.wait_for_line(STARTUP_LINE)
         assert line.group(1) == "built-in" and "SSE3" in line.group(2)
-        assert s.json("GET", "/props")["cpu_backend"]["variant"] == "built-in"
+        cpu = s.json("GET", "/props")["cpu_backend"]
+        assert cpu["variant"] == "built-in" and cpu["openmp"] is True       # pip's build runs OpenMP's threads
     finally:
         s.stop()
 

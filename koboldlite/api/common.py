@@ -197,7 +197,11 @@ def gpu_report(served: ServedModel) -> dict:
 def threads_report(app, served: ServedModel) -> dict:
     """How the CPU is shared (README: Sharing the CPU): the wait policy and priority set at start, and the model's
     thread counts now, for generation steps and prompt reading (engine/cpu_threads.py)."""
-    return {**app.cpu_policy, **served.engine.threads.report()}
+    policy = app.cpu_policy
+    if "wait" in policy and ((served.gpu_info or {}).get("cpu") or {}).get("openmp") is False:
+        # ggml's own threads (a build without OpenMP): the variables set at start reach nothing
+        policy = {**policy, "wait": {**policy["wait"], "in_force": False}}
+    return {**policy, **served.engine.threads.report()}
 
 
 def modalities_of(app, entry) -> dict[str, bool]:

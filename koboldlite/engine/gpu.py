@@ -130,6 +130,9 @@ def plan_gpu(config: Config, context_chosen: bool = False) -> GPUPlan:
     plan.lines.append(plan.cpu.describe() + (f" [{plan.cpu.library}]" if plan.cpu.library else ""))
     if plan.cpu.extra_buffers_fault:
         plan.lines.append(f"CPU: llama.cpp's AMX and repacked weight layouts are off: {plan.cpu.extra_buffers_fault}")
+    if plan.cpu.openmp is False:
+        plan.lines.append("CPU: this build runs ggml's own threads, not OpenMP's: --cpuwait does not reach them "
+                          "(they wait as ggml's default does)")
     not_loaded = registry.modules_not_loaded()
     for module, why in not_loaded.items():
         plan.lines.append(f"GPU: the {module} backend is not in use ({why}): running on the CPU")

@@ -79,6 +79,9 @@ class CPUBackend:
     # Why llama.cpp's extra weight buffers (AMX, and the repacked layouts beside it) must stay off, if they must
     # (amx_fault(): read from the library's file once, when the backend is found).
     extra_buffers_fault: str | None = None
+    # Whether its threads run under OpenMP, the only runtime --cpuwait reaches (engine/cpu_policy.py); False:
+    # ggml's own threads (a build without OpenMP, as Apple's compiler makes on macOS); None: the build says nothing.
+    openmp: bool | None = None
 
     def describe(self) -> str:
         return f"CPU backend: {self.variant} ({', '.join(self.features) or 'baseline x86-64'})"
@@ -87,7 +90,8 @@ class CPUBackend:
         """For /props and /api/extra/perf: the file's name only (a path would tell callers where things are)."""
         return {"variant": self.variant, "features": self.features,
                 "library": os.path.basename(self.library) if self.library else None,
-                "extra_buffers": "off: " + self.extra_buffers_fault if self.extra_buffers_fault else "on"}
+                "extra_buffers": "off: " + self.extra_buffers_fault if self.extra_buffers_fault else "on",
+                "openmp": self.openmp}
 
 
 class _Feature(ctypes.Structure):
@@ -194,19 +198,20 @@ class GGMLRegistry:
     def cpu_backend(self) -> CPUBackend:
         reg = self.ggml.ggml_backend_reg_by_name(b"CPU")
         get = self.base.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_get_features") if reg else None
-        features = []
+        features, openmp = [], None
         if get:
             feats = ctypes.CFUNCTYPE(ctypes.POINTER(_Feature), ctypes.c_void_p)(get)(reg)
-            i = 0
+            openmp, i = False, 0             # ggml lists OPENMP only in a build that uses it
             while feats[i].name:
                 name = feats[i].name.decode()
                 if name in INSTRUCTION_SETS and feats[i].value not in (b"0", b""):
                     features.append(name)
+                openmp = openmp or (name == "OPENMP" and feats[i].value not in (b"0", b""))
                 i += 1
         library = library_of_address(get) if get else None
         stem = module_stem(library) if library else ""
         variant = stem[len("ggml-cpu-"):] if stem.startswith("ggml-cpu-") else "built-in"
-        return CPUBackend(variant, features, library, amx_fault(features, library))
+        return CPUBackend(variant, features, library, amx_fault(features, library), openmp)
 
 
 # GCC up to 12.2 declares _tile_loadconfig's 64-byte operand as 8 bytes ("m" (*(const void **)config)), so the
