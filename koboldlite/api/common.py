@@ -195,8 +195,9 @@ def gpu_report(served: ServedModel) -> dict:
 
 
 def threads_report(app, served: ServedModel) -> dict:
-    """How the CPU is shared (README: Sharing the CPU): the wait policy and priority set at start, and the model's
-    thread counts now, for generation steps and prompt reading (engine/cpu_threads.py)."""
+    """How the CPU is shared (README: Sharing the CPU): the wait policy and priority set at start (the policy not in
+    force where the model's build has no OpenMP), and the model's thread counts now, for generation steps and prompt
+    reading (engine/cpu_threads.py)."""
     policy = app.cpu_policy
     if "wait" in policy and ((served.gpu_info or {}).get("cpu") or {}).get("openmp") is False:
         # ggml's own threads (a build without OpenMP): the variables set at start reach nothing
