@@ -8,8 +8,11 @@ import json
 import os
 import sys
 
+from types import SimpleNamespace
+
 import pytest
 
+from koboldlite.api.common import threads_report
 from koboldlite.engine.cpu_policy import Priority, WaitPolicy, apply_wait_policy
 from koboldlite.engine.cpu_threads import CountControl, Reading, SystemLoad, ThreadGovernor, ThreadMode
 from koboldlite.engine.engine import Engine
@@ -295,8 +298,6 @@ def test_a_build_without_openmp_reports_the_wait_policy_not_in_force():
     """ggml's own threads (a build without OpenMP, as on macOS) never read the variables --cpuwait sets: /props and
     /api/extra/perf say the policy is not in force there (the reading of the build's OPENMP feature is checked
     against real builds in test_cpu_variants.py)."""
-    from types import SimpleNamespace
-    from koboldlite.api.common import threads_report
     policy = {"wait": {"policy": "short", "environment": {"GOMP_SPINCOUNT": "10000"}, "in_force": True},
               "priority": "normal"}
     engine = SimpleNamespace(threads=ThreadGovernor(2))

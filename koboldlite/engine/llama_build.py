@@ -203,10 +203,10 @@ class GGMLRegistry:
             feats = ctypes.CFUNCTYPE(ctypes.POINTER(_Feature), ctypes.c_void_p)(get)(reg)
             openmp, i = False, 0             # ggml lists OPENMP only in a build that uses it
             while feats[i].name:
-                name = feats[i].name.decode()
-                if name in INSTRUCTION_SETS and feats[i].value not in (b"0", b""):
+                name, on = feats[i].name.decode(), feats[i].value not in (b"0", b"")
+                if on and name in INSTRUCTION_SETS:
                     features.append(name)
-                openmp = openmp or (name == "OPENMP" and feats[i].value not in (b"0", b""))
+                openmp = openmp or (on and name == "OPENMP")
                 i += 1
         library = library_of_address(get) if get else None
         stem = module_stem(library) if library else ""
