@@ -21,3 +21,5 @@ fi
 # on the CPU (tests/test_gpu.py, tests/test_cpu_variants.py; the executable packs it). About 30 minutes on 2 cores
 # the first time; later builds reuse their build tree and only link again.
 bash tools/build_llama_lib.sh vulkan >/dev/null
+# One CPU build without OpenMP, as macOS's run ggml's own threads (tests/test_threadpool.py): a few minutes more.
+bash tools/build_llama_lib.sh noopenmp >/dev/null

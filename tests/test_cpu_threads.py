@@ -294,17 +294,22 @@ def test_the_wait_policy_leaves_a_users_own_setting():
     assert apply_wait_policy(WaitPolicy.SPIN, {})["environment"] == {}
 
 
-def test_a_build_without_openmp_reports_the_wait_policy_not_in_force():
+def test_a_build_without_openmp_reports_the_policy_as_its_threadpools_poll_level():
     """ggml's own threads (a build without OpenMP, as on macOS) never read the variables --cpuwait sets: /props and
-    /api/extra/perf say the policy is not in force there (the reading of the build's OPENMP feature is checked
-    against real builds in test_cpu_variants.py)."""
-    policy = {"wait": {"policy": "short", "environment": {"GOMP_SPINCOUNT": "10000"}, "in_force": True},
+    /api/extra/perf give the policy as the poll level of the model's threadpool there, and not in force where it
+    has none (the real builds: test_cpu_variants.py for the OPENMP feature, test_threadpool.py for the pool)."""
+    policy = {"wait": {"policy": "environment", "environment": {"GOMP_SPINCOUNT": "10000"}, "in_force": True},
               "priority": "normal"}
+    app = SimpleNamespace(cpu_policy=policy, config=SimpleNamespace(cpuwait="short"))
     engine = SimpleNamespace(threads=ThreadGovernor(2))
-    for openmp, in_force in ((True, True), (None, True), (False, False)):
-        served = SimpleNamespace(gpu_info={"cpu": {"openmp": openmp}}, engine=engine)
-        report = threads_report(SimpleNamespace(cpu_policy=policy), served)
-        assert report["wait"]["in_force"] is in_force and report["wait"]["policy"] == "short"
+    pool = SimpleNamespace(report=lambda: {"threads": 2, "poll": 1})
+    for openmp, threadpool, wait in (
+            (True, None, policy["wait"]), (None, None, policy["wait"]),
+            (False, pool, {"policy": "short", "threadpool": {"threads": 2, "poll": 1}, "in_force": True}),
+            (False, None, {"policy": "short", "threadpool": None, "in_force": False})):
+        served = SimpleNamespace(gpu_info={"cpu": {"openmp": openmp}}, engine=engine,
+                                 model=SimpleNamespace(threadpools=threadpool))
+        assert threads_report(app, served)["wait"] == wait
     assert policy["wait"]["in_force"] is True           # the start-up report itself stays as it was
 
 

@@ -5,6 +5,8 @@
 #   bash tools/build_llama_lib.sh cpu [OUT]           (default OUT: .llama-cpu/lib)  every x86-64 CPU
 #   bash tools/build_llama_lib.sh vulkan [OUT]        (default OUT: .llama-vulkan/lib)  and any GPU, through Vulkan
 #   bash tools/build_llama_lib.sh cuda [OUT] [ARCH]   (ARCH e.g. 90 for an H100/H200; default: the GPU's own)
+#   bash tools/build_llama_lib.sh noopenmp [OUT]      (default OUT: .llama-noopenmp/lib)  this CPU alone, ggml's own
+#                                                      threads instead of OpenMP's, as macOS builds run them
 #   LLAMA_CPP_LIB_PATH=OUT python3 koboldlite.py ...
 #
 # Every kind is built with ggml's dynamic backend loading (GGML_BACKEND_DL) and all its CPU variants
@@ -13,6 +15,8 @@
 # one more module, skipped where its driver is missing, so the same build runs on the CPU there. pip's own
 # build of llama-cpp-python is compiled for the CPU it was built on (GGML_NATIVE) and is the fastest there,
 # but dies with "Illegal instruction" on an older CPU: these builds are what the executables carry.
+# noopenmp is the exception, for the tests of the threadpool KoboldLite gives ggml's own threads
+# (engine/threadpool.py): like pip's build (this CPU alone, backends linked in) but with -DGGML_OPENMP=OFF.
 #
 # KOBOLDLITE_CPU_VARIANTS="x64 haswell ..." puts only those CPU variants in OUT (default: all of them). It does not
 # shorten the build: ggml's CMake makes every variant a dependency of ggml itself.
@@ -20,7 +24,7 @@ set -euo pipefail
 backend=${1:?usage: build_llama_lib.sh cpu|vulkan|cuda [OUT] [CUDA_ARCH]}
 root=$(cd "$(dirname "$0")/.." && pwd)
 case "$backend" in      # prerequisites first: name what is missing before anything is downloaded
-  cpu|vulkan) ;;            # tools/vulkan_prereqs.sh installs or names them
+  cpu|vulkan|noopenmp) ;;   # tools/vulkan_prereqs.sh installs or names them
   cuda)
     command -v nvcc >/dev/null || { echo "nvcc is missing: install the CUDA toolkit (https://developer.nvidia.com/cuda-downloads, or Debian's nvidia-cuda-toolkit) and put its bin folder on PATH" >&2; exit 2; }
     found=""
@@ -29,7 +33,7 @@ case "$backend" in      # prerequisites first: name what is missing before anyth
       ls "$toolkit"/include/cublas_v2.h "$toolkit"/targets/*/include/cublas_v2.h >/dev/null 2>&1 && found=$toolkit
     done
     [ -n "$found" ] || { echo "cuBLAS is missing from the CUDA toolkit (llama.cpp's CUDA backend needs it; nvcc alone is not enough): install the toolkit's cuBLAS (the libcublas-dev / cuda-libraries-dev packages, or the full toolkit), or set CUDA_HOME to a toolkit that has it" >&2; exit 2; } ;;
-  *) echo "unknown kind $backend: cpu, vulkan or cuda" >&2; exit 2 ;;
+  *) echo "unknown kind $backend: cpu, vulkan, cuda or noopenmp" >&2; exit 2 ;;
 esac
 command -v cmake >/dev/null && command -v ninja >/dev/null || { echo "cmake and ninja are missing: apt-get install cmake ninja-build (or pip install cmake ninja)" >&2; exit 2; }
 out=$(realpath -m "${2:-$root/.llama-$backend/lib}")
@@ -44,11 +48,13 @@ cd "$work"
 src="$work/llama_cpp_python-$pin/vendor/llama.cpp"
 server=OFF
 [ "${BUILD_SERVER:-0}" = 1 ] && server=ON
-common=(-DLLAMA_CURL=OFF -DCMAKE_BUILD_TYPE=Release -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
-        -DLLAMA_BUILD_TOOLS=$server -DLLAMA_BUILD_SERVER=$server -DLLAMA_BUILD_MTMD=ON -DBUILD_SHARED_LIBS=ON -G Ninja
-        -DCMAKE_BUILD_RPATH_USE_ORIGIN=ON      # the libraries find each other where they are copied
-        -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON -DGGML_NATIVE=OFF)
+base=(-DLLAMA_CURL=OFF -DCMAKE_BUILD_TYPE=Release -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
+      -DLLAMA_BUILD_TOOLS=$server -DLLAMA_BUILD_SERVER=$server -DLLAMA_BUILD_MTMD=ON -DBUILD_SHARED_LIBS=ON -G Ninja
+      -DCMAKE_BUILD_RPATH_USE_ORIGIN=ON)      # the libraries find each other where they are copied
+common=("${base[@]}" -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON -DGGML_NATIVE=OFF)
 case "$backend" in
+  noopenmp)
+    cmake -S "$src" -B "$work/build" "${base[@]}" -DGGML_NATIVE=ON -DGGML_OPENMP=OFF >&2 ;;
   cpu)
     cmake -S "$src" -B "$work/build" "${common[@]}" >&2 ;;
   vulkan)
@@ -62,9 +68,10 @@ esac
 # The CPU variants are targets of their own (ggml-cpu-haswell...): all of them unless KOBOLDLITE_CPU_VARIANTS names some.
 variants=${KOBOLDLITE_CPU_VARIANTS:-$(sed -n 's/^ *ggml_add_cpu_backend_variant(\([a-z0-9_]*\).*/\1/p' \
   "$src/ggml/src/CMakeLists.txt" | sed -n '/^x64$/,/^sapphirerapids$/p' | tr '\n' ' ')}
+[ "$backend" = noopenmp ] && variants=""          # one CPU backend, linked in
 targets=(llama mtmd)
 for v in $variants; do targets+=("ggml-cpu-$v"); done
-[ "$backend" = cpu ] || targets+=("ggml-$backend")
+case "$backend" in cpu|noopenmp) ;; *) targets+=("ggml-$backend") ;; esac
 # BUILD_SERVER=1: llama-server from the same tree too, the peer the benchmarks compare with (into OUT, beside
 # the libraries it loads from its own folder).
 [ "${BUILD_SERVER:-0}" = 1 ] && targets+=(llama-server)

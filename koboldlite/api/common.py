@@ -195,13 +195,15 @@ def gpu_report(served: ServedModel) -> dict:
 
 
 def threads_report(app, served: ServedModel) -> dict:
-    """How the CPU is shared (README: Sharing the CPU): the wait policy and priority set at start (the policy not in
-    force where the model's build has no OpenMP), and the model's thread counts now, for generation steps and prompt
-    reading (engine/cpu_threads.py)."""
+    """How the CPU is shared (README: Sharing the CPU): the wait policy and priority set at start, and the model's
+    thread counts now, for generation steps and prompt reading (engine/cpu_threads.py). Where the model's build has
+    no OpenMP, the policy reaches its threads as the poll level of KoboldLite's own threadpool (engine/threadpool.py):
+    the environment set at start reaches nothing there."""
     policy = app.cpu_policy
     if "wait" in policy and ((served.gpu_info or {}).get("cpu") or {}).get("openmp") is False:
-        # ggml's own threads (a build without OpenMP): the variables set at start reach nothing
-        policy = {**policy, "wait": {**policy["wait"], "in_force": False}}
+        pool = getattr(served.model, "threadpools", None)
+        policy = {**policy, "wait": {"policy": app.config.cpuwait, "threadpool": pool.report() if pool else None,
+                                     "in_force": pool is not None}}
     return {**policy, **served.engine.threads.report()}
 
 

@@ -291,12 +291,12 @@ class Engine:
         self.adapters.apply(adapter_key)
         self._batch.n_tokens = n
         count = self.threads.count(n)
-        if count != self._threads_set:      # read by llama.cpp when the next graph runs: free to change
-            self.lib.llama_set_n_threads(self.model.ctx, count, count)
+        if count != self._threads_set:
+            self.model.set_threads(count)
             self._threads_set = count
             draft = self.speculation.draft_model
             if draft is not None and n <= self.threads.GENERATION_WIDTH:   # its decodes sit between the steps
-                self.lib.llama_set_n_threads(draft.model.ctx, count, count)
+                draft.model.set_threads(count)
         started = time.perf_counter()
         status = self.lib.llama_decode(self.model.ctx, self._batch)
         if status == DECODE_OK:

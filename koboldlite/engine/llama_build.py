@@ -195,9 +195,15 @@ class GGMLRegistry:
                 out[name] = str(e)
         return out
 
+    def cpu_function(self, name: str) -> int | None:
+        """The address of a function the CPU backend gives out by name (ggml_backend_reg_get_proc_address: a
+        dynamic-backend build's variant module exports nothing else to its users); None where it has none."""
+        reg = self.ggml.ggml_backend_reg_by_name(b"CPU")
+        return self.base.ggml_backend_reg_get_proc_address(reg, name.encode()) if reg else None
+
     def cpu_backend(self) -> CPUBackend:
         reg = self.ggml.ggml_backend_reg_by_name(b"CPU")
-        get = self.base.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_get_features") if reg else None
+        get = self.cpu_function("ggml_backend_get_features")
         features, openmp = [], None
         if get:
             feats = ctypes.CFUNCTYPE(ctypes.POINTER(_Feature), ctypes.c_void_p)(get)(reg)

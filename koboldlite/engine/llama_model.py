@@ -13,6 +13,7 @@ from ..errors import Invalid, ModelLoadError
 from ..model_files import model_name_of
 from .gpu import GPUDevice
 from .llama_build import GGMLRegistry
+from .threadpool import CountPools, ThreadpoolUnavailable
 
 
 class LlamaLog:
@@ -54,7 +55,11 @@ class LlamaModel:
                  show_llama_log: bool = False, shared_kv: bool = False, split_kv: bool = False,
                  flash_attention: bool | None = None, quantkv: int = 0, use_mmap: bool = True, use_mlock: bool = False,
                  devices: list["GPUDevice"] | None = None, main_gpu: int | None = None,
-                 tensor_split: list[float] | None = None, row_split: bool = False):
+                 tensor_split: list[float] | None = None, row_split: bool = False,
+                 threadpool_poll: int | None = None, threadpool_size: int = 0):
+        """`threadpool_poll`, `threadpool_size`: where the build runs ggml's own threads (no OpenMP), the context
+        gets threadpools of that poll level, one per thread count up to that size (engine/threadpool.py); None:
+        ggml's own pool per decode."""
         import llama_cpp  # loaded here so that --help and bad arguments answer fast
         self.lib = llama_cpp
         self.path = path
@@ -68,9 +73,13 @@ class LlamaModel:
         registry = GGMLRegistry(llama_cpp)
         registry.load_backends()      # a dynamic-backend build's modules (once; plan_gpu did it)
         llama_cpp.llama_backend_init()
-        self.extra_buffers = registry.cpu_backend().extra_buffers_fault is None
+        cpu = registry.cpu_backend()
+        self.extra_buffers = cpu.extra_buffers_fault is None
         self._load_weights(n_gpu_layers, devices, main_gpu, tensor_split, row_split, use_mmap, use_mlock, progress)
         self._make_context(n_ctx, n_seq, n_threads, n_batch, shared_kv, split_kv, flash_attention, quantkv)
+        self.threadpools: CountPools | None = None
+        if cpu.openmp is False and threadpool_poll is not None:
+            self._attach_threadpools(registry, max(threadpool_size, n_threads), threadpool_poll)
         self._read_vocabulary()
 
     def _load_weights(self, n_gpu_layers: int, devices: list["GPUDevice"] | None, main_gpu: int | None,
@@ -142,6 +151,19 @@ class LlamaModel:
         self.attention_only = not (llama_cpp.llama_model_is_recurrent(self.model)
                                    or llama_cpp.llama_model_is_hybrid(self.model))
 
+    def _attach_threadpools(self, registry: GGMLRegistry, size: int, poll: int):
+        try:
+            self.threadpools = CountPools(registry, self.lib.llama_cpp._lib, self.ctx, size, poll)
+        except ThreadpoolUnavailable as e:
+            print(f"CPU: {e}: ggml makes a pool for each decode, and --cpuwait does not reach it", file=sys.stderr)
+
+    def set_threads(self, count: int):
+        """The thread count of the context's next decodes (read when the next graph runs: free to change between
+        decodes), on that count's threadpool where it has its own."""
+        self.lib.llama_set_n_threads(self.ctx, count, count)
+        if self.threadpools is not None:
+            self.threadpools.use(count)
+
     def _read_vocabulary(self):
         llama_cpp = self.lib
         self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
@@ -161,6 +183,9 @@ class LlamaModel:
         if getattr(self, "ctx", None):
             self.lib.llama_free(self.ctx)
             self.ctx = None
+        if getattr(self, "threadpools", None):
+            self.threadpools.close()          # after the context: its last decode has ended
+            self.threadpools = None
         if getattr(self, "model", None):
             self.lib.llama_model_free(self.model)
             self.model = None

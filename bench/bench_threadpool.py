@@ -1,0 +1,102 @@
+#!/usr/bin/env python3
+"""KoboldLite's own threadpools in a build without OpenMP (engine/threadpool.py), against ggml's pool per decode.
+    bash tools/build_llama_lib.sh noopenmp                    (into .llama-noopenmp/lib)
+    git worktree add /tmp/before <a commit before the pools>  (e.g. ac06d11)
+    python3 bench/bench_threadpool.py --before /tmp/before [--rounds 4]
+Three servers on the starter model, all on that build: KoboldLite with its pools at --cpuwait spin and at short
+(each with its poll level: engine/threadpool.py's POLL), and the checkout --before (no pools: ggml starts and joins the workers of every
+decode). Rows and conditions as bench_neighbours.py's (single stream, 4 clients, a 2,000-token prompt; quiet, 1
+and 2 busy loops), rounds alternated, each server's speed over the --before one's in the same round (median, and
+the lowest and highest). Then the CPU each used over 20 s idle right after a reply. Writes
+bench/results/threadpool.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+sys.path.insert(0, HERE)
+
+from koboldlite.engine.cpu_policy import WaitPolicy  # noqa: E402
+from koboldlite.engine.threadpool import POLL  # noqa: E402
+from koboldlite.model_files import find_starter_model  # noqa: E402
+import results_file  # noqa: E402
+from bench_idle import cpu_seconds  # noqa: E402
+from bench_neighbours import CTX, ROWS, Neighbours, Server, measure  # noqa: E402
+from tests.harness import ServerProcess  # noqa: E402
+
+NO_OPENMP_BUILD = os.path.join(ROOT, ".llama-noopenmp", "lib")
+CONDITIONS = ("quiet", "1 busy loop", "2 busy loops")
+IDLE_SECONDS = 20
+
+
+def start(name: str, program: str, extra: list[str]) -> Server:
+    common = ["--model", find_starter_model(), "--contextsize", str(CTX), "--parallel", "4", "--nodraft"]
+    proc = ServerProcess([*common, *extra], env={"LLAMA_CPP_LIB_PATH": NO_OPENMP_BUILD},
+                         command=[sys.executable, program, "--port", "0"])
+    return Server(name, proc, proc.port, False)
+
+
+def idle_share(server: Server) -> float:
+    """The share of one core the server used over IDLE_SECONDS right after a short reply: the measurement is
+    the waiting itself (the workers poll a while after the reply's last decode)."""
+    server.post({"prompt": "Hello there", "max_tokens": 8, "temperature": 0})
+    a, t = cpu_seconds(server.proc.proc.pid), time.monotonic()
+    time.sleep(IDLE_SECONDS)
+    return (cpu_seconds(server.proc.proc.pid) - a) / (time.monotonic() - t)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--before", required=True, help="a checkout of KoboldLite before its threadpools")
+    p.add_argument("--rounds", type=int, default=4)
+    args = p.parse_args()
+    before_commit = subprocess.run(["git", "-C", args.before, "rev-parse", "--short", "HEAD"], capture_output=True,
+                                   text=True).stdout.strip() or args.before
+    ours = [start(f"pools, --cpuwait {policy.value} (poll {POLL[policy]})", os.path.join(ROOT, "koboldlite.py"),
+                  ["--cpuwait", policy.value]) for policy in (WaitPolicy.SPIN, WaitPolicy.SHORT)]
+    before = start(f"before ({before_commit}): ggml's pool per decode", os.path.join(args.before, "koboldlite.py"),
+                   [])
+    servers = [*ours, before]
+    ratios = {(s.name, c, r): [] for s in ours for c in CONDITIONS for r in ROWS}
+    try:
+        for rnd in range(args.rounds):
+            for condition in CONDITIONS:
+                neighbours = Neighbours(condition)
+                got = {(s.name, r): measure(s, r, {}, [])
+                       for s in (servers if rnd % 2 == 0 else servers[::-1]) for r in ROWS}
+                neighbours.end()
+                for s in ours:
+                    for r in ROWS:
+                        ratios[(s.name, condition, r)].append(got[(s.name, r)] / got[(before.name, r)])
+                print(rnd, condition, {k: round(v, 1) for k, v in got.items()}, flush=True)
+        idle = {s.name: idle_share(s) for s in servers}
+    finally:
+        for s in servers:
+            s.proc.stop()
+    lines = [f"# KoboldLite's threadpools in a build without OpenMP: {time.strftime('%Y-%m-%d %H:%M')}, "
+             f"{len(os.sched_getaffinity(0))} cores, {args.rounds} rounds, "
+             f"`python3 bench/bench_threadpool.py --before <checkout> --rounds {args.rounds}`", "",
+             f"Speed over that of KoboldLite before its threadpools ({before_commit}) in the same round, on the same "
+             f"build without OpenMP: the median of the rounds, in brackets the lowest and highest.", "",
+             "| server | row | " + " | ".join(CONDITIONS) + " |", "|---|---|" + "---:|" * len(CONDITIONS)]
+    for s in ours:
+        for r in ROWS:
+            cells = [ratios[(s.name, c, r)] for c in CONDITIONS]
+            lines.append(f"| {s.name} | {r} | " + " | ".join(
+                f"{statistics.median(v):.2f} ({min(v):.2f}-{max(v):.2f})" for v in cells) + " |")
+    lines += ["", f"| server | CPU over {IDLE_SECONDS} s idle right after a reply (share of one core) |", "|---|---:|"]
+    lines += [f"| {name} | {100 * share:.2f}% |" for name, share in idle.items()]
+    results_file.publish("threadpool.md", lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""KoboldLite's own ggml threadpool where the build runs ggml's own threads, not OpenMP's (engine/threadpool.py),
+on a real such build: tests/install.sh makes it (tools/build_llama_lib.sh noopenmp, into .llama-noopenmp/lib)."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from koboldlite.engine.cpu_policy import WaitPolicy
+from koboldlite.engine.threadpool import POLL, CountPools, ThreadpoolParams
+from tests.harness import ROOT, ServerProcess
+
+NO_OPENMP_BUILD = os.path.join(ROOT, ".llama-noopenmp", "lib")
+
+
+def test_the_parameters_are_laid_out_as_ggmls_struct():
+    """ggml.h: bool cpumask[512]; int n_threads; enum prio; uint32_t poll; bool strict_cpu; bool paused."""
+    assert [getattr(ThreadpoolParams, f).offset for f in ("n_threads", "prio", "poll", "strict_cpu", "paused")] \
+        == [512, 516, 520, 524, 525]
+    assert ctypes.sizeof(ThreadpoolParams) == 528
+
+
+def test_every_wait_policy_has_a_poll_level_from_sleeping_at_once_to_ggmls_default():
+    assert set(POLL) == set(WaitPolicy)
+    assert POLL[WaitPolicy.PASSIVE] == 0 < POLL[WaitPolicy.SHORT] < POLL[WaitPolicy.SPIN] == 50
+
+
+def thread_cpu(pid: int) -> dict[int, tuple[int, str]]:
+    """Each thread of the process: its CPU ticks so far (user and system) and its state (R running, S sleeping)."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue                          # a thread that ended meanwhile
+        out[int(tid)] = (int(fields[11]) + int(fields[12]), fields[0])
+    return out
+
+
+@pytest.mark.parametrize("cpuwait", ["spin", "passive"])
+def test_a_build_without_openmp_runs_every_decode_on_a_threadpool_of_koboldlites_own(cpuwait):
+    assert os.path.isdir(NO_OPENMP_BUILD), "tests/install.sh builds it: bash tools/build_llama_lib.sh noopenmp"
+    poll = POLL[WaitPolicy(cpuwait)]
+    s = ServerProcess(["--cpuwait", cpuwait, "--threads", "2", "--contextsize", "512", "--nodraft"],
+                      env={"LLAMA_CPP_LIB_PATH": NO_OPENMP_BUILD})
+    try:
+        s.wait_for_line(rf"^CPU: this build runs ggml's own threads.*polling between decodes at ggml's level {poll} ")
+        props = s.json("GET", "/props")
+        assert props["cpu_backend"]["openmp"] is False
+        assert props["threads"]["wait"] == {"policy": cpuwait, "threadpool": {"threads": 2, "poll": poll,
+                                                                            "pools": [2]}, "in_force": True}
+        before = thread_cpu(s.proc.pid)
+        r = s.json("POST", "/api/v1/generate", {"prompt": "Once upon a time", "max_length": 48,
+                                                "ban_eos_token": True, "temperature": 0})
+        assert r["results"][0]["text"]
+        after = thread_cpu(s.proc.pid)
+        # The work of every decode is shared by two threads that were there before the first request: the loop
+        # thread, and the pool's worker made with the context. ggml's own pools start a worker for each decode,
+        # which is gone once it ends; only the loop thread would have worked.
+        grew = {tid: after[tid][0] - ticks for tid, (ticks, _) in before.items() if tid in after}
+        most = max(grew.values())
+        workers = [tid for tid, n in grew.items() if n >= most / 4]
+        assert most > 0 and len(workers) == 2, grew
+        if poll == 0:
+            # Sleeping at once between decodes: by the time the reply is read, both are asleep.
+            assert all(after[tid][1] == "S" for tid in workers), {tid: after[tid] for tid in workers}
+    finally:
+        s.stop()
+
+
+COUNTS_CHILD = r"""
+import json, os, sys
+from koboldlite.engine.cpu_threads import ThreadGovernor
+from koboldlite.engine.engine import Engine
+from koboldlite.engine.llama_model import LlamaModel
+from koboldlite.generation import GenerationRequest, SamplerSettings
+from tests.test_threadpool import thread_cpu
+
+
+class Scripted(ThreadGovernor):
+    '''Prompt reading at 2 threads, generation at whatever `now` says.'''
+    now = 2
+
+    def count(self, n_tokens):
+        return 2 if n_tokens > self.GENERATION_WIDTH else self.now
+
+
+model = LlamaModel(sys.argv[1], n_ctx=512, n_seq=1, n_threads=2, n_gpu_layers=0, threadpool_poll=50,
+                   threadpool_size=2)
+gov = Scripted(2)
+engine = Engine(model, threads=gov)
+job = engine.prepare(GenerationRequest("Once upon a time " * 20, max_length=400,
+                                       sampler=SamplerSettings(temperature=0, ban_eos=True)))
+assert engine.admit(job)
+out = []
+for now in (2, 1, 2):
+    gov.now = now
+    engine.step()                                   # the first step at this count
+    before = thread_cpu(os.getpid())
+    for _ in range(40):
+        engine.step()
+        assert model.lib.llama_n_threads(model.ctx) == now
+    after = thread_cpu(os.getpid())
+    grew = {tid: after[tid][0] - ticks for tid, (ticks, _) in before.items() if tid in after}
+    most = max(grew.values())
+    out.append([now, sum(n >= most / 4 for n in grew.values()), model.threadpools.report()["pools"]])
+model.close()
+print(json.dumps(out))
+"""
+
+
+def test_a_count_shed_to_one_thread_leaves_the_pool_asleep_and_comes_back_to_it(starter_model):
+    """A pool runs a decode at fewer threads than it has, but its idle workers would poll beside the busy programs
+    that made the count shed: one thread runs on no pool, and the pool's worker sleeps meanwhile. Counted over 40
+    steps at each count: the threads that did a share of the work (the main thread, and the pool's worker). This
+    machine's 2 cores: more threads than cores wait at every barrier, so the pools of counts between 1 and the
+    most are the unit test's below."""
+    assert os.path.isdir(NO_OPENMP_BUILD), "tests/install.sh builds it: bash tools/build_llama_lib.sh noopenmp"
+    out = subprocess.run([sys.executable, "-c", COUNTS_CHILD, starter_model], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "LLAMA_CPP_LIB_PATH": NO_OPENMP_BUILD})
+    assert out.returncode == 0, out.stderr[-3000:]
+    # [count, threads that worked, pools made so far], in the order the counts ran
+    assert json.loads(out.stdout.splitlines()[-1]) == [[2, 2, [2]], [1, 1, [2]], [2, 2, [2]]]
+
+
+class Recorded:
+    """A llama library and a registry that only note what is asked of them: the threadpools made, and which one
+    each context is attached to."""
+
+    def __init__(self):
+        self.calls, self.made = [], 0
+        self.llama_attach_threadpool = lambda ctx, pool, batch: self.calls.append(("attach", pool, batch))
+        self.llama_detach_threadpool = lambda ctx: self.calls.append(("detach",))
+
+    def cpu_function(self, name):
+        if name == "ggml_threadpool_new":
+            return ctypes.cast(self._new, ctypes.c_void_p).value
+        return ctypes.cast(self._free, ctypes.c_void_p).value
+
+    def new(self, params):
+        self.made += 1
+        self.calls.append(("new", params.contents.n_threads, params.contents.poll))
+        return 1000 + params.contents.n_threads
+
+    def free(self, handle):
+        self.calls.append(("free", handle))
+
+
+def test_each_count_gets_a_pool_of_its_own_kept_until_the_context_is_freed():
+    r = Recorded()
+    r._new = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.POINTER(ThreadpoolParams))(r.new)
+    r._free = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(r.free)
+    pools = CountPools(r, r, ctx=None, most=8, poll=1)
+    for count in (8, 6, 1, 6, 8, 5, 8):
+        pools.use(count)
+    assert r.calls == [("new", 8, 1), ("attach", 1008, 1008), ("new", 6, 1), ("attach", 1006, 1006), ("detach",),
+                       ("attach", 1006, 1006), ("attach", 1008, 1008), ("new", 5, 1), ("attach", 1005, 1005),
+                       ("attach", 1008, 1008)]
+    assert pools.report() == {"threads": 8, "poll": 1, "pools": [5, 6, 8]}
+    pools.close()
+    assert sorted(r.calls[-3:]) == [("free", 1005), ("free", 1006), ("free", 1008)]
