@@ -4,10 +4,11 @@
     git worktree add /tmp/before <a commit before the pools>  (e.g. ac06d11)
     python3 bench/bench_threadpool.py --before /tmp/before [--rounds 4]
 Three servers on the starter model, all on that build: KoboldLite with its pools at --cpuwait spin and at short
-(each with its poll level: engine/threadpool.py's POLL), and the checkout --before (no pools: ggml starts and joins the workers of every
-decode). Rows and conditions as bench_neighbours.py's (single stream, 4 clients, a 2,000-token prompt; quiet, 1
+(each with its poll level: engine/threadpool.py's POLL), and the checkout --before (no pools: ggml starts and
+joins the workers of every decode). Rows and conditions as bench_neighbours.py's (single stream, 4 clients, a 2,000-token prompt; quiet, 1
 and 2 busy loops), rounds alternated, each server's speed over the --before one's in the same round (median, and
-the lowest and highest). Then the CPU each used over 20 s idle right after a reply. Writes
+the lowest and highest). First the CPU each used over 20 s idle right after a short reply; last, the CPU a pool
+polling at each level (ggml's default 50 too) costs after a reply, llama.cpp alone. Writes
 bench/results/threadpool.md.
 """
 
@@ -45,13 +46,45 @@ def start(name: str, program: str, extra: list[str]) -> Server:
     return Server(name, proc, proc.port, False)
 
 
-def idle_share(server: Server) -> float:
-    """The share of one core the server used over IDLE_SECONDS right after a short reply: the measurement is
-    the waiting itself (the workers poll a while after the reply's last decode)."""
-    server.post({"prompt": "Hello there", "max_tokens": 8, "temperature": 0})
-    a, t = cpu_seconds(server.proc.proc.pid), time.monotonic()
+def idle_shares(servers: list[Server]) -> dict[str, float]:
+    """The share of one core each server used over the same IDLE_SECONDS, right after a short reply of its own (the
+    measurement is the waiting itself: the workers poll a while after the reply's last decode). Taken before the
+    rounds, so that no earlier reply's work after it (the prompt cache's copy) falls in the window."""
+    for server in servers:
+        server.post({"prompt": "Hello there", "max_tokens": 8, "temperature": 0})
+    a, t = [cpu_seconds(s.proc.proc.pid) for s in servers], time.monotonic()
     time.sleep(IDLE_SECONDS)
-    return (cpu_seconds(server.proc.proc.pid) - a) / (time.monotonic() - t)
+    b, took = [cpu_seconds(s.proc.proc.pid) for s in servers], time.monotonic() - t
+    return {s.name: (after - before) / took for s, before, after in zip(servers, a, b)}
+
+
+POLL_COST_CHILD = r"""
+import os, sys, time
+from koboldlite.engine.engine import Engine
+from koboldlite.engine.llama_model import LlamaModel
+from koboldlite.generation import GenerationRequest, SamplerSettings
+from koboldlite.model_files import find_starter_model
+model = LlamaModel(find_starter_model(), n_ctx=512, n_seq=1, n_threads=2, n_gpu_layers=0,
+                   threadpool_poll=int(sys.argv[1]), threadpool_size=2)
+engine = Engine(model)
+for _ in range(3):
+    job = engine.prepare(GenerationRequest("Once upon a time", max_length=8,
+                                           sampler=SamplerSettings(temperature=0, ban_eos=True)))
+    assert engine.admit(job)
+    while not engine.step():
+        pass
+    a = sum(os.times()[:2])
+    time.sleep(3)
+    print(sum(os.times()[:2]) - a)
+"""
+
+
+def poll_cost(level: int) -> list[float]:
+    """The CPU seconds a process whose context has a pool of 2 threads at this poll level uses in the 3 s after
+    a reply's last decode (8 tokens), three times: the polling alone (llama.cpp directly, no server)."""
+    out = subprocess.run([sys.executable, "-c", POLL_COST_CHILD, str(level)], cwd=ROOT, capture_output=True,
+                         text=True, check=True, env={**os.environ, "LLAMA_CPP_LIB_PATH": NO_OPENMP_BUILD})
+    return [float(x) for x in out.stdout.split()]
 
 
 def main():
@@ -68,6 +101,7 @@ def main():
     servers = [*ours, before]
     ratios = {(s.name, c, r): [] for s in ours for c in CONDITIONS for r in ROWS}
     try:
+        idle = idle_shares(servers)
         for rnd in range(args.rounds):
             for condition in CONDITIONS:
                 neighbours = Neighbours(condition)
@@ -78,7 +112,6 @@ def main():
                     for r in ROWS:
                         ratios[(s.name, condition, r)].append(got[(s.name, r)] / got[(before.name, r)])
                 print(rnd, condition, {k: round(v, 1) for k, v in got.items()}, flush=True)
-        idle = {s.name: idle_share(s) for s in servers}
     finally:
         for s in servers:
             s.proc.stop()
@@ -93,8 +126,14 @@ def main():
             cells = [ratios[(s.name, c, r)] for c in CONDITIONS]
             lines.append(f"| {s.name} | {r} | " + " | ".join(
                 f"{statistics.median(v):.2f} ({min(v):.2f}-{max(v):.2f})" for v in cells) + " |")
-    lines += ["", f"| server | CPU over {IDLE_SECONDS} s idle right after a reply (share of one core) |", "|---|---:|"]
+    lines += ["", f"| server | CPU over {IDLE_SECONDS} s idle right after a short reply, all in the same window "
+                  f"(share of one core) |", "|---|---:|"]
     lines += [f"| {name} | {100 * share:.2f}% |" for name, share in idle.items()]
+    levels = sorted({50, *POLL.values()}, reverse=True)
+    lines += ["", "| poll level | CPU seconds in the 3 s after a reply's last decode, pool of 2 threads, 3 replies |",
+              "|---|---|"]
+    lines += [f"| {level}{' (ggml default)' if level == 50 else ''} | "
+              f"{', '.join(f'{x:.2f}' for x in poll_cost(level))} |" for level in levels]
     results_file.publish("threadpool.md", lines)
 
 

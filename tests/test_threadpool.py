@@ -25,9 +25,9 @@ def test_the_parameters_are_laid_out_as_ggmls_struct():
     assert ctypes.sizeof(ThreadpoolParams) == 528
 
 
-def test_every_wait_policy_has_a_poll_level_from_sleeping_at_once_to_ggmls_default():
+def test_every_wait_policy_has_a_poll_level_from_sleeping_at_once_to_a_few_milliseconds():
     assert set(POLL) == set(WaitPolicy)
-    assert POLL[WaitPolicy.PASSIVE] == 0 < POLL[WaitPolicy.SHORT] < POLL[WaitPolicy.SPIN] == 50
+    assert POLL[WaitPolicy.PASSIVE] == 0 < POLL[WaitPolicy.SHORT] < POLL[WaitPolicy.SPIN] < 50     # ggml's default
 
 
 def thread_cpu(pid: int) -> dict[int, tuple[int, str]]:
@@ -91,6 +91,7 @@ class Scripted(ThreadGovernor):
         return 2 if n_tokens > self.GENERATION_WIDTH else self.now
 
 
+# ggml's default poll level, longer than any --cpuwait gives: the pool left must sleep all the same
 model = LlamaModel(sys.argv[1], n_ctx=512, n_seq=1, n_threads=2, n_gpu_layers=0, threadpool_poll=50,
                    threadpool_size=2)
 gov = Scripted(2)

@@ -4,8 +4,8 @@
 Without one, llama.cpp gives each decode a threadpool ggml makes for that decode alone: every token starts and
 joins its worker threads. llama-server attaches pools of its own (llama.cpp's common library); so does LlamaModel,
 through this. An attached pool keeps its workers between decodes: each polls for the next decode a while (ggml's
-`poll` level, 0 to 100: 1024 * 128 * poll pause instructions, about 0.1 to 0.5 s at ggml's default of 50), then
-sleeps on a condition variable, so an idle server uses no CPU. Within a decode ggml's barrier always spins; the
+`poll` level, 0 to 100: 1024 * 128 * poll pause instructions, POLL below), then sleeps on a condition variable, so
+an idle server uses no CPU. Within a decode ggml's barrier always spins; the
 thread count (engine/cpu_threads.py) meets contention there. An OpenMP build runs the threads itself and ignores
 a pool's poll level (engine/cpu_policy.py sets OpenMP's waiting), so no pool is made there.
 
@@ -24,9 +24,12 @@ import ctypes
 
 from .cpu_policy import WaitPolicy
 
-# --cpuwait as a poll level: ggml's own default (llama-server's too); about 1/50 of it (a few milliseconds, in
-# the spirit of OpenMP's short spin); none, sleeping at once.
-POLL = {WaitPolicy.SPIN: 50, WaitPolicy.SHORT: 1, WaitPolicy.PASSIVE: 0}
+# --cpuwait as a poll level, each level 131,072 pause instructions (about 1.8 ms on a 2.1 GHz Xeon; a pause takes
+# 10 to 140 cycles by CPU). spin: 2, about as long as the runtime's own spin in the OpenMP builds (libgomp's 300,000
+# rounds of one). ggml's default, 50 (llama-server's), burns 0.09 s of CPU in each worker after every reply's last
+# decode there, and was no faster (bench/README.md, "KoboldLite's own threadpools there"). short: the least that
+# polls at all (OpenMP's short spin, 10,000 rounds, has no like here). passive: none, sleeping at once.
+POLL = {WaitPolicy.SPIN: 2, WaitPolicy.SHORT: 1, WaitPolicy.PASSIVE: 0}
 
 GGML_MAX_N_THREADS = 512
 
