@@ -5,8 +5,8 @@
     python3 bench/bench_threadpool.py --before /tmp/before [--rounds 4]
 Three servers on the starter model, all on that build: KoboldLite with its pools at --cpuwait spin and at short
 (each with its poll level: engine/threadpool.py's POLL), and the checkout --before (no pools: ggml starts and
-joins the workers of every decode). Rows and conditions as bench_neighbours.py's (single stream, 4 clients, a 2,000-token prompt; quiet, 1
-and 2 busy loops), rounds alternated, each server's speed over the --before one's in the same round (median, and
+joins the workers of every decode). Rows and conditions as bench_neighbours.py's (single stream, 4 clients, a
+2,000-token prompt; quiet, 1 and 2 busy loops), rounds alternated, each server's speed over the --before one's in the same round (median, and
 the lowest and highest). First the CPU each used over 20 s idle right after a short reply; last, the CPU a pool
 polling at each level (ggml's default 50 too) costs after a reply, llama.cpp alone. Writes
 bench/results/threadpool.md.
