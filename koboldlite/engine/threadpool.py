@@ -5,9 +5,9 @@ Without one, llama.cpp gives each decode a threadpool ggml makes for that decode
 joins its worker threads. llama-server attaches pools of its own (llama.cpp's common library); so does LlamaModel,
 through this. An attached pool keeps its workers between decodes: each polls for the next decode a while (ggml's
 `poll` level, 0 to 100: 1024 * 128 * poll pause instructions, POLL below), then sleeps on a condition variable, so
-an idle server uses no CPU. Within a decode ggml's barrier always spins; the
-thread count (engine/cpu_threads.py) meets contention there. An OpenMP build runs the threads itself and ignores
-a pool's poll level (engine/cpu_policy.py sets OpenMP's waiting), so no pool is made there.
+an idle server uses no CPU. Within a decode ggml's barrier always spins; the thread count (engine/cpu_threads.py)
+meets contention there. An OpenMP build runs the threads itself and ignores a pool's poll level
+(engine/cpu_policy.py sets OpenMP's waiting), so no pool is made there.
 
 One pool per thread count: a pool runs a decode at fewer threads than it has, but every decode wakes all its
 workers, and one left out polls until the next (measured beside busy programs, where the count sheds to one
