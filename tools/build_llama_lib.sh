@@ -21,7 +21,7 @@
 # KOBOLDLITE_CPU_VARIANTS="x64 haswell ..." puts only those CPU variants in OUT (default: all of them). It does not
 # shorten the build: ggml's CMake makes every variant a dependency of ggml itself.
 set -euo pipefail
-backend=${1:?usage: build_llama_lib.sh cpu|vulkan|cuda [OUT] [CUDA_ARCH]}
+backend=${1:?usage: build_llama_lib.sh cpu|vulkan|cuda|noopenmp [OUT] [CUDA_ARCH]}
 root=$(cd "$(dirname "$0")/.." && pwd)
 case "$backend" in      # prerequisites first: name what is missing before anything is downloaded
   cpu|vulkan|noopenmp) ;;   # tools/vulkan_prereqs.sh installs or names them
