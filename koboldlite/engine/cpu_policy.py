@@ -10,8 +10,8 @@ before it sleeps (GNU libgomp: 300,000 rounds). llama.cpp's threadpool `poll` se
 build (ggml ignores it there), and libgomp has no call that sets its policy: it reads OMP_WAIT_POLICY and
 GOMP_SPINCOUNT once, when it is loaded. So a policy is set as those variables, in this process's environment, before
 the library is loaded; a value the user set is never replaced. A build without OpenMP (macOS's) runs ggml's own
-threads, which read none of them: the CPU backend says which (engine/llama_build.py, CPUBackend.openmp), and /props
-reports the policy not in force there.
+threads, which read none of them: the CPU backend says which (engine/llama_build.py, CPUBackend.openmp), and there
+the policy is the poll level of KoboldLite's own threadpools (engine/threadpool.py, poll_level).
 
 The default is the runtime's own spin, measured (bench/results/wait-policy.md, two threads always): beside one busy
 program a short spin made it worse (12 tokens/s against 29), beside a program at nice 10 far worse (32 against

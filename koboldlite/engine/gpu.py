@@ -8,9 +8,8 @@ import os
 
 from ..errors import ConfigError
 from ..config import Config
-from .cpu_policy import WaitPolicy
 from .llama_build import CPUBackend, GGMLRegistry, choose_build, ggml_library
-from .threadpool import POLL
+from .threadpool import poll_level
 from .gguf_layout import GGUFLayout, fit_gpu_layers
 from .context_fit import DEFAULT_CONTEXT_FLOOR, longest_context_on_gpu
 
@@ -133,7 +132,7 @@ def plan_gpu(config: Config, context_chosen: bool = False) -> GPUPlan:
     if plan.cpu.extra_buffers_fault:
         plan.lines.append(f"CPU: llama.cpp's AMX and repacked weight layouts are off: {plan.cpu.extra_buffers_fault}")
     if plan.cpu.openmp is False:
-        poll = POLL[WaitPolicy(config.cpuwait)]
+        poll = poll_level(config.cpuwait)
         plan.lines.append(f"CPU: this build runs ggml's own threads, not OpenMP's: they run in threadpools of "
                           f"KoboldLite's own, polling between decodes at ggml's level {poll} "
                           f"(--cpuwait {config.cpuwait})")

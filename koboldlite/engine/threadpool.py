@@ -31,6 +31,11 @@ from .cpu_policy import WaitPolicy
 # polls at all (OpenMP's short spin, 10,000 rounds, has no like here). passive: none, sleeping at once.
 POLL = {WaitPolicy.SPIN: 2, WaitPolicy.SHORT: 1, WaitPolicy.PASSIVE: 0}
 
+
+def poll_level(cpuwait: str) -> int:
+    """--cpuwait's value (spin, short, passive) as ggml's poll level."""
+    return POLL[WaitPolicy(cpuwait)]
+
 GGML_MAX_N_THREADS = 512
 
 

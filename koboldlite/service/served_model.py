@@ -21,9 +21,8 @@ from ..engine.embeddings import Embedder
 from ..engine.drafting import DraftModel
 from ..engine.prompt_cache import PromptCache
 from ..engine.engine import Engine
-from ..engine.cpu_policy import WaitPolicy
 from ..engine.cpu_threads import ThreadGovernor, cores_available, most_threads
-from ..engine.threadpool import POLL
+from ..engine.threadpool import poll_level
 from ..scheduler import Scheduler
 from ..chat.template import load_chat_template
 from .catalog import ModelEntry
@@ -94,7 +93,7 @@ class ServedModel:
                                 flash_attention=flash_attention_of(cfg), quantkv=cfg.quantkv,
                                 use_mmap=not cfg.nommap, use_mlock=cfg.usemlock,
                                 progress=None if cfg.quiet else ProgressBar(), show_llama_log=cfg.debug,
-                                threadpool_poll=POLL[WaitPolicy(cfg.cpuwait)],
+                                threadpool_poll=poll_level(cfg.cpuwait),
                                 threadpool_size=max(most_threads(cfg.threads), cfg.threadsbatch))
         try:
             self.chat_template, self.template_origin = load_chat_template(self.model, cfg.chat_template)
