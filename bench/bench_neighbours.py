@@ -165,10 +165,12 @@ def thread_report(server: Server) -> dict:
     return json.loads(server.proc.request("GET", "/api/extra/perf")[2])["threads"]
 
 
-def measure(server: Server, row: str, outside: dict[str, list[float]], counts: list[str]) -> float:
+def measure(server: Server, row: str, outside: dict[str, list[float]], counts: list[str],
+            extra: dict | None = None) -> float:
     """The row's speed. For KoboldLite's streamed rows, the share of the row's time spent outside llama.cpp too
     (`outside[row]`: the HTTP threads, the token buffer, the stream writers, all the Python), and after a single
-    stream its generation thread count with the sheds, returns and probes during it (`counts`)."""
+    stream its generation thread count with the sheds, returns and probes during it (`counts`). `extra`: fields
+    added to the streamed rows' requests."""
     if row not in STREAMED:
         started = time.perf_counter()
         out = server.post({"prompt": prompt_of(2000), "max_tokens": 1, "temperature": 0})
@@ -177,13 +179,13 @@ def measure(server: Server, row: str, outside: dict[str, list[float]], counts: l
     started = time.perf_counter()
     if row.startswith("single"):
         tokens = server.stream({"prompt": "Once upon a time", "max_tokens": 100, "temperature": 0,
-                                "ban_eos_token": True})
+                                "ban_eos_token": True, **(extra or {})})
     else:
         totals = []
 
         def one(i):
             totals.append(server.stream({"prompt": f"Story {i}: once upon a time", "max_tokens": 64,
-                                         "temperature": 0, "ban_eos_token": True}))
+                                         "temperature": 0, "ban_eos_token": True, **(extra or {})}))
         threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
         for t in threads:
             t.start()

@@ -53,8 +53,8 @@ def test_a_build_without_openmp_runs_every_decode_on_a_threadpool_of_koboldlites
         s.wait_for_line(rf"^CPU: this build runs ggml's own threads.*polling between decodes at ggml's level {poll} ")
         props = s.json("GET", "/props")
         assert props["cpu_backend"]["openmp"] is False
-        assert props["threads"]["wait"] == {"policy": cpuwait, "threadpool": {"threads": 2, "poll": poll,
-                                                                            "pools": [2]}, "in_force": True}
+        assert props["threads"]["wait"] == {"policy": cpuwait, "in_force": True, "threadpool": {
+            "threads": 2, "poll": poll, "pools": [2], "contexts": 1}}
         before = thread_cpu(s.proc.pid)
         r = s.json("POST", "/api/v1/generate", {"prompt": "Once upon a time", "max_length": 48,
                                                 "ban_eos_token": True, "temperature": 0})
@@ -76,6 +76,42 @@ def test_a_build_without_openmp_runs_every_decode_on_a_threadpool_of_koboldlites
     finally:
         status = s.stop()
     assert status == 0                      # the pools' workers, asleep, do not hold the process at exit
+
+
+def process_cpu(pid: int) -> int:
+    """The process's CPU ticks so far, its ended threads' included."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def test_a_draft_models_decodes_run_on_the_models_threadpools_too(starter_model):
+    """The draft model's context (the starter model drafting for itself) shares the model's pools: the work of a
+    drafted reply is all done by threads that were there before it. ggml's own pool for each of the draft's
+    decodes would start a worker for it, gone by the reply's end, its work counted in the process's CPU time
+    but in no living thread's (checked: about a quarter of the reply's ticks, 99-113 of 365-413)."""
+    assert os.path.isdir(NO_OPENMP_BUILD), "tests/install.sh builds it: bash tools/build_llama_lib.sh noopenmp"
+    s = ServerProcess(["--model", starter_model, "--draftmodel", starter_model, "--draftamount", "4",
+                       "--cpuwait", "passive", "--threads", "2", "--contextsize", "1024"],
+                      env={"LLAMA_CPP_LIB_PATH": NO_OPENMP_BUILD})
+    try:
+        wait = s.json("GET", "/props")["threads"]["wait"]
+        assert wait["threadpool"] == {"threads": 2, "poll": 0, "pools": [2], "contexts": 2}, wait
+        body = {"prompt": "Once upon a time", "max_length": 160, "ban_eos_token": True, "temperature": 0,
+                "draft_min": 4}          # paying or not (the step costs measured at start-up decide otherwise)
+        s.json("POST", "/api/v1/generate", {**body, "max_length": 8})    # the HTTP server's threads, once
+        before, process_before = thread_cpu(s.proc.pid), process_cpu(s.proc.pid)
+        assert s.json("POST", "/api/v1/generate", body)["results"][0]["text"]
+        after, process_after = thread_cpu(s.proc.pid), process_cpu(s.proc.pid)
+        perf = s.json("GET", "/api/extra/perf")
+        assert perf["last_draft_count"] > 100, perf         # the draft model drafted
+        lived = sum(after[tid][0] - ticks for tid, (ticks, _) in before.items() if tid in after)
+        total = process_after - process_before
+        # Besides, only the request's own HTTP thread, born and gone with it (a tick or two of JSON).
+        assert total > 20 and total - lived <= max(4, total // 20), (total, lived)
+    finally:
+        status = s.stop()
+    assert status == 0
 
 
 COUNTS_CHILD = r"""
@@ -157,16 +193,44 @@ class Recorded:
         self.calls.append(("free", handle))
 
 
-def test_each_count_gets_a_pool_of_its_own_kept_until_the_context_is_freed():
+def recorded() -> Recorded:
     r = Recorded()
     r._new = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.POINTER(ThreadpoolParams))(r.new)
     r._free = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(r.free)
-    pools = CountPools(r, r, ctx=None, most=8, poll=1)
+    return r
+
+
+def test_each_count_gets_a_pool_of_its_own_kept_until_the_context_is_freed():
+    r = recorded()
+    pools = CountPools(r, most=8, poll=1).attach(r, ctx=None, count=8)
     for count in (8, 6, 1, 6, 8, 5, 8):
         pools.use(count)
     assert r.calls == [("new", 8, 1), ("attach", 1008, 1008), ("new", 6, 1), ("attach", 1006, 1006), ("detach",),
                        ("attach", 1006, 1006), ("attach", 1008, 1008), ("new", 5, 1), ("attach", 1005, 1005),
                        ("attach", 1008, 1008)]
-    assert pools.report() == {"threads": 8, "poll": 1, "pools": [5, 6, 8]}
-    pools.close()
+    assert pools.report() == {"threads": 8, "poll": 1, "pools": [5, 6, 8], "contexts": 1}
+    pools.release()
     assert sorted(r.calls[-3:]) == [("free", 1005), ("free", 1006), ("free", 1008)]
+    pools.release()                                     # once only
+    assert len(r.calls) == 13
+
+
+def test_a_draft_models_context_shares_the_pools_and_they_outlive_both_contexts():
+    """The model's context and its draft model's, decoded by one thread, each at its own count on the same pools;
+    the pools are freed with the last of the two, whichever that is."""
+    for last in ("target", "draft"):
+        r = recorded()
+        shared = CountPools(r, most=4, poll=2)
+        target = shared.attach(r, ctx=None, count=4)
+        draft = shared.attach(r, ctx=None, count=1)       # one thread: on no pool
+        target.use(3)
+        draft.use(4)
+        draft.use(3)
+        assert r.made == 2 and shared.report() == {"threads": 4, "poll": 2, "pools": [3, 4], "contexts": 2}
+        assert r.calls == [("new", 4, 2), ("attach", 1004, 1004), ("detach",), ("new", 3, 2),
+                           ("attach", 1003, 1003), ("attach", 1004, 1004), ("attach", 1003, 1003)]
+        first, second = (draft, target) if last == "target" else (target, draft)
+        first.release()
+        assert not any(call[0] == "free" for call in r.calls) and shared.report()["contexts"] == 1
+        second.release()
+        assert sorted(r.calls[-2:]) == [("free", 1003), ("free", 1004)] and shared.pools == {}

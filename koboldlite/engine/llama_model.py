@@ -13,7 +13,7 @@ from ..errors import Invalid, ModelLoadError
 from ..model_files import model_name_of
 from .gpu import GPUDevice
 from .llama_build import GGMLRegistry
-from .threadpool import CountPools, ThreadpoolUnavailable
+from .threadpool import ContextPools, CountPools, ThreadpoolUnavailable
 
 
 class LlamaLog:
@@ -56,10 +56,12 @@ class LlamaModel:
                  flash_attention: bool | None = None, quantkv: int = 0, use_mmap: bool = True, use_mlock: bool = False,
                  devices: list["GPUDevice"] | None = None, main_gpu: int | None = None,
                  tensor_split: list[float] | None = None, row_split: bool = False,
-                 threadpool_poll: int | None = None, threadpool_size: int = 0):
+                 threadpool_poll: int | None = None, threadpool_size: int = 0,
+                 share_threadpools: CountPools | None = None):
         """`threadpool_poll`, `threadpool_size`: where the build runs ggml's own threads (no OpenMP), the context
         gets threadpools of that poll level, one per thread count up to that size (engine/threadpool.py); None:
-        ggml's own pool per decode."""
+        ggml's own pool per decode. `share_threadpools`: instead, those of another model whose context the same
+        thread decodes on (a draft model's target's)."""
         import llama_cpp  # loaded here so that --help and bad arguments answer fast
         self.lib = llama_cpp
         self.path = path
@@ -77,9 +79,11 @@ class LlamaModel:
         self.extra_buffers = cpu.extra_buffers_fault is None
         self._load_weights(n_gpu_layers, devices, main_gpu, tensor_split, row_split, use_mmap, use_mlock, progress)
         self._make_context(n_ctx, n_seq, n_threads, n_batch, shared_kv, split_kv, flash_attention, quantkv)
-        self.threadpools: CountPools | None = None
-        if cpu.openmp is False and threadpool_poll is not None:
-            self._attach_threadpools(registry, max(threadpool_size, n_threads), threadpool_poll)
+        self.threadpools: ContextPools | None = None
+        if cpu.openmp is False and share_threadpools is not None:
+            self.threadpools = share_threadpools.attach(self.lib.llama_cpp._lib, self.ctx, n_threads)
+        elif cpu.openmp is False and threadpool_poll is not None:
+            self._attach_threadpools(registry, max(threadpool_size, n_threads), threadpool_poll, n_threads)
         self._read_vocabulary()
 
     def _load_weights(self, n_gpu_layers: int, devices: list["GPUDevice"] | None, main_gpu: int | None,
@@ -151,9 +155,9 @@ class LlamaModel:
         self.attention_only = not (llama_cpp.llama_model_is_recurrent(self.model)
                                    or llama_cpp.llama_model_is_hybrid(self.model))
 
-    def _attach_threadpools(self, registry: GGMLRegistry, size: int, poll: int):
+    def _attach_threadpools(self, registry: GGMLRegistry, size: int, poll: int, n_threads: int):
         try:
-            self.threadpools = CountPools(registry, self.lib.llama_cpp._lib, self.ctx, size, poll)
+            self.threadpools = CountPools(registry, size, poll).attach(self.lib.llama_cpp._lib, self.ctx, n_threads)
         except ThreadpoolUnavailable as e:
             print(f"CPU: {e}: ggml makes a pool for each decode, and --cpuwait does not reach it", file=sys.stderr)
 
@@ -184,7 +188,7 @@ class LlamaModel:
             self.lib.llama_free(self.ctx)
             self.ctx = None
         if getattr(self, "threadpools", None):
-            self.threadpools.close()          # after the context: its last decode has ended
+            self.threadpools.release()        # after the context: its last decode has ended
             self.threadpools = None
         if getattr(self, "model", None):
             self.lib.llama_model_free(self.model)

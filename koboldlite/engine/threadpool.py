@@ -14,8 +14,9 @@ workers, and one left out polls until the next (measured beside busy programs, w
 thread: a pool of two ran a single stream at 0.7 to 0.9 of ggml's per-decode pools, its idle worker spinning
 beside the busy loops). A pool not in use is paused by ggml (its workers sleep); one thread needs no pool at all.
 
-Who calls what: LlamaModel makes a CountPools for its context and calls use(count) whenever the engine sets
-another thread count (before the decode that runs at it), and close() once the context is freed.
+Who calls what: LlamaModel makes a CountPools for its context (a draft model's LlamaModel attaches its context to
+the target's), calls use(count) on its ContextPools whenever the engine sets another thread count (before the
+decode that runs at it), and release() once the context is freed.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ POLL = {WaitPolicy.SPIN: 2, WaitPolicy.SHORT: 1, WaitPolicy.PASSIVE: 0}
 def poll_level(cpuwait: str) -> int:
     """--cpuwait's value (spin, short, passive) as ggml's poll level."""
     return POLL[WaitPolicy(cpuwait)]
+
 
 GGML_MAX_N_THREADS = 512
 
@@ -76,40 +78,75 @@ class Threadpool:
 
 
 class CountPools:
-    """The pools of one llama context, one per thread count it has run at (count 1: none, ggml's own pool of one
-    thread starts no worker). None is freed before the context: ggml's CPU backend holds the last pool a decode
-    ran on until the next decode, and pauses it then. So at most one pool per count the adaptive count steps
-    through (a quarter fewer at a time: on 16 cores 16, 12, 9, 7... nine pools), each asleep while not in use."""
+    """The pools of the thread counts a model's decodes have run at, one per count (count 1: none, ggml's own pool
+    of one thread starts no worker), shared by the contexts that one thread decodes on: the model's and its draft
+    model's (engine/drafting.py). Their decodes never overlap, and a draft's decode between two of the model's finds
+    the pool's workers awake, where a pool of its own would poll beside the model's decodes, and ggml's pool per
+    decode would start and join a worker for every drafted token.
 
-    def __init__(self, registry, llama_lib, ctx, most: int, poll: int):
-        """Makes the pool of `most` threads and attaches it; ThreadpoolUnavailable where the build has none."""
-        self.registry, self.lib, self.ctx, self.most, self.poll = registry, llama_lib, ctx, most, poll
+    None is freed before the last context sharing them: ggml's CPU backend holds the last pool a decode ran on
+    until the next decode, and pauses it then (a paused pool wakes again when a decode starts on it). So at most
+    one pool per count the adaptive count steps through (a quarter fewer at a time: on 16 cores 16, 12, 9, 7...
+    nine pools), each asleep while not in use."""
+
+    def __init__(self, registry, most: int, poll: int):
+        """Makes the pool of `most` threads; ThreadpoolUnavailable where the build has none."""
+        self.registry, self.most, self.poll = registry, most, poll
+        self.pools: dict[int, Threadpool] = {}
+        self.contexts = 0
+        self.pool(most)
+
+    def pool(self, count: int) -> Threadpool:
+        """The pool of `count` threads, made now if need be."""
+        if count not in self.pools:
+            self.pools[count] = Threadpool(self.registry, count, self.poll)
+        return self.pools[count]
+
+    def attach(self, llama_lib, ctx, count: int) -> "ContextPools":
+        """A context's decodes, from now on `count` threads on these pools."""
+        self.contexts += 1
+        return ContextPools(self, llama_lib, ctx, count)
+
+    def released(self):
+        """A context sharing them is freed: the last one frees every pool (its last decode has ended)."""
+        self.contexts -= 1
+        if self.contexts == 0:
+            for pool in self.pools.values():
+                pool.free()
+            self.pools.clear()
+
+    def report(self) -> dict:
+        return {"threads": self.most, "poll": self.poll, "pools": sorted(self.pools), "contexts": self.contexts}
+
+
+class ContextPools:
+    """Which of the shared pools one llama context decodes on."""
+
+    def __init__(self, shared: CountPools, llama_lib, ctx, count: int):
+        self.shared, self.lib, self.ctx = shared, llama_lib, ctx
         for name, args in (("llama_attach_threadpool", [ctypes.c_void_p] * 3),
                            ("llama_detach_threadpool", [ctypes.c_void_p])):
             fn = getattr(llama_lib, name)       # llama-cpp-python binds neither
             fn.restype, fn.argtypes = None, args
-        self.pools: dict[int, Threadpool] = {}
         self.current = 0
-        self.use(most)
+        self.use(count)
 
     def use(self, count: int):
-        """The next decode runs `count` threads: on that count's pool (made now if need be), or on none for one."""
+        """The next decode runs `count` threads: on that count's pool, or on none for one."""
         if count == self.current:
             return
         if count == 1:
             self.lib.llama_detach_threadpool(self.ctx)
         else:
-            if count not in self.pools:
-                self.pools[count] = Threadpool(self.registry, count, self.poll)
-            pool = self.pools[count].handle
+            pool = self.shared.pool(count).handle
             self.lib.llama_attach_threadpool(self.ctx, pool, pool)      # for generation and prompt reading alike
         self.current = count
 
-    def close(self):
-        """Free every pool: only once the context is freed (its last decode has ended)."""
-        for pool in self.pools.values():
-            pool.free()
-        self.pools.clear()
+    def release(self):
+        """Once the context is freed: the pools go with the last context sharing them."""
+        if self.shared is not None:
+            self.shared.released()
+            self.shared = None
 
     def report(self) -> dict:
-        return {"threads": self.most, "poll": self.poll, "pools": sorted(self.pools)}
+        return self.shared.report()
