@@ -30,16 +30,21 @@ def test_every_wait_policy_has_a_poll_level_from_sleeping_at_once_to_a_few_milli
     assert POLL[WaitPolicy.PASSIVE] == 0 < POLL[WaitPolicy.SHORT] < POLL[WaitPolicy.SPIN] < 50     # ggml's default
 
 
+def ticks_and_state(stat_path: str) -> tuple[int, str]:
+    """A /proc stat file's CPU ticks so far (user and system) and state (R running, S sleeping)."""
+    with open(stat_path) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12]), fields[0]
+
+
 def thread_cpu(pid: int) -> dict[int, tuple[int, str]]:
-    """Each thread of the process: its CPU ticks so far (user and system) and its state (R running, S sleeping)."""
+    """Each thread of the process: its CPU ticks so far and its state."""
     out = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
-            with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
+            out[int(tid)] = ticks_and_state(f"/proc/{pid}/task/{tid}/stat")
         except OSError:
             continue                          # a thread that ended meanwhile
-        out[int(tid)] = (int(fields[11]) + int(fields[12]), fields[0])
     return out
 
 
@@ -80,9 +85,7 @@ def test_a_build_without_openmp_runs_every_decode_on_a_threadpool_of_koboldlites
 
 def process_cpu(pid: int) -> int:
     """The process's CPU ticks so far, its ended threads' included."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])
+    return ticks_and_state(f"/proc/{pid}/stat")[0]
 
 
 def test_a_draft_models_decodes_run_on_the_models_threadpools_too(starter_model):

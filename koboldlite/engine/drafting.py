@@ -94,7 +94,7 @@ class DraftModel:
     def __init__(self, path: str, target: LlamaModel, n_ctx: int, n_threads: int, n_gpu_layers: int,
                  show_llama_log: bool = False):
         # Its decodes run between the target's on the same thread: on the target's threadpools where it has them.
-        pools = target.threadpools.shared if getattr(target, "threadpools", None) else None
+        pools = target.threadpools.shared if target.threadpools else None
         self.model = LlamaModel(path, n_ctx=n_ctx, n_seq=target.n_seq, n_threads=n_threads,
                                 n_gpu_layers=n_gpu_layers, n_batch=min(512, n_ctx), show_llama_log=show_llama_log,
                                 share_threadpools=pools)
