@@ -498,3 +498,167 @@ def test_the_step_cost_measurement_fits_a_small_batch(monkeypatch):
                             logits=[0] * n, n_tokens=0)
     cost = StepCost.measure(SimpleNamespace(lib=lib, ctx=None, memory=None, bos=1, n_batch=n), batch, most=32)
     assert max(widths) == n and cost.widths == [1, 2, 4, 8, 16]
+
+
+class ScriptedLoad:
+    """The other programs' CPU use as a test sets it (SystemLoad's face): `others` cores over any stretch, and as
+    many of them running at this instant."""
+
+    busy_means_taken = True
+
+    def __init__(self, others: float):
+        self.others_cores = others
+
+    def reading(self) -> float:
+        return 0.0
+
+    def others_between(self, a, b) -> float:
+        return self.others_cores
+
+    def others(self) -> float:
+        return self.others_cores
+
+    def niced(self) -> float:
+        return 0.0
+
+    def running_now(self) -> int:
+        return round(self.others_cores)
+
+
+def test_step_costs_measured_beside_busy_programs_are_measured_again_on_a_quiet_machine(starter_model):
+    """Start-up's step costs beside a busy program are a wrong table for the process's life (every width's decodes
+    wait at barriers, by unequal amounts): the idle loop measures them again once every core is free, on a scratch
+    context, leaving the slots' cached conversations as they were. Not while the cores are still taken."""
+    from koboldlite.engine.cpu_threads import ThreadGovernor
+    model = LlamaModel(starter_model, n_ctx=512, n_seq=2, n_threads=2, n_gpu_layers=0, shared_kv=True)
+    load = ScriptedLoad(others=1.0)
+    lines = []
+    engine = Engine(model, draft_most=8, threads=ThreadGovernor(2, load=load), log=lines.append)
+    try:
+        greedy = SamplerSettings(temperature=0, ban_eos=True)
+        job = reply_of(engine, GenerationRequest(COPY, max_length=20, sampler=greedy))
+        assert job.stats.generated_tokens == 20
+        report = engine.speculation.report()
+        assert report["beside_busy_programs"] and report["measurements"] == 1
+        assert any("measured beside busy programs" in line for line in lines)
+        started = list(engine.step_cost.seconds)
+        slot = next(s for s in engine.slots if s.cached)
+        cached = list(slot.cached)
+        held = model.lib.llama_memory_seq_pos_max(model.memory, slot.seq_id)
+
+        engine.keep_ahead()                 # the cores still taken: nothing measured
+        assert engine.speculation.report()["measurements"] == 1
+
+        load.others_cores = 0.0
+        engine.keep_ahead()
+        report = engine.speculation.report()
+        assert report["measurements"] == 2 and not report["beside_busy_programs"]
+        assert len(engine.step_cost.widths) == len(started) and engine.step_cost.seconds != started
+        assert any("step costs measured again (quiet)" in line for line in lines)
+        engine.keep_ahead()                 # no longer due
+        assert engine.speculation.report()["measurements"] == 2
+        assert slot.cached == cached and model.lib.llama_memory_seq_pos_max(model.memory, slot.seq_id) == held
+
+        # The conversation goes on from its cache, with the new table, to the text it had without any of this.
+        again = reply_of(engine, GenerationRequest(COPY, max_length=20, sampler=greedy))
+        assert again.stats.cached_tokens >= len(model.tokenize(COPY)) - 1
+        assert again.buffer.text() == job.buffer.text()
+    finally:
+        model.close()
+
+
+def test_the_step_cost_measurement_says_whether_busy_programs_ran_beside_it():
+    """Half a core of the other programs' CPU over the measurement makes it doubtful (one busy loop beside two
+    threads takes about two thirds of one); too short a measurement for an average is judged by who runs at its
+    end; a system that tells nothing leaves it trusted. A machine busy at every try keeps its fourth table."""
+    from types import SimpleNamespace
+    from koboldlite.engine.drafting import Speculation
+    lib = SimpleNamespace(llama_decode=lambda ctx, batch: 0, llama_memory_seq_rm=lambda *args: True)
+    n = 64
+    batch = SimpleNamespace(token=[0] * n, pos=[0] * n, n_seq_id=[0] * n, seq_id=[[0] for _ in range(n)],
+                            logits=[0] * n, n_tokens=0)
+    model = SimpleNamespace(lib=lib, ctx=None, memory=None, bos=1, n_batch=n)
+    for others, busy in ((0.0, False), (0.3, False), (0.6, True), (2.0, True)):
+        assert StepCost.measure(model, batch, most=8, load=ScriptedLoad(others)).beside_busy is busy, others
+    for running, busy in ((0, False), (1, True), (None, False)):
+        short = ScriptedLoad(0.0)
+        short.others_between = lambda a, b: None
+        short.running_now = lambda: running
+        assert StepCost.measure(model, batch, most=8, load=short).beside_busy is busy, running
+    assert StepCost.measure(model, batch, most=8).beside_busy is False
+
+    spec = Speculation(8)
+    spec.step_cost, spec.measurements = StepCost([1, 2], [0.01, 0.02], beside_busy=True), 1
+    assert spec.due_again
+    spec.measurements = Speculation.MEASUREMENTS_MOST
+    assert not spec.due_again
+
+
+def test_no_scratch_context_leaves_start_ups_step_costs(starter_model, monkeypatch):
+    """Where llama.cpp makes no scratch context (no memory left for its buffers) the loop says so, keeps start-up's
+    table and does not try again; the engine goes on serving."""
+    from koboldlite.engine.cpu_threads import ThreadGovernor
+    from koboldlite.errors import ModelLoadError
+    model = LlamaModel(starter_model, n_ctx=512, n_seq=1, n_threads=2, n_gpu_layers=0)
+    load = ScriptedLoad(others=1.0)
+    lines = []
+    engine = Engine(model, draft_most=8, threads=ThreadGovernor(2, load=load), log=lines.append)
+    tries = []
+
+    def no_context(n_tokens, n_threads):
+        tries.append(n_tokens)
+        raise ModelLoadError("llama.cpp could not create a scratch context")
+    monkeypatch.setattr(model, "scratch_context", no_context)
+    try:
+        greedy = SamplerSettings(temperature=0, ban_eos=True)
+        first = reply_of(engine, GenerationRequest(COPY, max_length=8, sampler=greedy))
+        table = engine.step_cost
+        load.others_cores = 0.0
+        engine.keep_ahead()
+        engine.keep_ahead()
+        assert len(tries) == 1 and engine.step_cost is table and not engine.speculation.due_again
+        assert any("could not be measured again" in line for line in lines)
+        assert reply_of(engine, GenerationRequest(COPY, max_length=8, sampler=greedy)).buffer.text() == \
+            first.buffer.text()
+    finally:
+        model.close()
+
+
+def test_a_server_started_beside_busy_programs_measures_its_step_costs_again_once_they_end(starter_model):
+    """The real thing: two busy processes on this machine's cores while the server starts, ended before its first
+    request; after that reply the server's own readings find the cores free and measure again (/api/extra/perf
+    tells which table the drafts are weighed against)."""
+    import json
+    import multiprocessing
+    stop = multiprocessing.Event()
+    loops = [multiprocessing.Process(target=spin_until, args=(stop,)) for _ in range(2)]
+    for loop in loops:
+        loop.start()
+    try:
+        server = ServerProcess(["--model", starter_model, "--contextsize", "1024"])
+    finally:
+        stop.set()
+        for loop in loops:
+            loop.join()
+    try:
+        before = json.loads(server.request("GET", "/api/extra/perf")[2])["draft_step_cost"]
+        assert before["beside_busy_programs"] and before["measurements"] == 1, before
+        again = []
+        for _ in range(3):          # a reply, then the idle loop's readings: a noisy moment waits for the next one
+            generate(server, prompt="Once upon a time", max_length=8)
+            again = server.wait_for_lines(r"drafts: step costs measured again \(quiet\)", 1, timeout=20)
+            if again:
+                break
+        assert again, server.lines[-20:]
+        after = json.loads(server.request("GET", "/api/extra/perf")[2])["draft_step_cost"]
+        assert not after["beside_busy_programs"] and after["measurements"] >= 2, after
+        assert set(after["ms"]) == set(before["ms"])
+    finally:
+        server.stop()
+
+
+def spin_until(stop):
+    """A busy program: one core's worth of CPU until told to stop."""
+    while not stop.is_set():
+        for _ in range(20_000):
+            pass

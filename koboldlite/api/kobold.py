@@ -273,6 +273,8 @@ def kobold_perf(app, req):
         "last_draft_count": s.drafted_tokens,          # speculative draft tokens checked, and kept
         "last_draft_accepted": s.draft_accepted,
         "total_draft_count": app.totals["drafted_tokens"], "total_draft_accepted": app.totals["draft_accepted"],
+        # What drafts are weighed against: a decode's ms by its tokens, as measured (README: Sharing the CPU)
+        "draft_step_cost": served.engine.speculation.report() if served else None,
         "total_gens": app.totals["requests"],
         "stop_reason": KOBOLD_STOP_CODES.get(last.buffer.stop_reason, -1) if last else -1,
         "queue": sum(m.scheduler.waiting for m in loaded),

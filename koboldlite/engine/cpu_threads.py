@@ -120,6 +120,18 @@ class SystemLoad:
     def _read(self) -> Reading:
         return Reading(time.monotonic(), *self._machine_seconds(), *self._own_seconds())
 
+    def reading(self) -> Reading:
+        """A reading of its own, for others_between() (the one others() keeps is not moved)."""
+        return self._read()
+
+    @classmethod
+    def others_between(cls, a: Reading, b: Reading) -> float | None:
+        """Cores' worth of CPU the other programs used at normal priority or above between two readings; None where
+        the system does not say, or they are less than WINDOW apart (a few ticks would read as cores)."""
+        if a.busy is None or b.busy is None or b.at - a.at < cls.WINDOW:
+            return None
+        return max(0.0, (b.busy - a.busy) - (b.own - a.own)) / (b.at - a.at)
+
     @staticmethod
     def running_now() -> int | None:
         """Other programs' threads running or ready to run at this instant, niced or not (Linux: /proc/stat's
@@ -146,8 +158,7 @@ class SystemLoad:
         if time.monotonic() - self._last.at >= self.WINDOW:
             a, b = self._last, self._read()
             self._last = b
-            self._others = None if a.busy is None or b.busy is None else \
-                max(0.0, (b.busy - a.busy) - (b.own - a.own)) / (b.at - a.at)
+            self._others = self.others_between(a, b)
             self._niced = None if a.niced is None or b.niced is None else \
                 max(0.0, (b.niced - a.niced) - (b.own_niced - a.own_niced)) / (b.at - a.at)
         return self._others
@@ -442,7 +453,17 @@ class ThreadGovernor:
         # 3 s where one thread took 0.3), on a quiet machine 1.9 times faster (bench/README.md, issue 36).
         fixed = threads_batch or threads
         self.batch = CountControl(most, fixed=fixed, load=load) if fixed else None
+        self.load = load
         self.decode_seconds = 0.0     # all decodes' time inside llama.cpp: the rest of a reply's time is ours
+
+    def cores_free(self) -> bool:
+        """Whether the other programs left every core of the generation count free over the last reading (False
+        where the system does not say): what a measurement that stands for a quiet machine needs (engine/drafting.py's
+        step costs), asked by the idle loop. Not the instant count: right after a decode it counted one of our own
+        OpenMP workers that went to sleep between its two reads, and no thread of ours has pushed a busy program off
+        its core over an idle pause (the reason CountControl asks it too)."""
+        others = self.load.others()
+        return others is not None and others <= self.generation.SLACK
 
     def count(self, n_tokens: int) -> int:
         if n_tokens <= self.GENERATION_WIDTH:

@@ -7,7 +7,8 @@ import os
 import time
 
 from ..errors import ModelLoadError
-from .llama_model import LlamaModel, common_prefix_length
+from .cpu_threads import SystemLoad
+from .llama_model import LlamaModel, ScratchContext, common_prefix_length
 
 
 class NgramDrafter:
@@ -163,22 +164,48 @@ class DraftModel:
 
 class StepCost:
     """What a decode of n tokens costs here, measured at start-up (a few decodes of each width on this machine's
-    llama.cpp build): drafting pays only where a wider batch costs less than the tokens it is expected to add.
+    llama.cpp build), and again after a reply on a quiet machine where start-up's measurement met busy programs
+    (Speculation.measure_again): drafting pays only where a wider batch costs less than the tokens it is expected to
+    add.
     On this project's 2-core CPU a 9-token batch costs about five 1-token steps; on a GPU it costs about one."""
 
     WIDTHS = (1, 2, 4, 8, 16, 32)
     # Measuring stops at the width that takes it past this (the wider ones are extrapolated): a slow device, where the
     # first decode of each batch shape also builds its kernels (Vulkan on Mesa's lavapipe), took two minutes to start.
     BUDGET_SECONDS = 5.0
+    # Cores' worth of the other programs' CPU over the measurement that make it doubtful: one busy loop beside the
+    # two threads of this project's 2-core machine takes about two thirds of a core, and doubled a 1-token step.
+    # Lower than the thread count's noise allowance (CountControl.SLACK): a doubtful table costs one more
+    # measurement after a reply, a wrong one the drafts' worth for the process's life.
+    BUSY = 0.5
 
-    def __init__(self, widths: list[int], seconds: list[float]):
-        self.widths, self.seconds = widths, seconds
+    def __init__(self, widths: list[int], seconds: list[float], beside_busy: bool = False):
+        """`beside_busy`: measured while other programs took cores (see measure)."""
+        self.widths, self.seconds, self.beside_busy = widths, seconds, beside_busy
 
     @classmethod
-    def measure(cls, model: "LlamaModel", batch, most: int, reps: int = 2) -> "StepCost":
+    def measure(cls, model: "LlamaModel | ScratchContext", batch, most: int, reps: int = 2,
+                load: SystemLoad | None = None) -> "StepCost":
         """Time decodes of each width up to `most` after a short prefix, in sequence 0 (then emptied): about half
         a second on a CPU, BUDGET_SECONDS at most past the first two widths. The caller holds the llama lock, on the
-        thread that makes every decode."""
+        thread that makes every decode. `load`: the other programs' CPU use over the measurement decides
+        beside_busy. Beside a busy program every width's decodes wait at barriers for a taken core, and by unequal
+        amounts: servers started beside busy loops on this project's 2-core machine kept tables with a 1-token step
+        at 2.9 s, drafted nothing or less for their whole lives, and copied a passage at 0.72 to 0.93 of the speed
+        of servers started quiet (bench/README.md, issue 36)."""
+        before = load.reading() if load is not None else None
+        cost = cls._measured(model, batch, most, reps)
+        if before is not None:
+            others = load.others_between(before, load.reading())
+            if others is None:          # too short a measurement to read the average: who runs at its end
+                now = load.running_now()
+                cost.beside_busy = now is not None and now > 0
+            else:
+                cost.beside_busy = others > cls.BUSY
+        return cost
+
+    @classmethod
+    def _measured(cls, model, batch, most: int, reps: int) -> "StepCost":
         lib, ctx, memory = model.lib, model.ctx, model.memory
         # The batch holds n_batch tokens (--batchsize may be as small as 16): no decode here may be wider.
         prefix = min(64, model.n_batch)
@@ -208,6 +235,10 @@ class StepCost:
         if not all(math.isfinite(t) for t in seconds):
             return cls([1, 2], [1.0, 1e9])           # could not measure: never draft
         return cls(widths[:len(seconds)], seconds)
+
+    def report(self) -> dict:
+        return {"ms": {w: round(t * 1000, 2) for w, t in zip(self.widths, self.seconds)},
+                "beside_busy_programs": self.beside_busy}
 
     def __call__(self, n: int) -> float:
         w, t = self.widths, self.seconds
@@ -290,17 +321,53 @@ class Speculation:
     tokens it is expected to gain pay for the wider batch, on this machine's measured step costs), and what their
     drafts were worth. Drafts come from each reply's own context, or from a draft model."""
 
+    MEASUREMENTS_MOST = 4     # of the step costs: start-up's and 3 more (a machine always busy keeps the last)
+
     def __init__(self, most: int, draft_model: DraftModel | None = None):
         self.most = most                  # tokens a draft may propose per step; 0: no drafts
         self.draft_model = draft_model
         self.step_cost: StepCost | None = None   # measured on the thread that decodes (Engine.ready_on_this_thread)
+        self.measurements = 0             # of the step costs: at start-up, and again while they were beside_busy
+        self._widest = 0                  # the widest decode they time
         self.paused = False               # for one step, after llama.cpp found no room for a batch with drafts
 
-    def measure(self, model: LlamaModel, batch, n_slots: int):
-        """The step costs, once, while every slot is empty; the caller holds the llama lock on the decoding thread."""
-        if self.most and self.step_cost is None:
-            widest = min(model.n_batch - 64, n_slots * (1 + self.most), model.n_ctx // 2)
-            self.step_cost = StepCost.measure(model, batch, widest)
+    def measure(self, model: LlamaModel, batch, n_slots: int, load: SystemLoad | None = None) -> bool:
+        """The step costs, once, while every slot is empty; the caller holds the llama lock on the decoding thread.
+        Whether it measured them now."""
+        if not self.most or self.step_cost is not None:
+            return False
+        self._widest = min(model.n_batch - 64, n_slots * (1 + self.most), model.n_ctx // 2)
+        self.step_cost = StepCost.measure(model, batch, self._widest, load=load)
+        self.measurements += 1
+        return True
+
+    @property
+    def due_again(self) -> bool:
+        """Whether the step costs were measured beside busy programs: measure_again at the next quiet moment."""
+        return self.step_cost is not None and self.step_cost.beside_busy and \
+            self.measurements < self.MEASUREMENTS_MOST
+
+    def measure_again(self, model: LlamaModel, batch, n_threads: int, load: SystemLoad | None):
+        """The step costs again, at `n_threads` (the count start-up measured them at), where they were measured
+        beside busy programs: the caller (the idle loop, after a reply) has found every core free. On a scratch
+        context of the model, so that the slots' cached conversations stay as they are; a measurement that meets
+        busy programs again is taken, and stays due (up to MEASUREMENTS_MOST). Raises ModelLoadError where llama.cpp
+        makes no scratch context (no memory left for its buffers): then start-up's table stays, and none is tried
+        again."""
+        prefix = min(64, model.n_batch)
+        self.measurements += 1
+        try:
+            with model.scratch_context(prefix + max(2, self._widest), n_threads) as scratch:
+                self.step_cost = StepCost.measure(scratch, batch, self._widest, load=load)
+        except ModelLoadError:
+            self.measurements = self.MEASUREMENTS_MOST
+            raise
+
+    def report(self) -> dict | None:
+        """The step costs the drafts are weighed against (None while drafts are off)."""
+        if not self.most or self.step_cost is None:
+            return None
+        return {**self.step_cost.report(), "measurements": self.measurements}
 
     def for_reply(self, draft: bool) -> SlotDrafts | None:
         """A new reply's drafting, when drafts are on and its request did not turn them off."""

@@ -10,7 +10,7 @@ import threading
 import time
 from typing import Callable
 
-from ..errors import RequestError
+from ..errors import ModelLoadError, RequestError
 from ..generation import GenerationRequest
 from ..jobs import Job, PromptProgress, StopReason, TokenLogprob
 from .llama_model import LlamaModel
@@ -79,6 +79,7 @@ class Engine:
         self.slots = [Slot(i) for i in range(model.n_seq)]
         self._batch = self.lib.llama_batch_init(model.n_batch, 0, model.n_seq)
         self.pool = KVPool(model, self.slots, self.llama_lock, self.context_shift, prompt_cache)
+        self.log = log
         self.next_turns = NextTurnReader(model, self.pool, log, tokenize=self._turn_tokens)
         self.speculation = Speculation(draft_most, draft_model)
         self.replies = ReplyWriter(model, self.pool)
@@ -129,7 +130,10 @@ class Engine:
         2-core machine. So the step cost is measured here, while every slot is still empty."""
         if not any(s.cached for s in self.slots):
             with self.llama_lock:
-                self.speculation.measure(self.model, self._batch, len(self.slots))
+                measured = self.speculation.measure(self.model, self._batch, len(self.slots), self.threads.load)
+            if measured and self.speculation.due_again:
+                self.log("drafts: the step costs were measured beside busy programs; measured again after a reply "
+                         "once every core is free")
 
     def _turn_tokens(self, text: str, request) -> list[int]:
         """A chat's next turn as its prompt will be: its media as the placeholders the slot's cache holds."""
@@ -143,10 +147,28 @@ class Engine:
 
     def keep_ahead(self):
         """The loop is idle: get ahead of the next requests. Each chat's expected next turn is read into its slot,
-        then the prompt cache takes copies of the idle slots' conversations (KVPool.keep_ahead)."""
+        then the prompt cache takes copies of the idle slots' conversations (KVPool.keep_ahead); step costs that
+        start-up measured beside busy programs are measured again once the cores are free."""
         for slot in self.slots:
             self.read_ahead(slot)
         self.pool.keep_ahead()
+        self._measure_step_costs_again()
+
+    def _measure_step_costs_again(self):
+        """Where start-up measured the step costs beside busy programs and every core is free now: again."""
+        if not self.speculation.due_again or not self.threads.cores_free():
+            return
+        try:
+            with self.llama_lock:
+                self.speculation.measure_again(self.model, self._batch, self.threads.generation.most,
+                                               self.threads.load)
+        except ModelLoadError as e:
+            self.log(f"drafts: the step costs could not be measured again ({e}); start-up's stay")
+            return
+        cost = self.speculation.step_cost
+        ms = ", ".join(f"{w}: {t * 1000:.1f}" for w, t in zip(cost.widths, cost.seconds))
+        self.log(f"drafts: step costs measured again ({'beside busy programs still' if cost.beside_busy else 'quiet'}"
+                 f"), ms by tokens in the batch: {ms}")
 
     def read_ahead(self, slot: Slot) -> int:
         """Read the idle slot's expected next turn (NextTurnReader), if it has one worth reading; the tokens read."""

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import os
 import re
 import sys
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from ..errors import Invalid, ModelLoadError
 from ..model_files import model_name_of
@@ -39,6 +40,15 @@ class LlamaLog:
             sys.stderr.write(text)
         if cls._sink is not None:
             cls._sink.llama_logged(text)
+
+
+class ScratchContext(NamedTuple):
+    """What a measurement decodes with: LlamaModel.scratch_context's context, in LlamaModel's names."""
+    lib: object
+    ctx: object
+    memory: object
+    n_batch: int
+    bos: int
 
 
 class LlamaModel:
@@ -126,22 +136,14 @@ class LlamaModel:
         self.n_seq = n_seq
         self.n_batch = n_batch
         self.kv_type = self.KV_TYPES[quantkv][0]
-        cparams = llama_cpp.llama_context_default_params()
+        self._kv_ggml_type = self.KV_TYPES[quantkv][1]
+        self.flash_attention = flash_attention
         # Shared: the slots share one pool of n_ctx cells (llama.cpp's unified KV cache), each request
         # still up to n_ctx tokens; split: every slot gets its own n_ctx / n_seq (llama.cpp rounds it up
         # to a multiple of 256), which bounds each request; per slot: every slot gets its own n_ctx.
         assert not (shared_kv and split_kv)
-        cparams.n_ctx = n_ctx if shared_kv or split_kv else n_ctx * n_seq
+        cparams = self._context_params(n_ctx if shared_kv or split_kv else n_ctx * n_seq, n_seq, n_threads, n_batch)
         cparams.kv_unified = shared_kv
-        cparams.n_batch = n_batch
-        cparams.n_ubatch = n_batch
-        cparams.n_seq_max = n_seq
-        cparams.n_threads = n_threads
-        cparams.n_threads_batch = n_threads
-        cparams.no_perf = True
-        cparams.flash_attn_type = {True: 1, False: 0, None: -1}[flash_attention]     # None: llama.cpp's auto
-        self.flash_attention = flash_attention
-        cparams.type_k = cparams.type_v = self.KV_TYPES[quantkv][1]
         self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
         if not self.ctx:
             raise ModelLoadError(f"llama.cpp could not create a context of {n_ctx} tokens for {path}"
@@ -154,6 +156,36 @@ class LlamaModel:
         # A plain attention KV cache, whose cells a shared pool can lay out anew (recurrent state is not cells).
         self.attention_only = not (llama_cpp.llama_model_is_recurrent(self.model)
                                    or llama_cpp.llama_model_is_hybrid(self.model))
+
+    def _context_params(self, n_cells: int, n_seq: int, n_threads: int, n_batch: int):
+        """A context's parameters: these sizes, and this model's attention and KV type."""
+        cparams = self.lib.llama_context_default_params()
+        cparams.n_ctx = n_cells
+        cparams.n_batch = cparams.n_ubatch = n_batch
+        cparams.n_seq_max = n_seq
+        cparams.n_threads = cparams.n_threads_batch = n_threads
+        cparams.no_perf = True
+        cparams.flash_attn_type = {True: 1, False: 0, None: -1}[self.flash_attention]     # None: llama.cpp's auto
+        cparams.type_k = cparams.type_v = self._kv_ggml_type
+        return cparams
+
+    @contextlib.contextmanager
+    def scratch_context(self, n_tokens: int, n_threads: int):
+        """A second, small context of these weights (its own `n_tokens` cells, one sequence, the model's attention
+        and KV type, decoding on the model's threadpools where it has them), freed on leaving: for a measurement
+        that must leave the slots' cache as it is (engine/drafting.py's step costs). The caller holds the llama
+        lock on the thread that makes every decode."""
+        n_batch = min(self.n_batch, n_tokens)
+        ctx = self.lib.llama_init_from_model(self.model, self._context_params(n_tokens, 1, n_threads, n_batch))
+        if not ctx:
+            raise ModelLoadError(f"llama.cpp could not create a scratch context of {n_tokens} tokens")
+        pools = self.threadpools.shared.attach(self.lib.llama_cpp._lib, ctx, n_threads) if self.threadpools else None
+        try:
+            yield ScratchContext(self.lib, ctx, self.lib.llama_get_memory(ctx), n_batch, self.bos)
+        finally:
+            self.lib.llama_free(ctx)
+            if pools is not None:
+                pools.release()           # after the context: its last decode has ended
 
     def _attach_threadpools(self, registry: GGMLRegistry, size: int, poll: int, n_threads: int):
         try:
