@@ -541,7 +541,7 @@ def test_step_costs_measured_beside_busy_programs_are_measured_again_on_a_quiet_
         report = engine.speculation.report()
         assert report["beside_busy_programs"] and report["measurements"] == 1
         assert any("measured beside busy programs" in line for line in lines)
-        started = list(engine.step_cost.seconds)
+        started = engine.step_cost
         slot = next(s for s in engine.slots if s.cached)
         cached = list(slot.cached)
         held = model.lib.llama_memory_seq_pos_max(model.memory, slot.seq_id)
@@ -553,7 +553,7 @@ def test_step_costs_measured_beside_busy_programs_are_measured_again_on_a_quiet_
         engine.keep_ahead()
         report = engine.speculation.report()
         assert report["measurements"] == 2 and not report["beside_busy_programs"]
-        assert len(engine.step_cost.widths) == len(started) and engine.step_cost.seconds != started
+        assert engine.step_cost is not started
         assert any("step costs measured again (quiet)" in line for line in lines)
         engine.keep_ahead()                 # no longer due
         assert engine.speculation.report()["measurements"] == 2
@@ -617,6 +617,7 @@ def test_no_scratch_context_leaves_start_ups_step_costs(starter_model, monkeypat
         engine.keep_ahead()
         engine.keep_ahead()
         assert len(tries) == 1 and engine.step_cost is table and not engine.speculation.due_again
+        assert engine.speculation.report()["measurements"] == 1
         assert any("could not be measured again" in line for line in lines)
         assert reply_of(engine, GenerationRequest(COPY, max_length=8, sampler=greedy)).buffer.text() == \
             first.buffer.text()
@@ -652,7 +653,7 @@ def test_a_server_started_beside_busy_programs_measures_its_step_costs_again_onc
         assert again, server.lines[-20:]
         after = json.loads(server.request("GET", "/api/extra/perf")[2])["draft_step_cost"]
         assert not after["beside_busy_programs"] and after["measurements"] >= 2, after
-        assert set(after["ms"]) == set(before["ms"])
+        assert {"1", "2"} <= set(after["ms"])       # the wider widths only within the measurement's time budget
     finally:
         server.stop()
 

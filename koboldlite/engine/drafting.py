@@ -329,6 +329,7 @@ class Speculation:
         self.step_cost: StepCost | None = None   # measured on the thread that decodes (Engine.ready_on_this_thread)
         self.measurements = 0             # of the step costs: at start-up, and again while they were beside_busy
         self._widest = 0                  # the widest decode they time
+        self._no_scratch = False          # llama.cpp made no scratch context: start-up's table stays
         self.paused = False               # for one step, after llama.cpp found no room for a batch with drafts
 
     def measure(self, model: LlamaModel, batch, n_slots: int, load: SystemLoad | None = None) -> bool:
@@ -345,7 +346,7 @@ class Speculation:
     def due_again(self) -> bool:
         """Whether the step costs were measured beside busy programs: measure_again at the next quiet moment."""
         return self.step_cost is not None and self.step_cost.beside_busy and \
-            self.measurements < self.MEASUREMENTS_MOST
+            self.measurements < self.MEASUREMENTS_MOST and not self._no_scratch
 
     def measure_again(self, model: LlamaModel, batch, n_threads: int, load: SystemLoad | None):
         """The step costs again, at `n_threads` (the count start-up measured them at), where they were measured
@@ -355,13 +356,13 @@ class Speculation:
         makes no scratch context (no memory left for its buffers): then start-up's table stays, and none is tried
         again."""
         prefix = min(64, model.n_batch)
-        self.measurements += 1
         try:
             with model.scratch_context(prefix + max(2, self._widest), n_threads) as scratch:
                 self.step_cost = StepCost.measure(scratch, batch, self._widest, load=load)
         except ModelLoadError:
-            self.measurements = self.MEASUREMENTS_MOST
+            self._no_scratch = True
             raise
+        self.measurements += 1
 
     def report(self) -> dict | None:
         """The step costs the drafts are weighed against (None while drafts are off)."""
