@@ -183,6 +183,13 @@ def test_draft_length_weighs_the_expected_gain_against_the_wider_batch():
         c.update(8, 0, long_repeat=True)             # long repeats that stop at once: their estimate learns it
     assert c.length(1, cpu, long_repeat=True) == 0 and c.length(1, cpu) > 0
 
+    # A draft model's own decode of each drafted token counts too: one as dear as the model never pays.
+    c = DraftControl(8)
+    assert c.length(1, cpu, long_repeat=True) >= 4
+    assert c.length(1, cpu, long_repeat=True, drafting=7.5) == 0
+    assert c.length(1, gpu, long_repeat=True, drafting=10.0) == 0
+    assert c.length(1, gpu, long_repeat=True, drafting=1.0) > 0      # a tenth of a step: a GPU still drafts
+
 
 def test_every_decode_is_made_on_the_generation_thread(starter_model, monkeypatch):
     """The start-up measurement of what a decode costs too: one decode on another thread left llama.cpp a second
@@ -448,6 +455,28 @@ def test_a_draft_model_under_two_slots(starter_model):
             parted_at_a_near_tie(tokens, solo, top)
     finally:
         s.stop()
+
+
+def test_a_draft_model_as_dear_as_the_model_does_not_draft(starter_model):
+    """Each drafted token costs the draft model a decode of its own: the starter drafting for itself pays a whole
+    step for each, and without a request's draft_min it does not draft (it did in 7 servers of 8, 67-88 tokens/s
+    against 110 without). What a drafted token costs is in /api/extra/perf's draft_step_cost."""
+    from koboldlite.engine.drafting import DraftModel
+    model = LlamaModel(starter_model, n_ctx=1024, n_seq=1, n_threads=2, n_gpu_layers=0)
+    draft = DraftModel(starter_model, model, n_ctx=1024, n_threads=2, n_gpu_layers=0)
+    engine = Engine(model, draft_most=8, draft_model=draft)
+    try:
+        greedy = SamplerSettings(temperature=0, ban_eos=True)
+        job = reply_of(engine, GenerationRequest(COPY, max_length=40, sampler=greedy))
+        assert job.stats.generated_tokens == 40 and job.stats.drafted_tokens == 0
+        report = engine.speculation.report()
+        assert report["draft_token_ms"] > 0.25 * report["ms"][1], report     # about a step of the model's
+        forced = SamplerSettings(temperature=0, ban_eos=True, draft_min=4)
+        job = reply_of(engine, GenerationRequest(COPY, max_length=40, sampler=forced))
+        assert job.stats.drafted_tokens > 20                                  # asked for: drafted all the same
+    finally:
+        draft.close()
+        model.close()
 
 
 def test_a_draft_model_with_another_vocabulary_is_refused(starter_model, gemma_model):

@@ -106,7 +106,7 @@ class DraftModel:
                                  f"{os.path.basename(target.path)}: {mismatch}")
         self.lib = self.model.lib
         self.cached: list[list[int]] = [[] for _ in range(target.n_seq)]
-        self._batch = self.lib.llama_batch_init(self.model.n_batch, 0, 1)
+        self.batch = self.lib.llama_batch_init(self.model.n_batch, 0, 1)
 
     def _vocabulary_mismatch(self, target: LlamaModel) -> str | None:
         a, b = self.model, target
@@ -118,7 +118,7 @@ class DraftModel:
         return None
 
     def _decode(self, seq: int, tokens: list[int], start: int) -> bool:
-        lib, batch = self.lib, self._batch
+        lib, batch = self.lib, self.batch
         for at in range(0, len(tokens), self.model.n_batch):
             chunk = tokens[at:at + self.model.n_batch]
             for i, t in enumerate(chunk):
@@ -158,7 +158,7 @@ class DraftModel:
         return draft
 
     def close(self):
-        self.lib.llama_batch_free(self._batch)
+        self.lib.llama_batch_free(self.batch)
         self.model.close()
 
 
@@ -282,8 +282,9 @@ class DraftControl:
     def rate(self, value: float):
         self.rates[False] = value
 
-    def length(self, width: int, cost: StepCost, long_repeat: bool = False) -> int:
-        """The best draft length for a slot joining a batch of `width` tokens; 0: no draft."""
+    def length(self, width: int, cost: StepCost, long_repeat: bool = False, drafting: float = 0.0) -> int:
+        """The best draft length for a slot joining a batch of `width` tokens; 0: no draft. `drafting`: seconds a
+        drafted token costs to make (a draft model's decode of one token; drafts from the context cost nothing)."""
         rate = self.rates[long_repeat]
         base = cost(width)
         value = width / base                      # tokens per second of the batch without this draft
@@ -291,7 +292,7 @@ class DraftControl:
         for k in range(1, self.most + 1):
             p *= rate
             gain += p
-            net = gain - (cost(width + k) - base) * value
+            net = gain - (cost(width + k) - base + k * drafting) * value
             if net > best:
                 best_k, best = k, net
         if not best_k:
@@ -330,6 +331,7 @@ class Speculation:
         self.measurements = 0             # of the step costs: at start-up, and again while they were beside_busy
         self._widest = 0                  # the widest decode they time
         self._no_scratch = False          # llama.cpp made no scratch context: start-up's table stays
+        self.drafting = 0.0               # seconds a drafted token costs to make: a draft model's 1-token decode
         self.paused = False               # for one step, after llama.cpp found no room for a batch with drafts
 
     def measure(self, model: LlamaModel, batch, n_slots: int, load: SystemLoad | None = None) -> bool:
@@ -339,8 +341,17 @@ class Speculation:
             return False
         self._widest = min(model.n_batch - 64, n_slots * (1 + self.most), model.n_ctx // 2)
         self.step_cost = StepCost.measure(model, batch, self._widest, load=load)
+        if self.draft_model is not None:     # its context is empty too: nothing drafted yet
+            self.drafting = self._draft_token_seconds(self.draft_model.model, self.draft_model.batch)
         self.measurements += 1
         return True
+
+    @staticmethod
+    def _draft_token_seconds(draft: "LlamaModel | ScratchContext", batch) -> float:
+        """What the draft model's decode of one token costs (it drafts one token a decode): a step of its own. The
+        starter model drafting for itself made each drafted token cost a whole step, and drafted at 67-88 tokens/s
+        where the one server in eight whose table happened to say no ran at 110 (bench/README.md, issue 36)."""
+        return StepCost.measure(draft, batch, 1).seconds[0]
 
     @property
     def due_again(self) -> bool:
@@ -359,16 +370,22 @@ class Speculation:
         try:
             with model.scratch_context(prefix + max(2, self._widest), n_threads) as scratch:
                 self.step_cost = StepCost.measure(scratch, batch, self._widest, load=load)
+            if self.draft_model is not None:
+                draft = self.draft_model.model
+                with draft.scratch_context(min(64, draft.n_batch) + 2, n_threads) as scratch:
+                    self.drafting = self._draft_token_seconds(scratch, self.draft_model.batch)
         except ModelLoadError:
             self._no_scratch = True
             raise
         self.measurements += 1
 
     def report(self) -> dict | None:
-        """The step costs the drafts are weighed against (None while drafts are off)."""
+        """The step costs the drafts are weighed against (None while drafts are off), and what a drafted token costs
+        to make."""
         if not self.most or self.step_cost is None:
             return None
-        return {**self.step_cost.report(), "measurements": self.measurements}
+        return {**self.step_cost.report(), "measurements": self.measurements,
+                "draft_token_ms": round(self.drafting * 1000, 2)}
 
     def for_reply(self, draft: bool) -> SlotDrafts | None:
         """A new reply's drafting, when drafts are on and its request did not turn them off."""
@@ -388,7 +405,8 @@ class Speculation:
             drafts.long_repeat = drafts.ngrams.repeat_length(DraftControl.LONG_REPEAT) >= DraftControl.LONG_REPEAT
         else:
             drafts.long_repeat = False
-        paying = drafts.control.length(width, self.step_cost, drafts.long_repeat) if self.step_cost else 0
+        paying = drafts.control.length(width, self.step_cost, drafts.long_repeat, self.drafting) \
+            if self.step_cost else 0
         limit = min(limit, max(paying, draft_min))   # unmeasured: only what the request asks for
         if limit <= 0:
             return []
