@@ -459,9 +459,9 @@ class ThreadGovernor:
     def cores_free(self) -> bool:
         """Whether the other programs left every core of the generation count free over the last reading (False
         where the system does not say): what a measurement that stands for a quiet machine needs (engine/drafting.py's
-        step costs), asked by the idle loop. Not the instant count: right after a decode it counted one of our own
-        OpenMP workers that went to sleep between its two reads, and no thread of ours has pushed a busy program off
-        its core over an idle pause (the reason CountControl asks it too)."""
+        step costs), asked by the idle loop. Not the instant count: at that moment it read one other program on a
+        quiet machine (right after a decode it does about once in 25), and no thread of ours has pushed a busy
+        program off its core over an idle pause (the reason CountControl asks it too)."""
         others = self.load.others()
         return others is not None and others <= self.generation.SLACK
 

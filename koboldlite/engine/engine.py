@@ -166,7 +166,7 @@ class Engine:
             self.log(f"drafts: the step costs could not be measured again ({e}); start-up's stay")
             return
         cost = self.speculation.step_cost
-        ms = ", ".join(f"{w}: {t * 1000:.1f}" for w, t in zip(cost.widths, cost.seconds))
+        ms = ", ".join(f"{w}: {t}" for w, t in cost.report()["ms"].items())
         self.log(f"drafts: step costs measured again ({'beside busy programs still' if cost.beside_busy else 'quiet'}"
                  f"), ms by tokens in the batch: {ms}")
 
