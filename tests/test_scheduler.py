@@ -28,6 +28,7 @@ class FakeEngine:
         self.fail_admission: set[int] = set()
         self.admission_gate = threading.Event()
         self.admission_gate.set()
+        self.admitting = threading.Event()      # the loop has entered admit()
         self.cond = threading.Condition()
         self.closing = False
         self.kept_ahead = threading.Event()
@@ -39,6 +40,7 @@ class FakeEngine:
         self.kept_ahead.set()
 
     def admit(self, job: Job) -> bool:
+        self.admitting.set()
         self.admission_gate.wait()
         if job.id in self.fail_admission:
             raise RuntimeError("no such sampler")
@@ -163,8 +165,9 @@ def test_a_check_without_genkey_sees_only_a_queued_or_running_job(sched):
 
 def test_admission_runs_outside_the_schedulers_lock(sched):
     s, engine = sched
-    engine.admission_gate.clear()                 # the loop is now inside admit(), building samplers
+    engine.admission_gate.clear()
     held = s.submit(job("a"))
+    assert engine.admitting.wait(10)              # the loop is now inside admit(), building samplers
     # Meanwhile request threads are answered: a submit, the queue length, /health's question.
     other = result_of(in_thread(s.submit, job("b")), timeout=10)
     assert result_of(in_thread(lambda: (s.waiting, s.saturated)), timeout=10) == (1, False)
