@@ -13,6 +13,8 @@ Servers, all on the starter model, started once and measured in turn, rounds int
 - KoboldLite as it was before (`--cpuwait spin --threads <cores>`: every core always), on pip's build, quiet
   only (beside busy loops it takes minutes a row): the quiet speed the new one must keep;
 - llama.cpp's llama-server (its defaults, -np 4), built from the same llama.cpp source, when found.
+With --before CHECKOUT, that checkout's KoboldLite too, on pip's build in every condition, and a table of the
+ratios between the two (an A/B of a change; writes bench/results/neighbours-ab.md instead).
 Conditions: quiet; one busy loop (a Python process spinning, one per core it wants); two; one at nice 10.
 Rows, each condition: single stream (100 tokens streamed as server-sent events, greedy, end of text banned: tokens
 / request time); 4 clients at once (64 tokens each, streamed too: all tokens / the time the last ends); prompt
@@ -32,6 +34,7 @@ import multiprocessing
 import os
 import random
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -133,12 +136,17 @@ def start_servers(args) -> list[Server]:
     common = ["--model", model, "--contextsize", str(CTX), "--parallel", "4", "--nodraft"]
     servers = []
 
-    def kobold(name, lib, extra, quiet_only=False):
-        s = ServerProcess([*common, *extra], env={"LLAMA_CPP_LIB_PATH": lib})
+    def kobold(name, lib, extra, quiet_only=False, script=None):
+        command = None if script is None else [sys.executable, script, "--port", "0"]
+        s = ServerProcess([*common, *extra], env={"LLAMA_CPP_LIB_PATH": lib}, command=command)
         servers.append(Server(name, s, s.port, False, quiet_only))
         return s
 
     kobold("KoboldLite", PIP_LLAMA_LIB, [])
+    if args.before:
+        commit = subprocess.run(["git", "-C", args.before, "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True).stdout.strip() or args.before
+        kobold(f"KoboldLite at {commit}", PIP_LLAMA_LIB, [], script=os.path.join(args.before, "koboldlite.py"))
     if os.path.isdir(VULKAN_BUILD) and not args.no_vulkan:
         kobold("KoboldLite, Vulkan build's CPU path", VULKAN_BUILD, ["--gpulayers", "0"])
     kobold("KoboldLite before (all cores always)", PIP_LLAMA_LIB,
@@ -289,6 +297,13 @@ def table(servers, speed, kept, outside, idle) -> list[str]:
             for row in ROWS:
                 lines.append(f"| {s.name} | {row} | " + " | ".join(
                     paired_spread(speed[(s.name, c, row)], speed[(peer.name, c, row)]) for c in CONDITIONS) + " |")
+    ab = next((s for s in servers if s.name.startswith("KoboldLite at ")), None)
+    if ab:
+        lines += ["", f"A/B: KoboldLite / {ab.name} (the same rows and conditions, paired by round):", "",
+                  f"| row | {' | '.join(CONDITIONS)} |", "|---|" + "---:|" * len(CONDITIONS)]
+        for row in ROWS:
+            lines.append(f"| {row} | " + " | ".join(
+                paired_spread(speed[(servers[0].name, c, row)], speed[(ab.name, c, row)]) for c in CONDITIONS) + " |")
     new, old = servers[0].name, next(s.name for s in servers if s.quiet_only)
     lines += ["", f"Quiet, {new} / {old}: " + ", ".join(
         f"{row} {paired_spread(speed[(new, 'quiet', row)], speed[(old, 'quiet', row)])}" for row in ROWS)]
@@ -311,6 +326,8 @@ def main():
     p.add_argument("--llama-server", default=DEFAULT_SERVER, metavar="PATH")
     p.add_argument("--idle", type=float, default=30.0, help="seconds of idleness measured at the end")
     p.add_argument("--no-vulkan", action="store_true", help="leave out the Vulkan build's CPU path")
+    p.add_argument("--before", metavar="CHECKOUT", help="another checkout of KoboldLite (git worktree add --detach "
+                   "/tmp/before <commit>), on pip's build, in every condition: an A/B of a change")
     p.add_argument("--quiet-only", action="store_true",
                    help="the quiet condition alone (more rounds in the time: the quiet target's check); "
                         "writes results/neighbours-quiet.md")
@@ -328,12 +345,14 @@ def main():
     finally:
         for s in servers:
             s.proc.stop()
-    flags = f"--rounds {args.rounds}" + (" --quiet-only" if args.quiet_only else "")
+    flags = f"--rounds {args.rounds}" + (" --quiet-only" if args.quiet_only else "") + \
+        (" --no-vulkan" if args.no_vulkan else "") + (" --before <checkout>" if args.before else "")
     header = [f"# Beside busy programs (issue 36): {os.cpu_count()} cores, {time.strftime('%Y-%m-%d %H:%M')}, "
               f"{args.rounds} rounds (median), `python3 bench/bench_neighbours.py {flags}`", "",
               "Speed (median of the rounds), and in brackets its share of the same server's quiet speed (the median of "
               "each round's share; ratios below are paired by round too):", ""]
-    results_file.publish("neighbours-quiet.md" if args.quiet_only else "neighbours.md",
+    results_file.publish("neighbours-quiet.md" if args.quiet_only else "neighbours-ab.md" if args.before else
+                         "neighbours.md",
                          header + table(servers, speed, kept, outside, idle))
 
 
