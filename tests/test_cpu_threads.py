@@ -182,11 +182,13 @@ def test_prompt_reading_runs_at_the_count_generation_found():
     gov = ThreadGovernor(2, load=machine)
     generate(gov, machine, 50)
     assert gov.count(17) == 2 and gov.count(512) == 2
-    assert gov.report()["batch"] == {"mode": "following", "most": 2, "now": 2}
+    assert gov.report()["batch"] == {"mode": "following", "most": 2, "now": 2, "past_cores": False,
+                                     "chunks_past_cores": 0}
     machine.busy = True
     generate(gov, machine, 200)
     assert gov.generation.current == 1 and gov.count(17) == 1 and gov.count(512) == 1
-    assert gov.report()["batch"] == {"mode": "following", "most": 2, "now": 1}
+    assert gov.report()["batch"] == {"mode": "following", "most": 2, "now": 1, "past_cores": False,
+                                     "chunks_past_cores": 0}
     generation = gov.generation
     until_a_probe(gov, machine)                     # the longest wait's probe for two threads, under way
     assert generation.probe.count == 2 and gov.count(512) == 1
@@ -247,6 +249,66 @@ def test_prompt_chunks_alone_take_the_cores_back_once_the_readings_leave_them_fr
     machine.busy = False
     gov.record(512, 1.0)
     assert gov.count(512) == 2 and gov.generation.returns == 1 and gov.generation.probe is None
+
+
+def test_prompt_reading_runs_one_thread_past_the_cores_while_other_programs_take_them_all():
+    """In a build whose threads sleep at a barrier past the cores (OpenMP's), a prompt chunk runs at one thread more
+    than cores while other programs' threads take every core at the instant, and the generation count has shed;
+    not beside one busy program on two cores (one thread has a core of its own), nor while every thread runs (the
+    others yield: niced ones), nor in a build that spins past the cores too, nor at a fixed count."""
+    machine = Machine()
+    gov = ThreadGovernor(2, load=machine, past_cores=True)
+    generate(gov, machine, 50)
+    machine.running_now = lambda: 2                 # two busy programs, yet the generation count is every core's
+    assert gov.count(512) == 2
+    machine.busy = True
+    generate(gov, machine, 200)
+    assert gov.generation.current == 1 and gov.count(17) == 3 and gov.count(512) == 3 and gov.count(16) == 1
+    assert gov.report()["batch"] == {"mode": "following", "most": 2, "now": 1, "past_cores": True,
+                                     "chunks_past_cores": 2}
+    machine.running_now = lambda: 1                 # one busy program
+    assert gov.count(512) == 1 and gov.report()["batch"]["chunks_past_cores"] == 2
+    machine.running_now = lambda: None              # a system that does not say
+    assert gov.count(512) == 1
+    spinning = ThreadGovernor(2, load=machine)      # a build without OpenMP: ggml's barrier always spins
+    machine.running_now = lambda: 2
+    generate(spinning, machine, 200)
+    assert spinning.generation.current == 1 and spinning.count(512) == 1
+    fixed = ThreadGovernor(2, threads=1, load=machine, past_cores=True)
+    assert fixed.count(512) == 1 and fixed.report()["batch"]["mode"] == "fixed" and not fixed.past_cores
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_beside_a_busy_program_on_every_core_the_server_reads_prompts_past_the_cores(starter_model):
+    """The real thing: pip's build (OpenMP), a busy process per core, and prompts of a few hundred tokens; the
+    server reads one past the cores (its /api/extra/perf counts the chunks) and answers."""
+    import multiprocessing
+    from tests.harness import ServerProcess
+    from tests.test_speculative import spin_until
+    server = ServerProcess(["--model", starter_model, "--contextsize", "2048"])
+    try:
+        batch = json.loads(server.request("GET", "/api/extra/perf")[2])["threads"]["batch"]
+        assert batch["past_cores"] is True and batch["chunks_past_cores"] == 0, batch
+        stop = multiprocessing.Event()
+        loops = [multiprocessing.Process(target=spin_until, args=(stop,)) for _ in os.sched_getaffinity(0)]
+        for loop in loops:
+            loop.start()
+        try:
+            for attempt in range(4):    # the first may start before the readings over the pause hold the loops
+                status, _, body = server.request("POST", "/api/v1/generate", {
+                    "prompt": f"Note {attempt}: " + "the cargo hold has crates of apples and pears, " * 40,
+                    "max_length": 2, "temperature": 0})
+                assert status == 200, body
+                batch = json.loads(server.request("GET", "/api/extra/perf")[2])["threads"]["batch"]
+                if batch["chunks_past_cores"]:
+                    break
+        finally:
+            stop.set()
+            for loop in loops:
+                loop.join()
+        assert batch["chunks_past_cores"] >= 1, batch
+    finally:
+        server.stop()
 
 
 def test_the_systems_load_is_the_others_cpu_less_this_process():
@@ -341,6 +403,30 @@ def test_the_engine_runs_each_decode_at_the_governors_count(starter_model):
     assert model.lib.llama_n_threads(model.ctx) == 1 and model.lib.llama_n_threads_batch(model.ctx) == 1
     assert len(gov.recorded) >= 7 and gov.recorded[1:] == [1] * (len(gov.recorded) - 1)
     model.close()
+
+
+class PromptPastTheCores(OneThreadForGeneration):
+    def count(self, n_tokens: int) -> int:
+        return 1 if n_tokens <= self.GENERATION_WIDTH else 3
+
+
+def test_a_prompt_read_past_the_cores_gives_the_same_reply(starter_model):
+    """llama.cpp runs a prompt chunk at more threads than the context was made with (three on a context of two),
+    and the reply is the one read at the context's own count."""
+    replies = []
+    for gov in (OneThreadForGeneration(), PromptPastTheCores()):
+        model = LlamaModel(starter_model, n_ctx=512, n_seq=1, n_threads=2, n_gpu_layers=0)
+        engine = Engine(model, threads=gov)
+        job = engine.prepare(GenerationRequest("The list of things to pack: " * 30, max_length=12,
+                                               sampler=SamplerSettings(temperature=0, ban_eos=True)))
+        assert engine.admit(job)
+        engine.step()                               # the prompt, in one chunk
+        assert model.lib.llama_n_threads_batch(model.ctx) == gov.count(512) and gov.recorded[0] > 100
+        while not job.buffer.done:
+            engine.step()
+        replies.append(job.buffer.text())
+        model.close()
+    assert replies[0] == replies[1] and len(replies[0]) > 12
 
 
 def thread_nice_values(pid: int) -> list[int]:

@@ -87,6 +87,7 @@ class LlamaModel:
         llama_cpp.llama_backend_init()
         cpu = registry.cpu_backend()
         self.extra_buffers = cpu.extra_buffers_fault is None
+        self.openmp = cpu.openmp            # the CPU backend runs OpenMP's threads (None: the build does not say)
         self._load_weights(n_gpu_layers, devices, main_gpu, tensor_split, row_split, use_mmap, use_mlock, progress)
         self._make_context(n_ctx, n_seq, n_threads, n_batch, shared_kv, split_kv, flash_attention, quantkv)
         self.threadpools: ContextPools | None = None

@@ -143,7 +143,8 @@ class ServedModel:
                              draft_most=0 if cfg.nodraft else cfg.draftamount, draft_model=self.draft_model,
                              prompt_cache=self.prompt_cache, log=log,
                              projector=self.projector,
-                             threads=ThreadGovernor(cores_available(), cfg.threads, cfg.threadsbatch),
+                             threads=ThreadGovernor(cores_available(), cfg.threads, cfg.threadsbatch,
+                                                    past_cores=self.model.openmp is True),
                              adapters=self.adapters)
         self.scheduler = Scheduler(self.engine, cfg.multiuser, lambda job: job_ended(self, job))
         try:
