@@ -486,12 +486,13 @@ class ThreadGovernor:
         spins at a barrier only while it runs no more threads than the cores it was started on; past them it
         spins a thousand rounds and sleeps, so a thread whose neighbour lost its core hands its own over instead
         of spinning it away, and whichever threads hold a core read the prompt. A 2,000-token prompt on this
-        project's 2-core machine beside two busy loops (llama.cpp alone, 3 interleaved rounds): 3 threads 121.8
-        tokens/s, 1 thread 86.8, 2 threads 84.1 (OMP_WAIT_POLICY=PASSIVE: 120.5, but a third slower generating on
-        a quiet machine). Not beside one busy loop, where one thread has a core to itself and three gain nothing
-        (122.6 against 121.0); nor beside niced programs, which yield (three read at 0.86 of their quiet speed,
-        one at 1.01). Generation steps never run past the cores: at a short step's barrier the sleeping
-        thread's wake-up is dearer than its spin."""
+        project's 2-core machine beside two busy loops (bench_neighbours, 4 rounds): 123.3 tokens/s against 86.3
+        at one thread, llama-server's two 100.9 (bench/README.md). OMP_WAIT_POLICY=PASSIVE does the same, but
+        for the whole process, and generation steps lose a third of their quiet speed to it. Not beside one busy
+        loop, where one thread has a core to itself and three gained nothing (llama.cpp alone: 122.6 tokens/s
+        against 121.0); nor beside niced programs, which yield (three read at 0.86 of their quiet speed, one at
+        1.01). Generation steps never run past the cores: at a short step's barrier the sleeping thread's
+        wake-up is dearer than its spin."""
         return self.generation.most + 1
 
     def _every_core_taken(self) -> bool:
