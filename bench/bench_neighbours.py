@@ -19,7 +19,8 @@ Conditions: quiet; one busy loop (a Python process spinning, one per core it wan
 Rows, each condition: single stream (100 tokens streamed as server-sent events, greedy, end of text banned: tokens
 / request time); 4 clients at once (64 tokens each, streamed too: all tokens / the time the last ends); prompt
 reading (a fresh 2,000-token prompt, no cache: prompt tokens / request time with one token asked). For KoboldLite's
-two streamed rows, the share of their time outside llama.cpp (its /api/extra/perf's decode_seconds). The busy
+two streamed rows, the share of their time outside llama.cpp (its /api/extra/perf's decode_seconds); for its
+prompt row, the chunks it read one thread past the cores (/api/extra/perf's threads.batch). The busy
 loops' own rate during each row, as a share of their rate beside idle servers: what the neighbour keeps while that
 server generates or reads. At the end, each server's CPU use over --idle seconds of idleness after all that.
 Writes bench/results/neighbours.md.
@@ -54,6 +55,7 @@ VULKAN_BUILD = os.path.join(ROOT, ".llama-vulkan", "lib")
 CONDITIONS = ("quiet", "1 busy loop", "2 busy loops", "1 busy loop at nice 10")
 ROWS = ("single stream tok/s", "4 clients tok/s", "prompt reading tok/s")
 STREAMED = ROWS[:2]                 # the rows whose tokens come as server-sent events
+PAST_CORES = "prompt reading: chunks read past the cores"     # a 2,000-token prompt is 4 chunks of 512
 CTX = 10240                         # 4 slots of 2,560: a 2,000-token prompt fits one
 
 
@@ -177,12 +179,17 @@ def measure(server: Server, row: str, outside: dict[str, list[float]], counts: l
             extra: dict | None = None) -> float:
     """The row's speed. For KoboldLite's streamed rows, the share of the row's time spent outside llama.cpp too
     (`outside[row]`: the HTTP threads, the token buffer, the stream writers, all the Python), and after a single
-    stream its generation thread count with the sheds, returns and probes during it (`counts`). `extra`: fields
-    added to the streamed rows' requests."""
+    stream its generation thread count with the sheds, returns and probes during it (`counts`); for its prompt
+    row, the chunks it read one thread past the cores (`outside[PAST_CORES]`, where it reports them). `extra`:
+    fields added to the streamed rows' requests."""
     if row not in STREAMED:
+        before = None if server.llama else thread_report(server)["batch"].get("chunks_past_cores")
         started = time.perf_counter()
         out = server.post({"prompt": prompt_of(2000), "max_tokens": 1, "temperature": 0})
-        return out["usage"]["prompt_tokens"] / (time.perf_counter() - started)
+        took = time.perf_counter() - started
+        if before is not None:
+            outside.setdefault(PAST_CORES, []).append(thread_report(server)["batch"]["chunks_past_cores"] - before)
+        return out["usage"]["prompt_tokens"] / took
     before = None if server.llama else thread_report(server)
     started = time.perf_counter()
     if row.startswith("single"):
@@ -286,6 +293,10 @@ def table(servers, speed, kept, outside, idle) -> list[str]:
         for row in () if s.llama else STREAMED:
             lines.append(f"| {s.name} | {row.removesuffix(' tok/s')}: share of time outside llama.cpp | " + " | ".join(
                 f"{statistics.median(outside[(s.name, c)][row]):.3f}" for c in CONDITIONS) + " |")
+        if all(PAST_CORES in outside[(s.name, c)] for c in CONDITIONS):
+            chunks = [outside[(s.name, c)][PAST_CORES] for c in CONDITIONS]
+            lines.append(f"| {s.name} | {PAST_CORES}, per prompt (most) | " + " | ".join(
+                f"{statistics.median(n):g} ({max(n)})" for n in chunks) + " |")
     lines += ["", "Ratios to llama-server (KoboldLite / llama-server, same row and condition; the median of the "
               "rounds' ratios, in brackets the lowest and highest):", ""]
     peer = next((s for s in servers if s.llama), None)
