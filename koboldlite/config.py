@@ -203,7 +203,8 @@ def _add_engine_options(p: argparse.ArgumentParser):
                         "drafts) with one slot; slower for several slots in a shared pool (README)")
     p.add_argument("--quantkv", type=int, choices=(0, 1, 2),
                    help="KV cache type: 0 f16 (default), 1 q8_0, 2 q4_0; turns on flash attention")
-    p.add_argument("--batchsize", type=int, help="tokens per batch when reading prompts (default 512)")
+    p.add_argument("--batchsize", "--blasbatchsize", "--batch-size", dest="batchsize", type=int,
+                   help="tokens per batch when reading prompts (default 512; KoboldCpp's -1, its batches off: 16)")
     p.add_argument("--nommap", action="store_true", default=None, help="read the model into memory, do not map it")
     p.add_argument("--usemlock", action="store_true", default=None, help="lock the model in RAM")
     p.add_argument("--embeddings-model", dest="embeddings_model", metavar="FILE",
@@ -340,7 +341,9 @@ def _check_engine_options(cfg: Config):
     if cfg.maingpu is not None:
         _check_int("maingpu", cfg.maingpu, 0, 64)
     _check_int("quantkv", cfg.quantkv, 0, 2)
-    _check_int("batchsize", cfg.batchsize, 16, 1 << 16)
+    if cfg.batchsize == KOBOLDCPP_NO_BATCHES:
+        cfg.batchsize = SMALLEST_BATCH
+    _check_int("batchsize", cfg.batchsize, SMALLEST_BATCH, 1 << 16)
 
 
 def _check_cache_and_drafts(cfg: Config):
@@ -489,7 +492,7 @@ PRESET_CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "parallel": lambda k, v: _check_int(k, v, 1, 64),
     "threads": lambda k, v: _check_int(k, v, 1, 1024),
     "threadsbatch": lambda k, v: _check_int(k, v, 1, 1024),
-    "batchsize": lambda k, v: _check_int(k, v, 16, 1 << 16),
+    "batchsize": lambda k, v: _check_int(k, v, SMALLEST_BATCH, 1 << 16),
     "quantkv": lambda k, v: _check_int(k, v, 0, 2),
     "max_length": lambda k, v: _check_int(k, v, 1, 1 << 20),
     **{flag: (lambda k, v: v if isinstance(v, bool) else _bad_preset(k, "true or false"))
@@ -561,6 +564,11 @@ def normalized_origin(origin: str) -> str | None:
     host = f"[{url.hostname}]" if ":" in url.hostname else url.hostname
     default = {"http": 80, "https": 443}.get(url.scheme.lower())
     return f"{url.scheme.lower()}://{host.lower()}" + (f":{port}" if port is not None and port != default else "")
+
+
+# KoboldCpp's --blasbatchsize -1 turns its batched prompt reading off; it then reads 16 tokens a decode, as this does.
+KOBOLDCPP_NO_BATCHES = -1
+SMALLEST_BATCH = 16
 
 
 # KoboldCpp's --usecuda words besides device numbers: only rowsplit changes anything here.

@@ -40,6 +40,7 @@ def test_missing_model(tmp_path):
     (["--parallel", "0"], "parallel"),
     (["--bogus"], "unrecognized"),
     (["--kvperslot", "--kvsplit"], "kvsplit"),
+    (["--blasbatchsize", "8"], "batchsize"),          # KoboldCpp's name; -1 is its one value below 16
 ])
 def test_bad_values(starter_model, args, words):
     code, _, err = run("--model", starter_model, *args)

@@ -125,6 +125,8 @@ def test_batch_size_mmap_mlock_and_gpu_layers(make_server, tmp_path):
     small = memory(make_server("--batchsize", "64", tls=False))
     assert default["n_batch"] == 512 and small["n_batch"] == 64 == small["n_ubatch"]
     assert small["compute_mib"] < default["compute_mib"]
+    # KoboldCpp's name for it, and its -1 (batches off), which reads 16 tokens a decode there too.
+    assert memory(make_server("--blasbatchsize", "-1", tls=False))["n_batch"] == 16
     assert default["load_mode"] == "mmap"
     assert memory(make_server("--nommap", tls=False))["load_mode"] == "none"
     locked = make_server("--usemlock", tls=False)
