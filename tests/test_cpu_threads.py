@@ -15,6 +15,7 @@ import pytest
 from koboldlite.api.common import threads_report
 from koboldlite.engine.cpu_policy import Priority, WaitPolicy, apply_wait_policy
 from koboldlite.engine.cpu_threads import CountControl, Reading, SystemLoad, ThreadGovernor, ThreadMode
+from koboldlite.engine.cpu_topology import math_cores
 from koboldlite.engine.engine import Engine
 from koboldlite.engine.llama_model import LlamaModel
 from koboldlite.generation import GenerationRequest, SamplerSettings
@@ -479,7 +480,8 @@ def test_the_default_server_adapts_and_says_so(server):
     assert threads["wait"]["policy"] == "spin" and threads["priority"] == "normal"
     assert threads["generation"]["mode"] == "adaptive" and threads["batch"]["mode"] == "following"
     assert threads["batch"]["now"] == threads["generation"]["now"]
-    assert 1 <= threads["generation"]["now"] <= threads["generation"]["most"] == len(os.sched_getaffinity(0))
+    assert 1 <= threads["generation"]["now"] <= threads["generation"]["most"] == math_cores()
+    assert threads["logical_cpus"] == len(os.sched_getaffinity(0))
 
 
 def test_bad_thread_options_are_refused_in_one_line(tmp_path):
@@ -551,6 +553,46 @@ def test_where_the_system_gives_no_instant_count_a_step_at_every_thread_decides(
     machine.busy = True
     control._last_decode -= 10
     assert run(control, machine, 20) == [2] + [1] * 19 and control.sheds == 1
+
+
+class SmtMachine:
+    """A scripted load on a CPU of 4 cores with two hardware threads each (8 logical CPUs): `busy` programs, each
+    taking one hardware thread, over the pause and at the instant."""
+
+    busy_means_taken = True
+
+    def __init__(self, busy: int):
+        self.busy = busy
+
+    def others(self) -> float:
+        return float(self.busy)
+
+    def niced(self) -> float:
+        return 0.0
+
+    def running_now(self) -> int:
+        return self.busy
+
+
+def test_on_an_smt_cpu_the_load_is_weighed_against_hardware_threads():
+    """Four cores worth a thread (the most that run), eight hardware threads: four busy programs leave four of
+    them free, so a new request keeps its four threads (weighed against the cores it would shed to one); six
+    leave two; prompt chunks run one past the hardware threads only once all eight are taken."""
+    machine = SmtMachine(0)
+    gov = ThreadGovernor(4, load=machine, past_cores=True, cpus=8)
+    assert gov.report()["logical_cpus"] == 8 and gov.generation.most == 4
+    for busy, threads in ((4, 4), (6, 2), (8, 1), (0, 4)):
+        machine.busy = busy
+        gov.generation._last_decode -= 10           # a new request after a pause
+        assert gov.count(1) == threads, busy
+        gov.record(1, 0.01)
+    machine.busy = 8
+    gov.generation._last_decode -= 10
+    assert gov.count(1) == 1 and gov.count(512) == 9
+    machine.busy = 7
+    assert gov.count(512) == 1
+    # A machine without SMT: the hardware threads are the cores (the default).
+    assert ThreadGovernor(4, load=machine).report()["logical_cpus"] == 4
 
 
 def test_with_no_quiet_cost_known_the_readings_decide_at_once():

@@ -28,6 +28,8 @@ import sys
 import time
 from typing import NamedTuple
 
+from .cpu_topology import logical_cpus, math_cores
+
 
 class ThreadMode(enum.Enum):
     ADAPTIVE = "adaptive"      # the count follows the machine (no --threads)
@@ -35,17 +37,10 @@ class ThreadMode(enum.Enum):
     FOLLOWING = "following"    # prompt reading without either: the generation count in force
 
 
-def cores_available() -> int:
-    """The cores this process may run on (its affinity, where the system says), at least one."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
-
-
 def most_threads(threads: int) -> int:
-    """--threads as given, else one per core: what a context is made with, and the most a decode runs."""
-    return threads or cores_available()
+    """--threads as given, else one per core that is worth one (cpu_topology.math_cores): what a context is made
+    with, and the most a decode runs."""
+    return threads or math_cores()
 
 
 class Reading(NamedTuple):
@@ -73,7 +68,7 @@ class SystemLoad:
         self._last = self._read()
         self._others: float | None = None
         self._niced: float | None = None
-        self.busy_means_taken = sys.platform != "win32" and self._machine_cores() <= cores_available()
+        self.busy_means_taken = sys.platform != "win32" and self._machine_cores() <= logical_cpus()
 
     @staticmethod
     def _machine_cores() -> int:
@@ -85,7 +80,7 @@ class SystemLoad:
                     return sum(line.startswith("cpu") and line[3:4].isdigit() for line in f)
             except OSError:
                 pass
-        return cores_available()
+        return logical_cpus()
 
     @staticmethod
     def _machine_seconds() -> tuple[float | None, float | None]:
@@ -200,9 +195,13 @@ class CountControl:
     BLIND_LONGEST = 8     # blind probes that keep failing wait up to this many longest waits
 
     def __init__(self, most: int, fixed: int = 0, probe_steps: int = 4, first_interval: int = 16,
-                 longest_interval: int = 1024, load: SystemLoad | None = None):
+                 longest_interval: int = 1024, load: SystemLoad | None = None, cpus: int = 0):
+        """`most`: the cores worth a thread (cpu_topology.math_cores); `cpus`: the hardware threads they and their
+        SMT siblings make (logical_cpus; 0: as many as `most`), which the other programs' load is weighed
+        against: a busy program on one of a core's two hardware threads leaves the other free for a thread."""
         self.mode = ThreadMode.FIXED if fixed else ThreadMode.ADAPTIVE
         self.most = fixed or most
+        self.cpus = max(cpus, self.most)
         self.current = self.most
         self.probe_steps, self.first_interval, self.longest_interval = probe_steps, first_interval, longest_interval
         self.interval = first_interval       # steps to wait before the next probe while nothing changes
@@ -256,8 +255,8 @@ class CountControl:
         if self._recheck:
             self._recheck = False
             now = self.load.running_now()
-            if now is not None and self.most - now > self.current:
-                self._set_count(min(self.most, self.most - now))
+            if now is not None and min(self.most, self.cpus - now) > self.current:
+                self._set_count(min(self.most, self.cpus - now))
 
     def _decode_begins(self):
         now = time.monotonic()
@@ -275,7 +274,7 @@ class CountControl:
         others = now if average is None else average if now is None else min(average, now)
         if others is None:
             return
-        target = max(1, min(self.most, round(self.most - others)))
+        target = max(1, min(self.most, round(self.cpus - others)))
         niced = self.load.niced()
         niced_seen = niced is not None and niced >= self.NICED_SEEN
         if target <= self.current < self.most and niced_seen and self._quiet_known(self.most):
@@ -343,7 +342,7 @@ class CountControl:
         down, up = self._step_from(c)
         others = self.load.others() if self.load else None
         slow = key in self.quiet and self.cost[key] > self.SLOW * self.quiet[key]
-        crowded = others is not None and others > self.most - c + self.SLACK
+        crowded = others is not None and others > self.cpus - c + self.SLACK
         # Others' use alone proposes fewer only while no quiet cost is known: once one is, steps no slower than
         # quiet mean the threads are not waiting on a taken core (the reading may be the tail of work that ended).
         fewer = c > 1 and (slow or (crowded and key not in self.quiet))
@@ -376,13 +375,13 @@ class CountControl:
         return max(1, count - step), min(self.most, count + step)
 
     def _room_for(self, count: int, others: float | None) -> bool:
-        """Whether the other programs leave `count` cores free: over the last reading (less a client's noise,
-        SLACK) and at this instant."""
-        return others is not None and others <= self.most - count + self.SLACK and self._free_now(count)
+        """Whether the other programs leave `count` hardware threads free: over the last reading (less a client's
+        noise, SLACK) and at this instant."""
+        return others is not None and others <= self.cpus - count + self.SLACK and self._free_now(count)
 
     def _free_now(self, count: int) -> bool:
-        """Whether the other programs leave `count` cores free at this instant too (True where the system does not
-        say): a busy program that our own threads pushed off its core for part of a reading shows as less than one
+        """Whether the other programs leave `count` hardware threads free at this instant too (True where the system
+        does not say): a busy program that our own threads pushed off its core for part of a reading shows as less than one
         core (0.56 to 0.8 of one for a busy loop beside one thread generating, 1 reading in 20), and a probe for
         more then costs a step that waits at every barrier."""
         if self.load is None:
@@ -391,7 +390,7 @@ class CountControl:
         if niced is not None and niced >= self.NICED_SEEN:
             return True         # the instant count holds niced programs too, and they yield: the average decides
         now = self.load.running_now()
-        return now is None or now <= self.most - count
+        return now is None or now <= self.cpus - count
 
     def _settled(self, situation: tuple[bool, bool]) -> bool:
         """Whether the signs have changed and held for a few steps (a reading near a threshold flips back and
@@ -443,19 +442,20 @@ class ThreadGovernor:
 
     GENERATION_WIDTH = 16     # a decode of up to this many tokens is a generation step (slots, drafts)
 
-    def __init__(self, most: int, threads: int = 0, threads_batch: int = 0, load=None, past_cores: bool = False):
+    def __init__(self, most: int, threads: int = 0, threads_batch: int = 0, load=None, past_cores: bool = False,
+                 cpus: int = 0):
         """`most`: the cores to use at most; `threads`, `threads_batch`: fixed counts (0: adaptive); `load`: what
         the other programs take (this machine's /proc/stat unless a test simulates one); `past_cores`: the build's
         threads stop spinning at a barrier when there are more of them than cores (an OpenMP build: see
-        count_past_cores)."""
+        count_past_cores); `cpus`: the hardware threads the process may run on (0: as many as `most`)."""
         load = SystemLoad() if load is None else load
-        self.generation = CountControl(most, fixed=threads, load=load)
+        self.generation = CountControl(most, fixed=threads, load=load, cpus=cpus)
         # Prompt reading has no probes of its own (one at another count costs a whole chunk): it follows the count
         # generation steps found. Beside busy programs every core costs it as much as it costs them: a prompt of 24
         # to 400 tokens read 1.0 to 2 times slower at two threads than at one beside one or two busy loops (up to
         # 3 s where one thread took 0.3), on a quiet machine 1.9 times faster (bench/README.md, issue 36).
         fixed = threads_batch or threads
-        self.batch = CountControl(most, fixed=fixed, load=load) if fixed else None
+        self.batch = CountControl(most, fixed=fixed, load=load, cpus=cpus) if fixed else None
         self.load = load
         self.past_cores = past_cores and not fixed
         self.chunks_past_cores = 0    # prompt chunks read at count_past_cores()
@@ -482,8 +482,9 @@ class ThreadGovernor:
         return count
 
     def count_past_cores(self) -> int:
-        """A prompt chunk's count while other programs take every core: one more thread than cores. GNU OpenMP
-        spins at a barrier only while it runs no more threads than the cores it was started on; past them it
+        """A prompt chunk's count while other programs take every core: one more thread than hardware threads (on a
+        CPU without SMT, than cores). GNU OpenMP spins at a barrier only while it runs no more threads than the
+        hardware threads it was started on (its affinity's CPUs); past them it
         spins a thousand rounds and sleeps, so a thread whose neighbour lost its core hands its own over instead
         of spinning it away, and whichever threads hold a core read the prompt. A 2,000-token prompt on this
         project's 2-core machine beside two busy loops (bench_neighbours, 4 rounds): 123.3 tokens/s against 86.3
@@ -493,14 +494,14 @@ class ThreadGovernor:
         against 121.0); nor beside niced programs, which yield (three read at 0.86 of their quiet speed, one at
         1.01). Generation steps never run past the cores: at a short step's barrier the sleeping thread's
         wake-up is dearer than its spin."""
-        return self.generation.most + 1
+        return self.generation.cpus + 1
 
     def _every_core_taken(self) -> bool:
         """Whether other programs' threads take every core at this instant (running or ready to run): at least
-        one per core. Busy time averaged over a reading cannot say it: beside our own threads two busy loops on
-        two cores read as 0.8 to 1.3 cores."""
+        one per hardware thread. Busy time averaged over a reading cannot say it: beside our own threads two busy
+        loops on two cores read as 0.8 to 1.3 cores."""
         now = self.load.running_now()
-        return now is not None and now >= self.generation.most
+        return now is not None and now >= self.generation.cpus
 
     def record(self, n_tokens: int, seconds: float):
         self.decode_seconds += seconds
@@ -514,4 +515,5 @@ class ThreadGovernor:
         batch = self.batch.report() if self.batch else {"mode": ThreadMode.FOLLOWING.value, "most": gen.most,
                                                         "now": gen.current, "past_cores": self.past_cores,
                                                         "chunks_past_cores": self.chunks_past_cores}
-        return {"generation": gen.report(), "batch": batch, "decode_seconds": round(self.decode_seconds, 4)}
+        return {"generation": gen.report(), "batch": batch, "decode_seconds": round(self.decode_seconds, 4),
+                "logical_cpus": gen.cpus}

@@ -1,0 +1,148 @@
+"""How many CPUs this process may run on, and how many of them are cores worth a thread of llama.cpp's.
+
+Two numbers, because a desktop CPU's cores mostly run two hardware threads each (SMT, Hyper-Threading):
+- logical_cpus(): every hardware thread the process may run on. What other programs' load is weighed against
+  (a busy program on one hardware thread leaves its sibling free) and what GNU OpenMP counts as its cores.
+- math_cores(): one per physical core, and on a CPU with performance and efficiency cores (Intel's since the 12th
+  generation, Apple's) the performance ones only. What llama.cpp's threads are counted in: two threads on one
+  core share its vector units, and every barrier waits for the slower of them, so llama-server's default is this
+  count (common.cpp's cpu_get_num_math: the distinct thread-sibling sets, Intel's efficiency cores left out),
+  KoboldCpp's about half the hardware threads, less one.
+
+Who calls what: cpu_threads.most_threads() and ServedModel ask both once, at start.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import struct
+import sys
+
+LINUX_CPUS = "/sys/devices/system/cpu"
+# On a hybrid Intel CPU, Linux's perf drivers list the performance and the efficiency cores' hardware threads here.
+LINUX_PERFORMANCE_CPUS = "/sys/devices/cpu_core/cpus"
+LINUX_EFFICIENCY_CPUS = "/sys/devices/cpu_atom/cpus"
+
+
+def logical_cpus() -> int:
+    """The hardware threads this process may run on (its affinity, where the system says), at least one."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def math_cores() -> int:
+    """The cores worth a thread each among those this process may run on: physical cores, the performance ones
+    where a CPU has both kinds; logical_cpus() where the system does not say."""
+    if sys.platform.startswith("linux"):
+        try:
+            cpus = sorted(os.sched_getaffinity(0))
+        except OSError:
+            cpus = []
+        cores = linux_cores(cpus) if cpus else None
+    elif sys.platform == "win32":
+        cores = windows_cores(_windows_core_records())
+    elif sys.platform == "darwin":
+        cores = _mac_performance_cores()
+    else:
+        cores = None
+    return min(cores, logical_cpus()) if cores else logical_cpus()
+
+
+def parse_cpu_list(text: str) -> set[int]:
+    """Linux's CPU list format ("0-3,8,10-11") as a set; empty where it does not parse."""
+    cpus: set[int] = set()
+    try:
+        for part in text.strip().split(","):
+            if part:
+                low, _, high = part.partition("-")
+                cpus.update(range(int(low), int(high or low) + 1))
+    except ValueError:
+        return set()
+    return cpus
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def linux_cores(cpus: list[int], root: str = LINUX_CPUS, performance: str = LINUX_PERFORMANCE_CPUS,
+                efficiency: str = LINUX_EFFICIENCY_CPUS) -> int | None:
+    """The physical cores the hardware threads `cpus` belong to (their sibling sets in sysfs), the performance
+    cores only where the CPU lists both kinds and some of `cpus` are performance ones; None where sysfs does not
+    say (a CPU without a topology folder)."""
+    cores: set[frozenset[int]] = set()
+    for cpu in cpus:
+        siblings = _read(f"{root}/cpu{cpu}/topology/core_cpus_list") or \
+            _read(f"{root}/cpu{cpu}/topology/thread_siblings_list")
+        group = parse_cpu_list(siblings) if siblings else set()
+        if not group:
+            return None
+        cores.add(frozenset(group))
+    fast = parse_cpu_list(_read(performance) or "")
+    if fast and _read(efficiency) is not None:
+        fast_cores = {core for core in cores if core & fast}
+        if fast_cores:
+            cores = fast_cores
+    return len(cores) or None
+
+
+# Windows' GetLogicalProcessorInformationEx(RelationProcessorCore): one record a physical core, each a
+# SYSTEM_LOGICAL_PROCESSOR_INFORMATION_EX: Relationship and Size (two DWORDs), then PROCESSOR_RELATIONSHIP: Flags,
+# EfficiencyClass (higher: a faster core; all 0 on a CPU of one kind), 20 reserved bytes, GroupCount, and from
+# offset 24 (8-byte aligned) GroupCount GROUP_AFFINITY of 16 bytes (a mask of its hardware threads, and a group).
+RELATION_PROCESSOR_CORE = 0
+_RECORD_HEAD = struct.Struct("<II")
+_CORE_CLASS_AT = 8 + 1
+
+
+def windows_cores(buffer: bytes | None) -> int | None:
+    """The physical cores in GetLogicalProcessorInformationEx's records, those of the highest efficiency class
+    (the performance cores) only; None where there are none."""
+    if not buffer:
+        return None
+    classes: list[int] = []
+    offset = 0
+    while offset + _RECORD_HEAD.size <= len(buffer):
+        relationship, size = _RECORD_HEAD.unpack_from(buffer, offset)
+        if size < _RECORD_HEAD.size or offset + size > len(buffer):
+            break
+        if relationship == RELATION_PROCESSOR_CORE and size > _CORE_CLASS_AT:
+            classes.append(buffer[offset + _CORE_CLASS_AT])
+        offset += size
+    return classes.count(max(classes)) if classes else None
+
+
+def _windows_core_records() -> bytes | None:
+    try:
+        kernel32 = ctypes.windll.kernel32
+        size = ctypes.c_uint32(0)
+        kernel32.GetLogicalProcessorInformationEx(RELATION_PROCESSOR_CORE, None, ctypes.byref(size))
+        if not size.value:
+            return None
+        buffer = ctypes.create_string_buffer(size.value)
+        if not kernel32.GetLogicalProcessorInformationEx(RELATION_PROCESSOR_CORE, buffer, ctypes.byref(size)):
+            return None
+        return buffer.raw[:size.value]
+    except (AttributeError, OSError):
+        return None
+
+
+def _mac_performance_cores() -> int | None:
+    """macOS: the performance cores (perflevel0: Apple silicon's), else the physical ones."""
+    try:
+        libc = ctypes.CDLL("/usr/lib/libSystem.B.dylib")
+    except OSError:
+        return None
+    for name in (b"hw.perflevel0.physicalcpu", b"hw.physicalcpu"):
+        value, size = ctypes.c_int(0), ctypes.c_size_t(ctypes.sizeof(ctypes.c_int))
+        if libc.sysctlbyname(name, ctypes.byref(value), ctypes.byref(size), None, ctypes.c_size_t(0)) == 0 \
+                and value.value > 0:
+            return value.value
+    return None
