@@ -14,8 +14,9 @@ import pytest
 
 from koboldlite.api.common import threads_report
 from koboldlite.engine.cpu_policy import Priority, WaitPolicy, apply_wait_policy
-from koboldlite.engine.cpu_threads import CountControl, Reading, SystemLoad, ThreadGovernor, ThreadMode
+from koboldlite.engine.cpu_threads import CountControl, ThreadGovernor, ThreadMode
 from koboldlite.engine.cpu_topology import math_cores
+from koboldlite.engine.system_load import Reading, SystemLoad
 from koboldlite.engine.engine import Engine
 from koboldlite.engine.llama_model import LlamaModel
 from koboldlite.generation import GenerationRequest, SamplerSettings

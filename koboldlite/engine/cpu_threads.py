@@ -22,13 +22,11 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import os
 import statistics
-import sys
 import time
-from typing import NamedTuple
 
-from .cpu_topology import logical_cpus, math_cores
+from .cpu_topology import math_cores
+from .system_load import SystemLoad
 
 
 class ThreadMode(enum.Enum):
@@ -41,128 +39,6 @@ def most_threads(threads: int) -> int:
     """--threads as given, else one per core that is worth one (cpu_topology.math_cores): what a context is made
     with, and the most a decode runs."""
     return threads or math_cores()
-
-
-class Reading(NamedTuple):
-    """CPU seconds since boot at one moment: the machine's at normal priority or above and at a lower one (None
-    where the system does not say), and this process's share of each."""
-    at: float
-    busy: float | None
-    niced: float | None
-    own: float
-    own_niced: float
-
-
-class SystemLoad:
-    """The CPU the rest of the machine used since the last reading, in cores: busy time at normal priority or above,
-    less this process's own. Time of programs at a lower priority (nice above 0) is left out: they yield the
-    cores to the server, and the threads are better kept (Linux counts it apart in /proc/stat, and niced() says
-    how much of it there was). Windows tells only all busy time (GetSystemTimes); elsewhere nothing is known
-    (None). busy_means_taken says whether busy time read means cores this process would wait for: not where the
-    readings count cores it may not run on (a container given a few of the host's, whose /proc/stat is the
-    host's; taskset), nor on Windows (programs at a lower priority count as busy, yet yield)."""
-
-    WINDOW = 0.25         # seconds: shorter readings are too coarse (Linux counts CPU time in 10 ms ticks)
-
-    def __init__(self):
-        self._last = self._read()
-        self._others: float | None = None
-        self._niced: float | None = None
-        self.busy_means_taken = sys.platform != "win32" and self._machine_cores() <= logical_cpus()
-
-    @staticmethod
-    def _machine_cores() -> int:
-        """The cores the machine readings count (Linux: /proc/stat's cpuN lines; Windows: every one, as the
-        process may run on every one where os.sched_getaffinity is missing)."""
-        if sys.platform.startswith("linux"):
-            try:
-                with open("/proc/stat") as f:
-                    return sum(line.startswith("cpu") and line[3:4].isdigit() for line in f)
-            except OSError:
-                pass
-        return logical_cpus()
-
-    @staticmethod
-    def _machine_seconds() -> tuple[float | None, float | None]:
-        """CPU seconds of the whole machine since boot, all cores: busy at normal priority or above (yielding to
-        nobody), and niced."""
-        if sys.platform.startswith("linux"):
-            try:
-                with open("/proc/stat") as f:
-                    user, nice, system, idle, iowait, irq, softirq, steal = (int(x) for x in f.readline().split()[1:9])
-            except (OSError, ValueError):
-                return None, None
-            tick = os.sysconf("SC_CLK_TCK")
-            return (user + system + irq + softirq + steal) / tick, nice / tick
-        if sys.platform == "win32":
-            import ctypes
-            idle, kernel, user = (ctypes.c_uint64(), ctypes.c_uint64(), ctypes.c_uint64())
-            if not ctypes.windll.kernel32.GetSystemTimes(ctypes.byref(idle), ctypes.byref(kernel), ctypes.byref(user)):
-                return None, None
-            return (kernel.value + user.value - idle.value) / 1e7, None       # kernel time includes idle time
-        return None, None
-
-    @staticmethod
-    def _own_seconds() -> tuple[float, float]:
-        """This process's CPU seconds as _machine_seconds counts them: its user time goes to the niced column when
-        it runs niced itself (--lowpriority), its system time never does."""
-        t = os.times()
-        try:
-            niced = sys.platform.startswith("linux") and os.getpriority(os.PRIO_PROCESS, 0) > 0
-        except OSError:
-            niced = False
-        return t.system + (0.0 if niced else t.user), (t.user if niced else 0.0)
-
-    def _read(self) -> Reading:
-        return Reading(time.monotonic(), *self._machine_seconds(), *self._own_seconds())
-
-    def reading(self) -> Reading:
-        """A reading of its own, for others_between() (the one others() keeps is not moved)."""
-        return self._read()
-
-    @classmethod
-    def others_between(cls, a: Reading, b: Reading) -> float | None:
-        """Cores' worth of CPU the other programs used at normal priority or above between two readings; None where
-        the system does not say, or they are less than WINDOW apart (a few ticks would read as cores)."""
-        if a.busy is None or b.busy is None or b.at - a.at < cls.WINDOW:
-            return None
-        return max(0.0, (b.busy - a.busy) - (b.own - a.own)) / (b.at - a.at)
-
-    @staticmethod
-    def running_now() -> int | None:
-        """Other programs' threads running or ready to run at this instant, niced or not (Linux: /proc/stat's
-        procs_running, less this process's running threads); None elsewhere."""
-        if not sys.platform.startswith("linux"):
-            return None
-        try:
-            with open("/proc/stat") as f:
-                running = next(int(line.split()[1]) for line in f if line.startswith("procs_running"))
-        except (OSError, StopIteration, ValueError):
-            return None
-        own = 0
-        for task in os.listdir("/proc/self/task"):
-            try:
-                with open(f"/proc/self/task/{task}/stat") as f:
-                    own += f.read().rsplit(")", 1)[1].split()[0] == "R"
-            except (OSError, IndexError):
-                pass                        # a thread that ended meanwhile
-        return max(0, running - own)
-
-    def others(self) -> float | None:
-        """Cores' worth of CPU the other programs used over the last reading (at least WINDOW seconds long, taken
-        when asked); None where the system does not say."""
-        if time.monotonic() - self._last.at >= self.WINDOW:
-            a, b = self._last, self._read()
-            self._last = b
-            self._others = self.others_between(a, b)
-            self._niced = None if a.niced is None or b.niced is None else \
-                max(0.0, (b.niced - a.niced) - (b.own_niced - a.own_niced)) / (b.at - a.at)
-        return self._others
-
-    def niced(self) -> float | None:
-        """Cores' worth of CPU the other programs used at a lower priority over the same reading as others()'s
-        last (taken by others()); None where the system does not say."""
-        return self._niced
 
 
 @dataclasses.dataclass

@@ -7,7 +7,7 @@ import os
 import time
 
 from ..errors import ModelLoadError
-from .cpu_threads import SystemLoad
+from .system_load import SystemLoad
 from .llama_model import LlamaModel, ScratchContext, common_prefix_length
 
 
