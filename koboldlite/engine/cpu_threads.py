@@ -1,4 +1,5 @@
-"""How many CPU threads each decode runs: all the cores on a quiet machine, fewer while other programs take them.
+"""How many CPU threads each decode runs: one per physical core on a quiet machine (cpu_topology.py), fewer while
+other programs take them.
 
 llama.cpp's threads wait for each other after every operation; a thread that has lost its core to another program
 holds up all the others. On this project's 2-core machine, beside one busy program, one thread generates at 0.7 of
