@@ -7,7 +7,8 @@
 (On a CPU with AVX-512, a build of every variant is the fair peer: BUILD_SERVER=1 bash tools/build_llama_lib.sh
 vulkan bench/.llama-server/vulkan, then --llama-server bench/.llama-server/vulkan/llama-server.)
 
-Servers, all on the starter model, started once and measured in turn, rounds interleaved:
+Servers, all on the starter model, started once and measured in turn (the other way round every other round),
+rounds interleaved:
 - KoboldLite as shipped (adaptive thread count) on pip's llama.cpp build, and on the Vulkan build that
   tests/install.sh leaves beside the script (its CPU backend: no --gpulayers), where that build exists;
 - KoboldLite as it was before (`--cpuwait spin --threads <cores>`: every core always), on pip's build, quiet
@@ -23,7 +24,7 @@ two streamed rows, the share of their time outside llama.cpp (its /api/extra/per
 prompt row, the chunks it read one thread past the cores (/api/extra/perf's threads.batch). The busy
 loops' own rate during each row, as a share of their rate beside idle servers: what the neighbour keeps while that
 server generates or reads. At the end, each server's CPU use over --idle seconds of idleness after all that.
-Writes bench/results/neighbours.md.
+Writes bench/results/neighbours.md (neighbours-some.md for --conditions or --rows: a few rows, more rounds).
 """
 
 from __future__ import annotations
@@ -242,7 +243,8 @@ def run_rounds(servers: list[Server], rounds: int):
                     a = neighbours.reading()
                     time.sleep(1.5)             # the loops' rate beside idle servers: the measurement is the wait
                     alone = Neighbours.rate(a, neighbours.reading())
-                for server in servers:
+                # Each round the other way round: no server always meets the loops first (or their 1.5 s' head start).
+                for server in servers if n % 2 == 0 else servers[::-1]:
                     if server.quiet_only and neighbours.loops:
                         continue
                     for row in ROWS:
@@ -256,7 +258,8 @@ def run_rounds(servers: list[Server], rounds: int):
             figures = "; ".join(f"{s.name} " + " / ".join(f"{speed[(s.name, condition, row)][-1]:.1f}" for row in ROWS)
                                 + (f" [single stream at {counts[s.name][-1]}]" if counts.get(s.name) else "")
                                 for s in servers if speed[(s.name, condition, ROWS[0])][n:])
-            print(f"round {n + 1}/{rounds}: {condition} done (single stream / 4 clients / prompt tok/s: {figures}; "
+            names = " / ".join(row.removesuffix(" tok/s") for row in ROWS)
+            print(f"round {n + 1}/{rounds}: {condition} done ({names} tok/s: {figures}; "
                   f"steal {steal_seconds() - stolen:.2f} s)", file=sys.stderr, flush=True)
     return speed, kept, outside
 
@@ -290,7 +293,7 @@ def table(servers, speed, kept, outside, idle) -> list[str]:
             for row in ROWS:
                 lines.append(f"| {s.name} | busy loops' rate kept, {row.removesuffix(' tok/s')} | - | " + " | ".join(
                     f"{statistics.median(kept[(s.name, c, row)]):.2f}" for c in CONDITIONS[1:]) + " |")
-        for row in () if s.llama else STREAMED:
+        for row in () if s.llama else [r for r in STREAMED if r in ROWS]:
             lines.append(f"| {s.name} | {row.removesuffix(' tok/s')}: share of time outside llama.cpp | " + " | ".join(
                 f"{statistics.median(outside[(s.name, c)][row]):.3f}" for c in CONDITIONS) + " |")
         if all(PAST_CORES in outside[(s.name, c)] for c in CONDITIONS):
@@ -342,10 +345,27 @@ def main():
     p.add_argument("--quiet-only", action="store_true",
                    help="the quiet condition alone (more rounds in the time: the quiet target's check); "
                         "writes results/neighbours-quiet.md")
+    p.add_argument("--conditions", metavar="A,B", help="only these loaded conditions, by name (quiet is always "
+                   "measured: the shares are of it); with --rows, writes results/neighbours-some.md")
+    p.add_argument("--rows", metavar="A,B", help="only these rows, by the start of their name (e.g. '4 clients,"
+                   "prompt reading'): more rounds of the rows in question in the time")
     args = p.parse_args()
-    global CONDITIONS
+    global CONDITIONS, ROWS
     if args.quiet_only:
         CONDITIONS = CONDITIONS[:1]
+    if args.conditions:
+        wanted = [c.strip() for c in args.conditions.split(",")]
+        unknown = [c for c in wanted if c not in CONDITIONS]
+        if unknown:
+            p.error(f"unknown condition {unknown[0]!r}: {', '.join(CONDITIONS)}")
+        CONDITIONS = tuple(c for c in CONDITIONS if c == "quiet" or c in wanted)
+    if args.rows:
+        wanted = [r.strip() for r in args.rows.split(",")]
+        unknown = [w for w in wanted if not any(r.startswith(w) for r in ROWS)]
+        if unknown:
+            p.error(f"unknown row {unknown[0]!r}: {', '.join(ROWS)}")
+        ROWS = tuple(r for r in ROWS if any(r.startswith(w) for w in wanted))
+    some = bool(args.conditions or args.rows)
     # No GPU driver answers, as on a PC without one: the Vulkan build runs on its CPU backend (lavapipe, where
     # installed for the tests, would otherwise take llama-server's layers).
     os.environ.update({"VK_ICD_FILENAMES": "/nonexistent.json", "VK_DRIVER_FILES": "/nonexistent.json"})
@@ -357,13 +377,15 @@ def main():
         for s in servers:
             s.proc.stop()
     flags = f"--rounds {args.rounds}" + (" --quiet-only" if args.quiet_only else "") + \
-        (" --no-vulkan" if args.no_vulkan else "") + (" --before <checkout>" if args.before else "")
+        (" --no-vulkan" if args.no_vulkan else "") + (" --before <checkout>" if args.before else "") + \
+        (f" --conditions '{args.conditions}'" if args.conditions else "") + \
+        (f" --rows '{args.rows}'" if args.rows else "")
     header = [f"# Beside busy programs (issue 36): {os.cpu_count()} cores, {time.strftime('%Y-%m-%d %H:%M')}, "
               f"{args.rounds} rounds (median), `python3 bench/bench_neighbours.py {flags}`", "",
               "Speed (median of the rounds), and in brackets its share of the same server's quiet speed (the median of "
               "each round's share; ratios below are paired by round too):", ""]
     results_file.publish("neighbours-quiet.md" if args.quiet_only else "neighbours-ab.md" if args.before else
-                         "neighbours.md",
+                         "neighbours-some.md" if some else "neighbours.md",
                          header + table(servers, speed, kept, outside, idle))
 
 
