@@ -8,7 +8,10 @@ from __future__ import annotations
 import os
 import struct
 
-from koboldlite.engine.cpu_topology import linux_cores, logical_cpus, math_cores, parse_cpu_list, windows_cores
+import pytest
+
+from koboldlite.engine.cpu_topology import (cgroup_cpu_quota, linux_cores, logical_cpus, math_cores, parse_cpu_list,
+                                            windows_cores)
 
 
 def sysfs(tmp_path, siblings: dict[int, str], performance: str | None = None, efficiency: str | None = None,
@@ -87,3 +90,72 @@ def test_this_machine():
         with open(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings") as f:
             sets.add(f.read())
     assert math_cores() == len(sets) <= logical_cpus()
+
+
+def cgroups(tmp_path, mountinfo: list[str], own: list[str], limits: dict[str, dict[str, str]]):
+    """A /proc/self of these mounts and cgroups, and cgroup folders (under tmp_path) with these files."""
+    proc = tmp_path / "proc"
+    proc.mkdir(parents=True)
+    (proc / "mountinfo").write_text("".join(line.replace("ROOT", str(tmp_path)) + "\n" for line in mountinfo))
+    (proc / "cgroup").write_text("".join(line + "\n" for line in own))
+    for folder, files in limits.items():
+        (tmp_path / folder).mkdir(parents=True, exist_ok=True)
+        for name, text in files.items():
+            (tmp_path / folder / name).write_text(text + "\n")
+    return str(proc)
+
+
+def test_cgroup_v2_quota(tmp_path):
+    """A container's --cpus or systemd's CPUQuota (cgroup v2's cpu.max): the least along the way up."""
+    v2 = ["30 25 0:26 / ROOT/cg rw,nosuid - cgroup2 cgroup2 rw,nsdelegate"]
+    proc = cgroups(tmp_path, v2, ["0::/user.slice/app"],
+                   {"cg/user.slice/app": {"cpu.max": "max 100000"}, "cg/user.slice": {"cpu.max": "150000 100000"},
+                    "cg": {}})
+    assert cgroup_cpu_quota(proc) == 1.5
+    proc = cgroups(tmp_path / "b", v2, ["0::/"], {"cg": {"cpu.max": "max 100000"}})
+    assert cgroup_cpu_quota(proc) is None
+
+
+def test_cgroup_v1_quota(tmp_path):
+    """v1's quota over its period, in a hierarchy mounted with cpu beside cpuacct, and in a container whose mount's
+    root is its own cgroup; -1 is none."""
+    v1 = ["32 31 0:29 / ROOT/cpu,cpuacct rw,relatime - cgroup cgroup rw,cpu,cpuacct",
+          "33 31 0:30 / ROOT/memory rw,relatime - cgroup cgroup rw,memory"]
+    proc = cgroups(tmp_path, v1, ["5:memory:/docker/abc", "4:cpu,cpuacct:/docker/abc"],
+                   {"cpu,cpuacct/docker/abc": {"cpu.cfs_quota_us": "50000", "cpu.cfs_period_us": "100000"},
+                    "cpu,cpuacct": {"cpu.cfs_quota_us": "-1", "cpu.cfs_period_us": "100000"}})
+    assert cgroup_cpu_quota(proc) == 0.5
+    # Inside the container: the hierarchy is mounted from the container's own cgroup.
+    inside = ["40 31 0:29 /docker/abc ROOT/cpu rw,relatime - cgroup cgroup rw,cpu,cpuacct"]
+    proc = cgroups(tmp_path / "in", inside, ["4:cpu,cpuacct:/docker/abc"],
+                   {"cpu": {"cpu.cfs_quota_us": "300000", "cpu.cfs_period_us": "100000"}})
+    assert cgroup_cpu_quota(proc) == 3.0
+    unlimited = cgroups(tmp_path / "none", v1, ["4:cpu,cpuacct:/"],
+                        {"cpu,cpuacct": {"cpu.cfs_quota_us": "-1", "cpu.cfs_period_us": "100000"}})
+    assert cgroup_cpu_quota(unlimited) is None
+
+
+CPU_HIERARCHY = "/sys/fs/cgroup/cpu"
+
+
+def test_a_server_in_a_cgroup_of_one_cpu_runs_one_thread(tmp_path):
+    """The real server started inside a cgroup v1 of one CPU's quota on this 2-core machine: one thread at most."""
+    if not os.access(CPU_HIERARCHY, os.W_OK) or not os.path.exists(f"{CPU_HIERARCHY}/cpu.cfs_quota_us"):
+        pytest.skip("no writable cgroup v1 cpu hierarchy here")
+    from tests.harness import PIP_LLAMA_LIB, ServerProcess, program_command
+    from koboldlite.model_files import find_starter_model
+    group = f"{CPU_HIERARCHY}/koboldlite-test-{os.getpid()}"
+    os.mkdir(group)
+    try:
+        with open(f"{group}/cpu.cfs_quota_us", "w") as f:
+            f.write(str(int(open(f"{CPU_HIERARCHY}/cpu.cfs_period_us").read())))
+        enter = f'echo $$ > {group}/cgroup.procs && exec "$@"'
+        s = ServerProcess(["--model", find_starter_model()], env={"LLAMA_CPP_LIB_PATH": PIP_LLAMA_LIB},
+                          command=["sh", "-c", enter, "sh", *program_command(), "--port", "0"])
+        try:
+            threads = s.json("GET", "/props")["threads"]
+            assert threads["generation"]["most"] == 1 and threads["logical_cpus"] == len(os.sched_getaffinity(0))
+        finally:
+            s.stop()
+    finally:
+        os.rmdir(group)

@@ -7,7 +7,8 @@ Two numbers, because a desktop CPU's cores mostly run two hardware threads each 
   generation, Apple's) the performance ones only. What llama.cpp's threads are counted in: two threads on one
   core share its vector units, and every barrier waits for the slower of them, so llama-server's default is this
   count (common.cpp's cpu_get_num_math: the distinct thread-sibling sets, Intel's efficiency cores left out),
-  KoboldCpp's about half the hardware threads, less one.
+  KoboldCpp's about half the hardware threads, less one. On Linux, no more than a cgroup's CPU quota either (a
+  container's --cpus), which neither of them reads.
 
 Who calls what: cpu_threads.most_threads() and ServedModel ask both once, at start.
 """
@@ -15,6 +16,7 @@ Who calls what: cpu_threads.most_threads() and ServedModel ask both once, at sta
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import struct
 import sys
@@ -48,7 +50,80 @@ def math_cores() -> int:
         cores = _mac_performance_cores()
     else:
         cores = None
-    return min(cores, logical_cpus()) if cores else logical_cpus()
+    cores = min(cores, logical_cpus()) if cores else logical_cpus()
+    quota = cgroup_cpu_quota() if sys.platform.startswith("linux") else None
+    return max(1, min(cores, math.ceil(quota))) if quota else cores
+
+
+def cgroup_cpu_quota(proc: str = "/proc/self") -> float | None:
+    """The CPUs' worth of time this process's cgroup and those above it may use (a container's `--cpus`, systemd's
+    CPUQuota): cgroup v2's cpu.max, v1's cpu.cfs_quota_us over cpu.cfs_period_us, the least along the way up;
+    None where no limit is set or the system does not say. Threads past it do not run at once: the cgroup's
+    time runs out early in each period and all of them stop until the next, after spinning its time away at
+    barriers."""
+    mounts = _cgroup_mounts(proc)
+    limits = []
+    for controllers, path in _own_cgroups(proc):
+        for version, mount_root, mount_point in mounts:
+            if (version == 2) != (controllers == ""):
+                continue
+            if version == 1 and "cpu" not in controllers.split(","):
+                continue
+            if not (path == mount_root or path.startswith(mount_root.rstrip("/") + "/")):
+                continue
+            folder = os.path.join(mount_point, path[len(mount_root):].lstrip("/"))
+            while True:
+                limit = _cgroup_limit(folder, version)
+                if limit:
+                    limits.append(limit)
+                if os.path.normpath(folder) == os.path.normpath(mount_point):
+                    break
+                folder = os.path.dirname(folder.rstrip("/"))
+    return min(limits) if limits else None
+
+
+def _cgroup_mounts(proc: str) -> list[tuple[int, str, str]]:
+    """The cgroup hierarchies mounted here: (version, the hierarchy's folder at the mount, where it is mounted),
+    for v1 only those with the cpu controller (mountinfo: root is field 4, the mount point 5, then after " - " the
+    file system type and the super options)."""
+    found = []
+    for line in (_read(f"{proc}/mountinfo") or "").splitlines():
+        head, _, tail = line.partition(" - ")
+        fields, tail_fields = head.split(), tail.split()
+        if len(fields) < 5 or len(tail_fields) < 3:
+            continue
+        kind, options = tail_fields[0], tail_fields[2].split(",")
+        if kind == "cgroup2":
+            found.append((2, fields[3], fields[4]))
+        elif kind == "cgroup" and "cpu" in options:
+            found.append((1, fields[3], fields[4]))
+    return found
+
+
+def _own_cgroups(proc: str) -> list[tuple[str, str]]:
+    """This process's cgroups, (controllers, path): "" for v2's one line ("0::/path")."""
+    out = []
+    for line in (_read(f"{proc}/cgroup") or "").splitlines():
+        parts = line.split(":", 2)
+        if len(parts) == 3:
+            out.append((parts[1], parts[2]))
+    return out
+
+
+def _cgroup_limit(folder: str, version: int) -> float | None:
+    """One cgroup folder's CPU limit in CPUs, None where it sets none."""
+    try:
+        if version == 2:
+            words = (_read(os.path.join(folder, "cpu.max")) or "").split()     # "max 100000", "200000 100000"
+            if not words or words[0] == "max":
+                return None
+            return int(words[0]) / int(words[1] if len(words) > 1 else 100000)
+        quota, period = (_read(os.path.join(folder, name)) for name in ("cpu.cfs_quota_us", "cpu.cfs_period_us"))
+        if not quota or not period or int(quota) <= 0:
+            return None
+        return int(quota) / int(period)
+    except (ValueError, ZeroDivisionError):
+        return None
 
 
 def parse_cpu_list(text: str) -> set[int]:
