@@ -148,7 +148,8 @@ def test_a_server_in_a_cgroup_of_one_cpu_runs_one_thread(tmp_path):
     os.mkdir(group)
     try:
         with open(f"{group}/cpu.cfs_quota_us", "w") as f:
-            f.write(str(int(open(f"{CPU_HIERARCHY}/cpu.cfs_period_us").read())))
+            with open(f"{group}/cpu.cfs_period_us") as period:
+                f.write(period.read().strip())          # a quota of one period each period: one CPU
         enter = f'echo $$ > {group}/cgroup.procs && exec "$@"'
         s = ServerProcess(["--model", find_starter_model()], env={"LLAMA_CPP_LIB_PATH": PIP_LLAMA_LIB},
                           command=["sh", "-c", enter, "sh", *program_command(), "--port", "0"])
