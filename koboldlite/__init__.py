@@ -16,10 +16,11 @@ joined file relies on it); nothing here imports a module, so importing one modul
               generation request every API turns into; jobs and the token buffer their readers wait on
   scheduler   the fair queue in front of an engine, known only by its protocol, and the thread that runs it
   engine      llama.cpp: how its threads wait and the process's priority, the cores worth a thread, the other
-              programs' load, and the thread counts that follow it; the build loaded and its CPU variant, a GGUF's layout, the context it gets and its GPU
-              fit, the loaded model, its LoRA adapters, fill-in-the-middle prompts, its multimodal projector,
-              samplers, embeddings, speculative drafting, slots, the prompt cache, the KV pool, the next turn read
-              ahead, the engine's steps, and conversations saved from its slots
+              programs' load, and the thread counts that follow it; the build loaded and its CPU variant, a
+              GGUF's layout, the context it gets and its GPU fit, the loaded model, its LoRA adapters,
+              fill-in-the-middle prompts, its multimodal projector, samplers, embeddings, speculative drafting,
+              slots, the prompt cache, the KV pool, the next turn read ahead, the engine's steps, and
+              conversations saved from its slots
   chat        chat templates, chat messages, JSON cut short, tool calls
   service     downloads, the model catalog, a served model, the roster of loaded models, the App, and what a
               route sees of a request (Request) and returns (Response); no HTTP
@@ -34,11 +35,12 @@ LAYERS = {
     "config": ("model_files", "config", "desktop"),
     "requests": ("text", "fields", "media", "media_urls", "generation", "jobs"),
     "scheduler": ("scheduler",),
-    "engine": ("engine.cpu_policy", "engine.cpu_topology", "engine.system_load", "engine.cpu_threads", "engine.threadpool", "engine.llama_build",
-               "engine.gguf_layout", "engine.context_fit", "engine.gpu", "engine.llama_model", "engine.adapters",
-               "engine.infill", "engine.projector", "engine.samplers", "engine.embeddings", "engine.drafting",
-               "engine.slots", "engine.prompt_cache", "engine.kv_pool", "engine.read_ahead", "engine.preparation",
-               "engine.replies", "engine.admission", "engine.engine", "engine.saved_slots"),
+    "engine": ("engine.cpu_policy", "engine.cpu_topology", "engine.system_load", "engine.cpu_threads",
+               "engine.threadpool", "engine.llama_build", "engine.gguf_layout", "engine.context_fit", "engine.gpu",
+               "engine.llama_model", "engine.adapters", "engine.infill", "engine.projector", "engine.samplers",
+               "engine.embeddings", "engine.drafting", "engine.slots", "engine.prompt_cache", "engine.kv_pool",
+               "engine.read_ahead", "engine.preparation", "engine.replies", "engine.admission", "engine.engine",
+               "engine.saved_slots"),
     "chat": ("chat.template", "chat.messages", "chat.partial_json", "chat.tools"),
     "service": ("service.downloads", "service.catalog", "service.served_model", "service.roster", "service.app",
                 "service.exchange"),

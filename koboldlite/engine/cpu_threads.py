@@ -258,9 +258,9 @@ class CountControl:
 
     def _free_now(self, count: int) -> bool:
         """Whether the other programs leave `count` hardware threads free at this instant too (True where the system
-        does not say): a busy program that our own threads pushed off its core for part of a reading shows as less than one
-        core (0.56 to 0.8 of one for a busy loop beside one thread generating, 1 reading in 20), and a probe for
-        more then costs a step that waits at every barrier."""
+        does not say): a busy program that our own threads pushed off its core for part of a reading shows as less
+        than one core (0.56 to 0.8 of one for a busy loop beside one thread generating, 1 reading in 20), and a
+        probe for more then costs a step that waits at every barrier."""
         if self.load is None:
             return True
         niced = self.load.niced()

@@ -22,7 +22,7 @@ from ..engine.drafting import DraftModel
 from ..engine.prompt_cache import PromptCache
 from ..engine.engine import Engine
 from ..engine.cpu_threads import ThreadGovernor, most_threads
-from ..engine.cpu_topology import logical_cpus
+from ..engine.cpu_topology import logical_cpus, math_cores
 from ..engine.threadpool import poll_level
 from ..scheduler import Scheduler
 from ..chat.template import load_chat_template
@@ -144,7 +144,7 @@ class ServedModel:
                              draft_most=0 if cfg.nodraft else cfg.draftamount, draft_model=self.draft_model,
                              prompt_cache=self.prompt_cache, log=log,
                              projector=self.projector,
-                             threads=ThreadGovernor(most_threads(0), cfg.threads, cfg.threadsbatch,
+                             threads=ThreadGovernor(math_cores(), cfg.threads, cfg.threadsbatch,
                                                     past_cores=self.model.openmp is True, cpus=logical_cpus()),
                              adapters=self.adapters)
         self.scheduler = Scheduler(self.engine, cfg.multiuser, lambda job: job_ended(self, job))
