@@ -15,12 +15,15 @@ from koboldlite.engine.cpu_topology import (cgroup_cpu_quota, linux_cores, logic
 
 
 def sysfs(tmp_path, siblings: dict[int, str], performance: str | None = None, efficiency: str | None = None,
-          name: str = "core_cpus_list"):
-    """A sysfs of these CPUs: each one's sibling list, and the hybrid CPU's two lists where given."""
+          name: str = "core_cpus_list", capacity: dict[int, int] | None = None):
+    """A sysfs of these CPUs: each one's sibling list (and cpu_capacity where given), and the hybrid Intel CPU's two
+    lists where given."""
     root = tmp_path / "cpu"
     for cpu, text in siblings.items():
         (root / f"cpu{cpu}" / "topology").mkdir(parents=True)
         (root / f"cpu{cpu}" / "topology" / name).write_text(text + "\n")
+        if capacity:
+            (root / f"cpu{cpu}" / "cpu_capacity").write_text(f"{capacity[cpu]}\n")
     kinds = {}
     for kind, text in (("cpu_core", performance), ("cpu_atom", efficiency)):
         kinds[kind] = str(tmp_path / kind / "cpus")
@@ -55,6 +58,20 @@ def test_a_hybrid_cpu_counts_its_performance_cores(tmp_path):
     # Without the efficiency list (a CPU of one kind with perf's cpu_core folder), every core counts.
     one_kind = sysfs(tmp_path / "one", siblings, performance="0-7")
     assert linux_cores(list(range(8)), **one_kind) == 6
+
+
+def test_arm_big_and_little_cores_count_the_big_ones(tmp_path):
+    """cpu_capacity: four little cores (446) and four big (1024), as an RK3588 reads; a prime core, three big and
+    four little; cores of one kind, and cores a boost bin apart, all count."""
+    one_each = {cpu: str(cpu) for cpu in range(8)}
+    assert linux_cores(list(range(8)), **sysfs(tmp_path / "a", one_each,
+                                               capacity={c: 446 if c < 4 else 1024 for c in range(8)})) == 4
+    tiers = {0: 1024, 1: 960, 2: 960, 3: 960, 4: 350, 5: 350, 6: 350, 7: 350}
+    assert linux_cores(list(range(8)), **sysfs(tmp_path / "b", one_each, capacity=tiers)) == 4
+    assert linux_cores([4, 5], **sysfs(tmp_path / "c", one_each, capacity=tiers)) == 2    # held to the little ones
+    assert linux_cores(list(range(8)), **sysfs(tmp_path / "d", one_each, capacity={c: 1024 for c in range(8)})) == 8
+    assert linux_cores(list(range(8)), **sysfs(tmp_path / "e", one_each,
+                                               capacity={c: 1024 if c < 2 else 1000 for c in range(8)})) == 8
 
 
 def test_without_a_topology_the_count_is_unknown(tmp_path):

@@ -25,6 +25,9 @@ LINUX_CPUS = "/sys/devices/system/cpu"
 # On a hybrid Intel CPU, Linux's perf drivers list the performance and the efficiency cores' hardware threads here.
 LINUX_PERFORMANCE_CPUS = "/sys/devices/cpu_core/cpus"
 LINUX_EFFICIENCY_CPUS = "/sys/devices/cpu_atom/cpus"
+# A core whose cpu_capacity is at least this share of the largest is a big one (ARM's prime and big cores, where a
+# little one reads about a third to a half; cores that differ by a boost bin read within a few percent).
+BIG_CORE_SHARE = 0.75
 
 
 def logical_cpus() -> int:
@@ -150,22 +153,32 @@ def _read(path: str) -> str | None:
 def linux_cores(cpus: list[int], root: str = LINUX_CPUS, performance: str = LINUX_PERFORMANCE_CPUS,
                 efficiency: str = LINUX_EFFICIENCY_CPUS) -> int | None:
     """The physical cores the hardware threads `cpus` belong to (their sibling sets in sysfs), the performance
-    cores only where the CPU lists both kinds and some of `cpus` are performance ones; None where sysfs does not
-    say (a CPU without a topology folder)."""
+    cores only where the CPU has two kinds and some of `cpus` are performance ones: a hybrid Intel CPU's that
+    `performance` lists beside `efficiency`'s, else those whose cpu_capacity (ARM's big.LITTLE: a little core
+    reads about a third to a half of a big one's) is near the largest; None where sysfs does not say (a CPU
+    without a topology folder)."""
     cores: set[frozenset[int]] = set()
+    capacity: dict[frozenset[int], int] = {}
     for cpu in cpus:
         siblings = _read(f"{root}/cpu{cpu}/topology/core_cpus_list") or \
             _read(f"{root}/cpu{cpu}/topology/thread_siblings_list")
         group = parse_cpu_list(siblings) if siblings else set()
         if not group:
             return None
-        cores.add(frozenset(group))
+        core = frozenset(group)
+        cores.add(core)
+        try:
+            capacity[core] = max(capacity.get(core, 0), int(_read(f"{root}/cpu{cpu}/cpu_capacity") or ""))
+        except ValueError:
+            pass
     fast = parse_cpu_list(_read(performance) or "")
     if fast and _read(efficiency) is not None:
         fast_cores = {core for core in cores if core & fast}
-        if fast_cores:
-            cores = fast_cores
-    return len(cores) or None
+    elif len(capacity) == len(cores) and capacity:
+        fast_cores = {core for core in cores if capacity[core] >= BIG_CORE_SHARE * max(capacity.values())}
+    else:
+        fast_cores = cores
+    return len(fast_cores or cores) or None
 
 
 # Windows' GetLogicalProcessorInformationEx(RelationProcessorCore): one record a physical core, each a
