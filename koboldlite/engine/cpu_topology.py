@@ -40,7 +40,8 @@ def logical_cpus() -> int:
 
 def math_cores() -> int:
     """The cores worth a thread each among those this process may run on: physical cores, the performance ones
-    where a CPU has both kinds; logical_cpus() where the system does not say."""
+    where a CPU has both kinds (logical_cpus() where the system does not say), and no more than its cgroup's CPU
+    quota, rounded up."""
     if sys.platform.startswith("linux"):
         try:
             cpus = sorted(os.sched_getaffinity(0))
@@ -79,9 +80,10 @@ def cgroup_cpu_quota(proc: str = "/proc/self") -> float | None:
                 limit = _cgroup_limit(folder, version)
                 if limit:
                     limits.append(limit)
-                if os.path.normpath(folder) == os.path.normpath(mount_point):
+                parent = os.path.dirname(folder.rstrip("/"))
+                if os.path.normpath(folder) == os.path.normpath(mount_point) or parent == folder:
                     break
-                folder = os.path.dirname(folder.rstrip("/"))
+                folder = parent
     return min(limits) if limits else None
 
 
