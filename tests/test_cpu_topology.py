@@ -1,7 +1,8 @@
 """The cores worth a thread of llama.cpp's (engine/cpu_topology.py): one per physical core, the performance ones on
-a CPU with both kinds, read from Linux's sysfs and Windows' processor records as those systems lay them out (here
-written into a folder and a buffer of that layout, as an 8-thread SMT desktop and a hybrid Intel CPU show them),
-and this machine's own."""
+a CPU with both kinds, no more than a cgroup's CPU quota; read from Linux's sysfs and cgroup files and Windows'
+processor records as those systems lay them out (written here into folders and a buffer of that layout: an
+8-thread SMT desktop, a hybrid Intel CPU, ARM's big and little cores, containers), this machine's own, and the real
+server's in a cgroup of one CPU."""
 
 from __future__ import annotations
 
