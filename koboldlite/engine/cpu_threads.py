@@ -132,8 +132,9 @@ class CountControl:
         if self._recheck:
             self._recheck = False
             now = self.load.running_now()
-            if now is not None and min(self.most, self.cpus - now) > self.current:
-                self._set_count(min(self.most, self.cpus - now))
+            free = None if now is None else min(self.most, self.cpus - now)
+            if free is not None and free > self.current:
+                self._set_count(free)
 
     def _decode_begins(self):
         now = time.monotonic()

@@ -16,6 +16,7 @@ Who calls what: cpu_threads.most_threads() and ServedModel ask both once, at sta
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 import os
 import struct
@@ -38,10 +39,12 @@ def logical_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+@functools.cache
 def math_cores() -> int:
     """The cores worth a thread each among those this process may run on: physical cores, the performance ones
     where a CPU has both kinds (logical_cpus() where the system does not say), and no more than its cgroup's CPU
-    quota, rounded up."""
+    quota, rounded up. Read once a process: a model's contexts, its draft model, projector and embedder all ask,
+    and on a large machine each reading is a few hundred sysfs files."""
     if sys.platform.startswith("linux"):
         try:
             cpus = sorted(os.sched_getaffinity(0))
@@ -76,15 +79,21 @@ def cgroup_cpu_quota(proc: str = "/proc/self") -> float | None:
             if not (path == mount_root or path.startswith(mount_root.rstrip("/") + "/")):
                 continue
             folder = os.path.join(mount_point, path[len(mount_root):].lstrip("/"))
-            while True:
-                limit = _cgroup_limit(folder, version)
-                if limit:
-                    limits.append(limit)
-                parent = os.path.dirname(folder.rstrip("/"))
-                if os.path.normpath(folder) == os.path.normpath(mount_point) or parent == folder:
-                    break
-                folder = parent
+            limits += _limits_up(folder, mount_point, version)
     return min(limits) if limits else None
+
+
+def _limits_up(folder: str, mount_point: str, version: int) -> list[float]:
+    """The CPU limits set from a cgroup's folder up to its hierarchy's mount point."""
+    limits = []
+    while True:
+        limit = _cgroup_limit(folder, version)
+        if limit:
+            limits.append(limit)
+        parent = os.path.dirname(folder.rstrip("/"))
+        if os.path.normpath(folder) == os.path.normpath(mount_point) or parent == folder:
+            return limits
+        folder = parent
 
 
 def _cgroup_mounts(proc: str) -> list[tuple[int, str, str]]:
