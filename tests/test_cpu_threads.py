@@ -31,7 +31,7 @@ class Machine:
     def __init__(self, busy_means_taken: bool = True):
         self.busy = False
         self.niced_cores = 0.0              # programs at nice > 0 (their steps' cost is not simulated)
-        self.busy_means_taken = busy_means_taken     # False: a container's readings (the host's), or Windows'
+        self.busy_means_taken = busy_means_taken     # False: a container's readings (the host's), or Windows' all
 
     def others(self) -> float:
         return 1.0 if self.busy else 0.0
@@ -41,6 +41,9 @@ class Machine:
 
     def running_now(self) -> int:
         return int(self.busy)
+
+    def report(self) -> dict:
+        return {"source": "scripted", "busy_means_taken": self.busy_means_taken}
 
 
 def run(control: CountControl, machine: Machine, steps: int, bucket: int = 1) -> list[int]:
@@ -483,6 +486,9 @@ def test_the_default_server_adapts_and_says_so(server):
     assert threads["batch"]["now"] == threads["generation"]["now"]
     assert 1 <= threads["generation"]["now"] <= threads["generation"]["most"] == math_cores()
     assert threads["logical_cpus"] == len(os.sched_getaffinity(0))
+    with open("/proc/stat") as f:
+        counted = sum(line.startswith("cpu") and line[3:4].isdigit() for line in f)
+    assert threads["readings"] == {"source": "proc_stat", "busy_means_taken": counted <= len(os.sched_getaffinity(0))}
 
 
 def test_bad_thread_options_are_refused_in_one_line(tmp_path):
@@ -505,7 +511,8 @@ def paused_beside_a_busy_program(machine: Machine) -> tuple[Machine, CountContro
 
 
 def test_where_a_niced_neighbour_counts_as_load_the_probes_still_keep_the_threads_that_do_better():
-    """Linux leaves a niced program's CPU out of the load (it yields the cores); Windows counts it. Counted, it
+    """Linux and Windows leave a niced program's CPU out of the load (it yields the cores); where Windows cannot
+    list its processes it counts it. Counted, it
     moves the count down at a request's start, and then only starts probes: two threads are faster beside a loop
     at nice 10, and the probes go back to them and keep them."""
     machine = Machine(busy_means_taken=False)
@@ -543,8 +550,9 @@ def test_a_neighbour_that_ends_as_a_request_begins_costs_one_step_at_fewer_threa
 
 
 def test_where_the_system_gives_no_instant_count_a_step_at_every_thread_decides():
-    """Windows says only how busy the others were over the pause: a neighbour that ended as the request began is
-    told from one still running by a first step at every thread, quiet (the threads stay) or slow (one goes)."""
+    """Where the system says only how busy the others were over the pause (no instant count): a neighbour that
+    ended as the request began is told from one still running by a first step at every thread, quiet (the threads
+    stay) or slow (one goes)."""
     machine = Machine()
     machine.running_now = lambda: None
     machine, control = paused_beside_a_busy_program(machine)
@@ -573,6 +581,9 @@ class SmtMachine:
 
     def running_now(self) -> int:
         return self.busy
+
+    def report(self) -> dict:
+        return {"source": "scripted", "busy_means_taken": True}
 
 
 def test_on_an_smt_cpu_the_load_is_weighed_against_hardware_threads():

@@ -394,4 +394,4 @@ class ThreadGovernor:
                                                         "now": gen.current, "past_cores": self.past_cores,
                                                         "chunks_past_cores": self.chunks_past_cores}
         return {"generation": gen.report(), "batch": batch, "decode_seconds": round(self.decode_seconds, 4),
-                "logical_cpus": gen.cpus}
+                "logical_cpus": gen.cpus, "readings": self.load.report()}
