@@ -31,6 +31,7 @@ class Machine:
     def __init__(self, busy_means_taken: bool = True):
         self.busy = False
         self.niced_cores = 0.0              # programs at nice > 0 (their steps' cost is not simulated)
+        self.reading_seconds = 1.0          # how long the readings are (a pause's)
         self.busy_means_taken = busy_means_taken     # False: a container's readings (the host's), or Windows' all
 
     def others(self) -> float:
@@ -38,6 +39,9 @@ class Machine:
 
     def niced(self) -> float:
         return self.niced_cores
+
+    def niced_seconds(self) -> float:
+        return self.niced_cores * self.reading_seconds
 
     def running_now(self) -> int:
         return int(self.busy)
@@ -579,6 +583,9 @@ class SmtMachine:
     def niced(self) -> float:
         return 0.0
 
+    def niced_seconds(self) -> float:
+        return 0.0
+
     def running_now(self) -> int:
         return self.busy
 
@@ -636,6 +643,24 @@ def test_a_request_after_busy_programs_gave_way_to_a_niced_one_starts_at_every_c
     machine.busy, machine.others, machine.running_now, machine.niced_cores = False, lambda: 1.0, lambda: 1, 0.5
     control._last_decode -= 10
     assert run(control, machine, 20) == [2] * 20 and control.current == 2 and control.probes == 1
+
+
+def test_a_niced_program_that_started_late_in_a_long_pause_is_seen():
+    """Shed beside busy programs that ran most of a 90 s pause and ended; a program at nice 10 started 1.5 s before
+    the next request: a sixtieth of a core over the pause, under NICED_SEEN, but 1.5 CPU seconds. The request
+    starts at every thread (bench_neighbours, before: a single stream ran at one thread to its end, the average
+    holding the busy programs, the instant count the niced one). With a tick or two of niced time, the pause's
+    readings decide as before."""
+    machine, control = shed_beside_a_busy_program(50)
+    machine.busy, machine.others, machine.running_now = False, lambda: 1.3, lambda: 1
+    machine.niced_cores, machine.reading_seconds = 1.5 / 90, 90.0
+    control._last_decode -= 10
+    assert run(control, machine, 20) == [2] * 20 and control.current == 2
+    machine, control = shed_beside_a_busy_program(50)
+    machine.busy, machine.others, machine.running_now = False, lambda: 1.3, lambda: 1
+    machine.niced_cores, machine.reading_seconds = 0.02 / 90, 90.0
+    control._last_decode -= 10
+    assert run(control, machine, 3) == [1] * 3
 
 
 def test_a_niced_program_seen_over_the_pause_costs_one_step_where_the_cores_are_taken():

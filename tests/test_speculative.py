@@ -550,6 +550,9 @@ class ScriptedLoad:
     def niced(self) -> float:
         return 0.0
 
+    def niced_seconds(self) -> float:
+        return 0.0
+
     def running_now(self) -> int:
         return round(self.others_cores)
 

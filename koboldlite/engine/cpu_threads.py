@@ -68,6 +68,7 @@ class CountControl:
     SLACK = 0.75          # cores of other programs' use taken as noise (a client on this machine, say)
     IDLE_GAP = 0.5        # seconds without a decode: the next one starts a new stretch of work
     NICED_SEEN = 0.02     # cores of niced programs over a pause (a tick of 10 ms in 0.5 s): some may run at its end
+    NICED_SECONDS = 0.1   # or CPU seconds of them over it: over a 90 s pause, one started 1.5 s before its end: 0.017
     ABANDON = 2.0         # a probed step this much dearer than the current count's smoothed cost ends the probe
     BLIND_LONGEST = 8     # blind probes that keep failing wait up to this many longest waits
 
@@ -153,8 +154,7 @@ class CountControl:
         if others is None:
             return
         target = max(1, min(self.most, round(self.cpus - others)))
-        niced = self.load.niced()
-        niced_seen = niced is not None and niced >= self.NICED_SEEN
+        niced_seen = self._niced_seen()
         if target <= self.current < self.most and niced_seen and self._quiet_known(self.most):
             # Programs at a lower priority ran meanwhile, and neither reading tells them apart when the others
             # stopped near the pause's end (its average holds them, the instant count holds the niced ones): niced
@@ -173,6 +173,12 @@ class CountControl:
             self._recheck = target < self.most
             if target != self.current:
                 self._set_count(target)
+
+    def _niced_seen(self) -> bool:
+        """Whether programs at a lower priority ran over the last reading, so that some may be what the instant
+        count counts: a share of a core, or (over a long pause) some CPU seconds in all."""
+        niced, seconds = self.load.niced(), self.load.niced_seconds()
+        return niced is not None and (niced >= self.NICED_SEEN or (seconds or 0.0) >= self.NICED_SECONDS)
 
     def _quiet_known(self, count: int) -> bool:
         """Whether steps at this count have a quiet cost yet (of any size): a step can then confirm a doubt."""
@@ -264,8 +270,7 @@ class CountControl:
         probe for more then costs a step that waits at every barrier."""
         if self.load is None:
             return True
-        niced = self.load.niced()
-        if niced is not None and niced >= self.NICED_SEEN:
+        if self._niced_seen():
             return True         # the instant count holds niced programs too, and they yield: the average decides
         now = self.load.running_now()
         return now is None or now <= self.cpus - count

@@ -52,6 +52,7 @@ class SystemLoad:
         self._last = self._read()
         self._others: float | None = None
         self._niced: float | None = None
+        self._niced_seconds: float | None = None
         self._own_cores_counted = self._machine_cores() <= logical_cpus()
 
     @property
@@ -157,11 +158,17 @@ class SystemLoad:
             a, b = self._last, self._read()
             self._last = b
             self._others = self.others_between(a, b)
-            self._niced = None if a.niced is None or b.niced is None else \
-                max(0.0, (b.niced - a.niced) - (b.own_niced - a.own_niced)) / (b.at - a.at)
+            self._niced_seconds = None if a.niced is None or b.niced is None else \
+                max(0.0, (b.niced - a.niced) - (b.own_niced - a.own_niced))
+            self._niced = None if self._niced_seconds is None else self._niced_seconds / (b.at - a.at)
         return self._others
 
     def niced(self) -> float | None:
         """Cores' worth of CPU the other programs used at a lower priority over the same reading as others()'s
         last (taken by others()); None where the system does not say."""
         return self._niced
+
+    def niced_seconds(self) -> float | None:
+        """The CPU seconds behind niced(): a pause's reading is long, and over it a niced program that started a
+        second before its end is a small share of a core."""
+        return self._niced_seconds
