@@ -553,10 +553,10 @@ def test_a_neighbour_that_ends_as_a_request_begins_costs_one_step_at_fewer_threa
     assert control.sheds == 1 and control.returns == 1 and control.probes == 0
 
 
-def test_where_the_system_gives_no_instant_count_a_step_at_every_thread_decides():
+def test_where_the_system_gives_no_instant_count_steps_at_every_thread_decide():
     """Where the system says only how busy the others were over the pause (no instant count): a neighbour that
-    ended as the request began is told from one still running by a first step at every thread, quiet (the threads
-    stay) or slow (one goes)."""
+    ended as the request began is told from one still running by the first steps at every thread, one quiet (the
+    threads stay) or two slow (one goes)."""
     machine = Machine()
     machine.running_now = lambda: None
     machine, control = paused_beside_a_busy_program(machine)
@@ -565,7 +565,7 @@ def test_where_the_system_gives_no_instant_count_a_step_at_every_thread_decides(
     assert run(control, machine, 20) == [2] * 20 and control.sheds == 0
     machine.busy = True
     control._last_decode -= 10
-    assert run(control, machine, 20) == [2] + [1] * 19 and control.sheds == 1
+    assert run(control, machine, 20) == [2, 2] + [1] * 18 and control.sheds == 1
 
 
 class SmtMachine:
@@ -663,16 +663,30 @@ def test_a_niced_program_that_started_late_in_a_long_pause_is_seen():
     assert run(control, machine, 3) == [1] * 3
 
 
-def test_a_niced_program_seen_over_the_pause_costs_one_step_where_the_cores_are_taken():
-    """The same readings with a program at normal priority still running: the first step at every thread is slow,
-    and the count is back at one from the second step on. Without niced programs seen, no step is tried."""
+def test_a_niced_program_seen_over_the_pause_costs_two_steps_where_the_cores_are_taken():
+    """The same readings with a program at normal priority still running: the first two steps at every thread are
+    slow, and the count is back at one from the third step on. Without niced programs seen, no step is tried."""
     machine, control = shed_beside_a_busy_program(50)
     machine.niced_cores = 0.5
     control._last_decode -= 10
-    assert run(control, machine, 20) == [2] + [1] * 19 and control.current == 1
+    assert run(control, machine, 20) == [2, 2] + [1] * 18 and control.current == 1
     machine.niced_cores = 0.0
     control._last_decode -= 10
     assert run(control, machine, 20) == [1] * 20
+
+
+def test_one_slow_first_step_beside_a_niced_program_keeps_the_threads():
+    """Beside a program at nice 10 a first step at every thread took 1.3 to 1.9 times a quiet one, and once 22
+    times: one slow step followed by a quiet one does not shed. (The slow
+    step raises the smoothed cost, so a probe of one thread may follow; it loses, and two stay.)"""
+    machine, control = shed_beside_a_busy_program(50)
+    sheds = control.sheds
+    machine.busy, machine.others, machine.running_now, machine.niced_cores = False, lambda: 1.0, lambda: 1, 0.5
+    control._last_decode -= 10
+    assert control.count() == 2
+    control.record(1, 22 * Machine.COST[False][2])
+    counts = run(control, machine, 40)
+    assert counts[:5] == [2] * 5 and control.sheds == sheds and control.current == 2
 
 
 def test_a_shed_at_a_requests_start_waits_before_probing_for_more():

@@ -70,6 +70,8 @@ class CountControl:
     NICED_SEEN = 0.02     # cores of niced programs over a pause (a tick of 10 ms in 0.5 s): some may run at its end
     NICED_SECONDS = 0.1   # or CPU seconds of them over it: over a 90 s pause, one started 1.5 s before its end: 0.017
     ABANDON = 2.0         # a probed step this much dearer than the current count's smoothed cost ends the probe
+    DOUBT_STEPS = 2       # slow steps that confirm a doubted shed: first steps beside a niced program took 1.3 to
+                          # 1.9 times quiet, once 22, where every step beside a busy one is slow
     BLIND_LONGEST = 8     # blind probes that keep failing wait up to this many longest waits
 
     def __init__(self, most: int, fixed: int = 0, probe_steps: int = 4, first_interval: int = 16,
@@ -95,8 +97,8 @@ class CountControl:
         self._held = 0                       # steps another situation has held
         self.load = load
         self.sheds = self.returns = self.probes = 0
-        self._doubted_shed: int | None = None   # a count a pause's readings proposed, until a step confirms it
-        self._doubt_steps = 0
+        self._doubted_shed: int | None = None   # a count a pause's readings proposed, until steps confirm it
+        self._doubt_steps = self._doubt_slow = 0
         self._recheck = False                   # a shed at a request's start: read the instant count after a step
 
     def count(self) -> int:
@@ -158,12 +160,12 @@ class CountControl:
         if target <= self.current < self.most and niced_seen and self._quiet_known(self.most):
             # Programs at a lower priority ran meanwhile, and neither reading tells them apart when the others
             # stopped near the pause's end (its average holds them, the instant count holds the niced ones): niced
-            # ones yield the cores, so every thread again, and fewer once a step confirms that they are taken.
+            # ones yield the cores, so every thread again, and fewer once steps confirm that they are taken.
             self._set_count(self.most)
         if target < self.current and (now is None or niced_seen) and self._quiet_known(self.current):
             # No instant count that can be trusted to say a neighbour still runs (none on this system; niced ones
-            # in it yield the cores): fewer only once a step at the current count confirms that its cores are taken.
-            self._doubted_shed, self._doubt_steps = target, 0
+            # in it yield the cores): fewer only once steps at the current count confirm that its cores are taken.
+            self._doubted_shed, self._doubt_steps, self._doubt_slow = target, 0, 0
         else:
             # A neighbour whose work ended as this began (another server's reply, a build's last step) may still
             # show running for a moment: the instant count is read again after the first decode, whenever it
@@ -208,9 +210,12 @@ class CountControl:
         self._read_again()
         if self._doubted_shed is not None:
             self._doubt_steps += 1
-            if key in self.quiet or self._doubt_steps >= self.probe_steps:
-                # The first comparable step was slow (the cores are taken), or none came: the readings stand.
-                if key not in self.quiet or seconds > self.SLOW * self.quiet[key]:
+            slow = key not in self.quiet or seconds > self.SLOW * self.quiet[key]
+            self._doubt_slow += slow and key in self.quiet
+            if not slow or self._doubt_slow >= self.DOUBT_STEPS or self._doubt_steps >= self.probe_steps:
+                # A comparable step as fast as quiet ends the doubt; DOUBT_STEPS slow ones (the cores are taken), or
+                # too few comparable steps, and the readings stand.
+                if slow:
                     self._set_count(self._doubted_shed)
                 self._doubted_shed = None
         if self.probe:
