@@ -1,7 +1,8 @@
-"""Windows' CPU time of programs below normal priority, told apart from the busy time GetSystemTimes gives
-(engine/windows_load.py, engine/system_load.py). No Windows machine runs this suite: the records are laid out here
-as 64-bit Windows documents them (SYSTEM_PROCESS_INFORMATION, each followed by its SYSTEM_THREAD_INFORMATION
-records), and the readings go through the same arithmetic SystemLoad applies on Windows."""
+"""Windows' CPU time of programs below normal priority, told apart from the busy time GetSystemTimes gives, and the
+other programs' threads running now (engine/windows_load.py, engine/system_load.py). No Windows machine runs this
+suite: the records are laid out here as 64-bit Windows documents them (SYSTEM_PROCESS_INFORMATION, each followed by
+its SYSTEM_THREAD_INFORMATION records), and the readings go through the same arithmetic SystemLoad applies on
+Windows."""
 
 from __future__ import annotations
 
