@@ -210,8 +210,9 @@ class CountControl:
         self._read_again()
         if self._doubted_shed is not None:
             self._doubt_steps += 1
-            slow = key not in self.quiet or seconds > self.SLOW * self.quiet[key]
-            self._doubt_slow += slow and key in self.quiet
+            comparable = key in self.quiet
+            slow = not comparable or seconds > self.SLOW * self.quiet[key]
+            self._doubt_slow += comparable and slow
             if not slow or self._doubt_slow >= self.DOUBT_STEPS or self._doubt_steps >= self.probe_steps:
                 # A comparable step as fast as quiet ends the doubt; DOUBT_STEPS slow ones (the cores are taken), or
                 # too few comparable steps, and the readings stand.

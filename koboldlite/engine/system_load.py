@@ -8,6 +8,7 @@ use over its measurement of what decodes cost, to know whether busy programs ske
 
 from __future__ import annotations
 
+import ctypes
 import os
 import sys
 import time
@@ -19,7 +20,6 @@ from .windows_load import ProcessList
 
 def windows_busy_seconds() -> float | None:
     """Windows' busy CPU seconds since boot, all cores and priorities (GetSystemTimes)."""
-    import ctypes
     idle, kernel, user = (ctypes.c_uint64(), ctypes.c_uint64(), ctypes.c_uint64())
     if not ctypes.windll.kernel32.GetSystemTimes(ctypes.byref(idle), ctypes.byref(kernel), ctypes.byref(user)):
         return None
